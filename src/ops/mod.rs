@@ -1,0 +1,9 @@
+//! Operators: DCNv3 (CPU, CUDA, Metal) and the fast channels-last helpers the network needs.
+
+pub mod activation;
+pub mod dcnv3;
+pub mod depthwise;
+
+pub use activation::gelu_erf;
+pub use dcnv3::{dcnv3, Dcnv3Config};
+pub use depthwise::depthwise_conv2d_nhwc;
