@@ -2,7 +2,10 @@
 //!
 //! (Crate-level docs with a runnable example are written once the public API settles.)
 
+pub mod checkpoint;
+pub mod model;
 pub mod ops;
 pub mod zoo;
 
 pub use ops::dcnv3::{dcnv3, Dcnv3Config};
+pub use model::{Config, DcnSampling, Dcnv3Layer, Dcnv3LayerConfig, InternImage};

@@ -1,0 +1,259 @@
+//! InternImage block (`InternImageLayer`), stage (`InternImageBlock`) and downsampling.
+
+use crate::model::config::Config;
+use crate::model::dcnv3_layer::{Dcnv3Layer, Dcnv3LayerConfig};
+use crate::model::nn::{layer_norm, Recorder};
+use crate::ops::gelu_erf;
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Conv2d, Conv2dConfig, LayerNorm, Linear, VarBuilder};
+
+/// fc1 -> GELU -> fc2 on channels-last tensors.
+#[derive(Debug, Clone)]
+pub(crate) struct Mlp {
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl Mlp {
+    pub(crate) fn new(c: usize, hidden: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            fc1: candle_nn::linear(c, hidden, vb.pp("fc1"))?,
+            fc2: candle_nn::linear(hidden, c, vb.pp("fc2"))?,
+        })
+    }
+}
+
+impl Module for Mlp {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let h = gelu_erf(&self.fc1.forward(xs)?)?;
+        self.fc2.forward(&h)
+    }
+}
+
+/// The residual arrangement of a block (spec §2.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Residual {
+    /// `x + s * norm(f(x))`
+    PostNorm,
+    /// `x + res_post_norm(f(norm(x)))` (only without layer scale)
+    ResPostNorm,
+    /// `x + s * f(norm(x))`
+    PreNorm,
+}
+
+/// One InternImage block: DCNv3 branch and MLP branch with their norms.
+#[derive(Debug, Clone)]
+pub(crate) struct Block {
+    norm1: LayerNorm,
+    dcn: Dcnv3Layer,
+    norm2: LayerNorm,
+    mlp: Mlp,
+    gamma1: Option<Tensor>,
+    gamma2: Option<Tensor>,
+    res_post_norm: Option<(LayerNorm, LayerNorm)>,
+    residual: Residual,
+}
+
+impl Block {
+    pub(crate) fn new(cfg: &Config, level: usize, vb: VarBuilder) -> Result<Self> {
+        let c = cfg.stage_channels(level);
+        let dcn_cfg = Dcnv3LayerConfig {
+            dw_kernel_size: cfg.dw_kernel(),
+            center_feature_scale: cfg.center_feature_scale,
+            remove_center: cfg.remove_center,
+            ..Dcnv3LayerConfig::new(c, cfg.groups[level], cfg.offset_scale)
+        };
+        let norm1 = layer_norm(c, vb.pp("norm1.0"))?;
+        let dcn = Dcnv3Layer::new(&dcn_cfg, vb.pp("dcn"))?;
+        let norm2 = layer_norm(c, vb.pp("norm2.0"))?;
+        let mlp = Mlp::new(c, cfg.mlp_hidden(level), vb.pp("mlp"))?;
+        let (gamma1, gamma2) = if cfg.layer_scale.is_some() {
+            (Some(vb.get(c, "gamma1")?), Some(vb.get(c, "gamma2")?))
+        } else {
+            (None, None)
+        };
+        // The official module creates these whenever res_post_norm is set, even when layer
+        // scale makes them unused; load them so the weight set matches the checkpoint.
+        let res_post_norm = if cfg.res_post_norm {
+            Some((
+                layer_norm(c, vb.pp("res_post_norm1.0"))?,
+                layer_norm(c, vb.pp("res_post_norm2.0"))?,
+            ))
+        } else {
+            None
+        };
+        let residual = if cfg.post_norm {
+            Residual::PostNorm
+        } else if cfg.res_post_norm && cfg.layer_scale.is_none() {
+            Residual::ResPostNorm
+        } else {
+            Residual::PreNorm
+        };
+        Ok(Self {
+            norm1,
+            dcn,
+            norm2,
+            mlp,
+            gamma1,
+            gamma2,
+            res_post_norm,
+            residual,
+        })
+    }
+
+    pub(crate) fn dcn(&self) -> &Dcnv3Layer {
+        &self.dcn
+    }
+
+    /// The tensor the block's DCNv3 layer receives for block input `xs`.
+    pub(crate) fn dcn_input(&self, xs: &Tensor) -> Result<Tensor> {
+        match self.residual {
+            Residual::PostNorm => Ok(xs.clone()),
+            Residual::ResPostNorm | Residual::PreNorm => self.norm1.forward(xs),
+        }
+    }
+
+    fn scaled(t: Tensor, gamma: &Option<Tensor>) -> Result<Tensor> {
+        match gamma {
+            Some(g) => t.broadcast_mul(g),
+            None => Ok(t),
+        }
+    }
+
+    pub(crate) fn forward_rec(&self, xs: &Tensor, rec: &mut Recorder) -> Result<Tensor> {
+        let x = match self.residual {
+            Residual::PostNorm => {
+                let d = self.norm1.forward(&self.dcn.forward_rec(xs, rec)?)?;
+                let x = (xs + Self::scaled(d, &self.gamma1)?)?;
+                let m = self.norm2.forward(&self.mlp.forward(&x)?)?;
+                (&x + Self::scaled(m, &self.gamma2)?)?
+            }
+            Residual::ResPostNorm => {
+                let (rpn1, rpn2) = match &self.res_post_norm {
+                    Some(r) => r,
+                    None => candle_core::bail!("internal: res_post_norm block without its norms"),
+                };
+                let d = rpn1.forward(&self.dcn.forward_rec(&self.norm1.forward(xs)?, rec)?)?;
+                let x = (xs + d)?;
+                let m = rpn2.forward(&self.mlp.forward(&self.norm2.forward(&x)?)?)?;
+                (&x + m)?
+            }
+            Residual::PreNorm => {
+                let d = self.dcn.forward_rec(&self.norm1.forward(xs)?, rec)?;
+                let x = (xs + Self::scaled(d, &self.gamma1)?)?;
+                let m = self.mlp.forward(&self.norm2.forward(&x)?)?;
+                (&x + Self::scaled(m, &self.gamma2)?)?
+            }
+        };
+        rec.put("out", &x);
+        Ok(x)
+    }
+}
+
+/// Conv 3x3 stride 2 (no bias) + LayerNorm, channels-last in and out.
+#[derive(Debug, Clone)]
+pub(crate) struct Downsample {
+    conv: Conv2d,
+    norm: LayerNorm,
+}
+
+impl Downsample {
+    pub(crate) fn new(c: usize, vb: VarBuilder) -> Result<Self> {
+        let conv_cfg = Conv2dConfig {
+            padding: 1,
+            stride: 2,
+            ..Default::default()
+        };
+        Ok(Self {
+            conv: candle_nn::conv2d_no_bias(c, 2 * c, 3, conv_cfg, vb.pp("conv"))?,
+            norm: layer_norm(2 * c, vb.pp("norm.1"))?,
+        })
+    }
+}
+
+impl Module for Downsample {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let x = self.conv.forward(&xs.permute((0, 3, 1, 2))?)?;
+        self.norm.forward(&x.permute((0, 2, 3, 1))?.contiguous()?)
+    }
+}
+
+/// One stage: blocks, stage-2 post norms, the stage-end norm and the downsampling.
+#[derive(Debug, Clone)]
+pub(crate) struct Level {
+    pub(crate) blocks: Vec<Block>,
+    post_norms: Vec<(usize, LayerNorm)>,
+    norm: Option<LayerNorm>,
+    downsample: Option<Downsample>,
+}
+
+impl Level {
+    pub(crate) fn new(cfg: &Config, i: usize, vb: VarBuilder) -> Result<Self> {
+        let c = cfg.stage_channels(i);
+        let blocks = (0..cfg.depths[i])
+            .map(|j| Block::new(cfg, i, vb.pp(format!("blocks.{j}"))))
+            .collect::<Result<Vec<_>>>()?;
+        let mut post_norms = Vec::new();
+        if cfg.level2_post_norm && i == 2 {
+            if let Some(ids) = &cfg.level2_post_norm_block_ids {
+                for (k, &b) in ids.iter().enumerate() {
+                    post_norms.push((b, layer_norm(c, vb.pp(format!("post_norms.{k}.0")))?));
+                }
+            }
+        }
+        let norm = if cfg.has_level_norm() {
+            Some(layer_norm(c, vb.pp("norm.0"))?)
+        } else {
+            None
+        };
+        let downsample = if i < 3 {
+            Some(Downsample::new(c, vb.pp("downsample"))?)
+        } else {
+            None
+        };
+        Ok(Self {
+            blocks,
+            post_norms,
+            norm,
+            downsample,
+        })
+    }
+
+    /// Applies the post-norm of block `b`, if any (the first listed one, as the official code).
+    pub(crate) fn post_norm(&self, b: usize, xs: Tensor) -> Result<Tensor> {
+        match self.post_norms.iter().find(|(id, _)| *id == b) {
+            Some((_, ln)) => ln.forward(&xs),
+            None => Ok(xs),
+        }
+    }
+
+    /// Stage output before downsampling (after the stage-end norm where present), NHWC.
+    pub(crate) fn forward_stage(
+        &self,
+        xs: &Tensor,
+        rec: &mut Recorder,
+        record_first_block: bool,
+    ) -> Result<Tensor> {
+        let mut x = xs.clone();
+        for (b, block) in self.blocks.iter().enumerate() {
+            x = if b == 0 && record_first_block {
+                block.forward_rec(&x, rec)?
+            } else {
+                block.forward_rec(&x, &mut Recorder::off())?
+            };
+            x = self.post_norm(b, x)?;
+        }
+        match &self.norm {
+            Some(n) => n.forward(&x),
+            None => Ok(x),
+        }
+    }
+
+    /// Downsampling of the stage output (identity for the last stage).
+    pub(crate) fn downsample(&self, xs: &Tensor) -> Result<Tensor> {
+        match &self.downsample {
+            Some(d) => d.forward(xs),
+            None => Ok(xs.clone()),
+        }
+    }
+}

@@ -1,0 +1,239 @@
+//! The DCNv3 module of InternImage as a reusable layer (channels-last).
+
+use crate::model::nn::{layer_norm, Recorder};
+use crate::ops::{dcnv3, depthwise_conv2d_nhwc, gelu_erf, Dcnv3Config};
+use candle_core::{bail, Module, Result, Tensor, D};
+use candle_nn::{LayerNorm, Linear, VarBuilder};
+
+/// Hyper-parameters of a [`Dcnv3Layer`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dcnv3LayerConfig {
+    /// Input and output channels.
+    pub channels: usize,
+    /// Number of groups (`channels` must be divisible by it).
+    pub groups: usize,
+    /// Sampling kernel (odd, square), 3 in InternImage.
+    pub kernel_size: usize,
+    /// Dilation of the sampling kernel.
+    pub dilation: usize,
+    /// Zero padding of the core op; `dilation * (kernel_size - 1) / 2` keeps the size.
+    pub pad: usize,
+    /// Kernel of the depthwise convolution in the offset/mask branch (odd).
+    pub dw_kernel_size: usize,
+    /// Scale of the kernel grid and the learned offsets.
+    pub offset_scale: f64,
+    /// Mix the output with the projected input through a per-group sigmoid gate (H/G).
+    pub center_feature_scale: bool,
+    /// Drop the centre point of the kernel.
+    pub remove_center: bool,
+}
+
+impl Dcnv3LayerConfig {
+    /// InternImage's setting: 3x3 kernel, dilation 1, pad 1, depthwise kernel 3, no extras.
+    pub fn new(channels: usize, groups: usize, offset_scale: f64) -> Self {
+        Self {
+            channels,
+            groups,
+            kernel_size: 3,
+            dilation: 1,
+            pad: 1,
+            dw_kernel_size: 3,
+            offset_scale,
+            center_feature_scale: false,
+            remove_center: false,
+        }
+    }
+
+    /// Number of sampling points per group (`k*k`, minus one with `remove_center`).
+    pub fn points(&self) -> usize {
+        self.kernel_size * self.kernel_size - usize::from(self.remove_center)
+    }
+}
+
+/// The arguments of one DCNv3 core call: where and how strongly each output pixel samples.
+#[derive(Debug, Clone)]
+pub struct DcnSampling {
+    /// Offsets (N, H, W, G*P*2), last axis `[g][p][(x, y)]`, in units of `cfg.offset_scale` pixels.
+    pub offset: Tensor,
+    /// Per-group softmax weights (N, H, W, G*P).
+    pub mask: Tensor,
+    /// Geometry of the core call.
+    pub cfg: Dcnv3Config,
+}
+
+/// DCNv3 layer: `input_proj`, depthwise conv + LayerNorm + GELU offset branch, `offset` and
+/// `mask` linears, per-group softmax, the core op, optional centre-feature-scale, `output_proj`.
+///
+/// Input and output are channels-last (N, H, W, C). Weight names follow the official module
+/// (`input_proj`, `dw_conv.0`, `dw_conv.1.1`, `offset`, `mask`, `output_proj`,
+/// `center_feature_scale_proj_weight/_bias`).
+#[derive(Debug, Clone)]
+pub struct Dcnv3Layer {
+    input_proj: Linear,
+    dw_weight: Tensor,
+    dw_bias: Tensor,
+    dw_norm: LayerNorm,
+    offset: Linear,
+    mask: Linear,
+    output_proj: Linear,
+    center_feature_scale: Option<Linear>,
+    cfg: Dcnv3LayerConfig,
+    core: Dcnv3Config,
+}
+
+impl Dcnv3Layer {
+    /// Loads the layer's weights from `vb` (a builder already positioned at the module).
+    pub fn new(cfg: &Dcnv3LayerConfig, vb: VarBuilder) -> Result<Self> {
+        let c = cfg.channels;
+        let g = cfg.groups;
+        if c == 0 || g == 0 || c % g != 0 {
+            bail!("Dcnv3Layer: {c} channels cannot be split into {g} groups");
+        }
+        if cfg.kernel_size == 0 || cfg.kernel_size % 2 == 0 {
+            bail!(
+                "Dcnv3Layer: kernel_size must be odd, got {}",
+                cfg.kernel_size
+            );
+        }
+        if cfg.dw_kernel_size == 0 || cfg.dw_kernel_size % 2 == 0 {
+            bail!(
+                "Dcnv3Layer: dw_kernel_size must be odd, got {}",
+                cfg.dw_kernel_size
+            );
+        }
+        if cfg.dilation == 0 {
+            bail!("Dcnv3Layer: dilation must be >= 1");
+        }
+        let p = cfg.points();
+        let k = cfg.dw_kernel_size;
+        let input_proj = candle_nn::linear(c, c, vb.pp("input_proj"))?;
+        let dw_weight = vb.get((c, 1, k, k), "dw_conv.0.weight")?;
+        let dw_bias = vb.get(c, "dw_conv.0.bias")?;
+        let dw_norm = layer_norm(c, vb.pp("dw_conv.1.1"))?;
+        let offset = candle_nn::linear(c, g * p * 2, vb.pp("offset"))?;
+        let mask = candle_nn::linear(c, g * p, vb.pp("mask"))?;
+        let output_proj = candle_nn::linear(c, c, vb.pp("output_proj"))?;
+        let center_feature_scale = if cfg.center_feature_scale {
+            let w = vb.get((g, c), "center_feature_scale_proj_weight")?;
+            let b = vb.get(g, "center_feature_scale_proj_bias")?;
+            Some(Linear::new(w, Some(b)))
+        } else {
+            None
+        };
+        let core = Dcnv3Config {
+            kernel_h: cfg.kernel_size,
+            kernel_w: cfg.kernel_size,
+            stride_h: 1,
+            stride_w: 1,
+            pad_h: cfg.pad,
+            pad_w: cfg.pad,
+            dilation_h: cfg.dilation,
+            dilation_w: cfg.dilation,
+            group: g,
+            group_channels: c / g,
+            offset_scale: cfg.offset_scale,
+            remove_center: cfg.remove_center,
+        };
+        Ok(Self {
+            input_proj,
+            dw_weight,
+            dw_bias,
+            dw_norm,
+            offset,
+            mask,
+            output_proj,
+            center_feature_scale,
+            cfg: cfg.clone(),
+            core,
+        })
+    }
+
+    /// The layer's hyper-parameters.
+    pub fn config(&self) -> &Dcnv3LayerConfig {
+        &self.cfg
+    }
+
+    /// The geometry passed to the core op.
+    pub fn core_config(&self) -> &Dcnv3Config {
+        &self.core
+    }
+
+    fn check_input(&self, xs: &Tensor) -> Result<()> {
+        match xs.dims() {
+            [_, _, _, c] if *c == self.cfg.channels => Ok(()),
+            d => bail!(
+                "Dcnv3Layer: expected a channels-last (N, H, W, {}) tensor, got shape {d:?}",
+                self.cfg.channels
+            ),
+        }
+    }
+
+    /// Offset/mask features: depthwise conv, LayerNorm, GELU (NHWC).
+    fn offset_features(&self, xs: &Tensor) -> Result<Tensor> {
+        let pad = (self.cfg.dw_kernel_size - 1) / 2;
+        let f = depthwise_conv2d_nhwc(xs, &self.dw_weight, Some(&self.dw_bias), pad)?;
+        let f = self.dw_norm.forward(&f.contiguous()?)?;
+        gelu_erf(&f)
+    }
+
+    fn offset_mask(&self, f: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (n, h, w, _) = f.dims4()?;
+        let offset = self.offset.forward(f)?;
+        let mask = self
+            .mask
+            .forward(f)?
+            .reshape((n, h, w, self.cfg.groups, self.cfg.points()))?
+            .contiguous()?;
+        let mask = candle_nn::ops::softmax_last_dim(&mask)?.reshape((n, h, w, ()))?;
+        Ok((offset, mask))
+    }
+
+    /// The offsets and softmax weights this layer feeds to the core op for input `xs` (NHWC).
+    pub fn sampling(&self, xs: &Tensor) -> Result<DcnSampling> {
+        self.check_input(xs)?;
+        let f = self.offset_features(xs)?;
+        let (offset, mask) = self.offset_mask(&f)?;
+        Ok(DcnSampling {
+            offset,
+            mask,
+            cfg: self.core,
+        })
+    }
+
+    pub(crate) fn forward_rec(&self, xs: &Tensor, rec: &mut Recorder) -> Result<Tensor> {
+        self.check_input(xs)?;
+        let v = self.input_proj.forward(xs)?;
+        let f = self.offset_features(xs)?;
+        let (offset, mask) = self.offset_mask(&f)?;
+        let y = dcnv3(&v, &offset, &mask, &self.core)?;
+        if rec.on() {
+            rec.put("core.input", &v);
+            rec.put("core.offset", &offset);
+            rec.put("core.mask", &mask);
+            rec.put("core.out", &y);
+        }
+        let y = match &self.center_feature_scale {
+            None => y,
+            Some(proj) => {
+                let (n, h, w, c) = y.dims4()?;
+                let g = self.cfg.groups;
+                // (N,H,W,G) gate, expanded over each group's channels.
+                let s = candle_nn::ops::sigmoid(&proj.forward(&f)?)?
+                    .unsqueeze(D::Minus1)?
+                    .broadcast_as((n, h, w, g, c / g))?
+                    .reshape((n, h, w, c))?;
+                // y * (1 - s) + v * s
+                (&y + (v - &y)?.mul(&s)?)?
+            }
+        };
+        let out = self.output_proj.forward(&y)?;
+        rec.put("dcn.out", &out);
+        Ok(out)
+    }
+}
+
+impl Module for Dcnv3Layer {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.forward_rec(xs, &mut Recorder::off())
+    }
+}

@@ -1,0 +1,150 @@
+//! Classification heads: the conv head of T/S/B/L/XL and the CLIP-projector head of H/G.
+
+use crate::model::nn::{layer_norm, Recorder};
+use crate::ops::gelu_erf;
+use candle_core::{bail, DType, Module, Result, Tensor};
+use candle_nn::{LayerNorm, Linear, VarBuilder};
+
+/// Token width of the H/G attention-pooling head.
+pub const CLIP_DIM: usize = 1024;
+/// Output width of the H/G attention-pooling head (the pooled vector).
+pub const CLIP_EMBED_DIM: usize = 768;
+const CLIP_HEADS: usize = 16;
+const BN_EPS: f64 = 1e-5;
+
+/// `conv_head` (1x1 conv without bias, BatchNorm folded in, GELU), global average pool.
+/// Works on the channels-last last stage; returns the pooled (N, 12C) vector.
+#[derive(Debug, Clone)]
+pub(crate) struct ConvHead {
+    proj: Linear,
+}
+
+impl ConvHead {
+    pub(crate) fn new(c_in: usize, c_out: usize, vb: VarBuilder) -> Result<Self> {
+        let dtype = vb.dtype();
+        // Fold in f32, then cast once.
+        let w = vb
+            .get_with_hints_dtype(
+                (c_out, c_in, 1, 1),
+                "0.weight",
+                Default::default(),
+                DType::F32,
+            )?
+            .squeeze(3)?
+            .squeeze(2)?;
+        let bn = vb.pp("1.0");
+        let get = |n: &str| bn.get_with_hints_dtype(c_out, n, Default::default(), DType::F32);
+        let (gamma, beta, mean, var) = (
+            get("weight")?,
+            get("bias")?,
+            get("running_mean")?,
+            get("running_var")?,
+        );
+        let scale = (gamma / (var + BN_EPS)?.sqrt()?)?;
+        let w = w.broadcast_mul(&scale.unsqueeze(1)?)?.to_dtype(dtype)?;
+        let b = (beta - (mean * &scale)?)?.to_dtype(dtype)?;
+        Ok(Self {
+            proj: Linear::new(w, Some(b)),
+        })
+    }
+}
+
+impl Module for ConvHead {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let x = gelu_erf(&self.proj.forward(xs)?)?;
+        let (n, h, w, c) = x.dims4()?;
+        x.reshape((n, h * w, c))?.mean(1)
+    }
+}
+
+/// The H/G head: `dcnv3_head_x4` (1x1 conv + PixelShuffle(2)) on stage 3 plus `dcnv3_head_x3`
+/// (1x1 conv) on stage 2, then attention pooling (`clip_projector`) to 768 dims.
+#[derive(Debug, Clone)]
+pub(crate) struct ClipHead {
+    head_x4: Linear,
+    head_x3: Linear,
+    norm_q: LayerNorm,
+    norm_k: LayerNorm,
+    norm_v: LayerNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    proj: Linear,
+}
+
+fn conv1x1_as_linear(c_in: usize, c_out: usize, vb: VarBuilder) -> Result<Linear> {
+    // Squeezing the 1x1 kernel dims is a layout change only (no copy).
+    let w = vb
+        .get((c_out, c_in, 1, 1), "weight")?
+        .squeeze(3)?
+        .squeeze(2)?;
+    let b = vb.get(c_out, "bias")?;
+    Ok(Linear::new(w, Some(b)))
+}
+
+impl ClipHead {
+    pub(crate) fn new(c2: usize, c3: usize, vb: VarBuilder) -> Result<Self> {
+        let cp = vb.pp("clip_projector");
+        let attn = cp.pp("cross_dcn");
+        let qkv = |n: &str| -> Result<Linear> {
+            let w = attn.get((CLIP_DIM, CLIP_DIM), &format!("{n}.weight"))?;
+            let b = attn.get(CLIP_DIM, &format!("{n}_bias"))?;
+            Ok(Linear::new(w, Some(b)))
+        };
+        Ok(Self {
+            head_x4: conv1x1_as_linear(c3, 4 * CLIP_DIM, vb.pp("dcnv3_head_x4.0"))?,
+            head_x3: conv1x1_as_linear(c2, CLIP_DIM, vb.pp("dcnv3_head_x3"))?,
+            norm_q: layer_norm(CLIP_DIM, cp.pp("norm1_q.0"))?,
+            norm_k: layer_norm(CLIP_DIM, cp.pp("norm1_k.0"))?,
+            norm_v: layer_norm(CLIP_DIM, cp.pp("norm1_v.0"))?,
+            q: qkv("q")?,
+            k: qkv("k")?,
+            v: qkv("v")?,
+            proj: candle_nn::linear(CLIP_DIM, CLIP_EMBED_DIM, attn.pp("proj"))?,
+        })
+    }
+
+    /// `x3`: stage 2 (N, 2h, 2w, 4C), `x4`: stage 3 (N, h, w, 8C), channels-last.
+    pub(crate) fn forward(&self, x3: &Tensor, x4: &Tensor, rec: &mut Recorder) -> Result<Tensor> {
+        let (n, h, w, _) = x4.dims4()?;
+        let (_, h3, w3, _) = x3.dims4()?;
+        if h3 != 2 * h || w3 != 2 * w {
+            bail!(
+                "InternImage CLIP-projector head: the stride-16 map is {h3}x{w3} and the stride-32 map {h}x{w}; \
+                 it needs exactly twice the size, i.e. an input height and width that are multiples of 32"
+            );
+        }
+        // 1x1 conv to 4096 then PixelShuffle(2): out[c, 2h+a, 2w+b] = in[4c + 2a + b, h, w].
+        let y4 = self
+            .head_x4
+            .forward(x4)?
+            .reshape((n, h, w, CLIP_DIM, 2, 2))?
+            .permute((0, 1, 4, 2, 5, 3))?
+            .reshape((n, 2 * h, 2 * w, CLIP_DIM))?;
+        let y3 = self.head_x3.forward(x3)?;
+        let tokens = (y4 + y3)?.reshape((n, 4 * h * w, CLIP_DIM))?;
+        let l = 4 * h * w;
+        let hd = CLIP_DIM / CLIP_HEADS;
+        let q0 = tokens.mean_keepdim(1)?;
+        let q = self.q.forward(&self.norm_q.forward(&q0)?)?;
+        let k = self.k.forward(&self.norm_k.forward(&tokens)?)?;
+        let v = self.v.forward(&self.norm_v.forward(&tokens)?)?;
+        let q = (q.reshape((n, 1, CLIP_HEADS, hd))?.transpose(1, 2)? * (hd as f64).powf(-0.5))?
+            .contiguous()?;
+        let k = k
+            .reshape((n, l, CLIP_HEADS, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let v = v
+            .reshape((n, l, CLIP_HEADS, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let attn = q.matmul(&k.transpose(2, 3)?)?.contiguous()?; // (N, heads, 1, L)
+        let attn = candle_nn::ops::softmax_last_dim(&attn)?;
+        let out = attn.matmul(&v)?; // (N, heads, 1, hd)
+        let out = out.transpose(1, 2)?.reshape((n, CLIP_DIM))?;
+        let out = self.proj.forward(&out)?;
+        rec.put("clip_projector", &out);
+        Ok(out)
+    }
+}

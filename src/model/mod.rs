@@ -1,0 +1,313 @@
+//! The InternImage network (CVPR 2023) as Candle modules.
+//!
+//! Weight names follow the official PyTorch state dict (`patch_embed.*`, `levels.{i}.blocks.{j}.*`,
+//! `conv_head.*`, `clip_projector.*`, `head.*`); [`crate::checkpoint`] maps the Hugging Face
+//! safetensors layout (`model.` prefix, `layer_scale1/2`) onto these names.
+//! Internally every stage works on channels-last (N, H, W, C) tensors.
+
+mod block;
+mod config;
+mod dcnv3_layer;
+pub(crate) mod head;
+mod nn;
+mod stem;
+
+pub use config::Config;
+pub use dcnv3_layer::{DcnSampling, Dcnv3Layer, Dcnv3LayerConfig};
+pub use head::{CLIP_DIM, CLIP_EMBED_DIM};
+pub use nn::LN_EPS;
+
+use block::Level;
+use candle_core::{bail, DType, Device, Module, Result, Tensor};
+use candle_nn::{LayerNorm, Linear, VarBuilder};
+use head::{ClipHead, ConvHead};
+use nn::{layer_norm, Recorder};
+use std::path::{Path, PathBuf};
+use stem::Stem;
+
+#[derive(Debug, Clone)]
+enum Head {
+    /// T/S/B/L/XL: conv head (BN folded), pool, Linear.
+    Conv { conv_head: ConvHead, fc: Linear },
+    /// H/G: CLIP projector, fc_norm, Linear.
+    Clip {
+        clip: ClipHead,
+        fc_norm: LayerNorm,
+        fc: Linear,
+    },
+}
+
+/// An InternImage network: classifier (`InternImage::new`) or headless multi-scale backbone
+/// (`InternImage::backbone`).
+#[derive(Debug, Clone)]
+pub struct InternImage {
+    cfg: Config,
+    stem: Stem,
+    levels: Vec<Level>,
+    head: Option<Head>,
+    out_indices: Vec<usize>,
+    dtype: DType,
+    device: Device,
+}
+
+impl InternImage {
+    /// Builds the network described by `cfg`, reading weights (official names) from `vb`.
+    /// `cfg.num_classes == 0` builds no head at all (like the Hugging Face `AutoModel`).
+    pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        Self::build(cfg, &[0, 1, 2, 3], cfg.num_classes > 0, vb)
+    }
+
+    /// Builds the headless backbone (detection/segmentation use): `forward_features` returns the
+    /// stage outputs listed in `out_indices` (each in 0..4, returned in ascending order).
+    /// Head weights in the checkpoint are ignored.
+    pub fn backbone(cfg: &Config, out_indices: &[usize], vb: VarBuilder) -> Result<Self> {
+        Self::build(cfg, out_indices, false, vb)
+    }
+
+    /// Loads an official `.pth`, a Hugging Face `.safetensors` or a `model.safetensors.index.json`
+    /// (format detected from the file content) and builds the network.
+    pub fn from_checkpoint(
+        cfg: &Config,
+        path: impl AsRef<Path>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let vb = crate::checkpoint::var_builder(&[path.as_ref().to_path_buf()], dtype, device)?;
+        Self::new(cfg, vb)
+    }
+
+    /// Like [`InternImage::from_checkpoint`] for several files (e.g. safetensors shards).
+    pub fn from_checkpoint_files(
+        cfg: &Config,
+        paths: &[PathBuf],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let vb = crate::checkpoint::var_builder(paths, dtype, device)?;
+        Self::new(cfg, vb)
+    }
+
+    fn build(cfg: &Config, out_indices: &[usize], with_head: bool, vb: VarBuilder) -> Result<Self> {
+        cfg.validate()?;
+        if out_indices.is_empty() {
+            bail!("InternImage backbone: out_indices is empty; pick stages from 0..4");
+        }
+        if let Some(bad) = out_indices.iter().find(|&&i| i > 3) {
+            bail!("InternImage backbone: out_indices contains {bad}, stages are 0..=3");
+        }
+        let mut out_indices = out_indices.to_vec();
+        out_indices.sort_unstable();
+        out_indices.dedup();
+        let stem = Stem::new(3, cfg.channels, vb.pp("patch_embed"))?;
+        let levels = (0..4)
+            .map(|i| Level::new(cfg, i, vb.pp(format!("levels.{i}"))))
+            .collect::<Result<Vec<_>>>()?;
+        let head = if with_head {
+            let pooled = cfg.pooled_dim();
+            let fc = candle_nn::linear(pooled, cfg.num_classes, vb.pp("head"))?;
+            Some(if cfg.use_clip_projector {
+                Head::Clip {
+                    clip: ClipHead::new(cfg.stage_channels(2), cfg.stage_channels(3), vb.clone())?,
+                    fc_norm: layer_norm(pooled, vb.pp("fc_norm.0"))?,
+                    fc,
+                }
+            } else {
+                Head::Conv {
+                    conv_head: ConvHead::new(cfg.stage_channels(3), pooled, vb.pp("conv_head"))?,
+                    fc,
+                }
+            })
+        } else {
+            None
+        };
+        Ok(Self {
+            cfg: cfg.clone(),
+            stem,
+            levels,
+            head,
+            out_indices,
+            dtype: vb.dtype(),
+            device: vb.device().clone(),
+        })
+    }
+
+    /// The configuration the network was built from.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The dtype of the weights (inputs are converted to it).
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device of the weights.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Whether the network has a classification head.
+    pub fn has_head(&self) -> bool {
+        self.head.is_some()
+    }
+
+    /// The stages `forward_features` returns (ascending).
+    pub fn out_indices(&self) -> &[usize] {
+        &self.out_indices
+    }
+
+    /// Stage widths of the `forward_features` outputs, in order.
+    pub fn out_channels(&self) -> Vec<usize> {
+        self.out_indices
+            .iter()
+            .map(|&i| self.cfg.stage_channels(i))
+            .collect()
+    }
+
+    /// Validates an (N, 3, H, W) image batch and casts it to the weights' dtype.
+    fn prepare_input(&self, xs: &Tensor) -> Result<Tensor> {
+        match xs.dims() {
+            [n, 3, h, w] if *n > 0 && *h > 0 && *w > 0 => {}
+            d => bail!(
+                "InternImage: expected an image batch of shape (N, 3, H, W) with N, H, W > 0, got {d:?}"
+            ),
+        }
+        if !xs.device().same_device(&self.device) {
+            bail!(
+                "InternImage: input is on {:?} but the weights are on {:?}; move it with .to_device()",
+                xs.device(),
+                self.device
+            );
+        }
+        if xs.dtype() == self.dtype {
+            Ok(xs.clone())
+        } else {
+            xs.to_dtype(self.dtype)
+        }
+    }
+
+    fn check_clip_size(&self, xs: &Tensor) -> Result<()> {
+        let (_, _, h, w) = xs.dims4()?;
+        // Stem: two stride-2 convs; downsample: stride-2 convs (k3, p1): size -> ceil(size / 2).
+        let stage2 = |s: usize| (0..4).fold(s, |s, _| s.div_ceil(2));
+        if stage2(h) % 2 != 0 || stage2(w) % 2 != 0 {
+            bail!(
+                "InternImage with the CLIP-projector head (H/G) needs an input height and width that are \
+                 multiples of 32 (the stride-16 map must have an even size); got {h}x{w}. \
+                 Resize or pad the image, or use forward_features, which accepts any size."
+            );
+        }
+        Ok(())
+    }
+
+    /// Runs the stem and stages `0..=last`, returning the channels-last stage outputs.
+    fn stages(&self, xs: &Tensor, last: usize, rec: &mut Recorder) -> Result<Vec<Tensor>> {
+        let mut x = self.stem.forward(xs)?;
+        rec.put("patch_embed", &x);
+        let mut outs = Vec::with_capacity(last + 1);
+        for (i, level) in self.levels.iter().enumerate().take(last + 1) {
+            if i == 0 && rec.on() {
+                rec.set_prefix("l0b0.");
+            }
+            let s = level.forward_stage(&x, rec, i == 0)?;
+            rec.set_prefix("");
+            x = level.downsample(&s)?;
+            rec.put(&format!("level{i}.out"), &x);
+            outs.push(s);
+        }
+        Ok(outs)
+    }
+
+    fn pooled_rec(&self, xs: &Tensor, rec: &mut Recorder) -> Result<Tensor> {
+        let xs = self.prepare_input(xs)?;
+        let pooled = match &self.head {
+            None => bail!(
+                "InternImage: this network was built without a head (num_classes = 0 or backbone()); \
+                 use forward_features"
+            ),
+            Some(Head::Conv { conv_head, .. }) => {
+                let s = self.stages(&xs, 3, rec)?;
+                conv_head.forward(&s[3])?
+            }
+            Some(Head::Clip { clip, fc_norm, .. }) => {
+                self.check_clip_size(&xs)?;
+                let s = self.stages(&xs, 3, rec)?;
+                fc_norm.forward(&clip.forward(&s[2], &s[3], rec)?)?
+            }
+        };
+        rec.put("head_in", &pooled);
+        Ok(pooled)
+    }
+
+    /// The pre-head vector (N, 12C) for T..XL or (N, 768) for H/G: the Hugging Face
+    /// `pooler_output`. Errors when the network has no head.
+    pub fn forward_pooled(&self, xs: &Tensor) -> Result<Tensor> {
+        self.pooled_rec(xs, &mut Recorder::off())
+    }
+
+    /// Stage outputs for `out_indices` (all four for `new`), NCHW and contiguous, strides
+    /// 4, 8, 16, 32: after the stage-end LayerNorm where the variant has one, before downsampling.
+    pub fn forward_features(&self, xs: &Tensor) -> Result<Vec<Tensor>> {
+        let xs = self.prepare_input(xs)?;
+        let last = self.out_indices.iter().copied().max().unwrap_or(3);
+        let stages = self.stages(&xs, last, &mut Recorder::off())?;
+        self.out_indices
+            .iter()
+            .map(|&i| stages[i].permute((0, 3, 1, 2))?.contiguous())
+            .collect()
+    }
+
+    /// The offsets and softmax weights that block `block` of stage `level` feeds to its DCNv3
+    /// core op for image batch `xs` (N, 3, H, W).
+    pub fn dcn_sampling(&self, xs: &Tensor, level: usize, block: usize) -> Result<DcnSampling> {
+        if level > 3 {
+            bail!("InternImage::dcn_sampling: level {level} out of range 0..=3");
+        }
+        let depth = self.cfg.depths[level];
+        if block >= depth {
+            bail!("InternImage::dcn_sampling: stage {level} has {depth} blocks, asked for block {block}");
+        }
+        let xs = self.prepare_input(xs)?;
+        let mut x = self.stem.forward(&xs)?;
+        for l in &self.levels[..level] {
+            let s = l.forward_stage(&x, &mut Recorder::off(), false)?;
+            x = l.downsample(&s)?;
+        }
+        let lv = &self.levels[level];
+        for (b, blk) in lv.blocks.iter().enumerate().take(block) {
+            x = blk.forward_rec(&x, &mut Recorder::off())?;
+            x = lv.post_norm(b, x)?;
+        }
+        let blk = &lv.blocks[block];
+        blk.dcn().sampling(&blk.dcn_input(&x)?)
+    }
+
+    /// Named intermediate activations for parity debugging (names as in the fixtures' `dbg.*`:
+    /// `patch_embed`, `l0b0.core.{input,offset,mask,out}`, `l0b0.dcn.out`, `l0b0.out`,
+    /// `level{i}.out` (after downsampling, NHWC), `clip_projector`, `head_in`), plus `logits`.
+    #[doc(hidden)]
+    pub fn debug_activations(&self, xs: &Tensor) -> Result<Vec<(String, Tensor)>> {
+        let mut rec = Recorder::enabled();
+        let pooled = self.pooled_rec(xs, &mut rec)?;
+        let logits = self.logits(&pooled)?;
+        rec.put("logits", &logits);
+        Ok(rec.into_items())
+    }
+
+    fn logits(&self, pooled: &Tensor) -> Result<Tensor> {
+        match &self.head {
+            Some(Head::Conv { fc, .. }) | Some(Head::Clip { fc, .. }) => fc.forward(pooled),
+            None => {
+                bail!("InternImage: this network was built without a head; use forward_features")
+            }
+        }
+    }
+}
+
+impl Module for InternImage {
+    /// Logits (N, num_classes) for an image batch (N, 3, H, W).
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let pooled = self.forward_pooled(xs)?;
+        self.logits(&pooled)
+    }
+}

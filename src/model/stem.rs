@@ -1,0 +1,43 @@
+//! The stem (`patch_embed`): two stride-2 3x3 convolutions with LayerNorm and GELU.
+
+use crate::model::nn::layer_norm;
+use crate::ops::gelu_erf;
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Conv2d, Conv2dConfig, LayerNorm, VarBuilder};
+
+/// conv1 -> LN -> GELU -> conv2 -> LN; NCHW image in, NHWC features (stride 4) out.
+#[derive(Debug, Clone)]
+pub(crate) struct Stem {
+    conv1: Conv2d,
+    norm1: LayerNorm,
+    conv2: Conv2d,
+    norm2: LayerNorm,
+}
+
+impl Stem {
+    pub(crate) fn new(in_chans: usize, c: usize, vb: VarBuilder) -> Result<Self> {
+        let conv_cfg = Conv2dConfig {
+            padding: 1,
+            stride: 2,
+            ..Default::default()
+        };
+        Ok(Self {
+            conv1: candle_nn::conv2d(in_chans, c / 2, 3, conv_cfg, vb.pp("conv1"))?,
+            norm1: layer_norm(c / 2, vb.pp("norm1.1"))?,
+            conv2: candle_nn::conv2d(c / 2, c, 3, conv_cfg, vb.pp("conv2"))?,
+            norm2: layer_norm(c, vb.pp("norm2.1"))?,
+        })
+    }
+}
+
+impl Module for Stem {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let x = self.conv1.forward(xs)?;
+        let x = self
+            .norm1
+            .forward(&x.permute((0, 2, 3, 1))?.contiguous()?)?;
+        let x = gelu_erf(&x)?;
+        let x = self.conv2.forward(&x.permute((0, 3, 1, 2))?)?;
+        self.norm2.forward(&x.permute((0, 2, 3, 1))?.contiguous()?)
+    }
+}

@@ -1,0 +1,162 @@
+//! Parity of the InternImage network with the official PyTorch outputs (`../shared/fixtures`):
+//! tiny_b and tiny_h, each loaded from the `.pth` and from the Hugging Face safetensors file.
+
+use candle_core::{DType, Device, Module, Tensor};
+use internimage::{Config, InternImage};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures"))
+}
+
+fn manifest() -> serde_json::Value {
+    let text = std::fs::read_to_string(fixtures().join("manifest.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn config(net: &str) -> Config {
+    let text = std::fs::read_to_string(fixtures().join(format!("weights/{net}.json"))).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    Config::from_json_str(&v["hf_config"].to_string()).unwrap()
+}
+
+fn inputs() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixtures().join("inputs.safetensors"), &Device::Cpu).unwrap()
+}
+
+/// Max violation of |ours - ref| <= atol + rtol*|ref| (<= 0 means pass) and max abs error.
+fn compare(ours: &Tensor, reference: &Tensor, atol: f64, rtol: f64) -> (f64, f64) {
+    assert_eq!(ours.dims(), reference.dims(), "shape mismatch");
+    let a = ours
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    let b = reference
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    let mut worst = f64::NEG_INFINITY;
+    let mut max_abs = 0f64;
+    for (x, y) in a.iter().zip(b.iter()) {
+        let d = (x - y).abs();
+        assert!(d.is_finite(), "non-finite value");
+        max_abs = max_abs.max(d);
+        worst = worst.max(d - (atol + rtol * y.abs()));
+    }
+    (worst, max_abs)
+}
+
+fn run_parity(net: &str, weights_ext: &str) {
+    let cfg = config(net);
+    let path = fixtures().join(format!("weights/{net}.{weights_ext}"));
+    let model = InternImage::from_checkpoint(&cfg, &path, DType::F32, &Device::Cpu).unwrap();
+    let expected = candle_core::safetensors::load(
+        fixtures().join(format!("expected/{net}.safetensors")),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let manifest = manifest();
+    let tensors = manifest["models"][net]["tensors"].as_object().unwrap();
+    let inputs = inputs();
+
+    let mut ours: HashMap<String, Tensor> = HashMap::new();
+    for input in ["photo", "rand", "odd"] {
+        if !expected.contains_key(&format!("logits.{input}")) {
+            continue;
+        }
+        let x = &inputs[input];
+        ours.insert(format!("logits.{input}"), model.forward(x).unwrap());
+        for (i, s) in model.forward_features(x).unwrap().into_iter().enumerate() {
+            ours.insert(format!("stage{i}.{input}"), s);
+        }
+    }
+    for (name, t) in model.debug_activations(&inputs["photo"]).unwrap() {
+        ours.insert(format!("dbg.photo.{name}"), t);
+    }
+
+    let mut failures = Vec::new();
+    let mut checked = 0;
+    for (name, reference) in expected.iter() {
+        let meta = &tensors[name.as_str()];
+        let atol = meta["atol"].as_f64().unwrap();
+        let rtol = meta["rtol"].as_f64().unwrap();
+        let Some(o) = ours.get(name) else {
+            failures.push(format!("{name}: not produced"));
+            continue;
+        };
+        let (worst, max_abs) = compare(o, reference, atol, rtol);
+        checked += 1;
+        if worst > 0.0 {
+            failures.push(format!(
+                "{name}: max |diff| {max_abs:.3e} exceeds atol {atol:.1e} + rtol {rtol:.1e}*|ref|"
+            ));
+        }
+    }
+    assert_eq!(
+        checked
+            + failures
+                .iter()
+                .filter(|f| f.ends_with("not produced"))
+                .count(),
+        expected.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{net} from .{weights_ext}: {} of {} tensors fail:\n{}",
+        failures.len(),
+        expected.len(),
+        failures.join("\n")
+    );
+    assert!(checked >= 19, "only {checked} tensors compared");
+}
+
+#[test]
+fn tiny_b_pth() {
+    run_parity("tiny_b", "pth");
+}
+
+#[test]
+fn tiny_b_safetensors() {
+    run_parity("tiny_b", "safetensors");
+}
+
+#[test]
+fn tiny_h_pth() {
+    run_parity("tiny_h", "pth");
+}
+
+#[test]
+fn tiny_h_safetensors() {
+    run_parity("tiny_h", "safetensors");
+}
+
+/// The top-1 class of the photo agrees, and the backbone built from the same file gives the
+/// same stage outputs as the classifier (head weights ignored).
+#[test]
+fn backbone_matches_classifier() {
+    let cfg = config("tiny_b");
+    let path = fixtures().join("weights/tiny_b.safetensors");
+    let vb = internimage::checkpoint::var_builder(&[&path], DType::F32, &Device::Cpu).unwrap();
+    let bb = InternImage::backbone(&cfg, &[3, 1], vb).unwrap();
+    assert!(!bb.has_head());
+    assert_eq!(bb.out_indices(), &[1, 3]);
+    let expected = candle_core::safetensors::load(
+        fixtures().join("expected/tiny_b.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let feats = bb.forward_features(&inputs()["rand"]).unwrap();
+    assert_eq!(feats.len(), 2);
+    for (f, i) in feats.iter().zip([1, 3]) {
+        let (worst, _) = compare(f, &expected[&format!("stage{i}.rand")], 1.5e-4, 1e-4);
+        assert!(worst <= 0.0, "stage {i}");
+    }
+    assert!(bb.forward(&inputs()["rand"]).is_err());
+}
