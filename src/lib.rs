@@ -4,7 +4,10 @@
 
 pub mod checkpoint;
 pub mod model;
+pub mod labels;
 pub mod ops;
+#[cfg(feature = "image")]
+pub mod preprocess;
 pub mod zoo;
 
 pub use ops::dcnv3::{dcnv3, Dcnv3Config};
