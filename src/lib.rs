@@ -3,6 +3,8 @@
 //! (Crate-level docs with a runnable example are written once the public API settles.)
 
 pub mod checkpoint;
+#[cfg(feature = "hub")]
+pub mod hub;
 pub mod model;
 pub mod labels;
 pub mod ops;

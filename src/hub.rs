@@ -1,0 +1,839 @@
+//! Download checkpoints from the Hugging Face Hub (cargo feature `hub`, on by default).
+//!
+//! Built on the blocking client of `hf-hub` 1.0. Files go to the standard Hugging Face cache
+//! (`<cache>/models--<owner>--<name>/{blobs,snapshots,refs}`), shared with the Python tools.
+//!
+//! * Cache: [`HubOptions::cache_dir`] > `HF_HUB_CACHE` > `HF_HOME/hub` >
+//!   `~/.cache/huggingface/hub`. Endpoint: [`HubOptions::endpoint`] > `HF_ENDPOINT` >
+//!   `https://huggingface.co`. Token: [`HubOptions::token`] > `HF_TOKEN` > the token file of
+//!   `huggingface-cli login`. (`hf-hub` reads these variables itself.)
+//! * Cache first: a file already in the cache is used without any request. `HF_HUB_OFFLINE=1`
+//!   (read by [`HubOptions::from_env`]) or [`HubOptions::offline`] means cache only: a missing
+//!   file is an error that names it and says how to get it.
+//! * Integrity: every downloaded file is hashed (SHA-256) and compared with the hash pinned in
+//!   the manifest, or else with the Hub's ETag when it is a SHA-256 (it is for the large LFS
+//!   weight files). A mismatch deletes the blob and its snapshot link, so a corrupt or truncated
+//!   file is never loaded and never left in the cache as if it were good. JSON files are parsed
+//!   before they are accepted.
+//! * Failures: requests are retried by `hf-hub` on connection errors, 429 and 5xx; a download
+//!   that breaks off or fails the integrity check is restarted ([`HubOptions::download_attempts`]).
+//!   404, 401, 403 and the rest become errors that say what was asked and what to do.
+//! * Progress: a one-line bar on stderr while downloading, only when stderr is a terminal.
+//!
+//! ```no_run
+//! use candle_core::{DType, Device};
+//! use internimage::InternImage;
+//!
+//! let model = InternImage::from_pretrained("internimage_t_1k_224", DType::F32, &Device::Cpu)?;
+//! # Ok::<(), candle_core::Error>(())
+//! ```
+
+use crate::model::{Config, InternImage};
+use crate::zoo::{self, HubFile, HubRepo, PretrainedModel};
+use candle_core::{bail, DType, Device, Error, Result};
+use hf_hub::progress::{DownloadEvent, FileStatus, Progress, ProgressEvent, ProgressHandler};
+use hf_hub::{HFClient, HFClientSync, HFError, HFRepositorySync, RepoTypeModel};
+use sha2::{Digest, Sha256};
+use std::io::{IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Name of the index file of a sharded safetensors checkpoint.
+pub const SAFETENSORS_INDEX: &str = "model.safetensors.index.json";
+
+/// How to reach the Hub and where to cache. `Default` = the `hf-hub` defaults (which read
+/// `HF_ENDPOINT`, `HF_HUB_CACHE`, `HF_HOME` and `HF_TOKEN`), online, progress bar on.
+#[derive(Debug, Clone)]
+pub struct HubOptions {
+    /// Hub base URL (`None` = `HF_ENDPOINT` or `https://huggingface.co`).
+    pub endpoint: Option<String>,
+    /// Cache directory, the `hub` folder itself (`None` = `HF_HUB_CACHE`, `HF_HOME/hub`,
+    /// `~/.cache/huggingface/hub`).
+    pub cache_dir: Option<PathBuf>,
+    /// Access token (`None` = `HF_TOKEN` or the saved login token).
+    pub token: Option<String>,
+    /// Cache only: never make a request (`HF_HUB_OFFLINE=1`).
+    pub offline: bool,
+    /// Revision (branch, tag or commit) that overrides the one in the manifest.
+    pub revision: Option<String>,
+    /// Draw a progress bar on stderr while downloading (only when stderr is a terminal).
+    pub progress: bool,
+    /// Retries of each request on connection errors, 429 and 5xx (`None` = the `hf-hub`
+    /// default, 5, with exponential backoff).
+    pub retry_max_attempts: Option<usize>,
+    /// Attempts at downloading one file when the transfer breaks off or fails the integrity
+    /// check (at least 1; default 2).
+    pub download_attempts: usize,
+}
+
+impl Default for HubOptions {
+    fn default() -> Self {
+        Self {
+            endpoint: None,
+            cache_dir: None,
+            token: None,
+            offline: false,
+            revision: None,
+            progress: true,
+            retry_max_attempts: None,
+            download_attempts: 2,
+        }
+    }
+}
+
+impl HubOptions {
+    /// The defaults plus `HF_HUB_OFFLINE` (`1`, `true`, `yes` or `on` = cache only).
+    pub fn from_env() -> Self {
+        let offline = std::env::var("HF_HUB_OFFLINE")
+            .map(|v| {
+                matches!(
+                    v.trim().to_ascii_lowercase().as_str(),
+                    "1" | "true" | "yes" | "on"
+                )
+            })
+            .unwrap_or(false);
+        Self {
+            offline,
+            ..Self::default()
+        }
+    }
+
+    /// Uses this Hub base URL (e.g. a mirror, or a test server).
+    pub fn with_endpoint(mut self, endpoint: impl Into<String>) -> Self {
+        self.endpoint = Some(endpoint.into());
+        self
+    }
+
+    /// Uses this cache directory (the `hub` folder).
+    pub fn with_cache_dir(mut self, cache_dir: impl Into<PathBuf>) -> Self {
+        self.cache_dir = Some(cache_dir.into());
+        self
+    }
+
+    /// Uses this access token.
+    pub fn with_token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// Cache only (`true`) or cache first, then the network (`false`).
+    pub fn with_offline(mut self, offline: bool) -> Self {
+        self.offline = offline;
+        self
+    }
+
+    /// Fetches this revision instead of the manifest's.
+    pub fn with_revision(mut self, revision: impl Into<String>) -> Self {
+        self.revision = Some(revision.into());
+        self
+    }
+
+    /// Turns the stderr progress bar on or off.
+    pub fn with_progress(mut self, progress: bool) -> Self {
+        self.progress = progress;
+        self
+    }
+
+    /// Sets how often `hf-hub` retries a failed request (0 = no retry).
+    pub fn with_retry_max_attempts(mut self, n: usize) -> Self {
+        self.retry_max_attempts = Some(n);
+        self
+    }
+
+    /// Sets how many times one file is downloaded before giving up (at least 1).
+    pub fn with_download_attempts(mut self, n: usize) -> Self {
+        self.download_attempts = n;
+        self
+    }
+}
+
+/// Local paths of a checkpoint's files, in the Hugging Face cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelFiles {
+    /// The repository's `config.json`, if it has one (and one was asked for).
+    pub config: Option<PathBuf>,
+    /// The shard index of a sharded checkpoint.
+    pub index: Option<PathBuf>,
+    /// The weight files (one, or every shard in order).
+    pub weights: Vec<PathBuf>,
+}
+
+/// A configured Hub client (one per [`HubOptions`]).
+#[derive(Debug)]
+pub struct Hub {
+    client: HFClientSync,
+    endpoint: String,
+    cache_dir: PathBuf,
+    options: HubOptions,
+}
+
+impl Hub {
+    /// Builds the client (no request is made).
+    pub fn new(options: HubOptions) -> Result<Self> {
+        let mut builder = HFClient::builder();
+        if let Some(endpoint) = &options.endpoint {
+            builder = builder.endpoint(endpoint.clone());
+        }
+        if let Some(dir) = &options.cache_dir {
+            builder = builder.cache_dir(dir.clone());
+        }
+        if let Some(token) = &options.token {
+            builder = builder.token(token.clone());
+        }
+        if let Some(n) = options.retry_max_attempts {
+            builder = builder.retry_max_attempts(n);
+        }
+        let client = builder.build().map_err(|e| {
+            Error::Msg(format!(
+                "cannot set up the Hugging Face Hub client: {e} (check HF_ENDPOINT / the endpoint: it must be a URL such as https://huggingface.co)"
+            ))
+        })?;
+        let endpoint = client.endpoint().to_string();
+        let cache_dir = client.cache_dir().to_path_buf();
+        let client = HFClientSync::from_inner(client)
+            .map_err(|e| Error::Msg(format!("cannot start the Hub client: {e}")))?;
+        Ok(Self {
+            client,
+            endpoint,
+            cache_dir,
+            options,
+        })
+    }
+
+    /// The Hub base URL in use.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// The cache directory in use (the `hub` folder).
+    pub fn cache_dir(&self) -> &Path {
+        &self.cache_dir
+    }
+
+    /// The options this client was built with.
+    pub fn options(&self) -> &HubOptions {
+        &self.options
+    }
+
+    /// Local paths of the files of the zoo model `name` (see [`zoo::get`]).
+    pub fn fetch_model(&self, name: &str) -> Result<ModelFiles> {
+        self.fetch_repo(&zoo::get(name)?.hub)
+    }
+
+    /// Local paths of a checkpoint's files: the optional `config.json`, the shard index if
+    /// any, and the weight files, downloading what is not cached yet.
+    pub fn fetch_repo(&self, repo: &HubRepo) -> Result<ModelFiles> {
+        let revision = self
+            .options
+            .revision
+            .clone()
+            .unwrap_or_else(|| repo.revision.clone());
+        let handle = self.repo_handle(&repo.repo)?;
+        let ctx = |file: &str| FileCtx {
+            repo: &repo.repo,
+            revision: &revision,
+            file: file.to_string(),
+        };
+
+        let config = match &repo.config_file {
+            Some(name) => self.fetch(&handle, &ctx(name), &HubFile::new(name.clone()), true)?,
+            None => None,
+        };
+
+        let mut index_file = repo.index_file.clone();
+        let mut weight_files = repo.files.clone();
+        let mut weights = Vec::new();
+        // A single `model.safetensors` may have been sharded since the manifest was written:
+        // when it is absent, fall back to the shard index.
+        let may_be_sharded = index_file.is_none()
+            && weight_files.len() == 1
+            && weight_files[0].name == "model.safetensors";
+        if index_file.is_none() {
+            for f in &weight_files {
+                match self.fetch(&handle, &ctx(&f.name), f, may_be_sharded)? {
+                    Some(p) => weights.push(p),
+                    None if may_be_sharded => break,
+                    None => return Err(self.missing_error(&ctx(&f.name))),
+                }
+            }
+            if !weights.is_empty() {
+                return Ok(ModelFiles {
+                    config,
+                    index: None,
+                    weights,
+                });
+            }
+            index_file = Some(HubFile::new(SAFETENSORS_INDEX));
+            weight_files.clear();
+        }
+
+        // Sharded checkpoint: the index names the shards.
+        let index_file = index_file.unwrap_or_else(|| HubFile::new(SAFETENSORS_INDEX));
+        let index =
+            match self.fetch(&handle, &ctx(&index_file.name), &index_file, may_be_sharded)? {
+                Some(p) => p,
+                None if may_be_sharded && self.options.offline => {
+                    return Err(self.offline_error(&ctx("model.safetensors")))
+                }
+                None if may_be_sharded => bail!(
+                    "{} (nor {SAFETENSORS_INDEX}, for a sharded checkpoint)",
+                    self.missing_error(&ctx("model.safetensors"))
+                ),
+                None => return Err(self.missing_error(&ctx(&index_file.name))),
+            };
+        let shards = shards_from_index(&index)?;
+        if !weight_files.is_empty() {
+            let mut listed: Vec<&str> = weight_files.iter().map(|f| f.name.as_str()).collect();
+            listed.sort_unstable();
+            let mut indexed: Vec<&str> = shards.iter().map(String::as_str).collect();
+            indexed.sort_unstable();
+            if listed != indexed {
+                bail!(
+                    "the shard index {} of {}@{} names the shards [{}] but the manifest lists [{}]; the repository changed: update weights-manifest.json or pin the revision",
+                    index_file.name,
+                    repo.repo,
+                    revision,
+                    indexed.join(", "),
+                    listed.join(", ")
+                );
+            }
+        }
+        for shard in &shards {
+            let file = weight_files
+                .iter()
+                .find(|f| &f.name == shard)
+                .cloned()
+                .unwrap_or_else(|| HubFile::new(shard.clone()));
+            match self.fetch(&handle, &ctx(shard), &file, false)? {
+                Some(p) => weights.push(p),
+                None => return Err(self.missing_error(&ctx(shard))),
+            }
+        }
+        Ok(ModelFiles {
+            config,
+            index: Some(index),
+            weights,
+        })
+    }
+
+    /// Local path of one file of `repo` (`owner/name`) at `revision`, downloading it if needed.
+    /// `Ok(None)` when the Hub says the file does not exist (404); offline, a file that is not
+    /// cached is an error.
+    pub fn fetch_file(
+        &self,
+        repo: &str,
+        revision: &str,
+        file: &HubFile,
+    ) -> Result<Option<PathBuf>> {
+        let handle = self.repo_handle(repo)?;
+        let ctx = FileCtx {
+            repo,
+            revision,
+            file: file.name.clone(),
+        };
+        self.fetch(&handle, &ctx, file, false)
+    }
+
+    fn repo_handle(&self, repo: &str) -> Result<HFRepositorySync<RepoTypeModel>> {
+        let mut parts = repo.split('/');
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some(owner), Some(name), None) if !owner.is_empty() && !name.is_empty() => {
+                Ok(self.client.model(owner, name))
+            }
+            _ => bail!("invalid Hub repository id {repo:?}: expected \"owner/name\""),
+        }
+    }
+
+    fn missing_error(&self, ctx: &FileCtx) -> Error {
+        Error::Msg(format!(
+            "{} not found in the Hub repository {} at revision {} ({}, HTTP 404): check the model name and revision",
+            ctx.file, ctx.repo, ctx.revision, self.endpoint
+        ))
+    }
+
+    fn offline_error(&self, ctx: &FileCtx) -> Error {
+        Error::Msg(format!(
+            "offline mode (HF_HUB_OFFLINE=1): {} of {} at revision {} is not in the Hugging Face cache {}; unset HF_HUB_OFFLINE (or turn offline off) to download it, or load local weights instead (--weights PATH in the examples, InternImage::from_checkpoint_files in code)",
+            ctx.file,
+            ctx.repo,
+            ctx.revision,
+            self.cache_dir.display()
+        ))
+    }
+
+    /// One file: the cache first, then (online) the network. `Ok(None)` = the Hub says it does
+    /// not exist, or (`optional`, offline) it is not cached.
+    fn fetch(
+        &self,
+        handle: &HFRepositorySync<RepoTypeModel>,
+        ctx: &FileCtx,
+        file: &HubFile,
+        optional: bool,
+    ) -> Result<Option<PathBuf>> {
+        // 1. The cache (never a request).
+        let cached = handle
+            .download_file()
+            .filename(file.name.clone())
+            .revision(ctx.revision.to_string())
+            .local_files_only(true)
+            .send();
+        match cached {
+            Ok(path) => return Ok(Some(path)),
+            Err(HFError::EntryNotFound { .. }) if self.options.offline => return Ok(None),
+            Err(HFError::LocalEntryNotFound { .. }) | Err(HFError::EntryNotFound { .. }) => {}
+            Err(e) => return Err(self.hub_error(ctx, e)),
+        }
+        if self.options.offline {
+            if optional {
+                return Ok(None);
+            }
+            return Err(self.offline_error(ctx));
+        }
+
+        // 2. The network, restarting broken or corrupt transfers.
+        let attempts = self.options.download_attempts.max(1);
+        let mut last_error = None;
+        for attempt in 1..=attempts {
+            if attempt > 1 {
+                std::thread::sleep(Duration::from_millis(200 * attempt as u64));
+            }
+            let progress = (self.options.progress && std::io::stderr().is_terminal())
+                .then(|| Progress::new(StderrProgress::new(format!("{}/{}", ctx.repo, file.name))));
+            let request = handle
+                .download_file()
+                .filename(file.name.clone())
+                .revision(ctx.revision.to_string())
+                .maybe_progress(progress);
+            match request.send() {
+                Ok(path) => match verify_download(&path, file) {
+                    Ok(()) => return Ok(Some(path)),
+                    Err(msg) => {
+                        last_error = Some(format!(
+                            "{} of {}@{} from {} failed the integrity check: {msg}; the download was deleted from the cache",
+                            ctx.file, ctx.repo, ctx.revision, self.endpoint
+                        ))
+                    }
+                },
+                Err(HFError::EntryNotFound { .. }) => return Ok(None),
+                Err(e) if is_retryable(&e) => last_error = Some(self.hub_error(ctx, e).to_string()),
+                Err(e) => return Err(self.hub_error(ctx, e)),
+            }
+        }
+        let last = last_error.unwrap_or_default();
+        if attempts > 1 {
+            bail!("{last} (gave up after {attempts} attempts)")
+        }
+        bail!("{last}")
+    }
+
+    fn hub_error(&self, ctx: &FileCtx, e: HFError) -> Error {
+        let what = format!(
+            "{} of {} at revision {} ({})",
+            ctx.file, ctx.repo, ctx.revision, self.endpoint
+        );
+        let msg = match &e {
+            HFError::EntryNotFound { .. } => {
+                format!("{what}: not found (HTTP 404); check the model name and revision")
+            }
+            HFError::RepoNotFound { .. } => format!(
+                "{what}: repository not found; check the name, or set HF_TOKEN if it is private"
+            ),
+            HFError::RevisionNotFound { .. } => {
+                format!("{what}: revision not found in the repository")
+            }
+            HFError::AuthRequired { .. } => format!(
+                "{what}: the Hub asks for authentication (HTTP 401): the repository does not exist or is private/gated; check the name, and set HF_TOKEN (or run `huggingface-cli login`) if you have access"
+            ),
+            HFError::Forbidden { .. } => format!(
+                "{what}: access denied (HTTP 403): the token has no access (a gated repository needs its terms accepted on the Hub)"
+            ),
+            HFError::RateLimited { retry_after, .. } => format!(
+                "{what}: rate limited by the Hub (HTTP 429){}; try again later or set HF_TOKEN",
+                retry_after
+                    .map(|d| format!(", retry after {} s", d.as_secs()))
+                    .unwrap_or_default()
+            ),
+            HFError::Http { context } => {
+                let status = context.status.as_u16();
+                if (500..600).contains(&status) {
+                    format!("{what}: the Hub server failed (HTTP {status}) after retries; try again later ({e})")
+                } else {
+                    format!("{what}: unexpected HTTP {status} ({e})")
+                }
+            }
+            HFError::Request { .. } => format!(
+                "{what}: network error ({e}); the transfer failed or broke off and nothing was cached; check the connection and HF_ENDPOINT, or use cached files with HF_HUB_OFFLINE=1"
+            ),
+            HFError::MalformedResponse { .. } => format!(
+                "{what}: unexpected answer from the Hub ({e}); is the endpoint a Hugging Face Hub?"
+            ),
+            HFError::CacheLockTimeout { .. } => format!(
+                "{what}: another process holds the cache lock ({e}); wait for it or remove the stale .lock file"
+            ),
+            HFError::Io(_) => format!("{what}: cannot write the cache {} ({e})", self.cache_dir.display()),
+            _ => format!("{what}: {e}"),
+        };
+        Error::Msg(msg)
+    }
+}
+
+/// What is being fetched, for error messages.
+struct FileCtx<'a> {
+    repo: &'a str,
+    revision: &'a str,
+    file: String,
+}
+
+/// Errors worth restarting the whole download for (a broken transfer, a server failure).
+fn is_retryable(e: &HFError) -> bool {
+    match e {
+        HFError::Request { .. } => true,
+        HFError::Http { context } => (500..600).contains(&context.status.as_u16()),
+        _ => false,
+    }
+}
+
+fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// The ETag of a cached file: the name of the blob its snapshot entry links to.
+fn cached_etag(snapshot: &Path) -> Option<String> {
+    let target = std::fs::read_link(snapshot).ok()?;
+    target.file_name()?.to_str().map(str::to_string)
+}
+
+/// Deletes a snapshot entry and the blob it points to.
+fn purge_cached(snapshot: &Path) {
+    if let Ok(target) = std::fs::read_link(snapshot) {
+        let blob = match snapshot.parent() {
+            Some(dir) if target.is_relative() => dir.join(&target),
+            _ => target,
+        };
+        let _ = std::fs::remove_file(blob);
+    }
+    let _ = std::fs::remove_file(snapshot);
+}
+
+/// SHA-256 of a file, as 64 lowercase hex digits, and its size.
+pub fn sha256_file(path: &Path) -> Result<(String, u64)> {
+    let mut f = std::fs::File::open(path)
+        .map_err(|e| Error::Msg(format!("cannot open {}: {e}", path.display())))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut len = 0u64;
+    loop {
+        let n = f
+            .read(&mut buf)
+            .map_err(|e| Error::Msg(format!("cannot read {}: {e}", path.display())))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        len += n as u64;
+    }
+    let digest = hasher.finalize();
+    let hex = digest.iter().map(|b| format!("{b:02x}")).collect();
+    Ok((hex, len))
+}
+
+/// Checks a fresh download; on failure deletes it from the cache and says why.
+fn verify_download(path: &Path, file: &HubFile) -> std::result::Result<(), String> {
+    let result = check_file(path, file);
+    if result.is_err() {
+        purge_cached(path);
+    }
+    result
+}
+
+fn check_file(path: &Path, file: &HubFile) -> std::result::Result<(), String> {
+    let expected = match &file.sha256 {
+        Some(pinned) => Some((pinned.to_ascii_lowercase(), "pinned in the manifest")),
+        None => cached_etag(path)
+            .filter(|etag| is_sha256_hex(etag))
+            .map(|etag| (etag.to_ascii_lowercase(), "the Hub's ETag")),
+    };
+    if let Some((expected, source)) = expected {
+        let (actual, len) = sha256_file(path).map_err(|e| e.to_string())?;
+        if actual != expected {
+            return Err(format!(
+                "sha256 {actual} ({len} bytes) differs from {expected} ({source})"
+            ));
+        }
+    }
+    if let (Some(size), true) = (file.size_bytes, file.size_exact) {
+        let len = std::fs::metadata(path)
+            .map(|m| m.len())
+            .map_err(|e| e.to_string())?;
+        if len != size {
+            return Err(format!("{len} bytes, expected {size}"));
+        }
+    }
+    if file.name.ends_with(".json") {
+        let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+        serde_json::from_str::<serde_json::Value>(&text)
+            .map_err(|e| format!("not valid JSON ({e})"))?;
+    }
+    Ok(())
+}
+
+/// The shard file names of a safetensors index (`weight_map` values), sorted, without repeats.
+fn shards_from_index(index: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(index)
+        .map_err(|e| Error::Msg(format!("cannot read {}: {e}", index.display())))?;
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::Msg(format!("invalid shard index {}: {e}", index.display())))?;
+    let Some(map) = value.get("weight_map").and_then(|m| m.as_object()) else {
+        bail!(
+            "invalid shard index {}: expected an object \"weight_map\" (tensor name -> shard file)",
+            index.display()
+        )
+    };
+    let mut shards: Vec<String> = Vec::new();
+    for (tensor, shard) in map {
+        let Some(shard) = shard.as_str() else {
+            bail!(
+                "invalid shard index {}: weight_map[{tensor:?}] is not a file name",
+                index.display()
+            )
+        };
+        if shard.is_empty() || shard.contains("..") || shard.starts_with('/') {
+            bail!(
+                "invalid shard index {}: bad shard name {shard:?}",
+                index.display()
+            )
+        }
+        shards.push(shard.to_string());
+    }
+    shards.sort();
+    shards.dedup();
+    if shards.is_empty() {
+        bail!("shard index {} lists no tensors", index.display())
+    }
+    Ok(shards)
+}
+
+/// Local paths of the files of the zoo model `name`, downloading what is missing
+/// (see [`Hub::fetch_repo`]).
+pub fn download_model(name: &str, options: &HubOptions) -> Result<ModelFiles> {
+    Hub::new(options.clone())?.fetch_model(name)
+}
+
+/// Local paths of the files of any Hub checkpoint described by `repo`, downloading what is
+/// missing (see [`Hub::fetch_repo`]).
+pub fn download_repo(repo: &HubRepo, options: &HubOptions) -> Result<ModelFiles> {
+    Hub::new(options.clone())?.fetch_repo(repo)
+}
+
+/// Checks the repository's `config.json` against the architecture we are about to build.
+fn check_config_json(path: &Path, cfg: &Config, what: &str) -> Result<()> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::Msg(format!("cannot read {}: {e}", path.display())))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::Msg(format!("invalid config.json {}: {e}", path.display())))?;
+    let as_usizes = |key: &str| -> Option<Vec<usize>> {
+        v.get(key)?
+            .as_array()?
+            .iter()
+            .map(|x| x.as_u64().map(|x| x as usize))
+            .collect()
+    };
+    let mut diffs = Vec::new();
+    if let Some(c) = v.get("channels").and_then(|x| x.as_u64()) {
+        if c as usize != cfg.channels {
+            diffs.push(format!("channels {c} vs {}", cfg.channels));
+        }
+    }
+    if let Some(d) = as_usizes("depths") {
+        if d != cfg.depths {
+            diffs.push(format!("depths {d:?} vs {:?}", cfg.depths));
+        }
+    }
+    if let Some(g) = as_usizes("groups") {
+        if g != cfg.groups {
+            diffs.push(format!("groups {g:?} vs {:?}", cfg.groups));
+        }
+    }
+    if let Some(n) = v.get("num_classes").and_then(|x| x.as_u64()) {
+        if n as usize != cfg.num_classes {
+            diffs.push(format!("num_classes {n} vs {}", cfg.num_classes));
+        }
+    }
+    if !diffs.is_empty() {
+        bail!(
+            "the config.json of {what} ({}) does not match the expected architecture: {} (Hub value vs expected); update weights-manifest.json or pin the revision",
+            path.display(),
+            diffs.join(", ")
+        );
+    }
+    Ok(())
+}
+
+impl InternImage {
+    /// Downloads (or finds in the cache) the released checkpoint `name` (see [`zoo::list`])
+    /// and builds the network, with [`HubOptions::from_env`] (so `HF_HUB_OFFLINE=1` means
+    /// cache only).
+    pub fn from_pretrained(name: &str, dtype: DType, device: &Device) -> Result<InternImage> {
+        Self::from_pretrained_with(name, &HubOptions::from_env(), dtype, device)
+    }
+
+    /// [`InternImage::from_pretrained`] with explicit Hub options.
+    pub fn from_pretrained_with(
+        name: &str,
+        options: &HubOptions,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<InternImage> {
+        let model: &PretrainedModel = zoo::get(name)?;
+        let cfg = model.config();
+        Self::from_hub(&model.hub, Some(&cfg), options, dtype, device)
+    }
+
+    /// Downloads (or finds in the cache) the checkpoint described by `repo` and builds the
+    /// network with `config`, or, when `config` is `None`, with the repository's `config.json`.
+    /// When both exist, the `config.json` must agree with `config` (channels, depths, groups,
+    /// classes).
+    pub fn from_hub(
+        repo: &HubRepo,
+        config: Option<&Config>,
+        options: &HubOptions,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<InternImage> {
+        let files = Hub::new(options.clone())?.fetch_repo(repo)?;
+        let cfg = match (config, &files.config) {
+            (Some(cfg), Some(path)) => {
+                check_config_json(path, cfg, &repo.repo)?;
+                cfg.clone()
+            }
+            (Some(cfg), None) => cfg.clone(),
+            (None, Some(path)) => Config::from_file(path)?,
+            (None, None) => bail!(
+                "{} has no config.json and no configuration was given: pass one (e.g. Config::t())",
+                repo.repo
+            ),
+        };
+        InternImage::from_checkpoint_files(&cfg, &files.weights, dtype, device)
+    }
+}
+
+/// Minimum time between two redraws of the progress bar.
+const REDRAW_EVERY: Duration = Duration::from_millis(100);
+
+/// A one-line download progress bar on stderr (`\r` redraws). Draws nothing when stderr is not
+/// a terminal.
+#[derive(Debug)]
+pub struct StderrProgress {
+    label: String,
+    tty: bool,
+    state: Mutex<BarState>,
+}
+
+#[derive(Debug, Default)]
+struct BarState {
+    done: u64,
+    total: u64,
+    started: Option<Instant>,
+    last_draw: Option<Instant>,
+    drawn: bool,
+}
+
+impl StderrProgress {
+    /// A bar labelled `label` (e.g. `OpenGVLab/internimage_t_1k_224/model.safetensors`).
+    pub fn new(label: impl Into<String>) -> Self {
+        Self {
+            label: label.into(),
+            tty: std::io::stderr().is_terminal(),
+            state: Mutex::new(BarState::default()),
+        }
+    }
+
+    fn draw(&self, s: &mut BarState, force: bool) {
+        let now = Instant::now();
+        if !force
+            && s.last_draw
+                .is_some_and(|t| now.duration_since(t) < REDRAW_EVERY)
+        {
+            return;
+        }
+        s.last_draw = Some(now);
+        s.drawn = true;
+        let mb = |b: u64| b as f64 / 1e6;
+        let secs = s
+            .started
+            .map(|t| now.duration_since(t).as_secs_f64())
+            .unwrap_or(0.0);
+        let rate = if secs > 0.0 { mb(s.done) / secs } else { 0.0 };
+        let line = if s.total > 0 {
+            let frac = (s.done as f64 / s.total as f64).clamp(0.0, 1.0);
+            let width = 24usize;
+            let filled = (frac * width as f64).round() as usize;
+            format!(
+                "\r{} [{}{}] {:5.1}% {:.1}/{:.1} MB {:.1} MB/s ",
+                self.label,
+                "#".repeat(filled),
+                "-".repeat(width - filled),
+                frac * 100.0,
+                mb(s.done),
+                mb(s.total),
+                rate
+            )
+        } else {
+            format!("\r{} {:.1} MB {:.1} MB/s ", self.label, mb(s.done), rate)
+        };
+        let mut err = std::io::stderr().lock();
+        let _ = err.write_all(line.as_bytes());
+        let _ = err.flush();
+    }
+}
+
+impl ProgressHandler for StderrProgress {
+    fn on_progress(&self, event: &ProgressEvent) {
+        if !self.tty {
+            return;
+        }
+        let ProgressEvent::Download(event) = event else {
+            return;
+        };
+        let Ok(mut s) = self.state.lock() else {
+            return;
+        };
+        match event {
+            DownloadEvent::Start { total_bytes, .. } => {
+                s.total = *total_bytes;
+                s.started = Some(Instant::now());
+            }
+            DownloadEvent::Progress { files } => {
+                let mut complete = false;
+                for f in files {
+                    s.done = f.bytes_completed;
+                    if f.total_bytes > 0 {
+                        s.total = f.total_bytes;
+                    }
+                    complete |= f.status == FileStatus::Complete;
+                }
+                self.draw(&mut s, complete);
+            }
+            DownloadEvent::AggregateProgress {
+                bytes_completed,
+                total_bytes,
+                ..
+            } => {
+                s.done = *bytes_completed;
+                if *total_bytes > 0 {
+                    s.total = *total_bytes;
+                }
+                self.draw(&mut s, false);
+            }
+            DownloadEvent::Complete => {
+                if s.drawn {
+                    s.done = s.done.max(s.total);
+                    self.draw(&mut s, true);
+                    let _ = std::io::stderr().write_all(b"\n");
+                    s.drawn = false;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,709 @@
+//! The Hub download path end to end, against a Hugging Face Hub stand-in on 127.0.0.1 (no
+//! internet): download -> cache -> load -> logits equal to the official goldens; offline mode;
+//! 404 / 401 / 5xx; corrupt and truncated transfers are rejected and never cached.
+#![cfg(feature = "hub")]
+
+use candle_core::{DType, Device, Module, Tensor};
+use internimage::hub::{self, HubOptions};
+use internimage::zoo::{HubFile, HubRepo};
+use internimage::{Config, InternImage};
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Once};
+use std::time::{Duration, Instant};
+
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures");
+const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+
+// ---------------------------------------------------------------------------------------------
+// The Hub stand-in.
+
+#[derive(Clone)]
+enum Mode {
+    /// Serve the body as is.
+    Good,
+    /// Serve a body with flipped bytes (same length, same ETag).
+    Corrupt,
+    /// Announce the full Content-Length, send half, close the connection.
+    Truncate,
+    /// Answer every request with this status.
+    Status(u16),
+}
+
+#[derive(Clone)]
+struct Route {
+    body: Arc<Vec<u8>>,
+    etag: String,
+    mode: Mode,
+}
+
+struct HubStandIn {
+    port: u16,
+    routes: Arc<Mutex<HashMap<String, Route>>>,
+    log: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl HubStandIn {
+    /// Starts the server; it stops when dropped, or by itself after two minutes.
+    fn start() -> Self {
+        no_proxy_for_loopback();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let routes: Arc<Mutex<HashMap<String, Route>>> = Arc::default();
+        let log: Arc<Mutex<Vec<String>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (r, l, s) = (routes.clone(), log.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            let live = Arc::new(AtomicUsize::new(0));
+            while !s.load(Ordering::SeqCst) && Instant::now() < deadline {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        let (r, l, live) = (r.clone(), l.clone(), live.clone());
+                        if live.fetch_add(1, Ordering::SeqCst) < 32 {
+                            std::thread::spawn(move || {
+                                let _ = serve(stream, &r, &l);
+                                live.fetch_sub(1, Ordering::SeqCst);
+                            });
+                        } else {
+                            live.fetch_sub(1, Ordering::SeqCst);
+                        }
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                }
+            }
+        });
+        Self {
+            port,
+            routes,
+            log,
+            stop,
+        }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn put(&self, repo: &str, file: &str, body: Arc<Vec<u8>>, etag: &str, mode: Mode) {
+        let path = format!("/{repo}/resolve/main/{file}");
+        self.routes.lock().unwrap().insert(
+            path,
+            Route {
+                body,
+                etag: etag.to_string(),
+                mode,
+            },
+        );
+    }
+
+    fn set_mode(&self, repo: &str, file: &str, mode: Mode) {
+        let path = format!("/{repo}/resolve/main/{file}");
+        self.routes.lock().unwrap().get_mut(&path).unwrap().mode = mode;
+    }
+
+    fn requests(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    fn count(&self, prefix: &str) -> usize {
+        self.requests()
+            .iter()
+            .filter(|r| r.starts_with(prefix))
+            .count()
+    }
+}
+
+impl Drop for HubStandIn {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+fn serve(
+    mut stream: TcpStream,
+    routes: &Mutex<HashMap<String, Route>>,
+    log: &Mutex<Vec<String>>,
+) -> std::io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut req = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut buf)?;
+        if n == 0 || req.len() > 65536 {
+            return Ok(());
+        }
+        req.extend_from_slice(&buf[..n]);
+    }
+    let head = String::from_utf8_lossy(&req).to_string();
+    let mut first = head.lines().next().unwrap_or("").split_whitespace();
+    let method = first.next().unwrap_or("").to_string();
+    let path = first.next().unwrap_or("").to_string();
+    log.lock().unwrap().push(format!("{method} {path}"));
+    let route = routes.lock().unwrap().get(&path).cloned();
+    let is_get = method == "GET";
+
+    let Some(route) = route else {
+        let msg = b"{\"error\":\"Entry not found\"}";
+        write!(
+            stream,
+            "HTTP/1.1 404 Not Found\r\nX-Error-Code: EntryNotFound\r\nX-Repo-Commit: {COMMIT}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            msg.len()
+        )?;
+        if is_get {
+            stream.write_all(msg)?;
+        }
+        return stream.flush();
+    };
+    if let Mode::Status(code) = route.mode {
+        let msg = format!("{{\"error\":\"status {code}\"}}");
+        write!(
+            stream,
+            "HTTP/1.1 {code} Error\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            msg.len()
+        )?;
+        if is_get {
+            stream.write_all(msg.as_bytes())?;
+        }
+        return stream.flush();
+    }
+    write!(
+        stream,
+        "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nETag: \"{}\"\r\nX-Repo-Commit: {COMMIT}\r\nConnection: close\r\n\r\n",
+        route.body.len(),
+        route.etag
+    )?;
+    if is_get {
+        match route.mode {
+            Mode::Good => stream.write_all(&route.body)?,
+            Mode::Corrupt => {
+                let mut bad = route.body.to_vec();
+                for b in bad.iter_mut().skip(1000).step_by(997) {
+                    *b ^= 0x5a;
+                }
+                stream.write_all(&bad)?
+            }
+            Mode::Truncate => {
+                stream.write_all(&route.body[..route.body.len() / 2])?;
+                stream.flush()?;
+                stream.shutdown(std::net::Shutdown::Both)?;
+                return Ok(());
+            }
+            Mode::Status(_) => unreachable!(),
+        }
+    }
+    stream.flush()
+}
+
+/// reqwest honours HTTP(S)_PROXY; make sure loopback requests never go through a proxy.
+fn no_proxy_for_loopback() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        std::env::set_var("NO_PROXY", "127.0.0.1,localhost");
+        std::env::set_var("no_proxy", "127.0.0.1,localhost");
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fixtures and helpers.
+
+/// A fresh cache directory, removed when dropped.
+struct TempCache(PathBuf);
+
+impl TempCache {
+    fn new(tag: &str) -> Self {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let dir = std::env::temp_dir().join(format!(
+            "internimage-hub-{tag}-{}-{}-{nanos}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for TempCache {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+struct TinyB {
+    weights: Arc<Vec<u8>>,
+    sha256: String,
+    config_json: Arc<Vec<u8>>,
+}
+
+fn tiny_b() -> TinyB {
+    let weights = std::fs::read(format!("{FIXTURES}/weights/tiny_b.safetensors")).unwrap();
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{FIXTURES}/manifest.json")).unwrap(),
+    )
+    .unwrap();
+    let sha256 = manifest["models"]["tiny_b"]["sha256"]["safetensors"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{FIXTURES}/weights/tiny_b.json")).unwrap(),
+    )
+    .unwrap();
+    let config_json = serde_json::to_vec_pretty(&meta["hf_config"]).unwrap();
+    TinyB {
+        weights: Arc::new(weights),
+        sha256,
+        config_json: Arc::new(config_json),
+    }
+}
+
+/// Git-style (40-hex) ETag, as the Hub gives small non-LFS files.
+const SMALL_ETAG: &str = "1111111111111111111111111111111111111111";
+
+fn serve_tiny_b(server: &HubStandIn, repo: &str, t: &TinyB) {
+    server.put(
+        repo,
+        "config.json",
+        t.config_json.clone(),
+        SMALL_ETAG,
+        Mode::Good,
+    );
+    server.put(
+        repo,
+        "model.safetensors",
+        t.weights.clone(),
+        &t.sha256,
+        Mode::Good,
+    );
+}
+
+fn options(server: &HubStandIn, cache: &TempCache) -> HubOptions {
+    HubOptions::default()
+        .with_endpoint(server.endpoint())
+        .with_cache_dir(&cache.0)
+        .with_progress(false)
+        .with_retry_max_attempts(0)
+        .with_download_attempts(1)
+}
+
+/// Checks the logits of `model` on the fixture input `rand` against the official golden.
+fn assert_logits_match(model: &InternImage) {
+    let inputs =
+        candle_core::safetensors::load(format!("{FIXTURES}/inputs.safetensors"), &Device::Cpu)
+            .unwrap();
+    let expected = candle_core::safetensors::load(
+        format!("{FIXTURES}/expected/tiny_b.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{FIXTURES}/manifest.json")).unwrap(),
+    )
+    .unwrap();
+    let tol = &manifest["models"]["tiny_b"]["tensors"]["logits.rand"];
+    let (atol, rtol) = (tol["atol"].as_f64().unwrap(), tol["rtol"].as_f64().unwrap());
+
+    let logits = model.forward(&inputs["rand"]).unwrap();
+    let reference: &Tensor = &expected["logits.rand"];
+    assert_eq!(logits.dims(), reference.dims());
+    let ours = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let refs = reference.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for (o, r) in ours.iter().zip(&refs) {
+        let (o, r) = (*o as f64, *r as f64);
+        let excess = (o - r).abs() - (atol + rtol * r.abs());
+        assert!(
+            excess <= 0.0,
+            "logit {o} vs golden {r} (atol {atol}, rtol {rtol})"
+        );
+    }
+}
+
+fn repo_folder(cache: &TempCache, repo: &str) -> PathBuf {
+    cache.0.join(format!("models--{}", repo.replace('/', "--")))
+}
+
+/// Files in `blobs/` that are complete blobs (not `.incomplete` or `.lock` leftovers).
+fn complete_blobs(cache: &TempCache, repo: &str) -> Vec<String> {
+    let dir = repo_folder(cache, repo).join("blobs");
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return vec![];
+    };
+    rd.filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| !n.ends_with(".incomplete") && !n.ends_with(".lock"))
+        .collect()
+}
+
+fn snapshot_file(cache: &TempCache, repo: &str, file: &str) -> PathBuf {
+    repo_folder(cache, repo)
+        .join("snapshots")
+        .join(COMMIT)
+        .join(file)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests.
+
+#[test]
+fn download_load_logits_then_offline_makes_no_request() {
+    let server = HubStandIn::start();
+    let cache = TempCache::new("e2e");
+    let t = tiny_b();
+    let repo_id = "fixtures/tiny_b";
+    serve_tiny_b(&server, repo_id, &t);
+    let repo = HubRepo::safetensors(repo_id);
+    let opts = options(&server, &cache);
+
+    // Download + load with the repository's config.json.
+    let model = InternImage::from_hub(&repo, None, &opts, DType::F32, &Device::Cpu).unwrap();
+    assert_logits_match(&model);
+    assert_eq!(
+        server.requests(),
+        [
+            "HEAD /fixtures/tiny_b/resolve/main/config.json",
+            "GET /fixtures/tiny_b/resolve/main/config.json",
+            "HEAD /fixtures/tiny_b/resolve/main/model.safetensors",
+            "GET /fixtures/tiny_b/resolve/main/model.safetensors",
+        ]
+    );
+
+    // Standard Hugging Face cache layout.
+    let folder = repo_folder(&cache, repo_id);
+    assert_eq!(
+        std::fs::read_to_string(folder.join("refs/main"))
+            .unwrap()
+            .trim(),
+        COMMIT
+    );
+    let snap = snapshot_file(&cache, repo_id, "model.safetensors");
+    assert_eq!(std::fs::read(&snap).unwrap(), *t.weights);
+    assert!(folder.join("blobs").join(&t.sha256).is_file());
+
+    // Offline: zero requests, same model.
+    let before = server.requests().len();
+    let offline = opts.clone().with_offline(true);
+    let files = hub::download_repo(&repo, &offline).unwrap();
+    assert_eq!(files.weights, [snap.clone()]);
+    assert_eq!(
+        files.config.as_deref(),
+        Some(snapshot_file(&cache, repo_id, "config.json").as_path())
+    );
+    assert!(files.index.is_none());
+    let cfg = Config::from_file(files.config.as_ref().unwrap()).unwrap();
+    let model =
+        InternImage::from_hub(&repo, Some(&cfg), &offline, DType::F32, &Device::Cpu).unwrap();
+    assert_logits_match(&model);
+    // Online again: the cache is used first, still no request.
+    hub::download_repo(&repo, &opts).unwrap();
+    assert_eq!(server.requests().len(), before, "{:?}", server.requests());
+}
+
+#[test]
+fn offline_with_empty_cache_names_the_missing_file() {
+    let server = HubStandIn::start();
+    let cache = TempCache::new("offline");
+    let opts = options(&server, &cache).with_offline(true);
+
+    let err =
+        InternImage::from_pretrained_with("internimage_t_1k_224", &opts, DType::F32, &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+    assert!(err.contains("model.safetensors"), "{err}");
+    assert!(err.contains("OpenGVLab/internimage_t_1k_224"), "{err}");
+    assert!(err.contains("HF_HUB_OFFLINE"), "{err}");
+    assert!(err.contains("--weights"), "{err}");
+
+    let err = hub::download_repo(&HubRepo::safetensors("fixtures/absent"), &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("model.safetensors") && err.contains("offline"),
+        "{err}"
+    );
+    assert!(server.requests().is_empty(), "{:?}", server.requests());
+
+    // An unknown zoo name lists the known ones, before any I/O.
+    let err = InternImage::from_pretrained_with("internimage_z", &opts, DType::F32, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("internimage_g_jointto22k_384"), "{err}");
+}
+
+#[test]
+fn not_found_is_a_clear_error() {
+    let server = HubStandIn::start();
+    let cache = TempCache::new("404");
+    let opts = options(&server, &cache);
+    let t = tiny_b();
+    server.put(
+        "fixtures/half",
+        "config.json",
+        t.config_json.clone(),
+        SMALL_ETAG,
+        Mode::Good,
+    );
+
+    // A named file that does not exist.
+    let mut repo = HubRepo::safetensors("fixtures/half");
+    repo.files = vec![HubFile::new("weights-v2.safetensors")];
+    let err = hub::download_repo(&repo, &opts).unwrap_err().to_string();
+    assert!(
+        err.contains("weights-v2.safetensors") && err.contains("not found"),
+        "{err}"
+    );
+    assert!(err.contains("fixtures/half"), "{err}");
+
+    // `model.safetensors` absent: the shard index is tried, then a clear error.
+    let err = hub::download_repo(&HubRepo::safetensors("fixtures/half"), &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("model.safetensors") && err.contains("not found"),
+        "{err}"
+    );
+    assert!(server.count("HEAD /fixtures/half/resolve/main/model.safetensors.index.json") == 1);
+
+    // Nothing usable was cached.
+    assert!(!snapshot_file(&cache, "fixtures/half", "model.safetensors").exists());
+    let err = InternImage::from_hub(
+        &HubRepo::safetensors("fixtures/half"),
+        None,
+        &opts,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("not found"), "{err}");
+}
+
+#[test]
+fn corrupt_body_is_rejected_and_not_cached() {
+    let server = HubStandIn::start();
+    let cache = TempCache::new("corrupt");
+    let t = tiny_b();
+    let repo_id = "fixtures/corrupt";
+    serve_tiny_b(&server, repo_id, &t);
+    server.set_mode(repo_id, "model.safetensors", Mode::Corrupt);
+    let repo = HubRepo::safetensors(repo_id);
+    let opts = options(&server, &cache).with_download_attempts(2);
+
+    let err = InternImage::from_hub(&repo, None, &opts, DType::F32, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("integrity") && err.contains(&t.sha256),
+        "{err}"
+    );
+    assert!(err.contains("model.safetensors"), "{err}");
+    // Restarted once, then gave up.
+    assert_eq!(
+        server.count("GET /fixtures/corrupt/resolve/main/model.safetensors"),
+        2
+    );
+    // Neither the snapshot entry nor the blob is left behind.
+    let snap = snapshot_file(&cache, repo_id, "model.safetensors");
+    assert!(
+        std::fs::symlink_metadata(&snap).is_err(),
+        "{} left in the cache",
+        snap.display()
+    );
+    assert!(!complete_blobs(&cache, repo_id).contains(&t.sha256));
+    // So offline mode does not find it either.
+    let err = hub::download_repo(&repo, &opts.clone().with_offline(true))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("offline") && err.contains("model.safetensors"),
+        "{err}"
+    );
+
+    // Once the server is healthy, a fetch works and the file is the right one.
+    server.set_mode(repo_id, "model.safetensors", Mode::Good);
+    let model = InternImage::from_hub(&repo, None, &opts, DType::F32, &Device::Cpu).unwrap();
+    assert_logits_match(&model);
+    assert_eq!(std::fs::read(&snap).unwrap(), *t.weights);
+}
+
+#[test]
+fn pinned_sha256_mismatch_is_rejected() {
+    let server = HubStandIn::start();
+    let cache = TempCache::new("pinned");
+    let t = tiny_b();
+    let repo_id = "fixtures/pinned";
+    serve_tiny_b(&server, repo_id, &t);
+    let mut repo = HubRepo::safetensors(repo_id);
+    repo.files = vec![HubFile::new("model.safetensors").with_sha256("ab".repeat(32))];
+    let err = hub::download_repo(&repo, &options(&server, &cache))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("integrity") && err.contains("pinned"), "{err}");
+    assert!(
+        std::fs::symlink_metadata(snapshot_file(&cache, repo_id, "model.safetensors")).is_err()
+    );
+    assert!(!complete_blobs(&cache, repo_id).contains(&t.sha256));
+
+    // The right pin passes.
+    repo.files = vec![HubFile::new("model.safetensors").with_sha256(t.sha256.to_uppercase())];
+    let files = hub::download_repo(&repo, &options(&server, &cache)).unwrap();
+    assert_eq!(std::fs::read(&files.weights[0]).unwrap(), *t.weights);
+}
+
+#[test]
+fn connection_cut_mid_file_caches_nothing() {
+    let server = HubStandIn::start();
+    let cache = TempCache::new("cut");
+    let t = tiny_b();
+    let repo_id = "fixtures/cut";
+    serve_tiny_b(&server, repo_id, &t);
+    server.set_mode(repo_id, "model.safetensors", Mode::Truncate);
+    let repo = HubRepo::safetensors(repo_id);
+    let opts = options(&server, &cache).with_download_attempts(2);
+
+    let err = InternImage::from_hub(&repo, None, &opts, DType::F32, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("model.safetensors") && err.contains("network error"),
+        "{err}"
+    );
+    assert_eq!(
+        server.count("GET /fixtures/cut/resolve/main/model.safetensors"),
+        2
+    );
+    assert!(
+        std::fs::symlink_metadata(snapshot_file(&cache, repo_id, "model.safetensors")).is_err()
+    );
+    assert!(!complete_blobs(&cache, repo_id).contains(&t.sha256));
+
+    server.set_mode(repo_id, "model.safetensors", Mode::Good);
+    let model = InternImage::from_hub(&repo, None, &opts, DType::F32, &Device::Cpu).unwrap();
+    assert_logits_match(&model);
+}
+
+#[test]
+fn auth_and_server_errors_are_clear() {
+    let server = HubStandIn::start();
+    let cache = TempCache::new("status");
+    let t = tiny_b();
+    server.put(
+        "fixtures/private",
+        "model.safetensors",
+        t.weights.clone(),
+        &t.sha256,
+        Mode::Status(401),
+    );
+    server.put(
+        "fixtures/down",
+        "model.safetensors",
+        t.weights.clone(),
+        &t.sha256,
+        Mode::Status(503),
+    );
+    let mut private = HubRepo::safetensors("fixtures/private");
+    private.config_file = None;
+    let mut down = HubRepo::safetensors("fixtures/down");
+    down.config_file = None;
+
+    let err = hub::download_repo(&private, &options(&server, &cache))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("401") && err.contains("HF_TOKEN"), "{err}");
+
+    // 5xx: hf-hub retries the request (here once), then a clear error.
+    let opts = options(&server, &cache).with_retry_max_attempts(1);
+    let err = hub::download_repo(&down, &opts).unwrap_err().to_string();
+    assert!(err.contains("503"), "{err}");
+    assert_eq!(
+        server.count("HEAD /fixtures/down/"),
+        2,
+        "{:?}",
+        server.requests()
+    );
+    assert!(complete_blobs(&cache, "fixtures/down").is_empty());
+}
+
+#[test]
+fn sharded_checkpoint_through_the_index() {
+    let server = HubStandIn::start();
+    let cache = TempCache::new("shards");
+    let t = tiny_b();
+    let repo_id = "fixtures/sharded";
+    // One shard holding every tensor, and its index; no `model.safetensors`.
+    let names = candle_core::safetensors::load(
+        format!("{FIXTURES}/weights/tiny_b.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap()
+    .into_keys()
+    .collect::<Vec<_>>();
+    let shard = "model-00001-of-00001.safetensors";
+    let weight_map: serde_json::Map<String, serde_json::Value> = names
+        .into_iter()
+        .map(|n| (n, serde_json::Value::from(shard)))
+        .collect();
+    let index = serde_json::json!({ "metadata": { "total_size": t.weights.len() }, "weight_map": weight_map });
+    server.put(
+        repo_id,
+        "config.json",
+        t.config_json.clone(),
+        SMALL_ETAG,
+        Mode::Good,
+    );
+    server.put(repo_id, shard, t.weights.clone(), &t.sha256, Mode::Good);
+    server.put(
+        repo_id,
+        hub::SAFETENSORS_INDEX,
+        Arc::new(serde_json::to_vec(&index).unwrap()),
+        "2222222222222222222222222222222222222222",
+        Mode::Good,
+    );
+
+    // The manifest still says `model.safetensors`: the index is found as a fallback.
+    let opts = options(&server, &cache);
+    let model = InternImage::from_hub(
+        &HubRepo::safetensors(repo_id),
+        None,
+        &opts,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_logits_match(&model);
+
+    // Listed explicitly, offline from the cache.
+    let mut repo = HubRepo::safetensors(repo_id);
+    repo.files = vec![HubFile::new(shard)];
+    repo.index_file = Some(HubFile::new(hub::SAFETENSORS_INDEX));
+    let before = server.requests().len();
+    let files = hub::download_repo(&repo, &opts.clone().with_offline(true)).unwrap();
+    assert_eq!(files.weights, [snapshot_file(&cache, repo_id, shard)]);
+    assert_eq!(
+        files.index,
+        Some(snapshot_file(&cache, repo_id, hub::SAFETENSORS_INDEX))
+    );
+    assert_eq!(server.requests().len(), before);
+
+    // A manifest that disagrees with the index is an error.
+    repo.files = vec![
+        HubFile::new("model-00001-of-00002.safetensors"),
+        HubFile::new("model-00002-of-00002.safetensors"),
+    ];
+    let err = hub::download_repo(&repo, &opts).unwrap_err().to_string();
+    assert!(err.contains("shard") && err.contains(shard), "{err}");
+}
