@@ -1,21 +1,62 @@
-//! DCNv3 core operator (placeholder API; implementation in progress).
+//! DCNv3 core operator (deformable convolution v3 sampling, "dcnv3_core"), channels-last.
+//!
+//! Semantics are those of the official InternImage operator: for output pixel (h, w), group g and
+//! kernel point p = i*kernel_h + j (column i = x outer, row j = y inner, the centre skipped when
+//! `remove_center`), the sampling position is
+//! `x = w*stride_w - pad_w + hx + offset_scale*(i*dilation_w - hx + offset[..,g,p,0])` (y alike with
+//! `offset[..,g,p,1]`), `hx = dilation_w*(kernel_w-1)/2`; the value is bilinear with zeros outside
+//! the image, weighted by `mask[..,g,p]` (never renormalised) and summed over p.
+//!
+//! The op is a [`candle_core::CustomOp3`] ([`Dcnv3Op`]) with a CPU forward for f32/f16/bf16 (f32
+//! accumulation) and f64, and a backward implemented by a second op ([`Dcnv3BackwardOp`]) so that
+//! `Tensor::backward` works through [`dcnv3`]. GPU forwards (`cuda_fwd`, `metal_fwd`) plug into the
+//! same two ops; the CPU path is the reference they are tested against.
 
-use candle_core::{Result, Tensor};
+mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
+#[doc(hidden)]
+pub mod launch;
+#[cfg(feature = "metal")]
+mod metal;
+mod validate;
+
+pub use validate::Dcnv3Geometry;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use half::{bf16, f16, slice::HalfFloatSliceExt};
 
 /// Geometry of a DCNv3 core call, named like the official operator's arguments.
+///
+/// Tensors are channels-last: input (N, H_in, W_in, group*group_channels), offset
+/// (N, H_out, W_out, group*P*2) with pairs (x, y), mask (N, H_out, W_out, group*P), where
+/// P = kernel_h*kernel_w (minus one with `remove_center`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Dcnv3Config {
+    /// Kernel height (rows, y).
     pub kernel_h: usize,
+    /// Kernel width (columns, x).
     pub kernel_w: usize,
+    /// Vertical stride (>= 1).
     pub stride_h: usize,
+    /// Horizontal stride (>= 1).
     pub stride_w: usize,
+    /// Zero padding added above and below.
     pub pad_h: usize,
+    /// Zero padding added left and right.
     pub pad_w: usize,
+    /// Vertical dilation of the kernel grid (>= 1).
     pub dilation_h: usize,
+    /// Horizontal dilation of the kernel grid (>= 1).
     pub dilation_w: usize,
+    /// Number of groups G (each with its own offsets and mask).
     pub group: usize,
+    /// Channels per group Cg; the input has G*Cg channels.
     pub group_channels: usize,
+    /// Scale applied to the regular kernel displacement *and* to the learned offsets.
     pub offset_scale: f64,
+    /// Drop the kernel centre (needs a square odd kernel); P becomes kernel_h*kernel_w - 1.
     pub remove_center: bool,
 }
 
@@ -39,8 +80,408 @@ impl Dcnv3Config {
     }
 }
 
-/// DCNv3 core: input (N,Hin,Win,G*Cg), offset (N,Hout,Wout,G*P*2), mask (N,Hout,Wout,G*P).
+/// Checks dtypes and devices of the three tensors and the shapes against `cfg`.
+fn check_args(
+    input: &Tensor,
+    offset: &Tensor,
+    mask: &Tensor,
+    cfg: &Dcnv3Config,
+) -> Result<Dcnv3Geometry> {
+    let dt = input.dtype();
+    for (name, t) in [("offset", offset), ("mask", mask)] {
+        if t.dtype() != dt {
+            bail!(
+                "dcnv3: {name} dtype must equal the input dtype {dt:?}, got {:?}; convert with .to_dtype()",
+                t.dtype()
+            );
+        }
+        if !t.device().same_device(input.device()) {
+            bail!(
+                "dcnv3: {name} must be on the input's device {:?}, got {:?}; move it with .to_device()",
+                input.device().location(),
+                t.device().location()
+            );
+        }
+    }
+    if !matches!(dt, DType::F32 | DType::F16 | DType::BF16 | DType::F64) {
+        bail!("dcnv3: supported dtypes are f32, f16, bf16 and f64, got {dt:?}");
+    }
+    cfg.geometry(input.shape(), offset.shape(), mask.shape())
+}
+
+/// DCNv3 core: input (N,Hin,Win,G*Cg), offset (N,Hout,Wout,G*P*2), mask (N,Hout,Wout,G*P)
+/// -> output (N,Hout,Wout,G*Cg), in the input's dtype.
+///
+/// Any strides are accepted (views are made contiguous first); all three tensors must share dtype
+/// (f32, f16, bf16 or f64) and device. Errors (never panics) on mismatched dtypes/devices, wrong
+/// ranks or shapes, zero-sized dimensions and invalid configs. Offsets that are NaN or infinite
+/// sample nothing. Differentiable: gradients flow to all three inputs.
 pub fn dcnv3(input: &Tensor, offset: &Tensor, mask: &Tensor, cfg: &Dcnv3Config) -> Result<Tensor> {
-    let _ = (input, offset, mask, cfg);
-    candle_core::bail!("dcnv3: not implemented yet")
+    check_args(input, offset, mask, cfg)?;
+    let input = input.contiguous()?;
+    let offset = offset.contiguous()?;
+    let mask = mask.contiguous()?;
+    input.apply_op3(&offset, &mask, Dcnv3Op::new(*cfg))
+}
+
+/// Gradients of `sum(dcnv3(input, offset, mask) * grad_out)` with respect to input, offset and
+/// mask, without autograd (same shapes and dtype as the arguments).
+pub fn dcnv3_backward(
+    input: &Tensor,
+    offset: &Tensor,
+    mask: &Tensor,
+    grad_out: &Tensor,
+    cfg: &Dcnv3Config,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let g = check_args(input, offset, mask, cfg)?;
+    let want = [g.n, g.h_out, g.w_out, g.channels];
+    if grad_out.dims() != want {
+        bail!(
+            "dcnv3_backward: grad_out must have the output shape {want:?}, got {:?}",
+            grad_out.dims()
+        );
+    }
+    if grad_out.dtype() != input.dtype() || !grad_out.device().same_device(input.device()) {
+        bail!(
+            "dcnv3_backward: grad_out must have the input's dtype {:?} and device, got {:?}",
+            input.dtype(),
+            grad_out.dtype()
+        );
+    }
+    let offset_mask = Tensor::cat(
+        &[offset.detach().flatten_all()?, mask.detach().flatten_all()?],
+        0,
+    )?;
+    let packed = input.detach().contiguous()?.apply_op3_no_bwd(
+        &offset_mask,
+        &grad_out.detach().contiguous()?,
+        &Dcnv3BackwardOp::new(*cfg),
+    )?;
+    let (a, b, c) = (g.input_len(), g.offset_len(), g.mask_len());
+    Ok((
+        packed.narrow(0, 0, a)?.reshape(input.shape())?,
+        packed.narrow(0, a, b)?.reshape(offset.shape())?,
+        packed.narrow(0, a + b, c)?.reshape(mask.shape())?,
+    ))
+}
+
+/// The DCNv3 forward as a candle custom op over (input, offset, mask).
+///
+/// Inputs must be contiguous (use [`dcnv3`], which takes care of it). `bwd` is implemented.
+#[derive(Debug, Clone, Copy)]
+pub struct Dcnv3Op {
+    /// The operator's geometry.
+    pub cfg: Dcnv3Config,
+}
+
+impl Dcnv3Op {
+    /// Wraps a config.
+    pub fn new(cfg: Dcnv3Config) -> Self {
+        Self { cfg }
+    }
+}
+
+/// The DCNv3 backward as a candle custom op over
+/// (input (N,Hin,Win,C), offset_mask, grad_out (N,Hout,Wout,C)).
+///
+/// `offset_mask` is the 1-D concatenation of the flattened offset (N*Hout*Wout*G*P*2 elements) and
+/// the flattened mask (N*Hout*Wout*G*P elements). The result is a 1-D tensor in the input's dtype
+/// holding grad_input, grad_offset and grad_mask flattened one after the other (lengths
+/// [`Dcnv3Geometry::input_len`], [`Dcnv3Geometry::offset_len`], [`Dcnv3Geometry::mask_len`]);
+/// grad_offset already includes the factor offset_scale.
+#[derive(Debug, Clone, Copy)]
+pub struct Dcnv3BackwardOp {
+    /// The operator's geometry.
+    pub cfg: Dcnv3Config,
+}
+
+impl Dcnv3BackwardOp {
+    /// Wraps a config.
+    pub fn new(cfg: Dcnv3Config) -> Self {
+        Self { cfg }
+    }
+
+    /// Geometry of a backward call from the shapes of its three arguments.
+    pub fn geometry(
+        &self,
+        input: &Shape,
+        offset_mask: &Shape,
+        grad_out: &Shape,
+    ) -> Result<Dcnv3Geometry> {
+        let d = input.dims();
+        if d.len() != 4 {
+            bail!("dcnv3 backward: input must be rank 4, got {d:?}");
+        }
+        let (h_out, w_out) = self.cfg.output_size(d[1], d[2])?;
+        let p = self.cfg.points();
+        let off = Shape::from((d[0], h_out, w_out, self.cfg.group * p * 2));
+        let mask = Shape::from((d[0], h_out, w_out, self.cfg.group * p));
+        let g = self.cfg.geometry(input, &off, &mask)?;
+        if offset_mask.dims() != [g.offset_len() + g.mask_len()] {
+            bail!(
+                "dcnv3 backward: offset_mask must be 1-D with {} + {} elements, got shape {:?}",
+                g.offset_len(),
+                g.mask_len(),
+                offset_mask.dims()
+            );
+        }
+        let want = [g.n, g.h_out, g.w_out, g.channels];
+        if grad_out.dims() != want {
+            bail!(
+                "dcnv3 backward: grad_out must have shape {want:?}, got {:?}",
+                grad_out.dims()
+            );
+        }
+        Ok(g)
+    }
+}
+
+/// The elements of a contiguous tensor inside its (possibly larger) storage.
+fn view<'a, T>(v: &'a [T], l: &Layout, name: &str) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) if b <= v.len() => Ok(&v[a..b]),
+        Some((a, b)) => bail!(
+            "dcnv3: {name} layout [{a}, {b}) exceeds its storage of {} elements",
+            v.len()
+        ),
+        None => bail!(
+            "dcnv3: {name} must be contiguous (shape {:?}, strides {:?}); call .contiguous() first \
+             or use internimage::ops::dcnv3()",
+            l.dims(),
+            l.stride()
+        ),
+    }
+}
+
+fn dtype_error(op: &str, a: DType, b: DType, c: DType) -> candle_core::Error {
+    candle_core::Error::Msg(format!(
+        "{op}: the three arguments must share one dtype among f32, f16, bf16, f64; got {a:?}, {b:?}, {c:?}"
+    ))
+}
+
+fn half_to_f32<T>(v: &[T]) -> Vec<f32>
+where
+    [T]: HalfFloatSliceExt,
+{
+    v.to_f32_vec()
+}
+
+fn forward_f32(op: &Dcnv3Op, g: &Dcnv3Geometry, a: &[f32], b: &[f32], c: &[f32]) -> Vec<f32> {
+    let mut out = vec![0f32; g.output_len()];
+    cpu::forward(&op.cfg, g, a, b, c, &mut out);
+    out
+}
+
+impl CustomOp3 for Dcnv3Op {
+    fn name(&self) -> &'static str {
+        "dcnv3"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = self.cfg.geometry(l1.shape(), l2.shape(), l3.shape())?;
+        let shape = Shape::from((g.n, g.h_out, g.w_out, g.channels));
+        let st = match (s1, s2, s3) {
+            (CpuStorage::F32(a), CpuStorage::F32(b), CpuStorage::F32(c)) => {
+                let (a, b, c) = (
+                    view(a, l1, "input")?,
+                    view(b, l2, "offset")?,
+                    view(c, l3, "mask")?,
+                );
+                CpuStorage::F32(forward_f32(self, &g, a, b, c))
+            }
+            (CpuStorage::F64(a), CpuStorage::F64(b), CpuStorage::F64(c)) => {
+                let (a, b, c) = (
+                    view(a, l1, "input")?,
+                    view(b, l2, "offset")?,
+                    view(c, l3, "mask")?,
+                );
+                let mut out = vec![0f64; g.output_len()];
+                cpu::forward(&self.cfg, &g, a, b, c, &mut out);
+                CpuStorage::F64(out)
+            }
+            (CpuStorage::F16(a), CpuStorage::F16(b), CpuStorage::F16(c)) => {
+                let (a, b, c) = (
+                    view(a, l1, "input")?,
+                    view(b, l2, "offset")?,
+                    view(c, l3, "mask")?,
+                );
+                let out = forward_f32(self, &g, &half_to_f32(a), &half_to_f32(b), &half_to_f32(c));
+                let mut res = vec![f16::ZERO; out.len()];
+                res.convert_from_f32_slice(&out);
+                CpuStorage::F16(res)
+            }
+            (CpuStorage::BF16(a), CpuStorage::BF16(b), CpuStorage::BF16(c)) => {
+                let (a, b, c) = (
+                    view(a, l1, "input")?,
+                    view(b, l2, "offset")?,
+                    view(c, l3, "mask")?,
+                );
+                let out = forward_f32(self, &g, &half_to_f32(a), &half_to_f32(b), &half_to_f32(c));
+                let mut res = vec![bf16::ZERO; out.len()];
+                res.convert_from_f32_slice(&out);
+                CpuStorage::BF16(res)
+            }
+            _ => return Err(dtype_error("dcnv3", s1.dtype(), s2.dtype(), s3.dtype())),
+        };
+        Ok((st, shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::forward(&self.cfg, s1, l1, s2, l2, s3, l3)
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        s1: &candle_core::MetalStorage,
+        l1: &Layout,
+        s2: &candle_core::MetalStorage,
+        l2: &Layout,
+        s3: &candle_core::MetalStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        metal::forward(&self.cfg, s1, l1, s2, l2, s3, l3)
+    }
+
+    fn bwd(
+        &self,
+        input: &Tensor,
+        offset: &Tensor,
+        mask: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (gi, go, gm) = dcnv3_backward(input, offset, mask, grad_res, &self.cfg)?;
+        Ok((Some(gi), Some(go), Some(gm)))
+    }
+}
+
+fn backward_generic<F: cpu::Acc>(
+    cfg: &Dcnv3Config,
+    g: &Dcnv3Geometry,
+    input: &[F],
+    offset_mask: &[F],
+    grad_out: &[F],
+) -> Vec<F> {
+    let (la, lb) = (g.input_len(), g.offset_len());
+    let mut packed = vec![F::ZERO; la + lb + g.mask_len()];
+    let (gin, rest) = packed.split_at_mut(la);
+    let (goff, gmask) = rest.split_at_mut(lb);
+    let (offset, mask) = offset_mask.split_at(lb);
+    cpu::backward(cfg, g, input, offset, mask, grad_out, gin, goff, gmask);
+    packed
+}
+
+impl CustomOp3 for Dcnv3BackwardOp {
+    fn name(&self) -> &'static str {
+        "dcnv3-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = self.geometry(l1.shape(), l2.shape(), l3.shape())?;
+        let len = g.input_len() + g.offset_len() + g.mask_len();
+        let cfg = &self.cfg;
+        let st = match (s1, s2, s3) {
+            (CpuStorage::F32(a), CpuStorage::F32(b), CpuStorage::F32(c)) => {
+                let (a, b, c) = (
+                    view(a, l1, "input")?,
+                    view(b, l2, "offset_mask")?,
+                    view(c, l3, "grad_out")?,
+                );
+                CpuStorage::F32(backward_generic(cfg, &g, a, b, c))
+            }
+            (CpuStorage::F64(a), CpuStorage::F64(b), CpuStorage::F64(c)) => {
+                let (a, b, c) = (
+                    view(a, l1, "input")?,
+                    view(b, l2, "offset_mask")?,
+                    view(c, l3, "grad_out")?,
+                );
+                CpuStorage::F64(backward_generic(cfg, &g, a, b, c))
+            }
+            (CpuStorage::F16(a), CpuStorage::F16(b), CpuStorage::F16(c)) => {
+                let (a, b, c) = (
+                    view(a, l1, "input")?,
+                    view(b, l2, "offset_mask")?,
+                    view(c, l3, "grad_out")?,
+                );
+                let out =
+                    backward_generic(cfg, &g, &half_to_f32(a), &half_to_f32(b), &half_to_f32(c));
+                let mut res = vec![f16::ZERO; out.len()];
+                res.convert_from_f32_slice(&out);
+                CpuStorage::F16(res)
+            }
+            (CpuStorage::BF16(a), CpuStorage::BF16(b), CpuStorage::BF16(c)) => {
+                let (a, b, c) = (
+                    view(a, l1, "input")?,
+                    view(b, l2, "offset_mask")?,
+                    view(c, l3, "grad_out")?,
+                );
+                let out =
+                    backward_generic(cfg, &g, &half_to_f32(a), &half_to_f32(b), &half_to_f32(c));
+                let mut res = vec![bf16::ZERO; out.len()];
+                res.convert_from_f32_slice(&out);
+                CpuStorage::BF16(res)
+            }
+            _ => {
+                return Err(dtype_error(
+                    "dcnv3 backward",
+                    s1.dtype(),
+                    s2.dtype(),
+                    s3.dtype(),
+                ))
+            }
+        };
+        Ok((st, Shape::from(len)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::backward(self, s1, l1, s2, l2, s3, l3)
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        s1: &candle_core::MetalStorage,
+        l1: &Layout,
+        s2: &candle_core::MetalStorage,
+        l2: &Layout,
+        s3: &candle_core::MetalStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        metal::backward(self, s1, l1, s2, l2, s3, l3)
+    }
 }
