@@ -1,0 +1,639 @@
+//! DCNv3 core op: randomised comparison with a deliberately simple scalar reference, strided views,
+//! batch sizes, NaN/inf offsets, bad input errors and a finite-difference check of the backward.
+
+use candle_core::{DType, Device, IndexOp, Tensor, Var};
+use internimage::ops::dcnv3::{dcnv3, dcnv3_backward, Dcnv3Config};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// Plain nested-loop DCNv3 straight from the formula (f64), for checking the real kernels.
+fn reference(
+    input: &[f64],
+    (n, hin, win, ch): (usize, usize, usize, usize),
+    offset: &[f64],
+    mask: &[f64],
+    cfg: &Dcnv3Config,
+) -> (Vec<f64>, usize, usize) {
+    let hout = (hin + 2 * cfg.pad_h - (cfg.dilation_h * (cfg.kernel_h - 1) + 1)) / cfg.stride_h + 1;
+    let wout = (win + 2 * cfg.pad_w - (cfg.dilation_w * (cfg.kernel_w - 1) + 1)) / cfg.stride_w + 1;
+    let (g, cg) = (cfg.group, cfg.group_channels);
+    assert_eq!(ch, g * cg);
+    let mut pts = vec![];
+    for i in 0..cfg.kernel_w {
+        for j in 0..cfg.kernel_h {
+            if !(cfg.remove_center && i == cfg.kernel_w / 2 && j == cfg.kernel_h / 2) {
+                pts.push((i as f64, j as f64));
+            }
+        }
+    }
+    let np = pts.len();
+    let hx = (cfg.dilation_w * (cfg.kernel_w - 1) / 2) as f64;
+    let hy = (cfg.dilation_h * (cfg.kernel_h - 1) / 2) as f64;
+    let s = cfg.offset_scale;
+    let v = |b: usize, y: i64, x: i64, c: usize| -> f64 {
+        if y < 0 || x < 0 || y >= hin as i64 || x >= win as i64 {
+            0.0
+        } else {
+            input[((b * hin + y as usize) * win + x as usize) * ch + c]
+        }
+    };
+    let mut out = vec![0.0; n * hout * wout * ch];
+    for b in 0..n {
+        for h in 0..hout {
+            for w in 0..wout {
+                let pix = (b * hout + h) * wout + w;
+                for gi in 0..g {
+                    for (p, &(i, j)) in pts.iter().enumerate() {
+                        let k = (pix * g + gi) * np + p;
+                        let x = (w * cfg.stride_w) as f64 - cfg.pad_w as f64
+                            + hx
+                            + s * (i * cfg.dilation_w as f64 - hx + offset[2 * k]);
+                        let y = (h * cfg.stride_h) as f64 - cfg.pad_h as f64
+                            + hy
+                            + s * (j * cfg.dilation_h as f64 - hy + offset[2 * k + 1]);
+                        if !x.is_finite() || !y.is_finite() {
+                            continue;
+                        }
+                        if x <= -1.0 || y <= -1.0 || x >= win as f64 || y >= hin as f64 {
+                            continue;
+                        }
+                        let (x0, y0) = (x.floor(), y.floor());
+                        let (lx, ly) = (x - x0, y - y0);
+                        let (x0, y0) = (x0 as i64, y0 as i64);
+                        for c in 0..cg {
+                            let cc = gi * cg + c;
+                            let val = (1.0 - ly) * (1.0 - lx) * v(b, y0, x0, cc)
+                                + (1.0 - ly) * lx * v(b, y0, x0 + 1, cc)
+                                + ly * (1.0 - lx) * v(b, y0 + 1, x0, cc)
+                                + ly * lx * v(b, y0 + 1, x0 + 1, cc);
+                            out[pix * ch + cc] += mask[k] * val;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    (out, hout, wout)
+}
+
+fn vec_f64(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+fn randn(rng: &mut StdRng, len: usize, scale: f64) -> Vec<f64> {
+    (0..len)
+        .map(|_| {
+            // Box-Muller
+            let (u1, u2): (f64, f64) = (rng.random::<f64>().max(1e-12), rng.random());
+            scale * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+        })
+        .collect()
+}
+
+fn random_cfg(rng: &mut StdRng) -> Dcnv3Config {
+    let ks = [1usize, 3, 3, 3, 5];
+    let kh = ks[rng.random_range(0..ks.len())];
+    let kw = if rng.random_bool(0.25) {
+        ks[rng.random_range(0..ks.len())]
+    } else {
+        kh
+    };
+    let scales = [0.5, 1.0, 1.0, 2.0, 1.5];
+    Dcnv3Config {
+        kernel_h: kh,
+        kernel_w: kw,
+        stride_h: rng.random_range(1..=3),
+        stride_w: rng.random_range(1..=3),
+        pad_h: rng.random_range(0..=2),
+        pad_w: rng.random_range(0..=2),
+        dilation_h: rng.random_range(1..=2),
+        dilation_w: rng.random_range(1..=2),
+        group: rng.random_range(1..=4),
+        group_channels: rng.random_range(1..=6),
+        offset_scale: scales[rng.random_range(0..scales.len())],
+        remove_center: kh == kw && kh >= 3 && rng.random_bool(0.3),
+    }
+}
+
+struct Problem {
+    cfg: Dcnv3Config,
+    dims: (usize, usize, usize, usize),
+    input: Vec<f64>,
+    offset: Vec<f64>,
+    mask: Vec<f64>,
+    hout: usize,
+    wout: usize,
+}
+
+impl Problem {
+    fn random(rng: &mut StdRng) -> Self {
+        loop {
+            let cfg = random_cfg(rng);
+            let n = [1, 1, 2, 3, 5][rng.random_range(0..5)];
+            let (hin, win) = (rng.random_range(1..=10), rng.random_range(1..=10));
+            let eh = cfg.dilation_h * (cfg.kernel_h - 1) + 1;
+            let ew = cfg.dilation_w * (cfg.kernel_w - 1) + 1;
+            if hin + 2 * cfg.pad_h < eh || win + 2 * cfg.pad_w < ew {
+                continue;
+            }
+            return Self::new(rng, cfg, (n, hin, win));
+        }
+    }
+
+    fn new(rng: &mut StdRng, cfg: Dcnv3Config, (n, hin, win): (usize, usize, usize)) -> Self {
+        let ch = cfg.group * cfg.group_channels;
+        let hout =
+            (hin + 2 * cfg.pad_h - (cfg.dilation_h * (cfg.kernel_h - 1) + 1)) / cfg.stride_h + 1;
+        let wout =
+            (win + 2 * cfg.pad_w - (cfg.dilation_w * (cfg.kernel_w - 1) + 1)) / cfg.stride_w + 1;
+        let np = cfg.kernel_h * cfg.kernel_w - usize::from(cfg.remove_center);
+        let input = randn(rng, n * hin * win * ch, 1.0);
+        let mut offset = randn(rng, n * hout * wout * cfg.group * np * 2, 1.5);
+        // Some offsets far outside the image, some on integer positions.
+        for o in offset.iter_mut() {
+            let r: f64 = rng.random();
+            if r < 0.05 {
+                *o *= 40.0;
+            } else if r < 0.1 {
+                *o = o.round();
+            }
+        }
+        let mask: Vec<f64> = (0..n * hout * wout * cfg.group * np)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        Self {
+            cfg,
+            dims: (n, hin, win, ch),
+            input,
+            offset,
+            mask,
+            hout,
+            wout,
+        }
+    }
+
+    fn tensors(&self, dt: DType) -> (Tensor, Tensor, Tensor) {
+        let (n, h, w, c) = self.dims;
+        let np = self.cfg.points();
+        let t = |v: &Vec<f64>, s: (usize, usize, usize, usize)| {
+            Tensor::from_vec(v.clone(), s, &Device::Cpu)
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap()
+        };
+        (
+            t(&self.input, (n, h, w, c)),
+            t(
+                &self.offset,
+                (n, self.hout, self.wout, self.cfg.group * np * 2),
+            ),
+            t(&self.mask, (n, self.hout, self.wout, self.cfg.group * np)),
+        )
+    }
+}
+
+fn assert_close(a: &[f64], b: &[f64], atol: f64, rtol: f64, what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: length");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!(
+            (x - y).abs() <= atol + rtol * y.abs(),
+            "{what}: element {i}: ours {x} reference {y}"
+        );
+    }
+}
+
+#[test]
+fn random_against_scalar_reference() {
+    let mut rng = StdRng::seed_from_u64(7);
+    for it in 0..300 {
+        let pb = Problem::random(&mut rng);
+        let (expect, _, _) = reference(&pb.input, pb.dims, &pb.offset, &pb.mask, &pb.cfg);
+        let what = format!("iteration {it} cfg {:?} dims {:?}", pb.cfg, pb.dims);
+        // f64: same formula, only summation order differs.
+        let (i, o, m) = pb.tensors(DType::F64);
+        let out = dcnv3(&i, &o, &m, &pb.cfg).unwrap();
+        assert_eq!(
+            out.dims(),
+            [pb.dims.0, pb.hout, pb.wout, pb.dims.3],
+            "{what}"
+        );
+        assert_close(&vec_f64(&out), &expect, 1e-12, 1e-12, &what);
+        // f32: inputs rounded to f32 (the reference sees the unrounded values): positions move by
+        // ~|offset|*2^-24 (offsets up to ~300 px here), values by 2^-24 relative.
+        let (i, o, m) = pb.tensors(DType::F32);
+        let out = dcnv3(&i, &o, &m, &pb.cfg).unwrap();
+        assert_close(&vec_f64(&out), &expect, 1e-4, 1e-4, &what);
+    }
+}
+
+#[test]
+fn strided_views_match_contiguous_exactly() {
+    let mut rng = StdRng::seed_from_u64(11);
+    for _ in 0..20 {
+        let pb = Problem::random(&mut rng);
+        let (i, o, m) = pb.tensors(DType::F32);
+        let base = dcnv3(&i, &o, &m, &pb.cfg).unwrap();
+        let base_v = vec_f64(&base);
+        // Permuted views: store NCHW, view as NHWC.
+        let ip = i
+            .permute((0, 3, 1, 2))
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .permute((0, 2, 3, 1))
+            .unwrap();
+        let op = o
+            .permute((0, 3, 1, 2))
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .permute((0, 2, 3, 1))
+            .unwrap();
+        let mp = m
+            .permute((0, 3, 1, 2))
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .permute((0, 2, 3, 1))
+            .unwrap();
+        assert!(!ip.is_contiguous() || pb.dims.3 == 1 || pb.dims.1 * pb.dims.2 == 1);
+        assert_eq!(vec_f64(&dcnv3(&ip, &op, &mp, &pb.cfg).unwrap()), base_v);
+        // Narrowed views with a non-zero start offset (contiguous or not).
+        let pad = |t: &Tensor, d: usize| {
+            Tensor::cat(&[&t.zeros_like().unwrap(), t, &t.zeros_like().unwrap()], d).unwrap()
+        };
+        let (n, _, _, c) = pb.dims;
+        let in_b = pad(&i, 0).narrow(0, n, n).unwrap();
+        let in_c = pad(&i, 3).narrow(3, c, c).unwrap();
+        let off_c = pad(&o, 3)
+            .narrow(3, o.dim(3).unwrap(), o.dim(3).unwrap())
+            .unwrap();
+        let mask_b = pad(&m, 0).narrow(0, n, n).unwrap();
+        assert_eq!(
+            vec_f64(&dcnv3(&in_b, &off_c, &mask_b, &pb.cfg).unwrap()),
+            base_v
+        );
+        assert_eq!(vec_f64(&dcnv3(&in_c, &o, &m, &pb.cfg).unwrap()), base_v);
+    }
+}
+
+#[test]
+fn batches_are_independent() {
+    // N = 3 and 5: each image equals the op on that image alone (the official CUDA op needs N
+    // divisible by its im2col step; ours takes any N).
+    let mut rng = StdRng::seed_from_u64(3);
+    for n in [3usize, 5] {
+        let cfg = Dcnv3Config::internimage(2, 3, 1.0);
+        let pb = Problem::new(&mut rng, cfg, (n, 6, 7));
+        let (i, o, m) = pb.tensors(DType::F32);
+        let all = dcnv3(&i, &o, &m, &cfg).unwrap();
+        for b in 0..n {
+            let one = |t: &Tensor| t.narrow(0, b, 1).unwrap();
+            let single = dcnv3(&one(&i), &one(&o), &one(&m), &cfg).unwrap();
+            assert_eq!(vec_f64(&single), vec_f64(&all.i(b..b + 1).unwrap()));
+        }
+        let (expect, _, _) = reference(&pb.input, pb.dims, &pb.offset, &pb.mask, &cfg);
+        assert_close(&vec_f64(&all), &expect, 1e-4, 1e-4, "batch");
+    }
+}
+
+#[test]
+fn non_finite_offsets_sample_nothing() {
+    let mut rng = StdRng::seed_from_u64(5);
+    let cfg = Dcnv3Config::internimage(2, 4, 1.0);
+    let mut pb = Problem::new(&mut rng, cfg, (2, 5, 6));
+    let bad = [
+        f64::NAN,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+        1e30,
+        -1e30,
+        f64::MAX,
+        f64::MIN_POSITIVE,
+    ];
+    for (k, o) in pb.offset.iter_mut().enumerate() {
+        if k % 3 == 0 {
+            *o = bad[(k / 3) % bad.len()];
+        }
+    }
+    let (expect, _, _) = reference(&pb.input, pb.dims, &pb.offset, &pb.mask, &cfg);
+    for dt in [DType::F32, DType::F64, DType::F16, DType::BF16] {
+        let (i, o, m) = pb.tensors(dt);
+        let out = dcnv3(&i, &o, &m, &cfg).unwrap();
+        let v = vec_f64(&out);
+        assert!(v.iter().all(|x| x.is_finite()), "{dt:?}: non-finite output");
+        if dt == DType::F32 || dt == DType::F64 {
+            assert_close(&v, &expect, 1e-5, 1e-5, "non-finite offsets");
+        }
+        let go = out.ones_like().unwrap();
+        let (gi, gof, gm) = dcnv3_backward(&i, &o, &m, &go, &cfg).unwrap();
+        for (name, g) in [("input", gi), ("offset", gof), ("mask", gm)] {
+            assert!(
+                vec_f64(&g).iter().all(|x| x.is_finite()),
+                "{dt:?}: non-finite grad {name}"
+            );
+        }
+    }
+    // A point that samples nothing has zero offset and mask gradients.
+    let (i, o, m) = pb.tensors(DType::F64);
+    let out = dcnv3(&i, &o, &m, &cfg).unwrap();
+    let (_, gof, gm) = dcnv3_backward(&i, &o, &m, &out.ones_like().unwrap(), &cfg).unwrap();
+    let (gof, gm) = (vec_f64(&gof), vec_f64(&gm));
+    for (k, &x) in pb.offset.iter().enumerate() {
+        if !x.is_finite() {
+            assert_eq!(gm[k / 2], 0.0);
+            assert_eq!(gof[k], 0.0);
+        }
+    }
+}
+
+#[test]
+fn finite_differences_f64() {
+    let mut rng = StdRng::seed_from_u64(13);
+    let cfgs = [
+        Dcnv3Config::internimage(2, 3, 1.0),
+        Dcnv3Config {
+            stride_h: 2,
+            dilation_w: 2,
+            pad_w: 2,
+            offset_scale: 2.0,
+            remove_center: true,
+            ..Dcnv3Config::internimage(1, 2, 1.0)
+        },
+        Dcnv3Config {
+            kernel_h: 5,
+            kernel_w: 5,
+            pad_h: 2,
+            pad_w: 2,
+            ..Dcnv3Config::internimage(3, 1, 0.5)
+        },
+    ];
+    for cfg in cfgs {
+        let pb = Problem::new(&mut rng, cfg, (2, 4, 5));
+        let (i, o, m) = pb.tensors(DType::F64);
+        let gw = Tensor::from_vec(
+            randn(&mut rng, pb.dims.0 * pb.hout * pb.wout * pb.dims.3, 1.0),
+            (pb.dims.0, pb.hout, pb.wout, pb.dims.3),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let gw_v = vec_f64(&gw);
+        let loss = |inp: &[f64], off: &[f64], msk: &[f64]| -> f64 {
+            let (out, _, _) = reference(inp, pb.dims, off, msk, &cfg);
+            out.iter().zip(&gw_v).map(|(a, b)| a * b).sum()
+        };
+        // Autograd path.
+        let (vi, vo, vm) = (
+            Var::from_tensor(&i).unwrap(),
+            Var::from_tensor(&o).unwrap(),
+            Var::from_tensor(&m).unwrap(),
+        );
+        let out = dcnv3(vi.as_tensor(), vo.as_tensor(), vm.as_tensor(), &cfg).unwrap();
+        let grads = (out * &gw).unwrap().sum_all().unwrap().backward().unwrap();
+        let gi = vec_f64(grads.get(vi.as_tensor()).unwrap());
+        let go = vec_f64(grads.get(vo.as_tensor()).unwrap());
+        let gm = vec_f64(grads.get(vm.as_tensor()).unwrap());
+        let eps = 1e-6;
+        let fd = |which: usize, k: usize| -> f64 {
+            let (mut a, mut b, mut c) = (pb.input.clone(), pb.offset.clone(), pb.mask.clone());
+            let bump = |v: &mut Vec<f64>, d: f64| v[k] += d;
+            let mut plus = (a.clone(), b.clone(), c.clone());
+            match which {
+                0 => {
+                    bump(&mut plus.0, eps);
+                    bump(&mut a, -eps)
+                }
+                1 => {
+                    bump(&mut plus.1, eps);
+                    bump(&mut b, -eps)
+                }
+                _ => {
+                    bump(&mut plus.2, eps);
+                    bump(&mut c, -eps)
+                }
+            }
+            (loss(&plus.0, &plus.1, &plus.2) - loss(&a, &b, &c)) / (2.0 * eps)
+        };
+        for (which, g) in [(0usize, &gi), (1, &go), (2, &gm)] {
+            for k in 0..g.len() {
+                // Skip offsets whose sample lies within eps of a cell edge (the bilinear
+                // interpolant is not differentiable there) by the far-offset/integer ones: the
+                // integer-rounded offsets in Problem::new are exactly such kinks.
+                if which == 1 && pb.offset[k] == pb.offset[k].round() {
+                    continue;
+                }
+                let f = fd(which, k);
+                assert!(
+                    (f - g[k]).abs() <= 1e-6 + 1e-6 * f.abs(),
+                    "cfg {cfg:?}: d/d{} [{k}]: autograd {} finite difference {f}",
+                    ["input", "offset", "mask"][which],
+                    g[k]
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn f32_gradients_match_f64() {
+    let mut rng = StdRng::seed_from_u64(17);
+    for _ in 0..30 {
+        let pb = Problem::random(&mut rng);
+        let (i, o, m) = pb.tensors(DType::F64);
+        let go = Tensor::from_vec(
+            randn(&mut rng, pb.dims.0 * pb.hout * pb.wout * pb.dims.3, 1.0),
+            (pb.dims.0, pb.hout, pb.wout, pb.dims.3),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let g64 = dcnv3_backward(&i, &o, &m, &go, &pb.cfg).unwrap();
+        let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let g32 = dcnv3_backward(&f(&i), &f(&o), &f(&m), &f(&go), &pb.cfg).unwrap();
+        // Inputs are already f32-representable? No: they are f64 draws, so f32 rounding moves the
+        // sample positions by up to |offset| * 6e-8 (offsets reach ~300 px): 1e-3 absolute slack.
+        for (a, b, name) in [
+            (&g32.0, &g64.0, "input"),
+            (&g32.1, &g64.1, "offset"),
+            (&g32.2, &g64.2, "mask"),
+        ] {
+            let (a, b) = (vec_f64(a), vec_f64(b));
+            for (k, (x, y)) in a.iter().zip(&b).enumerate() {
+                // offsets rounded to integers sit on bilinear kinks where f32 rounding may pick the
+                // other side; skip their offset gradients.
+                if name == "offset" && pb.offset[k] == pb.offset[k].round() {
+                    continue;
+                }
+                assert!(
+                    (x - y).abs() <= 1e-3 + 1e-3 * y.abs(),
+                    "{name}[{k}]: f32 {x} f64 {y} ({:?})",
+                    pb.cfg
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_input_is_an_error() {
+    let dev = Device::Cpu;
+    let cfg = Dcnv3Config::internimage(2, 4, 1.0);
+    let i = Tensor::zeros((1, 5, 6, 8), DType::F32, &dev).unwrap();
+    let o = Tensor::zeros((1, 5, 6, 36), DType::F32, &dev).unwrap();
+    let m = Tensor::zeros((1, 5, 6, 18), DType::F32, &dev).unwrap();
+    assert!(dcnv3(&i, &o, &m, &cfg).is_ok());
+    let err = |r: candle_core::Result<Tensor>| -> String {
+        match r {
+            Ok(_) => panic!("expected an error"),
+            Err(e) => e.to_string(),
+        }
+    };
+    let z = |s: &[usize], dt: DType| Tensor::zeros(s, dt, &dev).unwrap();
+    // dtype mismatch
+    let e = err(dcnv3(&i, &o.to_dtype(DType::F16).unwrap(), &m, &cfg));
+    assert!(
+        e.contains("dtype") && e.contains("F16") && e.contains("F32"),
+        "{e}"
+    );
+    let e = err(dcnv3(&i, &o, &m.to_dtype(DType::F64).unwrap(), &cfg));
+    assert!(e.contains("mask") && e.contains("F64"), "{e}");
+    // unsupported dtype
+    let e = err(dcnv3(
+        &z(&[1, 5, 6, 8], DType::U8),
+        &z(&[1, 5, 6, 36], DType::U8),
+        &z(&[1, 5, 6, 18], DType::U8),
+        &cfg,
+    ));
+    assert!(e.contains("U8"), "{e}");
+    // wrong rank
+    let e = err(dcnv3(&z(&[5, 6, 8], DType::F32), &o, &m, &cfg));
+    assert!(e.contains("rank") && e.contains("input"), "{e}");
+    let e = err(dcnv3(&i, &z(&[1, 30, 36], DType::F32), &m, &cfg));
+    assert!(e.contains("rank") && e.contains("offset"), "{e}");
+    // last dims
+    let e = err(dcnv3(&i, &z(&[1, 5, 6, 32], DType::F32), &m, &cfg));
+    assert!(
+        e.contains("offset") && e.contains("36") && e.contains("32"),
+        "{e}"
+    );
+    let e = err(dcnv3(&i, &o, &z(&[1, 5, 6, 9], DType::F32), &cfg));
+    assert!(
+        e.contains("mask") && e.contains("18") && e.contains("9"),
+        "{e}"
+    );
+    // spatial mismatch (offset for stride 1 given with a stride-2 config)
+    let s2 = Dcnv3Config {
+        stride_h: 2,
+        stride_w: 2,
+        ..cfg
+    };
+    let e = err(dcnv3(&i, &o, &m, &s2));
+    assert!(
+        e.contains("(1, 3, 3, 36)") && e.contains("(1, 5, 6, 36)"),
+        "{e}"
+    );
+    let e = err(dcnv3(&i, &z(&[1, 5, 5, 36], DType::F32), &m, &cfg));
+    assert!(
+        e.contains("(1, 5, 6, 36)") && e.contains("(1, 5, 5, 36)"),
+        "{e}"
+    );
+    // batch mismatch
+    let e = err(dcnv3(&i, &z(&[2, 5, 6, 36], DType::F32), &m, &cfg));
+    assert!(e.contains("offset"), "{e}");
+    // channels
+    let e = err(dcnv3(&z(&[1, 5, 6, 9], DType::F32), &o, &m, &cfg));
+    assert!(
+        e.contains("channels") && e.contains("8") && e.contains("9"),
+        "{e}"
+    );
+    // zero-sized dims
+    let e = err(dcnv3(
+        &z(&[0, 5, 6, 8], DType::F32),
+        &z(&[0, 5, 6, 36], DType::F32),
+        &z(&[0, 5, 6, 18], DType::F32),
+        &cfg,
+    ));
+    assert!(e.contains("zero"), "{e}");
+    // remove_center with an even or non-square kernel
+    for (kh, kw) in [(4, 4), (3, 5), (1, 1)] {
+        let c = Dcnv3Config {
+            kernel_h: kh,
+            kernel_w: kw,
+            remove_center: true,
+            ..cfg
+        };
+        let e = err(dcnv3(&i, &o, &m, &c));
+        assert!(
+            e.contains("remove_center") && e.contains(&format!("{kh}x{kw}")),
+            "{e}"
+        );
+    }
+    // zero stride / dilation / kernel / group / group_channels
+    for (name, c) in [
+        ("stride_h", Dcnv3Config { stride_h: 0, ..cfg }),
+        ("stride_w", Dcnv3Config { stride_w: 0, ..cfg }),
+        (
+            "dilation_h",
+            Dcnv3Config {
+                dilation_h: 0,
+                ..cfg
+            },
+        ),
+        (
+            "dilation_w",
+            Dcnv3Config {
+                dilation_w: 0,
+                ..cfg
+            },
+        ),
+        ("kernel_h", Dcnv3Config { kernel_h: 0, ..cfg }),
+        ("group", Dcnv3Config { group: 0, ..cfg }),
+        (
+            "group_channels",
+            Dcnv3Config {
+                group_channels: 0,
+                ..cfg
+            },
+        ),
+    ] {
+        let e = err(dcnv3(&i, &o, &m, &c));
+        assert!(e.contains(name), "{name}: {e}");
+    }
+    let e = err(dcnv3(
+        &i,
+        &o,
+        &m,
+        &Dcnv3Config {
+            offset_scale: f64::NAN,
+            ..cfg
+        },
+    ));
+    assert!(e.contains("offset_scale"), "{e}");
+    // kernel larger than the padded input
+    let big = Dcnv3Config {
+        kernel_h: 9,
+        kernel_w: 9,
+        pad_h: 0,
+        pad_w: 0,
+        ..cfg
+    };
+    let e = err(dcnv3(&i, &o, &m, &big));
+    assert!(e.contains("smaller than the dilated kernel"), "{e}");
+    // backward: grad_out shape
+    let r = dcnv3_backward(&i, &o, &m, &z(&[1, 5, 6, 7], DType::F32), &cfg);
+    assert!(r.is_err());
+    // the raw op refuses non-contiguous arguments instead of misreading them
+    let ip = i
+        .permute((0, 2, 1, 3))
+        .unwrap()
+        .contiguous()
+        .unwrap()
+        .permute((0, 2, 1, 3))
+        .unwrap();
+    let r = ip.apply_op3_no_bwd(&o, &m, &internimage::ops::dcnv3::Dcnv3Op::new(cfg));
+    assert!(r.unwrap_err().to_string().contains("contiguous"));
+}
