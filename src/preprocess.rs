@@ -31,6 +31,14 @@ use image::{DynamicImage, RgbImage};
 
 use crate::zoo::PreprocessConfig;
 
+/// The message of an error without the backtrace candle attaches when `RUST_BACKTRACE` is set.
+fn plain(e: &candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => plain(inner),
+        other => other.to_string(),
+    }
+}
+
 /// Decodes an image file (any format the enabled `image` codecs read, detected from the content,
 /// not the extension). Errors name the file; a 0-pixel image is an error.
 pub fn decode_image(path: impl AsRef<Path>) -> Result<DynamicImage> {
@@ -211,7 +219,7 @@ pub fn load_image(
     let path = path.as_ref();
     let img = decode_image(path)?;
     preprocess_image(&img, cfg, device)
-        .map_err(|e| candle_core::Error::msg(format!("image {}: {e}", path.display())))
+        .map_err(|e| candle_core::Error::msg(format!("image {}: {}", path.display(), plain(&e))))
 }
 
 /// Preprocesses decoded images into one `(N, 3, S, S)` f32 batch. Fails on an empty slice.
