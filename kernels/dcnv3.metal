@@ -1,7 +1,7 @@
 // DCNv3 Metal kernels (forward, backward, f32 -> T cast) for f32 and f16, and bf16 where the
 // compiler has __HAVE_BFLOAT__ (Apple GPUs, macOS 14+). f32 arithmetic.
 //
-// Compiled at run time by src/ops/dcnv3/metal.rs, which replaces the `#include "dcnv3_common.h"`
+// Compiled at run time by src/ops/dcnv3/metal.rs, which replaces the include of dcnv3_common.h
 // line below by that file's text (the per-element code shared with the CUDA kernels and with the
 // host build that the tests check), so the kernels here are thin wrappers mirroring dcnv3.cu:
 // same names (dcnv3_fwd_<dtype>_v<VEC>, dcnv3_bwd_<dtype>_v<VEC>, dcnv3_cast_f32_<dtype>), same

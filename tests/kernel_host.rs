@@ -1,0 +1,424 @@
+//! The GPU kernels' per-element code, compiled for the host and checked without a GPU.
+//!
+//! `kernels/dcnv3_host.cpp` includes `kernels/dcnv3_common.h` (the code that the CUDA kernels in
+//! `kernels/dcnv3.cu` and the Metal kernels in `kernels/dcnv3.metal` run) through
+//! `kernels/host_shim.h`, and emulates the GPU launches (thread by thread; the backward's warp
+//! shuffles by a 32-lane butterfly). This test builds it with the `cc` crate into a temporary
+//! directory, runs it on every case of `../shared/fixtures/dcnv3_ops.*` with every vector width
+//! and several lane counts, with parameter blocks produced by the launchers' own Rust code
+//! (`internimage::ops::dcnv3::launch`), and compares forward outputs and the backward gradients
+//! with the golden values (fixture tolerances) and with the CPU op.
+
+use candle_core::{Device, Tensor};
+use internimage::ops::dcnv3::launch::{bwd_lanes, fwd_lanes, vec_widths, Dcnv3Params};
+use internimage::ops::dcnv3::{dcnv3, dcnv3_backward};
+use internimage::Dcnv3Config;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures");
+const KERNELS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/kernels");
+
+fn scratch_dir() -> PathBuf {
+    let d = std::env::temp_dir().join(format!("internimage-kernel-host-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Compiles `kernels/<src>` (C++17, with `-I kernels` and `extra_includes`) into an executable.
+fn build_runner(
+    src: &str,
+    exe_name: &str,
+    extra_includes: &[&str],
+    extra_flags: &[&str],
+) -> PathBuf {
+    let dir = scratch_dir();
+    let exe = dir.join(exe_name);
+    let compiler = cc::Build::new()
+        .cpp(true)
+        .target(env!("INTERNIMAGE_TARGET"))
+        .host(env!("INTERNIMAGE_HOST"))
+        .opt_level(2)
+        .debug(false)
+        .cargo_metadata(false)
+        .out_dir(&dir)
+        .try_get_compiler()
+        .expect("a C++ compiler for the host build of the kernels (cc crate)");
+    let mut cmd = compiler.to_command();
+    cmd.arg("-std=c++17").arg(format!("-I{KERNELS}"));
+    for inc in extra_includes {
+        cmd.arg(format!("-I{KERNELS}/{inc}"));
+    }
+    cmd.args(extra_flags)
+        .arg("-x")
+        .arg("c++")
+        .arg(format!("{KERNELS}/{src}"))
+        .arg("-o")
+        .arg(&exe);
+    let out = cmd.output().expect("running the C++ compiler");
+    assert!(
+        out.status.success(),
+        "compiling kernels/{src} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    exe
+}
+
+/// The host build of `dcnv3_common.h` (what the CUDA kernels run), built once per process.
+fn runner() -> &'static Path {
+    static EXE: OnceLock<PathBuf> = OnceLock::new();
+    EXE.get_or_init(|| build_runner("dcnv3_host.cpp", "dcnv3_host", &[], &["-Wall"]))
+}
+
+/// `kernels/dcnv3.metal` itself compiled as C++ (through the stand-in `host_metal/metal_stdlib`):
+/// the Metal kernels' entry points run on the host (f32; backward with lanes == 1).
+fn metal_runner() -> &'static Path {
+    static EXE: OnceLock<PathBuf> = OnceLock::new();
+    EXE.get_or_init(|| {
+        build_runner(
+            "dcnv3_metal_host.cpp",
+            "dcnv3_metal_host",
+            &["host_metal"],
+            &["-w"],
+        )
+    })
+}
+
+struct Case {
+    name: String,
+    cfg: Dcnv3Config,
+    input: Tensor,
+    offset: Tensor,
+    mask: Tensor,
+    grad_weight: Option<Tensor>,
+    expected: HashMap<String, Tensor>,
+}
+
+struct Fixtures {
+    cases: Vec<Case>,
+    tol_out: (f32, f32),
+    tol_grad: (f32, f32),
+}
+
+fn tol(v: &Value) -> (f32, f32) {
+    (
+        v["atol"].as_f64().unwrap() as f32,
+        v["rtol"].as_f64().unwrap() as f32,
+    )
+}
+
+fn fixtures() -> Fixtures {
+    let json: Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{FIXTURES}/dcnv3_ops.json")).unwrap(),
+    )
+    .unwrap();
+    let tensors =
+        candle_core::safetensors::load(format!("{FIXTURES}/dcnv3_ops.safetensors"), &Device::Cpu)
+            .unwrap();
+    let get = |k: &str| -> Tensor {
+        tensors
+            .get(k)
+            .unwrap_or_else(|| panic!("fixture tensor {k} missing"))
+            .clone()
+    };
+    let u = |c: &Value, k: &str| c[k].as_u64().unwrap() as usize;
+    let mut cases = Vec::new();
+    for c in json["cases"].as_array().unwrap() {
+        let cfg = Dcnv3Config {
+            kernel_h: u(c, "kernel_h"),
+            kernel_w: u(c, "kernel_w"),
+            stride_h: u(c, "stride_h"),
+            stride_w: u(c, "stride_w"),
+            pad_h: u(c, "pad_h"),
+            pad_w: u(c, "pad_w"),
+            dilation_h: u(c, "dilation_h"),
+            dilation_w: u(c, "dilation_w"),
+            group: u(c, "group"),
+            group_channels: u(c, "group_channels"),
+            offset_scale: c["offset_scale"].as_f64().unwrap(),
+            remove_center: u(c, "remove_center") != 0,
+        };
+        let t = &c["tensors"];
+        let mut expected = HashMap::new();
+        for (k, v) in c["expected"].as_object().unwrap() {
+            expected.insert(k.clone(), get(v.as_str().unwrap()));
+        }
+        cases.push(Case {
+            name: c["name"].as_str().unwrap().to_string(),
+            cfg,
+            input: get(t["input"].as_str().unwrap()),
+            offset: get(t["offset"].as_str().unwrap()),
+            mask: get(t["mask"].as_str().unwrap()),
+            grad_weight: t.get("grad_weight").map(|v| get(v.as_str().unwrap())),
+            expected,
+        });
+    }
+    Fixtures {
+        cases,
+        tol_out: tol(&json["tolerances"]["out"]),
+        tol_grad: tol(&json["tolerances"]["grads"]),
+    }
+}
+
+fn f32s(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}
+
+fn write_f32(path: &Path, v: &[f32]) {
+    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    std::fs::write(path, bytes).unwrap();
+}
+
+fn read_f32(path: &Path) -> Vec<f32> {
+    let b = std::fs::read(path).unwrap();
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// Elementwise |got - want| <= atol + rtol*|want| (NaN fails); a message for the first failure.
+fn check(what: &str, got: &[f32], want: &[f32], (atol, rtol): (f32, f32)) -> Result<(), String> {
+    if got.len() != want.len() {
+        return Err(format!(
+            "{what}: {} elements, expected {}",
+            got.len(),
+            want.len()
+        ));
+    }
+    let mut worst = 0f32;
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let d = (g - w).abs();
+        if !(d <= atol + rtol * w.abs()) {
+            return Err(format!(
+                "{what}: element {i}: got {g}, expected {w} (|diff| {d} > {atol} + {rtol}*|ref|)"
+            ));
+        }
+        worst = worst.max(d);
+    }
+    let _ = worst;
+    Ok(())
+}
+
+/// Runs the host build: writes the tensors and the parameter block, returns the outputs.
+fn run_host(
+    exe: &Path,
+    case: &Case,
+    mode: &str,
+    vec: usize,
+    lanes: usize,
+    grad_out: Option<&[f32]>,
+) -> HashMap<&'static str, Vec<f32>> {
+    let g = case
+        .cfg
+        .geometry(case.input.shape(), case.offset.shape(), case.mask.shape())
+        .unwrap();
+    let params = Dcnv3Params::new(&case.cfg, &g, lanes).unwrap();
+    let tag = exe.file_name().unwrap().to_string_lossy().to_string();
+    let dir = scratch_dir().join(format!("{tag}-{}-{mode}-v{vec}-l{lanes}", case.name));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("params.bin"), params.to_le_bytes()).unwrap();
+    write_f32(&dir.join("input.bin"), &f32s(&case.input));
+    write_f32(&dir.join("offset.bin"), &f32s(&case.offset));
+    write_f32(&dir.join("mask.bin"), &f32s(&case.mask));
+    if let Some(go) = grad_out {
+        write_f32(&dir.join("grad_out.bin"), go);
+    }
+    let out = Command::new(exe)
+        .arg(mode)
+        .arg(&dir)
+        .arg(vec.to_string())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "host kernel {mode} failed for {} (vec {vec}, lanes {lanes}): {}",
+        case.name,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let names: &[&'static str] = if mode == "fwd" {
+        &["out"]
+    } else {
+        &["grad_input", "grad_offset", "grad_mask"]
+    };
+    let res = names
+        .iter()
+        .map(|&n| (n, read_f32(&dir.join(format!("{n}.bin")))))
+        .collect();
+    let _ = std::fs::remove_dir_all(&dir);
+    res
+}
+
+/// (vec, lanes) launch shapes to try: what the launchers pick plus smaller lane counts, so that
+/// the channel-chunk loop (a thread handling several chunks) is exercised as well.
+fn fwd_shapes(cg: usize) -> Vec<(usize, usize)> {
+    let mut v = Vec::new();
+    for &vec in vec_widths(2) {
+        if cg % vec == 0 {
+            let l = fwd_lanes(cg, vec);
+            for lanes in [l, 1, 3] {
+                if lanes <= l && !v.contains(&(vec, lanes)) {
+                    v.push((vec, lanes));
+                }
+            }
+        }
+    }
+    v
+}
+
+fn bwd_shapes(cg: usize) -> Vec<(usize, usize)> {
+    let mut v = Vec::new();
+    for &vec in vec_widths(2) {
+        if cg % vec == 0 {
+            let l = bwd_lanes(cg, vec, 32);
+            for lanes in [l, 1, 2] {
+                if lanes <= l && !v.contains(&(vec, lanes)) {
+                    v.push((vec, lanes));
+                }
+            }
+        }
+    }
+    v
+}
+
+#[test]
+fn host_kernel_forward_matches_fixtures_and_cpu_op() {
+    let fx = fixtures();
+    assert!(fx.cases.len() >= 20, "expected the 21 fixture cases");
+    let mut failures = Vec::new();
+    let mut runs = 0;
+    for case in &fx.cases {
+        let want = f32s(&case.expected["out"]);
+        let cpu = f32s(&dcnv3(&case.input, &case.offset, &case.mask, &case.cfg).unwrap());
+        for (vec, lanes) in fwd_shapes(case.cfg.group_channels) {
+            let got = run_host(runner(), case, "fwd", vec, lanes, None);
+            runs += 1;
+            let tag = format!("{} fwd vec {vec} lanes {lanes}", case.name);
+            for (what, reference) in [("golden", &want), ("cpu op", &cpu)] {
+                if let Err(e) = check(
+                    &format!("{tag} vs {what}"),
+                    &got["out"],
+                    reference,
+                    fx.tol_out,
+                ) {
+                    failures.push(e);
+                }
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    assert!(runs >= 40, "only {runs} runs");
+}
+
+#[test]
+fn host_kernel_backward_matches_fixtures_and_cpu_op() {
+    let fx = fixtures();
+    let mut failures = Vec::new();
+    let mut cases = 0;
+    for case in &fx.cases {
+        let Some(gw) = &case.grad_weight else {
+            continue;
+        };
+        cases += 1;
+        let go = f32s(gw);
+        let (ci, co, cm) =
+            dcnv3_backward(&case.input, &case.offset, &case.mask, gw, &case.cfg).unwrap();
+        let cpu = [f32s(&ci), f32s(&co), f32s(&cm)];
+        for (vec, lanes) in bwd_shapes(case.cfg.group_channels) {
+            let got = run_host(runner(), case, "bwd", vec, lanes, Some(&go));
+            let tag = format!("{} bwd vec {vec} lanes {lanes}", case.name);
+            for (k, name) in ["grad_input", "grad_offset", "grad_mask"]
+                .iter()
+                .enumerate()
+            {
+                let want = f32s(&case.expected[*name]);
+                if let Err(e) = check(
+                    &format!("{tag} {name} vs golden"),
+                    &got[name],
+                    &want,
+                    fx.tol_grad,
+                ) {
+                    failures.push(e);
+                }
+                if let Err(e) = check(
+                    &format!("{tag} {name} vs cpu op"),
+                    &got[name],
+                    &cpu[k],
+                    fx.tol_grad,
+                ) {
+                    failures.push(e);
+                }
+            }
+        }
+    }
+    assert_eq!(cases, 9, "the fixtures hold 9 gradient cases");
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+/// The Metal kernels (`kernels/dcnv3.metal`, compiled as C++ on the host) against the goldens:
+/// forward with the f32 vector widths and the launcher's lanes, backward with lanes == 1.
+#[test]
+fn host_metal_kernels_match_fixtures() {
+    let fx = fixtures();
+    let metal = std::fs::read_to_string(format!("{KERNELS}/dcnv3.metal")).unwrap();
+    assert_eq!(
+        metal.matches("#include \"dcnv3_common.h\"").count(),
+        1,
+        "src/ops/dcnv3/metal.rs pastes the shared header over exactly one #include line"
+    );
+    let mut failures = Vec::new();
+    for case in &fx.cases {
+        let cg = case.cfg.group_channels;
+        for &vec in vec_widths(4) {
+            if cg % vec != 0 {
+                continue;
+            }
+            let got = run_host(metal_runner(), case, "fwd", vec, fwd_lanes(cg, vec), None);
+            if let Err(e) = check(
+                &format!("{} metal fwd vec {vec}", case.name),
+                &got["out"],
+                &f32s(&case.expected["out"]),
+                fx.tol_out,
+            ) {
+                failures.push(e);
+            }
+            if let Some(gw) = &case.grad_weight {
+                let got = run_host(metal_runner(), case, "bwd", vec, 1, Some(&f32s(gw)));
+                for name in ["grad_input", "grad_offset", "grad_mask"] {
+                    if let Err(e) = check(
+                        &format!("{} metal bwd vec {vec} {name}", case.name),
+                        &got[name],
+                        &f32s(&case.expected[name]),
+                        fx.tol_grad,
+                    ) {
+                        failures.push(e);
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
