@@ -393,7 +393,7 @@ fn download_load_logits_then_offline_makes_no_request() {
     let before = server.requests().len();
     let offline = opts.clone().with_offline(true);
     let files = hub::download_repo(&repo, &offline).unwrap();
-    assert_eq!(files.weights, [snap.clone()]);
+    assert_eq!(files.weights, std::slice::from_ref(&snap));
     assert_eq!(
         files.config.as_deref(),
         Some(snapshot_file(&cache, repo_id, "config.json").as_path())

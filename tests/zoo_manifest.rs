@@ -177,7 +177,16 @@ fn param_count(a: &Arch, n: u64) -> u64 {
 }
 
 /// Spec §1.2 / §4: name, variant, classes, resolution, `.pth` file, top-1, README params.
-const RELEASES: [(&str, Variant, usize, u32, &str, Option<f32>, &str); 11] = [
+type Release = (
+    &'static str,
+    Variant,
+    usize,
+    u32,
+    &'static str,
+    Option<f32>,
+    &'static str,
+);
+const RELEASES: [Release; 11] = [
     (
         "internimage_t_1k_224",
         Variant::T,
