@@ -160,3 +160,37 @@ fn backbone_matches_classifier() {
     }
     assert!(bb.forward(&inputs()["rand"]).is_err());
 }
+
+/// `dcn_sampling` returns exactly the arguments of the block's DCNv3 core call.
+#[test]
+fn dcn_sampling_matches_core_arguments() {
+    let manifest = manifest();
+    for net in ["tiny_b", "tiny_h"] {
+        let cfg = config(net);
+        let path = fixtures().join(format!("weights/{net}.safetensors"));
+        let model = InternImage::from_checkpoint(&cfg, &path, DType::F32, &Device::Cpu).unwrap();
+        let expected = candle_core::safetensors::load(
+            fixtures().join(format!("expected/{net}.safetensors")),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let s = model.dcn_sampling(&inputs()["photo"], 0, 0).unwrap();
+        assert_eq!(s.cfg.group, cfg.groups[0]);
+        assert_eq!(s.cfg.offset_scale, cfg.offset_scale);
+        for (name, t) in [("offset", &s.offset), ("mask", &s.mask)] {
+            let key = format!("dbg.photo.l0b0.core.{name}");
+            let meta = &manifest["models"][net]["tensors"][key.as_str()];
+            let (worst, _) = compare(
+                t,
+                &expected[&key],
+                meta["atol"].as_f64().unwrap(),
+                meta["rtol"].as_f64().unwrap(),
+            );
+            assert!(worst <= 0.0, "{net} {name}");
+        }
+        // A later block works too (shapes only).
+        let s = model.dcn_sampling(&inputs()["photo"], 2, 2).unwrap();
+        assert_eq!(s.mask.dims(), &[1, 14, 14, cfg.groups[2] * 9]);
+        assert_eq!(s.offset.dims(), &[1, 14, 14, cfg.groups[2] * 18]);
+    }
+}

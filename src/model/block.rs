@@ -2,10 +2,10 @@
 
 use crate::model::config::Config;
 use crate::model::dcnv3_layer::{Dcnv3Layer, Dcnv3LayerConfig};
-use crate::model::nn::{layer_norm, Recorder};
+use crate::model::nn::{layer_norm, linear, Conv2d, Linear, Recorder};
 use crate::ops::gelu_erf;
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, LayerNorm, Linear, VarBuilder};
+use candle_nn::{LayerNorm, VarBuilder};
 
 /// fc1 -> GELU -> fc2 on channels-last tensors.
 #[derive(Debug, Clone)]
@@ -17,8 +17,8 @@ pub(crate) struct Mlp {
 impl Mlp {
     pub(crate) fn new(c: usize, hidden: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            fc1: candle_nn::linear(c, hidden, vb.pp("fc1"))?,
-            fc2: candle_nn::linear(hidden, c, vb.pp("fc2"))?,
+            fc1: linear(c, hidden, vb.pp("fc1"))?,
+            fc2: linear(hidden, c, vb.pp("fc2"))?,
         })
     }
 }
@@ -32,6 +32,7 @@ impl Module for Mlp {
 
 /// The residual arrangement of a block (spec §2.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(clippy::enum_variant_names)]
 enum Residual {
     /// `x + s * norm(f(x))`
     PostNorm,
@@ -159,13 +160,8 @@ pub(crate) struct Downsample {
 
 impl Downsample {
     pub(crate) fn new(c: usize, vb: VarBuilder) -> Result<Self> {
-        let conv_cfg = Conv2dConfig {
-            padding: 1,
-            stride: 2,
-            ..Default::default()
-        };
         Ok(Self {
-            conv: candle_nn::conv2d_no_bias(c, 2 * c, 3, conv_cfg, vb.pp("conv"))?,
+            conv: Conv2d::load_s2(c, 2 * c, false, vb.pp("conv"))?,
             norm: layer_norm(2 * c, vb.pp("norm.1"))?,
         })
     }

@@ -229,13 +229,17 @@ impl Config {
         for i in 0..4 {
             let c = self.stage_channels(i);
             let g = self.groups[i];
-            if g == 0 || c % g != 0 {
+            if g == 0 || !c.is_multiple_of(g) {
                 bail!(
                     "InternImage config: stage {i} has {c} channels, not divisible into groups[{i}] = {g} DCNv3 groups"
                 );
             }
         }
-        if !(self.mlp_ratio > 0.0) || !self.mlp_ratio.is_finite() || self.mlp_hidden(0) == 0 {
+        if self.mlp_ratio.is_nan()
+            || self.mlp_ratio <= 0.0
+            || !self.mlp_ratio.is_finite()
+            || self.mlp_hidden(0) == 0
+        {
             bail!(
                 "InternImage config: mlp_ratio must be a positive number, got {}",
                 self.mlp_ratio
@@ -253,7 +257,7 @@ impl Config {
             }
         }
         let k = self.dw_kernel();
-        if k == 0 || k % 2 == 0 {
+        if k.is_multiple_of(2) {
             bail!("InternImage config: dw_kernel_size must be odd, got {k}");
         }
         if self.level2_post_norm {
@@ -273,7 +277,7 @@ impl Config {
         }
         if !self.use_clip_projector
             && self.num_classes > 0
-            && !(self.cls_scale > 0.0 && self.pooled_dim() > 0)
+            && (self.cls_scale.is_nan() || self.cls_scale <= 0.0 || self.pooled_dim() == 0)
         {
             bail!(
                 "InternImage config: cls_scale must be positive, got {}",

@@ -1,9 +1,9 @@
 //! The DCNv3 module of InternImage as a reusable layer (channels-last).
 
-use crate::model::nn::{layer_norm, Recorder};
+use crate::model::nn::{layer_norm, linear, Linear, Recorder};
 use crate::ops::{dcnv3, depthwise_conv2d_nhwc, gelu_erf, Dcnv3Config};
 use candle_core::{bail, Module, Result, Tensor, D};
-use candle_nn::{LayerNorm, Linear, VarBuilder};
+use candle_nn::{LayerNorm, VarBuilder};
 
 /// Hyper-parameters of a [`Dcnv3Layer`].
 #[derive(Debug, Clone, PartialEq)]
@@ -86,16 +86,16 @@ impl Dcnv3Layer {
     pub fn new(cfg: &Dcnv3LayerConfig, vb: VarBuilder) -> Result<Self> {
         let c = cfg.channels;
         let g = cfg.groups;
-        if c == 0 || g == 0 || c % g != 0 {
+        if c == 0 || g == 0 || !c.is_multiple_of(g) {
             bail!("Dcnv3Layer: {c} channels cannot be split into {g} groups");
         }
-        if cfg.kernel_size == 0 || cfg.kernel_size % 2 == 0 {
+        if cfg.kernel_size.is_multiple_of(2) {
             bail!(
                 "Dcnv3Layer: kernel_size must be odd, got {}",
                 cfg.kernel_size
             );
         }
-        if cfg.dw_kernel_size == 0 || cfg.dw_kernel_size % 2 == 0 {
+        if cfg.dw_kernel_size.is_multiple_of(2) {
             bail!(
                 "Dcnv3Layer: dw_kernel_size must be odd, got {}",
                 cfg.dw_kernel_size
@@ -106,13 +106,13 @@ impl Dcnv3Layer {
         }
         let p = cfg.points();
         let k = cfg.dw_kernel_size;
-        let input_proj = candle_nn::linear(c, c, vb.pp("input_proj"))?;
+        let input_proj = linear(c, c, vb.pp("input_proj"))?;
         let dw_weight = vb.get((c, 1, k, k), "dw_conv.0.weight")?;
         let dw_bias = vb.get(c, "dw_conv.0.bias")?;
         let dw_norm = layer_norm(c, vb.pp("dw_conv.1.1"))?;
-        let offset = candle_nn::linear(c, g * p * 2, vb.pp("offset"))?;
-        let mask = candle_nn::linear(c, g * p, vb.pp("mask"))?;
-        let output_proj = candle_nn::linear(c, c, vb.pp("output_proj"))?;
+        let offset = linear(c, g * p * 2, vb.pp("offset"))?;
+        let mask = linear(c, g * p, vb.pp("mask"))?;
+        let output_proj = linear(c, c, vb.pp("output_proj"))?;
         let center_feature_scale = if cfg.center_feature_scale {
             let w = vb.get((g, c), "center_feature_scale_proj_weight")?;
             let b = vb.get(g, "center_feature_scale_proj_bias")?;

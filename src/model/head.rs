@@ -1,9 +1,9 @@
 //! Classification heads: the conv head of T/S/B/L/XL and the CLIP-projector head of H/G.
 
-use crate::model::nn::{layer_norm, Recorder};
+use crate::model::nn::{layer_norm, linear, matmul, Linear, Recorder};
 use crate::ops::gelu_erf;
 use candle_core::{bail, DType, Module, Result, Tensor};
-use candle_nn::{LayerNorm, Linear, VarBuilder};
+use candle_nn::{LayerNorm, VarBuilder};
 
 /// Token width of the H/G attention-pooling head.
 pub const CLIP_DIM: usize = 1024;
@@ -100,7 +100,7 @@ impl ClipHead {
             q: qkv("q")?,
             k: qkv("k")?,
             v: qkv("v")?,
-            proj: candle_nn::linear(CLIP_DIM, CLIP_EMBED_DIM, attn.pp("proj"))?,
+            proj: linear(CLIP_DIM, CLIP_EMBED_DIM, attn.pp("proj"))?,
         })
     }
 
@@ -139,9 +139,9 @@ impl ClipHead {
             .reshape((n, l, CLIP_HEADS, hd))?
             .transpose(1, 2)?
             .contiguous()?;
-        let attn = q.matmul(&k.transpose(2, 3)?)?.contiguous()?; // (N, heads, 1, L)
+        let attn = matmul(&q, &k.transpose(2, 3)?)?.contiguous()?; // (N, heads, 1, L)
         let attn = candle_nn::ops::softmax_last_dim(&attn)?;
-        let out = attn.matmul(&v)?; // (N, heads, 1, hd)
+        let out = matmul(&attn, &v)?; // (N, heads, 1, hd)
         let out = out.transpose(1, 2)?.reshape((n, CLIP_DIM))?;
         let out = self.proj.forward(&out)?;
         rec.put("clip_projector", &out);

@@ -19,9 +19,9 @@ pub use nn::LN_EPS;
 
 use block::Level;
 use candle_core::{bail, DType, Device, Module, Result, Tensor};
-use candle_nn::{LayerNorm, Linear, VarBuilder};
+use candle_nn::{LayerNorm, VarBuilder};
 use head::{ClipHead, ConvHead};
-use nn::{layer_norm, Recorder};
+use nn::{layer_norm, linear, Linear, Recorder};
 use std::path::{Path, PathBuf};
 use stem::Stem;
 
@@ -31,7 +31,7 @@ enum Head {
     Conv { conv_head: ConvHead, fc: Linear },
     /// H/G: CLIP projector, fc_norm, Linear.
     Clip {
-        clip: ClipHead,
+        clip: Box<ClipHead>,
         fc_norm: LayerNorm,
         fc: Linear,
     },
@@ -104,10 +104,14 @@ impl InternImage {
             .collect::<Result<Vec<_>>>()?;
         let head = if with_head {
             let pooled = cfg.pooled_dim();
-            let fc = candle_nn::linear(pooled, cfg.num_classes, vb.pp("head"))?;
+            let fc = linear(pooled, cfg.num_classes, vb.pp("head"))?;
             Some(if cfg.use_clip_projector {
                 Head::Clip {
-                    clip: ClipHead::new(cfg.stage_channels(2), cfg.stage_channels(3), vb.clone())?,
+                    clip: Box::new(ClipHead::new(
+                        cfg.stage_channels(2),
+                        cfg.stage_channels(3),
+                        vb.clone(),
+                    )?),
                     fc_norm: layer_norm(pooled, vb.pp("fc_norm.0"))?,
                     fc,
                 }

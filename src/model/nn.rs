@@ -1,6 +1,6 @@
 //! Small shared helpers: LayerNorm loading and the debug-activation recorder.
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{LayerNorm, VarBuilder};
 
 /// LayerNorm epsilon used everywhere in InternImage.
@@ -48,5 +48,102 @@ impl Recorder {
 
     pub(crate) fn into_items(self) -> Vec<(String, Tensor)> {
         self.items.unwrap_or_default()
+    }
+}
+
+/// Candle's CPU matmul has no bf16 kernel: on the CPU, bf16 products are computed in f32.
+fn f32_compute(t: &Tensor) -> bool {
+    t.dtype() == DType::BF16 && t.device().is_cpu()
+}
+
+/// `a.matmul(b)`, through f32 for bf16 on the CPU.
+pub(crate) fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if f32_compute(a) {
+        a.to_dtype(DType::F32)?
+            .matmul(&b.to_dtype(DType::F32)?)?
+            .to_dtype(DType::BF16)
+    } else {
+        a.matmul(b)
+    }
+}
+
+/// A Linear layer (weight (out, in), optional bias) that also runs bf16 on the CPU.
+#[derive(Debug, Clone)]
+pub(crate) struct Linear {
+    inner: candle_nn::Linear,
+}
+
+impl Linear {
+    pub(crate) fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self {
+            inner: candle_nn::Linear::new(weight, bias),
+        }
+    }
+}
+
+/// Loads `weight` (out, in) and `bias` (out).
+pub(crate) fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    let weight = vb.get((out_dim, in_dim), "weight")?;
+    let bias = vb.get(out_dim, "bias")?;
+    Ok(Linear::new(weight, Some(bias)))
+}
+
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if f32_compute(xs) {
+            let w = self.inner.weight().to_dtype(DType::F32)?;
+            let b = match self.inner.bias() {
+                Some(b) => Some(b.to_dtype(DType::F32)?),
+                None => None,
+            };
+            candle_nn::Linear::new(w, b)
+                .forward(&xs.to_dtype(DType::F32)?)?
+                .to_dtype(DType::BF16)
+        } else {
+            self.inner.forward(xs)
+        }
+    }
+}
+
+/// A 2-D convolution (NCHW) that also runs bf16 on the CPU.
+#[derive(Debug, Clone)]
+pub(crate) struct Conv2d {
+    inner: candle_nn::Conv2d,
+}
+
+impl Conv2d {
+    /// Loads `weight` (out, in, k, k) and, when `bias`, `bias` (out); stride 2, padding 1.
+    pub(crate) fn load_s2(c_in: usize, c_out: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
+        let cfg = candle_nn::Conv2dConfig {
+            padding: 1,
+            stride: 2,
+            ..Default::default()
+        };
+        let weight = vb.get((c_out, c_in, 3, 3), "weight")?;
+        let bias = if bias {
+            Some(vb.get(c_out, "bias")?)
+        } else {
+            None
+        };
+        Ok(Self {
+            inner: candle_nn::Conv2d::new(weight, bias, cfg),
+        })
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if f32_compute(xs) {
+            let w = self.inner.weight().to_dtype(DType::F32)?;
+            let b = match self.inner.bias() {
+                Some(b) => Some(b.to_dtype(DType::F32)?),
+                None => None,
+            };
+            candle_nn::Conv2d::new(w, b, *self.inner.config())
+                .forward(&xs.to_dtype(DType::F32)?)?
+                .to_dtype(DType::BF16)
+        } else {
+            self.inner.forward(xs)
+        }
     }
 }

@@ -1,9 +1,9 @@
 //! The stem (`patch_embed`): two stride-2 3x3 convolutions with LayerNorm and GELU.
 
-use crate::model::nn::layer_norm;
+use crate::model::nn::{layer_norm, Conv2d};
 use crate::ops::gelu_erf;
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, LayerNorm, VarBuilder};
+use candle_nn::{LayerNorm, VarBuilder};
 
 /// conv1 -> LN -> GELU -> conv2 -> LN; NCHW image in, NHWC features (stride 4) out.
 #[derive(Debug, Clone)]
@@ -16,15 +16,10 @@ pub(crate) struct Stem {
 
 impl Stem {
     pub(crate) fn new(in_chans: usize, c: usize, vb: VarBuilder) -> Result<Self> {
-        let conv_cfg = Conv2dConfig {
-            padding: 1,
-            stride: 2,
-            ..Default::default()
-        };
         Ok(Self {
-            conv1: candle_nn::conv2d(in_chans, c / 2, 3, conv_cfg, vb.pp("conv1"))?,
+            conv1: Conv2d::load_s2(in_chans, c / 2, true, vb.pp("conv1"))?,
             norm1: layer_norm(c / 2, vb.pp("norm1.1"))?,
-            conv2: candle_nn::conv2d(c / 2, c, 3, conv_cfg, vb.pp("conv2"))?,
+            conv2: Conv2d::load_s2(c / 2, c, true, vb.pp("conv2"))?,
             norm2: layer_norm(c, vb.pp("norm2.1"))?,
         })
     }

@@ -1,0 +1,126 @@
+//! f16 and bf16 forward of tiny_b (and tiny_h) against the f32 official goldens.
+//!
+//! Tolerances are stated at `TOLS`; the top-1 class must agree with the f32 goldens.
+
+use candle_core::{DType, Device, Module, Tensor};
+use internimage::{Config, InternImage};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures"))
+}
+
+fn config(net: &str) -> Config {
+    let text = std::fs::read_to_string(fixtures().join(format!("weights/{net}.json"))).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    Config::from_json_str(&v["hf_config"].to_string()).unwrap()
+}
+
+fn load(path: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixtures().join(path), &Device::Cpu).unwrap()
+}
+
+fn max_violation(ours: &Tensor, reference: &Tensor, atol: f64, rtol: f64) -> (f64, f64) {
+    assert_eq!(ours.dims(), reference.dims());
+    let a = ours
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    let b = reference
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    let mut worst = f64::NEG_INFINITY;
+    let mut max_abs = 0f64;
+    for (x, y) in a.iter().zip(b.iter()) {
+        let d = (x - y).abs();
+        assert!(d.is_finite());
+        max_abs = max_abs.max(d);
+        worst = worst.max(d - (atol + rtol * y.abs()));
+    }
+    (worst, max_abs)
+}
+
+fn argmax_rows(t: &Tensor) -> Vec<u32> {
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .argmax(1)
+        .unwrap()
+        .to_vec1::<u32>()
+        .unwrap()
+}
+
+/// Stated tolerances, (dtype, logits atol, stage atol, rtol); PASS iff every element satisfies
+/// |ours - ref| <= atol + rtol*|ref|. Measured maxima (tiny_b / tiny_h, CPU):
+/// f16 logits 3.7e-4 / 6.2e-3, stages 4.2e-2 / 2.1e-2; bf16 logits 2.4e-3 / 5.9e-2,
+/// stages 2.1e-1 / 1.4e-1 (stage values reach +-4.4; f16 spacing there is 2e-3, bf16 3e-2).
+const TOLS: [(DType, f64, f64, f64); 2] = [
+    (DType::F16, 1e-2, 5e-2, 1e-2),
+    (DType::BF16, 1e-1, 3e-1, 5e-2),
+];
+
+fn run(net: &str) {
+    let cfg = config(net);
+    let inputs = load("inputs.safetensors");
+    let expected = load(&format!("expected/{net}.safetensors"));
+    for (dtype, atol_logits, atol_stage, rtol) in TOLS {
+        let model = InternImage::from_checkpoint(
+            &cfg,
+            fixtures().join(format!("weights/{net}.safetensors")),
+            dtype,
+            &Device::Cpu,
+        )
+        .unwrap();
+        assert_eq!(model.dtype(), dtype);
+        let mut report = Vec::new();
+        for input in ["photo", "rand"] {
+            let x = inputs[input].to_dtype(dtype).unwrap();
+            let logits = model.forward(&x).unwrap();
+            assert_eq!(logits.dtype(), dtype);
+            let reference = &expected[&format!("logits.{input}")];
+            let (worst, max_abs) = max_violation(&logits, reference, atol_logits, rtol);
+            report.push(format!(
+                "{dtype:?} logits.{input}: max |diff| {max_abs:.2e}"
+            ));
+            assert!(
+                worst <= 0.0,
+                "{net} {dtype:?} logits.{input}: max |diff| {max_abs:.3e}"
+            );
+            assert_eq!(
+                argmax_rows(&logits),
+                argmax_rows(reference),
+                "{net} {dtype:?} top-1 on {input}"
+            );
+        }
+        let feats = model
+            .forward_features(&inputs["rand"].to_dtype(dtype).unwrap())
+            .unwrap();
+        for (i, f) in feats.iter().enumerate() {
+            let reference = &expected[&format!("stage{i}.rand")];
+            let (worst, max_abs) = max_violation(f, reference, atol_stage, rtol);
+            report.push(format!("{dtype:?} stage{i}.rand: max |diff| {max_abs:.2e}"));
+            assert!(
+                worst <= 0.0,
+                "{net} {dtype:?} stage{i}: max |diff| {max_abs:.3e}"
+            );
+        }
+        println!("{net}: {}", report.join("; "));
+    }
+}
+
+#[test]
+fn tiny_b_f16_bf16() {
+    run("tiny_b");
+}
+
+#[test]
+fn tiny_h_f16_bf16() {
+    run("tiny_h");
+}
