@@ -1,8 +1,346 @@
-//! Activations.
+//! Activations: a vectorised, multi-threaded exact (erf) GELU for the CPU.
+//!
+//! `erf` is evaluated as `x * P(x^2) / Q(x^2)` on `|x| <= 3.92` (beyond that `erf(x)` rounds to
+//! +-1 in f32), with a (6, 5) rational approximation fitted to a relative error of 1.8e-9 in exact
+//! arithmetic, i.e. well below f32 rounding; the f32 evaluation stays within a few 1e-8. The loop
+//! is branch-free (clamp, FMAs, one division), so it auto-vectorises; on x86-64 an AVX2+FMA copy
+//! is chosen at run time. On CUDA/Metal the functions call candle's own `gelu_erf` kernels.
 
-use candle_core::{Result, Tensor};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, DType, InplaceOp2, Layout, Result, Shape, Tensor};
+use half::{bf16, f16, slice::HalfFloatSliceExt};
+use rayon::prelude::*;
 
-/// Exact (erf) GELU, as PyTorch's `nn.GELU()`.
+use super::simd::{dispatch_fma, fmadd};
+
+/// Beyond this `|x|`, `erf(x)` is +-1 to f32 precision.
+const ERF_CLAMP: f32 = 3.92;
+/// Numerator `P(s)`, `s = x^2`, lowest degree first.
+const ERF_P: [f64; 7] = [
+    1.128_379_169_147_341_5,
+    0.185_135_190_981_322_48,
+    0.054_244_080_270_526_92,
+    0.003_838_632_692_206_26,
+    0.000_376_763_640_329_641_36,
+    4.609_361_346_816_151_7e-6,
+    -1.280_045_062_432_273_2e-8,
+];
+/// Denominator `Q(s)`, `s = x^2`, lowest degree first.
+const ERF_Q: [f64; 6] = [
+    1.0,
+    0.497_405_197_406_58,
+    0.113_873_816_968_579_96,
+    0.015_430_084_609_013_61,
+    0.001_301_533_223_725_225_7,
+    6.240_038_261_119_171e-5,
+];
+
+/// Elements per rayon task; smaller tensors run on the calling thread.
+const PAR_CHUNK: usize = 16 * 1024;
+/// Staging buffer for f16/bf16 conversions.
+const HALF_BUF: usize = 512;
+
+/// `erf(x)` for f32, accurate to about 1e-7 (absolute and relative).
+///
+/// The rational function is evaluated in f64: in f32 the Horner roundings alone reach 6 ulp.
+#[inline(always)]
+fn erf_f32<const FMA: bool>(x: f32) -> f32 {
+    let x = x.clamp(-ERF_CLAMP, ERF_CLAMP) as f64;
+    let s = x * x;
+    let mut p = ERF_P[6];
+    p = fmadd64::<FMA>(p, s, ERF_P[5]);
+    p = fmadd64::<FMA>(p, s, ERF_P[4]);
+    p = fmadd64::<FMA>(p, s, ERF_P[3]);
+    p = fmadd64::<FMA>(p, s, ERF_P[2]);
+    p = fmadd64::<FMA>(p, s, ERF_P[1]);
+    p = fmadd64::<FMA>(p, s, ERF_P[0]);
+    let mut q = ERF_Q[5];
+    q = fmadd64::<FMA>(q, s, ERF_Q[4]);
+    q = fmadd64::<FMA>(q, s, ERF_Q[3]);
+    q = fmadd64::<FMA>(q, s, ERF_Q[2]);
+    q = fmadd64::<FMA>(q, s, ERF_Q[1]);
+    q = fmadd64::<FMA>(q, s, ERF_Q[0]);
+    (x * p / q) as f32
+}
+
+#[inline(always)]
+fn fmadd64<const FMA: bool>(a: f64, b: f64, c: f64) -> f64 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+#[inline(always)]
+fn gelu_f32<const FMA: bool>(v: f32) -> f32 {
+    let h = 0.5 * v;
+    fmadd::<FMA>(h, erf_f32::<FMA>(v * std::f32::consts::FRAC_1_SQRT_2), h)
+}
+
+#[inline(always)]
+fn gelu_into_generic<const FMA: bool>(src: &[f32], dst: &mut [f32]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = gelu_f32::<FMA>(s);
+    }
+}
+
+#[inline(always)]
+fn gelu_inplace_generic<const FMA: bool>(xs: &mut [f32]) {
+    for v in xs.iter_mut() {
+        *v = gelu_f32::<FMA>(*v);
+    }
+}
+
+#[inline(always)]
+fn bias_gelu_inplace_generic<const FMA: bool>(xs: &mut [f32], bias: &[f32]) {
+    for (v, &b) in xs.iter_mut().zip(bias) {
+        *v = gelu_f32::<FMA>(*v + b);
+    }
+}
+
+dispatch_fma!(fn gelu_into(src: &[f32], dst: &mut [f32]) => gelu_into_generic);
+dispatch_fma!(fn gelu_inplace(xs: &mut [f32]) => gelu_inplace_generic);
+dispatch_fma!(fn bias_gelu_inplace(xs: &mut [f32], bias: &[f32]) => bias_gelu_inplace_generic);
+
+/// Exact GELU of an f32 slice into `dst` (same length), multi-threaded for large slices.
+pub(crate) fn gelu_erf_f32_slice(src: &[f32], dst: &mut [f32]) {
+    if src.len() <= PAR_CHUNK {
+        gelu_into(src, dst);
+    } else {
+        dst.par_chunks_mut(PAR_CHUNK)
+            .zip(src.par_chunks(PAR_CHUNK))
+            .for_each(|(d, s)| gelu_into(s, d));
+    }
+}
+
+/// Exact GELU of an f32 slice in place, multi-threaded for large slices.
+pub(crate) fn gelu_erf_f32_inplace(xs: &mut [f32]) {
+    if xs.len() <= PAR_CHUNK {
+        gelu_inplace(xs);
+    } else {
+        xs.par_chunks_mut(PAR_CHUNK).for_each(gelu_inplace);
+    }
+}
+
+/// Conversions between a half type and f32 slices.
+trait HalfLike: Copy + Send + Sync + Default + 'static {
+    fn to_f32s(src: &[Self], dst: &mut [f32]);
+    fn from_f32s(src: &[f32], dst: &mut [Self]);
+}
+
+impl HalfLike for f16 {
+    fn to_f32s(src: &[Self], dst: &mut [f32]) {
+        src.convert_to_f32_slice(dst)
+    }
+    fn from_f32s(src: &[f32], dst: &mut [Self]) {
+        dst.convert_from_f32_slice(src)
+    }
+}
+
+impl HalfLike for bf16 {
+    fn to_f32s(src: &[Self], dst: &mut [f32]) {
+        src.convert_to_f32_slice(dst)
+    }
+    fn from_f32s(src: &[f32], dst: &mut [Self]) {
+        dst.convert_from_f32_slice(src)
+    }
+}
+
+fn gelu_half_chunk<T: HalfLike>(src: &[T], dst: &mut [T]) {
+    let mut buf = [0f32; HALF_BUF];
+    for (s, d) in src.chunks(HALF_BUF).zip(dst.chunks_mut(HALF_BUF)) {
+        let b = &mut buf[..s.len()];
+        T::to_f32s(s, b);
+        gelu_inplace(b);
+        T::from_f32s(b, d);
+    }
+}
+
+fn gelu_half<T: HalfLike>(src: &[T]) -> Vec<T> {
+    let mut dst = vec![T::default(); src.len()];
+    if src.len() <= PAR_CHUNK {
+        gelu_half_chunk(src, &mut dst);
+    } else {
+        dst.par_chunks_mut(PAR_CHUNK)
+            .zip(src.par_chunks(PAR_CHUNK))
+            .for_each(|(d, s)| gelu_half_chunk(s, d));
+    }
+    dst
+}
+
+/// The CPU GELU as a candle custom op (inference only; see [`gelu_erf`]).
+struct GeluErfOp;
+
+impl CustomOp1 for GeluErfOp {
+    fn name(&self) -> &'static str {
+        "internimage-gelu-erf"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!(
+                "gelu_erf: the CPU kernel needs a contiguous input, call .contiguous() first"
+            )
+        };
+        let out = match storage {
+            CpuStorage::F32(v) => {
+                let src = &v[start..end];
+                let mut dst = vec![0f32; src.len()];
+                gelu_erf_f32_slice(src, &mut dst);
+                CpuStorage::F32(dst)
+            }
+            CpuStorage::F16(v) => CpuStorage::F16(gelu_half(&v[start..end])),
+            CpuStorage::BF16(v) => CpuStorage::BF16(gelu_half(&v[start..end])),
+            other => candle_core::bail!(
+                "gelu_erf: expected an f32, f16 or bf16 tensor, got {:?}",
+                other.dtype()
+            ),
+        };
+        Ok((out, layout.shape().clone()))
+    }
+}
+
+/// Exact (erf) GELU, as PyTorch's `nn.GELU()`: `0.5 * x * (1 + erf(x / sqrt(2)))`.
+///
+/// On the CPU, f32/f16/bf16 tensors use a vectorised multi-threaded kernel (f16/bf16 computed in
+/// f32; absolute error vs the exact function about 1e-7 * max(1, |x|) in f32). Other dtypes, other
+/// devices and inputs that track gradients use candle's `gelu_erf`, so training still works.
 pub fn gelu_erf(xs: &Tensor) -> Result<Tensor> {
-    xs.gelu_erf()
+    if !xs.device().is_cpu()
+        || xs.track_op()
+        || !matches!(xs.dtype(), DType::F32 | DType::F16 | DType::BF16)
+    {
+        return xs.gelu_erf();
+    }
+    if xs.is_contiguous() {
+        xs.apply_op1_no_bwd(&GeluErfOp)
+    } else {
+        xs.contiguous()?.apply_op1_no_bwd(&GeluErfOp)
+    }
+}
+
+/// In-place `x = gelu(x + bias)` over rows of a contiguous f32 CPU tensor (bias over the last dim).
+struct BiasGeluInplace;
+
+impl InplaceOp2 for BiasGeluInplace {
+    fn name(&self) -> &'static str {
+        "internimage-bias-gelu-erf"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        let (Some((a0, a1)), Some((b0, b1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            candle_core::bail!("bias_gelu: both the activations and the bias must be contiguous")
+        };
+        let (CpuStorage::F32(xs), CpuStorage::F32(bias)) = (s1, s2) else {
+            candle_core::bail!("bias_gelu: the fused CPU kernel supports f32 only")
+        };
+        let xs = &mut xs[a0..a1];
+        let bias = &bias[b0..b1];
+        let n = bias.len();
+        if n == 0 || xs.len() % n != 0 {
+            candle_core::bail!(
+                "bias_gelu: {} activations are not a multiple of the bias length {n}",
+                xs.len()
+            )
+        }
+        let rows_per_task = (PAR_CHUNK / n).max(1);
+        if xs.len() <= PAR_CHUNK {
+            xs.chunks_mut(n).for_each(|r| bias_gelu_inplace(r, bias));
+        } else {
+            xs.par_chunks_mut(rows_per_task * n)
+                .for_each(|rows| rows.chunks_mut(n).for_each(|r| bias_gelu_inplace(r, bias)));
+        }
+        Ok(())
+    }
+}
+
+/// `gelu_erf(linear(xs))`, PyTorch's `fc1` + `nn.GELU()` of an MLP, with the bias add and the
+/// GELU fused into one in-place pass over the GEMM output on the CPU (f32).
+///
+/// `xs` is (..., in) and `linear` holds an (out, in) weight and optional (out) bias; the result is
+/// (..., out). Falls back to `linear.forward` + [`gelu_erf`] for other devices/dtypes or when
+/// gradients are tracked.
+pub fn linear_gelu(xs: &Tensor, linear: &candle_nn::Linear) -> Result<Tensor> {
+    use candle_nn::Module;
+    let w = linear.weight();
+    let fused = xs.device().is_cpu()
+        && xs.dtype() == DType::F32
+        && w.dtype() == DType::F32
+        && !xs.track_op()
+        && !w.track_op()
+        && linear
+            .bias()
+            .is_none_or(|b| !b.track_op() && b.dtype() == DType::F32);
+    if !fused {
+        return gelu_erf(&linear.forward(xs)?);
+    }
+    let dims = xs.dims();
+    let Some((&k, lead)) = dims.split_last() else {
+        candle_core::bail!("linear_gelu: expected an input of rank >= 1, got a scalar")
+    };
+    let (out_f, in_f) = w.dims2()?;
+    if k != in_f {
+        candle_core::bail!(
+            "linear_gelu: input has {k} features but the weight is ({out_f}, {in_f})"
+        )
+    }
+    let m: usize = lead.iter().product();
+    let x2 = xs.contiguous()?.reshape((m, k))?;
+    // A fresh GEMM output: nothing else refers to its storage, so the in-place pass is safe.
+    let y = x2.matmul(&w.t()?)?;
+    match linear.bias() {
+        Some(b) => y.inplace_op2(&b.contiguous()?, &BiasGeluInplace)?,
+        None => y.inplace_op1(&GeluInplace)?,
+    }
+    let mut out_dims = lead.to_vec();
+    out_dims.push(out_f);
+    y.reshape(out_dims)
+}
+
+/// In-place GELU of a contiguous f32 CPU tensor.
+struct GeluInplace;
+
+impl candle_core::InplaceOp1 for GeluInplace {
+    fn name(&self) -> &'static str {
+        "internimage-gelu-erf-inplace"
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> Result<()> {
+        let Some((a0, a1)) = l.contiguous_offsets() else {
+            candle_core::bail!("gelu_erf (in place): the tensor must be contiguous")
+        };
+        let CpuStorage::F32(xs) = s else {
+            candle_core::bail!("gelu_erf (in place): the CPU kernel supports f32 only")
+        };
+        gelu_erf_f32_inplace(&mut xs[a0..a1]);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn erf_matches_f64_reference() {
+        let mut worst = 0f64;
+        let n = 200_000;
+        for i in 0..=n {
+            let x = -6.0 + 12.0 * i as f64 / n as f64;
+            let xf = x as f32;
+            let exact = candle_core::cpu::erf::erf_f64(xf as f64);
+            for got in [erf_f32::<false>(xf), erf_f32::<true>(xf)] {
+                worst = worst.max((got as f64 - exact).abs());
+            }
+        }
+        assert!(worst < 1.5e-7, "max |erf error| = {worst:e}");
+    }
 }

@@ -3,7 +3,8 @@
 pub mod activation;
 pub mod dcnv3;
 pub mod depthwise;
+pub(crate) mod simd;
 
-pub use activation::gelu_erf;
+pub use activation::{gelu_erf, linear_gelu};
 pub use dcnv3::{dcnv3, Dcnv3Config};
 pub use depthwise::depthwise_conv2d_nhwc;

@@ -1,0 +1,57 @@
+//! Small helpers for the auto-vectorised CPU kernels.
+//!
+//! The kernels are written as plain loops over contiguous `f32` slices and instantiated twice:
+//! once for the baseline target and, on x86-64, once inside a `#[target_feature(enable = "avx2,fma")]`
+//! function chosen at run time, so that release builds without `-C target-cpu=native` still get
+//! 256-bit vectors and fused multiply-adds.
+
+/// `a * b + c`, fused when `FMA` is true (only instantiate `FMA = true` where FMA is available:
+/// elsewhere `mul_add` is a slow library call).
+#[inline(always)]
+pub(crate) fn fmadd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+/// Whether the running CPU supports AVX2 and FMA (cached by the standard library).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+pub(crate) fn has_avx2_fma() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
+/// Defines `$name(args)` that runs `$generic::<true>(args)` in an AVX2+FMA-enabled function when
+/// the CPU has them (x86-64), `$generic::<true>` on aarch64 (FMA is baseline there) and
+/// `$generic::<false>` elsewhere.
+macro_rules! dispatch_fma {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) => $generic:ident) => {
+        $(#[$m])*
+        $vis fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn fast($($arg: $ty),*) {
+                    $generic::<true>($($arg),*)
+                }
+                if $crate::ops::simd::has_avx2_fma() {
+                    // SAFETY: the CPU supports the features `fast` was compiled for.
+                    unsafe { fast($($arg),*) };
+                    return;
+                }
+                $generic::<false>($($arg),*)
+            }
+            #[cfg(target_arch = "aarch64")]
+            {
+                $generic::<true>($($arg),*)
+            }
+            #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+            {
+                $generic::<false>($($arg),*)
+            }
+        }
+    };
+}
+pub(crate) use dispatch_fma;

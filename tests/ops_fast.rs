@@ -1,0 +1,238 @@
+//! The fast CPU helpers (GELU, depthwise conv) against candle's reference ops.
+
+use candle_core::{DType, Device, IndexOp, Module, Tensor, Var};
+use internimage::ops::activation::linear_gelu;
+use internimage::ops::depthwise::DepthwiseConv2dNhwc;
+use internimage::ops::{depthwise_conv2d_nhwc, gelu_erf};
+
+/// Max over elements of |a-b| - (atol + rtol*|b|); <= 0 means PASS.
+fn excess(a: &Tensor, b: &Tensor, atol: f64, rtol: f64) -> f64 {
+    let a = a
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    let b = b
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs() - (atol + rtol * y.abs()))
+        .fold(f64::NEG_INFINITY, f64::max)
+}
+
+/// Dense grid over [-lo, lo] plus tails and special values (f32).
+fn gelu_inputs() -> Vec<f32> {
+    let mut v: Vec<f32> = (0..=400_000)
+        .map(|i| -10.0 + 20.0 * i as f32 / 400_000.0)
+        .collect();
+    for e in -30..=30 {
+        let m = 1.7f32.powi(e);
+        v.extend([m, -m]);
+    }
+    v.extend([
+        0.0, -0.0, 1e-30, -1e-30, 3.9, 3.92, 3.93, 5.5, -5.5, 20.0, -20.0, 1e4, -1e4, 1e30, -1e30,
+    ]);
+    v
+}
+
+#[test]
+fn gelu_f32_matches_f64_reference() {
+    let xs = gelu_inputs();
+    let n = xs.len();
+    let t = Tensor::from_vec(xs.clone(), n, &Device::Cpu).unwrap();
+    let ours = gelu_erf(&t).unwrap();
+    assert_eq!(ours.dtype(), DType::F32);
+    let reference = t.to_dtype(DType::F64).unwrap().gelu_erf().unwrap();
+    let ours_v = ours.to_vec1::<f32>().unwrap();
+    let ref_v = reference.to_vec1::<f64>().unwrap();
+    let mut worst = 0f64;
+    for ((&x, &o), &r) in xs.iter().zip(&ours_v).zip(&ref_v) {
+        // f32 rounding of the input scale: ~1 ulp of max(1, |x|) plus the erf approximation.
+        let err = (o as f64 - r).abs() / (x.abs() as f64).max(1.0);
+        worst = worst.max(err);
+    }
+    assert!(worst < 2.5e-7, "max |gelu error| / max(1,|x|) = {worst:e}");
+    // Tight on the range that matters for activations.
+    let mid = excess(
+        &ours.narrow(0, 0, 400_001).unwrap(),
+        &reference.narrow(0, 0, 400_001).unwrap(),
+        3e-7,
+        2e-7,
+    );
+    assert!(mid <= 0.0, "gelu outside atol 3e-7 + rtol 2e-7 by {mid:e}");
+}
+
+#[test]
+fn gelu_non_contiguous_and_half_types() {
+    let dev = Device::Cpu;
+    let t = Tensor::randn(0f32, 3.0, (4, 37, 64), &dev).unwrap();
+    let tt = t.transpose(1, 2).unwrap();
+    let reference = tt.to_dtype(DType::F64).unwrap().gelu_erf().unwrap();
+    let ours = gelu_erf(&tt).unwrap();
+    assert_eq!(ours.dims(), &[4, 64, 37]);
+    assert!(excess(&ours, &reference, 3e-7, 3e-7) <= 0.0);
+
+    for (dt, tol) in [(DType::F16, 1e-3), (DType::BF16, 8e-3)] {
+        let th = t.to_dtype(dt).unwrap();
+        let ours = gelu_erf(&th).unwrap();
+        assert_eq!(ours.dtype(), dt);
+        // Reference: exact GELU of the rounded input, rounded to the same type.
+        let r = th
+            .to_dtype(DType::F64)
+            .unwrap()
+            .gelu_erf()
+            .unwrap()
+            .to_dtype(dt)
+            .unwrap();
+        let e = excess(&ours, &r, tol, tol);
+        assert!(e <= 0.0, "{dt:?} gelu off by {e:e}");
+    }
+}
+
+#[test]
+fn gelu_keeps_gradients() {
+    let v = Var::new(&[-1.5f32, -0.2, 0.0, 0.7, 2.0], &Device::Cpu).unwrap();
+    let y = gelu_erf(v.as_tensor()).unwrap().sum_all().unwrap();
+    let grads = y.backward().unwrap();
+    let g = grads.get(v.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+    // d/dx gelu(x) = Phi(x) + x phi(x).
+    let xs = [-1.5f64, -0.2, 0.0, 0.7, 2.0];
+    for (x, gv) in xs.iter().zip(&g) {
+        let phi = (-x * x / 2.0).exp() / (2.0 * std::f64::consts::PI).sqrt();
+        let cdf = 0.5 * (1.0 + candle_core::cpu::erf::erf_f64(x / 2f64.sqrt()));
+        let want = cdf + x * phi;
+        assert!(
+            (*gv as f64 - want).abs() < 1e-5,
+            "grad at {x}: {gv} vs {want}"
+        );
+    }
+}
+
+#[test]
+fn linear_gelu_matches_unfused() {
+    let dev = Device::Cpu;
+    let x = Tensor::randn(0f32, 1.0, (2, 7, 9, 48), &dev).unwrap();
+    let w = Tensor::randn(0f32, 0.3, (96, 48), &dev).unwrap();
+    let b = Tensor::randn(0f32, 0.5, 96, &dev).unwrap();
+    for bias in [Some(b.clone()), None] {
+        let lin = candle_nn::Linear::new(w.clone(), bias);
+        let ours = linear_gelu(&x, &lin).unwrap();
+        assert_eq!(ours.dims(), &[2, 7, 9, 96]);
+        let pre = lin.forward(&x).unwrap().to_dtype(DType::F64).unwrap();
+        let reference = pre.gelu_erf().unwrap();
+        let e = excess(&ours, &reference, 1e-6, 1e-6);
+        assert!(e <= 0.0, "linear_gelu off by {e:e}");
+    }
+}
+
+/// Reference: candle's grouped conv2d on NCHW.
+fn reference_dw(x: &Tensor, w: &Tensor, b: &Tensor, pad: usize) -> Tensor {
+    let c = x.dim(3).unwrap();
+    let nchw = x.permute((0, 3, 1, 2)).unwrap().contiguous().unwrap();
+    let y = nchw.conv2d(w, pad, 1, 1, c).unwrap();
+    let y = y.broadcast_add(&b.reshape((1, c, 1, 1)).unwrap()).unwrap();
+    y.permute((0, 2, 3, 1)).unwrap()
+}
+
+#[test]
+fn depthwise_matches_grouped_conv2d() {
+    let dev = Device::Cpu;
+    // (n, h, w, c, k, pad): odd sizes, channel counts that exercise the 32/8/1 blocks, k 3 and 5.
+    let cases = [
+        (2, 9, 11, 64, 3, 1),
+        (2, 7, 5, 45, 3, 1),
+        (2, 13, 6, 80, 5, 2),
+        (1, 4, 4, 3, 5, 2),
+        (2, 8, 9, 40, 3, 0),
+        (1, 3, 4, 17, 5, 1),
+        (2, 1, 1, 33, 3, 1),
+    ];
+    for &(n, h, w, c, k, pad) in &cases {
+        let x = Tensor::randn(0f32, 1.0, (n, h, w, c), &dev).unwrap();
+        let wt = Tensor::randn(0f32, 0.5, (c, 1, k, k), &dev).unwrap();
+        let b = Tensor::randn(0f32, 0.5, c, &dev).unwrap();
+        let ours = depthwise_conv2d_nhwc(&x, &wt, Some(&b), pad).unwrap();
+        let reference = reference_dw(&x, &wt, &b, pad);
+        assert_eq!(
+            ours.dims(),
+            reference.dims(),
+            "case {:?}",
+            (n, h, w, c, k, pad)
+        );
+        let e = excess(&ours, &reference, 1e-5, 1e-5);
+        assert!(e <= 0.0, "case {:?}: off by {e:e}", (n, h, w, c, k, pad));
+
+        // Without bias, and through the pre-packed module.
+        let nob = DepthwiseConv2dNhwc::new(&wt, None, pad)
+            .unwrap()
+            .forward(&x)
+            .unwrap();
+        let zero = Tensor::zeros(c, DType::F32, &dev).unwrap();
+        let e = excess(&nob, &reference_dw(&x, &wt, &zero, pad), 1e-5, 1e-5);
+        assert!(
+            e <= 0.0,
+            "case {:?} (no bias): off by {e:e}",
+            (n, h, w, c, k, pad)
+        );
+    }
+}
+
+#[test]
+fn depthwise_strided_input_and_half_types() {
+    let dev = Device::Cpu;
+    let (n, h, w, c) = (2, 10, 7, 72);
+    let nchw = Tensor::randn(0f32, 1.0, (n, c, h, w), &dev).unwrap();
+    let x = nchw.permute((0, 2, 3, 1)).unwrap(); // non-contiguous NHWC view
+    let wt = Tensor::randn(0f32, 0.5, (c, 1, 3, 3), &dev).unwrap();
+    let b = Tensor::randn(0f32, 0.5, c, &dev).unwrap();
+    let reference = reference_dw(&x, &wt, &b, 1);
+    let ours = depthwise_conv2d_nhwc(&x, &wt, Some(&b), 1).unwrap();
+    assert!(excess(&ours, &reference, 1e-5, 1e-5) <= 0.0);
+
+    for (dt, tol) in [(DType::F16, 1e-2), (DType::BF16, 6e-2)] {
+        let ours = depthwise_conv2d_nhwc(
+            &x.to_dtype(dt).unwrap(),
+            &wt.to_dtype(dt).unwrap(),
+            Some(&b.to_dtype(dt).unwrap()),
+            1,
+        )
+        .unwrap();
+        assert_eq!(ours.dtype(), dt);
+        let e = excess(&ours, &reference, tol, tol);
+        assert!(e <= 0.0, "{dt:?}: off by {e:e}");
+    }
+
+    // A slice of a larger tensor (contiguous with a start offset).
+    let big = Tensor::randn(0f32, 1.0, (3, h, w, c), &dev).unwrap();
+    let part = big.i(1..3).unwrap();
+    let e = excess(
+        &depthwise_conv2d_nhwc(&part, &wt, Some(&b), 1).unwrap(),
+        &reference_dw(&part, &wt, &b, 1),
+        1e-5,
+        1e-5,
+    );
+    assert!(e <= 0.0);
+}
+
+#[test]
+fn depthwise_rejects_bad_shapes() {
+    let dev = Device::Cpu;
+    let x = Tensor::zeros((1, 4, 4, 8), DType::F32, &dev).unwrap();
+    let wt = Tensor::zeros((6, 1, 3, 3), DType::F32, &dev).unwrap();
+    assert!(depthwise_conv2d_nhwc(&x, &wt, None, 1).is_err());
+    let wt = Tensor::zeros((8, 2, 3, 3), DType::F32, &dev).unwrap();
+    assert!(depthwise_conv2d_nhwc(&x, &wt, None, 1).is_err());
+    let wt = Tensor::zeros((8, 1, 7, 7), DType::F32, &dev).unwrap();
+    assert!(depthwise_conv2d_nhwc(&x, &wt, None, 1).is_err());
+    let b = Tensor::zeros(5, DType::F32, &dev).unwrap();
+    let wt = Tensor::zeros((8, 1, 3, 3), DType::F32, &dev).unwrap();
+    assert!(depthwise_conv2d_nhwc(&x, &wt, Some(&b), 1).is_err());
+}
