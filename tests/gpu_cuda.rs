@@ -50,7 +50,7 @@ fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) -> 
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let d = (g - w).abs();
         assert!(
-            d <= atol + rtol * w.abs(),
+            !d.is_nan() && d <= atol + rtol * w.abs(),
             "{what}: element {i}: got {g}, expected {w} (atol {atol}, rtol {rtol})"
         );
         worst = worst.max(d);

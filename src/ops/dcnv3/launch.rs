@@ -158,7 +158,9 @@ pub fn pick_vec(elem_bytes: usize, group_channels: usize, start_offsets: &[usize
     vec_widths(elem_bytes)
         .iter()
         .copied()
-        .find(|&v| group_channels % v == 0 && start_offsets.iter().all(|o| o % v == 0))
+        .find(|&v| {
+            group_channels.is_multiple_of(v) && start_offsets.iter().all(|o| o.is_multiple_of(v))
+        })
         .unwrap_or(1)
 }
 

@@ -10,9 +10,10 @@ use super::{Dcnv3BackwardOp, Dcnv3Config, Dcnv3Geometry};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, DType, Layout, MetalDevice, MetalError, MetalStorage, Result, Shape};
 use candle_metal_kernels::metal::{ComputeCommandEncoder, ComputePipeline, Library};
+use candle_metal_kernels::set_params;
 use candle_metal_kernels::utils::{BufferOffset, Output};
-use candle_metal_kernels::{set_params, MTLSize};
-use objc2_metal::MTLComputePipelineState;
+use objc2_metal::{MTLComputePipelineState, MTLSize};
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
 
@@ -35,7 +36,9 @@ fn cache() -> &'static Mutex<Cache> {
 /// The complete MSL source: dcnv3.metal with the shared header pasted in.
 fn source() -> Result<String> {
     if KERNELS.matches(INCLUDE_LINE).count() != 1 {
-        bail!("dcnv3 (Metal): kernels/dcnv3.metal must contain the line {INCLUDE_LINE} exactly once");
+        bail!(
+            "dcnv3 (Metal): kernels/dcnv3.metal must contain the line {INCLUDE_LINE} exactly once"
+        );
     }
     Ok(KERNELS.replacen(INCLUDE_LINE, COMMON, 1))
 }
@@ -51,14 +54,12 @@ fn pipeline(device: &MetalDevice, name: &str) -> Result<ComputePipeline> {
     if let Some(p) = cache.pipelines.get(&(id, name.to_string())) {
         return Ok(p.clone());
     }
-    if !cache.libraries.contains_key(&id) {
-        let lib = dev
-            .new_library_with_source(&source()?, None)
-            .map_err(MetalError::from)?;
-        cache.libraries.insert(id, lib);
-    }
-    let Some(lib) = cache.libraries.get(&id) else {
-        bail!("dcnv3 (Metal): the kernel library of this device is missing from the cache");
+    let lib = match cache.libraries.entry(id) {
+        Entry::Occupied(e) => e.into_mut(),
+        Entry::Vacant(v) => v.insert(
+            dev.new_library_with_source(&source()?, None)
+                .map_err(MetalError::from)?,
+        ),
     };
     let func = match lib.get_function(name, None) {
         Ok(f) => f,
