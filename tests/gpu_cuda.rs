@@ -243,7 +243,7 @@ fn cuda_op_matches_cpu_op_larger_shapes() {
         let cfg = Dcnv3Config::internimage(g, cg, scale);
         let p = cfg.points();
         let x = Tensor::randn(0f32, 1.0, (n, h, w, g * cg), &Device::Cpu).unwrap();
-        let off = (Tensor::randn(0f32, 1.5, (n, h, w, g * p * 2), &Device::Cpu).unwrap()).unwrap();
+        let off = Tensor::randn(0f32, 1.5, (n, h, w, g * p * 2), &Device::Cpu).unwrap();
         let m = candle_nn::ops::softmax_last_dim(
             &Tensor::randn(0f32, 1.0, (n, h, w, g, p), &Device::Cpu).unwrap(),
         )

@@ -10,7 +10,7 @@ use super::launch::{bwd_lanes, fwd_lanes, pick_vec, Dcnv3Params};
 use super::{Dcnv3BackwardOp, Dcnv3Config, Dcnv3Geometry};
 use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, DeviceRepr, DeviceSlice, LaunchConfig, PushKernelArg,
+    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Shape};
