@@ -317,6 +317,32 @@ impl Hub {
         })
     }
 
+    /// Local path of the `.pth` alternative of a release (in `OpenGVLab/InternImage`),
+    /// downloading it if needed. Load it with `InternImage::from_checkpoint`.
+    pub fn fetch_pth(&self, model: &PretrainedModel) -> Result<PathBuf> {
+        let Some(pth) = &model.pth else {
+            bail!(
+                "{} has no .pth release; use its safetensors (fetch_model)",
+                model.name
+            )
+        };
+        let revision = self
+            .options
+            .revision
+            .clone()
+            .unwrap_or_else(|| pth.revision.clone());
+        let ctx = FileCtx {
+            repo: &pth.repo,
+            revision: &revision,
+            file: pth.file.clone(),
+        };
+        let handle = self.repo_handle(&pth.repo)?;
+        match self.fetch(&handle, &ctx, &HubFile::new(pth.file.clone()), false)? {
+            Some(p) => Ok(p),
+            None => Err(self.missing_error(&ctx)),
+        }
+    }
+
     /// Local path of one file of `repo` (`owner/name`) at `revision`, downloading it if needed.
     /// `Ok(None)` when the Hub says the file does not exist (404); offline, a file that is not
     /// cached is an error.
@@ -737,6 +763,7 @@ struct BarState {
     started: Option<Instant>,
     last_draw: Option<Instant>,
     drawn: bool,
+    last_len: usize,
 }
 
 impl StderrProgress {
@@ -782,8 +809,13 @@ impl StderrProgress {
         } else {
             format!("\r{} {:.1} MB {:.1} MB/s ", self.label, mb(s.done), rate)
         };
+        // Pad with spaces so that a shorter line fully covers the previous one.
+        let len = line.chars().count();
+        let pad = " ".repeat(s.last_len.saturating_sub(len));
+        s.last_len = len;
         let mut err = std::io::stderr().lock();
         let _ = err.write_all(line.as_bytes());
+        let _ = err.write_all(pad.as_bytes());
         let _ = err.flush();
     }
 }

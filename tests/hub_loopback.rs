@@ -31,6 +31,9 @@ enum Mode {
     Truncate,
     /// Answer every request with this status.
     Status(u16),
+    /// Like the real Hub for an LFS file: `302` to an absolute CDN URL with `X-Linked-Etag`,
+    /// `X-Linked-Size` and a different `ETag`; the CDN URL serves the body.
+    LfsRedirect,
 }
 
 #[derive(Clone)]
@@ -98,6 +101,17 @@ impl HubStandIn {
                 body,
                 etag: etag.to_string(),
                 mode,
+            },
+        );
+    }
+
+    fn put_path(&self, path: &str, body: Arc<Vec<u8>>) {
+        self.routes.lock().unwrap().insert(
+            path.to_string(),
+            Route {
+                body,
+                etag: "cdn".to_string(),
+                mode: Mode::Good,
             },
         );
     }
@@ -173,6 +187,24 @@ fn serve(
         }
         return stream.flush();
     }
+    if let Mode::LfsRedirect = route.mode {
+        let host = head
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("host: ")
+                    .or_else(|| l.strip_prefix("Host: "))
+            })
+            .unwrap_or("127.0.0.1")
+            .trim()
+            .to_string();
+        write!(
+            stream,
+            "HTTP/1.1 302 Found\r\nLocation: http://{host}/cdn/{etag}\r\nETag: W/\"0f-not-the-sha\"\r\nX-Linked-Etag: \"{etag}\"\r\nX-Linked-Size: {}\r\nX-Repo-Commit: {COMMIT}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            route.body.len(),
+            etag = route.etag
+        )?;
+        return stream.flush();
+    }
     write!(
         stream,
         "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nETag: \"{}\"\r\nX-Repo-Commit: {COMMIT}\r\nConnection: close\r\n\r\n",
@@ -195,7 +227,7 @@ fn serve(
                 stream.shutdown(std::net::Shutdown::Both)?;
                 return Ok(());
             }
-            Mode::Status(_) => unreachable!(),
+            Mode::Status(_) | Mode::LfsRedirect => unreachable!(),
         }
     }
     stream.flush()
@@ -406,6 +438,78 @@ fn download_load_logits_then_offline_makes_no_request() {
     // Online again: the cache is used first, still no request.
     hub::download_repo(&repo, &opts).unwrap();
     assert_eq!(server.requests().len(), before, "{:?}", server.requests());
+}
+
+#[test]
+fn lfs_redirect_like_the_real_hub() {
+    let server = HubStandIn::start();
+    let cache = TempCache::new("lfs");
+    let t = tiny_b();
+    let repo_id = "fixtures/lfs";
+    serve_tiny_b(&server, repo_id, &t);
+    server.set_mode(repo_id, "model.safetensors", Mode::LfsRedirect);
+    server.put_path(&format!("/cdn/{}", t.sha256), t.weights.clone());
+
+    let opts = options(&server, &cache);
+    let model = InternImage::from_hub(
+        &HubRepo::safetensors(repo_id),
+        None,
+        &opts,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_logits_match(&model);
+    let cdn = format!("GET /cdn/{}", t.sha256);
+    assert_eq!(server.count(&cdn), 1, "{:?}", server.requests());
+    // The blob is named after X-Linked-Etag (the sha256), not the ETag of the redirect.
+    assert!(complete_blobs(&cache, repo_id).contains(&t.sha256));
+}
+
+#[test]
+fn pth_alternative_of_a_zoo_model() {
+    let server = HubStandIn::start();
+    let cache = TempCache::new("pth");
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{FIXTURES}/manifest.json")).unwrap(),
+    )
+    .unwrap();
+    let sha = manifest["models"]["tiny_b"]["sha256"]["pth"]
+        .as_str()
+        .unwrap();
+    let pth = Arc::new(std::fs::read(format!("{FIXTURES}/weights/tiny_b.pth")).unwrap());
+    // Stand the tiny fixture in for the release file of InternImage-T.
+    server.put(
+        "OpenGVLab/InternImage",
+        "internimage_t_1k_224.pth",
+        pth.clone(),
+        sha,
+        Mode::Good,
+    );
+
+    let hub = hub::Hub::new(options(&server, &cache)).unwrap();
+    let t = internimage::zoo::get("internimage_t_1k_224").unwrap();
+    let path = hub.fetch_pth(t).unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), *pth);
+    assert_eq!(
+        server.requests(),
+        [
+            "HEAD /OpenGVLab/InternImage/resolve/main/internimage_t_1k_224.pth",
+            "GET /OpenGVLab/InternImage/resolve/main/internimage_t_1k_224.pth",
+        ]
+    );
+    let cfg =
+        Config::from_json_str(&String::from_utf8(tiny_b().config_json.to_vec()).unwrap()).unwrap();
+    let model = InternImage::from_checkpoint(&cfg, &path, DType::F32, &Device::Cpu).unwrap();
+    assert_logits_match(&model);
+
+    // A release file the server does not have.
+    let s = internimage::zoo::get("internimage_s_1k_224").unwrap();
+    let err = hub.fetch_pth(s).unwrap_err().to_string();
+    assert!(
+        err.contains("internimage_s_1k_224.pth") && err.contains("not found"),
+        "{err}"
+    );
 }
 
 #[test]
