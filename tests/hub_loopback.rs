@@ -498,8 +498,7 @@ fn pth_alternative_of_a_zoo_model() {
             "GET /OpenGVLab/InternImage/resolve/main/internimage_t_1k_224.pth",
         ]
     );
-    let cfg =
-        Config::from_json_str(&String::from_utf8(tiny_b().config_json.to_vec()).unwrap()).unwrap();
+    let cfg = Config::from_json_str(std::str::from_utf8(&tiny_b().config_json).unwrap()).unwrap();
     let model = InternImage::from_checkpoint(&cfg, &path, DType::F32, &Device::Cpu).unwrap();
     assert_logits_match(&model);
 
