@@ -3,7 +3,6 @@
 use crate::model::config::Config;
 use crate::model::dcnv3_layer::{Dcnv3Layer, Dcnv3LayerConfig};
 use crate::model::nn::{layer_norm, linear, Conv2d, Linear, Recorder};
-use crate::ops::gelu_erf;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{LayerNorm, VarBuilder};
 
@@ -25,8 +24,7 @@ impl Mlp {
 
 impl Module for Mlp {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let h = gelu_erf(&self.fc1.forward(xs)?)?;
-        self.fc2.forward(&h)
+        self.fc2.forward(&self.fc1.forward_gelu(xs)?)
     }
 }
 

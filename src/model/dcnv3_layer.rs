@@ -1,7 +1,8 @@
 //! The DCNv3 module of InternImage as a reusable layer (channels-last).
 
 use crate::model::nn::{layer_norm, linear, Linear, Recorder};
-use crate::ops::{dcnv3, depthwise_conv2d_nhwc, gelu_erf, Dcnv3Config};
+use crate::ops::depthwise::DepthwiseConv2dNhwc;
+use crate::ops::{dcnv3, gelu_erf, Dcnv3Config};
 use candle_core::{bail, Module, Result, Tensor, D};
 use candle_nn::{LayerNorm, VarBuilder};
 
@@ -70,8 +71,7 @@ pub struct DcnSampling {
 #[derive(Debug, Clone)]
 pub struct Dcnv3Layer {
     input_proj: Linear,
-    dw_weight: Tensor,
-    dw_bias: Tensor,
+    dw_conv: DepthwiseConv2dNhwc,
     dw_norm: LayerNorm,
     offset: Linear,
     mask: Linear,
@@ -109,6 +109,7 @@ impl Dcnv3Layer {
         let input_proj = linear(c, c, vb.pp("input_proj"))?;
         let dw_weight = vb.get((c, 1, k, k), "dw_conv.0.weight")?;
         let dw_bias = vb.get(c, "dw_conv.0.bias")?;
+        let dw_conv = DepthwiseConv2dNhwc::new(&dw_weight, Some(&dw_bias), (k - 1) / 2)?;
         let dw_norm = layer_norm(c, vb.pp("dw_conv.1.1"))?;
         let offset = linear(c, g * p * 2, vb.pp("offset"))?;
         let mask = linear(c, g * p, vb.pp("mask"))?;
@@ -136,8 +137,7 @@ impl Dcnv3Layer {
         };
         Ok(Self {
             input_proj,
-            dw_weight,
-            dw_bias,
+            dw_conv,
             dw_norm,
             offset,
             mask,
@@ -170,8 +170,7 @@ impl Dcnv3Layer {
 
     /// Offset/mask features: depthwise conv, LayerNorm, GELU (NHWC).
     fn offset_features(&self, xs: &Tensor) -> Result<Tensor> {
-        let pad = (self.cfg.dw_kernel_size - 1) / 2;
-        let f = depthwise_conv2d_nhwc(xs, &self.dw_weight, Some(&self.dw_bias), pad)?;
+        let f = self.dw_conv.forward(xs)?;
         let f = self.dw_norm.forward(&f.contiguous()?)?;
         gelu_erf(&f)
     }

@@ -1,7 +1,6 @@
 //! Classification heads: the conv head of T/S/B/L/XL and the CLIP-projector head of H/G.
 
 use crate::model::nn::{layer_norm, linear, matmul, Linear, Recorder};
-use crate::ops::gelu_erf;
 use candle_core::{bail, DType, Module, Result, Tensor};
 use candle_nn::{LayerNorm, VarBuilder};
 
@@ -51,7 +50,7 @@ impl ConvHead {
 
 impl Module for ConvHead {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let x = gelu_erf(&self.proj.forward(xs)?)?;
+        let x = self.proj.forward_gelu(xs)?;
         let (n, h, w, c) = x.dims4()?;
         x.reshape((n, h * w, c))?.mean(1)
     }

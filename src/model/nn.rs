@@ -88,6 +88,17 @@ pub(crate) fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Li
     Ok(Linear::new(weight, Some(bias)))
 }
 
+impl Linear {
+    /// `gelu_erf(self.forward(xs))`, with the bias add and GELU fused on the CPU when possible.
+    pub(crate) fn forward_gelu(&self, xs: &Tensor) -> Result<Tensor> {
+        if f32_compute(xs) {
+            crate::ops::gelu_erf(&self.forward(xs)?)
+        } else {
+            crate::ops::linear_gelu(xs, &self.inner)
+        }
+    }
+}
+
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         if f32_compute(xs) {
