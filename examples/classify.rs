@@ -290,13 +290,16 @@ enum Outcome {
     Err(String),
 }
 
+/// Top-k predictions of one image, and its raw logits when `--logits` is set.
+type BatchItem = (Vec<Prediction>, Option<Vec<f32>>);
+
 fn classify_batch(
     model: &InternImage,
     batch: &[Tensor],
     label_set: Option<LabelSet>,
     args: &Args,
     dev: &Device,
-) -> Result<Vec<(Vec<Prediction>, Option<Vec<f32>>)>> {
+) -> Result<Vec<BatchItem>> {
     let xs = Tensor::stack(batch, 0)?.to_device(dev)?;
     let logits = model
         .forward(&xs)?

@@ -22,48 +22,50 @@ use serde_json::Value;
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures");
 
-/// Builds the example once (same profile and features as this test) and returns its path.
+/// Builds an example (same profile and features as this test) and returns its path.
+fn build_example(name: &str) -> PathBuf {
+    let mut features = vec![];
+    for (on, feature) in [
+        (cfg!(feature = "hub"), "hub"),
+        (cfg!(feature = "image"), "image"),
+        (cfg!(feature = "cuda"), "cuda"),
+        (cfg!(feature = "metal"), "metal"),
+    ] {
+        if on {
+            features.push(feature);
+        }
+    }
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.current_dir(ROOT).args([
+        "build",
+        "--example",
+        name,
+        "--message-format=json",
+        "--no-default-features",
+        "--features",
+        &features.join(","),
+    ]);
+    if !cfg!(debug_assertions) {
+        cmd.arg("--release");
+    }
+    let out = cmd.output().expect("cannot run cargo");
+    assert!(
+        out.status.success(),
+        "cargo build --example {name} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The compiler-artifact message of the example names its executable.
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["reason"] == "compiler-artifact" && v["target"]["name"] == name)
+        .find_map(|v| v["executable"].as_str().map(PathBuf::from))
+        .unwrap_or_else(|| panic!("cargo did not report the {name} executable"))
+}
+
 fn example_binary() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let mut features = vec![];
-        for (on, name) in [
-            (cfg!(feature = "hub"), "hub"),
-            (cfg!(feature = "image"), "image"),
-            (cfg!(feature = "cuda"), "cuda"),
-            (cfg!(feature = "metal"), "metal"),
-        ] {
-            if on {
-                features.push(name);
-            }
-        }
-        let mut cmd = Command::new(env!("CARGO"));
-        cmd.current_dir(ROOT).args([
-            "build",
-            "--example",
-            "classify",
-            "--message-format=json",
-            "--no-default-features",
-            "--features",
-            &features.join(","),
-        ]);
-        if !cfg!(debug_assertions) {
-            cmd.arg("--release");
-        }
-        let out = cmd.output().expect("cannot run cargo");
-        assert!(
-            out.status.success(),
-            "cargo build --example classify failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        // The compiler-artifact message of the example names its executable.
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(|v| v["reason"] == "compiler-artifact" && v["target"]["name"] == "classify")
-            .find_map(|v| v["executable"].as_str().map(PathBuf::from))
-            .expect("cargo did not report the classify executable")
-    })
+    BIN.get_or_init(|| build_example("classify"))
 }
 
 fn tmp_dir() -> PathBuf {
@@ -337,4 +339,83 @@ fn help_and_bad_arguments() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("internimage_t_1k_224"), "{err}");
+}
+
+/// The features example: level shapes/strides in the saved safetensors, and a PNG is written.
+#[test]
+fn features_example_writes_maps_and_png() {
+    let bin = build_example("features");
+    let out_dir = tmp_dir().join("features_out");
+    let _ = std::fs::remove_dir_all(&out_dir);
+    let cfg = tiny_b_config();
+    let weights = format!("{FIXTURES}/weights/tiny_b.safetensors");
+    let out = Command::new(&bin)
+        .current_dir(ROOT)
+        .env_remove("RUST_BACKTRACE")
+        .args([
+            "--weights",
+            &weights,
+            "--config",
+            cfg.to_str().unwrap(),
+            "--size",
+            "200",
+            "--out",
+            out_dir.to_str().unwrap(),
+            "--pixel",
+            "100,80",
+            "--level",
+            "1",
+            "--block",
+            "0",
+            "assets/chelsea.png",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success());
+    // 451x300 -> shorter side 200: 301x200 (mmcv rounding), padded to 320x224.
+    assert!(stdout.contains("input 301x200"), "{stdout}");
+    assert!(stdout.contains("padded to 320x224"), "{stdout}");
+    let maps =
+        candle_core::safetensors::load(out_dir.join("features.safetensors"), &Device::Cpu).unwrap();
+    let want = [
+        [1, 12, 56, 80],
+        [1, 24, 28, 40],
+        [1, 48, 14, 20],
+        [1, 96, 7, 10],
+    ];
+    for (l, shape) in want.iter().enumerate() {
+        let t = &maps[&format!("level{l}")];
+        assert_eq!(t.dims(), shape, "level {l}");
+        assert_eq!(t.dtype(), candle_core::DType::F32);
+        let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(v.iter().all(|x| x.is_finite()));
+        assert!(v.iter().any(|&x| x != 0.0));
+    }
+    let png = image::open(out_dir.join("features.png")).unwrap();
+    assert!(png.width() > 900 && png.height() > 600);
+
+    // A block that does not exist is an error, not a panic.
+    let out = Command::new(&bin)
+        .current_dir(ROOT)
+        .env_remove("RUST_BACKTRACE")
+        .args([
+            "--weights",
+            &weights,
+            "--config",
+            cfg.to_str().unwrap(),
+            "--size",
+            "64",
+            "--out",
+            out_dir.to_str().unwrap(),
+            "--level",
+            "0",
+            "--block",
+            "5",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("block"));
 }
