@@ -2,10 +2,12 @@
 //! (f32 for f16/bf16/f32 tensors, f64 for f64 tensors), parallelised with rayon.
 //!
 //! Layout: everything channels-last and contiguous (see [`Dcnv3Geometry`]). For each output pixel
-//! and group the P sampling positions and bilinear weights are computed once and then applied to
-//! the Cg contiguous channels of the group with a branch-free inner loop (out-of-image corners
-//! point at a row of zeros), which the compiler vectorises. No buffer proportional to
-//! N*H*W*G*P*Cg is ever allocated.
+//! and group the P sampling points are resolved once into a list of *taps* (element offset of an
+//! in-image bilinear corner, weight = mask * bilinear weight); corners outside the image are never
+//! read. The taps are then applied to the Cg contiguous channels of the group in register blocks
+//! of 16/8/4/1 channels with four independent accumulators, so the FMA chains stay short and the
+//! loops vectorise. On x86-64 the kernels are compiled a second time with AVX2+FMA enabled and
+//! chosen at run time. No buffer proportional to N*H*W*G*P*Cg is ever allocated.
 
 use super::{Dcnv3Config, Dcnv3Geometry};
 use rayon::prelude::*;
@@ -26,10 +28,14 @@ pub(crate) trait Acc:
     const ZERO: Self;
     const ONE: Self;
     fn from_f64(v: f64) -> Self;
-    fn from_usize(v: usize) -> Self;
-    fn floor(self) -> Self;
+    fn from_isize(v: isize) -> Self;
     /// Truncating conversion; only called on finite values within the image bounds.
-    fn to_isize(self) -> isize;
+    fn trunc_isize(self) -> isize;
+    /// Fused multiply-add `self * a + b`.
+    fn fma(self, a: Self, b: Self) -> Self;
+    fn from_i32(v: i32) -> Self;
+    /// Truncating (saturating) conversion to i32.
+    fn trunc_i32(self) -> i32;
 }
 
 impl Acc for f32 {
@@ -38,14 +44,23 @@ impl Acc for f32 {
     fn from_f64(v: f64) -> Self {
         v as f32
     }
-    fn from_usize(v: usize) -> Self {
+    fn from_isize(v: isize) -> Self {
         v as f32
     }
-    fn floor(self) -> Self {
-        f32::floor(self)
-    }
-    fn to_isize(self) -> isize {
+    fn trunc_isize(self) -> isize {
         self as isize
+    }
+    #[inline(always)]
+    fn fma(self, a: Self, b: Self) -> Self {
+        self.mul_add(a, b)
+    }
+    #[inline(always)]
+    fn from_i32(v: i32) -> Self {
+        v as f32
+    }
+    #[inline(always)]
+    fn trunc_i32(self) -> i32 {
+        self as i32
     }
 }
 
@@ -55,14 +70,34 @@ impl Acc for f64 {
     fn from_f64(v: f64) -> Self {
         v
     }
-    fn from_usize(v: usize) -> Self {
+    fn from_isize(v: isize) -> Self {
         v as f64
     }
-    fn floor(self) -> Self {
-        f64::floor(self)
-    }
-    fn to_isize(self) -> isize {
+    fn trunc_isize(self) -> isize {
         self as isize
+    }
+    #[inline(always)]
+    fn fma(self, a: Self, b: Self) -> Self {
+        self.mul_add(a, b)
+    }
+    #[inline(always)]
+    fn from_i32(v: i32) -> Self {
+        v as f64
+    }
+    #[inline(always)]
+    fn trunc_i32(self) -> i32 {
+        self as i32
+    }
+}
+
+/// `a * b + c`, fused only where the instantiation has FMA hardware (elsewhere `mul_add` would be
+/// a slow library call).
+#[inline(always)]
+fn fmadd<F: Acc, const FMA: bool>(a: F, b: F, c: F) -> F {
+    if FMA {
+        a.fma(b, c)
+    } else {
+        a * b + c
     }
 }
 
@@ -70,13 +105,17 @@ impl Acc for f64 {
 struct Params<F> {
     g: Dcnv3Geometry,
     sigma: F,
-    /// x of the sampling grid origin for output column w: `w*stride_w + hx - pad_w`.
     sw: usize,
     sh: usize,
+    /// `hx - pad_w`: x of the grid centre for output column 0.
     base_x0: F,
     base_y0: F,
+    /// offset_scale * (i*dilation_w - hx) per point (x-major order).
     kx: Vec<F>,
     ky: Vec<F>,
+    /// `kx`/`ky` repeated for every group (index g*P + p).
+    kxg: Vec<F>,
+    kyg: Vec<F>,
     w_in: F,
     h_in: F,
 }
@@ -102,71 +141,227 @@ impl<F: Acc> Params<F> {
                 ));
             }
         }
+        let kxg = (0..g.group).flat_map(|_| kx.iter().copied()).collect();
+        let kyg = (0..g.group).flat_map(|_| ky.iter().copied()).collect();
         Self {
             g: *g,
             sigma: F::from_f64(sigma),
+            kxg,
+            kyg,
             sw: cfg.stride_w,
             sh: cfg.stride_h,
             base_x0: F::from_f64(hx as f64 - cfg.pad_w as f64),
             base_y0: F::from_f64(hy as f64 - cfg.pad_h as f64),
             kx,
             ky,
-            w_in: F::from_usize(g.w_in),
-            h_in: F::from_usize(g.h_in),
+            w_in: F::from_isize(g.w_in as isize),
+            h_in: F::from_isize(g.h_in as isize),
         }
     }
-}
 
-/// One sampling point resolved: the four corner element offsets (into the image, at the group's
-/// first channel; `None` when the corner lies outside the image) and their bilinear weights.
-struct Sample<F> {
-    corners: [Option<usize>; 4],
-    /// Bilinear weights of (y0,x0), (y0,x0+1), (y0+1,x0), (y0+1,x0+1), without the mask.
-    w: [F; 4],
-    lx: F,
-    ly: F,
-}
-
-impl<F: Acc> Params<F> {
-    /// Resolves point `p` of pixel (h, w), group `grp`, from its offset pair. Returns `None` when
-    /// the point samples nothing (outside (-1, H) x (-1, W), or a NaN/inf position).
+    /// x and y of the grid centre of output pixel (h, w).
     #[inline(always)]
-    fn sample(&self, h: usize, w: usize, p: usize, dx: F, dy: F, grp: usize) -> Option<Sample<F>> {
-        let x = F::from_usize(w * self.sw) + self.base_x0 + self.kx[p] + self.sigma * dx;
-        let y = F::from_usize(h * self.sh) + self.base_y0 + self.ky[p] + self.sigma * dy;
+    fn base(&self, h: usize, w: usize) -> (F, F) {
+        (
+            F::from_isize((w * self.sw) as isize) + self.base_x0,
+            F::from_isize((h * self.sh) as isize) + self.base_y0,
+        )
+    }
+
+    /// Sampling position of point `p` from the pixel base and its offset pair: `Some((x0, y0, lx,
+    /// ly))` with the floor corner and fractions, or `None` when the point samples nothing
+    /// (outside (-1, H) x (-1, W), or a NaN/inf position).
+    #[inline(always)]
+    fn locate(&self, bx: F, by: F, p: usize, dx: F, dy: F) -> Option<(isize, isize, F, F)> {
+        let x = bx + self.kx[p] + self.sigma * dx;
+        let y = by + self.ky[p] + self.sigma * dy;
         let neg1 = F::ZERO - F::ONE;
         // Written so that NaN fails every comparison and is skipped.
         if !(x > neg1 && x < self.w_in && y > neg1 && y < self.h_in) {
             return None;
         }
-        let x0f = x.floor();
-        let y0f = y.floor();
-        let lx = x - x0f;
-        let ly = y - y0f;
-        let (hx, hy) = (F::ONE - lx, F::ONE - ly);
-        let x0 = x0f.to_isize();
-        let y0 = y0f.to_isize();
-        let (wi, hi) = (self.g.w_in as isize, self.g.h_in as isize);
-        let c = self.g.channels;
-        let off = grp * self.g.group_channels;
-        let at = |yy: isize, xx: isize| -> Option<usize> {
-            if yy >= 0 && yy < hi && xx >= 0 && xx < wi {
-                Some((yy as usize * self.g.w_in + xx as usize) * c + off)
-            } else {
-                None
+        // x + 1 > 0, so truncation is the floor; clamp against rounding at the upper edge.
+        let x0 = ((x + F::ONE).trunc_isize() - 1).min(self.g.w_in as isize - 1);
+        let y0 = ((y + F::ONE).trunc_isize() - 1).min(self.g.h_in as isize - 1);
+        Some((x0, y0, x - F::from_isize(x0), y - F::from_isize(y0)))
+    }
+}
+
+/// Adds `sum_t w[t] * img[o[t] + c0 + k]` to nothing and stores it in `out[k]` for k < B.
+#[inline(always)]
+fn gather_block<F: Acc, const FMA: bool, const B: usize>(
+    img: &[F],
+    to: &[usize],
+    tw: &[F],
+    c0: usize,
+    out: &mut [F],
+) {
+    let mut a = [[F::ZERO; B]; 4];
+    let n = to.len().min(tw.len());
+    let mut t = 0;
+    while t + 4 <= n {
+        for (u, acc) in a.iter_mut().enumerate() {
+            let o = to[t + u] + c0;
+            let wv = tw[t + u];
+            let v = &img[o..o + B];
+            for k in 0..B {
+                acc[k] = fmadd::<F, FMA>(wv, v[k], acc[k]);
             }
-        };
-        Some(Sample {
-            corners: [
-                at(y0, x0),
-                at(y0, x0 + 1),
-                at(y0 + 1, x0),
-                at(y0 + 1, x0 + 1),
-            ],
-            w: [hy * hx, hy * lx, ly * hx, ly * lx],
-            lx,
-            ly,
-        })
+        }
+        t += 4;
+    }
+    while t < n {
+        let o = to[t] + c0;
+        let wv = tw[t];
+        let v = &img[o..o + B];
+        for k in 0..B {
+            a[0][k] = fmadd::<F, FMA>(wv, v[k], a[0][k]);
+        }
+        t += 1;
+    }
+    for (k, o) in out.iter_mut().take(B).enumerate() {
+        *o = (a[0][k] + a[1][k]) + (a[2][k] + a[3][k]);
+    }
+}
+
+/// Applies the taps of one (pixel, group) to its `out.len()` = Cg channels.
+#[inline(always)]
+fn gather<F: Acc, const FMA: bool>(img: &[F], to: &[usize], tw: &[F], out: &mut [F]) {
+    let cg = out.len();
+    let mut c0 = 0;
+    while c0 + 16 <= cg {
+        gather_block::<F, FMA, 16>(img, to, tw, c0, &mut out[c0..c0 + 16]);
+        c0 += 16;
+    }
+    if c0 + 8 <= cg {
+        gather_block::<F, FMA, 8>(img, to, tw, c0, &mut out[c0..c0 + 8]);
+        c0 += 8;
+    }
+    if c0 + 4 <= cg {
+        gather_block::<F, FMA, 4>(img, to, tw, c0, &mut out[c0..c0 + 4]);
+        c0 += 4;
+    }
+    while c0 < cg {
+        gather_block::<F, FMA, 1>(img, to, tw, c0, &mut out[c0..c0 + 1]);
+        c0 += 1;
+    }
+}
+
+/// Forward over one chunk of output pixels starting at linear pixel `first`.
+///
+/// Phase 1 resolves all G*P points of a pixel with branch-free, vectorisable arithmetic (floor by
+/// truncation of x + 1 > 0, invalid points get weight 0 and a safe position); phase 2 turns each
+/// group's points into in-image taps; phase 3 applies them to the group's channels.
+#[inline(always)]
+fn forward_chunk<F: Acc, const FMA: bool>(
+    prm: &Params<F>,
+    input: &[F],
+    offset: &[F],
+    mask: &[F],
+    chunk: &mut [F],
+    first: usize,
+) {
+    let g = &prm.g;
+    let c = g.channels;
+    let cg = g.group_channels;
+    let np = g.points;
+    let gp_len = g.group * np;
+    let hw_out = g.h_out * g.w_out;
+    let img_len = g.h_in * g.w_in * c;
+    let (wi, hi) = (g.w_in as i32, g.h_in as i32);
+    let neg1 = F::ZERO - F::ONE;
+    let mut xi = vec![0i32; gp_len];
+    let mut yi = vec![0i32; gp_len];
+    let mut lxs = vec![F::ZERO; gp_len];
+    let mut lys = vec![F::ZERO; gp_len];
+    let mut ms = vec![F::ZERO; gp_len];
+    let mut vs = vec![false; gp_len];
+    let mut to = vec![0usize; 4 * np];
+    let mut tw = vec![F::ZERO; 4 * np];
+    for (k, opix) in chunk.chunks_exact_mut(c).enumerate() {
+        let pix = first + k;
+        let n = pix / hw_out;
+        let rem = pix % hw_out;
+        let (bx, by) = prm.base(rem / g.w_out, rem % g.w_out);
+        let img = &input[n * img_len..(n + 1) * img_len];
+        let off_pix = &offset[pix * gp_len * 2..(pix + 1) * gp_len * 2];
+        let mask_pix = &mask[pix * gp_len..(pix + 1) * gp_len];
+        // Phase 1: positions of all G*P points.
+        for gp in 0..gp_len {
+            let x = bx + prm.kxg[gp] + prm.sigma * off_pix[2 * gp];
+            let y = by + prm.kyg[gp] + prm.sigma * off_pix[2 * gp + 1];
+            // NaN fails every comparison: such points are invalid.
+            let valid = x > neg1 && x < prm.w_in && y > neg1 && y < prm.h_in;
+            let xs = if valid { x } else { F::ZERO };
+            let ys = if valid { y } else { F::ZERO };
+            let x0 = (xs + F::ONE).trunc_i32() - 1;
+            let y0 = (ys + F::ONE).trunc_i32() - 1;
+            xi[gp] = x0;
+            yi[gp] = y0;
+            lxs[gp] = xs - F::from_i32(x0);
+            lys[gp] = ys - F::from_i32(y0);
+            ms[gp] = if valid { mask_pix[gp] } else { F::ZERO };
+            vs[gp] = valid;
+        }
+        for (grp, out) in opix.chunks_exact_mut(cg).enumerate() {
+            // Phase 2: in-image corners of the group's points.
+            let goff = (grp * cg) as isize;
+            let mut nt = 0;
+            let r = grp * np..(grp + 1) * np;
+            for (((((&x0, &y0), &lx), &ly), &m), &v) in xi[r.clone()]
+                .iter()
+                .zip(&yi[r.clone()])
+                .zip(&lxs[r.clone()])
+                .zip(&lys[r.clone()])
+                .zip(&ms[r.clone()])
+                .zip(&vs[r])
+            {
+                let (mhy, mly) = (m * (F::ONE - ly), m * ly);
+                let hx = F::ONE - lx;
+                let base = (y0 as isize * wi as isize + x0 as isize) * c as isize + goff;
+                let (xl, xh) = (x0 >= 0, x0 + 1 < wi);
+                let (yl, yh) = (v && y0 >= 0, v && y0 + 1 < hi);
+                let cs = c as isize;
+                let wcs = wi as isize * cs;
+                for (valid, d, wv) in [
+                    (yl && xl, 0, mhy * hx),
+                    (yl && xh, cs, mhy * lx),
+                    (yh && xl, wcs, mly * hx),
+                    (yh && xh, wcs + cs, mly * lx),
+                ] {
+                    // Branch-free append: always write, advance only when the corner is inside.
+                    to[nt] = (base + d) as usize;
+                    tw[nt] = wv;
+                    nt += usize::from(valid);
+                }
+            }
+            // Phase 3.
+            gather::<F, FMA>(img, &to[..nt], &tw[..nt], out);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn forward_chunk_avx2<F: Acc>(
+    prm: &Params<F>,
+    input: &[F],
+    offset: &[F],
+    mask: &[F],
+    chunk: &mut [F],
+    first: usize,
+) {
+    forward_chunk::<F, true>(prm, input, offset, mask, chunk, first)
+}
+
+fn has_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
     }
 }
 
@@ -175,12 +370,12 @@ impl<F: Acc> Params<F> {
 fn pixels_per_task(total_px: usize, channels: usize) -> usize {
     let threads = rayon::current_num_threads().max(1);
     let by_balance = total_px.div_ceil(threads * 8).max(1);
-    // at least ~2k output scalars per task
-    let by_size = 2048usize.div_ceil(channels.max(1));
+    // at least ~4k output scalars per task
+    let by_size = 4096usize.div_ceil(channels.max(1));
     by_balance.max(by_size).min(total_px.max(1))
 }
 
-/// Forward: `out` (zero-initialised, length `g.output_len()`) += DCNv3(input, offset, mask).
+/// Forward: writes DCNv3(input, offset, mask) into `out` (length `g.output_len()`).
 pub(crate) fn forward<F: Acc>(
     cfg: &Dcnv3Config,
     g: &Dcnv3Geometry,
@@ -190,53 +385,44 @@ pub(crate) fn forward<F: Acc>(
     out: &mut [F],
 ) {
     let prm = Params::<F>::new(cfg, g);
-    let c = g.channels;
-    let cg = g.group_channels;
-    let np = g.points;
-    let hw_out = g.h_out * g.w_out;
-    let img_len = g.h_in * g.w_in * c;
-    let chunk_px = pixels_per_task(g.out_pixels(), c);
-    out.par_chunks_mut(chunk_px * c)
+    let chunk_px = pixels_per_task(g.out_pixels(), g.channels);
+    let fma = has_fma();
+    out.par_chunks_mut(chunk_px * g.channels)
         .enumerate()
         .for_each(|(ci, chunk)| {
-            let zeros = vec![F::ZERO; cg];
-            for (k, opix) in chunk.chunks_exact_mut(c).enumerate() {
-                let pix = ci * chunk_px + k;
-                let n = pix / hw_out;
-                let rem = pix % hw_out;
-                let (h, w) = (rem / g.w_out, rem % g.w_out);
-                let img = &input[n * img_len..(n + 1) * img_len];
-                let off_pix = &offset[pix * g.group * np * 2..(pix + 1) * g.group * np * 2];
-                let mask_pix = &mask[pix * g.group * np..(pix + 1) * g.group * np];
-                for (grp, acc) in opix.chunks_exact_mut(cg).enumerate() {
-                    for p in 0..np {
-                        let gp = grp * np + p;
-                        let Some(s) =
-                            prm.sample(h, w, p, off_pix[2 * gp], off_pix[2 * gp + 1], grp)
-                        else {
-                            continue;
-                        };
-                        let m = mask_pix[gp];
-                        let row = |o: Option<usize>| match o {
-                            Some(o) => &img[o..o + cg],
-                            None => &zeros[..],
-                        };
-                        let (v0, v1, v2, v3) = (
-                            row(s.corners[0]),
-                            row(s.corners[1]),
-                            row(s.corners[2]),
-                            row(s.corners[3]),
-                        );
-                        let (w0, w1, w2, w3) = (m * s.w[0], m * s.w[1], m * s.w[2], m * s.w[3]);
-                        for ((((a, &a0), &a1), &a2), &a3) in
-                            acc.iter_mut().zip(v0).zip(v1).zip(v2).zip(v3)
-                        {
-                            *a += w0 * a0 + w1 * a1 + w2 * a2 + w3 * a3;
-                        }
-                    }
-                }
+            let first = ci * chunk_px;
+            #[cfg(target_arch = "x86_64")]
+            if fma {
+                // SAFETY: the CPU supports AVX2 and FMA (checked by `has_fma`).
+                unsafe { forward_chunk_avx2(&prm, input, offset, mask, chunk, first) };
+                return;
             }
+            let _ = fma;
+            forward_chunk::<F, false>(&prm, input, offset, mask, chunk, first);
         });
+}
+
+/// `sum_c go[c]*v[c]`, and `g[c] += f*go[c]` in the same pass (all slices of equal length).
+#[inline(always)]
+fn dot_axpy<F: Acc, const FMA: bool>(go: &[F], v: &[F], g: &mut [F], f: F) -> F {
+    let n = go.len().min(v.len()).min(g.len());
+    let mut acc = [F::ZERO; 8];
+    let mut c = 0;
+    while c + 8 <= n {
+        let (go8, v8, g8) = (&go[c..c + 8], &v[c..c + 8], &mut g[c..c + 8]);
+        for k in 0..8 {
+            acc[k] = fmadd::<F, FMA>(go8[k], v8[k], acc[k]);
+            g8[k] = fmadd::<F, FMA>(f, go8[k], g8[k]);
+        }
+        c += 8;
+    }
+    let mut s = F::ZERO;
+    while c < n {
+        s = fmadd::<F, FMA>(go[c], v[c], s);
+        g[c] = fmadd::<F, FMA>(f, go[c], g[c]);
+        c += 1;
+    }
+    s + ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
 }
 
 /// Backward over the output pixels `px_range` of image `n` (pixel indices within the image).
@@ -244,7 +430,8 @@ pub(crate) fn forward<F: Acc>(
 /// `gin` is the gradient buffer of image n's input (accumulated into), `goff`/`gmask` are the
 /// offset/mask gradient rows of exactly those pixels (overwritten).
 #[allow(clippy::too_many_arguments)]
-fn backward_range<F: Acc>(
+#[inline(always)]
+fn backward_range<F: Acc, const FMA: bool>(
     prm: &Params<F>,
     n: usize,
     px_range: std::ops::Range<usize>,
@@ -255,7 +442,6 @@ fn backward_range<F: Acc>(
     gin: &mut [F],
     goff: &mut [F],
     gmask: &mut [F],
-    zeros: &[F],
 ) {
     let g = &prm.g;
     let c = g.channels;
@@ -263,9 +449,10 @@ fn backward_range<F: Acc>(
     let np = g.points;
     let gp_len = g.group * np;
     let hw_out = g.h_out * g.w_out;
+    let (wi, hi) = (g.w_in as isize, g.h_in as isize);
     for (k, ipx) in px_range.enumerate() {
         let pix = n * hw_out + ipx;
-        let (h, w) = (ipx / g.w_out, ipx % g.w_out);
+        let (bx, by) = prm.base(ipx / g.w_out, ipx % g.w_out);
         let off_pix = &offset[pix * gp_len * 2..(pix + 1) * gp_len * 2];
         let mask_pix = &mask[pix * gp_len..(pix + 1) * gp_len];
         let go_pix = &grad_out[pix * c..(pix + 1) * c];
@@ -274,49 +461,93 @@ fn backward_range<F: Acc>(
         for (grp, go) in go_pix.chunks_exact(cg).enumerate() {
             for p in 0..np {
                 let gp = grp * np + p;
-                let Some(s) = prm.sample(h, w, p, off_pix[2 * gp], off_pix[2 * gp + 1], grp) else {
+                let Some((x0, y0, lx, ly)) =
+                    prm.locate(bx, by, p, off_pix[2 * gp], off_pix[2 * gp + 1])
+                else {
                     goff_pix[2 * gp] = F::ZERO;
                     goff_pix[2 * gp + 1] = F::ZERO;
                     gmask_pix[gp] = F::ZERO;
                     continue;
                 };
                 let m = mask_pix[gp];
-                let row = |o: Option<usize>| match o {
-                    Some(o) => &img[o..o + cg],
-                    None => zeros,
-                };
-                let (v0, v1, v2, v3) = (
-                    row(s.corners[0]),
-                    row(s.corners[1]),
-                    row(s.corners[2]),
-                    row(s.corners[3]),
-                );
-                // d0..d3 = <grad_out, corner value> over the group's channels.
-                let (mut d0, mut d1, mut d2, mut d3) = (F::ZERO, F::ZERO, F::ZERO, F::ZERO);
-                for ((((&o, &a0), &a1), &a2), &a3) in go.iter().zip(v0).zip(v1).zip(v2).zip(v3) {
-                    d0 += o * a0;
-                    d1 += o * a1;
-                    d2 += o * a2;
-                    d3 += o * a3;
+                let (hx, hy) = (F::ONE - lx, F::ONE - ly);
+                let base = (y0 * wi + x0) * c as isize + (grp * cg) as isize;
+                let (xl, xh) = (x0 >= 0, x0 + 1 < wi);
+                let (yl, yh) = (y0 >= 0, y0 + 1 < hi);
+                let corners = [
+                    (yl && xl, 0isize, hy * hx),
+                    (yl && xh, c as isize, hy * lx),
+                    (yh && xl, wi * c as isize, ly * hx),
+                    (yh && xh, (wi + 1) * c as isize, ly * lx),
+                ];
+                // d[k] = <grad_out, corner k> over the group's channels (0 outside the image).
+                let mut d = [F::ZERO; 4];
+                for (dk, (valid, off, wv)) in d.iter_mut().zip(corners) {
+                    if valid {
+                        let o = (base + off) as usize;
+                        *dk = dot_axpy::<F, FMA>(go, &img[o..o + cg], &mut gin[o..o + cg], m * wv);
+                    }
                 }
-                gmask_pix[gp] = s.w[0] * d0 + s.w[1] * d1 + s.w[2] * d2 + s.w[3] * d3;
-                let (lx, ly) = (s.lx, s.ly);
-                let ddx = (F::ONE - ly) * (d1 - d0) + ly * (d3 - d2);
-                let ddy = (F::ONE - lx) * (d2 - d0) + lx * (d3 - d1);
+                gmask_pix[gp] = corners[0].2 * d[0]
+                    + corners[1].2 * d[1]
+                    + corners[2].2 * d[2]
+                    + corners[3].2 * d[3];
+                let ddx = hy * (d[1] - d[0]) + ly * (d[3] - d[2]);
+                let ddy = hx * (d[2] - d[0]) + lx * (d[3] - d[1]);
                 let ms = m * prm.sigma;
                 goff_pix[2 * gp] = ms * ddx;
                 goff_pix[2 * gp + 1] = ms * ddy;
-                for (corner, &wc) in s.corners.iter().zip(&s.w) {
-                    if let Some(o) = *corner {
-                        let f = m * wc;
-                        for (gi, &o) in gin[o..o + cg].iter_mut().zip(go) {
-                            *gi += f * o;
-                        }
-                    }
-                }
             }
         }
     }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn backward_range_avx2<F: Acc>(
+    prm: &Params<F>,
+    n: usize,
+    px_range: std::ops::Range<usize>,
+    img: &[F],
+    offset: &[F],
+    mask: &[F],
+    grad_out: &[F],
+    gin: &mut [F],
+    goff: &mut [F],
+    gmask: &mut [F],
+) {
+    backward_range::<F, true>(
+        prm, n, px_range, img, offset, mask, grad_out, gin, goff, gmask,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_range_dispatch<F: Acc>(
+    prm: &Params<F>,
+    n: usize,
+    px_range: std::ops::Range<usize>,
+    img: &[F],
+    offset: &[F],
+    mask: &[F],
+    grad_out: &[F],
+    gin: &mut [F],
+    goff: &mut [F],
+    gmask: &mut [F],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if has_fma() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked by `has_fma`).
+        unsafe {
+            backward_range_avx2(
+                prm, n, px_range, img, offset, mask, grad_out, gin, goff, gmask,
+            )
+        };
+        return;
+    }
+    backward_range::<F, false>(
+        prm, n, px_range, img, offset, mask, grad_out, gin, goff, gmask,
+    )
 }
 
 /// Backward: fills `gin` (length `g.input_len()`, zero-initialised), `goff` (`g.offset_len()`)
@@ -347,7 +578,6 @@ pub(crate) fn backward<F: Acc>(
     } else {
         threads.div_ceil(g.n).min(hw_out).max(1)
     };
-    let zeros = vec![F::ZERO; g.group_channels];
     gin.par_chunks_mut(img_len)
         .zip(goff.par_chunks_mut(hw_out * gp_len * 2))
         .zip(gmask.par_chunks_mut(hw_out * gp_len))
@@ -355,7 +585,7 @@ pub(crate) fn backward<F: Acc>(
         .for_each(|(n, ((gi, go), gm))| {
             let img = &input[n * img_len..(n + 1) * img_len];
             if splits == 1 {
-                backward_range(
+                backward_range_dispatch(
                     &prm,
                     n,
                     0..hw_out,
@@ -366,7 +596,6 @@ pub(crate) fn backward<F: Acc>(
                     gi,
                     go,
                     gm,
-                    &zeros,
                 );
                 return;
             }
@@ -385,7 +614,7 @@ pub(crate) fn backward<F: Acc>(
                 .for_each(|(s, ((target, go_s), gm_s))| {
                     let start = s * per;
                     let end = (start + per).min(hw_out);
-                    backward_range(
+                    backward_range_dispatch(
                         &prm,
                         n,
                         start..end,
@@ -396,7 +625,6 @@ pub(crate) fn backward<F: Acc>(
                         target,
                         go_s,
                         gm_s,
-                        &zeros,
                     );
                 });
             // Sum the private buffers into the image's gradient (the first range wrote there).
