@@ -29,12 +29,15 @@
 //! be read or decoded gets an error line (on stderr, and an `"error"` entry with `--json`); the
 //! other files are still classified, and the exit status is 1 when any file failed.
 //!
-//! Sample output (InternImage-T, `assets/chelsea.png`):
+//! Output format (shown for the 100-class test network of `../shared/fixtures`, whose head has no
+//! ImageNet label set; a 1000-class head prints `name  (wnid, class i)` instead):
 //!
 //! ```text
-//! assets/chelsea.png
-//!    1.  62.87%  tabby, tabby cat  (n02123045, class 281)
-//!    ...
+//! $ classify --weights ../shared/fixtures/weights/tiny_b.safetensors --config tiny_b_config.json --top-k 3
+//! /path/to/assets/chelsea.png
+//!    1.    1.25%  class 17
+//!    2.    1.20%  class 94
+//!    3.    1.17%  class 29
 //! ```
 
 use std::path::{Path, PathBuf};

@@ -28,13 +28,22 @@
 //! `internimage_t_1k_224`), `--weights PATH` and `--config PATH` (local files, no network),
 //! `--device cpu|cuda|metal`, `--dtype f32|f16|bf16`, `-h/--help`.
 //!
-//! Sample output (the tiny test network, `--weights ../shared/fixtures/weights/tiny_b.safetensors`):
+//! Sample output (the tiny test network: `--weights ../shared/fixtures/weights/tiny_b.safetensors
+//! --config tiny_b_config.json`, the sample photo):
 //!
 //! ```text
+//! image assets/chelsea.png 451x300
 //! input 1203x800 (scale 2.667), padded to 1216x800
-//! level  shape               stride  channels
-//!     0  [1, 12, 200, 304]        4        12
-//!     ...
+//! backbone forward in 1.05s (F32, Cpu)
+//! level  shape                 stride  channels
+//!     0  [1, 12, 200, 304]          4        12
+//!     1  [1, 24, 100, 152]          8        24
+//!     2  [1, 48, 50, 76]           16        48
+//!     3  [1, 96, 25, 38]           32        96
+//! DCNv3 sampling of level 2 block 0 at level pixel (x 38, y 25) = image (227.6, 149.7); 12 groups x 9 points, offset_scale 2
+//! group 0:   p  grid (x, y)         learned (x, y)      weight
+//!            0  (  215.6,   137.7)  (  230.4,   135.5)  0.045
+//!            ...
 //! ```
 
 use std::collections::HashMap;
