@@ -1,1 +1,491 @@
-fn main() {}
+//! CPU speed and peak memory of InternImage-T with random weights.
+//!
+//! `cargo bench --bench model` (optionally `-- <case substring>...`). Every case runs in a fresh
+//! subprocess of this binary, so the peak RSS (`VmHWM`) is per case. Times are medians after
+//! warm-up. The `reference` rows run the same network with `INTERNIMAGE_REFERENCE_OPS=1`, i.e.
+//! candle's own `gelu_erf` and grouped `conv2d` instead of this crate's CPU kernels: the speed-up
+//! column is measured against that same-run baseline. The `op:` rows time single operators at
+//! InternImage-T shapes (candle's op vs ours).
+
+use candle_core::{DType, Device, Module, Result, Shape, Tensor};
+use candle_nn::{Init, VarBuilder};
+use internimage::{Config, InternImage};
+use std::process::Command;
+use std::time::Instant;
+
+/// Random weights of a sensible scale: N(0, 0.02) matrices and biases, unit norm scales, zero
+/// BatchNorm means and unit variances. (Zeros would make the DCNv3 offsets trivial.)
+struct RandomWeights;
+
+impl candle_nn::var_builder::SimpleBackend for RandomWeights {
+    fn get(&self, s: Shape, name: &str, _h: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
+        let leaf = name.rsplit('.').next().unwrap_or(name);
+        let t = if leaf == "running_var" {
+            Tensor::ones(s, DType::F32, dev)?
+        } else if leaf == "running_mean" || leaf == "num_batches_tracked" {
+            Tensor::zeros(s, DType::F32, dev)?
+        } else if s.rank() == 1 && (leaf == "weight" || leaf.starts_with("gamma")) {
+            Tensor::ones(s, DType::F32, dev)?
+        } else {
+            Tensor::randn(0f32, 0.02, s, dev)?
+        };
+        t.to_dtype(dtype)
+    }
+
+    fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> Result<Tensor> {
+        candle_core::bail!("random weights: {name} requested without a shape")
+    }
+
+    fn contains_tensor(&self, _name: &str) -> bool {
+        true
+    }
+}
+
+fn vb() -> VarBuilder<'static> {
+    VarBuilder::from_backend(Box::new(RandomWeights), DType::F32, Device::Cpu)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Peak resident set (VmHWM) of this process in MiB.
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// CPU time consumed so far by all threads of this process, in seconds.
+fn cpu_secs() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we pass.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return f64::NAN;
+    }
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
+/// When `BENCH_CPU_TIME` is set, `time_it` reports process CPU time instead of wall time (useful
+/// single-threaded on a busy machine, where wall time mostly measures the other processes).
+fn use_cpu_time() -> bool {
+    std::env::var_os("BENCH_CPU_TIME").is_some()
+}
+
+/// Runs `f` `warm` + `runs` times; returns the median seconds of the timed runs.
+fn time_it(warm: usize, runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    for _ in 0..warm {
+        f()?;
+    }
+    let cpu = use_cpu_time();
+    let mut ts = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let (t, c) = (Instant::now(), if cpu { cpu_secs() } else { 0.0 });
+        f()?;
+        ts.push(if cpu {
+            cpu_secs() - c
+        } else {
+            t.elapsed().as_secs_f64()
+        });
+    }
+    Ok(median(ts))
+}
+
+struct Case {
+    name: &'static str,
+    /// Run with candle's generic ops instead of ours.
+    reference: bool,
+    what: &'static str,
+}
+
+const CASES: &[Case] = &[
+    Case {
+        name: "t224_b1",
+        reference: false,
+        what: "T, 224x224, batch 1, logits",
+    },
+    Case {
+        name: "t224_b8",
+        reference: false,
+        what: "T, 224x224, batch 8, logits",
+    },
+    Case {
+        name: "t512_backbone_b1",
+        reference: false,
+        what: "T backbone, 512x512, batch 1, 4 stages",
+    },
+    Case {
+        name: "t224_b1_reference",
+        reference: true,
+        what: "T, 224, batch 1, candle gelu_erf + grouped conv2d",
+    },
+    Case {
+        name: "t224_b8_reference",
+        reference: true,
+        what: "T, 224, batch 8, candle gelu_erf + grouped conv2d",
+    },
+    Case {
+        name: "ops",
+        reference: false,
+        what: "single operators, candle vs ours",
+    },
+];
+
+/// One model case in this process: prints `RESULT <name> <ms/img> <img/s> <rss MiB>`.
+fn run_model_case(name: &str) -> Result<()> {
+    let (size, batch, backbone) = match name.trim_end_matches("_reference") {
+        "t224_b1" => (224, 1, false),
+        "t224_b8" => (224, 8, false),
+        "t512_backbone_b1" => (512, 1, true),
+        other => candle_core::bail!("unknown case {other}"),
+    };
+    let cfg = Config::t();
+    let x = Tensor::randn(0f32, 1.0, (batch, 3, size, size), &Device::Cpu)?;
+    let (warm, runs) = match (name.ends_with("_reference"), batch) {
+        (true, _) => (1, 3),
+        (false, 1) => (3, 15),
+        (false, _) => (2, 5),
+    };
+    let secs = if backbone {
+        let m = InternImage::backbone(&cfg, &[0, 1, 2, 3], vb())?;
+        time_it(warm, runs, || m.forward_features(&x).map(|_| ()))?
+    } else {
+        let m = InternImage::new(&cfg, vb())?;
+        time_it(warm, runs, || {
+            let y = m.forward(&x)?;
+            if y.dims() != [batch, cfg.num_classes] {
+                candle_core::bail!("unexpected logits shape {:?}", y.dims());
+            }
+            Ok(())
+        })?
+    };
+    let per_img = secs / batch as f64;
+    println!(
+        "RESULT {name} {:.2} {:.2} {:.1}",
+        per_img * 1e3,
+        1.0 / per_img,
+        peak_rss_mib()
+    );
+    Ok(())
+}
+
+/// Operator timings: prints `OP <label> <candle ms> <ours ms>`.
+fn run_ops() -> Result<()> {
+    use internimage::ops::depthwise::DepthwiseConv2dNhwc;
+    let dev = Device::Cpu;
+    // GELU on the stage-1 MLP hidden activations.
+    let h = Tensor::randn(0f32, 2.0, (1, 56, 56, 256), &dev)?;
+    let a = time_it(3, 20, || h.gelu_erf().map(|_| ()))?;
+    let b = time_it(3, 20, || internimage::ops::gelu_erf(&h).map(|_| ()))?;
+    println!("OP gelu_erf_56x56x256 {:.3} {:.3}", a * 1e3, b * 1e3);
+    // fc1 + bias + GELU (stage 1): unfused candle vs fused.
+    let x = Tensor::randn(0f32, 1.0, (1, 56, 56, 64), &dev)?;
+    let lin = candle_nn::Linear::new(
+        Tensor::randn(0f32, 0.1, (256, 64), &dev)?,
+        Some(Tensor::randn(0f32, 0.1, 256, &dev)?),
+    );
+    let a = time_it(3, 20, || lin.forward(&x)?.gelu_erf().map(|_| ()))?;
+    let b = time_it(3, 20, || {
+        internimage::ops::linear_gelu(&x, &lin).map(|_| ())
+    })?;
+    println!("OP fc1+gelu_56x56x64->256 {:.3} {:.3}", a * 1e3, b * 1e3);
+    for (hw, c) in [(56usize, 64usize), (28, 128), (14, 256), (7, 512)] {
+        let x = Tensor::randn(0f32, 1.0, (1, hw, hw, c), &dev)?;
+        let w = Tensor::randn(0f32, 0.2, (c, 1, 3, 3), &dev)?;
+        let bias = Tensor::randn(0f32, 0.2, c, &dev)?;
+        let m = DepthwiseConv2dNhwc::new(&w, Some(&bias), 1)?;
+        // The portable formulation: NHWC -> NCHW, grouped conv2d, back to NHWC.
+        let a = time_it(1, 5, || {
+            let y = x
+                .permute((0, 3, 1, 2))?
+                .contiguous()?
+                .conv2d(&w, 1, 1, 1, c)?;
+            y.broadcast_add(&bias.reshape((1, c, 1, 1))?)?
+                .permute((0, 2, 3, 1))?
+                .contiguous()
+                .map(|_| ())
+        })?;
+        let b = time_it(5, 50, || m.forward(&x).map(|_| ()))?;
+        println!("OP dwconv3x3_{hw}x{hw}x{c} {:.3} {:.3}", a * 1e3, b * 1e3);
+    }
+    Ok(())
+}
+
+/// Times every operator of one InternImage-T forward (224, batch 1) at its real shape and
+/// prints `BRK <category> <ms per forward>` (operator time x number of uses).
+fn run_breakdown() -> Result<()> {
+    use candle_nn::ops::softmax_last_dim;
+    use internimage::ops::depthwise::DepthwiseConv2dNhwc;
+    use internimage::ops::{dcnv3, gelu_erf, Dcnv3Config};
+    use std::collections::BTreeMap;
+    let dev = Device::Cpu;
+    let mut cat: BTreeMap<&'static str, f64> = BTreeMap::new();
+    let mut add = |k: &'static str, secs: f64, times: usize| {
+        *cat.entry(k).or_insert(0.0) += secs * 1e3 * times as f64;
+    };
+    let (w, r) = (2, 9);
+    let ln = |c: usize| -> Result<candle_nn::LayerNorm> {
+        Ok(candle_nn::LayerNorm::new(
+            Tensor::ones(c, DType::F32, &dev)?,
+            Tensor::zeros(c, DType::F32, &dev)?,
+            1e-6,
+        ))
+    };
+    let lin = |i: usize, o: usize| -> Result<candle_nn::Linear> {
+        Ok(candle_nn::Linear::new(
+            Tensor::randn(0f32, 0.02, (o, i), &dev)?,
+            Some(Tensor::randn(0f32, 0.02, o, &dev)?),
+        ))
+    };
+    // Stem: conv 3->32 s2, LN, GELU, conv 32->64 s2, LN (with the NCHW/NHWC permutes).
+    let img = Tensor::randn(0f32, 1.0, (1, 3, 224, 224), &dev)?;
+    let c1 = Tensor::randn(0f32, 0.02, (32, 3, 3, 3), &dev)?;
+    let c2 = Tensor::randn(0f32, 0.02, (64, 32, 3, 3), &dev)?;
+    let s1 = img.conv2d(&c1, 1, 2, 1, 1)?;
+    add(
+        "conv (stem, downsample)",
+        time_it(w, r, || img.conv2d(&c1, 1, 2, 1, 1).map(|_| ()))?,
+        1,
+    );
+    let s1n = s1.permute((0, 2, 3, 1))?.contiguous()?;
+    add(
+        "permute+contiguous",
+        time_it(w, r, || s1.permute((0, 2, 3, 1))?.contiguous().map(|_| ()))?,
+        1,
+    );
+    add(
+        "layernorm",
+        time_it(w, r, || ln(32)?.forward(&s1n).map(|_| ()))?,
+        1,
+    );
+    add("gelu", time_it(w, r, || gelu_erf(&s1n).map(|_| ()))?, 1);
+    let s1c = s1n.permute((0, 3, 1, 2))?;
+    add(
+        "conv (stem, downsample)",
+        time_it(w, r, || s1c.conv2d(&c2, 1, 2, 1, 1).map(|_| ()))?,
+        1,
+    );
+    let cfg = Config::t();
+    for i in 0..4 {
+        let c = cfg.stage_channels(i);
+        let hw = 56 >> i;
+        let g = cfg.groups[i];
+        let d = cfg.depths[i];
+        let x = Tensor::randn(0f32, 1.0, (1, hw, hw, c), &dev)?;
+        add(
+            "layernorm",
+            time_it(w, r, || ln(c)?.forward(&x).map(|_| ()))?,
+            3 * d,
+        );
+        for (o, k) in [(c, 2), (g * 18, 1), (g * 9, 1)] {
+            let l = lin(c, o)?;
+            add(
+                "linear (dcn: input/offset/mask/output)",
+                time_it(w, r, || l.forward(&x).map(|_| ()))?,
+                k * d,
+            );
+        }
+        let l1 = lin(c, 4 * c)?;
+        let l2 = lin(4 * c, c)?;
+        let h = l1.forward(&x)?;
+        add(
+            "linear (mlp fc1, fc2)",
+            time_it(w, r, || l1.forward(&x).map(|_| ()))?,
+            d,
+        );
+        add(
+            "linear (mlp fc1, fc2)",
+            time_it(w, r, || l2.forward(&h).map(|_| ()))?,
+            d,
+        );
+        add("gelu", time_it(w, r, || gelu_erf(&h).map(|_| ()))?, d);
+        add("gelu", time_it(w, r, || gelu_erf(&x).map(|_| ()))?, d);
+        let dw = DepthwiseConv2dNhwc::new(&Tensor::randn(0f32, 0.2, (c, 1, 3, 3), &dev)?, None, 1)?;
+        add(
+            "depthwise conv",
+            time_it(w, r, || dw.forward(&x).map(|_| ()))?,
+            d,
+        );
+        let m = Tensor::randn(0f32, 1.0, (1, hw, hw, g * 9), &dev)?;
+        add(
+            "softmax (reshape+contiguous+softmax)",
+            time_it(w, r, || {
+                let t = m.reshape((1, hw, hw, g, 9))?.contiguous()?;
+                softmax_last_dim(&t)?.reshape((1, hw, hw, ())).map(|_| ())
+            })?,
+            d,
+        );
+        let off = (Tensor::randn(0f32, 1.0, (1, hw, hw, g * 18), &dev)? * 0.5)?;
+        let mask = softmax_last_dim(&m.reshape((1, hw, hw, g, 9))?)?.reshape((1, hw, hw, g * 9))?;
+        let dc = Dcnv3Config::internimage(g, c / g, 1.0);
+        add(
+            "dcnv3 core",
+            time_it(w, r, || dcnv3(&x, &off, &mask, &dc).map(|_| ()))?,
+            d,
+        );
+        add(
+            "residual add",
+            time_it(w, r, || (&x + &x).map(|_| ()))?,
+            2 * d,
+        );
+        if i < 3 {
+            let cw = Tensor::randn(0f32, 0.02, (2 * c, c, 3, 3), &dev)?;
+            let xc = x.permute((0, 3, 1, 2))?;
+            let y = xc.conv2d(&cw, 1, 2, 1, 1)?;
+            add(
+                "conv (stem, downsample)",
+                time_it(w, r, || xc.conv2d(&cw, 1, 2, 1, 1).map(|_| ()))?,
+                1,
+            );
+            add(
+                "permute+contiguous",
+                time_it(w, r, || y.permute((0, 2, 3, 1))?.contiguous().map(|_| ()))?,
+                1,
+            );
+            let yn = y.permute((0, 2, 3, 1))?.contiguous()?;
+            add(
+                "layernorm",
+                time_it(w, r, || ln(2 * c)?.forward(&yn).map(|_| ()))?,
+                1,
+            );
+        }
+    }
+    // Head: 1x1 conv 512->768 (as a linear), GELU, mean pool, Linear 768->1000.
+    let x = Tensor::randn(0f32, 1.0, (1, 7, 7, 512), &dev)?;
+    let p = lin(512, 768)?;
+    let fc = lin(768, 1000)?;
+    add(
+        "head",
+        time_it(w, r, || {
+            let y = gelu_erf(&p.forward(&x)?)?.reshape((1, 49, 768))?.mean(1)?;
+            fc.forward(&y).map(|_| ())
+        })?,
+        1,
+    );
+    for (k, v) in &cat {
+        println!("BRK {} {v:.3}", k.replace(' ', "_"));
+    }
+    Ok(())
+}
+
+fn child(name: &str) -> Result<()> {
+    if name == "breakdown" {
+        run_breakdown()
+    } else if name == "ops" {
+        run_ops()
+    } else {
+        run_model_case(name)
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(i) = args.iter().position(|a| a == "--case") {
+        let Some(name) = args.get(i + 1) else {
+            eprintln!("--case needs a name");
+            std::process::exit(2);
+        };
+        if let Err(e) = child(name) {
+            eprintln!("case {name} failed: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    let filters: Vec<&String> = args.iter().filter(|a| !a.starts_with("--")).collect();
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("cannot find the bench binary: {e}");
+            std::process::exit(1);
+        }
+    };
+    println!(
+        "InternImage-T CPU benchmark: {} threads (candle get_num_threads), f32, random N(0, 0.02) weights, {}",
+        candle_core::utils::get_num_threads(),
+        if use_cpu_time() { "CPU time of all threads (BENCH_CPU_TIME)" } else { "wall time" }
+    );
+    let mut results: Vec<(String, f64, f64, f64)> = Vec::new();
+    let mut ops: Vec<(String, f64, f64)> = Vec::new();
+    let mut brk: Vec<(String, f64)> = Vec::new();
+    for case in CASES {
+        if !filters.is_empty() && !filters.iter().any(|f| case.name.contains(f.as_str())) {
+            continue;
+        }
+        eprintln!("running {} ({})", case.name, case.what);
+        let mut cmd = Command::new(&exe);
+        cmd.args(["--case", case.name]);
+        if case.reference {
+            cmd.env("INTERNIMAGE_REFERENCE_OPS", "1");
+        } else {
+            cmd.env_remove("INTERNIMAGE_REFERENCE_OPS");
+        }
+        let out = match cmd.output() {
+            Ok(o) => o,
+            Err(e) => {
+                eprintln!("  failed to start: {e}");
+                continue;
+            }
+        };
+        if !out.status.success() {
+            eprintln!("  failed: {}", String::from_utf8_lossy(&out.stderr));
+            continue;
+        }
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let num = |i: usize| {
+                f.get(i)
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .unwrap_or(f64::NAN)
+            };
+            match f.first() {
+                Some(&"RESULT") if f.len() == 5 => {
+                    results.push((f[1].to_string(), num(2), num(3), num(4)))
+                }
+                Some(&"OP") if f.len() == 4 => ops.push((f[1].to_string(), num(2), num(3))),
+                Some(&"BRK") if f.len() == 3 => brk.push((f[1].replace('_', " "), num(2))),
+                _ => {}
+            }
+        }
+    }
+    let find = |n: &str| results.iter().find(|r| r.0 == n).map(|r| r.1);
+    if !results.is_empty() {
+        println!();
+        println!("| case | ms / image | images / s | peak RSS MiB | speed-up vs reference ops |");
+        println!("|---|---:|---:|---:|---:|");
+        for (name, ms, ips, rss) in &results {
+            let base = find(&format!("{name}_reference"));
+            let ratio = base.map_or(String::from("-"), |b| format!("{:.1}x", b / ms));
+            println!("| {name} | {ms:.1} | {ips:.2} | {rss:.0} | {ratio} |");
+        }
+        if let (Some(b1), Some(b8)) = (find("t224_b1"), find("t224_b8")) {
+            println!("\nbatch 8 vs batch 1 throughput: {:.2}x", b1 / b8);
+        }
+    }
+    if !ops.is_empty() {
+        println!();
+        println!("| operator (T shapes) | candle ms | ours ms | speed-up |");
+        println!("|---|---:|---:|---:|");
+        for (name, a, b) in &ops {
+            println!("| {name} | {a:.3} | {b:.3} | {:.1}x |", a / b);
+        }
+    }
+    if !brk.is_empty() {
+        let total: f64 = brk.iter().map(|b| b.1).sum();
+        brk.sort_by(|a, b| b.1.total_cmp(&a.1));
+        println!();
+        println!("| T 224 b1 forward, by operator type (timed alone x uses) | ms | share |");
+        println!("|---|---:|---:|");
+        for (k, v) in &brk {
+            println!("| {k} | {v:.1} | {:.0}% |", 100.0 * v / total);
+        }
+        println!("| sum | {total:.1} | |");
+    }
+}

@@ -11,7 +11,7 @@ use candle_core::{CpuStorage, CustomOp1, DType, InplaceOp2, Layout, Result, Shap
 use half::{bf16, f16, slice::HalfFloatSliceExt};
 use rayon::prelude::*;
 
-use super::simd::{dispatch_fma, fmadd};
+use super::simd::{dispatch_fma, fmadd, reference_ops};
 
 /// Beyond this `|x|`, `erf(x)` is +-1 to f32 precision.
 const ERF_CLAMP: f32 = 3.92;
@@ -208,6 +208,7 @@ impl CustomOp1 for GeluErfOp {
 /// devices and inputs that track gradients use candle's `gelu_erf`, so training still works.
 pub fn gelu_erf(xs: &Tensor) -> Result<Tensor> {
     if !xs.device().is_cpu()
+        || reference_ops()
         || xs.track_op()
         || !matches!(xs.dtype(), DType::F32 | DType::F16 | DType::BF16)
     {
@@ -272,6 +273,7 @@ pub fn linear_gelu(xs: &Tensor, linear: &candle_nn::Linear) -> Result<Tensor> {
     use candle_nn::Module;
     let w = linear.weight();
     let fused = xs.device().is_cpu()
+        && !reference_ops()
         && xs.dtype() == DType::F32
         && w.dtype() == DType::F32
         && !xs.track_op()

@@ -11,7 +11,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, T
 use half::{bf16, f16, slice::HalfFloatSliceExt};
 use rayon::prelude::*;
 
-use super::simd::{dispatch_fma, fmadd};
+use super::simd::{dispatch_fma, fmadd, reference_ops};
 
 /// A depthwise convolution with its weights laid out once as (kh * kw + 1, C): one row of C
 /// per tap, then the bias row (zeros when there is no bias).
@@ -72,6 +72,23 @@ impl DepthwiseConv2dNhwc {
         Ok((hp + 1 - self.kh, wp + 1 - self.kw))
     }
 
+    /// Baseline: candle's grouped `conv2d` (one convolution per channel) on NCHW.
+    fn forward_grouped_conv2d(&self, xs: &Tensor) -> Result<Tensor> {
+        let c = self.channels;
+        let kk = self.kh * self.kw;
+        let packed = self.packed.to_dtype(xs.dtype())?;
+        let weight = packed
+            .narrow(0, 0, kk)?
+            .t()?
+            .reshape((c, 1, self.kh, self.kw))?;
+        let bias = packed.get(kk)?.reshape((1, c, 1, 1))?;
+        let nchw = xs.permute((0, 3, 1, 2))?.contiguous()?;
+        let y = nchw
+            .conv2d(&weight, self.pad, 1, 1, c)?
+            .broadcast_add(&bias)?;
+        y.permute((0, 2, 3, 1))?.contiguous()
+    }
+
     /// Portable path: sum of shifted views times per-channel weights (runs on any device).
     fn forward_tensor_ops(&self, xs: &Tensor) -> Result<Tensor> {
         let (_n, h, w, _c) = xs.dims4()?;
@@ -109,6 +126,9 @@ impl Module for DepthwiseConv2dNhwc {
             && matches!(xs.dtype(), DType::F32 | DType::F16 | DType::BF16)
             && !xs.track_op()
             && !self.packed.track_op();
+        if xs.device().is_cpu() && reference_ops() {
+            return self.forward_grouped_conv2d(xs);
+        }
         if !cpu_kernel {
             return self.forward_tensor_ops(xs);
         }

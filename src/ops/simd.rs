@@ -16,6 +16,17 @@ pub(crate) fn fmadd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     }
 }
 
+/// True when the environment variable `INTERNIMAGE_REFERENCE_OPS` is set (to anything but `0`)
+/// at the first call: the fast CPU kernels then defer to candle's generic ops (exact GELU via
+/// `Tensor::gelu_erf`, depthwise conv via the grouped `conv2d` on NCHW). Benchmark baselines and
+/// debugging only.
+pub(crate) fn reference_ops() -> bool {
+    static FLAG: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FLAG.get_or_init(|| {
+        std::env::var_os("INTERNIMAGE_REFERENCE_OPS").is_some_and(|v| !v.is_empty() && v != "0")
+    })
+}
+
 /// Whether the running CPU supports AVX2 and FMA (cached by the standard library).
 #[cfg(target_arch = "x86_64")]
 #[inline]
