@@ -52,7 +52,11 @@ impl Module for ConvHead {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let x = self.proj.forward_gelu(xs)?;
         let (n, h, w, c) = x.dims4()?;
-        x.reshape((n, h * w, c))?.mean(1)
+        // Average in f32: an f16 sum over large maps loses precision.
+        x.reshape((n, h * w, c))?
+            .to_dtype(DType::F32)?
+            .mean(1)?
+            .to_dtype(x.dtype())
     }
 }
 
@@ -124,7 +128,10 @@ impl ClipHead {
         let tokens = (y4 + y3)?.reshape((n, 4 * h * w, CLIP_DIM))?;
         let l = 4 * h * w;
         let hd = CLIP_DIM / CLIP_HEADS;
-        let q0 = tokens.mean_keepdim(1)?;
+        let q0 = tokens
+            .to_dtype(DType::F32)?
+            .mean_keepdim(1)?
+            .to_dtype(tokens.dtype())?;
         let q = self.q.forward(&self.norm_q.forward(&q0)?)?;
         let k = self.k.forward(&self.norm_k.forward(&tokens)?)?;
         let v = self.v.forward(&self.norm_v.forward(&tokens)?)?;
