@@ -83,6 +83,7 @@ fn run_parity(net: &str, weights_ext: &str) {
 
     let mut failures = Vec::new();
     let mut checked = 0;
+    let mut worst_abs = 0f64;
     for (name, reference) in expected.iter() {
         let meta = &tensors[name.as_str()];
         let atol = meta["atol"].as_f64().unwrap();
@@ -93,6 +94,7 @@ fn run_parity(net: &str, weights_ext: &str) {
         };
         let (worst, max_abs) = compare(o, reference, atol, rtol);
         checked += 1;
+        worst_abs = worst_abs.max(max_abs);
         if worst > 0.0 {
             failures.push(format!(
                 "{name}: max |diff| {max_abs:.3e} exceeds atol {atol:.1e} + rtol {rtol:.1e}*|ref|"
@@ -115,6 +117,9 @@ fn run_parity(net: &str, weights_ext: &str) {
         failures.join("\n")
     );
     assert!(checked >= 19, "only {checked} tensors compared");
+    println!(
+        "{net} from .{weights_ext}: {checked} tensors within tolerance, max |diff| {worst_abs:.2e}"
+    );
 }
 
 #[test]
