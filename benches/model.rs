@@ -197,6 +197,31 @@ fn run_ops() -> Result<()> {
         internimage::ops::linear_gelu(&x, &lin).map(|_| ())
     })?;
     println!("OP fc1+gelu_56x56x64->256 {:.3} {:.3}", a * 1e3, b * 1e3);
+    // LayerNorm and the DCNv3 mask softmax at stage-1 and stage-3 shapes.
+    for (hw, c, g) in [(56usize, 64usize, 4usize), (14, 256, 16)] {
+        let x = Tensor::randn(0f32, 1.0, (1, hw, hw, c), &dev)?;
+        let (lw, lb) = (
+            Tensor::ones(c, DType::F32, &dev)?,
+            Tensor::zeros(c, DType::F32, &dev)?,
+        );
+        let ln = candle_nn::LayerNorm::new(lw.clone(), lb.clone(), 1e-6);
+        let a = time_it(3, 20, || ln.forward(&x).map(|_| ()))?;
+        let b = time_it(3, 20, || {
+            internimage::ops::layer_norm_last_dim(&x, &lw, &lb, 1e-6).map(|_| ())
+        })?;
+        println!("OP layernorm_{hw}x{hw}x{c} {:.3} {:.3}", a * 1e3, b * 1e3);
+        let m = Tensor::randn(0f32, 1.0, (1, hw, hw, g * 9), &dev)?;
+        let a = time_it(3, 20, || {
+            let t = m.reshape((1, hw, hw, g, 9))?;
+            candle_nn::ops::softmax_last_dim(&t)?
+                .reshape((1, hw, hw, ()))
+                .map(|_| ())
+        })?;
+        let b = time_it(3, 20, || {
+            internimage::ops::softmax_groups(&m, 9).map(|_| ())
+        })?;
+        println!("OP softmax9_{hw}x{hw}x{g}x9 {:.3} {:.3}", a * 1e3, b * 1e3);
+    }
     for (hw, c) in [(56usize, 64usize), (28, 128), (14, 256), (7, 512)] {
         let x = Tensor::randn(0f32, 1.0, (1, hw, hw, c), &dev)?;
         let w = Tensor::randn(0f32, 0.2, (c, 1, 3, 3), &dev)?;

@@ -236,3 +236,69 @@ fn depthwise_rejects_bad_shapes() {
     let wt = Tensor::zeros((8, 1, 3, 3), DType::F32, &dev).unwrap();
     assert!(depthwise_conv2d_nhwc(&x, &wt, Some(&b), 1).is_err());
 }
+
+#[test]
+fn layer_norm_matches_f64_reference() {
+    use internimage::ops::layer_norm_last_dim;
+    let dev = Device::Cpu;
+    for (shape, c) in [
+        ((2usize, 5usize, 7usize), 64usize),
+        ((1, 3, 4), 45),
+        ((1, 1, 2), 3),
+    ] {
+        let x = (Tensor::randn(0f32, 2.0, (shape.0, shape.1, shape.2, c), &dev).unwrap() + 3.0)
+            .unwrap();
+        let w = Tensor::randn(0f32, 1.0, c, &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, c, &dev).unwrap();
+        let ours = layer_norm_last_dim(&x, &w, &b, 1e-6).unwrap();
+        let x64 = x.to_dtype(DType::F64).unwrap();
+        let mean = x64.mean_keepdim(3).unwrap();
+        let xc = x64.broadcast_sub(&mean).unwrap();
+        let var = xc.sqr().unwrap().mean_keepdim(3).unwrap();
+        let reference = xc
+            .broadcast_div(&(var + 1e-6).unwrap().sqrt().unwrap())
+            .unwrap()
+            .broadcast_mul(&w.to_dtype(DType::F64).unwrap())
+            .unwrap()
+            .broadcast_add(&b.to_dtype(DType::F64).unwrap())
+            .unwrap();
+        let e = excess(&ours, &reference, 2e-5, 2e-5);
+        assert!(e <= 0.0, "layer norm C={c} off by {e:e}");
+        // Non-contiguous input gives the same result.
+        let xt = x.transpose(1, 2).unwrap();
+        let ot = layer_norm_last_dim(&xt, &w, &b, 1e-6).unwrap();
+        let rt = reference.transpose(1, 2).unwrap();
+        assert!(excess(&ot, &rt, 2e-5, 2e-5) <= 0.0);
+    }
+    let x = Tensor::zeros((2, 8), DType::F32, &dev).unwrap();
+    let w = Tensor::ones(7, DType::F32, &dev).unwrap();
+    assert!(layer_norm_last_dim(&x, &w, &w, 1e-6).is_err());
+}
+
+#[test]
+fn softmax_groups_matches_candle() {
+    use internimage::ops::softmax_groups;
+    let dev = Device::Cpu;
+    for (g, p) in [(4usize, 9usize), (3, 8), (5, 1), (2, 20)] {
+        let x = (Tensor::randn(0f32, 4.0, (2, 6, 5, g * p), &dev).unwrap() + 10.0).unwrap();
+        let ours = softmax_groups(&x, p).unwrap();
+        let reference = candle_nn::ops::softmax(
+            &x.to_dtype(DType::F64)
+                .unwrap()
+                .reshape((2, 6, 5, g, p))
+                .unwrap(),
+            4,
+        )
+        .unwrap()
+        .reshape((2, 6, 5, g * p))
+        .unwrap();
+        let e = excess(&ours, &reference, 1e-7, 2e-6);
+        assert!(e <= 0.0, "softmax groups ({g}, {p}) off by {e:e}");
+    }
+    // Extreme logits: no overflow, rows still sum to one.
+    let x = Tensor::new(&[[1000f32, -1000.0, 0.0], [-80.0, -90.0, -100.0]], &dev).unwrap();
+    let s = softmax_groups(&x, 3).unwrap().to_vec2::<f32>().unwrap();
+    assert!((s[0][0] - 1.0).abs() < 1e-6 && s[0][1] < 1e-30);
+    assert!((s[1].iter().sum::<f32>() - 1.0).abs() < 1e-6 && (s[1][0] - 0.999_954_6).abs() < 1e-6);
+    assert!(softmax_groups(&x, 2).is_err());
+}

@@ -27,6 +27,31 @@ pub(crate) fn reference_ops() -> bool {
     })
 }
 
+/// `exp(x)` for f32 without library calls, so loops over it vectorise: Cody-Waite range reduction
+/// to `|r| <= ln2/2`, the classic degree-7 (Cephes) polynomial, and `2^n` by exponent bits.
+/// About 1 ulp over [-87.3, 88.3]; inputs are clamped there (so `exp(-inf)` gives ~1e-38, not 0).
+#[inline(always)]
+pub(crate) fn exp_f32<const FMA: bool>(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer without a library call.
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.3, 88.3);
+    let n = fmadd::<FMA>(x, LOG2E, ROUND) - ROUND;
+    let r = fmadd::<FMA>(-n, LN2_HI, x);
+    let r = fmadd::<FMA>(-n, LN2_LO, r);
+    let mut p = 1.987_569_1e-4;
+    p = fmadd::<FMA>(p, r, 1.398_2e-3);
+    p = fmadd::<FMA>(p, r, 8.333_452e-3);
+    p = fmadd::<FMA>(p, r, 4.166_579_6e-2);
+    p = fmadd::<FMA>(p, r, 1.666_666_5e-1);
+    p = fmadd::<FMA>(p, r, 0.5);
+    let y = fmadd::<FMA>(p, r * r, r) + 1.0;
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    y * scale
+}
+
 /// Whether the running CPU supports AVX2 and FMA (cached by the standard library).
 #[cfg(target_arch = "x86_64")]
 #[inline]

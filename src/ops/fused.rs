@@ -1,0 +1,249 @@
+//! Fused CPU kernels for the per-pixel normalisations of the network (channels-last):
+//! LayerNorm over the last dimension and the per-group softmax of the DCNv3 mask.
+//!
+//! Both are plain rayon-parallel loops over rows with vectorisable inner loops (AVX2+FMA chosen
+//! at run time on x86-64). Other devices, other dtypes and inputs that track gradients use the
+//! equivalent candle ops, so the functions can be called unconditionally.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
+
+use super::simd::{dispatch_fma, exp_f32, fmadd, reference_ops};
+
+/// Values per rayon task.
+const PAR_CHUNK: usize = 16 * 1024;
+
+/// Sum of a slice with 8 independent lanes (so the loop vectorises).
+#[inline(always)]
+fn sum8(xs: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = xs.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..8 {
+            acc[i] += c[i];
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for &v in rest {
+        s += v;
+    }
+    s
+}
+
+/// Sum of squared deviations from `mean`, 8 lanes.
+#[inline(always)]
+fn sq_dev8<const FMA: bool>(xs: &[f32], mean: f32) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = xs.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..8 {
+            let d = c[i] - mean;
+            acc[i] = fmadd::<FMA>(d, d, acc[i]);
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for &v in rest {
+        let d = v - mean;
+        s = fmadd::<FMA>(d, d, s);
+    }
+    s
+}
+
+/// LayerNorm of consecutive rows of `w.len()` values (two-pass mean/variance, in f32).
+#[inline(always)]
+fn ln_rows_generic<const FMA: bool>(src: &[f32], dst: &mut [f32], w: &[f32], b: &[f32], eps: f32) {
+    let c = w.len();
+    let inv_c = 1.0 / c as f32;
+    for (x, y) in src.chunks_exact(c).zip(dst.chunks_exact_mut(c)) {
+        let mean = sum8(x) * inv_c;
+        let var = sq_dev8::<FMA>(x, mean) * inv_c;
+        let rstd = 1.0 / (var + eps).sqrt();
+        for i in 0..c {
+            y[i] = fmadd::<FMA>((x[i] - mean) * rstd, w[i], b[i]);
+        }
+    }
+}
+
+dispatch_fma!(fn ln_rows(src: &[f32], dst: &mut [f32], w: &[f32], b: &[f32], eps: f32) => ln_rows_generic);
+
+/// LayerNorm as a custom op: (xs, weight, bias), all f32 and contiguous.
+struct LayerNormOp {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "internimage-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (Some((a0, a1)), Some((w0, w1)), Some((b0, b1))) = (
+            l1.contiguous_offsets(),
+            l2.contiguous_offsets(),
+            l3.contiguous_offsets(),
+        ) else {
+            candle_core::bail!("layer_norm: the CPU kernel needs contiguous inputs")
+        };
+        let (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) = (s1, s2, s3) else {
+            candle_core::bail!(
+                "layer_norm: the CPU kernel supports f32 only, got {:?}",
+                s1.dtype()
+            )
+        };
+        let (x, w, b) = (&x[a0..a1], &w[w0..w1], &b[b0..b1]);
+        let c = w.len();
+        if c == 0 || b.len() != c || x.len() % c != 0 {
+            candle_core::bail!(
+                "layer_norm: weight ({}) and bias ({}) must match the last dimension of {:?}",
+                c,
+                b.len(),
+                l1.dims()
+            )
+        }
+        let mut y = vec![0f32; x.len()];
+        let rows_per_task = (PAR_CHUNK / c).max(1) * c;
+        if x.len() <= PAR_CHUNK {
+            ln_rows(x, &mut y, w, b, self.eps);
+        } else {
+            y.par_chunks_mut(rows_per_task)
+                .zip(x.par_chunks(rows_per_task))
+                .for_each(|(yc, xc)| ln_rows(xc, yc, w, b, self.eps));
+        }
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+}
+
+/// LayerNorm over the last dimension: `(x - mean) / sqrt(var + eps) * weight + bias`
+/// (biased variance, as PyTorch's `nn.LayerNorm`).
+///
+/// `weight` and `bias` are (C) for an input (..., C). On the CPU in f32 this is a two-pass
+/// vectorised kernel; otherwise candle-nn's `layer_norm` (fused where candle has one).
+pub fn layer_norm_last_dim(
+    xs: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    let c = xs.dim(D::Minus1)?;
+    if weight.dims() != [c] || bias.dims() != [c] {
+        candle_core::bail!(
+            "layer_norm: weight {:?} and bias {:?} must both be ({c}) for an input {:?}",
+            weight.dims(),
+            bias.dims(),
+            xs.dims()
+        );
+    }
+    let fast = xs.device().is_cpu()
+        && !reference_ops()
+        && xs.dtype() == DType::F32
+        && weight.dtype() == DType::F32
+        && bias.dtype() == DType::F32
+        && !xs.track_op()
+        && !weight.track_op()
+        && !bias.track_op();
+    if !fast {
+        let ln = candle_nn::LayerNorm::new(weight.clone(), bias.clone(), eps);
+        return candle_core::Module::forward(&ln, &xs.contiguous()?);
+    }
+    xs.contiguous()?
+        .apply_op3_no_bwd(weight, bias, &LayerNormOp { eps: eps as f32 })
+}
+
+/// Softmax over consecutive groups of `p` values.
+#[inline(always)]
+fn softmax_groups_generic<const FMA: bool>(src: &[f32], dst: &mut [f32], p: usize) {
+    // Subtract each group's max, exponentiate everything in one vectorised pass, normalise.
+    for (x, y) in src.chunks_exact(p).zip(dst.chunks_exact_mut(p)) {
+        let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        for (yi, &xi) in y.iter_mut().zip(x) {
+            *yi = xi - m;
+        }
+    }
+    for v in dst.iter_mut() {
+        *v = exp_f32::<FMA>(*v);
+    }
+    for y in dst.chunks_exact_mut(p) {
+        let inv = 1.0 / y.iter().sum::<f32>();
+        for v in y.iter_mut() {
+            *v *= inv;
+        }
+    }
+}
+
+dispatch_fma!(fn softmax_groups_f32(src: &[f32], dst: &mut [f32], p: usize) => softmax_groups_generic);
+
+struct SoftmaxGroupsOp {
+    p: usize,
+}
+
+impl CustomOp1 for SoftmaxGroupsOp {
+    fn name(&self) -> &'static str {
+        "internimage-softmax-groups"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let Some((a0, a1)) = l.contiguous_offsets() else {
+            candle_core::bail!("softmax_groups: the CPU kernel needs a contiguous input")
+        };
+        let CpuStorage::F32(x) = s else {
+            candle_core::bail!(
+                "softmax_groups: the CPU kernel supports f32 only, got {:?}",
+                s.dtype()
+            )
+        };
+        let x = &x[a0..a1];
+        let p = self.p;
+        let mut y = vec![0f32; x.len()];
+        let per_task = (PAR_CHUNK / p).max(1) * p;
+        if x.len() <= PAR_CHUNK {
+            softmax_groups_f32(x, &mut y, p);
+        } else {
+            y.par_chunks_mut(per_task)
+                .zip(x.par_chunks(per_task))
+                .for_each(|(yc, xc)| softmax_groups_f32(xc, yc, p));
+        }
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+}
+
+/// Softmax over groups of `group_size` consecutive values of the last dimension: an input
+/// (..., G * P) is treated as (..., G, P) and normalised over P (the DCNv3 mask). Same shape out.
+///
+/// On the CPU in f32 this is one pass with a vectorised `exp` (about 1 ulp); otherwise a reshape
+/// and candle-nn's `softmax_last_dim`.
+pub fn softmax_groups(xs: &Tensor, group_size: usize) -> Result<Tensor> {
+    let last = xs.dim(D::Minus1)?;
+    if group_size == 0 || last % group_size != 0 {
+        candle_core::bail!(
+            "softmax_groups: the last dimension ({last}) of {:?} is not a multiple of the group size {group_size}",
+            xs.dims()
+        );
+    }
+    let fast =
+        xs.device().is_cpu() && !reference_ops() && xs.dtype() == DType::F32 && !xs.track_op();
+    if !fast {
+        let mut dims = xs.dims().to_vec();
+        dims.pop();
+        let mut grouped = dims.clone();
+        grouped.extend([last / group_size, group_size]);
+        let s = if xs.track_op() {
+            candle_nn::ops::softmax(&xs.reshape(grouped)?, D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&xs.contiguous()?.reshape(grouped)?)?
+        };
+        return s.reshape(xs.shape());
+    }
+    xs.contiguous()?
+        .apply_op1_no_bwd(&SoftmaxGroupsOp { p: group_size })
+}
