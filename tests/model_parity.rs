@@ -199,3 +199,30 @@ fn dcn_sampling_matches_core_arguments() {
         assert_eq!(s.offset.dims(), &[1, 14, 14, cfg.groups[2] * 18]);
     }
 }
+
+/// The DCNv3 layer on its own (tiny_b's first block is post-norm, so its DCNv3 input is the
+/// stem output): `dbg.photo.patch_embed` -> `dbg.photo.l0b0.dcn.out`.
+#[test]
+fn dcnv3_layer_standalone() {
+    use internimage::{Dcnv3Layer, Dcnv3LayerConfig};
+    let cfg = config("tiny_b");
+    let path = fixtures().join("weights/tiny_b.pth");
+    let vb = internimage::checkpoint::var_builder(&[&path], DType::F32, &Device::Cpu).unwrap();
+    let layer_cfg = Dcnv3LayerConfig::new(cfg.channels, cfg.groups[0], cfg.offset_scale);
+    let layer = Dcnv3Layer::new(&layer_cfg, vb.pp("levels.0.blocks.0.dcn")).unwrap();
+    assert_eq!(layer.core_config().group_channels, 4);
+    let expected = candle_core::safetensors::load(
+        fixtures().join("expected/tiny_b.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let out = layer.forward(&expected["dbg.photo.patch_embed"]).unwrap();
+    let (worst, _) = compare(&out, &expected["dbg.photo.l0b0.dcn.out"], 1e-4, 1e-4);
+    assert!(worst <= 0.0);
+    let s = layer.sampling(&expected["dbg.photo.patch_embed"]).unwrap();
+    let (worst, _) = compare(&s.mask, &expected["dbg.photo.l0b0.core.mask"], 1e-4, 1e-4);
+    assert!(worst <= 0.0);
+    // Wrong channel count -> error.
+    let bad = Tensor::zeros((1, 8, 8, 5), DType::F32, &Device::Cpu).unwrap();
+    assert!(layer.forward(&bad).is_err());
+}
