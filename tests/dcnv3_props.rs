@@ -637,3 +637,36 @@ fn bad_input_is_an_error() {
     let r = ip.apply_op3_no_bwd(&o, &m, &internimage::ops::dcnv3::Dcnv3Op::new(cfg));
     assert!(r.unwrap_err().to_string().contains("contiguous"));
 }
+
+#[test]
+fn non_finite_input_values_match_reference() {
+    // Inputs with inf/NaN take the kernel that reads only in-image corners; the result must
+    // match the reference element for element, non-finite entries included (NaN where any
+    // in-image corner read is NaN or inf times a zero weight, like the official op).
+    let mut rng = StdRng::seed_from_u64(23);
+    for _ in 0..40 {
+        let mut pb = Problem::random(&mut rng);
+        let len = pb.input.len();
+        for _ in 0..(len / 50).max(1) {
+            let k = rng.random_range(0..len);
+            pb.input[k] = [f64::INFINITY, f64::NEG_INFINITY, f64::NAN][rng.random_range(0..3)];
+        }
+        let (expect, _, _) = reference(&pb.input, pb.dims, &pb.offset, &pb.mask, &pb.cfg);
+        for dt in [DType::F64, DType::F32] {
+            let (i, o, m) = pb.tensors(dt);
+            let got = vec_f64(&dcnv3(&i, &o, &m, &pb.cfg).unwrap());
+            for (k, (x, y)) in got.iter().zip(&expect).enumerate() {
+                let same = if y.is_finite() {
+                    (x - y).abs() <= 1e-4 + 1e-4 * y.abs()
+                } else {
+                    x.is_nan() == y.is_nan() && (y.is_nan() || x == y)
+                };
+                assert!(
+                    same,
+                    "{dt:?} element {k}: ours {x} reference {y} ({:?})",
+                    pb.cfg
+                );
+            }
+        }
+    }
+}

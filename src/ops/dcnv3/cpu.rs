@@ -36,6 +36,8 @@ pub(crate) trait Acc:
     fn from_i32(v: i32) -> Self;
     /// Truncating (saturating) conversion to i32.
     fn trunc_i32(self) -> i32;
+    /// Neither NaN nor infinite.
+    fn is_finite_acc(self) -> bool;
 }
 
 impl Acc for f32 {
@@ -62,6 +64,10 @@ impl Acc for f32 {
     fn trunc_i32(self) -> i32 {
         self as i32
     }
+    #[inline(always)]
+    fn is_finite_acc(self) -> bool {
+        self.is_finite()
+    }
 }
 
 impl Acc for f64 {
@@ -87,6 +93,10 @@ impl Acc for f64 {
     #[inline(always)]
     fn trunc_i32(self) -> i32 {
         self as i32
+    }
+    #[inline(always)]
+    fn is_finite_acc(self) -> bool {
+        self.is_finite()
     }
 }
 
@@ -116,6 +126,8 @@ struct Params<F> {
     /// `kx`/`ky` repeated for every group (index g*P + p).
     kxg: Vec<F>,
     kyg: Vec<F>,
+    /// First channel of the group of point index g*P + p: g*Cg (as i32, for the fast path).
+    goffg: Vec<i32>,
     w_in: F,
     h_in: F,
 }
@@ -148,6 +160,9 @@ impl<F: Acc> Params<F> {
             sigma: F::from_f64(sigma),
             kxg,
             kyg,
+            goffg: (0..g.group * g.points)
+                .map(|gp| ((gp / g.points) * g.group_channels) as i32)
+                .collect(),
             sw: cfg.stride_w,
             sh: cfg.stride_h,
             base_x0: F::from_f64(hx as f64 - cfg.pad_w as f64),
@@ -354,6 +369,167 @@ unsafe fn forward_chunk_avx2<F: Acc>(
     forward_chunk::<F, true>(prm, input, offset, mask, chunk, first)
 }
 
+/// Applies four tap lists (one per bilinear corner, P taps each) to `out` (+=), one independent
+/// accumulator per corner.
+#[inline(always)]
+fn gather4_block<F: Acc, const FMA: bool, const B: usize>(
+    img: &[F],
+    idx: [&[i32]; 4],
+    w: [&[F]; 4],
+    c0: usize,
+    out: &mut [F],
+) {
+    let mut a = [[F::ZERO; B]; 4];
+    let n = idx
+        .iter()
+        .map(|s| s.len())
+        .chain(w.iter().map(|s| s.len()))
+        .min()
+        .unwrap_or(0);
+    for t in 0..n {
+        for (k, acc) in a.iter_mut().enumerate() {
+            let o = idx[k][t] as usize + c0;
+            let wv = w[k][t];
+            let v = &img[o..o + B];
+            for j in 0..B {
+                acc[j] = fmadd::<F, FMA>(wv, v[j], acc[j]);
+            }
+        }
+    }
+    for (j, o) in out.iter_mut().take(B).enumerate() {
+        *o += (a[0][j] + a[1][j]) + (a[2][j] + a[3][j]);
+    }
+}
+
+#[inline(always)]
+fn gather4<F: Acc, const FMA: bool>(img: &[F], idx: [&[i32]; 4], w: [&[F]; 4], out: &mut [F]) {
+    let cg = out.len();
+    let mut c0 = 0;
+    while c0 + 16 <= cg {
+        gather4_block::<F, FMA, 16>(img, idx, w, c0, &mut out[c0..c0 + 16]);
+        c0 += 16;
+    }
+    if c0 + 8 <= cg {
+        gather4_block::<F, FMA, 8>(img, idx, w, c0, &mut out[c0..c0 + 8]);
+        c0 += 8;
+    }
+    if c0 + 4 <= cg {
+        gather4_block::<F, FMA, 4>(img, idx, w, c0, &mut out[c0..c0 + 4]);
+        c0 += 4;
+    }
+    while c0 < cg {
+        gather4_block::<F, FMA, 1>(img, idx, w, c0, &mut out[c0..c0 + 1]);
+        c0 += 1;
+    }
+}
+
+/// Forward over one chunk for an input without NaN/inf values whose image offsets fit in i32.
+///
+/// All G*P points of a pixel are resolved with branch-free arithmetic that the compiler
+/// vectorises: each point yields four corner taps whose addresses are clamped into the image and
+/// whose weights are zero for corners outside it (or for points that sample nothing). With a
+/// finite input, a zero-weight tap adds exactly zero, so this equals reading only in-image
+/// corners (what [`forward_chunk`] does for inputs with non-finite values).
+#[inline(always)]
+fn forward_chunk_finite<F: Acc, const FMA: bool>(
+    prm: &Params<F>,
+    input: &[F],
+    offset: &[F],
+    mask: &[F],
+    chunk: &mut [F],
+    first: usize,
+) {
+    let g = &prm.g;
+    let c = g.channels;
+    let cg = g.group_channels;
+    let np = g.points;
+    let gp_len = g.group * np;
+    let hw_out = g.h_out * g.w_out;
+    let img_len = g.h_in * g.w_in * c;
+    let (wi, hi, ci) = (g.w_in as i32, g.h_in as i32, c as i32);
+    let neg1 = F::ZERO - F::ONE;
+    let mut idx = vec![0i32; 4 * gp_len];
+    let mut wts = vec![F::ZERO; 4 * gp_len];
+    for (k, opix) in chunk.chunks_exact_mut(c).enumerate() {
+        let pix = first + k;
+        let n = pix / hw_out;
+        let rem = pix % hw_out;
+        let (bx, by) = prm.base(rem / g.w_out, rem % g.w_out);
+        let img = &input[n * img_len..(n + 1) * img_len];
+        let off_pix = &offset[pix * gp_len * 2..(pix + 1) * gp_len * 2];
+        let mask_pix = &mask[pix * gp_len..(pix + 1) * gp_len];
+        {
+            let nn = gp_len;
+            let (i0, rest) = idx.split_at_mut(nn);
+            let (i1, rest) = rest.split_at_mut(nn);
+            let (i2, i3) = rest.split_at_mut(nn);
+            let (w0, rest) = wts.split_at_mut(nn);
+            let (w1, rest) = rest.split_at_mut(nn);
+            let (w2, w3) = rest.split_at_mut(nn);
+            // Exact-length views so that the loop below has no bounds checks and vectorises.
+            let (i0, i1, i2, i3) = (&mut i0[..nn], &mut i1[..nn], &mut i2[..nn], &mut i3[..nn]);
+            let (w0, w1, w2, w3) = (&mut w0[..nn], &mut w1[..nn], &mut w2[..nn], &mut w3[..nn]);
+            let (kxg, kyg, goffg) = (&prm.kxg[..nn], &prm.kyg[..nn], &prm.goffg[..nn]);
+            let offs = &off_pix[..2 * nn];
+            let masks = &mask_pix[..nn];
+            let (sigma, w_in, h_in) = (prm.sigma, prm.w_in, prm.h_in);
+            for gp in 0..nn {
+                let x = bx + kxg[gp] + sigma * offs[2 * gp];
+                let y = by + kyg[gp] + sigma * offs[2 * gp + 1];
+                // NaN fails every comparison: such points are invalid.
+                let valid = (x > neg1) & (x < w_in) & (y > neg1) & (y < h_in);
+                let xs = if valid { x } else { F::ZERO };
+                let ys = if valid { y } else { F::ZERO };
+                let x0 = (xs + F::ONE).trunc_i32() - 1;
+                let y0 = (ys + F::ONE).trunc_i32() - 1;
+                let lx = xs - F::from_i32(x0);
+                let ly = ys - F::from_i32(y0);
+                let m = if valid { masks[gp] } else { F::ZERO };
+                let (hx, hy) = (F::ONE - lx, F::ONE - ly);
+                let (xl, xh) = (x0 >= 0, x0 + 1 < wi);
+                let (yl, yh) = (y0 >= 0, y0 + 1 < hi);
+                let (xc0, xc1) = (x0.max(0), (x0 + 1).min(wi - 1));
+                let (yc0, yc1) = (y0.max(0), (y0 + 1).min(hi - 1));
+                let goff = goffg[gp];
+                let (r0, r1) = (yc0 * wi, yc1 * wi);
+                i0[gp] = (r0 + xc0) * ci + goff;
+                i1[gp] = (r0 + xc1) * ci + goff;
+                i2[gp] = (r1 + xc0) * ci + goff;
+                i3[gp] = (r1 + xc1) * ci + goff;
+                let (mhy, mly) = (m * hy, m * ly);
+                w0[gp] = if yl & xl { mhy * hx } else { F::ZERO };
+                w1[gp] = if yl & xh { mhy * lx } else { F::ZERO };
+                w2[gp] = if yh & xl { mly * hx } else { F::ZERO };
+                w3[gp] = if yh & xh { mly * lx } else { F::ZERO };
+            }
+        }
+        for (grp, out) in opix.chunks_exact_mut(cg).enumerate() {
+            let r = grp * np..(grp + 1) * np;
+            let sl = |k: usize| &idx[k * gp_len + r.start..k * gp_len + r.end];
+            let sw = |k: usize| &wts[k * gp_len + r.start..k * gp_len + r.end];
+            gather4::<F, FMA>(
+                img,
+                [sl(0), sl(1), sl(2), sl(3)],
+                [sw(0), sw(1), sw(2), sw(3)],
+                out,
+            );
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn forward_chunk_finite_avx2<F: Acc>(
+    prm: &Params<F>,
+    input: &[F],
+    offset: &[F],
+    mask: &[F],
+    chunk: &mut [F],
+    first: usize,
+) {
+    forward_chunk_finite::<F, true>(prm, input, offset, mask, chunk, first)
+}
+
 fn has_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -387,6 +563,13 @@ pub(crate) fn forward<F: Acc>(
     let prm = Params::<F>::new(cfg, g);
     let chunk_px = pixels_per_task(g.out_pixels(), g.channels);
     let fma = has_fma();
+    // The branch-free kernel needs image offsets in i32 and an input without NaN/inf (so that
+    // zero-weight taps contribute exactly zero).
+    let img_len = g.h_in * g.w_in * g.channels;
+    let finite = img_len < i32::MAX as usize
+        && input
+            .par_chunks(1 << 14)
+            .all(|ch| ch.iter().fold(true, |a, v| a & v.is_finite_acc()));
     out.par_chunks_mut(chunk_px * g.channels)
         .enumerate()
         .for_each(|(ci, chunk)| {
@@ -394,11 +577,21 @@ pub(crate) fn forward<F: Acc>(
             #[cfg(target_arch = "x86_64")]
             if fma {
                 // SAFETY: the CPU supports AVX2 and FMA (checked by `has_fma`).
-                unsafe { forward_chunk_avx2(&prm, input, offset, mask, chunk, first) };
+                unsafe {
+                    if finite {
+                        forward_chunk_finite_avx2(&prm, input, offset, mask, chunk, first)
+                    } else {
+                        forward_chunk_avx2(&prm, input, offset, mask, chunk, first)
+                    }
+                };
                 return;
             }
             let _ = fma;
-            forward_chunk::<F, false>(&prm, input, offset, mask, chunk, first);
+            if finite {
+                forward_chunk_finite::<F, false>(&prm, input, offset, mask, chunk, first);
+            } else {
+                forward_chunk::<F, false>(&prm, input, offset, mask, chunk, first);
+            }
         });
 }
 
