@@ -130,6 +130,10 @@ fn linear_gelu_matches_unfused() {
         let reference = pre.gelu_erf().unwrap();
         let e = excess(&ours, &reference, 1e-6, 1e-6);
         assert!(e <= 0.0, "linear_gelu off by {e:e}");
+        let plain = internimage::ops::linear(&x, &lin).unwrap();
+        assert_eq!(plain.dims(), &[2, 7, 9, 96]);
+        let e = excess(&plain, &pre, 1e-6, 1e-6);
+        assert!(e <= 0.0, "linear off by {e:e}");
     }
 }
 

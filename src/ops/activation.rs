@@ -221,12 +221,28 @@ pub fn gelu_erf(xs: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// In-place `x = gelu(x + bias)` over rows of a contiguous f32 CPU tensor (bias over the last dim).
-struct BiasGeluInplace;
+/// In-place `x = x + bias` or `x = gelu(x + bias)` over rows of a contiguous f32 CPU tensor
+/// (bias over the last dim).
+struct BiasInplace {
+    gelu: bool,
+}
 
-impl InplaceOp2 for BiasGeluInplace {
+#[inline(always)]
+fn bias_add_inplace_generic<const FMA: bool>(xs: &mut [f32], bias: &[f32]) {
+    for (v, &b) in xs.iter_mut().zip(bias) {
+        *v += b;
+    }
+}
+
+dispatch_fma!(fn bias_add_inplace(xs: &mut [f32], bias: &[f32]) => bias_add_inplace_generic);
+
+impl InplaceOp2 for BiasInplace {
     fn name(&self) -> &'static str {
-        "internimage-bias-gelu-erf"
+        if self.gelu {
+            "internimage-bias-gelu-erf"
+        } else {
+            "internimage-bias-add"
+        }
     }
 
     fn cpu_fwd(
@@ -238,26 +254,35 @@ impl InplaceOp2 for BiasGeluInplace {
     ) -> Result<()> {
         let (Some((a0, a1)), Some((b0, b1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
         else {
-            candle_core::bail!("bias_gelu: both the activations and the bias must be contiguous")
+            candle_core::bail!(
+                "bias epilogue: both the activations and the bias must be contiguous"
+            )
         };
         let (CpuStorage::F32(xs), CpuStorage::F32(bias)) = (s1, s2) else {
-            candle_core::bail!("bias_gelu: the fused CPU kernel supports f32 only")
+            candle_core::bail!("bias epilogue: the fused CPU kernel supports f32 only")
         };
         let xs = &mut xs[a0..a1];
         let bias = &bias[b0..b1];
         let n = bias.len();
         if n == 0 || xs.len() % n != 0 {
             candle_core::bail!(
-                "bias_gelu: {} activations are not a multiple of the bias length {n}",
+                "bias epilogue: {} activations are not a multiple of the bias length {n}",
                 xs.len()
             )
         }
+        let row = |r: &mut [f32]| {
+            if self.gelu {
+                bias_gelu_inplace(r, bias)
+            } else {
+                bias_add_inplace(r, bias)
+            }
+        };
         let rows_per_task = (PAR_CHUNK / n).max(1);
         if xs.len() <= PAR_CHUNK {
-            xs.chunks_mut(n).for_each(|r| bias_gelu_inplace(r, bias));
+            xs.chunks_mut(n).for_each(row);
         } else {
             xs.par_chunks_mut(rows_per_task * n)
-                .for_each(|rows| rows.chunks_mut(n).for_each(|r| bias_gelu_inplace(r, bias)));
+                .for_each(|rows| rows.chunks_mut(n).for_each(row));
         }
         Ok(())
     }
@@ -270,6 +295,20 @@ impl InplaceOp2 for BiasGeluInplace {
 /// (..., out). Falls back to `linear.forward` + [`gelu_erf`] for other devices/dtypes or when
 /// gradients are tracked.
 pub fn linear_gelu(xs: &Tensor, linear: &candle_nn::Linear) -> Result<Tensor> {
+    linear_impl(xs, linear, true)
+}
+
+/// `linear(xs)` = `xs @ weight^T + bias` like `candle_nn::Linear::forward`, but on the CPU (f32)
+/// the bias is added in place on the GEMM output by a rayon loop, instead of a separate
+/// broadcast-add tensor (which allocates again and, in candle 0.11, runs on a second, spinning
+/// thread pool that competes with rayon for the cores on small machines).
+///
+/// Falls back to `linear.forward` for other devices/dtypes or when gradients are tracked.
+pub fn linear(xs: &Tensor, linear: &candle_nn::Linear) -> Result<Tensor> {
+    linear_impl(xs, linear, false)
+}
+
+fn linear_impl(xs: &Tensor, linear: &candle_nn::Linear, gelu: bool) -> Result<Tensor> {
     use candle_nn::Module;
     let w = linear.weight();
     let fused = xs.device().is_cpu()
@@ -282,25 +321,25 @@ pub fn linear_gelu(xs: &Tensor, linear: &candle_nn::Linear) -> Result<Tensor> {
             .bias()
             .is_none_or(|b| !b.track_op() && b.dtype() == DType::F32);
     if !fused {
-        return gelu_erf(&linear.forward(xs)?);
+        let y = linear.forward(xs)?;
+        return if gelu { gelu_erf(&y) } else { Ok(y) };
     }
     let dims = xs.dims();
     let Some((&k, lead)) = dims.split_last() else {
-        candle_core::bail!("linear_gelu: expected an input of rank >= 1, got a scalar")
+        candle_core::bail!("linear: expected an input of rank >= 1, got a scalar")
     };
     let (out_f, in_f) = w.dims2()?;
     if k != in_f {
-        candle_core::bail!(
-            "linear_gelu: input has {k} features but the weight is ({out_f}, {in_f})"
-        )
+        candle_core::bail!("linear: input has {k} features but the weight is ({out_f}, {in_f})")
     }
     let m: usize = lead.iter().product();
     let x2 = xs.contiguous()?.reshape((m, k))?;
     // A fresh GEMM output: nothing else refers to its storage, so the in-place pass is safe.
     let y = x2.matmul(&w.t()?)?;
-    match linear.bias() {
-        Some(b) => y.inplace_op2(&b.contiguous()?, &BiasGeluInplace)?,
-        None => y.inplace_op1(&GeluInplace)?,
+    match (linear.bias(), gelu) {
+        (Some(b), _) => y.inplace_op2(&b.contiguous()?, &BiasInplace { gelu })?,
+        (None, true) => y.inplace_op1(&GeluInplace)?,
+        (None, false) => {}
     }
     let mut out_dims = lead.to_vec();
     out_dims.push(out_f);

@@ -6,7 +6,7 @@ pub mod depthwise;
 pub mod fused;
 pub(crate) mod simd;
 
-pub use activation::{gelu_erf, linear_gelu};
+pub use activation::{gelu_erf, linear, linear_gelu};
 pub use dcnv3::{dcnv3, Dcnv3Config};
 pub use depthwise::depthwise_conv2d_nhwc;
 pub use fused::{layer_norm_last_dim, softmax_groups};
