@@ -83,7 +83,9 @@ impl Dcnv3Config {
                 c.offset_scale
             );
         }
-        if c.remove_center && (c.kernel_h != c.kernel_w || c.kernel_h % 2 == 0 || c.kernel_h < 3) {
+        if c.remove_center
+            && (c.kernel_h != c.kernel_w || c.kernel_h.is_multiple_of(2) || c.kernel_h < 3)
+        {
             bail!(
                 "dcnv3: remove_center needs a square kernel with an odd size of at least 3 (like the \
                  official op), got kernel {}x{} (kernel_h x kernel_w)",
