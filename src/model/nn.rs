@@ -107,12 +107,96 @@ impl Module for Linear {
                 Some(b) => Some(b.to_dtype(DType::F32)?),
                 None => None,
             };
-            candle_nn::Linear::new(w, b)
-                .forward(&xs.to_dtype(DType::F32)?)?
-                .to_dtype(DType::BF16)
+            linear_forward(&xs.to_dtype(DType::F32)?, &w, b.as_ref())?.to_dtype(DType::BF16)
         } else {
-            self.inner.forward(xs)
+            linear_forward(xs, self.inner.weight(), self.inner.bias())
         }
+    }
+}
+
+/// `xs @ w^T + b` as one GEMM over all leading dims; on the CPU the bias is added in place
+/// into the fresh GEMM output (no second tensor, no extra pass over memory).
+fn linear_forward(xs: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let dims = xs.dims();
+    let Some((&k, lead)) = dims.split_last() else {
+        candle_core::bail!("linear: expected an input of rank >= 1, got a scalar")
+    };
+    if lead.len() < 2 || !xs.is_contiguous() {
+        // Small or strided inputs: candle's Linear handles every layout.
+        return candle_nn::Linear::new(w.clone(), b.cloned()).forward(xs);
+    }
+    let m: usize = lead.iter().product();
+    let y = xs.reshape((m, k))?.matmul(&w.t()?)?;
+    let y = match b {
+        Some(b)
+            if y.device().is_cpu()
+                && !y.track_op()
+                && !b.track_op()
+                && b.dtype() == y.dtype()
+                && b.is_contiguous() =>
+        {
+            // `y` is a fresh GEMM output: nothing else refers to its storage.
+            y.inplace_op2(b, &BiasAddInplace)?;
+            y
+        }
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    let mut out = lead.to_vec();
+    out.push(w.dim(0)?);
+    y.reshape(out)
+}
+
+/// `rows += bias` over the rows of a contiguous CPU tensor.
+struct BiasAddInplace;
+
+fn add_bias_rows<T: Copy + std::ops::AddAssign + Send + Sync>(xs: &mut [T], bias: &[T]) {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 16;
+    let n = bias.len();
+    let add = |rows: &mut [T]| {
+        for r in rows.chunks_mut(n) {
+            for (x, &b) in r.iter_mut().zip(bias) {
+                *x += b;
+            }
+        }
+    };
+    if xs.len() <= CHUNK {
+        add(xs)
+    } else {
+        xs.par_chunks_mut((CHUNK / n).max(1) * n).for_each(add)
+    }
+}
+
+impl candle_core::InplaceOp2 for BiasAddInplace {
+    fn name(&self) -> &'static str {
+        "internimage-bias-add-inplace"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> Result<()> {
+        use candle_core::CpuStorage as S;
+        let (Some((a0, a1)), Some((b0, b1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            candle_core::bail!("bias add: both tensors must be contiguous")
+        };
+        let n = b1 - b0;
+        if n == 0 || (a1 - a0) % n != 0 {
+            candle_core::bail!("bias add: {} values are not rows of {n}", a1 - a0)
+        }
+        match (s1, s2) {
+            (S::F32(x), S::F32(b)) => add_bias_rows(&mut x[a0..a1], &b[b0..b1]),
+            (S::F16(x), S::F16(b)) => add_bias_rows(&mut x[a0..a1], &b[b0..b1]),
+            (S::BF16(x), S::BF16(b)) => add_bias_rows(&mut x[a0..a1], &b[b0..b1]),
+            (S::F64(x), S::F64(b)) => add_bias_rows(&mut x[a0..a1], &b[b0..b1]),
+            _ => candle_core::bail!("bias add: unsupported dtype combination"),
+        }
+        Ok(())
     }
 }
 
