@@ -249,3 +249,60 @@ fn gradients_f64() {
         );
     }
 }
+
+/// The f16/bf16 paths convert to f32, run the f32 kernels and round once at the end. So on inputs
+/// already rounded to the half type, forward and all three gradients must equal the f32 results
+/// up to that final rounding: |half - f32| <= u * |f32| (u = 2^-11 for f16, 2^-8 for bf16; a hair
+/// of slack for f32 values that round half-way), plus half the spacing of f16's subnormals
+/// (2^-25; bf16: 2^-134) for results below the normal range. This checks the half wiring of both ops tightly,
+/// including the gradients (which cannot be compared with the f32 goldens elementwise: rounding
+/// the offsets to f16 moves some samples across a pixel edge, where grad_offset jumps).
+#[test]
+fn half_paths_equal_f32_on_rounded_inputs() {
+    let (cases, t, _) = load();
+    for (dt, u, sub) in [
+        (DType::F16, 2f64.powi(-11), 2f64.powi(-25)),
+        (DType::BF16, 2f64.powi(-8), 2f64.powi(-134)),
+    ] {
+        for c in &cases {
+            let get = |k: &str| t[&format!("{}.{k}", c.name)].to_dtype(dt).unwrap();
+            let up = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
+            let (i, o, m) = (get("input"), get("offset"), get("mask"));
+            let out_h = dcnv3(&i, &o, &m, &c.cfg).unwrap();
+            let out_f = dcnv3(&up(&i), &up(&o), &up(&m), &c.cfg).unwrap();
+            check(
+                &out_h,
+                &out_f,
+                sub * 1.001,
+                u * 1.001,
+                &format!("{}.out {dt:?} vs f32", c.name),
+            );
+            if c.has_grads {
+                let gw = get("grad_weight");
+                let gh = internimage::ops::dcnv3::dcnv3_backward(&i, &o, &m, &gw, &c.cfg).unwrap();
+                let gf = internimage::ops::dcnv3::dcnv3_backward(
+                    &up(&i),
+                    &up(&o),
+                    &up(&m),
+                    &up(&gw),
+                    &c.cfg,
+                )
+                .unwrap();
+                for (a, b, name) in [
+                    (&gh.0, &gf.0, "input"),
+                    (&gh.1, &gf.1, "offset"),
+                    (&gh.2, &gf.2, "mask"),
+                ] {
+                    assert_eq!(a.dtype(), dt);
+                    check(
+                        a,
+                        b,
+                        sub * 1.001,
+                        u * 1.001,
+                        &format!("{}.grad_{name} {dt:?} vs f32", c.name),
+                    );
+                }
+            }
+        }
+    }
+}
