@@ -2,9 +2,9 @@
 
 use crate::model::config::Config;
 use crate::model::dcnv3_layer::{Dcnv3Layer, Dcnv3LayerConfig};
-use crate::model::nn::{layer_norm, linear, Conv2d, Linear, Recorder};
+use crate::model::nn::{layer_norm, linear, Conv2d, LayerNorm, Linear, Recorder};
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{LayerNorm, VarBuilder};
+use candle_nn::VarBuilder;
 
 /// fc1 -> GELU -> fc2 on channels-last tensors.
 #[derive(Debug, Clone)]

@@ -1,10 +1,10 @@
 //! The DCNv3 module of InternImage as a reusable layer (channels-last).
 
-use crate::model::nn::{layer_norm, linear, Linear, Recorder};
+use crate::model::nn::{layer_norm, linear, LayerNorm, Linear, Recorder};
 use crate::ops::depthwise::DepthwiseConv2dNhwc;
 use crate::ops::{dcnv3, gelu_erf, Dcnv3Config};
 use candle_core::{bail, Module, Result, Tensor, D};
-use candle_nn::{LayerNorm, VarBuilder};
+use candle_nn::VarBuilder;
 
 /// Hyper-parameters of a [`Dcnv3Layer`].
 #[derive(Debug, Clone, PartialEq)]
@@ -176,14 +176,9 @@ impl Dcnv3Layer {
     }
 
     fn offset_mask(&self, f: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (n, h, w, _) = f.dims4()?;
         let offset = self.offset.forward(f)?;
-        let mask = self
-            .mask
-            .forward(f)?
-            .reshape((n, h, w, self.cfg.groups, self.cfg.points()))?
-            .contiguous()?;
-        let mask = candle_nn::ops::softmax_last_dim(&mask)?.reshape((n, h, w, ()))?;
+        // Softmax over the P points of each group (per pixel).
+        let mask = crate::ops::softmax_groups(&self.mask.forward(f)?, self.cfg.points())?;
         Ok((offset, mask))
     }
 

@@ -1,8 +1,8 @@
 //! Classification heads: the conv head of T/S/B/L/XL and the CLIP-projector head of H/G.
 
-use crate::model::nn::{layer_norm, linear, matmul, Linear, Recorder};
+use crate::model::nn::{layer_norm, linear, matmul, LayerNorm, Linear, Recorder};
 use candle_core::{bail, DType, Module, Result, Tensor};
-use candle_nn::{LayerNorm, VarBuilder};
+use candle_nn::VarBuilder;
 
 /// Token width of the H/G attention-pooling head.
 pub const CLIP_DIM: usize = 1024;

@@ -19,9 +19,9 @@ pub use nn::LN_EPS;
 
 use block::Level;
 use candle_core::{bail, DType, Device, Module, Result, Tensor};
-use candle_nn::{LayerNorm, VarBuilder};
+use candle_nn::VarBuilder;
 use head::{ClipHead, ConvHead};
-use nn::{layer_norm, linear, Linear, Recorder};
+use nn::{layer_norm, linear, LayerNorm, Linear, Recorder};
 use std::path::{Path, PathBuf};
 use stem::Stem;
 

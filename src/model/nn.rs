@@ -1,16 +1,29 @@
 //! Small shared helpers: LayerNorm loading and the debug-activation recorder.
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{LayerNorm, VarBuilder};
+use candle_nn::VarBuilder;
 
 /// LayerNorm epsilon used everywhere in InternImage.
 pub const LN_EPS: f64 = 1e-6;
+
+/// Affine LayerNorm over the last (channel) dimension, eps 1e-6.
+#[derive(Debug, Clone)]
+pub(crate) struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        crate::ops::layer_norm_last_dim(xs, &self.weight, &self.bias, LN_EPS)
+    }
+}
 
 /// Loads an affine LayerNorm (`weight`, `bias`) with eps 1e-6.
 pub(crate) fn layer_norm(size: usize, vb: VarBuilder) -> Result<LayerNorm> {
     let weight = vb.get(size, "weight")?;
     let bias = vb.get(size, "bias")?;
-    Ok(LayerNorm::new(weight, bias, LN_EPS))
+    Ok(LayerNorm { weight, bias })
 }
 
 /// Collects named intermediate activations when enabled (parity debugging).
@@ -92,7 +105,13 @@ impl Linear {
     /// `gelu_erf(self.forward(xs))`, with the bias add and GELU fused on the CPU when possible.
     pub(crate) fn forward_gelu(&self, xs: &Tensor) -> Result<Tensor> {
         if f32_compute(xs) {
-            crate::ops::gelu_erf(&self.forward(xs)?)
+            let w = self.inner.weight().to_dtype(DType::F32)?;
+            let b = match self.inner.bias() {
+                Some(b) => Some(b.to_dtype(DType::F32)?),
+                None => None,
+            };
+            let lin = candle_nn::Linear::new(w, b);
+            crate::ops::linear_gelu(&xs.to_dtype(DType::F32)?, &lin)?.to_dtype(DType::BF16)
         } else {
             crate::ops::linear_gelu(xs, &self.inner)
         }
@@ -107,96 +126,11 @@ impl Module for Linear {
                 Some(b) => Some(b.to_dtype(DType::F32)?),
                 None => None,
             };
-            linear_forward(&xs.to_dtype(DType::F32)?, &w, b.as_ref())?.to_dtype(DType::BF16)
+            let lin = candle_nn::Linear::new(w, b);
+            crate::ops::linear(&xs.to_dtype(DType::F32)?, &lin)?.to_dtype(DType::BF16)
         } else {
-            linear_forward(xs, self.inner.weight(), self.inner.bias())
+            crate::ops::linear(xs, &self.inner)
         }
-    }
-}
-
-/// `xs @ w^T + b` as one GEMM over all leading dims; on the CPU the bias is added in place
-/// into the fresh GEMM output (no second tensor, no extra pass over memory).
-fn linear_forward(xs: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let dims = xs.dims();
-    let Some((&k, lead)) = dims.split_last() else {
-        candle_core::bail!("linear: expected an input of rank >= 1, got a scalar")
-    };
-    if lead.len() < 2 || !xs.is_contiguous() {
-        // Small or strided inputs: candle's Linear handles every layout.
-        return candle_nn::Linear::new(w.clone(), b.cloned()).forward(xs);
-    }
-    let m: usize = lead.iter().product();
-    let y = xs.reshape((m, k))?.matmul(&w.t()?)?;
-    let y = match b {
-        Some(b)
-            if y.device().is_cpu()
-                && !y.track_op()
-                && !b.track_op()
-                && b.dtype() == y.dtype()
-                && b.is_contiguous() =>
-        {
-            // `y` is a fresh GEMM output: nothing else refers to its storage.
-            y.inplace_op2(b, &BiasAddInplace)?;
-            y
-        }
-        Some(b) => y.broadcast_add(b)?,
-        None => y,
-    };
-    let mut out = lead.to_vec();
-    out.push(w.dim(0)?);
-    y.reshape(out)
-}
-
-/// `rows += bias` over the rows of a contiguous CPU tensor.
-struct BiasAddInplace;
-
-fn add_bias_rows<T: Copy + std::ops::AddAssign + Send + Sync>(xs: &mut [T], bias: &[T]) {
-    use rayon::prelude::*;
-    const CHUNK: usize = 1 << 16;
-    let n = bias.len();
-    let add = |rows: &mut [T]| {
-        for r in rows.chunks_mut(n) {
-            for (x, &b) in r.iter_mut().zip(bias) {
-                *x += b;
-            }
-        }
-    };
-    if xs.len() <= CHUNK {
-        add(xs)
-    } else {
-        xs.par_chunks_mut((CHUNK / n).max(1) * n).for_each(add)
-    }
-}
-
-impl candle_core::InplaceOp2 for BiasAddInplace {
-    fn name(&self) -> &'static str {
-        "internimage-bias-add-inplace"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &mut candle_core::CpuStorage,
-        l1: &candle_core::Layout,
-        s2: &candle_core::CpuStorage,
-        l2: &candle_core::Layout,
-    ) -> Result<()> {
-        use candle_core::CpuStorage as S;
-        let (Some((a0, a1)), Some((b0, b1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("bias add: both tensors must be contiguous")
-        };
-        let n = b1 - b0;
-        if n == 0 || (a1 - a0) % n != 0 {
-            candle_core::bail!("bias add: {} values are not rows of {n}", a1 - a0)
-        }
-        match (s1, s2) {
-            (S::F32(x), S::F32(b)) => add_bias_rows(&mut x[a0..a1], &b[b0..b1]),
-            (S::F16(x), S::F16(b)) => add_bias_rows(&mut x[a0..a1], &b[b0..b1]),
-            (S::BF16(x), S::BF16(b)) => add_bias_rows(&mut x[a0..a1], &b[b0..b1]),
-            (S::F64(x), S::F64(b)) => add_bias_rows(&mut x[a0..a1], &b[b0..b1]),
-            _ => candle_core::bail!("bias add: unsupported dtype combination"),
-        }
-        Ok(())
     }
 }
 

@@ -1,9 +1,9 @@
 //! The stem (`patch_embed`): two stride-2 3x3 convolutions with LayerNorm and GELU.
 
-use crate::model::nn::{layer_norm, Conv2d};
+use crate::model::nn::{layer_norm, Conv2d, LayerNorm};
 use crate::ops::gelu_erf;
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{LayerNorm, VarBuilder};
+use candle_nn::VarBuilder;
 
 /// conv1 -> LN -> GELU -> conv2 -> LN; NCHW image in, NHWC features (stride 4) out.
 #[derive(Debug, Clone)]
