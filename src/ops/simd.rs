@@ -38,7 +38,8 @@ pub(crate) fn exp_f32<const FMA: bool>(x: f32) -> f32 {
     // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer without a library call.
     const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.3, 88.3);
-    let n = fmadd::<FMA>(x, LOG2E, ROUND) - ROUND;
+    let t = fmadd::<FMA>(x, LOG2E, ROUND);
+    let n = t - ROUND;
     let r = fmadd::<FMA>(-n, LN2_HI, x);
     let r = fmadd::<FMA>(-n, LN2_LO, r);
     let mut p = 1.987_569_1e-4;
@@ -48,7 +49,9 @@ pub(crate) fn exp_f32<const FMA: bool>(x: f32) -> f32 {
     p = fmadd::<FMA>(p, r, 1.666_666_5e-1);
     p = fmadd::<FMA>(p, r, 0.5);
     let y = fmadd::<FMA>(p, r * r, r) + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // `t`'s low mantissa bits hold n (|n| <= 127): 2^n from integer ops only (a float-to-int
+    // `as` cast would not vectorise, because of its saturating semantics).
+    let scale = f32::from_bits(t.to_bits().wrapping_sub(0x4B40_0000 - 127) << 23);
     y * scale
 }
 
