@@ -17,7 +17,7 @@ use super::simd::{dispatch_fma, exp_f32, fmadd, reference_ops};
 const ERF_CLAMP: f32 = 3.92;
 /// `erf(x) = x * P(x^2)` for `|x| < 1` (relative error 1.2e-9 in exact arithmetic).
 const ERF_SMALL: [f32; 7] = [
-    1.128_379_2,
+    std::f32::consts::FRAC_2_SQRT_PI,
     -0.376_126_26,
     0.112_835_85,
     -0.026_853_812,
