@@ -668,3 +668,37 @@ fn non_finite_input_values_match_reference() {
         }
     }
 }
+
+#[test]
+fn thread_count_does_not_change_results() {
+    // Forward: every output element is computed by one task in a fixed order, so any pool size
+    // gives bit-identical results. Backward: with fewer images than threads an image's input
+    // gradient is summed from per-range buffers, so only the summation order changes.
+    let mut rng = StdRng::seed_from_u64(29);
+    let one = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    let four = rayon::ThreadPoolBuilder::new()
+        .num_threads(4)
+        .build()
+        .unwrap();
+    for n in [1usize, 3, 6] {
+        let cfg = Dcnv3Config::internimage(3, 5, 1.0);
+        let pb = Problem::new(&mut rng, cfg, (n, 9, 11));
+        let (i, o, m) = pb.tensors(DType::F32);
+        let go = i.ones_like().unwrap().affine(0.5, -0.25).unwrap();
+        let run = |pool: &rayon::ThreadPool| {
+            pool.install(|| {
+                let out = dcnv3(&i, &o, &m, &cfg).unwrap();
+                let g = dcnv3_backward(&i, &o, &m, &go, &cfg).unwrap();
+                (vec_f64(&out), vec_f64(&g.0), vec_f64(&g.1), vec_f64(&g.2))
+            })
+        };
+        let (a, b) = (run(&one), run(&four));
+        assert_eq!(a.0, b.0, "forward differs between 1 and 4 threads (n={n})");
+        assert_close(&b.1, &a.1, 1e-5, 1e-5, "grad_input 4 vs 1 threads");
+        assert_eq!(a.2, b.2, "grad_offset differs (n={n})");
+        assert_eq!(a.3, b.3, "grad_mask differs (n={n})");
+    }
+}
