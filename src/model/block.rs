@@ -2,7 +2,7 @@
 
 use crate::model::config::Config;
 use crate::model::dcnv3_layer::{Dcnv3Layer, Dcnv3LayerConfig};
-use crate::model::nn::{layer_norm, linear, Conv2d, LayerNorm, Linear, Recorder};
+use crate::model::nn::{layer_norm, linear, residual, Conv2d, LayerNorm, Linear, Recorder};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -112,20 +112,14 @@ impl Block {
         }
     }
 
-    fn scaled(t: Tensor, gamma: &Option<Tensor>) -> Result<Tensor> {
-        match gamma {
-            Some(g) => t.broadcast_mul(g),
-            None => Ok(t),
-        }
-    }
-
     pub(crate) fn forward_rec(&self, xs: &Tensor, rec: &mut Recorder) -> Result<Tensor> {
+        let (g1, g2) = (self.gamma1.as_ref(), self.gamma2.as_ref());
         let x = match self.residual {
             Residual::PostNorm => {
                 let d = self.norm1.forward(&self.dcn.forward_rec(xs, rec)?)?;
-                let x = (xs + Self::scaled(d, &self.gamma1)?)?;
+                let x = residual(xs, &d, g1)?;
                 let m = self.norm2.forward(&self.mlp.forward(&x)?)?;
-                (&x + Self::scaled(m, &self.gamma2)?)?
+                residual(&x, &m, g2)?
             }
             Residual::ResPostNorm => {
                 let (rpn1, rpn2) = match &self.res_post_norm {
@@ -133,15 +127,15 @@ impl Block {
                     None => candle_core::bail!("internal: res_post_norm block without its norms"),
                 };
                 let d = rpn1.forward(&self.dcn.forward_rec(&self.norm1.forward(xs)?, rec)?)?;
-                let x = (xs + d)?;
+                let x = residual(xs, &d, None)?;
                 let m = rpn2.forward(&self.mlp.forward(&self.norm2.forward(&x)?)?)?;
-                (&x + m)?
+                residual(&x, &m, None)?
             }
             Residual::PreNorm => {
                 let d = self.dcn.forward_rec(&self.norm1.forward(xs)?, rec)?;
-                let x = (xs + Self::scaled(d, &self.gamma1)?)?;
+                let x = residual(xs, &d, g1)?;
                 let m = self.mlp.forward(&self.norm2.forward(&x)?)?;
-                (&x + Self::scaled(m, &self.gamma2)?)?
+                residual(&x, &m, g2)?
             }
         };
         rec.put("out", &x);

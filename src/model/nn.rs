@@ -176,3 +176,121 @@ impl Module for Conv2d {
         }
     }
 }
+
+/// Values per rayon task in the residual kernel.
+const RES_CHUNK: usize = 16 * 1024;
+
+/// `out = x + branch` or `out = x + gamma * branch` (gamma per channel, the last dim).
+fn residual_f32(x: &[f32], branch: &[f32], gamma: Option<&[f32]>, out: &mut [f32]) {
+    use rayon::prelude::*;
+    let rows = |x: &[f32], b: &[f32], o: &mut [f32]| match gamma {
+        None => {
+            for ((o, &x), &b) in o.iter_mut().zip(x).zip(b) {
+                *o = x + b;
+            }
+        }
+        Some(g) => {
+            let c = g.len();
+            for ((o, x), b) in o.chunks_mut(c).zip(x.chunks(c)).zip(b.chunks(c)) {
+                for (((o, &x), &b), &g) in o.iter_mut().zip(x).zip(b).zip(g) {
+                    *o = x + g * b;
+                }
+            }
+        }
+    };
+    if out.len() <= RES_CHUNK {
+        rows(x, branch, out)
+    } else {
+        let step = gamma.map_or(RES_CHUNK, |g| (RES_CHUNK / g.len()).max(1) * g.len());
+        out.par_chunks_mut(step)
+            .zip(x.par_chunks(step).zip(branch.par_chunks(step)))
+            .for_each(|(o, (x, b))| rows(x, b, o));
+    }
+}
+
+fn f32_slice<'a>(s: &'a candle_core::CpuStorage, l: &candle_core::Layout) -> Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (candle_core::CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("residual: expected contiguous f32 tensors"),
+    }
+}
+
+/// `x + branch` on the CPU (f32), one rayon pass.
+struct ResidualAdd;
+
+impl candle_core::CustomOp2 for ResidualAdd {
+    fn name(&self) -> &'static str {
+        "internimage-residual-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (x, b) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?);
+        let mut out = vec![0f32; x.len()];
+        residual_f32(x, b, None, &mut out);
+        Ok((candle_core::CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// `x + gamma * branch` on the CPU (f32), one rayon pass.
+struct ResidualScaleAdd;
+
+impl candle_core::CustomOp3 for ResidualScaleAdd {
+    fn name(&self) -> &'static str {
+        "internimage-residual-scale-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CpuStorage,
+        l3: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (x, b, g) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
+        if g.is_empty() || x.len() % g.len() != 0 {
+            candle_core::bail!(
+                "residual: gamma of {} does not divide {} values",
+                g.len(),
+                x.len()
+            )
+        }
+        let mut out = vec![0f32; x.len()];
+        residual_f32(x, b, Some(g), &mut out);
+        Ok((candle_core::CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// The residual update `x + gamma * branch` (`gamma` per channel, optional) of a block.
+///
+/// On the CPU in f32 this is one rayon pass (candle's own binary ops run large tensors on a
+/// second, spinning thread pool that competes with rayon's GEMM threads); elsewhere plain ops.
+pub(crate) fn residual(x: &Tensor, branch: &Tensor, gamma: Option<&Tensor>) -> Result<Tensor> {
+    let fast = x.device().is_cpu()
+        && x.dtype() == DType::F32
+        && branch.dtype() == DType::F32
+        && x.dims() == branch.dims()
+        && !x.track_op()
+        && !branch.track_op()
+        && gamma.is_none_or(|g| {
+            g.dtype() == DType::F32 && !g.track_op() && g.dims() == [x.dims()[x.rank() - 1]]
+        });
+    if !fast {
+        return match gamma {
+            Some(g) => x + branch.broadcast_mul(g)?,
+            None => x + branch,
+        };
+    }
+    let (x, branch) = (x.contiguous()?, branch.contiguous()?);
+    match gamma {
+        Some(g) => x.apply_op3_no_bwd(&branch, &g.contiguous()?, &ResidualScaleAdd),
+        None => x.apply_op2_no_bwd(&branch, &ResidualAdd),
+    }
+}
