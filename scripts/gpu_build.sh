@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Builds, on the CPU machine (no GPU needed), everything scripts/gpu_check.sh runs on a GPU
 # machine, and packs it into ONE archive small enough for the device tool's carry (<= 64 MiB):
-#   target/gpu-carry.tar.xz = stripped release binaries of tests/gpu_cuda.rs and
-#   benches/dcnv3_gpu.rs (--features cuda), our PTX (kernels/dcnv3.cu, sm_90) for the CuPy gate,
+#   target/gpu-carry.tar.xz = stripped binaries of tests/gpu_cuda.rs and benches/dcnv3_gpu.rs
+#   (--features cuda, dev profile: dependencies at opt-level 3 as Cargo.toml sets, the GPU work
+#   is in PTX anyway; one profile means candle's kernels are compiled by nvcc only once),
+#   our PTX (kernels/dcnv3.cu, sm_90) for the CuPy gate,
 #   and the fixtures the GPU tests read (dcnv3 cases, tiny_b/tiny_h weights and goldens).
 #
 # Needs: python3 with venv/pip (PyPI reachable), rustup/cargo, a C compiler.
@@ -43,10 +45,10 @@ CUDARC=$(find "${CARGO_HOME:-$HOME/.cargo}/registry/src" -maxdepth 2 -type d -na
 [[ -n "$CUDARC" ]] || { echo "cudarc sources not found in the cargo registry" >&2; exit 1; }
 "$VENV/bin/python" scripts/cuda_link_stubs.py "$CUDA_HOME" "$CUDARC"
 
-echo "== 3/4 release builds with --features cuda (CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP)"
+echo "== 3/4 builds with --features cuda (CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP, target dir $CARGO_TARGET_DIR)"
 JSON=$(mktemp)
-cargo test --release --features cuda --no-run --test gpu_cuda --message-format=json-render-diagnostics >"$JSON"
-cargo bench --features cuda --no-run --bench dcnv3_gpu --message-format=json-render-diagnostics >>"$JSON"
+cargo test --no-default-features --features cuda --no-run --test gpu_cuda --bench dcnv3_gpu \
+    --message-format=json-render-diagnostics >"$JSON"
 exe() {
     "$VENV/bin/python" - "$JSON" "$1" <<'EOF'
 import json, sys

@@ -65,7 +65,7 @@ timeout 120 python3 scripts/gpu_torch.py gate "$PTX" 2>&1 | tee "$LOG/gate.log"
 
 if [[ -x "$WORK/gpu_cuda" ]]; then
     echo "== 2/4 Rust GPU tests"
-    INTERNIMAGE_FIXTURES="$WORK/fixtures" timeout 200 "$WORK/gpu_cuda" --test-threads=1 2>&1 | tee "$LOG/tests.log"
+    INTERNIMAGE_FIXTURES="$WORK/fixtures" timeout 200 "$WORK/gpu_cuda" --test-threads=1 --nocapture 2>&1 | tee "$LOG/tests.log"
     echo "== 3/4 Rust bench"
     timeout 120 "$WORK/dcnv3_gpu" ${QUICK:+--quick} 2>&1 | tee "$LOG/bench.log"
 fi
