@@ -116,7 +116,7 @@ def gate(ptx_path):
                     remove_center=int(cfg["rc"]), lanes=lanes, offset_scale=cfg["scale"], reserved=0)
         for k, v in vals.items():
             a[k] = v
-        return a[0]
+        return a  # a 1-element structured array is passed by value as the C struct
 
     def cp(t):  # torch tensor -> cupy array sharing memory (bf16 viewed as int16)
         if t.dtype == torch.bfloat16:
