@@ -197,6 +197,23 @@ fn run_ops() -> Result<()> {
         internimage::ops::linear_gelu(&x, &lin).map(|_| ())
     })?;
     println!("OP fc1+gelu_56x56x64->256 {:.3} {:.3}", a * 1e3, b * 1e3);
+    // Stem conv2 and the first downsampling: NCHW conv2d with permutes vs the NHWC im2col+GEMM.
+    for (hw, cin) in [(112usize, 32usize), (56, 64), (14, 256)] {
+        let cout = 2 * cin;
+        let x = Tensor::randn(0f32, 1.0, (1, hw, hw, cin), &dev)?;
+        let w = Tensor::randn(0f32, 0.05, (cout, cin, 3, 3), &dev)?;
+        let conv = internimage::ops::Conv2dNhwc::new(&w, None, 2, 1)?;
+        let a = time_it(2, 10, || {
+            let y = x.permute((0, 3, 1, 2))?.conv2d(&w, 1, 2, 1, 1)?;
+            y.permute((0, 2, 3, 1))?.contiguous().map(|_| ())
+        })?;
+        let b = time_it(2, 10, || conv.forward(&x).map(|_| ()))?;
+        println!(
+            "OP conv3x3s2_{hw}x{hw}x{cin}->{cout} {:.3} {:.3}",
+            a * 1e3,
+            b * 1e3
+        );
+    }
     // LayerNorm and the DCNv3 mask softmax at stage-1 and stage-3 shapes.
     for (hw, c, g) in [(56usize, 64usize, 4usize), (14, 256, 16)] {
         let x = Tensor::randn(0f32, 1.0, (1, hw, hw, c), &dev)?;

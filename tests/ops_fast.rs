@@ -306,3 +306,51 @@ fn softmax_groups_matches_candle() {
     assert!((s[1].iter().sum::<f32>() - 1.0).abs() < 1e-6 && (s[1][0] - 0.999_954_6).abs() < 1e-6);
     assert!(softmax_groups(&x, 2).is_err());
 }
+
+#[test]
+fn conv2d_nhwc_matches_candle_conv2d() {
+    use internimage::ops::Conv2dNhwc;
+    let dev = Device::Cpu;
+    // (n, h, w, cin, cout, k, stride, pad): the stem/downsample 3x3 s2 p1 and odd sizes.
+    for &(n, h, w, cin, cout, k, stride, pad) in &[
+        (
+            2usize, 15usize, 12usize, 3usize, 8usize, 3usize, 2usize, 1usize,
+        ),
+        (1, 14, 14, 16, 32, 3, 2, 1),
+        (2, 7, 9, 5, 6, 3, 1, 1),
+        (1, 8, 8, 4, 4, 1, 1, 0),
+        (1, 3, 3, 2, 3, 3, 2, 0),
+    ] {
+        let x = Tensor::randn(0f32, 1.0, (n, h, w, cin), &dev).unwrap();
+        let wt = Tensor::randn(0f32, 0.3, (cout, cin, k, k), &dev).unwrap();
+        let b = Tensor::randn(0f32, 0.3, cout, &dev).unwrap();
+        for bias in [Some(&b), None] {
+            let conv = Conv2dNhwc::new(&wt, bias, stride, pad).unwrap();
+            let ours = conv.forward(&x).unwrap();
+            let mut r = x
+                .permute((0, 3, 1, 2))
+                .unwrap()
+                .conv2d(&wt, pad, stride, 1, 1)
+                .unwrap();
+            if let Some(b) = bias {
+                r = r
+                    .broadcast_add(&b.reshape((1, cout, 1, 1)).unwrap())
+                    .unwrap();
+            }
+            let r = r.permute((0, 2, 3, 1)).unwrap();
+            assert_eq!(ours.dims(), r.dims());
+            let e = excess(&ours, &r, 1e-5, 1e-5);
+            assert!(
+                e <= 0.0,
+                "conv case {:?} off by {e:e}",
+                (n, h, w, cin, cout, k, stride, pad)
+            );
+        }
+    }
+    let x = Tensor::zeros((1, 4, 4, 3), DType::F32, &dev).unwrap();
+    let wt = Tensor::zeros((8, 4, 3, 3), DType::F32, &dev).unwrap();
+    assert!(Conv2dNhwc::new(&wt, None, 2, 1)
+        .unwrap()
+        .forward(&x)
+        .is_err());
+}

@@ -289,6 +289,12 @@ impl InplaceOp2 for BiasInplace {
     }
 }
 
+/// Adds `bias` (last dim) in place to `y`, a contiguous f32 CPU tensor that the caller created
+/// and shares with nobody (e.g. a fresh GEMM output).
+pub(crate) fn bias_add_in_place(y: &Tensor, bias: &Tensor) -> Result<()> {
+    y.inplace_op2(&bias.contiguous()?, &BiasInplace { gelu: false })
+}
+
 /// `gelu_erf(linear(xs))`, PyTorch's `fc1` + `nn.GELU()` of an MLP, with the bias add and the
 /// GELU fused into one in-place pass over the GEMM output on the CPU (f32).
 ///

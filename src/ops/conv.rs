@@ -1,0 +1,183 @@
+//! Dense 2-D convolution on channels-last tensors (the stem and downsampling convolutions).
+//!
+//! On the CPU the input is unfolded once into an (N*Ho*Wo, kh*kw*Cin) patch matrix (each patch
+//! row is a run of contiguous channel vectors, so the copy is cheap), multiplied by the weight
+//! laid out once as (kh*kw*Cin, Cout), and the GEMM output already is the NHWC result: no NCHW
+//! round trips. On other devices candle's `conv2d` runs on a permuted view.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::simd::reference_ops;
+
+/// A convolution with square stride and zero padding, weights pre-laid for channels-last input.
+#[derive(Debug, Clone)]
+pub struct Conv2dNhwc {
+    /// PyTorch layout (Cout, Cin, kh, kw), for the non-CPU path.
+    weight: Tensor,
+    /// (kh * kw * Cin, Cout): row (i, j, ci) holds the weights of tap (i, j), input channel ci.
+    weight_kc: Tensor,
+    bias: Option<Tensor>,
+    stride: usize,
+    pad: usize,
+}
+
+impl Conv2dNhwc {
+    /// From the PyTorch weight (Cout, Cin, kh, kw), an optional bias (Cout), the stride and the
+    /// zero padding on each side (groups = 1, dilation = 1).
+    pub fn new(weight: &Tensor, bias: Option<&Tensor>, stride: usize, pad: usize) -> Result<Self> {
+        let (cout, cin, kh, kw) = weight.dims4()?;
+        if cout == 0 || cin == 0 || kh == 0 || kw == 0 || stride == 0 {
+            candle_core::bail!(
+                "conv2d_nhwc: need a non-empty (Cout, Cin, kh, kw) weight and stride >= 1, got {:?}, stride {stride}",
+                weight.dims()
+            );
+        }
+        if let Some(b) = bias {
+            if b.dims() != [cout] {
+                candle_core::bail!(
+                    "conv2d_nhwc: bias must be ({cout}) for a weight {:?}, got {:?}",
+                    weight.dims(),
+                    b.dims()
+                );
+            }
+        }
+        let weight_kc = weight
+            .permute((2, 3, 1, 0))?
+            .reshape((kh * kw * cin, cout))?
+            .contiguous()?;
+        Ok(Self {
+            weight: weight.clone(),
+            weight_kc,
+            bias: bias.cloned(),
+            stride,
+            pad,
+        })
+    }
+
+    fn out_size(&self, h: usize, w: usize) -> Result<(usize, usize)> {
+        let (_, _, kh, kw) = self.weight.dims4()?;
+        let (hp, wp) = (h + 2 * self.pad, w + 2 * self.pad);
+        if hp < kh || wp < kw {
+            candle_core::bail!(
+                "conv2d_nhwc: a {kh}x{kw} kernel does not fit a {h}x{w} input padded by {}",
+                self.pad
+            );
+        }
+        Ok(((hp - kh) / self.stride + 1, (wp - kw) / self.stride + 1))
+    }
+}
+
+impl Module for Conv2dNhwc {
+    /// `xs` (N, H, W, Cin) -> (N, Ho, Wo, Cout), `Ho = (H + 2 pad - kh) / stride + 1`.
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (n, h, w, c) = xs.dims4()?;
+        let (cout, cin, kh, kw) = self.weight.dims4()?;
+        if c != cin {
+            candle_core::bail!(
+                "conv2d_nhwc: input has {c} channels (last dim of NHWC {:?}), the weight expects {cin}",
+                xs.dims()
+            );
+        }
+        let (ho, wo) = self.out_size(h, w)?;
+        let fast = xs.device().is_cpu()
+            && !reference_ops()
+            && xs.dtype() == DType::F32
+            && self.weight_kc.dtype() == DType::F32
+            && !xs.track_op()
+            && !self.weight.track_op();
+        if !fast {
+            let y = xs
+                .permute((0, 3, 1, 2))?
+                .conv2d(&self.weight, self.pad, self.stride, 1, 1)?;
+            let y = match &self.bias {
+                Some(b) => y.broadcast_add(&b.reshape((1, cout, 1, 1))?)?,
+                None => y,
+            };
+            return y.permute((0, 2, 3, 1))?.contiguous();
+        }
+        let op = Im2Col {
+            kh,
+            kw,
+            stride: self.stride,
+            pad: self.pad,
+            ho,
+            wo,
+        };
+        let patches = xs.contiguous()?.apply_op1_no_bwd(&op)?;
+        let y = patches.matmul(&self.weight_kc)?;
+        let y = match &self.bias {
+            // Fresh GEMM output, so the in-place bias pass cannot affect anything else.
+            Some(b) => {
+                super::activation::bias_add_in_place(&y, b)?;
+                y
+            }
+            None => y,
+        };
+        y.reshape((n, ho, wo, cout))
+    }
+}
+
+/// (N, H, W, C) -> (N*Ho*Wo, kh*kw*C) patch rows (zeros outside the image).
+struct Im2Col {
+    kh: usize,
+    kw: usize,
+    stride: usize,
+    pad: usize,
+    ho: usize,
+    wo: usize,
+}
+
+impl CustomOp1 for Im2Col {
+    fn name(&self) -> &'static str {
+        "internimage-im2col-nhwc"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, h, w, c) = l.shape().dims4()?;
+        let Some((a0, a1)) = l.contiguous_offsets() else {
+            candle_core::bail!("im2col: the CPU kernel needs a contiguous input")
+        };
+        let CpuStorage::F32(x) = s else {
+            candle_core::bail!("im2col: f32 only, got {:?}", s.dtype())
+        };
+        let x = &x[a0..a1];
+        let Self {
+            kh,
+            kw,
+            stride,
+            pad,
+            ho,
+            wo,
+        } = *self;
+        let row_len = kh * kw * c;
+        let mut out = vec![0f32; n * ho * wo * row_len];
+        // One task per output row (n, oh): Wo patch rows.
+        out.par_chunks_mut((wo * row_len).max(1))
+            .enumerate()
+            .for_each(|(r, dst)| {
+                let (b, oh) = (r / ho, r % ho);
+                let img = &x[b * h * w * c..(b + 1) * h * w * c];
+                for ow in 0..wo {
+                    let patch = &mut dst[ow * row_len..(ow + 1) * row_len];
+                    for i in 0..kh {
+                        let ih = (oh * stride + i) as isize - pad as isize;
+                        if ih < 0 || ih as usize >= h {
+                            continue;
+                        }
+                        let ih = ih as usize;
+                        for j in 0..kw {
+                            let iw = (ow * stride + j) as isize - pad as isize;
+                            if iw < 0 || iw as usize >= w {
+                                continue;
+                            }
+                            let src = &img[(ih * w + iw as usize) * c..][..c];
+                            patch[(i * kw + j) * c..][..c].copy_from_slice(src);
+                        }
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), Shape::from((n * ho * wo, row_len))))
+    }
+}
