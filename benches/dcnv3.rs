@@ -6,6 +6,7 @@
 //! operator written with plain candle tensor ops (a gather formulation like the official
 //! pure-PyTorch core: per kernel point and bilinear corner one `index_select`), measured in the same
 //! run; its backward is candle's autograd through that formulation. Prints median milliseconds.
+//! Set `DCNV3_BENCH_SKIP_BASELINE=1` to time only our op.
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use internimage::ops::dcnv3::{dcnv3, dcnv3_backward, Dcnv3Config};
