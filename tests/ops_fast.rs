@@ -117,6 +117,36 @@ fn gelu_keeps_gradients() {
 }
 
 #[test]
+fn linear_tall_odd_shapes() {
+    let dev = Device::Cpu;
+    for (m, k, n) in [
+        (1000usize, 70usize, 33usize),
+        (49, 512, 96),
+        (3, 5, 7),
+        (300, 1, 9),
+    ] {
+        let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+        let w = Tensor::randn(0f32, 0.2, (n, k), &dev).unwrap();
+        let b = Tensor::randn(0f32, 0.5, n, &dev).unwrap();
+        for bias in [Some(b.clone()), None] {
+            let lin = candle_nn::Linear::new(w.clone(), bias);
+            // f64 reference through candle's own Linear.
+            let lin64 = candle_nn::Linear::new(
+                w.to_dtype(DType::F64).unwrap(),
+                lin.bias().map(|b| b.to_dtype(DType::F64).unwrap()),
+            );
+            let r = lin64.forward(&x.to_dtype(DType::F64).unwrap()).unwrap();
+            let ours = internimage::ops::linear(&x, &lin).unwrap();
+            let e = excess(&ours, &r, 1e-5, 1e-5);
+            assert!(e <= 0.0, "linear ({m}, {k}, {n}) off by {e:e}");
+            let g = linear_gelu(&x, &lin).unwrap();
+            let e = excess(&g, &r.gelu_erf().unwrap(), 1e-5, 1e-5);
+            assert!(e <= 0.0, "linear_gelu ({m}, {k}, {n}) off by {e:e}");
+        }
+    }
+}
+
+#[test]
 fn linear_gelu_matches_unfused() {
     let dev = Device::Cpu;
     let x = Tensor::randn(0f32, 1.0, (2, 7, 9, 48), &dev).unwrap();

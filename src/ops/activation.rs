@@ -115,15 +115,6 @@ pub(crate) fn gelu_erf_f32_slice(src: &[f32], dst: &mut [f32]) {
     }
 }
 
-/// Exact GELU of an f32 slice in place, multi-threaded for large slices.
-pub(crate) fn gelu_erf_f32_inplace(xs: &mut [f32]) {
-    if xs.len() <= PAR_CHUNK {
-        gelu_inplace(xs);
-    } else {
-        xs.par_chunks_mut(PAR_CHUNK).for_each(gelu_inplace);
-    }
-}
-
 /// Conversions between a half type and f32 slices.
 trait HalfLike: Copy + Send + Sync + Default + 'static {
     fn to_f32s(src: &[Self], dst: &mut [f32]);
@@ -289,6 +280,23 @@ impl InplaceOp2 for BiasInplace {
     }
 }
 
+/// `row = row + bias` or `row = gelu(row + bias)` for every row of `dst` (rows of
+/// `bias.len()` values), on the calling thread.
+pub(crate) fn bias_rows(dst: &mut [f32], bias: &[f32], gelu: bool) {
+    for r in dst.chunks_exact_mut(bias.len()) {
+        if gelu {
+            bias_gelu_inplace(r, bias)
+        } else {
+            bias_add_inplace(r, bias)
+        }
+    }
+}
+
+/// Exact GELU of an f32 slice in place, on the calling thread.
+pub(crate) fn gelu_erf_f32_inplace_serial(xs: &mut [f32]) {
+    gelu_inplace(xs)
+}
+
 /// Adds `bias` (last dim) in place to `y`, a contiguous f32 CPU tensor that the caller created
 /// and shares with nobody (e.g. a fresh GEMM output).
 pub(crate) fn bias_add_in_place(y: &Tensor, bias: &Tensor) -> Result<()> {
@@ -341,36 +349,21 @@ fn linear_impl(xs: &Tensor, linear: &candle_nn::Linear, gelu: bool) -> Result<Te
     }
     let m: usize = lead.iter().product();
     let x2 = xs.contiguous()?.reshape((m, k))?;
-    // A fresh GEMM output: nothing else refers to its storage, so the in-place pass is safe.
-    let y = x2.matmul(&w.t()?)?;
-    match (linear.bias(), gelu) {
-        (Some(b), _) => y.inplace_op2(&b.contiguous()?, &BiasInplace { gelu })?,
-        (None, true) => y.inplace_op1(&GeluInplace)?,
-        (None, false) => {}
-    }
+    let w = w.contiguous()?;
+    let op = super::linear::LinearOp {
+        epilogue: if gelu {
+            super::linear::Epilogue::Gelu
+        } else {
+            super::linear::Epilogue::None
+        },
+    };
+    let y = match linear.bias() {
+        Some(b) => x2.apply_op3_no_bwd(&w, &b.contiguous()?, &op)?,
+        None => x2.apply_op2_no_bwd(&w, &op)?,
+    };
     let mut out_dims = lead.to_vec();
     out_dims.push(out_f);
     y.reshape(out_dims)
-}
-
-/// In-place GELU of a contiguous f32 CPU tensor.
-struct GeluInplace;
-
-impl candle_core::InplaceOp1 for GeluInplace {
-    fn name(&self) -> &'static str {
-        "internimage-gelu-erf-inplace"
-    }
-
-    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> Result<()> {
-        let Some((a0, a1)) = l.contiguous_offsets() else {
-            candle_core::bail!("gelu_erf (in place): the tensor must be contiguous")
-        };
-        let CpuStorage::F32(xs) = s else {
-            candle_core::bail!("gelu_erf (in place): the CPU kernel supports f32 only")
-        };
-        gelu_erf_f32_inplace(&mut xs[a0..a1]);
-        Ok(())
-    }
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ pub mod conv;
 pub mod dcnv3;
 pub mod depthwise;
 pub mod fused;
+mod linear;
 pub(crate) mod simd;
 
 pub use activation::{gelu_erf, linear, linear_gelu};

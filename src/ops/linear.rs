@@ -1,0 +1,214 @@
+//! CPU linear layer: `y = x @ w^T (+ bias) (then GELU)` with the rows of `x` split across the
+//! rayon threads, each block one single-threaded call of the `gemm` crate (the kernels candle
+//! uses) followed at once by the bias/GELU epilogue while the block is still in cache.
+//!
+//! InternImage's GEMMs are tall and narrow (3136 x 64 x 64 at stage 1, 49 x 512 x 2048 at
+//! stage 4); candle's matmul hands them to gemm's own threading, which scales poorly on such
+//! shapes, and the bias add is then a separate pass.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape};
+use rayon::prelude::*;
+
+/// What happens to each output row after the GEMM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Epilogue {
+    None,
+    Gelu,
+}
+
+/// The op: inputs x (M, K) and w (N, K), optionally bias (N); all f32, contiguous.
+pub(crate) struct LinearOp {
+    pub(crate) epilogue: Epilogue,
+}
+
+/// Block size along a dimension of `len`: about two blocks per thread (load balance), at least
+/// `min`, a multiple of 8; `len` itself (one block) for small problems or one thread.
+fn block_len(len: usize, work: usize, min: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    if threads == 1 || work < 64 * 64 * 64 {
+        return len.max(1);
+    }
+    let r = len.div_ceil(2 * threads).max(min);
+    r.div_ceil(8) * 8
+}
+
+/// A raw output pointer shared by tasks that write disjoint column blocks.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: only used for disjoint writes from the column-block tasks below.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// `dst (mr x nc, row stride ld) = src (mr x k) @ w[c0.., :]^T`, single-threaded.
+///
+/// # Safety
+/// `dst` must be valid for writes of rows `0..mr` x columns `0..nc` with row stride `ld`;
+/// `src` holds `mr * k` values and `w` holds at least `nc * k` values.
+unsafe fn gemm_block(
+    dst: *mut f32,
+    ld: usize,
+    src: &[f32],
+    w: &[f32],
+    mr: usize,
+    nc: usize,
+    k: usize,
+) {
+    gemm::gemm(
+        mr,
+        nc,
+        k,
+        dst,
+        1,
+        ld as isize,
+        false,
+        src.as_ptr(),
+        1,
+        k as isize,
+        w.as_ptr(),
+        k as isize,
+        1,
+        0f32,
+        1f32,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
+}
+
+fn epilogue_rows(dst: &mut [f32], bias: Option<&[f32]>, epi: Epilogue) {
+    match (bias, epi) {
+        (Some(b), Epilogue::None) => super::activation::bias_rows(dst, b, false),
+        (Some(b), Epilogue::Gelu) => super::activation::bias_rows(dst, b, true),
+        (None, Epilogue::Gelu) => super::activation::gelu_erf_f32_inplace_serial(dst),
+        (None, Epilogue::None) => {}
+    }
+}
+
+fn linear_f32(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    m: usize,
+    k: usize,
+    n: usize,
+    epi: Epilogue,
+) -> Vec<f32> {
+    let mut y = vec![0f32; m * n];
+    if m == 0 || n == 0 {
+        return y;
+    }
+    if k == 0 {
+        epilogue_rows(&mut y, bias, epi);
+        return y;
+    }
+    if m >= n {
+        // Tall: blocks of rows, each a complete (rows x n) GEMM plus its epilogue.
+        let rows = block_len(m, m * n * k, 32);
+        let run = |(blk, dst): (usize, &mut [f32])| {
+            let r0 = blk * rows;
+            let mr = dst.len() / n;
+            // SAFETY: dst is exactly (mr, n) row-major; the source rows r0..r0+mr exist.
+            unsafe { gemm_block(dst.as_mut_ptr(), n, &x[r0 * k..(r0 + mr) * k], w, mr, n, k) };
+            epilogue_rows(dst, bias, epi);
+        };
+        if rows >= m {
+            run((0, &mut y));
+        } else {
+            y.par_chunks_mut(rows * n).enumerate().for_each(run);
+        }
+    } else {
+        // Wide: blocks of output columns (each packs only its slice of the weight).
+        let cols = block_len(n, m * n * k, 64);
+        let nblk = n.div_ceil(cols);
+        let out = OutPtr(y.as_mut_ptr());
+        let run = |blk: usize| {
+            let c0 = blk * cols;
+            let nc = cols.min(n - c0);
+            let out = out;
+            // SAFETY: block `blk` writes only columns c0..c0+nc of the (m, n) output, disjoint
+            // from every other block; the weight rows c0..c0+nc exist.
+            unsafe { gemm_block(out.0.add(c0), n, x, &w[c0 * k..(c0 + nc) * k], m, nc, k) };
+            for r in 0..m {
+                // SAFETY: row r, columns c0..c0+nc: written above and owned by this block.
+                let seg = unsafe { std::slice::from_raw_parts_mut(out.0.add(r * n + c0), nc) };
+                epilogue_rows(seg, bias.map(|b| &b[c0..c0 + nc]), epi);
+            }
+        };
+        if nblk == 1 {
+            run(0);
+        } else {
+            (0..nblk).into_par_iter().for_each(run);
+        }
+    }
+    y
+}
+
+fn check(l1: &Layout, l2: &Layout) -> Result<(usize, usize, usize)> {
+    let (m, k) = l1.shape().dims2()?;
+    let (n, k2) = l2.shape().dims2()?;
+    if k != k2 {
+        candle_core::bail!("linear: input has {k} features but the weight is ({n}, {k2})")
+    }
+    Ok((m, k, n))
+}
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("linear: the {what} must be contiguous")
+    };
+    match s {
+        CpuStorage::F32(v) => Ok(&v[a..b]),
+        other => candle_core::bail!(
+            "linear: the CPU kernel needs f32, the {what} is {:?}",
+            other.dtype()
+        ),
+    }
+}
+
+impl CustomOp2 for LinearOp {
+    fn name(&self) -> &'static str {
+        "internimage-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, k, n) = check(l1, l2)?;
+        let x = f32_slice(s1, l1, "input")?;
+        let w = f32_slice(s2, l2, "weight")?;
+        let y = linear_f32(x, w, None, m, k, n, self.epilogue);
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+}
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "internimage-linear-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, k, n) = check(l1, l2)?;
+        let x = f32_slice(s1, l1, "input")?;
+        let w = f32_slice(s2, l2, "weight")?;
+        let b = f32_slice(s3, l3, "bias")?;
+        if b.len() != n {
+            candle_core::bail!("linear: bias has {} values for {n} outputs", b.len())
+        }
+        let y = linear_f32(x, w, Some(b), m, k, n, self.epilogue);
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+}
