@@ -40,6 +40,13 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+impl OutPtr {
+    /// The pointer (a method, so closures capture the whole `Send + Sync` wrapper).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// `dst (mr x nc, row stride ld) = src (mr x k) @ w[c0.., :]^T`, single-threaded.
 ///
 /// # Safety
@@ -126,13 +133,12 @@ fn linear_f32(
         let run = |blk: usize| {
             let c0 = blk * cols;
             let nc = cols.min(n - c0);
-            let out = out;
             // SAFETY: block `blk` writes only columns c0..c0+nc of the (m, n) output, disjoint
             // from every other block; the weight rows c0..c0+nc exist.
-            unsafe { gemm_block(out.0.add(c0), n, x, &w[c0 * k..(c0 + nc) * k], m, nc, k) };
+            unsafe { gemm_block(out.get().add(c0), n, x, &w[c0 * k..(c0 + nc) * k], m, nc, k) };
             for r in 0..m {
                 // SAFETY: row r, columns c0..c0+nc: written above and owned by this block.
-                let seg = unsafe { std::slice::from_raw_parts_mut(out.0.add(r * n + c0), nc) };
+                let seg = unsafe { std::slice::from_raw_parts_mut(out.get().add(r * n + c0), nc) };
                 epilogue_rows(seg, bias.map(|b| &b[c0..c0 + nc]), epi);
             }
         };
