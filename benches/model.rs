@@ -137,6 +137,11 @@ const CASES: &[Case] = &[
         reference: false,
         what: "single operators, candle vs ours",
     },
+    Case {
+        name: "breakdown",
+        reference: false,
+        what: "T 224 batch 1 forward rebuilt from the crate ops, timed alone",
+    },
 ];
 
 /// One model case in this process: prints `RESULT <name> <ms/img> <img/s> <rss MiB>`.
@@ -261,12 +266,15 @@ fn run_ops() -> Result<()> {
     Ok(())
 }
 
-/// Times every operator of one InternImage-T forward (224, batch 1) at its real shape and
-/// prints `BRK <category> <ms per forward>` (operator time x number of uses).
+/// Times every operator of one InternImage-T forward (224, batch 1) at its real shape, using
+/// the same crate ops the network calls, and prints `BRK <category> <ms per forward>`
+/// (operator time x number of uses).
 fn run_breakdown() -> Result<()> {
-    use candle_nn::ops::softmax_last_dim;
     use internimage::ops::depthwise::DepthwiseConv2dNhwc;
-    use internimage::ops::{dcnv3, gelu_erf, Dcnv3Config};
+    use internimage::ops::{
+        dcnv3, gelu_erf, layer_norm_last_dim, linear, linear_gelu, softmax_groups, Conv2dNhwc,
+        Dcnv3Config,
+    };
     use std::collections::BTreeMap;
     let dev = Device::Cpu;
     let mut cat: BTreeMap<&'static str, f64> = BTreeMap::new();
@@ -274,47 +282,35 @@ fn run_breakdown() -> Result<()> {
         *cat.entry(k).or_insert(0.0) += secs * 1e3 * times as f64;
     };
     let (w, r) = (2, 9);
-    let ln = |c: usize| -> Result<candle_nn::LayerNorm> {
-        Ok(candle_nn::LayerNorm::new(
-            Tensor::ones(c, DType::F32, &dev)?,
-            Tensor::zeros(c, DType::F32, &dev)?,
-            1e-6,
-        ))
-    };
     let lin = |i: usize, o: usize| -> Result<candle_nn::Linear> {
         Ok(candle_nn::Linear::new(
             Tensor::randn(0f32, 0.02, (o, i), &dev)?,
             Some(Tensor::randn(0f32, 0.02, o, &dev)?),
         ))
     };
-    // Stem: conv 3->32 s2, LN, GELU, conv 32->64 s2, LN (with the NCHW/NHWC permutes).
-    let img = Tensor::randn(0f32, 1.0, (1, 3, 224, 224), &dev)?;
-    let c1 = Tensor::randn(0f32, 0.02, (32, 3, 3, 3), &dev)?;
-    let c2 = Tensor::randn(0f32, 0.02, (64, 32, 3, 3), &dev)?;
-    let s1 = img.conv2d(&c1, 1, 2, 1, 1)?;
-    add(
-        "conv (stem, downsample)",
-        time_it(w, r, || img.conv2d(&c1, 1, 2, 1, 1).map(|_| ()))?,
-        1,
-    );
-    let s1n = s1.permute((0, 2, 3, 1))?.contiguous()?;
-    add(
-        "permute+contiguous",
-        time_it(w, r, || s1.permute((0, 2, 3, 1))?.contiguous().map(|_| ()))?,
-        1,
-    );
-    add(
-        "layernorm",
-        time_it(w, r, || ln(32)?.forward(&s1n).map(|_| ()))?,
-        1,
-    );
-    add("gelu", time_it(w, r, || gelu_erf(&s1n).map(|_| ()))?, 1);
-    let s1c = s1n.permute((0, 3, 1, 2))?;
-    add(
-        "conv (stem, downsample)",
-        time_it(w, r, || s1c.conv2d(&c2, 1, 2, 1, 1).map(|_| ()))?,
-        1,
-    );
+    let ln = |x: &Tensor| -> Result<f64> {
+        let c = x.dim(3)?;
+        let (lw, lb) = (
+            Tensor::ones(c, DType::F32, &dev)?,
+            Tensor::zeros(c, DType::F32, &dev)?,
+        );
+        time_it(w, r, || layer_norm_last_dim(x, &lw, &lb, 1e-6).map(|_| ()))
+    };
+    let conv = |x: &Tensor, cout: usize| -> Result<(f64, Tensor)> {
+        let cin = x.dim(3)?;
+        let wt = Tensor::randn(0f32, 0.02, (cout, cin, 3, 3), &dev)?;
+        let c = Conv2dNhwc::new(&wt, None, 2, 1)?;
+        Ok((time_it(w, r, || c.forward(x).map(|_| ()))?, c.forward(x)?))
+    };
+    // Stem: conv 3->32 s2, LN, GELU, conv 32->64 s2, LN.
+    let img = Tensor::randn(0f32, 1.0, (1, 224, 224, 3), &dev)?;
+    let (t, s1) = conv(&img, 32)?;
+    add("conv 3x3 s2 (stem, downsample; NHWC im2col+GEMM)", t, 1);
+    add("layernorm", ln(&s1)?, 1);
+    add("gelu", time_it(w, r, || gelu_erf(&s1).map(|_| ()))?, 1);
+    let (t, s2) = conv(&s1, 64)?;
+    add("conv 3x3 s2 (stem, downsample; NHWC im2col+GEMM)", t, 1);
+    add("layernorm", ln(&s2)?, 1);
     let cfg = Config::t();
     for i in 0..4 {
         let c = cfg.stage_channels(i);
@@ -322,33 +318,25 @@ fn run_breakdown() -> Result<()> {
         let g = cfg.groups[i];
         let d = cfg.depths[i];
         let x = Tensor::randn(0f32, 1.0, (1, hw, hw, c), &dev)?;
-        add(
-            "layernorm",
-            time_it(w, r, || ln(c)?.forward(&x).map(|_| ()))?,
-            3 * d,
-        );
+        add("layernorm", ln(&x)?, 3 * d);
         for (o, k) in [(c, 2), (g * 18, 1), (g * 9, 1)] {
             let l = lin(c, o)?;
-            add(
-                "linear (dcn: input/offset/mask/output)",
-                time_it(w, r, || l.forward(&x).map(|_| ()))?,
-                k * d,
-            );
+            let t = time_it(w, r, || linear(&x, &l).map(|_| ()))?;
+            add("linear, DCNv3 (input, offset, mask, output)", t, k * d);
         }
         let l1 = lin(c, 4 * c)?;
         let l2 = lin(4 * c, c)?;
-        let h = l1.forward(&x)?;
+        let h = linear_gelu(&x, &l1)?;
         add(
-            "linear (mlp fc1, fc2)",
-            time_it(w, r, || l1.forward(&x).map(|_| ()))?,
+            "linear, MLP (fc1+GELU fused, fc2)",
+            time_it(w, r, || linear_gelu(&x, &l1).map(|_| ()))?,
             d,
         );
         add(
-            "linear (mlp fc1, fc2)",
-            time_it(w, r, || l2.forward(&h).map(|_| ()))?,
+            "linear, MLP (fc1+GELU fused, fc2)",
+            time_it(w, r, || linear(&h, &l2).map(|_| ()))?,
             d,
         );
-        add("gelu", time_it(w, r, || gelu_erf(&h).map(|_| ()))?, d);
         add("gelu", time_it(w, r, || gelu_erf(&x).map(|_| ()))?, d);
         let dw = DepthwiseConv2dNhwc::new(&Tensor::randn(0f32, 0.2, (c, 1, 3, 3), &dev)?, None, 1)?;
         add(
@@ -358,15 +346,12 @@ fn run_breakdown() -> Result<()> {
         );
         let m = Tensor::randn(0f32, 1.0, (1, hw, hw, g * 9), &dev)?;
         add(
-            "softmax (reshape+contiguous+softmax)",
-            time_it(w, r, || {
-                let t = m.reshape((1, hw, hw, g, 9))?.contiguous()?;
-                softmax_last_dim(&t)?.reshape((1, hw, hw, ())).map(|_| ())
-            })?,
+            "softmax over the 9 points",
+            time_it(w, r, || softmax_groups(&m, 9).map(|_| ()))?,
             d,
         );
         let off = (Tensor::randn(0f32, 1.0, (1, hw, hw, g * 18), &dev)? * 0.5)?;
-        let mask = softmax_last_dim(&m.reshape((1, hw, hw, g, 9))?)?.reshape((1, hw, hw, g * 9))?;
+        let mask = softmax_groups(&m, 9)?;
         let dc = Dcnv3Config::internimage(g, c / g, 1.0);
         add(
             "dcnv3 core",
@@ -379,36 +364,20 @@ fn run_breakdown() -> Result<()> {
             2 * d,
         );
         if i < 3 {
-            let cw = Tensor::randn(0f32, 0.02, (2 * c, c, 3, 3), &dev)?;
-            let xc = x.permute((0, 3, 1, 2))?;
-            let y = xc.conv2d(&cw, 1, 2, 1, 1)?;
-            add(
-                "conv (stem, downsample)",
-                time_it(w, r, || xc.conv2d(&cw, 1, 2, 1, 1).map(|_| ()))?,
-                1,
-            );
-            add(
-                "permute+contiguous",
-                time_it(w, r, || y.permute((0, 2, 3, 1))?.contiguous().map(|_| ()))?,
-                1,
-            );
-            let yn = y.permute((0, 2, 3, 1))?.contiguous()?;
-            add(
-                "layernorm",
-                time_it(w, r, || ln(2 * c)?.forward(&yn).map(|_| ()))?,
-                1,
-            );
+            let (t, y) = conv(&x, 2 * c)?;
+            add("conv 3x3 s2 (stem, downsample; NHWC im2col+GEMM)", t, 1);
+            add("layernorm", ln(&y)?, 1);
         }
     }
-    // Head: 1x1 conv 512->768 (as a linear), GELU, mean pool, Linear 768->1000.
+    // Head: 1x1 conv 512->768 (as a linear) + GELU, mean pool, Linear 768->1000.
     let x = Tensor::randn(0f32, 1.0, (1, 7, 7, 512), &dev)?;
     let p = lin(512, 768)?;
     let fc = lin(768, 1000)?;
     add(
         "head",
         time_it(w, r, || {
-            let y = gelu_erf(&p.forward(&x)?)?.reshape((1, 49, 768))?.mean(1)?;
-            fc.forward(&y).map(|_| ())
+            let y = linear_gelu(&x, &p)?.reshape((1, 49, 768))?.mean(1)?;
+            linear(&y, &fc).map(|_| ())
         })?,
         1,
     );
