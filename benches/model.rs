@@ -202,6 +202,33 @@ fn run_ops() -> Result<()> {
         internimage::ops::linear_gelu(&x, &lin).map(|_| ())
     })?;
     println!("OP fc1+gelu_56x56x64->256 {:.3} {:.3}", a * 1e3, b * 1e3);
+    // The whole MLP (fc1 + GELU + fc2): two crate linears vs the row-blocked fused ops::mlp.
+    for (hw, c, batch) in [
+        (56usize, 64usize, 1usize),
+        (14, 256, 1),
+        (56, 64, 8),
+        (14, 256, 8),
+    ] {
+        let x = Tensor::randn(0f32, 1.0, (batch, hw, hw, c), &dev)?;
+        let fc1 = candle_nn::Linear::new(
+            Tensor::randn(0f32, 0.05, (4 * c, c), &dev)?,
+            Some(Tensor::randn(0f32, 0.05, 4 * c, &dev)?),
+        );
+        let fc2 = candle_nn::Linear::new(
+            Tensor::randn(0f32, 0.05, (c, 4 * c), &dev)?,
+            Some(Tensor::randn(0f32, 0.05, c, &dev)?),
+        );
+        let a = time_it(2, 10, || {
+            let h = internimage::ops::linear_gelu(&x, &fc1)?;
+            internimage::ops::linear(&h, &fc2).map(|_| ())
+        })?;
+        let b = time_it(2, 10, || internimage::ops::mlp(&x, &fc1, &fc2).map(|_| ()))?;
+        println!(
+            "OP mlp_b{batch}_{hw}x{hw}x{c}_(linears_vs_fused) {:.3} {:.3}",
+            a * 1e3,
+            b * 1e3
+        );
+    }
     // Stem conv2 and the first downsampling: NCHW conv2d with permutes vs the NHWC im2col+GEMM.
     for (hw, cin) in [(112usize, 32usize), (56, 64), (14, 256)] {
         let cout = 2 * cin;

@@ -384,3 +384,39 @@ fn conv2d_nhwc_matches_candle_conv2d() {
         .forward(&x)
         .is_err());
 }
+
+#[test]
+fn mlp_matches_two_linears() {
+    let dev = Device::Cpu;
+    for (lead, c, hid) in [
+        ((2usize, 17usize, 19usize), 24usize, 96usize),
+        ((1, 56, 56), 16, 64),
+        ((1, 3, 5), 8, 32),
+    ] {
+        let x = Tensor::randn(0f32, 1.0, (lead.0, lead.1, lead.2, c), &dev).unwrap();
+        let fc1 = candle_nn::Linear::new(
+            Tensor::randn(0f32, 0.3, (hid, c), &dev).unwrap(),
+            Some(Tensor::randn(0f32, 0.3, hid, &dev).unwrap()),
+        );
+        let fc2 = candle_nn::Linear::new(
+            Tensor::randn(0f32, 0.3, (c, hid), &dev).unwrap(),
+            Some(Tensor::randn(0f32, 0.3, c, &dev).unwrap()),
+        );
+        let ours = internimage::ops::mlp(&x, &fc1, &fc2).unwrap();
+        let f64lin = |l: &candle_nn::Linear| {
+            candle_nn::Linear::new(
+                l.weight().to_dtype(DType::F64).unwrap(),
+                l.bias().map(|b| b.to_dtype(DType::F64).unwrap()),
+            )
+        };
+        let h = f64lin(&fc1)
+            .forward(&x.to_dtype(DType::F64).unwrap())
+            .unwrap()
+            .gelu_erf()
+            .unwrap();
+        let r = f64lin(&fc2).forward(&h).unwrap();
+        assert_eq!(ours.dims(), r.dims());
+        let e = excess(&ours, &r, 1e-5, 1e-5);
+        assert!(e <= 0.0, "mlp {:?} off by {e:e}", (lead, c, hid));
+    }
+}

@@ -218,3 +218,164 @@ impl CustomOp3 for LinearOp {
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
 }
+
+/// The fused MLP: inputs x (M, C), w1 (H, C), w2 (Cout, H); biases held by the op.
+struct MlpOp {
+    b1: Option<Vec<f32>>,
+    b2: Option<Vec<f32>>,
+}
+
+/// `y = fc2(gelu(fc1(x)))` by blocks of rows small enough that the hidden block stays in the
+/// core's cache; the (M, H) hidden activations are never materialised.
+#[allow(clippy::too_many_arguments)]
+fn mlp_f32(
+    x: &[f32],
+    w1: &[f32],
+    b1: Option<&[f32]>,
+    w2: &[f32],
+    b2: Option<&[f32]>,
+    m: usize,
+    c: usize,
+    hid: usize,
+    cout: usize,
+) -> Vec<f32> {
+    let mut y = vec![0f32; m * cout];
+    if m == 0 || cout == 0 {
+        return y;
+    }
+    let threads = rayon::current_num_threads().max(1);
+    // ~512 KiB of hidden activations per block, and at least two blocks per thread.
+    let by_cache = (131_072 / hid.max(1)).max(16);
+    let by_threads = m.div_ceil(2 * threads).max(8);
+    let rows = by_cache.min(by_threads).div_ceil(8) * 8;
+    y.par_chunks_mut(rows * cout).enumerate().for_each_init(
+        Vec::new,
+        |h: &mut Vec<f32>, (blk, dst)| {
+            let r0 = blk * rows;
+            let mr = dst.len() / cout;
+            h.clear();
+            h.resize(mr * hid, 0.0);
+            if c > 0 {
+                // SAFETY: h is (mr, hid) row-major, the source rows r0..r0+mr exist, w1 is (hid, c).
+                unsafe {
+                    gemm_block(
+                        h.as_mut_ptr(),
+                        hid,
+                        &x[r0 * c..(r0 + mr) * c],
+                        w1,
+                        mr,
+                        hid,
+                        c,
+                    )
+                };
+            }
+            epilogue_rows(h, b1, Epilogue::Gelu);
+            if hid > 0 {
+                // SAFETY: dst is (mr, cout) row-major, h is (mr, hid), w2 is (cout, hid).
+                unsafe { gemm_block(dst.as_mut_ptr(), cout, h, w2, mr, cout, hid) };
+            }
+            epilogue_rows(dst, b2, Epilogue::None);
+        },
+    );
+    y
+}
+
+impl CustomOp3 for MlpOp {
+    fn name(&self) -> &'static str {
+        "internimage-mlp"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, c, hid) = check(l1, l2)?;
+        let (cout, hid2) = l3.shape().dims2()?;
+        if hid2 != hid {
+            candle_core::bail!("mlp: fc1 has {hid} outputs but fc2 expects {hid2} inputs")
+        }
+        let x = f32_slice(s1, l1, "input")?;
+        let w1 = f32_slice(s2, l2, "fc1 weight")?;
+        let w2 = f32_slice(s3, l3, "fc2 weight")?;
+        if self.b1.as_ref().is_some_and(|b| b.len() != hid)
+            || self.b2.as_ref().is_some_and(|b| b.len() != cout)
+        {
+            candle_core::bail!("mlp: bias lengths do not match the weights ({hid}, {cout})")
+        }
+        let y = mlp_f32(
+            x,
+            w1,
+            self.b1.as_deref(),
+            w2,
+            self.b2.as_deref(),
+            m,
+            c,
+            hid,
+            cout,
+        );
+        Ok((CpuStorage::F32(y), Shape::from((m, cout))))
+    }
+}
+
+/// Largest fc1 weight (values) for which the row-blocked fused MLP wins: with bigger weights the
+/// per-block packing of both weights costs more than the hidden tensor's memory traffic.
+const MLP_FUSED_MAX_WEIGHT: usize = 128 * 512;
+
+/// `fc2(gelu_erf(fc1(xs)))`, InternImage's MLP, on (..., C) channels-last input.
+///
+/// On the CPU (f32, enough rows to keep every thread busy, fc1 weight up to 128 x 512) the rows
+/// are processed in blocks whose hidden activations stay in cache: the (..., 4C) hidden tensor is
+/// never written to memory, and each block's two GEMMs and epilogues run back to back on one
+/// thread. Otherwise it is
+/// [`crate::ops::linear_gelu`] followed by [`crate::ops::linear`] (same numbers).
+pub fn mlp(
+    xs: &candle_core::Tensor,
+    fc1: &candle_nn::Linear,
+    fc2: &candle_nn::Linear,
+) -> Result<candle_core::Tensor> {
+    use candle_core::{DType, D};
+    let rows: usize = xs.dims().iter().rev().skip(1).product();
+    let threads = rayon::current_num_threads().max(1);
+    let f32_cpu = |t: &candle_core::Tensor| t.dtype() == DType::F32 && !t.track_op();
+    let fused = xs.device().is_cpu()
+        && !super::simd::reference_ops()
+        && rows >= 64 * threads
+        && fc1.weight().elem_count() <= MLP_FUSED_MAX_WEIGHT
+        && f32_cpu(xs)
+        && f32_cpu(fc1.weight())
+        && f32_cpu(fc2.weight())
+        && fc1.bias().is_none_or(f32_cpu)
+        && fc2.bias().is_none_or(f32_cpu);
+    if !fused {
+        let h = super::activation::linear_gelu(xs, fc1)?;
+        return super::activation::linear(&h, fc2);
+    }
+    let c = xs.dim(D::Minus1)?;
+    let (hid, c1) = fc1.weight().dims2()?;
+    let (cout, hid2) = fc2.weight().dims2()?;
+    if c1 != c || hid2 != hid {
+        candle_core::bail!(
+            "mlp: input has {c} features, fc1 is ({hid}, {c1}), fc2 is ({cout}, {hid2}); they must chain"
+        )
+    }
+    let op = MlpOp {
+        b1: fc1.bias().map(|b| b.to_vec1::<f32>()).transpose()?,
+        b2: fc2.bias().map(|b| b.to_vec1::<f32>()).transpose()?,
+    };
+    let x2 = xs.contiguous()?.reshape((rows, c))?;
+    let y = x2.apply_op3_no_bwd(
+        &fc1.weight().contiguous()?,
+        &fc2.weight().contiguous()?,
+        &op,
+    )?;
+    let mut dims = xs.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = cout;
+    }
+    y.reshape(dims)
+}

@@ -13,3 +13,4 @@ pub use conv::Conv2dNhwc;
 pub use dcnv3::{dcnv3, Dcnv3Config};
 pub use depthwise::depthwise_conv2d_nhwc;
 pub use fused::{layer_norm_last_dim, softmax_groups};
+pub use linear::mlp;
