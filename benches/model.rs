@@ -304,9 +304,14 @@ fn run_breakdown() -> Result<()> {
     };
     use std::collections::BTreeMap;
     let dev = Device::Cpu;
+    // Batch size from BENCH_BREAKDOWN_BATCH (default 1); times are reported per image.
+    let nb: usize = std::env::var("BENCH_BREAKDOWN_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
     let mut cat: BTreeMap<&'static str, f64> = BTreeMap::new();
     let mut add = |k: &'static str, secs: f64, times: usize| {
-        *cat.entry(k).or_insert(0.0) += secs * 1e3 * times as f64;
+        *cat.entry(k).or_insert(0.0) += secs * 1e3 * times as f64 / nb as f64;
     };
     let (w, r) = (2, 9);
     let lin = |i: usize, o: usize| -> Result<candle_nn::Linear> {
@@ -330,7 +335,7 @@ fn run_breakdown() -> Result<()> {
         Ok((time_it(w, r, || c.forward(x).map(|_| ()))?, c.forward(x)?))
     };
     // Stem: conv 3->32 s2, LN, GELU, conv 32->64 s2, LN.
-    let img = Tensor::randn(0f32, 1.0, (1, 224, 224, 3), &dev)?;
+    let img = Tensor::randn(0f32, 1.0, (nb, 224, 224, 3), &dev)?;
     let (t, s1) = conv(&img, 32)?;
     add("conv 3x3 s2 (stem, downsample; NHWC im2col+GEMM)", t, 1);
     add("layernorm", ln(&s1)?, 1);
@@ -344,7 +349,7 @@ fn run_breakdown() -> Result<()> {
         let hw = 56 >> i;
         let g = cfg.groups[i];
         let d = cfg.depths[i];
-        let x = Tensor::randn(0f32, 1.0, (1, hw, hw, c), &dev)?;
+        let x = Tensor::randn(0f32, 1.0, (nb, hw, hw, c), &dev)?;
         add("layernorm", ln(&x)?, 3 * d);
         for (o, k) in [(c, 2), (g * 18, 1), (g * 9, 1)] {
             let l = lin(c, o)?;
@@ -371,13 +376,13 @@ fn run_breakdown() -> Result<()> {
             time_it(w, r, || dw.forward(&x).map(|_| ()))?,
             d,
         );
-        let m = Tensor::randn(0f32, 1.0, (1, hw, hw, g * 9), &dev)?;
+        let m = Tensor::randn(0f32, 1.0, (nb, hw, hw, g * 9), &dev)?;
         add(
             "softmax over the 9 points",
             time_it(w, r, || softmax_groups(&m, 9).map(|_| ()))?,
             d,
         );
-        let off = (Tensor::randn(0f32, 1.0, (1, hw, hw, g * 18), &dev)? * 0.5)?;
+        let off = (Tensor::randn(0f32, 1.0, (nb, hw, hw, g * 18), &dev)? * 0.5)?;
         let mask = softmax_groups(&m, 9)?;
         let dc = Dcnv3Config::internimage(g, c / g, 1.0);
         add(
@@ -397,13 +402,13 @@ fn run_breakdown() -> Result<()> {
         }
     }
     // Head: 1x1 conv 512->768 (as a linear) + GELU, mean pool, Linear 768->1000.
-    let x = Tensor::randn(0f32, 1.0, (1, 7, 7, 512), &dev)?;
+    let x = Tensor::randn(0f32, 1.0, (nb, 7, 7, 512), &dev)?;
     let p = lin(512, 768)?;
     let fc = lin(768, 1000)?;
     add(
         "head",
         time_it(w, r, || {
-            let y = linear_gelu(&x, &p)?.reshape((1, 49, 768))?.mean(1)?;
+            let y = linear_gelu(&x, &p)?.reshape((nb, 49, 768))?.mean(1)?;
             linear(&y, &fc).map(|_| ())
         })?,
         1,

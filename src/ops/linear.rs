@@ -9,6 +9,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// What happens to each output row after the GEMM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,34 +103,40 @@ fn linear_f32(
     n: usize,
     epi: Epilogue,
 ) -> Vec<f32> {
-    let mut y = vec![0f32; m * n];
-    if m == 0 || n == 0 {
+    if m == 0 || n == 0 || k == 0 {
+        let mut y = vec![0f32; m * n];
+        if n > 0 {
+            epilogue_rows(&mut y, bias, epi);
+        }
         return y;
     }
-    if k == 0 {
-        epilogue_rows(&mut y, bias, epi);
-        return y;
-    }
+    // The output is written only by the GEMMs (which overwrite: read_dst = false, alpha = 0), so
+    // it is never zero-filled first.
+    let mut y: Vec<f32> = Vec::with_capacity(m * n);
+    let spare = &mut y.spare_capacity_mut()[..m * n];
     if m >= n {
         // Tall: blocks of rows, each a complete (rows x n) GEMM plus its epilogue.
         let rows = block_len(m, m * n * k, 32);
-        let run = |(blk, dst): (usize, &mut [f32])| {
+        let run = |(blk, dst): (usize, &mut [MaybeUninit<f32>])| {
             let r0 = blk * rows;
             let mr = dst.len() / n;
+            let p = dst.as_mut_ptr().cast::<f32>();
             // SAFETY: dst is exactly (mr, n) row-major; the source rows r0..r0+mr exist.
-            unsafe { gemm_block(dst.as_mut_ptr(), n, &x[r0 * k..(r0 + mr) * k], w, mr, n, k) };
+            unsafe { gemm_block(p, n, &x[r0 * k..(r0 + mr) * k], w, mr, n, k) };
+            // SAFETY: the GEMM has written all mr * n values of this block.
+            let dst = unsafe { std::slice::from_raw_parts_mut(p, mr * n) };
             epilogue_rows(dst, bias, epi);
         };
         if rows >= m {
-            run((0, &mut y));
+            run((0, spare));
         } else {
-            y.par_chunks_mut(rows * n).enumerate().for_each(run);
+            spare.par_chunks_mut(rows * n).enumerate().for_each(run);
         }
     } else {
         // Wide: blocks of output columns (each packs only its slice of the weight).
         let cols = block_len(n, m * n * k, 64);
         let nblk = n.div_ceil(cols);
-        let out = OutPtr(y.as_mut_ptr());
+        let out = OutPtr(spare.as_mut_ptr().cast::<f32>());
         let run = |blk: usize| {
             let c0 = blk * cols;
             let nc = cols.min(n - c0);
@@ -148,6 +155,8 @@ fn linear_f32(
             (0..nblk).into_par_iter().for_each(run);
         }
     }
+    // SAFETY: the blocks together have written all m * n values.
+    unsafe { y.set_len(m * n) };
     y
 }
 
@@ -239,23 +248,34 @@ fn mlp_f32(
     hid: usize,
     cout: usize,
 ) -> Vec<f32> {
-    let mut y = vec![0f32; m * cout];
-    if m == 0 || cout == 0 {
+    if m == 0 || cout == 0 || c == 0 || hid == 0 {
+        // Degenerate shapes: the unfused formula on zero-filled buffers.
+        let mut h = vec![0f32; m * hid];
+        if hid > 0 {
+            epilogue_rows(&mut h, b1, Epilogue::Gelu);
+        }
+        let mut y = linear_f32(&h, w2, b2, m, hid, cout, Epilogue::None);
+        if y.is_empty() {
+            y = vec![0f32; m * cout];
+        }
         return y;
     }
+    let mut y: Vec<f32> = Vec::with_capacity(m * cout);
     let threads = rayon::current_num_threads().max(1);
     // ~512 KiB of hidden activations per block, and at least two blocks per thread.
     let by_cache = (131_072 / hid.max(1)).max(16);
     let by_threads = m.div_ceil(2 * threads).max(8);
     let rows = by_cache.min(by_threads).div_ceil(8) * 8;
-    y.par_chunks_mut(rows * cout).enumerate().for_each_init(
-        Vec::new,
-        |h: &mut Vec<f32>, (blk, dst)| {
+    y.spare_capacity_mut()[..m * cout]
+        .par_chunks_mut(rows * cout)
+        .enumerate()
+        .for_each_init(Vec::new, |h: &mut Vec<f32>, (blk, dst)| {
             let r0 = blk * rows;
             let mr = dst.len() / cout;
+            let p = dst.as_mut_ptr().cast::<f32>();
             h.clear();
             h.resize(mr * hid, 0.0);
-            if c > 0 {
+            {
                 // SAFETY: h is (mr, hid) row-major, the source rows r0..r0+mr exist, w1 is (hid, c).
                 unsafe {
                     gemm_block(
@@ -270,13 +290,14 @@ fn mlp_f32(
                 };
             }
             epilogue_rows(h, b1, Epilogue::Gelu);
-            if hid > 0 {
-                // SAFETY: dst is (mr, cout) row-major, h is (mr, hid), w2 is (cout, hid).
-                unsafe { gemm_block(dst.as_mut_ptr(), cout, h, w2, mr, cout, hid) };
-            }
+            // SAFETY: dst is (mr, cout) row-major, h is (mr, hid), w2 is (cout, hid).
+            unsafe { gemm_block(p, cout, h, w2, mr, cout, hid) };
+            // SAFETY: the GEMM (c, hid > 0) has written all mr * cout values of this block.
+            let dst = unsafe { std::slice::from_raw_parts_mut(p, mr * cout) };
             epilogue_rows(dst, b2, Epilogue::None);
-        },
-    );
+        });
+    // SAFETY: the blocks together have written all m * cout values.
+    unsafe { y.set_len(m * cout) };
     y
 }
 
