@@ -1,11 +1,11 @@
 //! DCNv3 core op against the official goldens (`../shared/fixtures/dcnv3_ops.*`): forward for all
 //! 21 cases in f32 (and f64, f16, bf16), gradients of the 9 cases that carry them via autograd.
 
-use candle_core::{DType, Device, Tensor, Var};
+mod common;
+
+use candle_core::{DType, Tensor, Var};
 use internimage::ops::{dcnv3, Dcnv3Config};
 use std::collections::HashMap;
-
-const FIX: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures");
 
 struct Case {
     name: String,
@@ -14,33 +14,14 @@ struct Case {
 }
 
 fn load() -> (Vec<Case>, HashMap<String, Tensor>, serde_json::Value) {
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(format!("{FIX}/dcnv3_ops.json")).unwrap())
-            .unwrap();
-    let tensors =
-        candle_core::safetensors::load(format!("{FIX}/dcnv3_ops.safetensors"), &Device::Cpu)
-            .unwrap();
-    let u = |c: &serde_json::Value, k: &str| c[k].as_u64().unwrap() as usize;
+    let (json, tensors) = common::dcnv3_fixtures(common::FIXTURES);
     let cases = json["cases"]
         .as_array()
         .unwrap()
         .iter()
         .map(|c| Case {
             name: c["name"].as_str().unwrap().to_string(),
-            cfg: Dcnv3Config {
-                kernel_h: u(c, "kernel_h"),
-                kernel_w: u(c, "kernel_w"),
-                stride_h: u(c, "stride_h"),
-                stride_w: u(c, "stride_w"),
-                pad_h: u(c, "pad_h"),
-                pad_w: u(c, "pad_w"),
-                dilation_h: u(c, "dilation_h"),
-                dilation_w: u(c, "dilation_w"),
-                group: u(c, "group"),
-                group_channels: u(c, "group_channels"),
-                offset_scale: c["offset_scale"].as_f64().unwrap(),
-                remove_center: u(c, "remove_center") != 0,
-            },
+            cfg: common::dcnv3_config(c),
             has_grads: c["has_grads"].as_bool().unwrap(),
         })
         .collect();
@@ -50,27 +31,14 @@ fn load() -> (Vec<Case>, HashMap<String, Tensor>, serde_json::Value) {
 /// Tolerances from the manifest (`tolerances.out` / `tolerances.grads` of dcnv3_ops.json, which
 /// equal the per-tensor entries of manifest.json).
 fn tol(json: &serde_json::Value, kind: &str) -> (f64, f64) {
-    let t = &json["tolerances"][kind];
-    (t["atol"].as_f64().unwrap(), t["rtol"].as_f64().unwrap())
+    common::atol_rtol(&json["tolerances"][kind])
 }
 
 /// Max violation ratio of |ours-ref| <= atol + rtol*|ref| (<= 1 means pass), with the worst index.
 fn check(ours: &Tensor, reference: &Tensor, atol: f64, rtol: f64, what: &str) -> f64 {
     assert_eq!(ours.dims(), reference.dims(), "{what}: shape");
-    let a: Vec<f64> = ours
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let b: Vec<f64> = reference
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let a = common::to_f64_vec(ours);
+    let b = common::to_f64_vec(reference);
     let mut worst = (0.0f64, 0usize);
     for (i, (x, y)) in a.iter().zip(&b).enumerate() {
         let r = (x - y).abs() / (atol + rtol * y.abs());

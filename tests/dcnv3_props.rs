@@ -1,7 +1,10 @@
 //! DCNv3 core op: randomised comparison with a deliberately simple scalar reference, strided views,
 //! batch sizes, NaN/inf offsets, bad input errors and a finite-difference check of the backward.
 
+mod common;
+
 use candle_core::{DType, Device, IndexOp, Tensor, Var};
+use common::to_f64_vec as vec_f64;
 use internimage::ops::dcnv3::{dcnv3, dcnv3_backward, Dcnv3Config};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -74,15 +77,6 @@ fn reference(
         }
     }
     (out, hout, wout)
-}
-
-fn vec_f64(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
 }
 
 fn randn(rng: &mut StdRng, len: usize, scale: f64) -> Vec<f64> {

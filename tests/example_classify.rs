@@ -12,15 +12,16 @@
 //! between consecutive top-5 logits is 5.1e-3).
 #![cfg(feature = "image")]
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-use candle_core::Device;
+use common::FIXTURES;
 use serde_json::Value;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures");
 
 /// Builds an example (same profile and features as this test) and returns its path.
 fn build_example(name: &str) -> PathBuf {
@@ -77,10 +78,7 @@ fn tmp_dir() -> PathBuf {
 /// config.json (Hugging Face schema) of the tiny_b fixture network.
 fn tiny_b_config() -> PathBuf {
     let path = tmp_dir().join("tiny_b_config.json");
-    let meta: Value = serde_json::from_str(
-        &std::fs::read_to_string(format!("{FIXTURES}/weights/tiny_b.json")).unwrap(),
-    )
-    .unwrap();
+    let meta = common::net_meta("tiny_b");
     std::fs::write(
         &path,
         serde_json::to_string_pretty(&meta["hf_config"]).unwrap(),
@@ -127,16 +125,8 @@ fn run_tiny(weights: &str, extra: &[&str]) -> (Output, Value) {
 }
 
 fn golden_logits() -> Vec<f32> {
-    let t = candle_core::safetensors::load(
-        format!("{FIXTURES}/expected/tiny_b.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap();
-    t["logits.photo"]
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
+    let t = common::fixture_tensors("expected/tiny_b.safetensors");
+    common::to_f32_vec(&t["logits.photo"])
 }
 
 fn f32s(v: &Value) -> Vec<f32> {
@@ -377,8 +367,7 @@ fn features_example_writes_maps_and_png() {
     // 451x300 -> shorter side 200: 301x200 (mmcv rounding), padded to 320x224.
     assert!(stdout.contains("input 301x200"), "{stdout}");
     assert!(stdout.contains("padded to 320x224"), "{stdout}");
-    let maps =
-        candle_core::safetensors::load(out_dir.join("features.safetensors"), &Device::Cpu).unwrap();
+    let maps = common::load_safetensors(out_dir.join("features.safetensors"));
     let want = [
         [1, 12, 56, 80],
         [1, 24, 28, 40],

@@ -12,14 +12,15 @@
 //! carried to a GPU machine by scripts/gpu_build.sh), else from `../shared/fixtures`.
 #![cfg(feature = "cuda")]
 
+mod common;
+
 use candle_core::{DType, Device, Module, Tensor, Var};
+use common::{assert_close_f32 as assert_close, to_f32_vec as f32s};
 use internimage::ops::dcnv3::{dcnv3, dcnv3_backward};
-use internimage::{Config, Dcnv3Config, InternImage};
-use serde_json::Value;
+use internimage::{Dcnv3Config, InternImage};
 
 fn fixtures_dir() -> String {
-    std::env::var("INTERNIMAGE_FIXTURES")
-        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures").to_string())
+    std::env::var("INTERNIMAGE_FIXTURES").unwrap_or_else(|_| common::FIXTURES.to_string())
 }
 
 fn gpu() -> Option<Device> {
@@ -30,32 +31,6 @@ fn gpu() -> Option<Device> {
             None
         }
     }
-}
-
-fn f32s(t: &Tensor) -> Vec<f32> {
-    t.to_device(&Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-}
-
-/// |got - want| <= atol + rtol*|want| elementwise; returns the largest |diff|.
-fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) -> f32 {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    let mut worst = 0f32;
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let d = (g - w).abs();
-        assert!(
-            !d.is_nan() && d <= atol + rtol * w.abs(),
-            "{what}: element {i}: got {g}, expected {w} (atol {atol}, rtol {rtol})"
-        );
-        worst = worst.max(d);
-    }
-    worst
 }
 
 fn max_abs(v: &[f32]) -> f32 {
@@ -80,37 +55,12 @@ struct Case {
 }
 
 fn cases() -> (Vec<Case>, (f32, f32), (f32, f32)) {
-    let dir = fixtures_dir();
-    let json: Value =
-        serde_json::from_str(&std::fs::read_to_string(format!("{dir}/dcnv3_ops.json")).unwrap())
-            .unwrap();
-    let all = candle_core::safetensors::load(format!("{dir}/dcnv3_ops.safetensors"), &Device::Cpu)
-        .unwrap();
-    let u = |c: &Value, k: &str| c[k].as_u64().unwrap() as usize;
-    let tol = |k: &str| {
-        let t = &json["tolerances"][k];
-        (
-            t["atol"].as_f64().unwrap() as f32,
-            t["rtol"].as_f64().unwrap() as f32,
-        )
-    };
+    let (json, all) = common::dcnv3_fixtures(&fixtures_dir());
+    let tol = |k: &str| common::atol_rtol_f32(&json["tolerances"][k]);
     let mut out = Vec::new();
     for c in json["cases"].as_array().unwrap() {
         let name = c["name"].as_str().unwrap().to_string();
-        let cfg = Dcnv3Config {
-            kernel_h: u(c, "kernel_h"),
-            kernel_w: u(c, "kernel_w"),
-            stride_h: u(c, "stride_h"),
-            stride_w: u(c, "stride_w"),
-            pad_h: u(c, "pad_h"),
-            pad_w: u(c, "pad_w"),
-            dilation_h: u(c, "dilation_h"),
-            dilation_w: u(c, "dilation_w"),
-            group: u(c, "group"),
-            group_channels: u(c, "group_channels"),
-            offset_scale: c["offset_scale"].as_f64().unwrap(),
-            remove_center: u(c, "remove_center") != 0,
-        };
+        let cfg = common::dcnv3_config(c);
         let mut t = std::collections::HashMap::new();
         for group in ["tensors", "expected"] {
             for (k, v) in c[group].as_object().unwrap() {
@@ -339,27 +289,15 @@ fn cuda_bad_input_is_an_error() {
 fn check_net(net: &str) {
     let Some(dev) = gpu() else { return };
     let dir = fixtures_dir();
-    let meta: Value = serde_json::from_str(
-        &std::fs::read_to_string(format!("{dir}/weights/{net}.json")).unwrap(),
-    )
-    .unwrap();
-    let cfg = Config::from_json_str(&serde_json::to_string(&meta["hf_config"]).unwrap()).unwrap();
-    let manifest: Value =
-        serde_json::from_str(&std::fs::read_to_string(format!("{dir}/manifest.json")).unwrap())
-            .unwrap();
-    let inputs =
-        candle_core::safetensors::load(format!("{dir}/inputs.safetensors"), &Device::Cpu).unwrap();
-    let expected =
-        candle_core::safetensors::load(format!("{dir}/expected/{net}.safetensors"), &Device::Cpu)
-            .unwrap();
+    let cfg = common::config_of_meta(&common::read_json(format!("{dir}/weights/{net}.json")));
+    let manifest = common::read_json(format!("{dir}/manifest.json"));
+    let inputs = common::load_safetensors(format!("{dir}/inputs.safetensors"));
+    let expected = common::load_safetensors(format!("{dir}/expected/{net}.safetensors"));
     let weights = format!("{dir}/weights/{net}.safetensors");
     let cpu_model = InternImage::from_checkpoint(&cfg, &weights, DType::F32, &Device::Cpu).unwrap();
     for input in ["rand", "photo"] {
-        let tol = &manifest["models"][net]["tensors"][format!("logits.{input}")];
-        let (atol, rtol) = (
-            tol["atol"].as_f64().unwrap() as f32,
-            tol["rtol"].as_f64().unwrap() as f32,
-        );
+        let (atol, rtol) =
+            common::atol_rtol_f32(&manifest["models"][net]["tensors"][format!("logits.{input}")]);
         let x = &inputs[input];
         let golden = f32s(&expected[&format!("logits.{input}")]);
         let cpu = f32s(&cpu_model.forward(x).unwrap());

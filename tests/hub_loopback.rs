@@ -3,6 +3,8 @@
 //! 404 / 401 / 5xx; corrupt and truncated transfers are rejected and never cached.
 #![cfg(feature = "hub")]
 
+mod common;
+
 use candle_core::{DType, Device, Module, Tensor};
 use internimage::hub::{self, HubOptions};
 use internimage::zoo::{HubFile, HubRepo};
@@ -15,7 +17,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
 
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures");
 const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 
 // ---------------------------------------------------------------------------------------------
@@ -278,19 +279,13 @@ struct TinyB {
 }
 
 fn tiny_b() -> TinyB {
-    let weights = std::fs::read(format!("{FIXTURES}/weights/tiny_b.safetensors")).unwrap();
-    let manifest: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(format!("{FIXTURES}/manifest.json")).unwrap(),
-    )
-    .unwrap();
+    let weights = std::fs::read(common::net_weights("tiny_b", "safetensors")).unwrap();
+    let manifest = common::manifest();
     let sha256 = manifest["models"]["tiny_b"]["sha256"]["safetensors"]
         .as_str()
         .unwrap()
         .to_string();
-    let meta: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(format!("{FIXTURES}/weights/tiny_b.json")).unwrap(),
-    )
-    .unwrap();
+    let meta = common::net_meta("tiny_b");
     let config_json = serde_json::to_vec_pretty(&meta["hf_config"]).unwrap();
     TinyB {
         weights: Arc::new(weights),
@@ -330,34 +325,17 @@ fn options(server: &HubStandIn, cache: &TempCache) -> HubOptions {
 
 /// Checks the logits of `model` on the fixture input `rand` against the official golden.
 fn assert_logits_match(model: &InternImage) {
-    let inputs =
-        candle_core::safetensors::load(format!("{FIXTURES}/inputs.safetensors"), &Device::Cpu)
-            .unwrap();
-    let expected = candle_core::safetensors::load(
-        format!("{FIXTURES}/expected/tiny_b.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap();
-    let manifest: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(format!("{FIXTURES}/manifest.json")).unwrap(),
-    )
-    .unwrap();
-    let tol = &manifest["models"]["tiny_b"]["tensors"]["logits.rand"];
-    let (atol, rtol) = (tol["atol"].as_f64().unwrap(), tol["rtol"].as_f64().unwrap());
+    let inputs = common::fixture_tensors("inputs.safetensors");
+    let expected = common::fixture_tensors("expected/tiny_b.safetensors");
+    let (atol, rtol) = common::manifest_tol(&common::manifest(), "tiny_b", "logits.rand");
 
     let logits = model.forward(&inputs["rand"]).unwrap();
     let reference: &Tensor = &expected["logits.rand"];
-    assert_eq!(logits.dims(), reference.dims());
-    let ours = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let refs = reference.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    for (o, r) in ours.iter().zip(&refs) {
-        let (o, r) = (*o as f64, *r as f64);
-        let excess = (o - r).abs() - (atol + rtol * r.abs());
-        assert!(
-            excess <= 0.0,
-            "logit {o} vs golden {r} (atol {atol}, rtol {rtol})"
-        );
-    }
+    let (worst, max_abs) = common::max_violation(&logits, reference, atol, rtol);
+    assert!(
+        worst <= 0.0,
+        "logits vs golden: max |diff| {max_abs} (atol {atol}, rtol {rtol})"
+    );
 }
 
 fn repo_folder(cache: &TempCache, repo: &str) -> PathBuf {
@@ -470,14 +448,11 @@ fn lfs_redirect_like_the_real_hub() {
 fn pth_alternative_of_a_zoo_model() {
     let server = HubStandIn::start();
     let cache = TempCache::new("pth");
-    let manifest: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(format!("{FIXTURES}/manifest.json")).unwrap(),
-    )
-    .unwrap();
+    let manifest = common::manifest();
     let sha = manifest["models"]["tiny_b"]["sha256"]["pth"]
         .as_str()
         .unwrap();
-    let pth = Arc::new(std::fs::read(format!("{FIXTURES}/weights/tiny_b.pth")).unwrap());
+    let pth = Arc::new(std::fs::read(common::net_weights("tiny_b", "pth")).unwrap());
     // Stand the tiny fixture in for the release file of InternImage-T.
     server.put(
         "OpenGVLab/InternImage",
@@ -748,13 +723,9 @@ fn sharded_checkpoint_through_the_index() {
     let t = tiny_b();
     let repo_id = "fixtures/sharded";
     // One shard holding every tensor, and its index; no `model.safetensors`.
-    let names = candle_core::safetensors::load(
-        format!("{FIXTURES}/weights/tiny_b.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap()
-    .into_keys()
-    .collect::<Vec<_>>();
+    let names = common::load_safetensors(common::net_weights("tiny_b", "safetensors"))
+        .into_keys()
+        .collect::<Vec<_>>();
     let shard = "model-00001-of-00001.safetensors";
     let weight_map: serde_json::Map<String, serde_json::Value> = names
         .into_iter()

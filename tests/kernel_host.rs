@@ -9,17 +9,17 @@
 //! (`internimage::ops::dcnv3::launch`), and compares forward outputs and the backward gradients
 //! with the golden values (fixture tolerances) and with the CPU op.
 
-use candle_core::{Device, Tensor};
+mod common;
+
+use candle_core::Tensor;
 use internimage::ops::dcnv3::launch::{bwd_lanes, fwd_lanes, vec_widths, Dcnv3Params};
 use internimage::ops::dcnv3::{dcnv3, dcnv3_backward};
 use internimage::Dcnv3Config;
-use serde_json::Value;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures");
 const KERNELS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/kernels");
 
 fn scratch_dir() -> PathBuf {
@@ -104,44 +104,17 @@ struct Fixtures {
     tol_grad: (f32, f32),
 }
 
-fn tol(v: &Value) -> (f32, f32) {
-    (
-        v["atol"].as_f64().unwrap() as f32,
-        v["rtol"].as_f64().unwrap() as f32,
-    )
-}
-
 fn fixtures() -> Fixtures {
-    let json: Value = serde_json::from_str(
-        &std::fs::read_to_string(format!("{FIXTURES}/dcnv3_ops.json")).unwrap(),
-    )
-    .unwrap();
-    let tensors =
-        candle_core::safetensors::load(format!("{FIXTURES}/dcnv3_ops.safetensors"), &Device::Cpu)
-            .unwrap();
+    let (json, tensors) = common::dcnv3_fixtures(common::FIXTURES);
     let get = |k: &str| -> Tensor {
         tensors
             .get(k)
             .unwrap_or_else(|| panic!("fixture tensor {k} missing"))
             .clone()
     };
-    let u = |c: &Value, k: &str| c[k].as_u64().unwrap() as usize;
     let mut cases = Vec::new();
     for c in json["cases"].as_array().unwrap() {
-        let cfg = Dcnv3Config {
-            kernel_h: u(c, "kernel_h"),
-            kernel_w: u(c, "kernel_w"),
-            stride_h: u(c, "stride_h"),
-            stride_w: u(c, "stride_w"),
-            pad_h: u(c, "pad_h"),
-            pad_w: u(c, "pad_w"),
-            dilation_h: u(c, "dilation_h"),
-            dilation_w: u(c, "dilation_w"),
-            group: u(c, "group"),
-            group_channels: u(c, "group_channels"),
-            offset_scale: c["offset_scale"].as_f64().unwrap(),
-            remove_center: u(c, "remove_center") != 0,
-        };
+        let cfg = common::dcnv3_config(c);
         let t = &c["tensors"];
         let mut expected = HashMap::new();
         for (k, v) in c["expected"].as_object().unwrap() {
@@ -159,18 +132,9 @@ fn fixtures() -> Fixtures {
     }
     Fixtures {
         cases,
-        tol_out: tol(&json["tolerances"]["out"]),
-        tol_grad: tol(&json["tolerances"]["grads"]),
+        tol_out: common::atol_rtol_f32(&json["tolerances"]["out"]),
+        tol_grad: common::atol_rtol_f32(&json["tolerances"]["grads"]),
     }
-}
-
-fn f32s(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(candle_core::DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
 }
 
 fn write_f32(path: &Path, v: &[f32]) {
@@ -183,27 +147,6 @@ fn read_f32(path: &Path) -> Vec<f32> {
     b.chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect()
-}
-
-/// Elementwise |got - want| <= atol + rtol*|want| (NaN fails); a message for the first failure.
-fn check(what: &str, got: &[f32], want: &[f32], (atol, rtol): (f32, f32)) -> Result<(), String> {
-    if got.len() != want.len() {
-        return Err(format!(
-            "{what}: {} elements, expected {}",
-            got.len(),
-            want.len()
-        ));
-    }
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let d = (g - w).abs();
-        // NaN fails too.
-        if d.is_nan() || d > atol + rtol * w.abs() {
-            return Err(format!(
-                "{what}: element {i}: got {g}, expected {w} (|diff| {d} > {atol} + {rtol}*|ref|)"
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// Runs the host build: writes the tensors and the parameter block, returns the outputs.
@@ -224,9 +167,9 @@ fn run_host(
     let dir = scratch_dir().join(format!("{tag}-{}-{mode}-v{vec}-l{lanes}", case.name));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("params.bin"), params.to_le_bytes()).unwrap();
-    write_f32(&dir.join("input.bin"), &f32s(&case.input));
-    write_f32(&dir.join("offset.bin"), &f32s(&case.offset));
-    write_f32(&dir.join("mask.bin"), &f32s(&case.mask));
+    write_f32(&dir.join("input.bin"), &common::to_f32_vec(&case.input));
+    write_f32(&dir.join("offset.bin"), &common::to_f32_vec(&case.offset));
+    write_f32(&dir.join("mask.bin"), &common::to_f32_vec(&case.mask));
     if let Some(go) = grad_out {
         write_f32(&dir.join("grad_out.bin"), go);
     }
@@ -294,14 +237,15 @@ fn host_kernel_forward_matches_fixtures_and_cpu_op() {
     let mut failures = Vec::new();
     let mut runs = 0;
     for case in &fx.cases {
-        let want = f32s(&case.expected["out"]);
-        let cpu = f32s(&dcnv3(&case.input, &case.offset, &case.mask, &case.cfg).unwrap());
+        let want = common::to_f32_vec(&case.expected["out"]);
+        let cpu =
+            common::to_f32_vec(&dcnv3(&case.input, &case.offset, &case.mask, &case.cfg).unwrap());
         for (vec, lanes) in fwd_shapes(case.cfg.group_channels) {
             let got = run_host(runner(), case, "fwd", vec, lanes, None);
             runs += 1;
             let tag = format!("{} fwd vec {vec} lanes {lanes}", case.name);
             for (what, reference) in [("golden", &want), ("cpu op", &cpu)] {
-                if let Err(e) = check(
+                if let Err(e) = common::check_f32(
                     &format!("{tag} vs {what}"),
                     &got["out"],
                     reference,
@@ -331,10 +275,14 @@ fn host_kernel_backward_matches_fixtures_and_cpu_op() {
             continue;
         };
         cases += 1;
-        let go = f32s(gw);
+        let go = common::to_f32_vec(gw);
         let (ci, co, cm) =
             dcnv3_backward(&case.input, &case.offset, &case.mask, gw, &case.cfg).unwrap();
-        let cpu = [f32s(&ci), f32s(&co), f32s(&cm)];
+        let cpu = [
+            common::to_f32_vec(&ci),
+            common::to_f32_vec(&co),
+            common::to_f32_vec(&cm),
+        ];
         for (vec, lanes) in bwd_shapes(case.cfg.group_channels) {
             let got = run_host(runner(), case, "bwd", vec, lanes, Some(&go));
             let tag = format!("{} bwd vec {vec} lanes {lanes}", case.name);
@@ -342,8 +290,8 @@ fn host_kernel_backward_matches_fixtures_and_cpu_op() {
                 .iter()
                 .enumerate()
             {
-                let want = f32s(&case.expected[*name]);
-                if let Err(e) = check(
+                let want = common::to_f32_vec(&case.expected[*name]);
+                if let Err(e) = common::check_f32(
                     &format!("{tag} {name} vs golden"),
                     &got[name],
                     &want,
@@ -351,7 +299,7 @@ fn host_kernel_backward_matches_fixtures_and_cpu_op() {
                 ) {
                     failures.push(e);
                 }
-                if let Err(e) = check(
+                if let Err(e) = common::check_f32(
                     &format!("{tag} {name} vs cpu op"),
                     &got[name],
                     &cpu[k],
@@ -390,21 +338,28 @@ fn host_metal_kernels_match_fixtures() {
                 continue;
             }
             let got = run_host(metal_runner(), case, "fwd", vec, fwd_lanes(cg, vec), None);
-            if let Err(e) = check(
+            if let Err(e) = common::check_f32(
                 &format!("{} metal fwd vec {vec}", case.name),
                 &got["out"],
-                &f32s(&case.expected["out"]),
+                &common::to_f32_vec(&case.expected["out"]),
                 fx.tol_out,
             ) {
                 failures.push(e);
             }
             if let Some(gw) = &case.grad_weight {
-                let got = run_host(metal_runner(), case, "bwd", vec, 1, Some(&f32s(gw)));
+                let got = run_host(
+                    metal_runner(),
+                    case,
+                    "bwd",
+                    vec,
+                    1,
+                    Some(&common::to_f32_vec(gw)),
+                );
                 for name in ["grad_input", "grad_offset", "grad_mask"] {
-                    if let Err(e) = check(
+                    if let Err(e) = common::check_f32(
                         &format!("{} metal bwd vec {vec} {name}", case.name),
                         &got[name],
-                        &f32s(&case.expected[name]),
+                        &common::to_f32_vec(&case.expected[name]),
                         fx.tol_grad,
                     ) {
                         failures.push(e);

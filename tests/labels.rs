@@ -1,10 +1,10 @@
 //! Label tables, the 22k->1k map and top-k predictions.
 
+mod common;
+
 use candle_core::{Device, Tensor};
 use internimage::labels::{self, Prediction};
 use internimage::zoo::LabelSet;
-
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures");
 
 #[test]
 fn imagenet1k_table() {
@@ -154,11 +154,7 @@ fn class_count_mismatch_is_an_error() {
 /// probabilities computed independently (Python softmax of the golden logits).
 #[test]
 fn top_k_of_fixture_logits() {
-    let t = candle_core::safetensors::load(
-        format!("{FIXTURES}/expected/tiny_b.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let t = common::fixture_tensors("expected/tiny_b.safetensors");
     let logits = &t["logits.photo"];
     let top = labels::top_k_unlabelled(logits, 5).unwrap();
     let idx: Vec<usize> = top[0].iter().map(|p| p.index).collect();

@@ -2,51 +2,11 @@
 //!
 //! Tolerances are stated at `TOLS`; the top-1 class must agree with the f32 goldens.
 
+mod common;
+
 use candle_core::{DType, Device, Module, Tensor};
-use internimage::{Config, InternImage};
-use std::collections::HashMap;
-use std::path::PathBuf;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures"))
-}
-
-fn config(net: &str) -> Config {
-    let text = std::fs::read_to_string(fixtures().join(format!("weights/{net}.json"))).unwrap();
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    Config::from_json_str(&v["hf_config"].to_string()).unwrap()
-}
-
-fn load(path: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixtures().join(path), &Device::Cpu).unwrap()
-}
-
-fn max_violation(ours: &Tensor, reference: &Tensor, atol: f64, rtol: f64) -> (f64, f64) {
-    assert_eq!(ours.dims(), reference.dims());
-    let a = ours
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap();
-    let b = reference
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap();
-    let mut worst = f64::NEG_INFINITY;
-    let mut max_abs = 0f64;
-    for (x, y) in a.iter().zip(b.iter()) {
-        let d = (x - y).abs();
-        assert!(d.is_finite());
-        max_abs = max_abs.max(d);
-        worst = worst.max(d - (atol + rtol * y.abs()));
-    }
-    (worst, max_abs)
-}
+use common::{fixture_tensors as load, max_violation, net_config as config, net_weights};
+use internimage::InternImage;
 
 fn argmax_rows(t: &Tensor) -> Vec<u32> {
     t.to_dtype(DType::F32)
@@ -73,7 +33,7 @@ fn run(net: &str) {
     for (dtype, atol_logits, atol_stage, rtol) in TOLS {
         let model = InternImage::from_checkpoint(
             &cfg,
-            fixtures().join(format!("weights/{net}.safetensors")),
+            net_weights(net, "safetensors"),
             dtype,
             &Device::Cpu,
         )

@@ -1,24 +1,13 @@
 //! Bad checkpoints and bad inputs give errors that say what is wrong (never a panic); format
 //! detection, sharded safetensors and unused tensors.
 
+mod common;
+
 use candle_core::{DType, Device, Module, Tensor};
+use common::{load_safetensors as load_st, net_config as config, net_weights as weights};
 use internimage::{checkpoint, Config, InternImage};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures"))
-}
-
-fn config(net: &str) -> Config {
-    let text = std::fs::read_to_string(fixtures().join(format!("weights/{net}.json"))).unwrap();
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    Config::from_json_str(&v["hf_config"].to_string()).unwrap()
-}
-
-fn weights(net: &str, ext: &str) -> PathBuf {
-    fixtures().join(format!("weights/{net}.{ext}"))
-}
 
 /// A fresh scratch directory for this test.
 fn scratch(name: &str) -> PathBuf {
@@ -26,10 +15,6 @@ fn scratch(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-fn load_st(path: &Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
 }
 
 fn err_of<T: std::fmt::Debug>(r: candle_core::Result<T>) -> String {
@@ -46,7 +31,7 @@ fn load(cfg: &Config, path: &Path) -> candle_core::Result<InternImage> {
 #[test]
 fn missing_tensor_names_tensor_and_file() {
     let dir = scratch("missing");
-    let mut ts = load_st(&weights("tiny_b", "safetensors"));
+    let mut ts = load_st(weights("tiny_b", "safetensors"));
     ts.remove("model.levels.0.blocks.0.layer_scale1").unwrap();
     let path = dir.join("model.safetensors");
     candle_core::safetensors::save(&ts, &path).unwrap();
@@ -68,7 +53,7 @@ fn missing_tensor_names_tensor_and_file() {
 #[test]
 fn shape_mismatch_names_both_shapes() {
     let dir = scratch("shape");
-    let mut ts = load_st(&weights("tiny_b", "safetensors"));
+    let mut ts = load_st(weights("tiny_b", "safetensors"));
     ts.insert(
         "model.head.weight".into(),
         Tensor::zeros((50, 144), DType::F32, &Device::Cpu).unwrap(),
@@ -188,7 +173,7 @@ fn names_are_normalised() {
 fn sharded_safetensors_and_unused_tensors() {
     let dir = scratch("shards");
     let cfg = config("tiny_h");
-    let ts = load_st(&weights("tiny_h", "safetensors"));
+    let ts = load_st(weights("tiny_h", "safetensors"));
     let (mut a, mut b) = (HashMap::new(), HashMap::new());
     let mut map = serde_json::Map::new();
     for (k, v) in ts {

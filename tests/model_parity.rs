@@ -1,67 +1,24 @@
 //! Parity of the InternImage network with the official PyTorch outputs (`../shared/fixtures`):
 //! tiny_b and tiny_h, each loaded from the `.pth` and from the Hugging Face safetensors file.
 
+mod common;
+
 use candle_core::{DType, Device, Module, Tensor};
-use internimage::{Config, InternImage};
+use common::{
+    fixture_tensors, manifest, max_violation as compare, net_config as config, net_weights,
+};
+use internimage::InternImage;
 use std::collections::HashMap;
-use std::path::PathBuf;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures"))
-}
-
-fn manifest() -> serde_json::Value {
-    let text = std::fs::read_to_string(fixtures().join("manifest.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
-
-fn config(net: &str) -> Config {
-    let text = std::fs::read_to_string(fixtures().join(format!("weights/{net}.json"))).unwrap();
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    Config::from_json_str(&v["hf_config"].to_string()).unwrap()
-}
 
 fn inputs() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixtures().join("inputs.safetensors"), &Device::Cpu).unwrap()
-}
-
-/// Max violation of |ours - ref| <= atol + rtol*|ref| (<= 0 means pass) and max abs error.
-fn compare(ours: &Tensor, reference: &Tensor, atol: f64, rtol: f64) -> (f64, f64) {
-    assert_eq!(ours.dims(), reference.dims(), "shape mismatch");
-    let a = ours
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap();
-    let b = reference
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap();
-    let mut worst = f64::NEG_INFINITY;
-    let mut max_abs = 0f64;
-    for (x, y) in a.iter().zip(b.iter()) {
-        let d = (x - y).abs();
-        assert!(d.is_finite(), "non-finite value");
-        max_abs = max_abs.max(d);
-        worst = worst.max(d - (atol + rtol * y.abs()));
-    }
-    (worst, max_abs)
+    fixture_tensors("inputs.safetensors")
 }
 
 fn run_parity(net: &str, weights_ext: &str) {
     let cfg = config(net);
-    let path = fixtures().join(format!("weights/{net}.{weights_ext}"));
+    let path = net_weights(net, weights_ext);
     let model = InternImage::from_checkpoint(&cfg, &path, DType::F32, &Device::Cpu).unwrap();
-    let expected = candle_core::safetensors::load(
-        fixtures().join(format!("expected/{net}.safetensors")),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let expected = fixture_tensors(&format!("expected/{net}.safetensors"));
     let manifest = manifest();
     let tensors = manifest["models"][net]["tensors"].as_object().unwrap();
     let inputs = inputs();
@@ -85,9 +42,7 @@ fn run_parity(net: &str, weights_ext: &str) {
     let mut checked = 0;
     let mut worst_abs = 0f64;
     for (name, reference) in expected.iter() {
-        let meta = &tensors[name.as_str()];
-        let atol = meta["atol"].as_f64().unwrap();
-        let rtol = meta["rtol"].as_f64().unwrap();
+        let (atol, rtol) = common::atol_rtol(&tensors[name.as_str()]);
         let Some(o) = ours.get(name) else {
             failures.push(format!("{name}: not produced"));
             continue;
@@ -147,16 +102,12 @@ fn tiny_h_safetensors() {
 #[test]
 fn backbone_matches_classifier() {
     let cfg = config("tiny_b");
-    let path = fixtures().join("weights/tiny_b.safetensors");
+    let path = net_weights("tiny_b", "safetensors");
     let vb = internimage::checkpoint::var_builder(&[&path], DType::F32, &Device::Cpu).unwrap();
     let bb = InternImage::backbone(&cfg, &[3, 1], vb).unwrap();
     assert!(!bb.has_head());
     assert_eq!(bb.out_indices(), &[1, 3]);
-    let expected = candle_core::safetensors::load(
-        fixtures().join("expected/tiny_b.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let expected = fixture_tensors("expected/tiny_b.safetensors");
     let feats = bb.forward_features(&inputs()["rand"]).unwrap();
     assert_eq!(feats.len(), 2);
     for (f, i) in feats.iter().zip([1, 3]) {
@@ -172,25 +123,16 @@ fn dcn_sampling_matches_core_arguments() {
     let manifest = manifest();
     for net in ["tiny_b", "tiny_h"] {
         let cfg = config(net);
-        let path = fixtures().join(format!("weights/{net}.safetensors"));
+        let path = net_weights(net, "safetensors");
         let model = InternImage::from_checkpoint(&cfg, &path, DType::F32, &Device::Cpu).unwrap();
-        let expected = candle_core::safetensors::load(
-            fixtures().join(format!("expected/{net}.safetensors")),
-            &Device::Cpu,
-        )
-        .unwrap();
+        let expected = fixture_tensors(&format!("expected/{net}.safetensors"));
         let s = model.dcn_sampling(&inputs()["photo"], 0, 0).unwrap();
         assert_eq!(s.cfg.group, cfg.groups[0]);
         assert_eq!(s.cfg.offset_scale, cfg.offset_scale);
         for (name, t) in [("offset", &s.offset), ("mask", &s.mask)] {
             let key = format!("dbg.photo.l0b0.core.{name}");
-            let meta = &manifest["models"][net]["tensors"][key.as_str()];
-            let (worst, _) = compare(
-                t,
-                &expected[&key],
-                meta["atol"].as_f64().unwrap(),
-                meta["rtol"].as_f64().unwrap(),
-            );
+            let (atol, rtol) = common::manifest_tol(&manifest, net, &key);
+            let (worst, _) = compare(t, &expected[&key], atol, rtol);
             assert!(worst <= 0.0, "{net} {name}");
         }
         // A later block works too (shapes only).
@@ -206,16 +148,12 @@ fn dcn_sampling_matches_core_arguments() {
 fn dcnv3_layer_standalone() {
     use internimage::{Dcnv3Layer, Dcnv3LayerConfig};
     let cfg = config("tiny_b");
-    let path = fixtures().join("weights/tiny_b.pth");
+    let path = net_weights("tiny_b", "pth");
     let vb = internimage::checkpoint::var_builder(&[&path], DType::F32, &Device::Cpu).unwrap();
     let layer_cfg = Dcnv3LayerConfig::new(cfg.channels, cfg.groups[0], cfg.offset_scale);
     let layer = Dcnv3Layer::new(&layer_cfg, vb.pp("levels.0.blocks.0.dcn")).unwrap();
     assert_eq!(layer.core_config().group_channels, 4);
-    let expected = candle_core::safetensors::load(
-        fixtures().join("expected/tiny_b.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let expected = fixture_tensors("expected/tiny_b.safetensors");
     let out = layer.forward(&expected["dbg.photo.patch_embed"]).unwrap();
     let (worst, _) = compare(&out, &expected["dbg.photo.l0b0.dcn.out"], 1e-4, 1e-4);
     assert!(worst <= 0.0);

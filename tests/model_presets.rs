@@ -2,12 +2,13 @@
 //! state-dict names, without allocating the (up to 12 GB of) weights: a recording backend hands
 //! out zero-stride broadcast tensors.
 
+mod common;
+
 use candle_core::{DType, Device, Result, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use internimage::{Config, InternImage};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 type Log = Arc<Mutex<BTreeMap<String, Vec<usize>>>>;
@@ -270,18 +271,13 @@ fn t_state_dict_has_633_tensors() {
     assert_eq!(rec.len(), 632);
 }
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures"))
-}
-
 /// The requested names are exactly the keys of the official tiny checkpoints.
 #[test]
 fn tiny_checkpoints_names_match() {
     for (net, count) in [("tiny_b", 157), ("tiny_h", 233)] {
-        let text = std::fs::read_to_string(fixtures().join(format!("weights/{net}.json"))).unwrap();
-        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-        let cfg = Config::from_json_str(&v["hf_config"].to_string()).unwrap();
-        let path = fixtures().join(format!("weights/{net}.pth"));
+        let v = common::net_meta(net);
+        let cfg = common::config_of_meta(&v);
+        let path = common::net_weights(net, "pth");
         let infos = candle_core::pickle::read_pth_tensor_info(&path, false, Some("model")).unwrap();
         assert_eq!(infos.len(), count);
         let file: BTreeMap<String, Vec<usize>> = infos

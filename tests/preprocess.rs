@@ -1,14 +1,16 @@
 //! Preprocessing against the official evaluation transform, pixel-format conversions and errors.
 #![cfg(feature = "image")]
 
+mod common;
+
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
+use common::FIXTURES;
 use image::{DynamicImage, GrayImage, ImageBuffer, Luma, Rgb, RgbImage, Rgba, RgbaImage};
 use internimage::preprocess;
 use internimage::zoo::PreprocessConfig;
 
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures");
 const STD: [f32; 3] = [0.229, 0.224, 0.225];
 
 fn tmp(name: &str) -> PathBuf {
@@ -58,11 +60,7 @@ fn pattern(w: u32, h: u32) -> RgbImage {
 
 #[test]
 fn matches_official_transform_of_the_photo() {
-    let reference = candle_core::safetensors::load(
-        format!("{FIXTURES}/expected/preprocess.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let reference = common::fixture_tensors("expected/preprocess.safetensors");
     let want = &reference["photo"]; // (1, 3, 224, 224)
     assert_eq!(want.dims(), &[1, 3, 224, 224]);
     let cfg = PreprocessConfig::imagenet(224);
@@ -83,9 +81,7 @@ fn matches_official_transform_of_the_photo() {
 
 #[test]
 fn decodes_the_photo_exactly() {
-    let inputs =
-        candle_core::safetensors::load(format!("{FIXTURES}/inputs.safetensors"), &Device::Cpu)
-            .unwrap();
+    let inputs = common::fixture_tensors("inputs.safetensors");
     let want = inputs["photo_u8"]
         .flatten_all()
         .unwrap()
