@@ -234,27 +234,15 @@ fn strided_views_match_contiguous_exactly() {
         let base = dcnv3(&i, &o, &m, &pb.cfg).unwrap();
         let base_v = vec_f64(&base);
         // Permuted views: store NCHW, view as NHWC.
-        let ip = i
-            .permute((0, 3, 1, 2))
-            .unwrap()
-            .contiguous()
-            .unwrap()
-            .permute((0, 2, 3, 1))
-            .unwrap();
-        let op = o
-            .permute((0, 3, 1, 2))
-            .unwrap()
-            .contiguous()
-            .unwrap()
-            .permute((0, 2, 3, 1))
-            .unwrap();
-        let mp = m
-            .permute((0, 3, 1, 2))
-            .unwrap()
-            .contiguous()
-            .unwrap()
-            .permute((0, 2, 3, 1))
-            .unwrap();
+        let nchw_view = |t: &Tensor| {
+            t.permute((0, 3, 1, 2))
+                .unwrap()
+                .contiguous()
+                .unwrap()
+                .permute((0, 2, 3, 1))
+                .unwrap()
+        };
+        let (ip, op, mp) = (nchw_view(&i), nchw_view(&o), nchw_view(&m));
         assert!(!ip.is_contiguous() || pb.dims.3 == 1 || pb.dims.1 * pb.dims.2 == 1);
         assert_eq!(vec_f64(&dcnv3(&ip, &op, &mp, &pb.cfg).unwrap()), base_v);
         // Narrowed views with a non-zero start offset (contiguous or not).

@@ -149,6 +149,16 @@ fn read_f32(path: &Path) -> Vec<f32> {
         .collect()
 }
 
+/// Fails with every collected message when `failures` is not empty.
+fn assert_no_failures(failures: &[String]) {
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
 /// Runs the host build: writes the tensors and the parameter block, returns the outputs.
 fn run_host(
     exe: &Path,
@@ -256,12 +266,7 @@ fn host_kernel_forward_matches_fixtures_and_cpu_op() {
             }
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} failures:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert_no_failures(&failures);
     assert!(runs >= 40, "only {runs} runs");
 }
 
@@ -311,12 +316,7 @@ fn host_kernel_backward_matches_fixtures_and_cpu_op() {
         }
     }
     assert_eq!(cases, 9, "the fixtures hold 9 gradient cases");
-    assert!(
-        failures.is_empty(),
-        "{} failures:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert_no_failures(&failures);
 }
 
 /// The Metal kernels (`kernels/dcnv3.metal`, compiled as C++ on the host) against the goldens:
@@ -368,10 +368,5 @@ fn host_metal_kernels_match_fixtures() {
             }
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} failures:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert_no_failures(&failures);
 }

@@ -216,14 +216,7 @@ fn sharded_safetensors_and_unused_tensors() {
     .unwrap();
     for m in [from_index, from_list] {
         let got = m.forward(&x).unwrap();
-        let d = (got - &want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = common::max_abs_diff(&got, &want);
         assert_eq!(d, 0.0);
     }
     // Missing shard: the error names the tensor and both files.
@@ -252,14 +245,7 @@ fn sharded_safetensors_and_unused_tensors() {
     let f_ref = single.forward_features(&x).unwrap();
     for (a, b) in f.iter().zip(f_ref.iter()) {
         assert_eq!(a.dims(), b.dims());
-        let d = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = common::max_abs_diff(a, b);
         assert_eq!(d, 0.0);
     }
     let e = err_of(load(&cfg, &p));

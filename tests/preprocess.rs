@@ -6,7 +6,7 @@ mod common;
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
-use common::FIXTURES;
+use common::{max_abs_diff, FIXTURES};
 use image::{DynamicImage, GrayImage, ImageBuffer, Luma, Rgb, RgbImage, Rgba, RgbaImage};
 use internimage::preprocess;
 use internimage::zoo::PreprocessConfig;
@@ -32,19 +32,6 @@ fn level_errors(a: &Tensor, b: &Tensor) -> (f32, f32) {
         sum += lv as f64;
     }
     (max, (sum / a.len() as f64) as f32)
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 /// A deterministic 8-bit test picture with structure at several scales.

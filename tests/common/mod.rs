@@ -77,27 +77,38 @@ pub fn net_weights(net: &str, ext: &str) -> PathBuf {
     fixtures().join(format!("weights/{net}.{ext}"))
 }
 
-/// All elements of `t` (any dtype, any device), row-major, as f64.
-pub fn to_f64_vec(t: &Tensor) -> Vec<f64> {
+/// All elements of `t` (any dtype, any device), row-major, converted to `dtype` (which must
+/// be the dtype of `T`).
+pub fn to_vec_as<T: candle_core::WithDType>(t: &Tensor, dtype: DType) -> Vec<T> {
     t.to_device(&Device::Cpu)
         .unwrap()
-        .to_dtype(DType::F64)
+        .to_dtype(dtype)
         .unwrap()
         .flatten_all()
         .unwrap()
-        .to_vec1::<f64>()
+        .to_vec1::<T>()
         .unwrap()
+}
+
+/// All elements of `t` (any dtype, any device), row-major, as f64.
+pub fn to_f64_vec(t: &Tensor) -> Vec<f64> {
+    to_vec_as(t, DType::F64)
 }
 
 /// All elements of `t` (any dtype, any device), row-major, as f32.
 pub fn to_f32_vec(t: &Tensor) -> Vec<f32> {
-    t.to_device(&Device::Cpu)
+    to_vec_as(t, DType::F32)
+}
+
+/// Largest `|a - b|` over all elements of two f32 tensors of the same shape.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
         .unwrap()
-        .to_dtype(DType::F32)
+        .abs()
         .unwrap()
-        .flatten_all()
+        .max_all()
         .unwrap()
-        .to_vec1::<f32>()
+        .to_scalar::<f32>()
         .unwrap()
 }
 
