@@ -24,7 +24,12 @@ impl Mlp {
 
 impl Module for Mlp {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.fc2.forward(&self.fc1.forward_gelu(xs)?)
+        if xs.dtype() == candle_core::DType::BF16 && xs.device().is_cpu() {
+            self.fc2.forward(&self.fc1.forward_gelu(xs)?)
+        } else {
+            // Fused by cache-sized row blocks on the CPU (f32); linear_gelu + linear elsewhere.
+            crate::ops::mlp(xs, self.fc1.inner(), self.fc2.inner())
+        }
     }
 }
 
@@ -161,8 +166,7 @@ impl Downsample {
 
 impl Module for Downsample {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let x = self.conv.forward(&xs.permute((0, 3, 1, 2))?)?;
-        self.norm.forward(&x.permute((0, 2, 3, 1))?.contiguous()?)
+        self.norm.forward(&self.conv.forward_nhwc(xs)?)
     }
 }
 

@@ -102,6 +102,11 @@ pub(crate) fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Li
 }
 
 impl Linear {
+    /// The wrapped candle layer.
+    pub(crate) fn inner(&self) -> &candle_nn::Linear {
+        &self.inner
+    }
+
     /// `gelu_erf(self.forward(xs))`, with the bias add and GELU fused on the CPU when possible.
     pub(crate) fn forward_gelu(&self, xs: &Tensor) -> Result<Tensor> {
         if f32_compute(xs) {
@@ -138,6 +143,8 @@ impl Module for Linear {
 #[derive(Debug, Clone)]
 pub(crate) struct Conv2d {
     inner: candle_nn::Conv2d,
+    /// The same convolution laid out for channels-last input (used by `forward_nhwc`).
+    nhwc: crate::ops::Conv2dNhwc,
 }
 
 impl Conv2d {
@@ -154,9 +161,23 @@ impl Conv2d {
         } else {
             None
         };
+        let nhwc = crate::ops::Conv2dNhwc::new(&weight, bias.as_ref(), 2, 1)?;
         Ok(Self {
             inner: candle_nn::Conv2d::new(weight, bias, cfg),
+            nhwc,
         })
+    }
+
+    /// Channels-last in and out: (N, H, W, Cin) -> (N, Ho, Wo, Cout), without NCHW round trips
+    /// (bf16 on the CPU goes through the f32 NCHW path).
+    pub(crate) fn forward_nhwc(&self, xs: &Tensor) -> Result<Tensor> {
+        if f32_compute(xs) {
+            self.forward(&xs.permute((0, 3, 1, 2))?)?
+                .permute((0, 2, 3, 1))?
+                .contiguous()
+        } else {
+            self.nhwc.forward(xs)
+        }
     }
 }
 

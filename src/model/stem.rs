@@ -27,12 +27,8 @@ impl Stem {
 
 impl Module for Stem {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let x = self.conv1.forward(xs)?;
-        let x = self
-            .norm1
-            .forward(&x.permute((0, 2, 3, 1))?.contiguous()?)?;
-        let x = gelu_erf(&x)?;
-        let x = self.conv2.forward(&x.permute((0, 3, 1, 2))?)?;
-        self.norm2.forward(&x.permute((0, 2, 3, 1))?.contiguous()?)
+        let x = self.conv1.forward_nhwc(&xs.permute((0, 2, 3, 1))?)?;
+        let x = gelu_erf(&self.norm1.forward(&x)?)?;
+        self.norm2.forward(&self.conv2.forward_nhwc(&x)?)
     }
 }
