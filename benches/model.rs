@@ -391,7 +391,7 @@ fn run_breakdown() -> Result<()> {
             d,
         );
         add(
-            "residual add",
+            "residual add (candle binary op; the network uses its own rayon kernel)",
             time_it(w, r, || (&x + &x).map(|_| ()))?,
             2 * d,
         );
@@ -454,6 +454,14 @@ fn main() {
         "InternImage-T CPU benchmark: {} threads (candle get_num_threads), f32, random N(0, 0.02) weights, {}",
         candle_core::utils::get_num_threads(),
         if use_cpu_time() { "CPU time of all threads (BENCH_CPU_TIME)" } else { "wall time" }
+    );
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "machine load average (1/5/15 min) at start: {} (other processes skew wall times)",
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
     );
     let mut results: Vec<(String, f64, f64, f64)> = Vec::new();
     let mut ops: Vec<(String, f64, f64)> = Vec::new();
