@@ -117,7 +117,7 @@ impl Dcnv3Layer {
         let center_feature_scale = if cfg.center_feature_scale {
             let w = vb.get((g, c), "center_feature_scale_proj_weight")?;
             let b = vb.get(g, "center_feature_scale_proj_bias")?;
-            Some(Linear::new(w, Some(b)))
+            Some(Linear::new(w, Some(b))?)
         } else {
             None
         };

@@ -43,7 +43,7 @@ impl ConvHead {
         let w = w.broadcast_mul(&scale.unsqueeze(1)?)?.to_dtype(dtype)?;
         let b = (beta - (mean * &scale)?)?.to_dtype(dtype)?;
         Ok(Self {
-            proj: Linear::new(w, Some(b)),
+            proj: Linear::new(w, Some(b))?,
         })
     }
 }
@@ -82,7 +82,7 @@ fn conv1x1_as_linear(c_in: usize, c_out: usize, vb: VarBuilder) -> Result<Linear
         .squeeze(3)?
         .squeeze(2)?;
     let b = vb.get(c_out, "bias")?;
-    Ok(Linear::new(w, Some(b)))
+    Linear::new(w, Some(b))
 }
 
 impl ClipHead {
@@ -92,7 +92,7 @@ impl ClipHead {
         let qkv = |n: &str| -> Result<Linear> {
             let w = attn.get((CLIP_DIM, CLIP_DIM), &format!("{n}.weight"))?;
             let b = attn.get(CLIP_DIM, &format!("{n}_bias"))?;
-            Ok(Linear::new(w, Some(b)))
+            Linear::new(w, Some(b))
         };
         Ok(Self {
             head_x4: conv1x1_as_linear(c3, 4 * CLIP_DIM, vb.pp("dcnv3_head_x4.0"))?,

@@ -5,6 +5,7 @@ pub mod conv;
 pub mod dcnv3;
 pub mod depthwise;
 pub mod fused;
+pub(crate) mod gemm;
 mod linear;
 pub(crate) mod simd;
 
