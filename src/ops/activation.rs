@@ -3,8 +3,8 @@
 //! `erf` is evaluated in f32 without library calls: `x * P(x^2)` below 1 and
 //! `1 - exp(-x^2) * Q(|x|)` from 1 to 3.92 (beyond, `erf` rounds to +-1), with polynomials fitted
 //! so that the result is within about 6e-8 (half an ulp of 1) of the exact `erf`. Both branches
-//! are computed and one is selected per lane, so the loop auto-vectorises; on x86-64 an AVX2+FMA
-//! copy is chosen at run time. On CUDA/Metal the functions call candle's own `gelu_erf` kernels.
+//! are computed and one is selected per lane, so the loop auto-vectorises. On x86-64 CPUs with
+//! AVX2+FMA the table-driven kernel of `gelu_avx2` (piecewise polynomials, no `exp`) runs instead. On CUDA/Metal the functions call candle's own `gelu_erf` kernels.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, InplaceOp2, Layout, Result, Shape, Tensor};
@@ -100,9 +100,35 @@ fn bias_gelu_inplace_generic<const FMA: bool>(xs: &mut [f32], bias: &[f32]) {
     }
 }
 
-dispatch_fma!(fn gelu_into(src: &[f32], dst: &mut [f32]) => gelu_into_generic);
-dispatch_fma!(fn gelu_inplace(xs: &mut [f32]) => gelu_inplace_generic);
-dispatch_fma!(fn bias_gelu_inplace(xs: &mut [f32], bias: &[f32]) => bias_gelu_inplace_generic);
+/// Defines `$name(args)`: the table-driven AVX2 kernel of [`super::gelu_avx2`] when the CPU has
+/// AVX2 + FMA, otherwise the portable two-branch formula above.
+macro_rules! dispatch_gelu {
+    (fn $name:ident($($arg:ident : $ty:ty),*) => $generic:ident) => {
+        fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            if super::simd::has_avx2_fma() {
+                // SAFETY: the CPU supports AVX2 and FMA; the slices' lengths match (callers).
+                unsafe { super::gelu_avx2::$name($($arg),*) };
+                return;
+            }
+            generic_gelu!($generic($($arg),*));
+        }
+    };
+}
+
+/// The portable kernels: FMA where it is baseline (aarch64), plain arithmetic elsewhere.
+macro_rules! generic_gelu {
+    ($generic:ident($($arg:ident),*)) => {{
+        #[cfg(target_arch = "aarch64")]
+        $generic::<true>($($arg),*);
+        #[cfg(not(target_arch = "aarch64"))]
+        $generic::<false>($($arg),*);
+    }};
+}
+
+dispatch_gelu!(fn gelu_into(src: &[f32], dst: &mut [f32]) => gelu_into_generic);
+dispatch_gelu!(fn gelu_inplace(xs: &mut [f32]) => gelu_inplace_generic);
+dispatch_gelu!(fn bias_gelu_inplace(xs: &mut [f32], bias: &[f32]) => bias_gelu_inplace_generic);
 
 /// Exact GELU of an f32 slice into `dst` (same length), multi-threaded for large slices.
 pub(crate) fn gelu_erf_f32_slice(src: &[f32], dst: &mut [f32]) {

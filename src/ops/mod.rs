@@ -5,6 +5,8 @@ pub mod conv;
 pub mod dcnv3;
 pub mod depthwise;
 pub mod fused;
+#[cfg(target_arch = "x86_64")]
+mod gelu_avx2;
 pub(crate) mod gemm;
 mod linear;
 pub(crate) mod simd;
