@@ -4,7 +4,8 @@
 //! `1 - exp(-x^2) * Q(|x|)` from 1 to 3.92 (beyond, `erf` rounds to +-1), with polynomials fitted
 //! so that the result is within about 6e-8 (half an ulp of 1) of the exact `erf`. Both branches
 //! are computed and one is selected per lane, so the loop auto-vectorises. On x86-64 CPUs with
-//! AVX2+FMA the table-driven kernel of `gelu_avx2` (piecewise polynomials, no `exp`) runs instead. On CUDA/Metal the functions call candle's own `gelu_erf` kernels.
+//! AVX2+FMA the table-driven kernel of `gelu_avx2` (piecewise polynomials, no `exp`) runs instead.
+//! On CUDA/Metal the functions call candle's own `gelu_erf` kernels.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, InplaceOp2, Layout, Result, Shape, Tensor};
