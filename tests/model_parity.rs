@@ -164,3 +164,41 @@ fn dcnv3_layer_standalone() {
     let bad = Tensor::zeros((1, 8, 8, 5), DType::F32, &Device::Cpu).unwrap();
     assert!(layer.forward(&bad).is_err());
 }
+
+/// On the CPU a batch runs as one chunk per rayon thread; whatever the thread count and however
+/// the batch splits (3 images over 1, 2 and 3 threads), logits and stage maps equal the goldens
+/// of each image.
+#[test]
+fn batches_split_across_threads_match_goldens() {
+    let cfg = config("tiny_b");
+    let path = net_weights("tiny_b", "safetensors");
+    let model = InternImage::from_checkpoint(&cfg, &path, DType::F32, &Device::Cpu).unwrap();
+    let manifest = manifest();
+    let tol = |name: &str| common::manifest_tol(&manifest, "tiny_b", name);
+    let expected = fixture_tensors("expected/tiny_b.safetensors");
+    let rand = &inputs()["rand"];
+    // Images: rand[0], rand[1], rand[0].
+    let x = Tensor::cat(&[rand, &rand.narrow(0, 0, 1).unwrap()], 0).unwrap();
+    let triple = |t: &Tensor| Tensor::cat(&[t, &t.narrow(0, 0, 1).unwrap()], 0).unwrap();
+    for threads in [1, 2, 3] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        let (logits, stages) = pool.install(|| {
+            (
+                model.forward(&x).unwrap(),
+                model.forward_features(&x).unwrap(),
+            )
+        });
+        let (atol, rtol) = tol("logits.rand");
+        let (worst, _) = compare(&logits, &triple(&expected["logits.rand"]), atol, rtol);
+        assert!(worst <= 0.0, "{threads} threads: logits off by {worst:e}");
+        for (i, s) in stages.iter().enumerate() {
+            let name = format!("stage{i}.rand");
+            let (atol, rtol) = tol(&name);
+            let (worst, _) = compare(s, &triple(&expected[&name]), atol, rtol);
+            assert!(worst <= 0.0, "{threads} threads: {name} off by {worst:e}");
+        }
+    }
+}
