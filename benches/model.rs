@@ -197,12 +197,11 @@ fn run_ops() -> Result<()> {
         Tensor::randn(0f32, 0.1, (256, 64), &dev)?,
         Some(Tensor::randn(0f32, 0.1, 256, &dev)?),
     );
+    let packed = internimage::ops::Linear::new(lin.weight().clone(), lin.bias().cloned())?;
     let a = time_it(3, 20, || lin.forward(&x)?.gelu_erf().map(|_| ()))?;
-    let b = time_it(3, 20, || {
-        internimage::ops::linear_gelu(&x, &lin).map(|_| ())
-    })?;
+    let b = time_it(3, 20, || packed.forward_gelu(&x).map(|_| ()))?;
     println!("OP fc1+gelu_56x56x64->256 {:.3} {:.3}", a * 1e3, b * 1e3);
-    // The whole MLP (fc1 + GELU + fc2): two crate linears vs the row-blocked fused ops::mlp.
+    // The whole MLP (fc1 + GELU + fc2): candle's linears + gelu_erf vs ops::mlp on packed layers.
     for (hw, c, batch) in [
         (56usize, 64usize, 1usize),
         (14, 256, 1),
@@ -219,12 +218,14 @@ fn run_ops() -> Result<()> {
             Some(Tensor::randn(0f32, 0.05, c, &dev)?),
         );
         let a = time_it(2, 10, || {
-            let h = internimage::ops::linear_gelu(&x, &fc1)?;
-            internimage::ops::linear(&h, &fc2).map(|_| ())
+            let h = fc1.forward(&x)?.gelu_erf()?;
+            fc2.forward(&h).map(|_| ())
         })?;
-        let b = time_it(2, 10, || internimage::ops::mlp(&x, &fc1, &fc2).map(|_| ()))?;
+        let p1 = internimage::ops::Linear::new(fc1.weight().clone(), fc1.bias().cloned())?;
+        let p2 = internimage::ops::Linear::new(fc2.weight().clone(), fc2.bias().cloned())?;
+        let b = time_it(2, 10, || internimage::ops::mlp(&x, &p1, &p2).map(|_| ()))?;
         println!(
-            "OP mlp_b{batch}_{hw}x{hw}x{c}_(linears_vs_fused) {:.3} {:.3}",
+            "OP mlp_b{batch}_{hw}x{hw}x{c}_(candle_vs_packed) {:.3} {:.3}",
             a * 1e3,
             b * 1e3
         );
@@ -299,8 +300,7 @@ fn run_ops() -> Result<()> {
 fn run_breakdown() -> Result<()> {
     use internimage::ops::depthwise::DepthwiseConv2dNhwc;
     use internimage::ops::{
-        dcnv3, gelu_erf, layer_norm_last_dim, linear, linear_gelu, softmax_groups, Conv2dNhwc,
-        Dcnv3Config,
+        dcnv3, gelu_erf, layer_norm_last_dim, mlp, softmax_groups, Conv2dNhwc, Dcnv3Config, Linear,
     };
     use std::collections::BTreeMap;
     let dev = Device::Cpu;
@@ -314,11 +314,11 @@ fn run_breakdown() -> Result<()> {
         *cat.entry(k).or_insert(0.0) += secs * 1e3 * times as f64 / nb as f64;
     };
     let (w, r) = (2, 9);
-    let lin = |i: usize, o: usize| -> Result<candle_nn::Linear> {
-        Ok(candle_nn::Linear::new(
+    let lin = |i: usize, o: usize| -> Result<Linear> {
+        Linear::new(
             Tensor::randn(0f32, 0.02, (o, i), &dev)?,
             Some(Tensor::randn(0f32, 0.02, o, &dev)?),
-        ))
+        )
     };
     let ln = |x: &Tensor| -> Result<f64> {
         let c = x.dim(3)?;
@@ -339,7 +339,11 @@ fn run_breakdown() -> Result<()> {
     let (t, s1) = conv(&img, 32)?;
     add("conv 3x3 s2 (stem, downsample; NHWC im2col+GEMM)", t, 1);
     add("layernorm", ln(&s1)?, 1);
-    add("gelu", time_it(w, r, || gelu_erf(&s1).map(|_| ()))?, 1);
+    add(
+        "gelu (stem, offset branch)",
+        time_it(w, r, || gelu_erf(&s1).map(|_| ()))?,
+        1,
+    );
     let (t, s2) = conv(&s1, 64)?;
     add("conv 3x3 s2 (stem, downsample; NHWC im2col+GEMM)", t, 1);
     add("layernorm", ln(&s2)?, 1);
@@ -353,23 +357,21 @@ fn run_breakdown() -> Result<()> {
         add("layernorm", ln(&x)?, 3 * d);
         for (o, k) in [(c, 2), (g * 18, 1), (g * 9, 1)] {
             let l = lin(c, o)?;
-            let t = time_it(w, r, || linear(&x, &l).map(|_| ()))?;
+            let t = time_it(w, r, || l.forward(&x).map(|_| ()))?;
             add("linear, DCNv3 (input, offset, mask, output)", t, k * d);
         }
         let l1 = lin(c, 4 * c)?;
         let l2 = lin(4 * c, c)?;
-        let h = linear_gelu(&x, &l1)?;
         add(
-            "linear, MLP (fc1+GELU fused, fc2)",
-            time_it(w, r, || linear_gelu(&x, &l1).map(|_| ()))?,
+            "MLP (fc1 + GELU + fc2, ops::mlp)",
+            time_it(w, r, || mlp(&x, &l1, &l2).map(|_| ()))?,
             d,
         );
         add(
-            "linear, MLP (fc1+GELU fused, fc2)",
-            time_it(w, r, || linear(&h, &l2).map(|_| ()))?,
+            "gelu (stem, offset branch)",
+            time_it(w, r, || gelu_erf(&x).map(|_| ()))?,
             d,
         );
-        add("gelu", time_it(w, r, || gelu_erf(&x).map(|_| ()))?, d);
         let dw = DepthwiseConv2dNhwc::new(&Tensor::randn(0f32, 0.2, (c, 1, 3, 3), &dev)?, None, 1)?;
         add(
             "depthwise conv",
@@ -408,8 +410,8 @@ fn run_breakdown() -> Result<()> {
     add(
         "head",
         time_it(w, r, || {
-            let y = linear_gelu(&x, &p)?.reshape((nb, 49, 768))?.mean(1)?;
-            linear(&y, &fc).map(|_| ())
+            let y = p.forward_gelu(&x)?.reshape((nb, 49, 768))?.mean(1)?;
+            fc.forward(&y).map(|_| ())
         })?,
         1,
     );

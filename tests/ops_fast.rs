@@ -402,7 +402,21 @@ fn mlp_matches_two_linears() {
             Tensor::randn(0f32, 0.3, (c, hid), &dev).unwrap(),
             Some(Tensor::randn(0f32, 0.3, c, &dev).unwrap()),
         );
-        let ours = internimage::ops::mlp(&x, &fc1, &fc2).unwrap();
+        // Packed (contiguous f32 weights, on AVX2 CPUs) and unpacked (a transposed view is not
+        // packed) layers must give the same numbers.
+        let layer = |l: &candle_nn::Linear, packed: bool| {
+            let w = if packed {
+                l.weight().clone()
+            } else {
+                l.weight().t().unwrap().contiguous().unwrap().t().unwrap()
+            };
+            internimage::ops::Linear::new(w, l.bias().cloned()).unwrap()
+        };
+        let unpacked = (layer(&fc1, false), layer(&fc2, false));
+        assert!(!unpacked.0.is_packed() && !unpacked.1.is_packed());
+        let packed = (layer(&fc1, true), layer(&fc2, true));
+        let ours = internimage::ops::mlp(&x, &packed.0, &packed.1).unwrap();
+        let ours_unpacked = internimage::ops::mlp(&x, &unpacked.0, &unpacked.1).unwrap();
         let f64lin = |l: &candle_nn::Linear| {
             candle_nn::Linear::new(
                 l.weight().to_dtype(DType::F64).unwrap(),
@@ -416,7 +430,27 @@ fn mlp_matches_two_linears() {
             .unwrap();
         let r = f64lin(&fc2).forward(&h).unwrap();
         assert_eq!(ours.dims(), r.dims());
-        let e = excess(&ours, &r, 1e-5, 1e-5);
-        assert!(e <= 0.0, "mlp {:?} off by {e:e}", (lead, c, hid));
+        for (what, ours) in [("packed", &ours), ("unpacked", &ours_unpacked)] {
+            let e = excess(ours, &r, 1e-5, 1e-5);
+            assert!(e <= 0.0, "{what} mlp {:?} off by {e:e}", (lead, c, hid));
+        }
+        if packed.0.is_packed() {
+            // Packed layers take f32 CPU input only, and say so.
+            let e = packed
+                .0
+                .forward(&x.to_dtype(DType::F16).unwrap())
+                .unwrap_err();
+            assert!(e.to_string().contains("f32"), "{e}");
+        }
+        // Each layer alone, with and without GELU.
+        for (what, l) in [("packed", &packed.0), ("unpacked", &unpacked.0)] {
+            let y = l.forward(&x).unwrap();
+            let r1 = f64lin(&fc1)
+                .forward(&x.to_dtype(DType::F64).unwrap())
+                .unwrap();
+            assert!(excess(&y, &r1, 1e-5, 1e-5) <= 0.0, "{what} linear");
+            let g = l.forward_gelu(&x).unwrap();
+            assert!(excess(&g, &h, 1e-5, 1e-5) <= 0.0, "{what} linear + gelu");
+        }
     }
 }

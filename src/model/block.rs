@@ -24,15 +24,8 @@ impl Mlp {
 
 impl Module for Mlp {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let bf16_cpu = xs.dtype() == candle_core::DType::BF16 && xs.device().is_cpu();
-        match (self.fc1.packed(), self.fc2.packed()) {
-            // f32 on the CPU: the packed GEMM, fused by cache-sized row blocks.
-            (Some(fc1), Some(fc2)) => crate::ops::gemm::mlp_forward_packed(xs, fc1, fc2),
-            _ => match (self.fc1.tensors(), self.fc2.tensors()) {
-                (Some(fc1), Some(fc2)) if !bf16_cpu => crate::ops::mlp(xs, fc1, fc2),
-                _ => self.fc2.forward(&self.fc1.forward_gelu(xs)?),
-            },
-        }
+        // Fused by cache-sized row blocks where it pays (f32 on the CPU).
+        crate::ops::mlp(xs, &self.fc1, &self.fc2)
     }
 }
 

@@ -1,6 +1,7 @@
 //! Small shared helpers: LayerNorm loading and the debug-activation recorder.
 
-use crate::ops::gemm::{forward_packed, pack_linear, SharedPackedWeight};
+use crate::ops::dense::bf16_on_cpu;
+pub(crate) use crate::ops::Linear;
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -65,14 +66,9 @@ impl Recorder {
     }
 }
 
-/// Candle's CPU matmul has no bf16 kernel: on the CPU, bf16 products are computed in f32.
-fn f32_compute(t: &Tensor) -> bool {
-    t.dtype() == DType::BF16 && t.device().is_cpu()
-}
-
 /// `a.matmul(b)`, through f32 for bf16 on the CPU.
 pub(crate) fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if f32_compute(a) {
+    if bf16_on_cpu(a) {
         a.to_dtype(DType::F32)?
             .matmul(&b.to_dtype(DType::F32)?)?
             .to_dtype(DType::BF16)
@@ -81,89 +77,11 @@ pub(crate) fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// A Linear layer (weight (out, in), optional bias).
-///
-/// f32 weights on a CPU with AVX2/FMA are packed once, here, for [`crate::ops::gemm`] and the
-/// tensors are dropped (no second copy); other devices and dtypes keep candle's tensors, and bf16
-/// runs through f32 on the CPU.
-#[derive(Debug, Clone)]
-pub(crate) struct Linear {
-    weights: LinearWeights,
-}
-
-#[derive(Debug, Clone)]
-enum LinearWeights {
-    /// Candle tensors: GPUs, f16/bf16, tracked (trainable) weights, CPUs without AVX2/FMA.
-    Tensors(candle_nn::Linear),
-    /// f32 weight and bias packed for the CPU GEMM.
-    Packed(SharedPackedWeight),
-}
-
-impl Linear {
-    pub(crate) fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        let weights = match pack_linear(&weight, bias.as_ref())? {
-            Some(packed) => LinearWeights::Packed(packed),
-            None => LinearWeights::Tensors(candle_nn::Linear::new(weight, bias)),
-        };
-        Ok(Self { weights })
-    }
-
-    /// The packed CPU weights, when this layer has them.
-    pub(crate) fn packed(&self) -> Option<&SharedPackedWeight> {
-        match &self.weights {
-            LinearWeights::Packed(p) => Some(p),
-            LinearWeights::Tensors(_) => None,
-        }
-    }
-
-    /// The candle layer, when the weights were not packed.
-    pub(crate) fn tensors(&self) -> Option<&candle_nn::Linear> {
-        match &self.weights {
-            LinearWeights::Tensors(l) => Some(l),
-            LinearWeights::Packed(_) => None,
-        }
-    }
-
-    /// `gelu_erf(self.forward(xs))`, with the bias add and GELU fused on the CPU when possible.
-    pub(crate) fn forward_gelu(&self, xs: &Tensor) -> Result<Tensor> {
-        self.forward_impl(xs, true)
-    }
-
-    fn forward_impl(&self, xs: &Tensor, gelu: bool) -> Result<Tensor> {
-        let apply = |xs: &Tensor, lin: &candle_nn::Linear| {
-            if gelu {
-                crate::ops::linear_gelu(xs, lin)
-            } else {
-                crate::ops::linear(xs, lin)
-            }
-        };
-        match &self.weights {
-            LinearWeights::Packed(p) => forward_packed(xs, p, gelu),
-            LinearWeights::Tensors(lin) if f32_compute(xs) => {
-                let w = lin.weight().to_dtype(DType::F32)?;
-                let b = match lin.bias() {
-                    Some(b) => Some(b.to_dtype(DType::F32)?),
-                    None => None,
-                };
-                let lin = candle_nn::Linear::new(w, b);
-                apply(&xs.to_dtype(DType::F32)?, &lin)?.to_dtype(DType::BF16)
-            }
-            LinearWeights::Tensors(lin) => apply(xs, lin),
-        }
-    }
-}
-
 /// Loads `weight` (out, in) and `bias` (out).
 pub(crate) fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
     let weight = vb.get((out_dim, in_dim), "weight")?;
     let bias = vb.get(out_dim, "bias")?;
     Linear::new(weight, Some(bias))
-}
-
-impl Module for Linear {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.forward_impl(xs, false)
-    }
 }
 
 /// A 2-D convolution (NCHW) that also runs bf16 on the CPU.
@@ -198,7 +116,7 @@ impl Conv2d {
     /// Channels-last in and out: (N, H, W, Cin) -> (N, Ho, Wo, Cout), without NCHW round trips
     /// (bf16 on the CPU goes through the f32 NCHW path).
     pub(crate) fn forward_nhwc(&self, xs: &Tensor) -> Result<Tensor> {
-        if f32_compute(xs) {
+        if bf16_on_cpu(xs) {
             self.forward(&xs.permute((0, 3, 1, 2))?)?
                 .permute((0, 2, 3, 1))?
                 .contiguous()
@@ -210,7 +128,7 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        if f32_compute(xs) {
+        if bf16_on_cpu(xs) {
             let w = self.inner.weight().to_dtype(DType::F32)?;
             let b = match self.inner.bias() {
                 Some(b) => Some(b.to_dtype(DType::F32)?),

@@ -354,7 +354,7 @@ const MLP_FUSED_MAX_WEIGHT: usize = 128 * 512;
 /// never written to memory, and each block's two GEMMs and epilogues run back to back on one
 /// thread. Otherwise it is
 /// [`crate::ops::linear_gelu`] followed by [`crate::ops::linear`] (same numbers).
-pub fn mlp(
+pub(crate) fn mlp(
     xs: &candle_core::Tensor,
     fc1: &candle_nn::Linear,
     fc2: &candle_nn::Linear,

@@ -3,6 +3,7 @@
 pub mod activation;
 pub mod conv;
 pub mod dcnv3;
+pub(crate) mod dense;
 pub mod depthwise;
 pub mod fused;
 #[cfg(target_arch = "x86_64")]
@@ -16,7 +17,7 @@ pub use conv::Conv2dNhwc;
 pub use dcnv3::{dcnv3, Dcnv3Config};
 pub use depthwise::depthwise_conv2d_nhwc;
 pub use fused::{layer_norm_last_dim, softmax_groups};
-pub use linear::mlp;
+pub use dense::{mlp, Linear};
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result};
