@@ -88,14 +88,14 @@ pub(crate) fn kernel_available() -> bool {
 
 /// A raw output pointer shared by tasks that write disjoint blocks.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(crate) struct OutPtr(pub(crate) *mut f32);
 // SAFETY: only used for disjoint writes from the tasks below.
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
 impl OutPtr {
     /// The pointer (a method, so closures capture the whole `Send + Sync` wrapper).
-    fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
 }
@@ -248,7 +248,15 @@ unsafe fn block(
                 let rows = MR.min(r1 - r);
                 let a = x.as_ptr().add(r * k + k0);
                 let c = y.add(r * ldy + p * NR);
-                tile(a, k, panel, kc, bias, first, c, ldy, rows, cols);
+                let op = Operands {
+                    a,
+                    lda: k,
+                    panel,
+                    kc,
+                    bias,
+                    first,
+                };
+                tile(op, c, ldy, rows, cols);
                 r += rows;
             }
         }
@@ -263,80 +271,60 @@ unsafe fn block(
     }
 }
 
-/// One `rows x cols` tile (rows <= 6, cols <= 16): full panels are written in place, partial
-/// ones through a 6 x 16 scratch tile.
-///
-/// # Safety
-/// As for [`block`], for this tile.
-#[allow(clippy::too_many_arguments)]
-#[inline]
-unsafe fn tile(
+/// The inputs of one kernel call: `kc` values from each row of `a` (row stride `lda`), the
+/// matching `kc x 16` slice of a packed panel, the panel's bias, and whether this is the first
+/// depth block (start from the bias) or a later one (accumulate onto the output).
+#[derive(Clone, Copy)]
+struct Operands {
     a: *const f32,
     lda: usize,
     panel: *const f32,
     kc: usize,
     bias: *const f32,
     first: bool,
-    c: *mut f32,
-    ldc: usize,
-    rows: usize,
-    cols: usize,
-) {
+}
+
+/// One `rows x cols` tile (rows <= 6, cols <= 16) at `c` (row stride `ldc`): full panels are
+/// written in place, partial ones through a 6 x 16 scratch tile.
+///
+/// # Safety
+/// As for [`block`], for this tile.
+#[inline]
+unsafe fn tile(op: Operands, c: *mut f32, ldc: usize, rows: usize, cols: usize) {
     if cols == NR {
-        kernel_dispatch(a, lda, panel, kc, bias, first, c, ldc, rows);
+        kernel_dispatch(op, c, ldc, rows);
         return;
     }
     let mut scratch = [0f32; MR * NR];
-    if !first {
+    if !op.first {
         for r in 0..rows {
             std::ptr::copy_nonoverlapping(c.add(r * ldc), scratch.as_mut_ptr().add(r * NR), cols);
         }
     }
-    kernel_dispatch(
-        a,
-        lda,
-        panel,
-        kc,
-        bias,
-        first,
-        scratch.as_mut_ptr(),
-        NR,
-        rows,
-    );
+    kernel_dispatch(op, scratch.as_mut_ptr(), NR, rows);
     for r in 0..rows {
         std::ptr::copy_nonoverlapping(scratch.as_ptr().add(r * NR), c.add(r * ldc), cols);
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 #[inline]
-unsafe fn kernel_dispatch(
-    a: *const f32,
-    lda: usize,
-    panel: *const f32,
-    kc: usize,
-    bias: *const f32,
-    first: bool,
-    c: *mut f32,
-    ldc: usize,
-    rows: usize,
-) {
+unsafe fn kernel_dispatch(op: Operands, c: *mut f32, ldc: usize, rows: usize) {
     #[cfg(target_arch = "x86_64")]
     {
         use avx2::kernel;
         match rows {
-            6 => kernel::<6>(a, lda, panel, kc, bias, first, c, ldc),
-            5 => kernel::<5>(a, lda, panel, kc, bias, first, c, ldc),
-            4 => kernel::<4>(a, lda, panel, kc, bias, first, c, ldc),
-            3 => kernel::<3>(a, lda, panel, kc, bias, first, c, ldc),
-            2 => kernel::<2>(a, lda, panel, kc, bias, first, c, ldc),
-            _ => kernel::<1>(a, lda, panel, kc, bias, first, c, ldc),
+            6 => kernel::<6>(op, c, ldc),
+            5 => kernel::<5>(op, c, ldc),
+            4 => kernel::<4>(op, c, ldc),
+            3 => kernel::<3>(op, c, ldc),
+            2 => kernel::<2>(op, c, ldc),
+            _ => kernel::<1>(op, c, ldc),
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
         // Unreachable: PackedWeight::new returns None without the x86-64 kernel.
-        let _ = (a, lda, panel, kc, bias, first, c, ldc, rows);
+        let _ = (op, c, ldc, rows);
     }
 }
 
@@ -351,17 +339,15 @@ mod avx2 {
     /// AVX2 and FMA available; `a` rows `0..R` with stride `lda` hold `kc` values; `panel` holds
     /// `kc * 16`; `bias` 16; `c` rows `0..R` with stride `ldc` hold 16 writable values.
     #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn kernel<const R: usize>(
-        a: *const f32,
-        lda: usize,
-        panel: *const f32,
-        kc: usize,
-        bias: *const f32,
-        first: bool,
-        c: *mut f32,
-        ldc: usize,
-    ) {
+    pub(super) unsafe fn kernel<const R: usize>(op: super::Operands, c: *mut f32, ldc: usize) {
+        let super::Operands {
+            a,
+            lda,
+            panel,
+            kc,
+            bias,
+            first,
+        } = op;
         let mut lo = [_mm256_setzero_ps(); R];
         let mut hi = [_mm256_setzero_ps(); R];
         if first {
@@ -451,16 +437,7 @@ fn rows_of(xs: &Tensor, k: usize, what: &str) -> Result<usize> {
 
 /// `xs (..., in) -> (..., out)` through the packed weight, with GELU when `gelu`.
 pub(crate) fn forward_packed(xs: &Tensor, w: &SharedPackedWeight, gelu: bool) -> Result<Tensor> {
-    let m = rows_of(xs, w.k, "linear")?;
-    let y = xs
-        .contiguous()?
-        .reshape((m, w.k))?
-        .apply_op1_no_bwd(&PackedLinearOp { w: w.clone(), gelu })?;
-    let mut dims = xs.dims().to_vec();
-    if let Some(last) = dims.last_mut() {
-        *last = w.n;
-    }
-    y.reshape(dims)
+    PackedOp::Linear { w: w.clone(), gelu }.apply(xs)
 }
 
 /// Rows per block of the fused MLP: the block's hidden activations (rows x hidden) stay within
@@ -476,7 +453,6 @@ pub(crate) fn mlp_forward_packed(
     fc1: &SharedPackedWeight,
     fc2: &SharedPackedWeight,
 ) -> Result<Tensor> {
-    let m = rows_of(xs, fc1.k, "mlp")?;
     if fc2.k != fc1.n {
         candle_core::bail!(
             "mlp: fc1 has {} outputs but fc2 takes {} inputs",
@@ -484,76 +460,77 @@ pub(crate) fn mlp_forward_packed(
             fc2.k
         )
     }
+    let m = rows_of(xs, fc1.k, "mlp")?;
     let threads = rayon::current_num_threads().max(1);
     if m < 2 * threads * mlp_block_rows(fc1.n) {
         let h = forward_packed(xs, fc1, true)?;
         return forward_packed(&h, fc2, false);
     }
-    let y = xs
-        .contiguous()?
-        .reshape((m, fc1.k))?
-        .apply_op1_no_bwd(&PackedMlpOp {
-            fc1: fc1.clone(),
-            fc2: fc2.clone(),
-        })?;
-    let mut dims = xs.dims().to_vec();
-    if let Some(last) = dims.last_mut() {
-        *last = fc2.n;
+    PackedOp::Mlp {
+        fc1: fc1.clone(),
+        fc2: fc2.clone(),
     }
-    y.reshape(dims)
+    .apply(xs)
 }
 
-/// `(m, k) -> (m, n)` linear as a candle op (inference only).
-struct PackedLinearOp {
-    w: SharedPackedWeight,
-    gelu: bool,
+/// A packed computation on (m, k) rows, as a candle op (inference only).
+enum PackedOp {
+    /// `x @ w^T + b`, then GELU when `gelu`.
+    Linear { w: SharedPackedWeight, gelu: bool },
+    /// `fc2(gelu(fc1(x)))`, fused by row blocks.
+    Mlp {
+        fc1: SharedPackedWeight,
+        fc2: SharedPackedWeight,
+    },
 }
 
-impl CustomOp1 for PackedLinearOp {
+impl PackedOp {
+    fn what(&self) -> &'static str {
+        match self {
+            Self::Linear { .. } => "linear",
+            Self::Mlp { .. } => "mlp",
+        }
+    }
+
+    /// (input, output) features.
+    fn features(&self) -> (usize, usize) {
+        match self {
+            Self::Linear { w, .. } => (w.k, w.n),
+            Self::Mlp { fc1, fc2 } => (fc1.k, fc2.n),
+        }
+    }
+
+    /// `xs (..., k) -> (..., n)`.
+    fn apply(&self, xs: &Tensor) -> Result<Tensor> {
+        let (k, n) = self.features();
+        let m = rows_of(xs, k, self.what())?;
+        let y = xs.contiguous()?.reshape((m, k))?.apply_op1_no_bwd(self)?;
+        let mut dims = xs.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = n;
+        }
+        y.reshape(dims)
+    }
+}
+
+impl CustomOp1 for PackedOp {
     fn name(&self) -> &'static str {
-        "internimage-packed-linear"
+        match self {
+            Self::Linear { .. } => "internimage-packed-linear",
+            Self::Mlp { .. } => "internimage-packed-mlp",
+        }
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = super::contiguous_slice::<f32>(storage, layout, "linear", "input")?;
-        let (m, n) = (layout.dims()[0], self.w.n);
+        let x = super::contiguous_slice::<f32>(storage, layout, self.what(), "input")?;
+        let (m, n) = (layout.dims()[0], self.features().1);
         let mut y = Vec::with_capacity(m * n);
-        linear_packed(
-            x,
-            m,
-            &self.w,
-            self.gelu,
-            &mut y.spare_capacity_mut()[..m * n],
-        );
-        // SAFETY: linear_packed writes all m * n values.
-        unsafe { y.set_len(m * n) };
-        Ok((CpuStorage::F32(y), Shape::from((m, n))))
-    }
-}
-
-/// `(m, c) -> (m, cout)` fused MLP as a candle op (inference only).
-struct PackedMlpOp {
-    fc1: SharedPackedWeight,
-    fc2: SharedPackedWeight,
-}
-
-impl CustomOp1 for PackedMlpOp {
-    fn name(&self) -> &'static str {
-        "internimage-packed-mlp"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = super::contiguous_slice::<f32>(storage, layout, "mlp", "input")?;
-        let (m, n) = (layout.dims()[0], self.fc2.n);
-        let mut y = Vec::with_capacity(m * n);
-        mlp_packed(
-            x,
-            m,
-            &self.fc1,
-            &self.fc2,
-            &mut y.spare_capacity_mut()[..m * n],
-        );
-        // SAFETY: mlp_packed writes all m * n values.
+        let out = &mut y.spare_capacity_mut()[..m * n];
+        match self {
+            Self::Linear { w, gelu } => linear_packed(x, m, w, *gelu, out),
+            Self::Mlp { fc1, fc2 } => mlp_packed(x, m, fc1, fc2, out),
+        }
+        // SAFETY: linear_packed and mlp_packed write all m * n values.
         unsafe { y.set_len(m * n) };
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }

@@ -6,6 +6,7 @@
 //! stage 4); candle's matmul hands them to gemm's own threading, which scales poorly on such
 //! shapes, and the bias add is then a separate pass.
 
+use super::gemm::OutPtr;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape};
 use rayon::prelude::*;
@@ -32,20 +33,6 @@ fn block_len(len: usize, work: usize, min: usize) -> usize {
     }
     let r = len.div_ceil(2 * threads).max(min);
     r.div_ceil(8) * 8
-}
-
-/// A raw output pointer shared by tasks that write disjoint column blocks.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: only used for disjoint writes from the column-block tasks below.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// The pointer (a method, so closures capture the whole `Send + Sync` wrapper).
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 /// `dst (mr x nc, row stride ld) = src (mr x k) @ w[c0.., :]^T`, single-threaded.
