@@ -15,9 +15,9 @@ pub(crate) mod simd;
 pub use activation::{gelu_erf, linear, linear_gelu};
 pub use conv::Conv2dNhwc;
 pub use dcnv3::{dcnv3, Dcnv3Config};
+pub use dense::{mlp, Linear};
 pub use depthwise::depthwise_conv2d_nhwc;
 pub use fused::{layer_norm_last_dim, softmax_groups};
-pub use dense::{mlp, Linear};
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result};
