@@ -12,6 +12,7 @@ use candle_core::{CpuStorage, CustomOp1, DType, InplaceOp2, Layout, Result, Shap
 use half::{bf16, f16, slice::HalfFloatSliceExt};
 use rayon::prelude::*;
 
+use super::contiguous_slice;
 use super::simd::{dispatch_fma, exp_f32, fmadd, reference_ops};
 
 /// Beyond this `|x|`, `erf(x)` is +-1 to f32 precision.
@@ -197,24 +198,22 @@ impl CustomOp1 for GeluErfOp {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!(
-                "gelu_erf: the CPU kernel needs a contiguous input, call .contiguous() first"
-            )
-        };
-        let out = match storage {
-            CpuStorage::F32(v) => {
-                let src = &v[start..end];
+        let out = match storage.dtype() {
+            DType::F32 => {
+                let src = contiguous_slice::<f32>(storage, layout, "gelu_erf", "input")?;
                 let mut dst = vec![0f32; src.len()];
                 gelu_erf_f32_slice(src, &mut dst);
                 CpuStorage::F32(dst)
             }
-            CpuStorage::F16(v) => CpuStorage::F16(gelu_half(&v[start..end])),
-            CpuStorage::BF16(v) => CpuStorage::BF16(gelu_half(&v[start..end])),
-            other => candle_core::bail!(
-                "gelu_erf: expected an f32, f16 or bf16 tensor, got {:?}",
-                other.dtype()
-            ),
+            DType::F16 => CpuStorage::F16(gelu_half(contiguous_slice::<f16>(
+                storage, layout, "gelu_erf", "input",
+            )?)),
+            DType::BF16 => CpuStorage::BF16(gelu_half(contiguous_slice::<bf16>(
+                storage, layout, "gelu_erf", "input",
+            )?)),
+            other => {
+                candle_core::bail!("gelu_erf: expected an f32, f16 or bf16 tensor, got {other:?}")
+            }
         };
         Ok((out, layout.shape().clone()))
     }
@@ -271,17 +270,23 @@ impl InplaceOp2 for BiasInplace {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<()> {
-        let (Some((a0, a1)), Some((b0, b1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
+        let bias = contiguous_slice::<f32>(s2, l2, "bias epilogue", "bias")?;
+        // The activations are written in place, so they are matched here (the helper is
+        // read-only).
+        let dtype = s1.dtype();
+        let CpuStorage::F32(xs) = s1 else {
             candle_core::bail!(
-                "bias epilogue: both the activations and the bias must be contiguous"
+                "bias epilogue: the CPU kernel takes the activations as F32, got {dtype:?}"
             )
         };
-        let (CpuStorage::F32(xs), CpuStorage::F32(bias)) = (s1, s2) else {
-            candle_core::bail!("bias epilogue: the fused CPU kernel supports f32 only")
+        let xs = match l1.contiguous_offsets() {
+            Some((a0, a1)) if a1 <= xs.len() => &mut xs[a0..a1],
+            _ => candle_core::bail!(
+                "bias epilogue: the activations must be contiguous (shape {:?}, strides {:?})",
+                l1.dims(),
+                l1.stride()
+            ),
         };
-        let xs = &mut xs[a0..a1];
-        let bias = &bias[b0..b1];
         let n = bias.len();
         if n == 0 || xs.len() % n != 0 {
             candle_core::bail!(

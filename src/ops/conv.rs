@@ -5,10 +5,10 @@
 //! laid out once as (kh*kw*Cin, Cout), and the GEMM output already is the NHWC result: no NCHW
 //! round trips. On other devices candle's `conv2d` runs on a permuted view.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::contiguous_slice;
 use super::simd::reference_ops;
 
 /// A convolution with square stride and zero padding, weights pre-laid for channels-last input.
@@ -136,13 +136,7 @@ impl CustomOp1 for Im2Col {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, h, w, c) = l.shape().dims4()?;
-        let Some((a0, a1)) = l.contiguous_offsets() else {
-            candle_core::bail!("im2col: the CPU kernel needs a contiguous input")
-        };
-        let CpuStorage::F32(x) = s else {
-            candle_core::bail!("im2col: f32 only, got {:?}", s.dtype())
-        };
-        let x = &x[a0..a1];
+        let x = contiguous_slice::<f32>(s, l, "conv2d_nhwc (im2col)", "input")?;
         let Self {
             kh,
             kw,

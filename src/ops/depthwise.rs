@@ -11,7 +11,11 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, T
 use half::{bf16, f16, slice::HalfFloatSliceExt};
 use rayon::prelude::*;
 
+use super::contiguous_slice;
 use super::simd::{dispatch_fma, fmadd, reference_ops};
+
+/// The operator name in the CPU kernel's errors.
+const OP: &str = "depthwise conv";
 
 /// A depthwise convolution with its weights laid out once as (kh * kw + 1, C): one row of C
 /// per tap, then the bias row (zeros when there is no bias).
@@ -307,17 +311,7 @@ impl CustomOp2 for DwOp {
                 l2.dims()
             );
         }
-        let (Some((a0, a1)), Some((b0, b1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("depthwise conv: the CPU kernel needs contiguous inputs")
-        };
-        let CpuStorage::F32(packed) = s2 else {
-            candle_core::bail!(
-                "depthwise conv: packed weights must be f32, got {:?}",
-                s2.dtype()
-            )
-        };
-        let packed = &packed[b0..b1];
+        let packed = contiguous_slice::<f32>(s2, l2, OP, "packed weights")?;
         let (hp, wp) = (h + 2 * self.pad, w + 2 * self.pad);
         if hp < self.kh || wp < self.kw {
             candle_core::bail!(
@@ -337,22 +331,23 @@ impl CustomOp2 for DwOp {
             kw: self.kw,
             pad: self.pad,
         };
-        let out = match s1 {
-            CpuStorage::F32(x) => {
+        let out = match s1.dtype() {
+            DType::F32 => {
+                let x = contiguous_slice::<f32>(s1, l1, OP, "input")?;
                 let mut out = vec![0f32; n * ho * wo * c];
-                dw_f32(&x[a0..a1], packed, &g, ho, &mut out);
+                dw_f32(x, packed, &g, ho, &mut out);
                 CpuStorage::F32(out)
             }
-            CpuStorage::F16(x) => CpuStorage::F16(dw_half(
-                &x[a0..a1],
+            DType::F16 => CpuStorage::F16(dw_half(
+                contiguous_slice::<f16>(s1, l1, OP, "input")?,
                 packed,
                 &g,
                 ho,
                 |s: &[f16], d: &mut [f32]| s.convert_to_f32_slice(d),
                 |s: &[f32], d: &mut [f16]| d.convert_from_f32_slice(s),
             )),
-            CpuStorage::BF16(x) => CpuStorage::BF16(dw_half(
-                &x[a0..a1],
+            DType::BF16 => CpuStorage::BF16(dw_half(
+                contiguous_slice::<bf16>(s1, l1, OP, "input")?,
                 packed,
                 &g,
                 ho,
@@ -360,8 +355,7 @@ impl CustomOp2 for DwOp {
                 |s: &[f32], d: &mut [bf16]| d.convert_from_f32_slice(s),
             )),
             other => candle_core::bail!(
-                "depthwise conv: expected an f32, f16 or bf16 input, got {:?}",
-                other.dtype()
+                "depthwise conv: expected an f32, f16 or bf16 input, got {other:?}"
             ),
         };
         Ok((out, Shape::from((n, ho, wo, c))))

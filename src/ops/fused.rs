@@ -5,10 +5,10 @@
 //! at run time on x86-64). Other devices, other dtypes and inputs that track gradients use the
 //! equivalent candle ops, so the functions can be called unconditionally.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
+use super::contiguous_slice;
 use super::simd::{dispatch_fma, exp_f32, fmadd, reference_ops};
 
 /// Values per rayon task.
@@ -88,20 +88,9 @@ impl CustomOp3 for LayerNormOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (Some((a0, a1)), Some((w0, w1)), Some((b0, b1))) = (
-            l1.contiguous_offsets(),
-            l2.contiguous_offsets(),
-            l3.contiguous_offsets(),
-        ) else {
-            candle_core::bail!("layer_norm: the CPU kernel needs contiguous inputs")
-        };
-        let (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) = (s1, s2, s3) else {
-            candle_core::bail!(
-                "layer_norm: the CPU kernel supports f32 only, got {:?}",
-                s1.dtype()
-            )
-        };
-        let (x, w, b) = (&x[a0..a1], &w[w0..w1], &b[b0..b1]);
+        let x = contiguous_slice::<f32>(s1, l1, "layer_norm", "input")?;
+        let w = contiguous_slice::<f32>(s2, l2, "layer_norm", "weight")?;
+        let b = contiguous_slice::<f32>(s3, l3, "layer_norm", "bias")?;
         let c = w.len();
         if c == 0 || b.len() != c || x.len() % c != 0 {
             candle_core::bail!(
@@ -193,16 +182,7 @@ impl CustomOp1 for SoftmaxGroupsOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let Some((a0, a1)) = l.contiguous_offsets() else {
-            candle_core::bail!("softmax_groups: the CPU kernel needs a contiguous input")
-        };
-        let CpuStorage::F32(x) = s else {
-            candle_core::bail!(
-                "softmax_groups: the CPU kernel supports f32 only, got {:?}",
-                s.dtype()
-            )
-        };
-        let x = &x[a0..a1];
+        let x = contiguous_slice::<f32>(s, l, "softmax_groups", "input")?;
         let p = self.p;
         let mut y = vec![0f32; x.len()];
         let per_task = (PAR_CHUNK / p).max(1) * p;
