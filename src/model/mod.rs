@@ -246,8 +246,9 @@ impl InternImage {
     /// The pre-head vector (N, 12C) for T..XL or (N, 768) for H/G: the Hugging Face
     /// `pooler_output`. Errors when the network has no head.
     pub fn forward_pooled(&self, xs: &Tensor) -> Result<Tensor> {
+        let xs = self.prepare_input(xs)?;
         let mut out =
-            self.per_batch_chunk(xs, |x| Ok(vec![self.pooled_rec(x, &mut Recorder::off())?]))?;
+            self.per_batch_chunk(&xs, |x| Ok(vec![self.pooled_rec(x, &mut Recorder::off())?]))?;
         out.pop()
             .ok_or_else(|| candle_core::Error::msg("InternImage: no pooled output"))
     }
