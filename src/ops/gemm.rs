@@ -4,7 +4,7 @@
 //! The kernel (AVX2 + FMA) keeps a 6 x 16 block of `y` in twelve 256-bit registers and, for each
 //! `k`, broadcasts one value from each of six rows of `x` (read in place, row-major: no packing
 //! of the activations) against two vectors of the packed weight panel. The weight panels are
-//! contiguous, so a `kc x 16` slice (16 KiB) stays in L1 while all row groups of a task use it.
+//! contiguous, so a `kc x 16` slice (12 KiB) stays in L1 while all row groups of a task use it.
 //!
 //! Work is split into tasks of (row block x panel range), each writing its own part of `y`, with
 //! the bias folded into the accumulators' start value and the GELU applied to each task's block
@@ -21,9 +21,10 @@ use std::sync::Arc;
 const NR: usize = 16;
 /// Rows of `x` per kernel call.
 const MR: usize = 6;
-/// Largest row block of one task (rows x kc of `x` stay in L2).
+/// Largest row block of one task (36 rows x `KC` values of `x`, 27 KiB, stay in L1 with the
+/// panel slice).
 const MAX_ROW_BLOCK: usize = 36;
-/// Target depth of one pass over `k` (a 16-column panel slice of `KC * 64` bytes stays in L1).
+/// Target depth of one pass over `k` (a 16-column panel slice of `KC * 64` bytes, 12 KiB).
 const KC: usize = 192;
 
 /// A weight `w` (n, k) (row-major, as stored by `nn.Linear`) and bias, packed for the kernel:
