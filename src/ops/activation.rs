@@ -11,6 +11,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, InplaceOp2, Layout, Result, Shape, Tensor};
 use half::{bf16, f16, slice::HalfFloatSliceExt};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 use super::contiguous_slice;
 use super::simd::{dispatch_fma, exp_f32, fmadd, reference_ops};
@@ -81,10 +82,11 @@ fn gelu_f32<const FMA: bool>(v: f32) -> f32 {
     fmadd::<FMA>(h, erf_f32::<FMA>(v * std::f32::consts::FRAC_1_SQRT_2), h)
 }
 
+/// `dst[i] = gelu(src[i])`, every element of `dst` written when the lengths match.
 #[inline(always)]
-fn gelu_into_generic<const FMA: bool>(src: &[f32], dst: &mut [f32]) {
+fn gelu_into_generic<const FMA: bool>(src: &[f32], dst: &mut [MaybeUninit<f32>]) {
     for (d, &s) in dst.iter_mut().zip(src) {
-        *d = gelu_f32::<FMA>(s);
+        d.write(gelu_f32::<FMA>(s));
     }
 }
 
@@ -128,12 +130,13 @@ macro_rules! generic_gelu {
     }};
 }
 
-dispatch_gelu!(fn gelu_into(src: &[f32], dst: &mut [f32]) => gelu_into_generic);
+dispatch_gelu!(fn gelu_into(src: &[f32], dst: &mut [MaybeUninit<f32>]) => gelu_into_generic);
 dispatch_gelu!(fn gelu_inplace(xs: &mut [f32]) => gelu_inplace_generic);
 dispatch_gelu!(fn bias_gelu_inplace(xs: &mut [f32], bias: &[f32]) => bias_gelu_inplace_generic);
 
-/// Exact GELU of an f32 slice into `dst` (same length), multi-threaded for large slices.
-pub(crate) fn gelu_erf_f32_slice(src: &[f32], dst: &mut [f32]) {
+/// Exact GELU of an f32 slice into `dst` (same length; every element written), multi-threaded
+/// for large slices.
+pub(crate) fn gelu_erf_f32_slice(src: &[f32], dst: &mut [MaybeUninit<f32>]) {
     if src.len() <= PAR_CHUNK {
         gelu_into(src, dst);
     } else {
@@ -201,8 +204,11 @@ impl CustomOp1 for GeluErfOp {
         let out = match storage.dtype() {
             DType::F32 => {
                 let src = contiguous_slice::<f32>(storage, layout, "gelu_erf", "input")?;
-                let mut dst = vec![0f32; src.len()];
-                gelu_erf_f32_slice(src, &mut dst);
+                // Written into uninitialised capacity (no zero-fill pass).
+                let mut dst = Vec::with_capacity(src.len());
+                gelu_erf_f32_slice(src, &mut dst.spare_capacity_mut()[..src.len()]);
+                // SAFETY: `gelu_erf_f32_slice` wrote every element of a `dst` as long as `src`.
+                unsafe { dst.set_len(src.len()) };
                 CpuStorage::F32(dst)
             }
             DType::F16 => CpuStorage::F16(gelu_half(contiguous_slice::<f16>(

@@ -10,6 +10,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
 use half::{bf16, f16, slice::HalfFloatSliceExt};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 use super::contiguous_slice;
 use super::simd::{dispatch_fma, fmadd, reference_ops};
@@ -183,7 +184,8 @@ struct Geom {
     pad: usize,
 }
 
-/// One channel block of one output pixel: `out[cb..cb+B] = bias + sum_taps x * w`.
+/// One channel block of one output pixel: `out[cb..cb+B] = bias + sum_taps x * w` (all `B`
+/// values written).
 #[inline(always)]
 fn pixel_block<const B: usize, const FMA: bool>(
     img: &[f32],
@@ -192,7 +194,7 @@ fn pixel_block<const B: usize, const FMA: bool>(
     oh: usize,
     ow: usize,
     cb: usize,
-    out: &mut [f32],
+    out: &mut [MaybeUninit<f32>],
 ) {
     let c = g.c;
     let bias = &packed[g.kh * g.kw * c + cb..][..B];
@@ -216,17 +218,19 @@ fn pixel_block<const B: usize, const FMA: bool>(
             }
         }
     }
-    out[cb..cb + B].copy_from_slice(&acc);
+    for (o, a) in out[cb..cb + B].iter_mut().zip(acc) {
+        o.write(a);
+    }
 }
 
-/// One output row (Wo * C values) of image `img` (H * W * C values).
+/// One output row (Wo * C values, all written) of image `img` (H * W * C values).
 #[inline(always)]
 fn dw_row_generic<const FMA: bool>(
     img: &[f32],
     packed: &[f32],
     g: &Geom,
     oh: usize,
-    out: &mut [f32],
+    out: &mut [MaybeUninit<f32>],
 ) {
     let c = g.c;
     for ow in 0..g.wo {
@@ -247,16 +251,16 @@ fn dw_row_generic<const FMA: bool>(
     }
 }
 
-dispatch_fma!(fn dw_row(img: &[f32], packed: &[f32], g: &Geom, oh: usize, out: &mut [f32]) => dw_row_generic);
+dispatch_fma!(fn dw_row(img: &[f32], packed: &[f32], g: &Geom, oh: usize, out: &mut [MaybeUninit<f32>]) => dw_row_generic);
 
-/// f32 convolution of `n` images (`x` = N*H*W*C) into `out` (N*Ho*Wo*C).
-fn dw_f32(x: &[f32], packed: &[f32], g: &Geom, ho: usize, out: &mut [f32]) {
+/// f32 convolution of `n` images (`x` = N*H*W*C) into `out` (N*Ho*Wo*C), every element written.
+fn dw_f32(x: &[f32], packed: &[f32], g: &Geom, ho: usize, out: &mut [MaybeUninit<f32>]) {
     let img_len = g.h * g.w * g.c;
     let row_len = g.wo * g.c;
     if row_len == 0 || ho == 0 {
         return;
     }
-    let run = |(r, o): (usize, &mut [f32])| {
+    let run = |(r, o): (usize, &mut [MaybeUninit<f32>])| {
         let (n, oh) = (r / ho, r % ho);
         dw_row(&x[n * img_len..(n + 1) * img_len], packed, g, oh, o);
     };
@@ -265,6 +269,17 @@ fn dw_f32(x: &[f32], packed: &[f32], g: &Geom, ho: usize, out: &mut [f32]) {
     } else {
         out.par_chunks_mut(row_len).enumerate().for_each(run);
     }
+}
+
+/// f32 convolution of `n` images (`x` = N*H*W*C) into a new N*Ho*Wo*C vector.
+fn dw_f32_vec(x: &[f32], packed: &[f32], g: &Geom, n: usize, ho: usize) -> Vec<f32> {
+    let len = n * ho * g.wo * g.c;
+    // Written into uninitialised capacity (no zero-fill pass).
+    let mut out = Vec::with_capacity(len);
+    dw_f32(x, packed, g, ho, &mut out.spare_capacity_mut()[..len]);
+    // SAFETY: `dw_f32` writes all N*Ho rows of Wo*C values (or there are none).
+    unsafe { out.set_len(len) };
+    out
 }
 
 fn dw_half<T: Copy + Default + Send + Sync>(
@@ -280,8 +295,7 @@ fn dw_half<T: Copy + Default + Send + Sync>(
         .zip(x.par_chunks(16 * 1024))
         .for_each(|(d, s)| to_f32(s, d));
     let n = x.len().checked_div(g.h * g.w * g.c).unwrap_or(0);
-    let mut of = vec![0f32; n * ho * g.wo * g.c];
-    dw_f32(&xf, packed, g, ho, &mut of);
+    let of = dw_f32_vec(&xf, packed, g, n, ho);
     drop(xf);
     let mut out = vec![T::default(); of.len()];
     out.par_chunks_mut(16 * 1024)
@@ -334,9 +348,7 @@ impl CustomOp2 for DwOp {
         let out = match s1.dtype() {
             DType::F32 => {
                 let x = contiguous_slice::<f32>(s1, l1, OP, "input")?;
-                let mut out = vec![0f32; n * ho * wo * c];
-                dw_f32(x, packed, &g, ho, &mut out);
-                CpuStorage::F32(out)
+                CpuStorage::F32(dw_f32_vec(x, packed, &g, n, ho))
             }
             DType::F16 => CpuStorage::F16(dw_half(
                 contiguous_slice::<f16>(s1, l1, OP, "input")?,

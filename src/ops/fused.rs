@@ -7,6 +7,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 use super::contiguous_slice;
 use super::simd::{dispatch_fma, exp_f32, fmadd, reference_ops};
@@ -53,8 +54,16 @@ fn sq_dev8<const FMA: bool>(xs: &[f32], mean: f32) -> f32 {
 }
 
 /// LayerNorm of consecutive rows of `w.len()` values (two-pass mean/variance, in f32).
+///
+/// Writes every element of `dst` when `dst.len() == src.len()`, a multiple of `w.len()`.
 #[inline(always)]
-fn ln_rows_generic<const FMA: bool>(src: &[f32], dst: &mut [f32], w: &[f32], b: &[f32], eps: f32) {
+fn ln_rows_generic<const FMA: bool>(
+    src: &[f32],
+    dst: &mut [MaybeUninit<f32>],
+    w: &[f32],
+    b: &[f32],
+    eps: f32,
+) {
     let c = w.len();
     let inv_c = 1.0 / c as f32;
     for (x, y) in src.chunks_exact(c).zip(dst.chunks_exact_mut(c)) {
@@ -62,12 +71,12 @@ fn ln_rows_generic<const FMA: bool>(src: &[f32], dst: &mut [f32], w: &[f32], b: 
         let var = sq_dev8::<FMA>(x, mean) * inv_c;
         let rstd = 1.0 / (var + eps).sqrt();
         for i in 0..c {
-            y[i] = fmadd::<FMA>((x[i] - mean) * rstd, w[i], b[i]);
+            y[i].write(fmadd::<FMA>((x[i] - mean) * rstd, w[i], b[i]));
         }
     }
 }
 
-dispatch_fma!(fn ln_rows(src: &[f32], dst: &mut [f32], w: &[f32], b: &[f32], eps: f32) => ln_rows_generic);
+dispatch_fma!(fn ln_rows(src: &[f32], dst: &mut [MaybeUninit<f32>], w: &[f32], b: &[f32], eps: f32) => ln_rows_generic);
 
 /// LayerNorm as a custom op: (xs, weight, bias), all f32 and contiguous.
 struct LayerNormOp {
@@ -100,15 +109,21 @@ impl CustomOp3 for LayerNormOp {
                 l1.dims()
             )
         }
-        let mut y = vec![0f32; x.len()];
+        // The output is written into uninitialised capacity (no zero-fill pass).
+        let mut y = Vec::with_capacity(x.len());
+        let dst = &mut y.spare_capacity_mut()[..x.len()];
         let rows_per_task = (PAR_CHUNK / c).max(1) * c;
         if x.len() <= PAR_CHUNK {
-            ln_rows(x, &mut y, w, b, self.eps);
+            ln_rows(x, dst, w, b, self.eps);
         } else {
-            y.par_chunks_mut(rows_per_task)
+            dst.par_chunks_mut(rows_per_task)
                 .zip(x.par_chunks(rows_per_task))
                 .for_each(|(yc, xc)| ln_rows(xc, yc, w, b, self.eps));
         }
+        // SAFETY: `x.len()` is a multiple of `c` (checked above) and so is every chunk (tasks
+        // take whole rows), the chunks of `dst` and `x` pair up one to one with equal lengths,
+        // and `ln_rows` writes every element of such a chunk.
+        unsafe { y.set_len(x.len()) };
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 }
@@ -149,16 +164,23 @@ pub fn layer_norm_last_dim(
         .apply_op3_no_bwd(weight, bias, &LayerNormOp { eps: eps as f32 })
 }
 
-/// Softmax over consecutive groups of `p` values.
+/// Softmax over consecutive groups of `p` values (`p > 0`).
+///
+/// Writes every element of `dst` when `dst.len() == src.len()`, a multiple of `p`.
 #[inline(always)]
-fn softmax_groups_generic<const FMA: bool>(src: &[f32], dst: &mut [f32], p: usize) {
+fn softmax_groups_generic<const FMA: bool>(src: &[f32], dst: &mut [MaybeUninit<f32>], p: usize) {
     // Subtract each group's max, exponentiate everything in one vectorised pass, normalise.
-    for (x, y) in src.chunks_exact(p).zip(dst.chunks_exact_mut(p)) {
+    let n = src.len().min(dst.len()) / p * p;
+    let dst = &mut dst[..n];
+    for (x, y) in src[..n].chunks_exact(p).zip(dst.chunks_exact_mut(p)) {
         let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         for (yi, &xi) in y.iter_mut().zip(x) {
-            *yi = xi - m;
+            yi.write(xi - m);
         }
     }
+    // SAFETY: the loop above wrote every element of `dst` (`n` values, whole groups of `p`),
+    // and `MaybeUninit<f32>` has the layout of `f32`.
+    let dst = unsafe { &mut *(dst as *mut [MaybeUninit<f32>] as *mut [f32]) };
     for v in dst.iter_mut() {
         *v = exp_f32::<FMA>(*v);
     }
@@ -170,7 +192,7 @@ fn softmax_groups_generic<const FMA: bool>(src: &[f32], dst: &mut [f32], p: usiz
     }
 }
 
-dispatch_fma!(fn softmax_groups_f32(src: &[f32], dst: &mut [f32], p: usize) => softmax_groups_generic);
+dispatch_fma!(fn softmax_groups_f32(src: &[f32], dst: &mut [MaybeUninit<f32>], p: usize) => softmax_groups_generic);
 
 struct SoftmaxGroupsOp {
     p: usize,
@@ -184,15 +206,28 @@ impl CustomOp1 for SoftmaxGroupsOp {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_slice::<f32>(s, l, "softmax_groups", "input")?;
         let p = self.p;
-        let mut y = vec![0f32; x.len()];
+        if p == 0 || x.len() % p != 0 {
+            candle_core::bail!(
+                "softmax_groups: {} values of {:?} are not whole groups of {p}",
+                x.len(),
+                l.dims()
+            )
+        }
+        // The output is written into uninitialised capacity (no zero-fill pass).
+        let mut y = Vec::with_capacity(x.len());
+        let dst = &mut y.spare_capacity_mut()[..x.len()];
         let per_task = (PAR_CHUNK / p).max(1) * p;
         if x.len() <= PAR_CHUNK {
-            softmax_groups_f32(x, &mut y, p);
+            softmax_groups_f32(x, dst, p);
         } else {
-            y.par_chunks_mut(per_task)
+            dst.par_chunks_mut(per_task)
                 .zip(x.par_chunks(per_task))
                 .for_each(|(yc, xc)| softmax_groups_f32(xc, yc, p));
         }
+        // SAFETY: `x.len()` is a multiple of `p` (checked above) and so is every chunk, the
+        // chunks of `dst` and `x` pair up one to one with equal lengths, and
+        // `softmax_groups_f32` writes every element of such a chunk.
+        unsafe { y.set_len(x.len()) };
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 }

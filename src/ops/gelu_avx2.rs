@@ -161,14 +161,15 @@ unsafe fn map8(src: *const f32, dst: *mut f32, len: usize, bias: Option<&[f32]>)
     }
 }
 
-/// `dst[i] = gelu(src[i])`.
+/// `dst[i] = gelu(src[i])`; writes every element of `dst` (which may be uninitialised) when
+/// `dst.len() == src.len()`.
 ///
 /// # Safety
-/// The CPU supports AVX2 and FMA; `dst.len() == src.len()`.
+/// The CPU supports AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
-pub(crate) unsafe fn gelu_into(src: &[f32], dst: &mut [f32]) {
+pub(crate) unsafe fn gelu_into(src: &[f32], dst: &mut [std::mem::MaybeUninit<f32>]) {
     let len = src.len().min(dst.len());
-    map8(src.as_ptr(), dst.as_mut_ptr(), len, None)
+    map8(src.as_ptr(), dst.as_mut_ptr().cast::<f32>(), len, None)
 }
 
 /// `xs[i] = gelu(xs[i])`.
