@@ -4,90 +4,10 @@
 mod common;
 
 use candle_core::{DType, Device, IndexOp, Tensor, Var};
-use common::to_f64_vec as vec_f64;
+use common::{dcnv3_reference as reference, randn, to_f64_vec as vec_f64};
 use internimage::ops::dcnv3::{dcnv3, dcnv3_backward, Dcnv3Config};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-
-/// Plain nested-loop DCNv3 straight from the formula (f64), for checking the real kernels.
-fn reference(
-    input: &[f64],
-    (n, hin, win, ch): (usize, usize, usize, usize),
-    offset: &[f64],
-    mask: &[f64],
-    cfg: &Dcnv3Config,
-) -> (Vec<f64>, usize, usize) {
-    let hout = (hin + 2 * cfg.pad_h - (cfg.dilation_h * (cfg.kernel_h - 1) + 1)) / cfg.stride_h + 1;
-    let wout = (win + 2 * cfg.pad_w - (cfg.dilation_w * (cfg.kernel_w - 1) + 1)) / cfg.stride_w + 1;
-    let (g, cg) = (cfg.group, cfg.group_channels);
-    assert_eq!(ch, g * cg);
-    let mut pts = vec![];
-    for i in 0..cfg.kernel_w {
-        for j in 0..cfg.kernel_h {
-            if !(cfg.remove_center && i == cfg.kernel_w / 2 && j == cfg.kernel_h / 2) {
-                pts.push((i as f64, j as f64));
-            }
-        }
-    }
-    let np = pts.len();
-    let hx = (cfg.dilation_w * (cfg.kernel_w - 1) / 2) as f64;
-    let hy = (cfg.dilation_h * (cfg.kernel_h - 1) / 2) as f64;
-    let s = cfg.offset_scale;
-    let v = |b: usize, y: i64, x: i64, c: usize| -> f64 {
-        if y < 0 || x < 0 || y >= hin as i64 || x >= win as i64 {
-            0.0
-        } else {
-            input[((b * hin + y as usize) * win + x as usize) * ch + c]
-        }
-    };
-    let mut out = vec![0.0; n * hout * wout * ch];
-    for b in 0..n {
-        for h in 0..hout {
-            for w in 0..wout {
-                let pix = (b * hout + h) * wout + w;
-                for gi in 0..g {
-                    for (p, &(i, j)) in pts.iter().enumerate() {
-                        let k = (pix * g + gi) * np + p;
-                        let x = (w * cfg.stride_w) as f64 - cfg.pad_w as f64
-                            + hx
-                            + s * (i * cfg.dilation_w as f64 - hx + offset[2 * k]);
-                        let y = (h * cfg.stride_h) as f64 - cfg.pad_h as f64
-                            + hy
-                            + s * (j * cfg.dilation_h as f64 - hy + offset[2 * k + 1]);
-                        if !x.is_finite() || !y.is_finite() {
-                            continue;
-                        }
-                        if x <= -1.0 || y <= -1.0 || x >= win as f64 || y >= hin as f64 {
-                            continue;
-                        }
-                        let (x0, y0) = (x.floor(), y.floor());
-                        let (lx, ly) = (x - x0, y - y0);
-                        let (x0, y0) = (x0 as i64, y0 as i64);
-                        for c in 0..cg {
-                            let cc = gi * cg + c;
-                            let val = (1.0 - ly) * (1.0 - lx) * v(b, y0, x0, cc)
-                                + (1.0 - ly) * lx * v(b, y0, x0 + 1, cc)
-                                + ly * (1.0 - lx) * v(b, y0 + 1, x0, cc)
-                                + ly * lx * v(b, y0 + 1, x0 + 1, cc);
-                            out[pix * ch + cc] += mask[k] * val;
-                        }
-                    }
-                }
-            }
-        }
-    }
-    (out, hout, wout)
-}
-
-fn randn(rng: &mut StdRng, len: usize, scale: f64) -> Vec<f64> {
-    (0..len)
-        .map(|_| {
-            // Box-Muller
-            let (u1, u2): (f64, f64) = (rng.random::<f64>().max(1e-12), rng.random());
-            scale * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-        })
-        .collect()
-}
 
 fn random_cfg(rng: &mut StdRng) -> Dcnv3Config {
     let ks = [1usize, 3, 3, 3, 5];

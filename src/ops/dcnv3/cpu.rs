@@ -309,8 +309,9 @@ fn forward_chunk<F: Acc, const FMA: bool>(
             let valid = x > neg1 && x < prm.w_in && y > neg1 && y < prm.h_in;
             let xs = if valid { x } else { F::ZERO };
             let ys = if valid { y } else { F::ZERO };
-            let x0 = (xs + F::ONE).trunc_i32() - 1;
-            let y0 = (ys + F::ONE).trunc_i32() - 1;
+            // Clamped: just below W, x + 1 can round up to W + 1 (W a power of two).
+            let x0 = ((xs + F::ONE).trunc_i32() - 1).min(wi - 1);
+            let y0 = ((ys + F::ONE).trunc_i32() - 1).min(hi - 1);
             xi[gp] = x0;
             yi[gp] = y0;
             lxs[gp] = xs - F::from_i32(x0);
@@ -480,8 +481,9 @@ fn forward_chunk_finite<F: Acc, const FMA: bool>(
                 let valid = (x > neg1) & (x < w_in) & (y > neg1) & (y < h_in);
                 let xs = if valid { x } else { F::ZERO };
                 let ys = if valid { y } else { F::ZERO };
-                let x0 = (xs + F::ONE).trunc_i32() - 1;
-                let y0 = (ys + F::ONE).trunc_i32() - 1;
+                // Clamped: just below W, x + 1 can round up to W + 1 (W a power of two).
+                let x0 = ((xs + F::ONE).trunc_i32() - 1).min(wi - 1);
+                let y0 = ((ys + F::ONE).trunc_i32() - 1).min(hi - 1);
                 let lx = xs - F::from_i32(x0);
                 let ly = ys - F::from_i32(y0);
                 let m = if valid { masks[gp] } else { F::ZERO };
