@@ -536,6 +536,20 @@ fn bad_input_is_an_error() {
         .unwrap();
     let r = ip.apply_op3_no_bwd(&o, &m, &internimage::ops::dcnv3::Dcnv3Op::new(cfg));
     assert!(r.unwrap_err().to_string().contains("contiguous"));
+    // ... and mixed dtypes, naming the argument
+    let o16 = o.to_dtype(DType::F16).unwrap();
+    let r = i.apply_op3_no_bwd(&o16, &m, &internimage::ops::dcnv3::Dcnv3Op::new(cfg));
+    let e = r.unwrap_err().to_string();
+    assert!(e.contains("offset") && e.contains("to_dtype"), "{e}");
+    // ... and dtypes without a kernel
+    let iu = i.to_dtype(DType::U8).unwrap();
+    let (ou, mu) = (
+        o.to_dtype(DType::U8).unwrap(),
+        m.to_dtype(DType::U8).unwrap(),
+    );
+    let r = iu.apply_op3_no_bwd(&ou, &mu, &internimage::ops::dcnv3::Dcnv3Op::new(cfg));
+    let e = r.unwrap_err().to_string();
+    assert!(e.contains("supported dtypes"), "{e}");
 }
 
 #[test]

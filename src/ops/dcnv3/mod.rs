@@ -23,8 +23,9 @@ mod validate;
 
 pub use validate::Dcnv3Geometry;
 
+use crate::ops::contiguous_slice;
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 use half::{bf16, f16, slice::HalfFloatSliceExt};
 
 /// Geometry of a DCNv3 core call, named like the official operator's arguments.
@@ -236,40 +237,105 @@ impl Dcnv3BackwardOp {
     }
 }
 
-/// The elements of a contiguous tensor inside its (possibly larger) storage.
-fn view<'a, T>(v: &'a [T], l: &Layout, name: &str) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) if b <= v.len() => Ok(&v[a..b]),
-        Some((a, b)) => bail!(
-            "dcnv3: {name} layout [{a}, {b}) exceeds its storage of {} elements",
-            v.len()
-        ),
-        None => bail!(
-            "dcnv3: {name} must be contiguous (shape {:?}, strides {:?}); call .contiguous() first \
-             or use internimage::ops::dcnv3()",
-            l.dims(),
-            l.stride()
-        ),
+/// A CPU kernel over three contiguous same-dtype slices, generic over the accumulation type.
+trait CpuKernel {
+    /// Operator name for errors.
+    const OP: &'static str;
+    /// Argument names for errors.
+    const ARGS: [&'static str; 3];
+    /// The result (flattened) from the three arguments' values.
+    fn run<F: cpu::Acc>(&self, g: &Dcnv3Geometry, a: &[F], b: &[F], c: &[F]) -> Vec<F>;
+}
+
+impl CpuKernel for Dcnv3Op {
+    const OP: &'static str = "dcnv3";
+    const ARGS: [&'static str; 3] = ["input", "offset", "mask"];
+    fn run<F: cpu::Acc>(&self, g: &Dcnv3Geometry, input: &[F], offset: &[F], mask: &[F]) -> Vec<F> {
+        let mut out = vec![F::ZERO; g.output_len()];
+        cpu::forward(&self.cfg, g, input, offset, mask, &mut out);
+        out
     }
 }
 
-fn dtype_error(op: &str, a: DType, b: DType, c: DType) -> candle_core::Error {
-    candle_core::Error::Msg(format!(
-        "{op}: the three arguments must share one dtype among f32, f16, bf16, f64; got {a:?}, {b:?}, {c:?}"
-    ))
+impl CpuKernel for Dcnv3BackwardOp {
+    const OP: &'static str = "dcnv3 backward";
+    const ARGS: [&'static str; 3] = ["input", "offset_mask", "grad_out"];
+    fn run<F: cpu::Acc>(
+        &self,
+        g: &Dcnv3Geometry,
+        input: &[F],
+        offset_mask: &[F],
+        grad_out: &[F],
+    ) -> Vec<F> {
+        let (la, lb) = (g.input_len(), g.offset_len());
+        let mut packed = vec![F::ZERO; la + lb + g.mask_len()];
+        let (gin, rest) = packed.split_at_mut(la);
+        let (goff, gmask) = rest.split_at_mut(lb);
+        let (offset, mask) = offset_mask.split_at(lb);
+        cpu::backward(
+            &self.cfg, g, input, offset, mask, grad_out, gin, goff, gmask,
+        );
+        packed
+    }
 }
 
-fn half_to_f32<T>(v: &[T]) -> Vec<f32>
+/// The three arguments' values as contiguous slices of `T`.
+fn slices3<'a, K: CpuKernel, T: WithDType>(
+    args: [(&'a CpuStorage, &Layout); 3],
+) -> Result<[&'a [T]; 3]> {
+    let [(s1, l1), (s2, l2), (s3, l3)] = args;
+    Ok([
+        contiguous_slice::<T>(s1, l1, K::OP, K::ARGS[0])?,
+        contiguous_slice::<T>(s2, l2, K::OP, K::ARGS[1])?,
+        contiguous_slice::<T>(s3, l3, K::OP, K::ARGS[2])?,
+    ])
+}
+
+/// Runs `k` natively in `T` (f32 or f64).
+fn run_native<K: CpuKernel, T: cpu::Acc + WithDType>(
+    k: &K,
+    g: &Dcnv3Geometry,
+    args: [(&CpuStorage, &Layout); 3],
+) -> Result<CpuStorage> {
+    let [a, b, c] = slices3::<K, T>(args)?;
+    Ok(T::to_cpu_storage_owned(k.run(g, a, b, c)))
+}
+
+/// Runs `k` in f32 on the values of a half type (f16 or bf16), rounding the result back once.
+fn run_half<K: CpuKernel, T: WithDType>(
+    k: &K,
+    g: &Dcnv3Geometry,
+    args: [(&CpuStorage, &Layout); 3],
+) -> Result<CpuStorage>
 where
     [T]: HalfFloatSliceExt,
 {
-    v.to_f32_vec()
+    let [a, b, c] = slices3::<K, T>(args)?;
+    let out = k.run::<f32>(g, &a.to_f32_vec(), &b.to_f32_vec(), &c.to_f32_vec());
+    let mut res = vec![T::from_f64(0.0); out.len()];
+    res.convert_from_f32_slice(&out);
+    Ok(T::to_cpu_storage_owned(res))
 }
 
-fn forward_f32(op: &Dcnv3Op, g: &Dcnv3Geometry, a: &[f32], b: &[f32], c: &[f32]) -> Vec<f32> {
-    let mut out = vec![0f32; g.output_len()];
-    cpu::forward(&op.cfg, g, a, b, c, &mut out);
-    out
+/// The CPU forward of either op: dispatch on the dtype of the first argument (the others must
+/// match; f32 and f64 natively, f16 and bf16 through f32).
+fn cpu_dispatch<K: CpuKernel>(
+    k: &K,
+    g: &Dcnv3Geometry,
+    args: [(&CpuStorage, &Layout); 3],
+) -> Result<CpuStorage> {
+    match args[0].0.dtype() {
+        DType::F32 => run_native::<K, f32>(k, g, args),
+        DType::F64 => run_native::<K, f64>(k, g, args),
+        DType::F16 => run_half::<K, f16>(k, g, args),
+        DType::BF16 => run_half::<K, bf16>(k, g, args),
+        dt => bail!(
+            "{}: supported dtypes are f32, f16, bf16 and f64, got {dt:?} (the {}); convert with \
+             .to_dtype()",
+            K::OP,
+            K::ARGS[0]
+        ),
+    }
 }
 
 impl CustomOp3 for Dcnv3Op {
@@ -288,49 +354,7 @@ impl CustomOp3 for Dcnv3Op {
     ) -> Result<(CpuStorage, Shape)> {
         let g = self.cfg.geometry(l1.shape(), l2.shape(), l3.shape())?;
         let shape = Shape::from((g.n, g.h_out, g.w_out, g.channels));
-        let st = match (s1, s2, s3) {
-            (CpuStorage::F32(a), CpuStorage::F32(b), CpuStorage::F32(c)) => {
-                let (a, b, c) = (
-                    view(a, l1, "input")?,
-                    view(b, l2, "offset")?,
-                    view(c, l3, "mask")?,
-                );
-                CpuStorage::F32(forward_f32(self, &g, a, b, c))
-            }
-            (CpuStorage::F64(a), CpuStorage::F64(b), CpuStorage::F64(c)) => {
-                let (a, b, c) = (
-                    view(a, l1, "input")?,
-                    view(b, l2, "offset")?,
-                    view(c, l3, "mask")?,
-                );
-                let mut out = vec![0f64; g.output_len()];
-                cpu::forward(&self.cfg, &g, a, b, c, &mut out);
-                CpuStorage::F64(out)
-            }
-            (CpuStorage::F16(a), CpuStorage::F16(b), CpuStorage::F16(c)) => {
-                let (a, b, c) = (
-                    view(a, l1, "input")?,
-                    view(b, l2, "offset")?,
-                    view(c, l3, "mask")?,
-                );
-                let out = forward_f32(self, &g, &half_to_f32(a), &half_to_f32(b), &half_to_f32(c));
-                let mut res = vec![f16::ZERO; out.len()];
-                res.convert_from_f32_slice(&out);
-                CpuStorage::F16(res)
-            }
-            (CpuStorage::BF16(a), CpuStorage::BF16(b), CpuStorage::BF16(c)) => {
-                let (a, b, c) = (
-                    view(a, l1, "input")?,
-                    view(b, l2, "offset")?,
-                    view(c, l3, "mask")?,
-                );
-                let out = forward_f32(self, &g, &half_to_f32(a), &half_to_f32(b), &half_to_f32(c));
-                let mut res = vec![bf16::ZERO; out.len()];
-                res.convert_from_f32_slice(&out);
-                CpuStorage::BF16(res)
-            }
-            _ => return Err(dtype_error("dcnv3", s1.dtype(), s2.dtype(), s3.dtype())),
-        };
+        let st = cpu_dispatch(self, &g, [(s1, l1), (s2, l2), (s3, l3)])?;
         Ok((st, shape))
     }
 
@@ -373,22 +397,6 @@ impl CustomOp3 for Dcnv3Op {
     }
 }
 
-fn backward_generic<F: cpu::Acc>(
-    cfg: &Dcnv3Config,
-    g: &Dcnv3Geometry,
-    input: &[F],
-    offset_mask: &[F],
-    grad_out: &[F],
-) -> Vec<F> {
-    let (la, lb) = (g.input_len(), g.offset_len());
-    let mut packed = vec![F::ZERO; la + lb + g.mask_len()];
-    let (gin, rest) = packed.split_at_mut(la);
-    let (goff, gmask) = rest.split_at_mut(lb);
-    let (offset, mask) = offset_mask.split_at(lb);
-    cpu::backward(cfg, g, input, offset, mask, grad_out, gin, goff, gmask);
-    packed
-}
-
 impl CustomOp3 for Dcnv3BackwardOp {
     fn name(&self) -> &'static str {
         "dcnv3-backward"
@@ -405,57 +413,7 @@ impl CustomOp3 for Dcnv3BackwardOp {
     ) -> Result<(CpuStorage, Shape)> {
         let g = self.geometry(l1.shape(), l2.shape(), l3.shape())?;
         let len = g.input_len() + g.offset_len() + g.mask_len();
-        let cfg = &self.cfg;
-        let st = match (s1, s2, s3) {
-            (CpuStorage::F32(a), CpuStorage::F32(b), CpuStorage::F32(c)) => {
-                let (a, b, c) = (
-                    view(a, l1, "input")?,
-                    view(b, l2, "offset_mask")?,
-                    view(c, l3, "grad_out")?,
-                );
-                CpuStorage::F32(backward_generic(cfg, &g, a, b, c))
-            }
-            (CpuStorage::F64(a), CpuStorage::F64(b), CpuStorage::F64(c)) => {
-                let (a, b, c) = (
-                    view(a, l1, "input")?,
-                    view(b, l2, "offset_mask")?,
-                    view(c, l3, "grad_out")?,
-                );
-                CpuStorage::F64(backward_generic(cfg, &g, a, b, c))
-            }
-            (CpuStorage::F16(a), CpuStorage::F16(b), CpuStorage::F16(c)) => {
-                let (a, b, c) = (
-                    view(a, l1, "input")?,
-                    view(b, l2, "offset_mask")?,
-                    view(c, l3, "grad_out")?,
-                );
-                let out =
-                    backward_generic(cfg, &g, &half_to_f32(a), &half_to_f32(b), &half_to_f32(c));
-                let mut res = vec![f16::ZERO; out.len()];
-                res.convert_from_f32_slice(&out);
-                CpuStorage::F16(res)
-            }
-            (CpuStorage::BF16(a), CpuStorage::BF16(b), CpuStorage::BF16(c)) => {
-                let (a, b, c) = (
-                    view(a, l1, "input")?,
-                    view(b, l2, "offset_mask")?,
-                    view(c, l3, "grad_out")?,
-                );
-                let out =
-                    backward_generic(cfg, &g, &half_to_f32(a), &half_to_f32(b), &half_to_f32(c));
-                let mut res = vec![bf16::ZERO; out.len()];
-                res.convert_from_f32_slice(&out);
-                CpuStorage::BF16(res)
-            }
-            _ => {
-                return Err(dtype_error(
-                    "dcnv3 backward",
-                    s1.dtype(),
-                    s2.dtype(),
-                    s3.dtype(),
-                ))
-            }
-        };
+        let st = cpu_dispatch(self, &g, [(s1, l1), (s2, l2), (s3, l3)])?;
         Ok((st, Shape::from(len)))
     }
 
