@@ -297,7 +297,8 @@ fn tiny_b() -> TinyB {
 /// Git-style (40-hex) ETag, as the Hub gives small non-LFS files.
 const SMALL_ETAG: &str = "1111111111111111111111111111111111111111";
 
-fn serve_tiny_b(server: &HubStandIn, repo: &str, t: &TinyB) {
+/// Serves the fixture's `config.json` under `repo`.
+fn serve_config(server: &HubStandIn, repo: &str, t: &TinyB) {
     server.put(
         repo,
         "config.json",
@@ -305,6 +306,11 @@ fn serve_tiny_b(server: &HubStandIn, repo: &str, t: &TinyB) {
         SMALL_ETAG,
         Mode::Good,
     );
+}
+
+/// Serves the fixture's `config.json` and `model.safetensors` under `repo`.
+fn serve_tiny_b(server: &HubStandIn, repo: &str, t: &TinyB) {
+    serve_config(server, repo, t);
     server.put(
         repo,
         "model.safetensors",
@@ -361,24 +367,121 @@ fn snapshot_file(cache: &TempCache, repo: &str, file: &str) -> PathBuf {
         .join(file)
 }
 
+/// The error of a `hub::download_repo` that must fail.
+fn download_err(repo: &HubRepo, opts: &HubOptions) -> String {
+    hub::download_repo(repo, opts).unwrap_err().to_string()
+}
+
+/// `InternImage::from_hub` in f32 on the CPU, which must succeed.
+fn load_from_hub(repo: &HubRepo, cfg: Option<&Config>, opts: &HubOptions) -> InternImage {
+    InternImage::from_hub(repo, cfg, opts, DType::F32, &Device::Cpu).unwrap()
+}
+
+/// The error of an `InternImage::from_hub` (f32, CPU) that must fail.
+fn from_hub_err(repo: &HubRepo, opts: &HubOptions) -> String {
+    InternImage::from_hub(repo, None, opts, DType::F32, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string()
+}
+
+/// The error of an `InternImage::from_pretrained_with` (f32, CPU) that must fail.
+fn from_pretrained_err(name: &str, opts: &HubOptions) -> String {
+    InternImage::from_pretrained_with(name, opts, DType::F32, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string()
+}
+
+/// The setup most scenarios share: a Hub stand-in serving the `tiny_b` fixture
+/// (`config.json` + `model.safetensors`) as `repo_id`, and a fresh cache.
+struct Scenario {
+    server: HubStandIn,
+    cache: TempCache,
+    t: TinyB,
+    repo_id: &'static str,
+}
+
+impl Scenario {
+    fn new(tag: &str, repo_id: &'static str) -> Self {
+        let server = HubStandIn::start();
+        let cache = TempCache::new(tag);
+        let t = tiny_b();
+        serve_tiny_b(&server, repo_id, &t);
+        Self {
+            server,
+            cache,
+            t,
+            repo_id,
+        }
+    }
+
+    fn repo(&self) -> HubRepo {
+        HubRepo::safetensors(self.repo_id)
+    }
+
+    fn options(&self) -> HubOptions {
+        options(&self.server, &self.cache)
+    }
+
+    /// The options of the failed-transfer scenarios: two download attempts.
+    fn retrying_options(&self) -> HubOptions {
+        self.options().with_download_attempts(2)
+    }
+
+    fn snapshot(&self, file: &str) -> PathBuf {
+        snapshot_file(&self.cache, self.repo_id, file)
+    }
+
+    /// How the server answers for `model.safetensors`.
+    fn set_weights_mode(&self, mode: Mode) {
+        self.server
+            .set_mode(self.repo_id, "model.safetensors", mode);
+    }
+
+    /// Neither the snapshot entry of `model.safetensors` nor its blob is in the cache.
+    fn assert_weights_not_cached(&self) {
+        let snap = self.snapshot("model.safetensors");
+        assert!(
+            std::fs::symlink_metadata(&snap).is_err(),
+            "{} left in the cache",
+            snap.display()
+        );
+        assert!(!complete_blobs(&self.cache, self.repo_id).contains(&self.t.sha256));
+    }
+
+    /// Serves the weights in the broken `mode`; a load with two download attempts must fail
+    /// after fetching the file twice, and leave nothing in the cache. Returns the error.
+    fn failed_transfer(&self, mode: Mode) -> String {
+        self.set_weights_mode(mode);
+        let opts = self.retrying_options();
+        let err = from_hub_err(&self.repo(), &opts);
+        let get = format!("GET /{}/resolve/main/model.safetensors", self.repo_id);
+        assert_eq!(self.server.count(&get), 2, "{:?}", self.server.requests());
+        self.assert_weights_not_cached();
+        err
+    }
+
+    /// Once the server is healthy again, a load works and gives the golden logits.
+    fn recovers(&self) {
+        self.set_weights_mode(Mode::Good);
+        let opts = self.retrying_options();
+        assert_logits_match(&load_from_hub(&self.repo(), None, &opts));
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tests.
 
 #[test]
 fn download_load_logits_then_offline_makes_no_request() {
-    let server = HubStandIn::start();
-    let cache = TempCache::new("e2e");
-    let t = tiny_b();
-    let repo_id = "fixtures/tiny_b";
-    serve_tiny_b(&server, repo_id, &t);
-    let repo = HubRepo::safetensors(repo_id);
-    let opts = options(&server, &cache);
+    let s = Scenario::new("e2e", "fixtures/tiny_b");
+    let (repo, opts) = (s.repo(), s.options());
 
     // Download + load with the repository's config.json.
-    let model = InternImage::from_hub(&repo, None, &opts, DType::F32, &Device::Cpu).unwrap();
-    assert_logits_match(&model);
+    assert_logits_match(&load_from_hub(&repo, None, &opts));
     assert_eq!(
-        server.requests(),
+        s.server.requests(),
         [
             "HEAD /fixtures/tiny_b/resolve/main/config.json",
             "GET /fixtures/tiny_b/resolve/main/config.json",
@@ -388,60 +491,51 @@ fn download_load_logits_then_offline_makes_no_request() {
     );
 
     // Standard Hugging Face cache layout.
-    let folder = repo_folder(&cache, repo_id);
+    let folder = repo_folder(&s.cache, s.repo_id);
     assert_eq!(
         std::fs::read_to_string(folder.join("refs/main"))
             .unwrap()
             .trim(),
         COMMIT
     );
-    let snap = snapshot_file(&cache, repo_id, "model.safetensors");
-    assert_eq!(std::fs::read(&snap).unwrap(), *t.weights);
-    assert!(folder.join("blobs").join(&t.sha256).is_file());
+    let snap = s.snapshot("model.safetensors");
+    assert_eq!(std::fs::read(&snap).unwrap(), *s.t.weights);
+    assert!(folder.join("blobs").join(&s.t.sha256).is_file());
 
     // Offline: zero requests, same model.
-    let before = server.requests().len();
+    let before = s.server.requests().len();
     let offline = opts.clone().with_offline(true);
     let files = hub::download_repo(&repo, &offline).unwrap();
     assert_eq!(files.weights, std::slice::from_ref(&snap));
     assert_eq!(
         files.config.as_deref(),
-        Some(snapshot_file(&cache, repo_id, "config.json").as_path())
+        Some(s.snapshot("config.json").as_path())
     );
     assert!(files.index.is_none());
     let cfg = Config::from_file(files.config.as_ref().unwrap()).unwrap();
-    let model =
-        InternImage::from_hub(&repo, Some(&cfg), &offline, DType::F32, &Device::Cpu).unwrap();
-    assert_logits_match(&model);
+    assert_logits_match(&load_from_hub(&repo, Some(&cfg), &offline));
     // Online again: the cache is used first, still no request.
     hub::download_repo(&repo, &opts).unwrap();
-    assert_eq!(server.requests().len(), before, "{:?}", server.requests());
+    assert_eq!(
+        s.server.requests().len(),
+        before,
+        "{:?}",
+        s.server.requests()
+    );
 }
 
 #[test]
 fn lfs_redirect_like_the_real_hub() {
-    let server = HubStandIn::start();
-    let cache = TempCache::new("lfs");
-    let t = tiny_b();
-    let repo_id = "fixtures/lfs";
-    serve_tiny_b(&server, repo_id, &t);
-    server.set_mode(repo_id, "model.safetensors", Mode::LfsRedirect);
-    server.put_path(&format!("/cdn/{}", t.sha256), t.weights.clone());
+    let s = Scenario::new("lfs", "fixtures/lfs");
+    s.set_weights_mode(Mode::LfsRedirect);
+    s.server
+        .put_path(&format!("/cdn/{}", s.t.sha256), s.t.weights.clone());
 
-    let opts = options(&server, &cache);
-    let model = InternImage::from_hub(
-        &HubRepo::safetensors(repo_id),
-        None,
-        &opts,
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
-    assert_logits_match(&model);
-    let cdn = format!("GET /cdn/{}", t.sha256);
-    assert_eq!(server.count(&cdn), 1, "{:?}", server.requests());
+    assert_logits_match(&load_from_hub(&s.repo(), None, &s.options()));
+    let cdn = format!("GET /cdn/{}", s.t.sha256);
+    assert_eq!(s.server.count(&cdn), 1, "{:?}", s.server.requests());
     // The blob is named after X-Linked-Etag (the sha256), not the ETag of the redirect.
-    assert!(complete_blobs(&cache, repo_id).contains(&t.sha256));
+    assert!(complete_blobs(&s.cache, s.repo_id).contains(&s.t.sha256));
 }
 
 #[test]
@@ -492,19 +586,13 @@ fn offline_with_empty_cache_names_the_missing_file() {
     let cache = TempCache::new("offline");
     let opts = options(&server, &cache).with_offline(true);
 
-    let err =
-        InternImage::from_pretrained_with("internimage_t_1k_224", &opts, DType::F32, &Device::Cpu)
-            .err()
-            .unwrap()
-            .to_string();
+    let err = from_pretrained_err("internimage_t_1k_224", &opts);
     assert!(err.contains("model.safetensors"), "{err}");
     assert!(err.contains("OpenGVLab/internimage_t_1k_224"), "{err}");
     assert!(err.contains("HF_HUB_OFFLINE"), "{err}");
     assert!(err.contains("--weights"), "{err}");
 
-    let err = hub::download_repo(&HubRepo::safetensors("fixtures/absent"), &opts)
-        .unwrap_err()
-        .to_string();
+    let err = download_err(&HubRepo::safetensors("fixtures/absent"), &opts);
     assert!(
         err.contains("model.safetensors") && err.contains("offline"),
         "{err}"
@@ -512,10 +600,7 @@ fn offline_with_empty_cache_names_the_missing_file() {
     assert!(server.requests().is_empty(), "{:?}", server.requests());
 
     // An unknown zoo name lists the known ones, before any I/O.
-    let err = InternImage::from_pretrained_with("internimage_z", &opts, DType::F32, &Device::Cpu)
-        .err()
-        .unwrap()
-        .to_string();
+    let err = from_pretrained_err("internimage_z", &opts);
     assert!(err.contains("internimage_g_jointto22k_384"), "{err}");
 }
 
@@ -524,19 +609,12 @@ fn not_found_is_a_clear_error() {
     let server = HubStandIn::start();
     let cache = TempCache::new("404");
     let opts = options(&server, &cache);
-    let t = tiny_b();
-    server.put(
-        "fixtures/half",
-        "config.json",
-        t.config_json.clone(),
-        SMALL_ETAG,
-        Mode::Good,
-    );
+    serve_config(&server, "fixtures/half", &tiny_b());
 
     // A named file that does not exist.
     let mut repo = HubRepo::safetensors("fixtures/half");
     repo.files = vec![HubFile::new("weights-v2.safetensors")];
-    let err = hub::download_repo(&repo, &opts).unwrap_err().to_string();
+    let err = download_err(&repo, &opts);
     assert!(
         err.contains("weights-v2.safetensors") && err.contains("not found"),
         "{err}"
@@ -544,9 +622,7 @@ fn not_found_is_a_clear_error() {
     assert!(err.contains("fixtures/half"), "{err}");
 
     // `model.safetensors` absent: the shard index is tried, then a clear error.
-    let err = hub::download_repo(&HubRepo::safetensors("fixtures/half"), &opts)
-        .unwrap_err()
-        .to_string();
+    let err = download_err(&HubRepo::safetensors("fixtures/half"), &opts);
     assert!(
         err.contains("model.safetensors") && err.contains("not found"),
         "{err}"
@@ -555,123 +631,57 @@ fn not_found_is_a_clear_error() {
 
     // Nothing usable was cached.
     assert!(!snapshot_file(&cache, "fixtures/half", "model.safetensors").exists());
-    let err = InternImage::from_hub(
-        &HubRepo::safetensors("fixtures/half"),
-        None,
-        &opts,
-        DType::F32,
-        &Device::Cpu,
-    )
-    .err()
-    .unwrap()
-    .to_string();
+    let err = from_hub_err(&HubRepo::safetensors("fixtures/half"), &opts);
     assert!(err.contains("not found"), "{err}");
 }
 
 #[test]
 fn corrupt_body_is_rejected_and_not_cached() {
-    let server = HubStandIn::start();
-    let cache = TempCache::new("corrupt");
-    let t = tiny_b();
-    let repo_id = "fixtures/corrupt";
-    serve_tiny_b(&server, repo_id, &t);
-    server.set_mode(repo_id, "model.safetensors", Mode::Corrupt);
-    let repo = HubRepo::safetensors(repo_id);
-    let opts = options(&server, &cache).with_download_attempts(2);
-
-    let err = InternImage::from_hub(&repo, None, &opts, DType::F32, &Device::Cpu)
-        .err()
-        .unwrap()
-        .to_string();
+    let s = Scenario::new("corrupt", "fixtures/corrupt");
+    // Restarted once, then gave up; neither the snapshot entry nor the blob is left behind.
+    let err = s.failed_transfer(Mode::Corrupt);
     assert!(
-        err.contains("integrity") && err.contains(&t.sha256),
+        err.contains("integrity") && err.contains(&s.t.sha256),
         "{err}"
     );
     assert!(err.contains("model.safetensors"), "{err}");
-    // Restarted once, then gave up.
-    assert_eq!(
-        server.count("GET /fixtures/corrupt/resolve/main/model.safetensors"),
-        2
-    );
-    // Neither the snapshot entry nor the blob is left behind.
-    let snap = snapshot_file(&cache, repo_id, "model.safetensors");
-    assert!(
-        std::fs::symlink_metadata(&snap).is_err(),
-        "{} left in the cache",
-        snap.display()
-    );
-    assert!(!complete_blobs(&cache, repo_id).contains(&t.sha256));
     // So offline mode does not find it either.
-    let err = hub::download_repo(&repo, &opts.clone().with_offline(true))
-        .unwrap_err()
-        .to_string();
+    let err = download_err(&s.repo(), &s.retrying_options().with_offline(true));
     assert!(
         err.contains("offline") && err.contains("model.safetensors"),
         "{err}"
     );
 
     // Once the server is healthy, a fetch works and the file is the right one.
-    server.set_mode(repo_id, "model.safetensors", Mode::Good);
-    let model = InternImage::from_hub(&repo, None, &opts, DType::F32, &Device::Cpu).unwrap();
-    assert_logits_match(&model);
-    assert_eq!(std::fs::read(&snap).unwrap(), *t.weights);
+    s.recovers();
+    let snap = s.snapshot("model.safetensors");
+    assert_eq!(std::fs::read(&snap).unwrap(), *s.t.weights);
 }
 
 #[test]
 fn pinned_sha256_mismatch_is_rejected() {
-    let server = HubStandIn::start();
-    let cache = TempCache::new("pinned");
-    let t = tiny_b();
-    let repo_id = "fixtures/pinned";
-    serve_tiny_b(&server, repo_id, &t);
-    let mut repo = HubRepo::safetensors(repo_id);
+    let s = Scenario::new("pinned", "fixtures/pinned");
+    let mut repo = s.repo();
     repo.files = vec![HubFile::new("model.safetensors").with_sha256("ab".repeat(32))];
-    let err = hub::download_repo(&repo, &options(&server, &cache))
-        .unwrap_err()
-        .to_string();
+    let err = download_err(&repo, &s.options());
     assert!(err.contains("integrity") && err.contains("pinned"), "{err}");
-    assert!(
-        std::fs::symlink_metadata(snapshot_file(&cache, repo_id, "model.safetensors")).is_err()
-    );
-    assert!(!complete_blobs(&cache, repo_id).contains(&t.sha256));
+    s.assert_weights_not_cached();
 
     // The right pin passes.
-    repo.files = vec![HubFile::new("model.safetensors").with_sha256(t.sha256.to_uppercase())];
-    let files = hub::download_repo(&repo, &options(&server, &cache)).unwrap();
-    assert_eq!(std::fs::read(&files.weights[0]).unwrap(), *t.weights);
+    repo.files = vec![HubFile::new("model.safetensors").with_sha256(s.t.sha256.to_uppercase())];
+    let files = hub::download_repo(&repo, &s.options()).unwrap();
+    assert_eq!(std::fs::read(&files.weights[0]).unwrap(), *s.t.weights);
 }
 
 #[test]
 fn connection_cut_mid_file_caches_nothing() {
-    let server = HubStandIn::start();
-    let cache = TempCache::new("cut");
-    let t = tiny_b();
-    let repo_id = "fixtures/cut";
-    serve_tiny_b(&server, repo_id, &t);
-    server.set_mode(repo_id, "model.safetensors", Mode::Truncate);
-    let repo = HubRepo::safetensors(repo_id);
-    let opts = options(&server, &cache).with_download_attempts(2);
-
-    let err = InternImage::from_hub(&repo, None, &opts, DType::F32, &Device::Cpu)
-        .err()
-        .unwrap()
-        .to_string();
+    let s = Scenario::new("cut", "fixtures/cut");
+    let err = s.failed_transfer(Mode::Truncate);
     assert!(
         err.contains("model.safetensors") && err.contains("network error"),
         "{err}"
     );
-    assert_eq!(
-        server.count("GET /fixtures/cut/resolve/main/model.safetensors"),
-        2
-    );
-    assert!(
-        std::fs::symlink_metadata(snapshot_file(&cache, repo_id, "model.safetensors")).is_err()
-    );
-    assert!(!complete_blobs(&cache, repo_id).contains(&t.sha256));
-
-    server.set_mode(repo_id, "model.safetensors", Mode::Good);
-    let model = InternImage::from_hub(&repo, None, &opts, DType::F32, &Device::Cpu).unwrap();
-    assert_logits_match(&model);
+    s.recovers();
 }
 
 #[test]
@@ -679,33 +689,28 @@ fn auth_and_server_errors_are_clear() {
     let server = HubStandIn::start();
     let cache = TempCache::new("status");
     let t = tiny_b();
-    server.put(
-        "fixtures/private",
-        "model.safetensors",
-        t.weights.clone(),
-        &t.sha256,
-        Mode::Status(401),
-    );
-    server.put(
-        "fixtures/down",
-        "model.safetensors",
-        t.weights.clone(),
-        &t.sha256,
-        Mode::Status(503),
-    );
-    let mut private = HubRepo::safetensors("fixtures/private");
-    private.config_file = None;
-    let mut down = HubRepo::safetensors("fixtures/down");
-    down.config_file = None;
+    // Weights-only repositories whose server answers with `code`.
+    let failing = |repo_id: &str, code: u16| {
+        server.put(
+            repo_id,
+            "model.safetensors",
+            t.weights.clone(),
+            &t.sha256,
+            Mode::Status(code),
+        );
+        let mut repo = HubRepo::safetensors(repo_id);
+        repo.config_file = None;
+        repo
+    };
+    let private = failing("fixtures/private", 401);
+    let down = failing("fixtures/down", 503);
 
-    let err = hub::download_repo(&private, &options(&server, &cache))
-        .unwrap_err()
-        .to_string();
+    let err = download_err(&private, &options(&server, &cache));
     assert!(err.contains("401") && err.contains("HF_TOKEN"), "{err}");
 
     // 5xx: hf-hub retries the request (here once), then a clear error.
     let opts = options(&server, &cache).with_retry_max_attempts(1);
-    let err = hub::download_repo(&down, &opts).unwrap_err().to_string();
+    let err = download_err(&down, &opts);
     assert!(err.contains("503"), "{err}");
     assert_eq!(
         server.count("HEAD /fixtures/down/"),
@@ -732,13 +737,7 @@ fn sharded_checkpoint_through_the_index() {
         .map(|n| (n, serde_json::Value::from(shard)))
         .collect();
     let index = serde_json::json!({ "metadata": { "total_size": t.weights.len() }, "weight_map": weight_map });
-    server.put(
-        repo_id,
-        "config.json",
-        t.config_json.clone(),
-        SMALL_ETAG,
-        Mode::Good,
-    );
+    serve_config(&server, repo_id, &t);
     server.put(repo_id, shard, t.weights.clone(), &t.sha256, Mode::Good);
     server.put(
         repo_id,
@@ -750,15 +749,7 @@ fn sharded_checkpoint_through_the_index() {
 
     // The manifest still says `model.safetensors`: the index is found as a fallback.
     let opts = options(&server, &cache);
-    let model = InternImage::from_hub(
-        &HubRepo::safetensors(repo_id),
-        None,
-        &opts,
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
-    assert_logits_match(&model);
+    assert_logits_match(&load_from_hub(&HubRepo::safetensors(repo_id), None, &opts));
 
     // Listed explicitly, offline from the cache.
     let mut repo = HubRepo::safetensors(repo_id);
@@ -778,6 +769,6 @@ fn sharded_checkpoint_through_the_index() {
         HubFile::new("model-00001-of-00002.safetensors"),
         HubFile::new("model-00002-of-00002.safetensors"),
     ];
-    let err = hub::download_repo(&repo, &opts).unwrap_err().to_string();
+    let err = download_err(&repo, &opts);
     assert!(err.contains("shard") && err.contains(shard), "{err}");
 }
