@@ -8,7 +8,7 @@
 //! On CUDA/Metal the functions call candle's own `gelu_erf` kernels.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, DType, InplaceOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use half::{bf16, f16, slice::HalfFloatSliceExt};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -245,12 +245,6 @@ pub fn gelu_erf(xs: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// In-place `x = x + bias` or `x = gelu(x + bias)` over rows of a contiguous f32 CPU tensor
-/// (bias over the last dim).
-struct BiasInplace {
-    gelu: bool,
-}
-
 #[inline(always)]
 fn bias_add_inplace_generic<const FMA: bool>(xs: &mut [f32], bias: &[f32]) {
     for (v, &b) in xs.iter_mut().zip(bias) {
@@ -259,64 +253,6 @@ fn bias_add_inplace_generic<const FMA: bool>(xs: &mut [f32], bias: &[f32]) {
 }
 
 dispatch_fma!(fn bias_add_inplace(xs: &mut [f32], bias: &[f32]) => bias_add_inplace_generic);
-
-impl InplaceOp2 for BiasInplace {
-    fn name(&self) -> &'static str {
-        if self.gelu {
-            "internimage-bias-gelu-erf"
-        } else {
-            "internimage-bias-add"
-        }
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<()> {
-        let bias = contiguous_slice::<f32>(s2, l2, "bias epilogue", "bias")?;
-        // The activations are written in place, so they are matched here (the helper is
-        // read-only).
-        let dtype = s1.dtype();
-        let CpuStorage::F32(xs) = s1 else {
-            candle_core::bail!(
-                "bias epilogue: the CPU kernel takes the activations as F32, got {dtype:?}"
-            )
-        };
-        let xs = match l1.contiguous_offsets() {
-            Some((a0, a1)) if a1 <= xs.len() => &mut xs[a0..a1],
-            _ => candle_core::bail!(
-                "bias epilogue: the activations must be contiguous (shape {:?}, strides {:?})",
-                l1.dims(),
-                l1.stride()
-            ),
-        };
-        let n = bias.len();
-        if n == 0 || xs.len() % n != 0 {
-            candle_core::bail!(
-                "bias epilogue: {} activations are not a multiple of the bias length {n}",
-                xs.len()
-            )
-        }
-        let row = |r: &mut [f32]| {
-            if self.gelu {
-                bias_gelu_inplace(r, bias)
-            } else {
-                bias_add_inplace(r, bias)
-            }
-        };
-        let rows_per_task = (PAR_CHUNK / n).max(1);
-        if xs.len() <= PAR_CHUNK {
-            xs.chunks_mut(n).for_each(row);
-        } else {
-            xs.par_chunks_mut(rows_per_task * n)
-                .for_each(|rows| rows.chunks_mut(n).for_each(row));
-        }
-        Ok(())
-    }
-}
 
 /// `row = row + bias` or `row = gelu(row + bias)` for every row of `dst` (rows of
 /// `bias.len()` values), on the calling thread.
@@ -333,12 +269,6 @@ pub(crate) fn bias_rows(dst: &mut [f32], bias: &[f32], gelu: bool) {
 /// Exact GELU of an f32 slice in place, on the calling thread.
 pub(crate) fn gelu_erf_f32_inplace_serial(xs: &mut [f32]) {
     gelu_inplace(xs)
-}
-
-/// Adds `bias` (last dim) in place to `y`, a contiguous f32 CPU tensor that the caller created
-/// and shares with nobody (e.g. a fresh GEMM output).
-pub(crate) fn bias_add_in_place(y: &Tensor, bias: &Tensor) -> Result<()> {
-    y.inplace_op2(&bias.contiguous()?, &BiasInplace { gelu: false })
 }
 
 /// `gelu_erf(linear(xs))`, PyTorch's `fc1` + `nn.GELU()` of an MLP, with the bias add and the

@@ -2,8 +2,8 @@
 //!
 //! On the CPU the input is unfolded once into an (N*Ho*Wo, kh*kw*Cin) patch matrix (each patch
 //! row is a run of contiguous channel vectors, so the copy is cheap), multiplied by the weight
-//! laid out once as (kh*kw*Cin, Cout), and the GEMM output already is the NHWC result: no NCHW
-//! round trips. On other devices candle's `conv2d` runs on a permuted view.
+//! laid out once as a (Cout, kh*kw*Cin) [`super::Linear`] (packed for the CPU GEMM, bias fused),
+//! and the GEMM output already is the NHWC result: no NCHW round trips. On other devices candle's `conv2d` runs on a permuted view.
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -16,8 +16,9 @@ use super::simd::reference_ops;
 pub struct Conv2dNhwc {
     /// PyTorch layout (Cout, Cin, kh, kw), for the non-CPU path.
     weight: Tensor,
-    /// (kh * kw * Cin, Cout): row (i, j, ci) holds the weights of tap (i, j), input channel ci.
-    weight_kc: Tensor,
+    /// The patch-matrix product: weight (Cout, kh * kw * Cin), column (i, j, ci) for tap (i, j)
+    /// and input channel ci, and the bias; packed for the CPU GEMM where that applies.
+    patches_to_out: super::Linear,
     bias: Option<Tensor>,
     stride: usize,
     pad: usize,
@@ -43,13 +44,13 @@ impl Conv2dNhwc {
                 );
             }
         }
-        let weight_kc = weight
-            .permute((2, 3, 1, 0))?
-            .reshape((kh * kw * cin, cout))?
+        let weight_ok = weight
+            .permute((0, 2, 3, 1))?
+            .reshape((cout, kh * kw * cin))?
             .contiguous()?;
         Ok(Self {
             weight: weight.clone(),
-            weight_kc,
+            patches_to_out: super::Linear::new(weight_ok, bias.cloned())?,
             bias: bias.cloned(),
             stride,
             pad,
@@ -84,7 +85,7 @@ impl Module for Conv2dNhwc {
         let fast = xs.device().is_cpu()
             && !reference_ops()
             && xs.dtype() == DType::F32
-            && self.weight_kc.dtype() == DType::F32
+            && self.weight.dtype() == DType::F32
             && !xs.track_op()
             && !self.weight.track_op();
         if !fast {
@@ -106,16 +107,9 @@ impl Module for Conv2dNhwc {
             wo,
         };
         let patches = xs.contiguous()?.apply_op1_no_bwd(&op)?;
-        let y = patches.matmul(&self.weight_kc)?;
-        let y = match &self.bias {
-            // Fresh GEMM output, so the in-place bias pass cannot affect anything else.
-            Some(b) => {
-                super::activation::bias_add_in_place(&y, b)?;
-                y
-            }
-            None => y,
-        };
-        y.reshape((n, ho, wo, cout))
+        self.patches_to_out
+            .forward(&patches)?
+            .reshape((n, ho, wo, cout))
     }
 }
 
