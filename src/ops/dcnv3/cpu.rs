@@ -29,8 +29,6 @@ pub(crate) trait Acc:
     const ONE: Self;
     fn from_f64(v: f64) -> Self;
     fn from_isize(v: isize) -> Self;
-    /// Truncating conversion; only called on finite values within the image bounds.
-    fn trunc_isize(self) -> isize;
     /// Fused multiply-add `self * a + b`.
     fn fma(self, a: Self, b: Self) -> Self;
     fn from_i32(v: i32) -> Self;
@@ -48,9 +46,6 @@ impl Acc for f32 {
     }
     fn from_isize(v: isize) -> Self {
         v as f32
-    }
-    fn trunc_isize(self) -> isize {
-        self as isize
     }
     #[inline(always)]
     fn fma(self, a: Self, b: Self) -> Self {
@@ -78,9 +73,6 @@ impl Acc for f64 {
     }
     fn from_isize(v: isize) -> Self {
         v as f64
-    }
-    fn trunc_isize(self) -> isize {
-        self as isize
     }
     #[inline(always)]
     fn fma(self, a: Self, b: Self) -> Self {
@@ -114,22 +106,52 @@ fn fmadd<F: Acc, const FMA: bool>(a: F, b: F, c: F) -> F {
 /// Per-call constants: kernel grid (already multiplied by offset_scale) and base positions.
 struct Params<F> {
     g: Dcnv3Geometry,
-    sigma: F,
+    smp: Sampler<F>,
     sw: usize,
     sh: usize,
     /// `hx - pad_w`: x of the grid centre for output column 0.
     base_x0: F,
     base_y0: F,
-    /// offset_scale * (i*dilation_w - hx) per point (x-major order).
-    kx: Vec<F>,
-    ky: Vec<F>,
-    /// `kx`/`ky` repeated for every group (index g*P + p).
+    /// offset_scale * (i*dilation_w - hx) per point (x-major order), repeated for every group
+    /// (index g*P + p).
     kxg: Vec<F>,
     kyg: Vec<F>,
     /// First channel of the group of point index g*P + p: g*Cg (as i32, for the fast path).
     goffg: Vec<i32>,
+}
+
+/// What locating a sampling point needs; `Copy`, so that hot loops keep it in registers.
+#[derive(Clone, Copy)]
+struct Sampler<F> {
+    /// offset_scale.
+    sigma: F,
     w_in: F,
     h_in: F,
+    /// Input width and height as i32 (the geometry checks keep them below 2^31).
+    wi: i32,
+    hi: i32,
+}
+
+/// Where one sampling point falls (from [`Sampler::point`]).
+#[derive(Clone, Copy)]
+struct Point<F> {
+    /// Floor corner, at most (W-1, H-1); (0, 0) for an invalid point.
+    x0: i32,
+    y0: i32,
+    /// `x - x0` and `y - y0`.
+    lx: F,
+    ly: F,
+    /// Inside (-1, W) x (-1, H); false for NaN/inf positions. Invalid points sample nothing.
+    valid: bool,
+}
+
+/// One output pixel's arguments: grid centre, its image and its offsets and masks.
+struct Pixel<'a, F> {
+    bx: F,
+    by: F,
+    img: &'a [F],
+    off: &'a [F],
+    mask: &'a [F],
 }
 
 impl<F: Acc> Params<F> {
@@ -153,13 +175,17 @@ impl<F: Acc> Params<F> {
                 ));
             }
         }
-        let kxg = (0..g.group).flat_map(|_| kx.iter().copied()).collect();
-        let kyg = (0..g.group).flat_map(|_| ky.iter().copied()).collect();
         Self {
             g: *g,
-            sigma: F::from_f64(sigma),
-            kxg,
-            kyg,
+            smp: Sampler {
+                sigma: F::from_f64(sigma),
+                w_in: F::from_isize(g.w_in as isize),
+                h_in: F::from_isize(g.h_in as isize),
+                wi: g.w_in as i32,
+                hi: g.h_in as i32,
+            },
+            kxg: (0..g.group).flat_map(|_| kx.iter().copied()).collect(),
+            kyg: (0..g.group).flat_map(|_| ky.iter().copied()).collect(),
             goffg: (0..g.group * g.points)
                 .map(|gp| ((gp / g.points) * g.group_channels) as i32)
                 .collect(),
@@ -167,106 +193,159 @@ impl<F: Acc> Params<F> {
             sh: cfg.stride_h,
             base_x0: F::from_f64(hx as f64 - cfg.pad_w as f64),
             base_y0: F::from_f64(hy as f64 - cfg.pad_h as f64),
-            kx,
-            ky,
-            w_in: F::from_isize(g.w_in as isize),
-            h_in: F::from_isize(g.h_in as isize),
         }
     }
 
-    /// x and y of the grid centre of output pixel (h, w).
+    /// Output pixel `pix` (linear over N*H_out*W_out): its grid centre, its image (one of N) and
+    /// its G*P offset pairs and masks.
     #[inline(always)]
-    fn base(&self, h: usize, w: usize) -> (F, F) {
+    fn pixel<'a>(
+        &self,
+        pix: usize,
+        input: &'a [F],
+        offset: &'a [F],
+        mask: &'a [F],
+    ) -> Pixel<'a, F> {
+        let g = &self.g;
+        let hw_out = g.h_out * g.w_out;
+        let (n, rem) = (pix / hw_out, pix % hw_out);
+        let (h, w) = (rem / g.w_out, rem % g.w_out);
+        let img_len = g.h_in * g.w_in * g.channels;
+        let gp_len = g.group * g.points;
+        Pixel {
+            bx: F::from_isize((w * self.sw) as isize) + self.base_x0,
+            by: F::from_isize((h * self.sh) as isize) + self.base_y0,
+            img: &input[n * img_len..(n + 1) * img_len],
+            off: &offset[pix * gp_len * 2..(pix + 1) * gp_len * 2],
+            mask: &mask[pix * gp_len..(pix + 1) * gp_len],
+        }
+    }
+
+    /// Element offsets of the four corners relative to corner (y0, x0), channels-last.
+    #[inline(always)]
+    fn corner_steps(&self) -> [isize; 4] {
+        let c = self.g.channels as isize;
+        let row = self.g.w_in as isize * c;
+        [0, c, row, row + c]
+    }
+}
+
+impl<F: Acc> Sampler<F> {
+    /// Locates the point at grid position (gx, gy) (pixel base plus scaled kernel grid) moved by
+    /// the offset (dx, dy). Branch-free, so that loops over points vectorise.
+    #[inline(always)]
+    fn point(&self, gx: F, gy: F, dx: F, dy: F) -> Point<F> {
+        let x = gx + self.sigma * dx;
+        let y = gy + self.sigma * dy;
+        let neg1 = F::ZERO - F::ONE;
+        // NaN fails every comparison: such points are invalid.
+        let valid = (x > neg1) & (x < self.w_in) & (y > neg1) & (y < self.h_in);
+        let xs = if valid { x } else { F::ZERO };
+        let ys = if valid { y } else { F::ZERO };
+        // xs + 1 > 0, so truncation is the floor. Clamped because just below a power-of-two W,
+        // xs + 1 rounds up to W + 1 (x0 = W would read outside the image).
+        let x0 = ((xs + F::ONE).trunc_i32() - 1).min(self.wi - 1);
+        let y0 = ((ys + F::ONE).trunc_i32() - 1).min(self.hi - 1);
+        Point {
+            x0,
+            y0,
+            lx: xs - F::from_i32(x0),
+            ly: ys - F::from_i32(y0),
+            valid,
+        }
+    }
+
+    /// The four bilinear corners of `pt` in the order (y0, x0), (y0, x0+1), (y0+1, x0),
+    /// (y0+1, x0+1): whether each lies inside the image (none for an invalid point) and `m`
+    /// times its bilinear weight.
+    #[inline(always)]
+    fn corners(&self, pt: &Point<F>, m: F) -> ([bool; 4], [F; 4]) {
+        let (lx, ly) = (pt.lx, pt.ly);
+        let hx = F::ONE - lx;
+        let (mhy, mly) = (m * (F::ONE - ly), m * ly);
+        let (xl, xh) = (pt.x0 >= 0, pt.x0 + 1 < self.wi);
+        let (yl, yh) = (pt.valid & (pt.y0 >= 0), pt.valid & (pt.y0 + 1 < self.hi));
         (
-            F::from_isize((w * self.sw) as isize) + self.base_x0,
-            F::from_isize((h * self.sh) as isize) + self.base_y0,
+            [yl & xl, yl & xh, yh & xl, yh & xh],
+            [mhy * hx, mhy * lx, mly * hx, mly * lx],
         )
     }
-
-    /// Sampling position of point `p` from the pixel base and its offset pair: `Some((x0, y0, lx,
-    /// ly))` with the floor corner and fractions, or `None` when the point samples nothing
-    /// (outside (-1, H) x (-1, W), or a NaN/inf position).
-    #[inline(always)]
-    fn locate(&self, bx: F, by: F, p: usize, dx: F, dy: F) -> Option<(isize, isize, F, F)> {
-        let x = bx + self.kx[p] + self.sigma * dx;
-        let y = by + self.ky[p] + self.sigma * dy;
-        let neg1 = F::ZERO - F::ONE;
-        // Written so that NaN fails every comparison and is skipped.
-        if !(x > neg1 && x < self.w_in && y > neg1 && y < self.h_in) {
-            return None;
-        }
-        // x + 1 > 0, so truncation is the floor; clamp against rounding at the upper edge.
-        let x0 = ((x + F::ONE).trunc_isize() - 1).min(self.g.w_in as isize - 1);
-        let y0 = ((y + F::ONE).trunc_isize() - 1).min(self.g.h_in as isize - 1);
-        Some((x0, y0, x - F::from_isize(x0), y - F::from_isize(y0)))
-    }
 }
 
-/// Adds `sum_t w[t] * img[o[t] + c0 + k]` to nothing and stores it in `out[k]` for k < B.
-#[inline(always)]
-fn gather_block<F: Acc, const FMA: bool, const B: usize>(
-    img: &[F],
-    to: &[usize],
-    tw: &[F],
-    c0: usize,
-    out: &mut [F],
-) {
-    let mut a = [[F::ZERO; B]; 4];
-    let n = to.len().min(tw.len());
-    let mut t = 0;
-    while t + 4 <= n {
-        for (u, acc) in a.iter_mut().enumerate() {
-            let o = to[t + u] + c0;
-            let wv = tw[t + u];
-            let v = &img[o..o + B];
-            for k in 0..B {
-                acc[k] = fmadd::<F, FMA>(wv, v[k], acc[k]);
-            }
-        }
-        t += 4;
-    }
-    while t < n {
-        let o = to[t] + c0;
-        let wv = tw[t];
-        let v = &img[o..o + B];
-        for k in 0..B {
-            a[0][k] = fmadd::<F, FMA>(wv, v[k], a[0][k]);
-        }
-        t += 1;
-    }
-    for (k, o) in out.iter_mut().take(B).enumerate() {
-        *o = (a[0][k] + a[1][k]) + (a[2][k] + a[3][k]);
-    }
+/// A kernel over one block of `B` channels starting at channel `c0` (B = 16, 8, 4 or 1).
+trait ChannelBlock {
+    fn block<const B: usize>(&mut self, c0: usize);
 }
 
-/// Applies the taps of one (pixel, group) to its `out.len()` = Cg channels.
+/// Covers channels `0..cg` in register blocks: 16 at a time, then at most one block of 8 and one
+/// of 4, then single channels.
 #[inline(always)]
-fn gather<F: Acc, const FMA: bool>(img: &[F], to: &[usize], tw: &[F], out: &mut [F]) {
-    let cg = out.len();
+fn for_channel_blocks(cg: usize, k: &mut impl ChannelBlock) {
     let mut c0 = 0;
     while c0 + 16 <= cg {
-        gather_block::<F, FMA, 16>(img, to, tw, c0, &mut out[c0..c0 + 16]);
+        k.block::<16>(c0);
         c0 += 16;
     }
     if c0 + 8 <= cg {
-        gather_block::<F, FMA, 8>(img, to, tw, c0, &mut out[c0..c0 + 8]);
+        k.block::<8>(c0);
         c0 += 8;
     }
     if c0 + 4 <= cg {
-        gather_block::<F, FMA, 4>(img, to, tw, c0, &mut out[c0..c0 + 4]);
+        k.block::<4>(c0);
         c0 += 4;
     }
     while c0 < cg {
-        gather_block::<F, FMA, 1>(img, to, tw, c0, &mut out[c0..c0 + 1]);
+        k.block::<1>(c0);
         c0 += 1;
     }
 }
 
-/// Forward over one chunk of output pixels starting at linear pixel `first`.
-///
-/// Phase 1 resolves all G*P points of a pixel with branch-free, vectorisable arithmetic (floor by
-/// truncation of x + 1 > 0, invalid points get weight 0 and a safe position); phase 2 turns each
-/// group's points into in-image taps; phase 3 applies them to the group's channels.
+/// The taps (element offset, weight) of one (pixel, group) and its Cg output channels: each
+/// block stores `sum_t tw[t] * img[to[t] + c]` for its channels c, with four independent
+/// accumulators over the taps.
+struct Gather<'a, F, const FMA: bool> {
+    img: &'a [F],
+    to: &'a [usize],
+    tw: &'a [F],
+    out: &'a mut [F],
+}
+
+impl<F: Acc, const FMA: bool> ChannelBlock for Gather<'_, F, FMA> {
+    #[inline(always)]
+    fn block<const B: usize>(&mut self, c0: usize) {
+        let (img, to, tw) = (self.img, self.to, self.tw);
+        let mut a = [[F::ZERO; B]; 4];
+        let n = to.len().min(tw.len());
+        let mut t = 0;
+        while t + 4 <= n {
+            for (u, acc) in a.iter_mut().enumerate() {
+                let o = to[t + u] + c0;
+                let wv = tw[t + u];
+                let v = &img[o..o + B];
+                for k in 0..B {
+                    acc[k] = fmadd::<F, FMA>(wv, v[k], acc[k]);
+                }
+            }
+            t += 4;
+        }
+        while t < n {
+            let o = to[t] + c0;
+            let wv = tw[t];
+            let v = &img[o..o + B];
+            for k in 0..B {
+                a[0][k] = fmadd::<F, FMA>(wv, v[k], a[0][k]);
+            }
+            t += 1;
+        }
+        for (k, o) in self.out[c0..c0 + B].iter_mut().enumerate() {
+            *o = (a[0][k] + a[1][k]) + (a[2][k] + a[3][k]);
+        }
+    }
+}
+
+/// Forward over one chunk of output pixels starting at linear pixel `first`, reading only
+/// in-image corners (the kernel for inputs with NaN/inf values): each group's points become a
+/// list of taps (element offset of an in-image corner, weight) applied to the group's channels.
 #[inline(always)]
 fn forward_chunk<F: Acc, const FMA: bool>(
     prm: &Params<F>,
@@ -277,150 +356,77 @@ fn forward_chunk<F: Acc, const FMA: bool>(
     first: usize,
 ) {
     let g = &prm.g;
-    let c = g.channels;
-    let cg = g.group_channels;
-    let np = g.points;
-    let gp_len = g.group * np;
-    let hw_out = g.h_out * g.w_out;
-    let img_len = g.h_in * g.w_in * c;
-    let (wi, hi) = (g.w_in as i32, g.h_in as i32);
-    let neg1 = F::ZERO - F::ONE;
-    let mut xi = vec![0i32; gp_len];
-    let mut yi = vec![0i32; gp_len];
-    let mut lxs = vec![F::ZERO; gp_len];
-    let mut lys = vec![F::ZERO; gp_len];
-    let mut ms = vec![F::ZERO; gp_len];
-    let mut vs = vec![false; gp_len];
+    let (c, cg, np) = (g.channels, g.group_channels, g.points);
+    let smp = prm.smp;
+    let steps = prm.corner_steps();
     let mut to = vec![0usize; 4 * np];
     let mut tw = vec![F::ZERO; 4 * np];
     for (k, opix) in chunk.chunks_exact_mut(c).enumerate() {
-        let pix = first + k;
-        let n = pix / hw_out;
-        let rem = pix % hw_out;
-        let (bx, by) = prm.base(rem / g.w_out, rem % g.w_out);
-        let img = &input[n * img_len..(n + 1) * img_len];
-        let off_pix = &offset[pix * gp_len * 2..(pix + 1) * gp_len * 2];
-        let mask_pix = &mask[pix * gp_len..(pix + 1) * gp_len];
-        // Phase 1: positions of all G*P points.
-        for gp in 0..gp_len {
-            let x = bx + prm.kxg[gp] + prm.sigma * off_pix[2 * gp];
-            let y = by + prm.kyg[gp] + prm.sigma * off_pix[2 * gp + 1];
-            // NaN fails every comparison: such points are invalid.
-            let valid = x > neg1 && x < prm.w_in && y > neg1 && y < prm.h_in;
-            let xs = if valid { x } else { F::ZERO };
-            let ys = if valid { y } else { F::ZERO };
-            // Clamped: just below W, x + 1 can round up to W + 1 (W a power of two).
-            let x0 = ((xs + F::ONE).trunc_i32() - 1).min(wi - 1);
-            let y0 = ((ys + F::ONE).trunc_i32() - 1).min(hi - 1);
-            xi[gp] = x0;
-            yi[gp] = y0;
-            lxs[gp] = xs - F::from_i32(x0);
-            lys[gp] = ys - F::from_i32(y0);
-            ms[gp] = if valid { mask_pix[gp] } else { F::ZERO };
-            vs[gp] = valid;
-        }
+        let px = prm.pixel(first + k, input, offset, mask);
         for (grp, out) in opix.chunks_exact_mut(cg).enumerate() {
-            // Phase 2: in-image corners of the group's points.
             let goff = (grp * cg) as isize;
             let mut nt = 0;
-            let r = grp * np..(grp + 1) * np;
-            for (((((&x0, &y0), &lx), &ly), &m), &v) in xi[r.clone()]
-                .iter()
-                .zip(&yi[r.clone()])
-                .zip(&lxs[r.clone()])
-                .zip(&lys[r.clone()])
-                .zip(&ms[r.clone()])
-                .zip(&vs[r])
-            {
-                let (mhy, mly) = (m * (F::ONE - ly), m * ly);
-                let hx = F::ONE - lx;
-                let base = (y0 as isize * wi as isize + x0 as isize) * c as isize + goff;
-                let (xl, xh) = (x0 >= 0, x0 + 1 < wi);
-                let (yl, yh) = (v && y0 >= 0, v && y0 + 1 < hi);
-                let cs = c as isize;
-                let wcs = wi as isize * cs;
-                for (valid, d, wv) in [
-                    (yl && xl, 0, mhy * hx),
-                    (yl && xh, cs, mhy * lx),
-                    (yh && xl, wcs, mly * hx),
-                    (yh && xh, wcs + cs, mly * lx),
-                ] {
+            for gp in grp * np..(grp + 1) * np {
+                let pt = smp.point(
+                    px.bx + prm.kxg[gp],
+                    px.by + prm.kyg[gp],
+                    px.off[2 * gp],
+                    px.off[2 * gp + 1],
+                );
+                let (inside, wts) = smp.corners(&pt, px.mask[gp]);
+                let base = (pt.y0 as isize * g.w_in as isize + pt.x0 as isize) * c as isize + goff;
+                for q in 0..4 {
                     // Branch-free append: always write, advance only when the corner is inside.
-                    to[nt] = (base + d) as usize;
-                    tw[nt] = wv;
-                    nt += usize::from(valid);
+                    to[nt] = (base + steps[q]) as usize;
+                    tw[nt] = wts[q];
+                    nt += usize::from(inside[q]);
                 }
             }
-            // Phase 3.
-            gather::<F, FMA>(img, &to[..nt], &tw[..nt], out);
+            let mut k = Gather::<F, FMA> {
+                img: px.img,
+                to: &to[..nt],
+                tw: &tw[..nt],
+                out,
+            };
+            for_channel_blocks(cg, &mut k);
         }
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn forward_chunk_avx2<F: Acc>(
-    prm: &Params<F>,
-    input: &[F],
-    offset: &[F],
-    mask: &[F],
-    chunk: &mut [F],
-    first: usize,
-) {
-    forward_chunk::<F, true>(prm, input, offset, mask, chunk, first)
+/// The four corner tap lists (P taps each) of one (pixel, group) and its Cg output channels:
+/// each block adds `sum_k sum_t w[k][t] * img[idx[k][t] + c]` to its channels c, one independent
+/// accumulator per corner.
+struct Gather4<'a, F, const FMA: bool> {
+    img: &'a [F],
+    idx: [&'a [i32]; 4],
+    w: [&'a [F]; 4],
+    out: &'a mut [F],
 }
 
-/// Applies four tap lists (one per bilinear corner, P taps each) to `out` (+=), one independent
-/// accumulator per corner.
-#[inline(always)]
-fn gather4_block<F: Acc, const FMA: bool, const B: usize>(
-    img: &[F],
-    idx: [&[i32]; 4],
-    w: [&[F]; 4],
-    c0: usize,
-    out: &mut [F],
-) {
-    let mut a = [[F::ZERO; B]; 4];
-    let n = idx
-        .iter()
-        .map(|s| s.len())
-        .chain(w.iter().map(|s| s.len()))
-        .min()
-        .unwrap_or(0);
-    for t in 0..n {
-        for (k, acc) in a.iter_mut().enumerate() {
-            let o = idx[k][t] as usize + c0;
-            let wv = w[k][t];
-            let v = &img[o..o + B];
-            for j in 0..B {
-                acc[j] = fmadd::<F, FMA>(wv, v[j], acc[j]);
+impl<F: Acc, const FMA: bool> ChannelBlock for Gather4<'_, F, FMA> {
+    #[inline(always)]
+    fn block<const B: usize>(&mut self, c0: usize) {
+        let (img, idx, w) = (self.img, self.idx, self.w);
+        let mut a = [[F::ZERO; B]; 4];
+        let n = idx
+            .iter()
+            .map(|s| s.len())
+            .chain(w.iter().map(|s| s.len()))
+            .min()
+            .unwrap_or(0);
+        for t in 0..n {
+            for (k, acc) in a.iter_mut().enumerate() {
+                let o = idx[k][t] as usize + c0;
+                let wv = w[k][t];
+                let v = &img[o..o + B];
+                for j in 0..B {
+                    acc[j] = fmadd::<F, FMA>(wv, v[j], acc[j]);
+                }
             }
         }
-    }
-    for (j, o) in out.iter_mut().take(B).enumerate() {
-        *o += (a[0][j] + a[1][j]) + (a[2][j] + a[3][j]);
-    }
-}
-
-#[inline(always)]
-fn gather4<F: Acc, const FMA: bool>(img: &[F], idx: [&[i32]; 4], w: [&[F]; 4], out: &mut [F]) {
-    let cg = out.len();
-    let mut c0 = 0;
-    while c0 + 16 <= cg {
-        gather4_block::<F, FMA, 16>(img, idx, w, c0, &mut out[c0..c0 + 16]);
-        c0 += 16;
-    }
-    if c0 + 8 <= cg {
-        gather4_block::<F, FMA, 8>(img, idx, w, c0, &mut out[c0..c0 + 8]);
-        c0 += 8;
-    }
-    if c0 + 4 <= cg {
-        gather4_block::<F, FMA, 4>(img, idx, w, c0, &mut out[c0..c0 + 4]);
-        c0 += 4;
-    }
-    while c0 < cg {
-        gather4_block::<F, FMA, 1>(img, idx, w, c0, &mut out[c0..c0 + 1]);
-        c0 += 1;
+        for (j, o) in self.out[c0..c0 + B].iter_mut().enumerate() {
+            *o += (a[0][j] + a[1][j]) + (a[2][j] + a[3][j]);
+        }
     }
 }
 
@@ -441,24 +447,14 @@ fn forward_chunk_finite<F: Acc, const FMA: bool>(
     first: usize,
 ) {
     let g = &prm.g;
-    let c = g.channels;
-    let cg = g.group_channels;
-    let np = g.points;
+    let (c, cg, np) = (g.channels, g.group_channels, g.points);
     let gp_len = g.group * np;
-    let hw_out = g.h_out * g.w_out;
-    let img_len = g.h_in * g.w_in * c;
-    let (wi, hi, ci) = (g.w_in as i32, g.h_in as i32, c as i32);
-    let neg1 = F::ZERO - F::ONE;
+    let smp = prm.smp;
+    let (wi, hi, ci) = (smp.wi, smp.hi, c as i32);
     let mut idx = vec![0i32; 4 * gp_len];
     let mut wts = vec![F::ZERO; 4 * gp_len];
     for (k, opix) in chunk.chunks_exact_mut(c).enumerate() {
-        let pix = first + k;
-        let n = pix / hw_out;
-        let rem = pix % hw_out;
-        let (bx, by) = prm.base(rem / g.w_out, rem % g.w_out);
-        let img = &input[n * img_len..(n + 1) * img_len];
-        let off_pix = &offset[pix * gp_len * 2..(pix + 1) * gp_len * 2];
-        let mask_pix = &mask[pix * gp_len..(pix + 1) * gp_len];
+        let px = prm.pixel(first + k, input, offset, mask);
         {
             let nn = gp_len;
             let (i0, rest) = idx.split_at_mut(nn);
@@ -471,57 +467,45 @@ fn forward_chunk_finite<F: Acc, const FMA: bool>(
             let (i0, i1, i2, i3) = (&mut i0[..nn], &mut i1[..nn], &mut i2[..nn], &mut i3[..nn]);
             let (w0, w1, w2, w3) = (&mut w0[..nn], &mut w1[..nn], &mut w2[..nn], &mut w3[..nn]);
             let (kxg, kyg, goffg) = (&prm.kxg[..nn], &prm.kyg[..nn], &prm.goffg[..nn]);
-            let offs = &off_pix[..2 * nn];
-            let masks = &mask_pix[..nn];
-            let (sigma, w_in, h_in) = (prm.sigma, prm.w_in, prm.h_in);
+            let offs = &px.off[..2 * nn];
+            let masks = &px.mask[..nn];
+            let (bx, by) = (px.bx, px.by);
             for gp in 0..nn {
-                let x = bx + kxg[gp] + sigma * offs[2 * gp];
-                let y = by + kyg[gp] + sigma * offs[2 * gp + 1];
-                // NaN fails every comparison: such points are invalid.
-                let valid = (x > neg1) & (x < w_in) & (y > neg1) & (y < h_in);
-                let xs = if valid { x } else { F::ZERO };
-                let ys = if valid { y } else { F::ZERO };
-                // Clamped: just below W, x + 1 can round up to W + 1 (W a power of two).
-                let x0 = ((xs + F::ONE).trunc_i32() - 1).min(wi - 1);
-                let y0 = ((ys + F::ONE).trunc_i32() - 1).min(hi - 1);
-                let lx = xs - F::from_i32(x0);
-                let ly = ys - F::from_i32(y0);
-                let m = if valid { masks[gp] } else { F::ZERO };
-                let (hx, hy) = (F::ONE - lx, F::ONE - ly);
-                let (xl, xh) = (x0 >= 0, x0 + 1 < wi);
-                let (yl, yh) = (y0 >= 0, y0 + 1 < hi);
-                let (xc0, xc1) = (x0.max(0), (x0 + 1).min(wi - 1));
-                let (yc0, yc1) = (y0.max(0), (y0 + 1).min(hi - 1));
+                let pt = smp.point(bx + kxg[gp], by + kyg[gp], offs[2 * gp], offs[2 * gp + 1]);
+                let (inside, w) = smp.corners(&pt, masks[gp]);
+                let (xc0, xc1) = (pt.x0.max(0), (pt.x0 + 1).min(wi - 1));
+                let (yc0, yc1) = (pt.y0.max(0), (pt.y0 + 1).min(hi - 1));
                 let goff = goffg[gp];
                 let (r0, r1) = (yc0 * wi, yc1 * wi);
                 i0[gp] = (r0 + xc0) * ci + goff;
                 i1[gp] = (r0 + xc1) * ci + goff;
                 i2[gp] = (r1 + xc0) * ci + goff;
                 i3[gp] = (r1 + xc1) * ci + goff;
-                let (mhy, mly) = (m * hy, m * ly);
-                w0[gp] = if yl & xl { mhy * hx } else { F::ZERO };
-                w1[gp] = if yl & xh { mhy * lx } else { F::ZERO };
-                w2[gp] = if yh & xl { mly * hx } else { F::ZERO };
-                w3[gp] = if yh & xh { mly * lx } else { F::ZERO };
+                w0[gp] = if inside[0] { w[0] } else { F::ZERO };
+                w1[gp] = if inside[1] { w[1] } else { F::ZERO };
+                w2[gp] = if inside[2] { w[2] } else { F::ZERO };
+                w3[gp] = if inside[3] { w[3] } else { F::ZERO };
             }
         }
         for (grp, out) in opix.chunks_exact_mut(cg).enumerate() {
             let r = grp * np..(grp + 1) * np;
             let sl = |k: usize| &idx[k * gp_len + r.start..k * gp_len + r.end];
             let sw = |k: usize| &wts[k * gp_len + r.start..k * gp_len + r.end];
-            gather4::<F, FMA>(
-                img,
-                [sl(0), sl(1), sl(2), sl(3)],
-                [sw(0), sw(1), sw(2), sw(3)],
+            let mut k = Gather4::<F, FMA> {
+                img: px.img,
+                idx: [sl(0), sl(1), sl(2), sl(3)],
+                w: [sw(0), sw(1), sw(2), sw(3)],
                 out,
-            );
+            };
+            for_channel_blocks(cg, &mut k);
         }
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn forward_chunk_finite_avx2<F: Acc>(
+/// Forward over one chunk with [`forward_chunk_finite`] or [`forward_chunk`].
+#[inline(always)]
+fn forward_chunk_any<F: Acc, const FMA: bool>(
+    finite: bool,
     prm: &Params<F>,
     input: &[F],
     offset: &[F],
@@ -529,7 +513,26 @@ unsafe fn forward_chunk_finite_avx2<F: Acc>(
     chunk: &mut [F],
     first: usize,
 ) {
-    forward_chunk_finite::<F, true>(prm, input, offset, mask, chunk, first)
+    if finite {
+        forward_chunk_finite::<F, FMA>(prm, input, offset, mask, chunk, first)
+    } else {
+        forward_chunk::<F, FMA>(prm, input, offset, mask, chunk, first)
+    }
+}
+
+/// [`forward_chunk_any`] compiled with AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn forward_chunk_avx2<F: Acc>(
+    finite: bool,
+    prm: &Params<F>,
+    input: &[F],
+    offset: &[F],
+    mask: &[F],
+    chunk: &mut [F],
+    first: usize,
+) {
+    forward_chunk_any::<F, true>(finite, prm, input, offset, mask, chunk, first)
 }
 
 fn has_fma() -> bool {
@@ -579,21 +582,11 @@ pub(crate) fn forward<F: Acc>(
             #[cfg(target_arch = "x86_64")]
             if fma {
                 // SAFETY: the CPU supports AVX2 and FMA (checked by `has_fma`).
-                unsafe {
-                    if finite {
-                        forward_chunk_finite_avx2(&prm, input, offset, mask, chunk, first)
-                    } else {
-                        forward_chunk_avx2(&prm, input, offset, mask, chunk, first)
-                    }
-                };
+                unsafe { forward_chunk_avx2(finite, &prm, input, offset, mask, chunk, first) };
                 return;
             }
             let _ = fma;
-            if finite {
-                forward_chunk_finite::<F, false>(&prm, input, offset, mask, chunk, first);
-            } else {
-                forward_chunk::<F, false>(&prm, input, offset, mask, chunk, first);
-            }
+            forward_chunk_any::<F, false>(finite, &prm, input, offset, mask, chunk, first);
         });
 }
 
@@ -620,7 +613,7 @@ fn dot_axpy<F: Acc, const FMA: bool>(go: &[F], v: &[F], g: &mut [F], f: F) -> F 
     s + ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
 }
 
-/// Backward over the output pixels `px_range` of image `n` (pixel indices within the image).
+/// Backward over the output pixels `pixels` (linear over N*H_out*W_out, all of one image n).
 ///
 /// `gin` is the gradient buffer of image n's input (accumulated into), `goff`/`gmask` are the
 /// offset/mask gradient rows of exactly those pixels (overwritten).
@@ -628,9 +621,8 @@ fn dot_axpy<F: Acc, const FMA: bool>(go: &[F], v: &[F], g: &mut [F], f: F) -> F 
 #[inline(always)]
 fn backward_range<F: Acc, const FMA: bool>(
     prm: &Params<F>,
-    n: usize,
-    px_range: std::ops::Range<usize>,
-    img: &[F],
+    pixels: std::ops::Range<usize>,
+    input: &[F],
     offset: &[F],
     mask: &[F],
     grad_out: &[F],
@@ -639,57 +631,53 @@ fn backward_range<F: Acc, const FMA: bool>(
     gmask: &mut [F],
 ) {
     let g = &prm.g;
-    let c = g.channels;
-    let cg = g.group_channels;
-    let np = g.points;
+    let (c, cg, np) = (g.channels, g.group_channels, g.points);
     let gp_len = g.group * np;
-    let hw_out = g.h_out * g.w_out;
-    let (wi, hi) = (g.w_in as isize, g.h_in as isize);
-    for (k, ipx) in px_range.enumerate() {
-        let pix = n * hw_out + ipx;
-        let (bx, by) = prm.base(ipx / g.w_out, ipx % g.w_out);
-        let off_pix = &offset[pix * gp_len * 2..(pix + 1) * gp_len * 2];
-        let mask_pix = &mask[pix * gp_len..(pix + 1) * gp_len];
+    let smp = prm.smp;
+    let steps = prm.corner_steps();
+    for (k, pix) in pixels.enumerate() {
+        let px = prm.pixel(pix, input, offset, mask);
         let go_pix = &grad_out[pix * c..(pix + 1) * c];
         let goff_pix = &mut goff[k * gp_len * 2..(k + 1) * gp_len * 2];
         let gmask_pix = &mut gmask[k * gp_len..(k + 1) * gp_len];
         for (grp, go) in go_pix.chunks_exact(cg).enumerate() {
-            for p in 0..np {
-                let gp = grp * np + p;
-                let Some((x0, y0, lx, ly)) =
-                    prm.locate(bx, by, p, off_pix[2 * gp], off_pix[2 * gp + 1])
-                else {
+            for gp in grp * np..(grp + 1) * np {
+                let pt = smp.point(
+                    px.bx + prm.kxg[gp],
+                    px.by + prm.kyg[gp],
+                    px.off[2 * gp],
+                    px.off[2 * gp + 1],
+                );
+                if !pt.valid {
                     goff_pix[2 * gp] = F::ZERO;
                     goff_pix[2 * gp + 1] = F::ZERO;
                     gmask_pix[gp] = F::ZERO;
                     continue;
-                };
-                let m = mask_pix[gp];
-                let (hx, hy) = (F::ONE - lx, F::ONE - ly);
-                let base = (y0 * wi + x0) * c as isize + (grp * cg) as isize;
-                let (xl, xh) = (x0 >= 0, x0 + 1 < wi);
-                let (yl, yh) = (y0 >= 0, y0 + 1 < hi);
-                let corners = [
-                    (yl && xl, 0isize, hy * hx),
-                    (yl && xh, c as isize, hy * lx),
-                    (yh && xl, wi * c as isize, ly * hx),
-                    (yh && xh, (wi + 1) * c as isize, ly * lx),
-                ];
-                // d[k] = <grad_out, corner k> over the group's channels (0 outside the image).
+                }
+                let m = px.mask[gp];
+                // Plain bilinear weights (mask 1); the mask scales the input gradient.
+                let (inside, wb) = smp.corners(&pt, F::ONE);
+                let base = (pt.y0 as isize * g.w_in as isize + pt.x0 as isize) * c as isize
+                    + (grp * cg) as isize;
+                // d[q] = <grad_out, corner q> over the group's channels (0 outside the image).
                 let mut d = [F::ZERO; 4];
-                for (dk, (valid, off, wv)) in d.iter_mut().zip(corners) {
-                    if valid {
-                        let o = (base + off) as usize;
-                        *dk = dot_axpy::<F, FMA>(go, &img[o..o + cg], &mut gin[o..o + cg], m * wv);
+                for q in 0..4 {
+                    if inside[q] {
+                        let o = (base + steps[q]) as usize;
+                        d[q] = dot_axpy::<F, FMA>(
+                            go,
+                            &px.img[o..o + cg],
+                            &mut gin[o..o + cg],
+                            m * wb[q],
+                        );
                     }
                 }
-                gmask_pix[gp] = corners[0].2 * d[0]
-                    + corners[1].2 * d[1]
-                    + corners[2].2 * d[2]
-                    + corners[3].2 * d[3];
+                gmask_pix[gp] = wb[0] * d[0] + wb[1] * d[1] + wb[2] * d[2] + wb[3] * d[3];
+                let (lx, ly) = (pt.lx, pt.ly);
+                let (hx, hy) = (F::ONE - lx, F::ONE - ly);
                 let ddx = hy * (d[1] - d[0]) + ly * (d[3] - d[2]);
                 let ddy = hx * (d[2] - d[0]) + lx * (d[3] - d[1]);
-                let ms = m * prm.sigma;
+                let ms = m * smp.sigma;
                 goff_pix[2 * gp] = ms * ddx;
                 goff_pix[2 * gp + 1] = ms * ddy;
             }
@@ -702,9 +690,8 @@ fn backward_range<F: Acc, const FMA: bool>(
 #[allow(clippy::too_many_arguments)]
 unsafe fn backward_range_avx2<F: Acc>(
     prm: &Params<F>,
-    n: usize,
-    px_range: std::ops::Range<usize>,
-    img: &[F],
+    pixels: std::ops::Range<usize>,
+    input: &[F],
     offset: &[F],
     mask: &[F],
     grad_out: &[F],
@@ -712,17 +699,14 @@ unsafe fn backward_range_avx2<F: Acc>(
     goff: &mut [F],
     gmask: &mut [F],
 ) {
-    backward_range::<F, true>(
-        prm, n, px_range, img, offset, mask, grad_out, gin, goff, gmask,
-    )
+    backward_range::<F, true>(prm, pixels, input, offset, mask, grad_out, gin, goff, gmask)
 }
 
 #[allow(clippy::too_many_arguments)]
 fn backward_range_dispatch<F: Acc>(
     prm: &Params<F>,
-    n: usize,
-    px_range: std::ops::Range<usize>,
-    img: &[F],
+    pixels: std::ops::Range<usize>,
+    input: &[F],
     offset: &[F],
     mask: &[F],
     grad_out: &[F],
@@ -734,15 +718,11 @@ fn backward_range_dispatch<F: Acc>(
     if has_fma() {
         // SAFETY: the CPU supports AVX2 and FMA (checked by `has_fma`).
         unsafe {
-            backward_range_avx2(
-                prm, n, px_range, img, offset, mask, grad_out, gin, goff, gmask,
-            )
+            backward_range_avx2(prm, pixels, input, offset, mask, grad_out, gin, goff, gmask)
         };
         return;
     }
-    backward_range::<F, false>(
-        prm, n, px_range, img, offset, mask, grad_out, gin, goff, gmask,
-    )
+    backward_range::<F, false>(prm, pixels, input, offset, mask, grad_out, gin, goff, gmask)
 }
 
 /// Backward: fills `gin` (length `g.input_len()`, zero-initialised), `goff` (`g.offset_len()`)
@@ -778,13 +758,12 @@ pub(crate) fn backward<F: Acc>(
         .zip(gmask.par_chunks_mut(hw_out * gp_len))
         .enumerate()
         .for_each(|(n, ((gi, go), gm))| {
-            let img = &input[n * img_len..(n + 1) * img_len];
+            let first = n * hw_out;
             if splits == 1 {
                 backward_range_dispatch(
                     &prm,
-                    n,
-                    0..hw_out,
-                    img,
+                    first..first + hw_out,
+                    input,
                     offset,
                     mask,
                     grad_out,
@@ -811,9 +790,8 @@ pub(crate) fn backward<F: Acc>(
                     let end = (start + per).min(hw_out);
                     backward_range_dispatch(
                         &prm,
-                        n,
-                        start..end,
-                        img,
+                        first + start..first + end,
+                        input,
                         offset,
                         mask,
                         grad_out,

@@ -161,6 +161,13 @@ impl Dcnv3Config {
                 fmt_dims(d)
             );
         }
+        // The CPU kernels keep pixel coordinates in i32.
+        if h_in > i32::MAX as usize || w_in > i32::MAX as usize {
+            bail!(
+                "dcnv3: input height and width must be below 2^31, got {h_in}x{w_in} (input shape {})",
+                fmt_dims(d)
+            );
+        }
         let (h_out, w_out) = self.output_size(h_in, w_in)?;
         let p = self.points();
         let exp_off = [n, h_out, w_out, self.group * p * 2];
