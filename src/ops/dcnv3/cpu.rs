@@ -231,28 +231,44 @@ impl<F: Acc> Params<F> {
 }
 
 impl<F: Acc> Sampler<F> {
-    /// Locates the point at grid position (gx, gy) (pixel base plus scaled kernel grid) moved by
-    /// the offset (dx, dy). Branch-free, so that loops over points vectorise.
+    /// Sampling position of the point at grid position (gx, gy) (pixel base plus scaled kernel
+    /// grid) moved by the offset (dx, dy), and whether it samples anything: inside
+    /// (-1, W) x (-1, H), which NaN/inf positions are not.
     #[inline(always)]
-    fn point(&self, gx: F, gy: F, dx: F, dy: F) -> Point<F> {
+    fn position(&self, gx: F, gy: F, dx: F, dy: F) -> (F, F, bool) {
         let x = gx + self.sigma * dx;
         let y = gy + self.sigma * dy;
         let neg1 = F::ZERO - F::ONE;
-        // NaN fails every comparison: such points are invalid.
+        // NaN fails every comparison.
         let valid = (x > neg1) & (x < self.w_in) & (y > neg1) & (y < self.h_in);
-        let xs = if valid { x } else { F::ZERO };
-        let ys = if valid { y } else { F::ZERO };
-        // xs + 1 > 0, so truncation is the floor. Clamped because just below a power-of-two W,
-        // xs + 1 rounds up to W + 1 (x0 = W would read outside the image).
-        let x0 = ((xs + F::ONE).trunc_i32() - 1).min(self.wi - 1);
-        let y0 = ((ys + F::ONE).trunc_i32() - 1).min(self.hi - 1);
+        (x, y, valid)
+    }
+
+    /// The [`Point`] of a position (x, y) inside (-1, W) x (-1, H) (of any finite one when
+    /// `valid` is false).
+    #[inline(always)]
+    fn point_at(&self, x: F, y: F, valid: bool) -> Point<F> {
+        // x + 1 > 0, so truncation is the floor. Clamped because just below a power-of-two W,
+        // x + 1 rounds up to W + 1 (x0 = W would read outside the image).
+        let x0 = ((x + F::ONE).trunc_i32() - 1).min(self.wi - 1);
+        let y0 = ((y + F::ONE).trunc_i32() - 1).min(self.hi - 1);
         Point {
             x0,
             y0,
-            lx: xs - F::from_i32(x0),
-            ly: ys - F::from_i32(y0),
+            lx: x - F::from_i32(x0),
+            ly: y - F::from_i32(y0),
             valid,
         }
+    }
+
+    /// [`Sampler::position`] and [`Sampler::point_at`] without branches (loops over points
+    /// vectorise): an invalid point is placed at (0, 0).
+    #[inline(always)]
+    fn point(&self, gx: F, gy: F, dx: F, dy: F) -> Point<F> {
+        let (x, y, valid) = self.position(gx, gy, dx, dy);
+        let xs = if valid { x } else { F::ZERO };
+        let ys = if valid { y } else { F::ZERO };
+        self.point_at(xs, ys, valid)
     }
 
     /// The four bilinear corners of `pt` in the order (y0, x0), (y0, x0+1), (y0+1, x0),
@@ -642,18 +658,21 @@ fn backward_range<F: Acc, const FMA: bool>(
         let gmask_pix = &mut gmask[k * gp_len..(k + 1) * gp_len];
         for (grp, go) in go_pix.chunks_exact(cg).enumerate() {
             for gp in grp * np..(grp + 1) * np {
-                let pt = smp.point(
+                let (x, y, valid) = smp.position(
                     px.bx + prm.kxg[gp],
                     px.by + prm.kyg[gp],
                     px.off[2 * gp],
                     px.off[2 * gp + 1],
                 );
-                if !pt.valid {
+                if !valid {
                     goff_pix[2 * gp] = F::ZERO;
                     goff_pix[2 * gp + 1] = F::ZERO;
                     gmask_pix[gp] = F::ZERO;
                     continue;
                 }
+                // A branch here rather than the selects of `point`: the corner loads need not
+                // wait for the bounds test.
+                let pt = smp.point_at(x, y, true);
                 let m = px.mask[gp];
                 // Plain bilinear weights (mask 1); the mask scales the input gradient.
                 let (inside, wb) = smp.corners(&pt, F::ONE);
@@ -661,15 +680,11 @@ fn backward_range<F: Acc, const FMA: bool>(
                     + (grp * cg) as isize;
                 // d[q] = <grad_out, corner q> over the group's channels (0 outside the image).
                 let mut d = [F::ZERO; 4];
-                for q in 0..4 {
-                    if inside[q] {
-                        let o = (base + steps[q]) as usize;
-                        d[q] = dot_axpy::<F, FMA>(
-                            go,
-                            &px.img[o..o + cg],
-                            &mut gin[o..o + cg],
-                            m * wb[q],
-                        );
+                for (((dq, &ins), &step), &w) in d.iter_mut().zip(&inside).zip(&steps).zip(&wb) {
+                    if ins {
+                        let o = (base + step) as usize;
+                        let (v, gi) = (&px.img[o..o + cg], &mut gin[o..o + cg]);
+                        *dq = dot_axpy::<F, FMA>(go, v, gi, m * w);
                     }
                 }
                 gmask_pix[gp] = wb[0] * d[0] + wb[1] * d[1] + wb[2] * d[2] + wb[3] * d[3];
