@@ -104,35 +104,11 @@ fn bias_gelu_inplace_generic<const FMA: bool>(xs: &mut [f32], bias: &[f32]) {
     }
 }
 
-/// Defines `$name(args)`: the table-driven AVX2 kernel of [`super::gelu_avx2`] when the CPU has
-/// AVX2 + FMA, otherwise the portable two-branch formula above.
-macro_rules! dispatch_gelu {
-    (fn $name:ident($($arg:ident : $ty:ty),*) => $generic:ident) => {
-        fn $name($($arg: $ty),*) {
-            #[cfg(target_arch = "x86_64")]
-            if super::simd::has_avx2_fma() {
-                // SAFETY: the CPU supports AVX2 and FMA; the slices' lengths match (callers).
-                unsafe { super::gelu_avx2::$name($($arg),*) };
-                return;
-            }
-            generic_gelu!($generic($($arg),*));
-        }
-    };
-}
-
-/// The portable kernels: FMA where it is baseline (aarch64), plain arithmetic elsewhere.
-macro_rules! generic_gelu {
-    ($generic:ident($($arg:ident),*)) => {{
-        #[cfg(target_arch = "aarch64")]
-        $generic::<true>($($arg),*);
-        #[cfg(not(target_arch = "aarch64"))]
-        $generic::<false>($($arg),*);
-    }};
-}
-
-dispatch_gelu!(fn gelu_into(src: &[f32], dst: &mut [MaybeUninit<f32>]) => gelu_into_generic);
-dispatch_gelu!(fn gelu_inplace(xs: &mut [f32]) => gelu_inplace_generic);
-dispatch_gelu!(fn bias_gelu_inplace(xs: &mut [f32], bias: &[f32]) => bias_gelu_inplace_generic);
+// On x86-64 with AVX2+FMA the table-driven kernels of `super::gelu_avx2` run instead of the
+// portable two-branch formula.
+dispatch_fma!(fn gelu_into(src: &[f32], dst: &mut [MaybeUninit<f32>]) => gelu_into_generic, avx2: super::gelu_avx2::gelu_into);
+dispatch_fma!(fn gelu_inplace(xs: &mut [f32]) => gelu_inplace_generic, avx2: super::gelu_avx2::gelu_inplace);
+dispatch_fma!(fn bias_gelu_inplace(xs: &mut [f32], bias: &[f32]) => bias_gelu_inplace_generic, avx2: super::gelu_avx2::bias_gelu_inplace);
 
 /// Exact GELU of an f32 slice into `dst` (same length; every element written), multi-threaded
 /// for large slices.

@@ -65,19 +65,31 @@ pub(crate) fn has_avx2_fma() -> bool {
 /// Defines `$name(args)` that runs `$generic::<true>(args)` in an AVX2+FMA-enabled function when
 /// the CPU has them (x86-64), `$generic::<true>` on aarch64 (FMA is baseline there) and
 /// `$generic::<false>` elsewhere.
+///
+/// With `=> $generic, avx2: $fast`, a hand-written kernel (`unsafe fn` of the same signature,
+/// compiled for AVX2+FMA) takes the place of `$generic::<true>` on x86-64.
 macro_rules! dispatch_fma {
     ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) => $generic:ident) => {
+        $crate::ops::simd::dispatch_fma!(@define $(#[$m])* $vis fn $name($($arg: $ty),*) => $generic, {
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn fast($($arg: $ty),*) {
+                $generic::<true>($($arg),*)
+            }
+            fast
+        });
+    };
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) => $generic:ident, avx2: $fast:path) => {
+        $crate::ops::simd::dispatch_fma!(@define $(#[$m])* $vis fn $name($($arg: $ty),*) => $generic, { $fast });
+    };
+    (@define $(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),*) => $generic:ident, $fast:block) => {
         $(#[$m])*
         $vis fn $name($($arg: $ty),*) {
             #[cfg(target_arch = "x86_64")]
             {
-                #[target_feature(enable = "avx2,fma")]
-                unsafe fn fast($($arg: $ty),*) {
-                    $generic::<true>($($arg),*)
-                }
                 if $crate::ops::simd::has_avx2_fma() {
-                    // SAFETY: the CPU supports the features `fast` was compiled for.
-                    unsafe { fast($($arg),*) };
+                    // SAFETY: the CPU supports AVX2 and FMA, the features the fast kernel was
+                    // compiled for; the arguments are passed on unchanged.
+                    unsafe { ($fast)($($arg),*) };
                     return;
                 }
                 $generic::<false>($($arg),*)
