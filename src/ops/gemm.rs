@@ -12,7 +12,7 @@
 //! dominated small-batch calls; on CPUs without AVX2/FMA nothing is packed and the callers use
 //! the candle path instead.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 use std::sync::Arc;
@@ -403,17 +403,32 @@ pub(crate) fn pack_linear(
         return Ok(None);
     }
     let (n, k) = weight.dims2()?;
-    let w = weight.flatten_all()?.to_vec1::<f32>()?;
-    let b = bias
-        .map(|b| b.flatten_all()?.to_vec1::<f32>())
-        .transpose()?;
-    if b.as_ref().is_some_and(|b| b.len() != n) {
+    if let Some(b) = bias.filter(|b| b.elem_count() != n) {
         candle_core::bail!(
-            "linear: the bias has {} values for {n} outputs",
-            b.map_or(0, |b| b.len())
+            "linear: expected a bias of {n} values for a weight of shape [{n}, {k}], got shape {:?}",
+            b.dims()
         )
     }
-    Ok(PackedWeight::new(&w, b.as_deref(), n, k).map(Arc::new))
+    // Packed straight from the tensors' storage (no intermediate copy).
+    let (w_storage, w_layout) = weight.storage_and_layout();
+    let w = cpu_f32(&w_storage, w_layout, "weight")?;
+    let packed = match bias {
+        Some(b) => {
+            let (b_storage, b_layout) = b.storage_and_layout();
+            let b = cpu_f32(&b_storage, b_layout, "bias")?;
+            PackedWeight::new(w, Some(b), n, k)
+        }
+        None => PackedWeight::new(w, None, n, k),
+    };
+    Ok(packed.map(Arc::new))
+}
+
+/// The values of an f32 CPU tensor's storage (see [`super::contiguous_slice`]).
+fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
+    match storage {
+        Storage::Cpu(s) => super::contiguous_slice::<f32>(s, layout, "linear", what),
+        _ => candle_core::bail!("linear: the {what} must be on the CPU to be packed"),
+    }
 }
 
 /// Rows (the product of the leading dims) of a (..., k) input, after checking it is an f32 CPU
