@@ -3,7 +3,8 @@
 //! On the CPU the input is unfolded once into an (N*Ho*Wo, kh*kw*Cin) patch matrix (each patch
 //! row is a run of contiguous channel vectors, so the copy is cheap), multiplied by the weight
 //! laid out once as a (Cout, kh*kw*Cin) [`super::Linear`] (packed for the CPU GEMM, bias fused),
-//! and the GEMM output already is the NHWC result: no NCHW round trips. On other devices candle's `conv2d` runs on a permuted view.
+//! and the GEMM output already is the NHWC result: no NCHW round trips. On other devices candle's
+//! `conv2d` runs on a permuted view.
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor};
 use rayon::prelude::*;
