@@ -276,6 +276,8 @@ unsafe fn block(
 /// matching `kc x 16` slice of a packed panel, the panel's bias, and whether this is the first
 /// depth block (start from the bias) or a later one (accumulate onto the output).
 #[derive(Clone, Copy)]
+// Only the x86-64 kernel reads them; elsewhere nothing is ever packed.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 struct Operands {
     a: *const f32,
     lda: usize,
