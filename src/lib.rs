@@ -88,5 +88,8 @@ pub mod ops;
 pub mod preprocess;
 pub mod zoo;
 
-pub use model::{Config, DcnSampling, Dcnv3Layer, Dcnv3LayerConfig, InternImage};
+pub use model::{
+    Config, DcnSampling, Dcnv3Layer, Dcnv3LayerConfig, InternImage, TrainOptions, Trainable,
+    TrainableModel,
+};
 pub use ops::dcnv3::{dcnv3, Dcnv3Config};

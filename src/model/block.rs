@@ -2,28 +2,34 @@
 
 use crate::model::config::Config;
 use crate::model::dcnv3_layer::{Dcnv3Layer, Dcnv3LayerConfig};
-use crate::model::nn::{layer_norm, linear, residual, Conv2d, LayerNorm, Linear, Recorder};
+use crate::model::nn::{
+    drop_path, layer_norm, linear, residual, Conv2d, LayerNorm, Linear, Recorder,
+};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-/// fc1 -> GELU -> fc2 on channels-last tensors.
+/// fc1 -> GELU -> fc2 on channels-last tensors (dropout after each in training mode).
 #[derive(Debug, Clone)]
 pub(crate) struct Mlp {
     fc1: Linear,
     fc2: Linear,
+    drop: f32,
 }
 
 impl Mlp {
-    pub(crate) fn new(c: usize, hidden: usize, vb: VarBuilder) -> Result<Self> {
+    pub(crate) fn new(c: usize, hidden: usize, drop: f64, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             fc1: linear(c, hidden, vb.pp("fc1"))?,
             fc2: linear(hidden, c, vb.pp("fc2"))?,
+            drop: drop as f32,
         })
     }
-}
 
-impl Module for Mlp {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+    fn forward_t(&self, xs: &Tensor, training: bool) -> Result<Tensor> {
+        if training && self.drop > 0.0 {
+            let h = candle_nn::ops::dropout(&self.fc1.forward_gelu(xs)?, self.drop)?;
+            return candle_nn::ops::dropout(&self.fc2.forward(&h)?, self.drop);
+        }
         // Fused by cache-sized row blocks where it pays (f32 on the CPU).
         crate::ops::mlp(xs, &self.fc1, &self.fc2)
     }
@@ -52,10 +58,13 @@ pub(crate) struct Block {
     gamma2: Option<Tensor>,
     res_post_norm: Option<(LayerNorm, LayerNorm)>,
     residual: Residual,
+    /// Stochastic-depth probability in training mode.
+    drop_path: f64,
 }
 
 impl Block {
-    pub(crate) fn new(cfg: &Config, level: usize, vb: VarBuilder) -> Result<Self> {
+    /// Block `index` (global, over all stages) of stage `level`.
+    pub(crate) fn new(cfg: &Config, level: usize, index: usize, vb: VarBuilder) -> Result<Self> {
         let c = cfg.stage_channels(level);
         let dcn_cfg = Dcnv3LayerConfig {
             dw_kernel_size: cfg.dw_kernel(),
@@ -66,7 +75,7 @@ impl Block {
         let norm1 = layer_norm(c, vb.pp("norm1.0"))?;
         let dcn = Dcnv3Layer::new(&dcn_cfg, vb.pp("dcn"))?;
         let norm2 = layer_norm(c, vb.pp("norm2.0"))?;
-        let mlp = Mlp::new(c, cfg.mlp_hidden(level), vb.pp("mlp"))?;
+        let mlp = Mlp::new(c, cfg.mlp_hidden(level), cfg.drop_rate, vb.pp("mlp"))?;
         let (gamma1, gamma2) = if cfg.layer_scale.is_some() {
             (Some(vb.get(c, "gamma1")?), Some(vb.get(c, "gamma2")?))
         } else {
@@ -98,6 +107,7 @@ impl Block {
             gamma2,
             res_post_norm,
             residual,
+            drop_path: cfg.drop_path_prob(index),
         })
     }
 
@@ -115,11 +125,21 @@ impl Block {
 
     pub(crate) fn forward_rec(&self, xs: &Tensor, rec: &mut Recorder) -> Result<Tensor> {
         let (g1, g2) = (self.gamma1.as_ref(), self.gamma2.as_ref());
+        let training = rec.training();
+        // Stochastic depth on each residual branch (identity outside training).
+        let drop = |branch: Tensor| -> Result<Tensor> {
+            if training {
+                drop_path(&branch, self.drop_path)
+            } else {
+                Ok(branch)
+            }
+        };
+        let mlp = |x: &Tensor| self.mlp.forward_t(x, training);
         let x = match self.residual {
             Residual::PostNorm => {
-                let d = self.norm1.forward(&self.dcn.forward_rec(xs, rec)?)?;
+                let d = drop(self.norm1.forward(&self.dcn.forward_rec(xs, rec)?)?)?;
                 let x = residual(xs, &d, g1)?;
-                let m = self.norm2.forward(&self.mlp.forward(&x)?)?;
+                let m = drop(self.norm2.forward(&mlp(&x)?)?)?;
                 residual(&x, &m, g2)?
             }
             Residual::ResPostNorm => {
@@ -128,14 +148,14 @@ impl Block {
                     None => candle_core::bail!("internal: res_post_norm block without its norms"),
                 };
                 let d = rpn1.forward(&self.dcn.forward_rec(&self.norm1.forward(xs)?, rec)?)?;
-                let x = residual(xs, &d, None)?;
-                let m = rpn2.forward(&self.mlp.forward(&self.norm2.forward(&x)?)?)?;
-                residual(&x, &m, None)?
+                let x = residual(xs, &drop(d)?, None)?;
+                let m = rpn2.forward(&mlp(&self.norm2.forward(&x)?)?)?;
+                residual(&x, &drop(m)?, None)?
             }
             Residual::PreNorm => {
-                let d = self.dcn.forward_rec(&self.norm1.forward(xs)?, rec)?;
+                let d = drop(self.dcn.forward_rec(&self.norm1.forward(xs)?, rec)?)?;
                 let x = residual(xs, &d, g1)?;
-                let m = self.mlp.forward(&self.norm2.forward(&x)?)?;
+                let m = drop(mlp(&self.norm2.forward(&x)?)?)?;
                 residual(&x, &m, g2)?
             }
         };
@@ -178,8 +198,9 @@ pub(crate) struct Level {
 impl Level {
     pub(crate) fn new(cfg: &Config, i: usize, vb: VarBuilder) -> Result<Self> {
         let c = cfg.stage_channels(i);
+        let first: usize = cfg.depths[..i].iter().sum();
         let blocks = (0..cfg.depths[i])
-            .map(|j| Block::new(cfg, i, vb.pp(format!("blocks.{j}"))))
+            .map(|j| Block::new(cfg, i, first + j, vb.pp(format!("blocks.{j}"))))
             .collect::<Result<Vec<_>>>()?;
         let mut post_norms = Vec::new();
         if cfg.level2_post_norm && i == 2 {
@@ -227,7 +248,7 @@ impl Level {
             x = if b == 0 && record_first_block {
                 block.forward_rec(&x, rec)?
             } else {
-                block.forward_rec(&x, &mut Recorder::off())?
+                block.forward_rec(&x, &mut rec.quiet())?
             };
             x = self.post_norm(b, x)?;
         }

@@ -1,13 +1,14 @@
 //! Hyper-parameters of an InternImage network, readable from the Hugging Face `config.json`.
 
 use candle_core::{bail, Result};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 /// InternImage hyper-parameters, named like the official constructor and the Hugging Face
-/// `config.json` of the released repos (unknown fields such as `core_op` or `drop_path_rate`
-/// are ignored; missing fields take the InternImage-T value).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+/// `config.json` of the released repos (unknown fields such as `with_cp` are ignored; missing
+/// fields take the InternImage-T value). Serialises to the same schema (what
+/// [`crate::model::TrainableModel::save`] writes next to the weights).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default)]
 pub struct Config {
     /// Width of stage 0; stage `i` has `channels * 2^i` channels.
@@ -44,6 +45,13 @@ pub struct Config {
     pub cls_scale: f64,
     /// Classes of the classification head; 0 builds no head at all.
     pub num_classes: usize,
+    /// Stochastic depth in training mode ([`crate::InternImage::forward_t`]): block `i` of the
+    /// `n` blocks (global index) drops its residual branches with probability
+    /// `drop_path_rate * i / (n - 1)`, as the official code. 0 in the presets (inference).
+    pub drop_path_rate: f64,
+    /// Dropout after the MLP's GELU and after its second linear, in training mode (the official
+    /// `drop_rate`, 0 in every release).
+    pub drop_rate: f64,
 }
 
 impl Default for Config {
@@ -72,6 +80,8 @@ impl Config {
             remove_center: false,
             cls_scale: 1.5,
             num_classes: 1000,
+            drop_path_rate: 0.0,
+            drop_rate: 0.0,
         }
     }
 
@@ -214,8 +224,27 @@ impl Config {
         (self.stage_channels(i) as f64 * self.mlp_ratio) as usize
     }
 
+    /// Stochastic-depth probability of block `block` (global index over all stages): linear from
+    /// 0 to `drop_path_rate`.
+    pub fn drop_path_prob(&self, block: usize) -> f64 {
+        let n: usize = self.depths.iter().sum();
+        if n <= 1 {
+            0.0
+        } else {
+            self.drop_path_rate * block as f64 / (n - 1) as f64
+        }
+    }
+
     /// Checks that the hyper-parameters describe a buildable network.
     pub fn validate(&self) -> Result<()> {
+        for (name, rate) in [
+            ("drop_path_rate", self.drop_path_rate),
+            ("drop_rate", self.drop_rate),
+        ] {
+            if !(0.0..1.0).contains(&rate) {
+                bail!("InternImage config: {name} must be in [0, 1), got {rate}");
+            }
+        }
         if self.channels == 0 {
             bail!("InternImage config: channels must be > 0");
         }

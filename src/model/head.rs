@@ -11,50 +11,100 @@ pub const CLIP_EMBED_DIM: usize = 768;
 const CLIP_HEADS: usize = 16;
 const BN_EPS: f64 = 1e-5;
 
+/// The dtype for precision-sensitive steps (BN folding, averages): f32, or f64 for f64 models.
+fn accumulation_dtype(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
 /// `conv_head` (1x1 conv without bias, BatchNorm folded in, GELU), global average pool.
 /// Works on the channels-last last stage; returns the pooled (N, 12C) vector.
+///
+/// The BatchNorm always uses its running statistics (eval mode), also while training: frozen
+/// weights are folded into the conv once; trainable ones are folded on every forward, so the
+/// gradients reach the conv weight and the BN affine parameters and follow their updates.
 #[derive(Debug, Clone)]
 pub(crate) struct ConvHead {
     proj: Linear,
+    trainable: Option<Box<BnConv>>,
+    dtype: DType,
+}
+
+/// The unfolded conv + BatchNorm parameters of a trainable [`ConvHead`] (f32 or f64, the conv weight
+/// as (out, in)).
+#[derive(Debug, Clone)]
+struct BnConv {
+    w: Tensor,
+    gamma: Tensor,
+    beta: Tensor,
+    mean: Tensor,
+    var: Tensor,
+}
+
+impl BnConv {
+    /// The folded (weight (out, in), bias (out)) in `dtype`.
+    fn fold(&self, dtype: DType) -> Result<(Tensor, Tensor)> {
+        let scale = (&self.gamma / (&self.var + BN_EPS)?.sqrt()?)?;
+        let w = self
+            .w
+            .broadcast_mul(&scale.unsqueeze(1)?)?
+            .to_dtype(dtype)?;
+        let b = (&self.beta - (&self.mean * &scale)?)?.to_dtype(dtype)?;
+        Ok((w, b))
+    }
 }
 
 impl ConvHead {
     pub(crate) fn new(c_in: usize, c_out: usize, vb: VarBuilder) -> Result<Self> {
         let dtype = vb.dtype();
-        // Fold in f32, then cast once.
+        let acc = accumulation_dtype(dtype);
+        // Fold in f32 (f64 for f64 models), then cast once.
         let w = vb
-            .get_with_hints_dtype(
-                (c_out, c_in, 1, 1),
-                "0.weight",
-                Default::default(),
-                DType::F32,
-            )?
+            .get_with_hints_dtype((c_out, c_in, 1, 1), "0.weight", Default::default(), acc)?
             .squeeze(3)?
             .squeeze(2)?;
         let bn = vb.pp("1.0");
-        let get = |n: &str| bn.get_with_hints_dtype(c_out, n, Default::default(), DType::F32);
+        let get = |n: &str| bn.get_with_hints_dtype(c_out, n, Default::default(), acc);
         let (gamma, beta, mean, var) = (
             get("weight")?,
             get("bias")?,
             get("running_mean")?,
             get("running_var")?,
         );
-        let scale = (gamma / (var + BN_EPS)?.sqrt()?)?;
-        let w = w.broadcast_mul(&scale.unsqueeze(1)?)?.to_dtype(dtype)?;
-        let b = (beta - (mean * &scale)?)?.to_dtype(dtype)?;
+        let bn_conv = BnConv {
+            w,
+            gamma,
+            beta,
+            mean,
+            var,
+        };
+        let (w, b) = bn_conv.fold(dtype)?;
+        let trainable = crate::ops::tracks_grad(&[&bn_conv.w, &bn_conv.gamma, &bn_conv.beta])
+            .then(|| Box::new(bn_conv));
         Ok(Self {
             proj: Linear::new(w, Some(b))?,
+            trainable,
+            dtype,
         })
     }
 }
 
 impl Module for ConvHead {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let x = self.proj.forward_gelu(xs)?;
+        let x = match &self.trainable {
+            Some(bn_conv) => {
+                let (w, b) = bn_conv.fold(self.dtype)?;
+                Linear::new(w, Some(b))?.forward_gelu(xs)?
+            }
+            None => self.proj.forward_gelu(xs)?,
+        };
         let (n, h, w, c) = x.dims4()?;
         // Average in f32: an f16 sum over large maps loses precision.
         x.reshape((n, h * w, c))?
-            .to_dtype(DType::F32)?
+            .to_dtype(accumulation_dtype(x.dtype()))?
             .mean(1)?
             .to_dtype(x.dtype())
     }
@@ -129,7 +179,7 @@ impl ClipHead {
         let l = 4 * h * w;
         let hd = CLIP_DIM / CLIP_HEADS;
         let q0 = tokens
-            .to_dtype(DType::F32)?
+            .to_dtype(accumulation_dtype(tokens.dtype()))?
             .mean_keepdim(1)?
             .to_dtype(tokens.dtype())?;
         let q = self.q.forward(&self.norm_q.forward(&q0)?)?;
@@ -146,7 +196,12 @@ impl ClipHead {
             .transpose(1, 2)?
             .contiguous()?;
         let attn = matmul(&q, &k.transpose(2, 3)?)?.contiguous()?; // (N, heads, 1, L)
-        let attn = candle_nn::ops::softmax_last_dim(&attn)?;
+        let attn = if attn.track_op() {
+            // candle-nn's fused softmax_last_dim has no backward.
+            candle_nn::ops::softmax(&attn, candle_core::D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&attn)?
+        };
         let out = matmul(&attn, &v)?; // (N, heads, 1, hd)
         let out = out.transpose(1, 2)?.reshape((n, CLIP_DIM))?;
         let out = self.proj.forward(&out)?;

@@ -11,11 +11,13 @@ mod dcnv3_layer;
 pub(crate) mod head;
 mod nn;
 mod stem;
+mod trainable;
 
 pub use config::Config;
 pub use dcnv3_layer::{DcnSampling, Dcnv3Layer, Dcnv3LayerConfig};
 pub use head::{CLIP_DIM, CLIP_EMBED_DIM};
 pub use nn::LN_EPS;
+pub use trainable::{TrainOptions, Trainable, TrainableModel};
 
 use block::Level;
 use candle_core::{bail, DType, Device, Module, Result, Tensor};
@@ -213,7 +215,11 @@ impl InternImage {
             if i == 0 && rec.on() {
                 rec.set_prefix("l0b0.");
             }
-            let s = level.forward_stage(&x, rec, i == 0)?;
+            let s = if i == 0 {
+                level.forward_stage(&x, rec, true)?
+            } else {
+                level.forward_stage(&x, &mut rec.quiet(), false)?
+            };
             rec.set_prefix("");
             x = level.downsample(&s)?;
             rec.put(&format!("level{i}.out"), &x);
@@ -246,9 +252,17 @@ impl InternImage {
     /// The pre-head vector (N, 12C) for T..XL or (N, 768) for H/G: the Hugging Face
     /// `pooler_output`. Errors when the network has no head.
     pub fn forward_pooled(&self, xs: &Tensor) -> Result<Tensor> {
+        self.forward_pooled_t(xs, false)
+    }
+
+    /// [`InternImage::forward_pooled`] in training mode when `train`: stochastic depth
+    /// (`Config::drop_path_rate`) and dropout (`Config::drop_rate`) are active. The BatchNorm of
+    /// the conv head keeps using its running statistics (eval mode) in both modes.
+    pub fn forward_pooled_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         let xs = self.prepare_input(xs)?;
-        let mut out =
-            self.per_batch_chunk(&xs, |x| Ok(vec![self.pooled_rec(x, &mut Recorder::off())?]))?;
+        let mut out = self.per_batch_chunk(&xs, |x| {
+            Ok(vec![self.pooled_rec(x, &mut Recorder::mode(train))?])
+        })?;
         out.pop()
             .ok_or_else(|| candle_core::Error::msg("InternImage: no pooled output"))
     }
@@ -291,10 +305,16 @@ impl InternImage {
     /// Stage outputs for `out_indices` (all four for `new`), NCHW and contiguous, strides
     /// 4, 8, 16, 32: after the stage-end LayerNorm where the variant has one, before downsampling.
     pub fn forward_features(&self, xs: &Tensor) -> Result<Vec<Tensor>> {
+        self.forward_features_t(xs, false)
+    }
+
+    /// [`InternImage::forward_features`] in training mode when `train` (stochastic depth and
+    /// dropout active), e.g. for a detector trained on the backbone's features.
+    pub fn forward_features_t(&self, xs: &Tensor, train: bool) -> Result<Vec<Tensor>> {
         let xs = self.prepare_input(xs)?;
         let last = self.out_indices.iter().copied().max().unwrap_or(3);
         self.per_batch_chunk(&xs, |x| {
-            let stages = self.stages(x, last, &mut Recorder::off())?;
+            let stages = self.stages(x, last, &mut Recorder::mode(train))?;
             self.out_indices
                 .iter()
                 .map(|&i| stages[i].permute((0, 3, 1, 2))?.contiguous())
@@ -349,10 +369,22 @@ impl InternImage {
     }
 }
 
+impl InternImage {
+    /// Logits (N, num_classes) for an image batch (N, 3, H, W), in training mode when `train`
+    /// (see [`InternImage::forward_pooled_t`]); `forward_t(xs, false)` is `forward(xs)`.
+    ///
+    /// This inherent method is what `model.forward_t(..)` calls. Through the
+    /// `candle_nn::ModuleT` trait (candle's blanket impl for every `Module`) the flag is ignored,
+    /// so pass the model to generic training code as a closure over this method.
+    pub fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        let pooled = self.forward_pooled_t(xs, train)?;
+        self.logits(&pooled)
+    }
+}
+
 impl Module for InternImage {
     /// Logits (N, num_classes) for an image batch (N, 3, H, W).
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let pooled = self.forward_pooled(xs)?;
-        self.logits(&pooled)
+        self.forward_t(xs, false)
     }
 }

@@ -28,11 +28,13 @@ pub(crate) fn layer_norm(size: usize, vb: VarBuilder) -> Result<LayerNorm> {
     Ok(LayerNorm { weight, bias })
 }
 
-/// Collects named intermediate activations when enabled (parity debugging).
+/// The per-call state of a forward pass: training mode (stochastic depth, dropout) and, when
+/// enabled, the named intermediate activations (parity debugging).
 #[derive(Debug, Default)]
 pub(crate) struct Recorder {
     items: Option<Vec<(String, Tensor)>>,
     prefix: String,
+    training: bool,
 }
 
 impl Recorder {
@@ -40,10 +42,28 @@ impl Recorder {
         Self::default()
     }
 
+    /// A pass that records nothing, in training mode when `training`.
+    pub(crate) fn mode(training: bool) -> Self {
+        Self {
+            training,
+            ..Self::default()
+        }
+    }
+
+    /// The same mode, recording nothing (for the parts a debug pass does not record).
+    pub(crate) fn quiet(&self) -> Self {
+        Self::mode(self.training)
+    }
+
+    /// Whether this is a training pass.
+    pub(crate) fn training(&self) -> bool {
+        self.training
+    }
+
     pub(crate) fn enabled() -> Self {
         Self {
             items: Some(Vec::new()),
-            prefix: String::new(),
+            ..Self::default()
         }
     }
 
@@ -141,6 +161,24 @@ impl Module for Conv2d {
             self.inner.forward(xs)
         }
     }
+}
+
+/// Stochastic depth: zeroes whole samples of a residual branch (N, ...) with probability `p` and
+/// scales the kept ones by `1 / (1 - p)` (timm's `drop_path`, `scale_by_keep`).
+pub(crate) fn drop_path(branch: &Tensor, p: f64) -> Result<Tensor> {
+    if p <= 0.0 {
+        return Ok(branch.clone());
+    }
+    let keep = 1.0 - p;
+    let n = branch.dim(0)?;
+    let mut shape = vec![1usize; branch.rank()];
+    shape[0] = n;
+    let mask = Tensor::rand(0f32, 1f32, n, branch.device())?
+        .lt(keep as f32)?
+        .to_dtype(branch.dtype())?
+        .affine(1.0 / keep, 0.0)?
+        .reshape(shape)?;
+    branch.broadcast_mul(&mask)
 }
 
 /// Values per rayon task in the residual kernel.
@@ -243,8 +281,7 @@ pub(crate) fn residual(x: &Tensor, branch: &Tensor, gamma: Option<&Tensor>) -> R
         && x.dtype() == DType::F32
         && branch.dtype() == DType::F32
         && x.dims() == branch.dims()
-        && !x.track_op()
-        && !branch.track_op()
+        && !crate::ops::tracks_grad(&[x, branch])
         && gamma.is_none_or(|g| {
             g.dtype() == DType::F32 && !g.track_op() && g.dims() == [x.dims()[x.rank() - 1]]
         });
@@ -256,7 +293,7 @@ pub(crate) fn residual(x: &Tensor, branch: &Tensor, gamma: Option<&Tensor>) -> R
     }
     let (x, branch) = (x.contiguous()?, branch.contiguous()?);
     match gamma {
-        Some(g) => x.apply_op3_no_bwd(&branch, &g.contiguous()?, &ResidualScaleAdd),
-        None => x.apply_op2_no_bwd(&branch, &ResidualAdd),
+        Some(g) => crate::ops::inference_op3(&x, &branch, &g.contiguous()?, &ResidualScaleAdd),
+        None => crate::ops::inference_op2(&x, &branch, &ResidualAdd),
     }
 }

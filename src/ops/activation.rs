@@ -199,26 +199,35 @@ impl CustomOp1 for GeluErfOp {
         };
         Ok((out, layout.shape().clone()))
     }
+
+    fn bwd(&self, xs: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(gelu_erf_backward(xs, grad)?))
+    }
+}
+
+/// `grad * gelu'(x)` with `gelu'(x) = Phi(x) + x * phi(x)` (the exact GELU's derivative), in the
+/// input's dtype, with tensor ops.
+fn gelu_erf_backward(xs: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    let x = xs.detach();
+    let cdf = ((&x * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)? * 0.5;
+    let inv_sqrt_2pi = 0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2;
+    let pdf = ((x.sqr()? * -0.5)?.exp()? * inv_sqrt_2pi)?;
+    grad.detach() * (cdf? + (x * pdf)?)?
 }
 
 /// Exact (erf) GELU, as PyTorch's `nn.GELU()`: `0.5 * x * (1 + erf(x / sqrt(2)))`.
 ///
 /// On the CPU, f32/f16/bf16 tensors use a vectorised multi-threaded kernel (f16/bf16 computed in
-/// f32; absolute error vs the exact function about 1e-7 * max(1, |x|) in f32). Other dtypes, other
-/// devices and inputs that track gradients use candle's `gelu_erf`, so training still works.
+/// f32; absolute error vs the exact function about 1e-7 * max(1, |x|) in f32), differentiable
+/// (the exact derivative). Other dtypes and other devices use candle's `gelu_erf`.
 pub fn gelu_erf(xs: &Tensor) -> Result<Tensor> {
     if !xs.device().is_cpu()
         || reference_ops()
-        || xs.track_op()
         || !matches!(xs.dtype(), DType::F32 | DType::F16 | DType::BF16)
     {
         return xs.gelu_erf();
     }
-    if xs.is_contiguous() {
-        xs.apply_op1_no_bwd(&GeluErfOp)
-    } else {
-        xs.contiguous()?.apply_op1_no_bwd(&GeluErfOp)
-    }
+    xs.contiguous()?.apply_op1(GeluErfOp)
 }
 
 #[inline(always)]
@@ -274,8 +283,7 @@ fn linear_impl(xs: &Tensor, linear: &candle_nn::Linear, gelu: bool) -> Result<Te
         && !reference_ops()
         && xs.dtype() == DType::F32
         && w.dtype() == DType::F32
-        && !xs.track_op()
-        && !w.track_op()
+        && !super::tracks_grad(&[xs, w])
         && linear
             .bias()
             .is_none_or(|b| !b.track_op() && b.dtype() == DType::F32);
@@ -302,8 +310,8 @@ fn linear_impl(xs: &Tensor, linear: &candle_nn::Linear, gelu: bool) -> Result<Te
         },
     };
     let y = match linear.bias() {
-        Some(b) => x2.apply_op3_no_bwd(&w, &b.contiguous()?, &op)?,
-        None => x2.apply_op2_no_bwd(&w, &op)?,
+        Some(b) => super::inference_op3(&x2, &w, &b.contiguous()?, &op)?,
+        None => super::inference_op2(&x2, &w, &op)?,
     };
     let mut out_dims = lead.to_vec();
     out_dims.push(out_f);

@@ -18,8 +18,9 @@ pub struct Conv2dNhwc {
     /// PyTorch layout (Cout, Cin, kh, kw), for the non-CPU path.
     weight: Tensor,
     /// The patch-matrix product: weight (Cout, kh * kw * Cin), column (i, j, ci) for tap (i, j)
-    /// and input channel ci, and the bias; packed for the CPU GEMM where that applies.
-    patches_to_out: super::Linear,
+    /// and input channel ci, and the bias; packed for the CPU GEMM where that applies. `None`
+    /// for trainable weights (the layout is a copy, which would not follow their updates).
+    patches_to_out: Option<super::Linear>,
     bias: Option<Tensor>,
     stride: usize,
     pad: usize,
@@ -45,13 +46,19 @@ impl Conv2dNhwc {
                 );
             }
         }
-        let weight_ok = weight
-            .permute((0, 2, 3, 1))?
-            .reshape((cout, kh * kw * cin))?
-            .contiguous()?;
+        let patches_to_out = if super::tracks_grad(&[weight]) || bias.is_some_and(|b| b.track_op())
+        {
+            None
+        } else {
+            let weight_ok = weight
+                .permute((0, 2, 3, 1))?
+                .reshape((cout, kh * kw * cin))?
+                .contiguous()?;
+            Some(super::Linear::new(weight_ok, bias.cloned())?)
+        };
         Ok(Self {
             weight: weight.clone(),
-            patches_to_out: super::Linear::new(weight_ok, bias.cloned())?,
+            patches_to_out,
             bias: bias.cloned(),
             stride,
             pad,
@@ -83,22 +90,39 @@ impl Module for Conv2dNhwc {
             );
         }
         let (ho, wo) = self.out_size(h, w)?;
-        let fast = xs.device().is_cpu()
-            && !reference_ops()
-            && xs.dtype() == DType::F32
-            && self.weight.dtype() == DType::F32
-            && !xs.track_op()
-            && !self.weight.track_op();
-        if !fast {
-            let y = xs
-                .permute((0, 3, 1, 2))?
-                .conv2d(&self.weight, self.pad, self.stride, 1, 1)?;
-            let y = match &self.bias {
-                Some(b) => y.broadcast_add(&b.reshape((1, cout, 1, 1))?)?,
-                None => y,
-            };
-            return y.permute((0, 2, 3, 1))?.contiguous();
-        }
+        let patches_to_out = match &self.patches_to_out {
+            Some(p)
+                if xs.device().is_cpu()
+                    && !reference_ops()
+                    && xs.dtype() == DType::F32
+                    && self.weight.dtype() == DType::F32
+                    && !xs.track_op() =>
+            {
+                p
+            }
+            _ => {
+                let nchw = xs.permute((0, 3, 1, 2))?;
+                let y = if super::tracks_grad(&[xs, &self.weight]) {
+                    // candle's conv2d backward sizes the input gradient from the height alone
+                    // (wrong output padding when only the width has a remainder, e.g. 65 -> 33):
+                    // pad explicitly and keep exactly the rows and columns the windows cover, so
+                    // that no output padding is needed in either dimension.
+                    let (p, s) = (self.pad, self.stride);
+                    nchw.pad_with_zeros(2, p, p)?
+                        .pad_with_zeros(3, p, p)?
+                        .narrow(2, 0, (ho - 1) * s + kh)?
+                        .narrow(3, 0, (wo - 1) * s + kw)?
+                        .conv2d(&self.weight, 0, s, 1, 1)?
+                } else {
+                    nchw.conv2d(&self.weight, self.pad, self.stride, 1, 1)?
+                };
+                let y = match &self.bias {
+                    Some(b) => y.broadcast_add(&b.reshape((1, cout, 1, 1))?)?,
+                    None => y,
+                };
+                return y.permute((0, 2, 3, 1))?.contiguous();
+            }
+        };
         let op = Im2Col {
             kh,
             kw,
@@ -107,10 +131,8 @@ impl Module for Conv2dNhwc {
             ho,
             wo,
         };
-        let patches = xs.contiguous()?.apply_op1_no_bwd(&op)?;
-        self.patches_to_out
-            .forward(&patches)?
-            .reshape((n, ho, wo, cout))
+        let patches = super::inference_op1(&xs.contiguous()?, &op)?;
+        patches_to_out.forward(&patches)?.reshape((n, ho, wo, cout))
     }
 }
 

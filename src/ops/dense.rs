@@ -9,7 +9,8 @@ use candle_core::{DType, Module, Result, Tensor};
 /// When the weight is an f32, contiguous CPU tensor that tracks no gradient and the CPU has
 /// AVX2/FMA, it is packed once here into the kernel's panel layout and the tensors are dropped
 /// (no second copy is kept); the forward then runs the packed GEMM with the bias (and GELU)
-/// fused. Otherwise (GPUs, f16/bf16, trainable weights, other CPUs) it keeps the tensors and runs
+/// fused, or, for an input that tracks a gradient, candle's matmul on the unpacked weights (so
+/// the input gradient is never lost). Otherwise (GPUs, f16/bf16, trainable weights, other CPUs) it keeps the tensors and runs
 /// [`super::linear`]; bf16 on the CPU runs in f32.
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -53,6 +54,12 @@ impl Linear {
             }
         };
         match &self.weights {
+            // The packed GEMM has no backward: a tracked input (saliency, a frozen backbone under
+            // a trainable stem) takes the tensor path on the unpacked weights.
+            Weights::Packed(p) if xs.track_op() => {
+                let (w, b) = p.unpack()?;
+                apply(xs, &candle_nn::Linear::new(w, Some(b)))
+            }
             Weights::Packed(p) => forward_packed(xs, p, gelu),
             Weights::Tensors(lin) if bf16_on_cpu(xs) => {
                 let w = lin.weight().to_dtype(DType::F32)?;
@@ -86,7 +93,7 @@ pub(crate) fn bf16_on_cpu(t: &Tensor) -> bool {
 pub fn mlp(xs: &Tensor, fc1: &Linear, fc2: &Linear) -> Result<Tensor> {
     let bf16_cpu = bf16_on_cpu(xs);
     match (&fc1.weights, &fc2.weights) {
-        (Weights::Packed(a), Weights::Packed(b)) => mlp_forward_packed(xs, a, b),
+        (Weights::Packed(a), Weights::Packed(b)) if !xs.track_op() => mlp_forward_packed(xs, a, b),
         (Weights::Tensors(a), Weights::Tensors(b)) if !bf16_cpu => super::linear::mlp(xs, a, b),
         _ => fc2.forward(&fc1.forward_gelu(xs)?),
     }

@@ -23,6 +23,9 @@ const OP: &str = "depthwise conv";
 #[derive(Debug, Clone)]
 pub struct DepthwiseConv2dNhwc {
     packed: Tensor,
+    /// The weight (C, 1, kh, kw) and bias as given, kept when they track gradients (trainable):
+    /// `packed` is a copy that would not follow their updates, so it is rebuilt per forward.
+    trainable: Option<(Tensor, Option<Tensor>)>,
     channels: usize,
     kh: usize,
     kw: usize,
@@ -40,27 +43,42 @@ impl DepthwiseConv2dNhwc {
                 weight.dims()
             );
         }
-        let taps = weight.reshape((c, kh * kw))?.t()?;
-        let bias_row = match bias {
-            Some(b) => {
-                if b.dims() != [c] {
-                    candle_core::bail!(
-                        "depthwise conv: bias must be ({c}) for a ({c}, 1, {kh}, {kw}) weight, got {:?}",
-                        b.dims()
-                    );
-                }
-                b.to_dtype(weight.dtype())?.reshape((1, c))?
-            }
-            None => Tensor::zeros((1, c), weight.dtype(), weight.device())?,
-        };
-        let packed = Tensor::cat(&[&taps, &bias_row], 0)?.contiguous()?;
+        if let Some(b) = bias.filter(|b| b.dims() != [c]) {
+            candle_core::bail!(
+                "depthwise conv: bias must be ({c}) for a ({c}, 1, {kh}, {kw}) weight, got {:?}",
+                b.dims()
+            );
+        }
+        let trainable = (weight.track_op() || bias.is_some_and(|b| b.track_op()))
+            .then(|| (weight.clone(), bias.cloned()));
         Ok(Self {
-            packed,
+            packed: Self::pack(weight, bias)?,
+            trainable,
             channels: c,
             kh,
             kw,
             pad,
         })
+    }
+
+    /// The (kh * kw + 1, C) layout: taps, then the bias row (zeros without a bias).
+    fn pack(weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let (c, _, kh, kw) = weight.dims4()?;
+        let taps = weight.reshape((c, kh * kw))?.t()?;
+        let bias_row = match bias {
+            Some(b) => b.to_dtype(weight.dtype())?.reshape((1, c))?,
+            None => Tensor::zeros((1, c), weight.dtype(), weight.device())?,
+        };
+        Tensor::cat(&[&taps, &bias_row], 0)?.contiguous()
+    }
+
+    /// The packed taps and bias: rebuilt from trainable weights (differentiably), else the copy
+    /// made at construction.
+    fn taps(&self) -> Result<Tensor> {
+        match &self.trainable {
+            Some((w, b)) => Self::pack(w, b.as_ref()),
+            None => Ok(self.packed.clone()),
+        }
     }
 
     /// Output size for an input of `h` x `w` (errors if the kernel does not fit).
@@ -81,7 +99,7 @@ impl DepthwiseConv2dNhwc {
     fn forward_grouped_conv2d(&self, xs: &Tensor) -> Result<Tensor> {
         let c = self.channels;
         let kk = self.kh * self.kw;
-        let packed = self.packed.to_dtype(xs.dtype())?;
+        let packed = self.taps()?.to_dtype(xs.dtype())?;
         let weight = packed
             .narrow(0, 0, kk)?
             .t()?
@@ -98,7 +116,7 @@ impl DepthwiseConv2dNhwc {
     fn forward_tensor_ops(&self, xs: &Tensor) -> Result<Tensor> {
         let (_n, h, w, _c) = xs.dims4()?;
         let (ho, wo) = self.out_size(h, w)?;
-        let packed = self.packed.to_dtype(xs.dtype())?;
+        let packed = self.taps()?.to_dtype(xs.dtype())?;
         let pad = self.pad;
         let padded = xs
             .pad_with_zeros(1, pad, pad)?
@@ -129,8 +147,8 @@ impl Module for DepthwiseConv2dNhwc {
         }
         let cpu_kernel = xs.device().is_cpu()
             && matches!(xs.dtype(), DType::F32 | DType::F16 | DType::BF16)
-            && !xs.track_op()
-            && !self.packed.track_op();
+            && self.trainable.is_none()
+            && !xs.track_op();
         if xs.device().is_cpu() && reference_ops() {
             return self.forward_grouped_conv2d(xs);
         }
@@ -143,11 +161,7 @@ impl Module for DepthwiseConv2dNhwc {
             pad: self.pad,
         };
         let packed = self.packed.to_dtype(DType::F32)?;
-        if xs.is_contiguous() {
-            xs.apply_op2_no_bwd(&packed, &op)
-        } else {
-            xs.contiguous()?.apply_op2_no_bwd(&packed, &op)
-        }
+        super::inference_op2(&xs.contiguous()?, &packed, &op)
     }
 }
 

@@ -2,8 +2,9 @@
 //! LayerNorm over the last dimension and the per-group softmax of the DCNv3 mask.
 //!
 //! Both are plain rayon-parallel loops over rows with vectorisable inner loops (AVX2+FMA chosen
-//! at run time on x86-64). Other devices, other dtypes and inputs that track gradients use the
-//! equivalent candle ops, so the functions can be called unconditionally.
+//! at run time on x86-64), and both are differentiable: their `bwd` computes the gradients with
+//! candle tensor ops. Other devices and dtypes use the equivalent candle ops (differentiable ones
+//! whenever an argument tracks a gradient), so the functions can be called unconditionally.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -126,6 +127,66 @@ impl CustomOp3 for LayerNormOp {
         unsafe { y.set_len(x.len()) };
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
+
+    fn bwd(
+        &self,
+        xs: &Tensor,
+        weight: &Tensor,
+        _bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, db) = layer_norm_backward(xs, weight, grad, self.eps as f64)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// `(x - mean) * rstd` over the last dimension, with `rstd` = 1 / sqrt(biased var + eps).
+fn normalised(xs: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+    let mean = xs.mean_keepdim(D::Minus1)?;
+    let centred = xs.broadcast_sub(&mean)?;
+    let rstd = (centred.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+        .sqrt()?
+        .recip()?;
+    Ok((centred.broadcast_mul(&rstd)?, rstd))
+}
+
+/// Gradients of `sum(layer_norm(x, w, b) * grad)` with respect to x, w and b (tensor ops, any
+/// device; the statistics are recomputed from `xs`).
+fn layer_norm_backward(
+    xs: &Tensor,
+    weight: &Tensor,
+    grad: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (xs, grad) = (xs.detach(), grad.detach());
+    let (xhat, rstd) = normalised(&xs, eps)?;
+    let gw = grad.broadcast_mul(&weight.detach())?;
+    let mean_gw = gw.mean_keepdim(D::Minus1)?;
+    let mean_gw_xhat = (&gw * &xhat)?.mean_keepdim(D::Minus1)?;
+    let dx = gw
+        .broadcast_sub(&mean_gw)?
+        .sub(&xhat.broadcast_mul(&mean_gw_xhat)?)?
+        .broadcast_mul(&rstd)?;
+    let c = weight.elem_count();
+    let rows = xs.elem_count() / c.max(1);
+    let dw = (&grad * &xhat)?.reshape((rows, c))?.sum(0)?;
+    let db = grad.reshape((rows, c))?.sum(0)?;
+    Ok((dx, dw, db))
+}
+
+/// LayerNorm with candle tensor ops (differentiable through candle's autograd), computed in f32
+/// for f16/bf16 inputs.
+fn layer_norm_tensor_ops(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = xs.dtype();
+    let up = |t: &Tensor| match dtype {
+        DType::F16 | DType::BF16 => t.to_dtype(DType::F32),
+        _ => Ok(t.clone()),
+    };
+    let (xhat, _) = normalised(&up(xs)?, eps)?;
+    xhat.broadcast_mul(&up(weight)?)?
+        .broadcast_add(&up(bias)?)?
+        .to_dtype(dtype)
 }
 
 /// LayerNorm over the last dimension: `(x - mean) / sqrt(var + eps) * weight + bias`
@@ -152,16 +213,20 @@ pub fn layer_norm_last_dim(
         && !reference_ops()
         && xs.dtype() == DType::F32
         && weight.dtype() == DType::F32
-        && bias.dtype() == DType::F32
-        && !xs.track_op()
-        && !weight.track_op()
-        && !bias.track_op();
-    if !fast {
-        let ln = candle_nn::LayerNorm::new(weight.clone(), bias.clone(), eps);
-        return candle_core::Module::forward(&ln, &xs.contiguous()?);
+        && bias.dtype() == DType::F32;
+    if fast {
+        return xs.contiguous()?.apply_op3(
+            &weight.contiguous()?,
+            &bias.contiguous()?,
+            LayerNormOp { eps: eps as f32 },
+        );
     }
-    xs.contiguous()?
-        .apply_op3_no_bwd(weight, bias, &LayerNormOp { eps: eps as f32 })
+    if super::tracks_grad(&[xs, weight, bias]) {
+        // candle-nn's fused layer_norm has no backward.
+        return layer_norm_tensor_ops(xs, weight, bias, eps);
+    }
+    let ln = candle_nn::LayerNorm::new(weight.clone(), bias.clone(), eps);
+    candle_core::Module::forward(&ln, &xs.contiguous()?)
 }
 
 /// Softmax over consecutive groups of `p` values (`p > 0`).
@@ -230,6 +295,16 @@ impl CustomOp1 for SoftmaxGroupsOp {
         unsafe { y.set_len(x.len()) };
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
+
+    fn bwd(&self, _xs: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        // d x = y * (g - sum_group(g * y)).
+        let (y, g) = (res.detach(), grad.detach());
+        let n = y.elem_count() / self.p;
+        let yg = y.reshape((n, self.p))?;
+        let gg = g.reshape((n, self.p))?;
+        let dot = (&yg * &gg)?.sum_keepdim(1)?;
+        Ok(Some((yg * gg.broadcast_sub(&dot)?)?.reshape(res.shape())?))
+    }
 }
 
 /// Softmax over groups of `group_size` consecutive values of the last dimension: an input
@@ -245,8 +320,7 @@ pub fn softmax_groups(xs: &Tensor, group_size: usize) -> Result<Tensor> {
             xs.dims()
         );
     }
-    let fast =
-        xs.device().is_cpu() && !reference_ops() && xs.dtype() == DType::F32 && !xs.track_op();
+    let fast = xs.device().is_cpu() && !reference_ops() && xs.dtype() == DType::F32;
     if !fast {
         let mut dims = xs.dims().to_vec();
         dims.pop();
@@ -260,5 +334,5 @@ pub fn softmax_groups(xs: &Tensor, group_size: usize) -> Result<Tensor> {
         return s.reshape(xs.shape());
     }
     xs.contiguous()?
-        .apply_op1_no_bwd(&SoftmaxGroupsOp { p: group_size })
+        .apply_op1(SoftmaxGroupsOp { p: group_size })
 }

@@ -70,6 +70,26 @@ impl PackedWeight {
         })
     }
 
+    /// The weight ((n, k) row-major) and the bias (n; zeros when there was none) as CPU tensors:
+    /// the inverse of [`PackedWeight::new`], for the differentiable path a tracked input takes.
+    pub(crate) fn unpack(&self) -> Result<(Tensor, Tensor)> {
+        let (n, k) = (self.n, self.k);
+        let mut w = vec![0f32; n * k];
+        for (p, panel) in self.data.chunks_exact(k * NR).enumerate() {
+            for j in 0..NR.min(n - p * NR) {
+                let row = &mut w[(p * NR + j) * k..(p * NR + j + 1) * k];
+                for (kk, v) in row.iter_mut().enumerate() {
+                    *v = panel[kk * NR + j];
+                }
+            }
+        }
+        let dev = candle_core::Device::Cpu;
+        Ok((
+            Tensor::from_vec(w, (n, k), &dev)?,
+            Tensor::from_slice(&self.bias[..n], n, &dev)?,
+        ))
+    }
+
     fn panels(&self) -> usize {
         self.n.div_ceil(NR)
     }
@@ -522,7 +542,7 @@ impl PackedOp {
     fn apply(&self, xs: &Tensor) -> Result<Tensor> {
         let (k, n) = self.features();
         let m = rows_of(xs, k, self.what())?;
-        let y = xs.contiguous()?.reshape((m, k))?.apply_op1_no_bwd(self)?;
+        let y = super::inference_op1(&xs.contiguous()?.reshape((m, k))?, self)?;
         let mut dims = xs.dims().to_vec();
         if let Some(last) = dims.last_mut() {
             *last = n;

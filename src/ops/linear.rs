@@ -376,7 +376,8 @@ pub(crate) fn mlp(
         b2: fc2.bias().map(|b| b.to_vec1::<f32>()).transpose()?,
     };
     let x2 = xs.contiguous()?.reshape((rows, c))?;
-    let y = x2.apply_op3_no_bwd(
+    let y = super::inference_op3(
+        &x2,
         &fc1.weight().contiguous()?,
         &fc2.weight().contiguous()?,
         &op,

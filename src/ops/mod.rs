@@ -20,7 +20,52 @@ pub use depthwise::depthwise_conv2d_nhwc;
 pub use fused::{layer_norm_last_dim, softmax_groups};
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, Layout, Result};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Tensor};
+
+// The gradient contract of the fast ops: every custom op of this crate either implements `bwd`
+// (applied with `apply_op*`) or is inference-only and applied through `inference_op1/2/3` below,
+// which refuse a tensor that tracks a gradient. Callers step aside to a differentiable path
+// (candle tensor ops) before they get there, so the refusal is an internal error that a test would
+// catch; `tests/gradients.rs` also checks that no `apply_op*_no_bwd` call exists elsewhere.
+
+/// Whether any of `ts` is part of an autograd graph (a `Var`, or computed from one): the fast
+/// inference-only kernels must then step aside.
+pub(crate) fn tracks_grad(ts: &[&Tensor]) -> bool {
+    ts.iter().any(|t| t.track_op())
+}
+
+fn refuse_tracked(name: &str, ts: &[&Tensor]) -> Result<()> {
+    if tracks_grad(ts) {
+        candle_core::bail!(
+            "internal error: the inference-only kernel `{name}` was given a tensor that tracks \
+             gradients (its gradient would be lost); please report this"
+        )
+    }
+    Ok(())
+}
+
+/// `x.apply_op1_no_bwd(op)` for an inference-only op, refusing tracked tensors.
+pub(crate) fn inference_op1(x: &Tensor, op: &impl CustomOp1) -> Result<Tensor> {
+    refuse_tracked(op.name(), &[x])?;
+    x.apply_op1_no_bwd(op)
+}
+
+/// `a.apply_op2_no_bwd(b, op)` for an inference-only op, refusing tracked tensors.
+pub(crate) fn inference_op2(a: &Tensor, b: &Tensor, op: &impl CustomOp2) -> Result<Tensor> {
+    refuse_tracked(op.name(), &[a, b])?;
+    a.apply_op2_no_bwd(b, op)
+}
+
+/// `a.apply_op3_no_bwd(b, c, op)` for an inference-only op, refusing tracked tensors.
+pub(crate) fn inference_op3(
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    op: &impl CustomOp3,
+) -> Result<Tensor> {
+    refuse_tracked(op.name(), &[a, b, c])?;
+    a.apply_op3_no_bwd(b, c, op)
+}
 
 /// The values of a CPU tensor as one contiguous slice of `T`, for the custom ops' CPU kernels.
 ///

@@ -153,7 +153,8 @@ pub fn dcnv3_backward(
         &[offset.detach().flatten_all()?, mask.detach().flatten_all()?],
         0,
     )?;
-    let packed = input.detach().contiguous()?.apply_op3_no_bwd(
+    let packed = crate::ops::inference_op3(
+        &input.detach().contiguous()?,
         &offset_mask,
         &grad_out.detach().contiguous()?,
         &Dcnv3BackwardOp::new(*cfg),
