@@ -17,6 +17,7 @@
 //!   `HF_TOKEN`, `HF_HUB_OFFLINE=1` are honoured; needs the `hub` feature, on by default).
 //! * `--weights PATH`: a local `.pth`, `.safetensors` or `model.safetensors.index.json`; no network.
 //!   `--config PATH` reads the architecture from a Hugging Face `config.json` instead of the zoo entry.
+//! * `--labels PATH`: class names, one per line (the `labels.txt` a `finetune` run writes).
 //! * `--size S`: evaluation resolution (default: the zoo entry's, e.g. 224).
 //! * `--top-k K` (default 5), `--batch-size B` (default 8; one forward pass per batch),
 //!   `--device cpu|cuda|metal`, `--dtype f32|f16|bf16`, `--json`, `--logits` (JSON: add raw logits).
@@ -71,6 +72,8 @@ OPTIONS:
                         no network
     --config PATH       Hugging Face config.json with the architecture of --weights
                         (default: the --model entry's architecture)
+    --labels PATH       class names, one per line (e.g. labels.txt of a finetune run);
+                        replaces the ImageNet names
     --size S            input resolution (default: the model's, e.g. 224)
     --top-k K           number of classes to print per image (default 5)
     --batch-size B      images per forward pass (default 8)
@@ -90,6 +93,7 @@ struct Args {
     model: String,
     weights: Option<PathBuf>,
     config: Option<PathBuf>,
+    labels: Option<Vec<String>>,
     size: Option<u32>,
     top_k: usize,
     batch_size: usize,
@@ -106,6 +110,7 @@ fn parse_args(argv: impl IntoIterator<Item = String>) -> std::result::Result<Opt
         model: DEFAULT_MODEL.to_string(),
         weights: None,
         config: None,
+        labels: None,
         size: None,
         top_k: 5,
         batch_size: 8,
@@ -140,6 +145,12 @@ fn parse_args(argv: impl IntoIterator<Item = String>) -> std::result::Result<Opt
             "--model" => args.model = value("--model")?,
             "--weights" => args.weights = Some(PathBuf::from(value("--weights")?)),
             "--config" => args.config = Some(PathBuf::from(value("--config")?)),
+            "--labels" => {
+                let path = value("--labels")?;
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| format!("--labels: cannot read {path}: {e}"))?;
+                args.labels = Some(text.lines().map(|l| l.trim().to_string()).collect());
+            }
             "--size" => {
                 let v = value("--size")?;
                 args.size = Some(
@@ -308,9 +319,23 @@ fn classify_batch(
         .forward(&xs)?
         .to_dtype(DType::F32)?
         .to_device(&Device::Cpu)?;
-    let preds = match label_set {
-        Some(set) => labels::top_k(&logits, set, args.top_k)?,
-        None => labels::top_k_unlabelled(&logits, args.top_k)?,
+    let preds = match (&args.labels, label_set) {
+        (Some(names), _) => {
+            let classes = logits.dims().last().copied().unwrap_or(0);
+            if names.len() != classes {
+                candle_core::bail!(
+                    "--labels lists {} names but the model has {classes} classes",
+                    names.len()
+                );
+            }
+            let mut preds = labels::top_k_unlabelled(&logits, args.top_k)?;
+            for p in preds.iter_mut().flatten() {
+                p.name = names[p.index].clone();
+            }
+            preds
+        }
+        (None, Some(set)) => labels::top_k(&logits, set, args.top_k)?,
+        (None, None) => labels::top_k_unlabelled(&logits, args.top_k)?,
     };
     let raw = if args.logits {
         logits.to_vec2::<f32>()?.into_iter().map(Some).collect()

@@ -18,52 +18,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-use common::FIXTURES;
+use common::{build_example, FIXTURES};
 use serde_json::Value;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
 /// Builds an example (same profile and features as this test) and returns its path.
-fn build_example(name: &str) -> PathBuf {
-    let mut features = vec![];
-    for (on, feature) in [
-        (cfg!(feature = "hub"), "hub"),
-        (cfg!(feature = "image"), "image"),
-        (cfg!(feature = "cuda"), "cuda"),
-        (cfg!(feature = "metal"), "metal"),
-    ] {
-        if on {
-            features.push(feature);
-        }
-    }
-    let mut cmd = Command::new(env!("CARGO"));
-    cmd.current_dir(ROOT).args([
-        "build",
-        "--example",
-        name,
-        "--message-format=json",
-        "--no-default-features",
-        "--features",
-        &features.join(","),
-    ]);
-    if !cfg!(debug_assertions) {
-        cmd.arg("--release");
-    }
-    let out = cmd.output().expect("cannot run cargo");
-    assert!(
-        out.status.success(),
-        "cargo build --example {name} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // The compiler-artifact message of the example names its executable.
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v["reason"] == "compiler-artifact" && v["target"]["name"] == name)
-        .find_map(|v| v["executable"].as_str().map(PathBuf::from))
-        .unwrap_or_else(|| panic!("cargo did not report the {name} executable"))
-}
-
 fn example_binary() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| build_example("classify"))

@@ -275,3 +275,45 @@ pub fn randn(rng: &mut StdRng, len: usize, scale: f64) -> Vec<f64> {
         })
         .collect()
 }
+
+/// Builds example `name` with the features of this test build (`cargo build --example`, release
+/// when the tests are) and returns its executable.
+pub fn build_example(name: &str) -> PathBuf {
+    let mut features = vec![];
+    for (on, feature) in [
+        (cfg!(feature = "hub"), "hub"),
+        (cfg!(feature = "image"), "image"),
+        (cfg!(feature = "cuda"), "cuda"),
+        (cfg!(feature = "metal"), "metal"),
+    ] {
+        if on {
+            features.push(feature);
+        }
+    }
+    let mut cmd = std::process::Command::new(env!("CARGO"));
+    cmd.current_dir(env!("CARGO_MANIFEST_DIR")).args([
+        "build",
+        "--example",
+        name,
+        "--message-format=json",
+        "--no-default-features",
+        "--features",
+        &features.join(","),
+    ]);
+    if !cfg!(debug_assertions) {
+        cmd.arg("--release");
+    }
+    let out = cmd.output().expect("cannot run cargo");
+    assert!(
+        out.status.success(),
+        "cargo build --example {name} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The compiler-artifact message of the example names its executable.
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["reason"] == "compiler-artifact" && v["target"]["name"] == name)
+        .find_map(|v| v["executable"].as_str().map(PathBuf::from))
+        .unwrap_or_else(|| panic!("cargo did not report the {name} executable"))
+}
