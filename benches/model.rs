@@ -5,7 +5,8 @@
 //! warm-up. The `reference` rows run the same network with `INTERNIMAGE_REFERENCE_OPS=1`, i.e.
 //! candle's own `gelu_erf` and grouped `conv2d` instead of this crate's CPU kernels: the speed-up
 //! column is measured against that same-run baseline. The `op:` rows time single operators at
-//! InternImage-T shapes (candle's op vs ours).
+//! InternImage-T shapes (candle's op vs ours). `train_t224_b8` times one training step (forward
+//! in training mode, cross-entropy, backward, AdamW) with every parameter a `Var`.
 
 use candle_core::{DType, Device, Module, Result, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
@@ -43,6 +44,73 @@ impl candle_nn::var_builder::SimpleBackend for RandomWeights {
 
 fn vb() -> VarBuilder<'static> {
     VarBuilder::from_backend(Box::new(RandomWeights), DType::F32, Device::Cpu)
+}
+
+/// [`RandomWeights`] as trainable `Var`s (floating parameters; BatchNorm statistics stay
+/// constants), collected for the optimiser.
+#[derive(Default)]
+struct RandomVars {
+    vars: std::sync::Arc<std::sync::Mutex<Vec<candle_core::Var>>>,
+}
+
+impl candle_nn::var_builder::SimpleBackend for RandomVars {
+    fn get(&self, s: Shape, name: &str, h: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
+        let t = RandomWeights.get(s, name, h, dtype, dev)?;
+        if name.contains("running_") || name.ends_with("num_batches_tracked") {
+            return Ok(t);
+        }
+        let v = candle_core::Var::from_tensor(&t)?;
+        let out = v.as_tensor().clone();
+        self.vars
+            .lock()
+            .map_err(|_| candle_core::Error::msg("poisoned"))?
+            .push(v);
+        Ok(out)
+    }
+
+    fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> Result<Tensor> {
+        candle_core::bail!("random weights: {name} requested without a shape")
+    }
+
+    fn contains_tensor(&self, _name: &str) -> bool {
+        true
+    }
+}
+
+/// One training step of InternImage-T at 224, batch 8, f32: forward in training mode (drop
+/// path 0.1 as the official T fine-tune), cross-entropy, backward, AdamW update. Prints
+/// `RESULT train_t224_b8 <ms/img> <img/s> <rss MiB>` (one step = 8 images).
+fn run_train_case(name: &str) -> Result<()> {
+    use candle_nn::Optimizer;
+    let batch = 8;
+    let cfg = Config {
+        drop_path_rate: 0.1,
+        ..Config::t()
+    };
+    let backend = RandomVars::default();
+    let vars = backend.vars.clone();
+    let vb = VarBuilder::from_backend(Box::new(backend), DType::F32, Device::Cpu);
+    let model = InternImage::new(&cfg, vb)?;
+    let vars = vars
+        .lock()
+        .map_err(|_| candle_core::Error::msg("poisoned"))?
+        .clone();
+    let mut opt = candle_nn::AdamW::new_lr(vars, 1e-4)?;
+    let x = Tensor::randn(0f32, 1.0, (batch, 3, 224, 224), &Device::Cpu)?;
+    let targets = Tensor::arange(0u32, batch as u32, &Device::Cpu)?;
+    let secs = time_it(1, 3, || {
+        let logits = model.forward_t(&x, true)?;
+        let loss = candle_nn::loss::cross_entropy(&logits, &targets)?;
+        opt.backward_step(&loss)
+    })?;
+    let per_img = secs / batch as f64;
+    println!(
+        "RESULT {name} {:.2} {:.2} {:.1}",
+        per_img * 1e3,
+        1.0 / per_img,
+        peak_rss_mib()
+    );
+    Ok(())
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -131,6 +199,11 @@ const CASES: &[Case] = &[
         name: "t224_b8_reference",
         reference: true,
         what: "T, 224, batch 8, candle gelu_erf + grouped conv2d",
+    },
+    Case {
+        name: "train_t224_b8",
+        reference: false,
+        what: "T, 224, batch 8, one training step (forward, backward, AdamW)",
     },
     Case {
         name: "ops",
@@ -426,6 +499,8 @@ fn child(name: &str) -> Result<()> {
         run_breakdown()
     } else if name == "ops" {
         run_ops()
+    } else if name.starts_with("train_") {
+        run_train_case(name)
     } else {
         run_model_case(name)
     }
@@ -517,6 +592,9 @@ fn main() {
             let base = find(&format!("{name}_reference"));
             let ratio = base.map_or(String::from("-"), |b| format!("{:.1}x", b / ms));
             println!("| {name} | {ms:.1} | {ips:.2} | {rss:.0} | {ratio} |");
+        }
+        if let Some(t) = find("train_t224_b8") {
+            println!("\ntraining step (T 224 batch 8): {:.0} ms per step", 8.0 * t);
         }
         if let (Some(b1), Some(b8)) = (find("t224_b1"), find("t224_b8")) {
             println!("\nbatch 8 vs batch 1 throughput: {:.2}x", b1 / b8);
