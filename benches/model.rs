@@ -594,7 +594,10 @@ fn main() {
             println!("| {name} | {ms:.1} | {ips:.2} | {rss:.0} | {ratio} |");
         }
         if let Some(t) = find("train_t224_b8") {
-            println!("\ntraining step (T 224 batch 8): {:.0} ms per step", 8.0 * t);
+            println!(
+                "\ntraining step (T 224 batch 8): {:.0} ms per step",
+                8.0 * t
+            );
         }
         if let (Some(b1), Some(b8)) = (find("t224_b1"), find("t224_b8")) {
             println!("\nbatch 8 vs batch 1 throughput: {:.2}x", b1 / b8);

@@ -151,8 +151,11 @@ fn parse_args() -> std::result::Result<Args, String> {
     Ok(a)
 }
 
+/// Image files with their class index.
+type Items = Vec<(PathBuf, usize)>;
+
 /// The class folders of `root` (sorted) and every image file of each, as (path, class).
-fn scan_folder(root: &Path) -> Result<(Vec<String>, Vec<(PathBuf, usize)>)> {
+fn scan_folder(root: &Path) -> Result<(Vec<String>, Items)> {
     let read = |dir: &Path| {
         std::fs::read_dir(dir).map_err(|e| {
             candle_core::Error::msg(format!("cannot read directory {}: {e}", dir.display()))
@@ -197,15 +200,18 @@ fn scan_folder(root: &Path) -> Result<(Vec<String>, Vec<(PathBuf, usize)>)> {
     Ok((classes.into_iter().map(|(n, _)| n).collect(), items))
 }
 
-/// Seeded per-class split: (train, val).
-type Split = (Vec<(PathBuf, usize)>, Vec<(PathBuf, usize)>);
-
-fn split(items: &[(PathBuf, usize)], classes: usize, fraction: f64, rng: &mut StdRng) -> Split {
+/// Seeded per-class split: (train, val); every class keeps at least one training image.
+fn split(
+    items: &[(PathBuf, usize)],
+    classes: usize,
+    fraction: f64,
+    rng: &mut StdRng,
+) -> (Items, Items) {
     let (mut train, mut val) = (Vec::new(), Vec::new());
     for c in 0..classes {
         let mut of_class: Vec<_> = items.iter().filter(|(_, k)| *k == c).cloned().collect();
         of_class.shuffle(rng);
-        let n_val = ((of_class.len() as f64 * fraction).round() as usize).min(of_class.len() - 1);
+        let n_val = ((of_class.len() as f64 * fraction).round() as usize).min(of_class.len().saturating_sub(1));
         val.extend(of_class.drain(..n_val));
         train.extend(of_class);
     }

@@ -244,7 +244,7 @@ fn finite_differences_f64() {
             .max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs()))
             .unwrap();
         for idx in [big, g.len() / 2] {
-            let mut probe = |delta: f64| {
+            let probe = |delta: f64| {
                 let mut v = orig.clone();
                 v[idx] += delta;
                 var.set(&Tensor::from_vec(v, var.shape(), &dev).unwrap())
