@@ -211,7 +211,8 @@ fn split(
     for c in 0..classes {
         let mut of_class: Vec<_> = items.iter().filter(|(_, k)| *k == c).cloned().collect();
         of_class.shuffle(rng);
-        let n_val = ((of_class.len() as f64 * fraction).round() as usize).min(of_class.len().saturating_sub(1));
+        let n_val = ((of_class.len() as f64 * fraction).round() as usize)
+            .min(of_class.len().saturating_sub(1));
         val.extend(of_class.drain(..n_val));
         train.extend(of_class);
     }

@@ -107,7 +107,10 @@ pub(crate) fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Li
 /// A 2-D convolution (NCHW) that also runs bf16 on the CPU.
 #[derive(Debug, Clone)]
 pub(crate) struct Conv2d {
-    inner: candle_nn::Conv2d,
+    weight: Tensor,
+    bias: Option<Tensor>,
+    stride: usize,
+    pad: usize,
     /// The same convolution laid out for channels-last input (used by `forward_nhwc`).
     nhwc: crate::ops::Conv2dNhwc,
 }
@@ -115,11 +118,6 @@ pub(crate) struct Conv2d {
 impl Conv2d {
     /// Loads `weight` (out, in, k, k) and, when `bias`, `bias` (out); stride 2, padding 1.
     pub(crate) fn load_s2(c_in: usize, c_out: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
-        let cfg = candle_nn::Conv2dConfig {
-            padding: 1,
-            stride: 2,
-            ..Default::default()
-        };
         let weight = vb.get((c_out, c_in, 3, 3), "weight")?;
         let bias = if bias {
             Some(vb.get(c_out, "bias")?)
@@ -128,7 +126,10 @@ impl Conv2d {
         };
         let nhwc = crate::ops::Conv2dNhwc::new(&weight, bias.as_ref(), 2, 1)?;
         Ok(Self {
-            inner: candle_nn::Conv2d::new(weight, bias, cfg),
+            weight,
+            bias,
+            stride: 2,
+            pad: 1,
             nhwc,
         })
     }
@@ -148,17 +149,24 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let conv = crate::ops::conv::conv2d_nchw;
         if bf16_on_cpu(xs) {
-            let w = self.inner.weight().to_dtype(DType::F32)?;
-            let b = match self.inner.bias() {
-                Some(b) => Some(b.to_dtype(DType::F32)?),
-                None => None,
-            };
-            candle_nn::Conv2d::new(w, b, *self.inner.config())
-                .forward(&xs.to_dtype(DType::F32)?)?
-                .to_dtype(DType::BF16)
+            let w = self.weight.to_dtype(DType::F32)?;
+            let b = self
+                .bias
+                .as_ref()
+                .map(|b| b.to_dtype(DType::F32))
+                .transpose()?;
+            conv(
+                &xs.to_dtype(DType::F32)?,
+                &w,
+                b.as_ref(),
+                self.stride,
+                self.pad,
+            )?
+            .to_dtype(DType::BF16)
         } else {
-            self.inner.forward(xs)
+            conv(xs, &self.weight, self.bias.as_ref(), self.stride, self.pad)
         }
     }
 }

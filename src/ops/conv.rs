@@ -102,24 +102,13 @@ impl Module for Conv2dNhwc {
             }
             _ => {
                 let nchw = xs.permute((0, 3, 1, 2))?;
-                let y = if super::tracks_grad(&[xs, &self.weight]) {
-                    // candle's conv2d backward sizes the input gradient from the height alone
-                    // (wrong output padding when only the width has a remainder, e.g. 65 -> 33):
-                    // pad explicitly and keep exactly the rows and columns the windows cover, so
-                    // that no output padding is needed in either dimension.
-                    let (p, s) = (self.pad, self.stride);
-                    nchw.pad_with_zeros(2, p, p)?
-                        .pad_with_zeros(3, p, p)?
-                        .narrow(2, 0, (ho - 1) * s + kh)?
-                        .narrow(3, 0, (wo - 1) * s + kw)?
-                        .conv2d(&self.weight, 0, s, 1, 1)?
-                } else {
-                    nchw.conv2d(&self.weight, self.pad, self.stride, 1, 1)?
-                };
-                let y = match &self.bias {
-                    Some(b) => y.broadcast_add(&b.reshape((1, cout, 1, 1))?)?,
-                    None => y,
-                };
+                let y = conv2d_nchw(
+                    &nchw,
+                    &self.weight,
+                    self.bias.as_ref(),
+                    self.stride,
+                    self.pad,
+                )?;
                 return y.permute((0, 2, 3, 1))?.contiguous();
             }
         };
@@ -133,6 +122,42 @@ impl Module for Conv2dNhwc {
         };
         let patches = super::inference_op1(&xs.contiguous()?, &op)?;
         patches_to_out.forward(&patches)?.reshape((n, ho, wo, cout))
+    }
+}
+
+/// Candle's `conv2d` (NCHW, groups 1, dilation 1) plus an optional bias (Cout), differentiable.
+///
+/// For inputs or weights that track gradients the input is padded explicitly and cut to exactly
+/// the rows and columns the windows cover: candle's conv2d backward sizes the input gradient from
+/// the height alone (a wrong output padding when only the width has a remainder, e.g. 65 -> 33).
+pub(crate) fn conv2d_nchw(
+    xs: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    pad: usize,
+) -> Result<Tensor> {
+    let y = if super::tracks_grad(&[xs, weight]) {
+        let (_, _, h, w) = xs.dims4()?;
+        let (_, _, kh, kw) = weight.dims4()?;
+        let (hp, wp) = (h + 2 * pad, w + 2 * pad);
+        if hp < kh || wp < kw || stride == 0 {
+            candle_core::bail!(
+                "conv2d: a {kh}x{kw} kernel does not fit a {h}x{w} input padded by {pad} (stride {stride})"
+            );
+        }
+        let (ho, wo) = ((hp - kh) / stride + 1, (wp - kw) / stride + 1);
+        xs.pad_with_zeros(2, pad, pad)?
+            .pad_with_zeros(3, pad, pad)?
+            .narrow(2, 0, (ho - 1) * stride + kh)?
+            .narrow(3, 0, (wo - 1) * stride + kw)?
+            .conv2d(weight, 0, stride, 1, 1)?
+    } else {
+        xs.conv2d(weight, pad, stride, 1, 1)?
+    };
+    match bias {
+        Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?),
+        None => Ok(y),
     }
 }
 
