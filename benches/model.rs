@@ -98,6 +98,23 @@ fn run_train_case(name: &str) -> Result<()> {
     let mut opt = candle_nn::AdamW::new_lr(vars, 1e-4)?;
     let x = Tensor::randn(0f32, 1.0, (batch, 3, 224, 224), &Device::Cpu)?;
     let targets = Tensor::arange(0u32, batch as u32, &Device::Cpu)?;
+    if std::env::var_os("TRAIN_PARTS").is_some() {
+        for _ in 0..2 {
+            let t0 = Instant::now();
+            let logits = model.forward_t(&x, true)?;
+            let loss = candle_nn::loss::cross_entropy(&logits, &targets)?;
+            let t1 = Instant::now();
+            let grads = loss.backward()?;
+            let t2 = Instant::now();
+            opt.step(&grads)?;
+            eprintln!(
+                "forward {:.0} ms, backward {:.0} ms, step {:.0} ms",
+                (t1 - t0).as_secs_f64() * 1e3,
+                (t2 - t1).as_secs_f64() * 1e3,
+                t2.elapsed().as_secs_f64() * 1e3
+            );
+        }
+    }
     let secs = time_it(1, 3, || {
         let logits = model.forward_t(&x, true)?;
         let loss = candle_nn::loss::cross_entropy(&logits, &targets)?;

@@ -50,6 +50,9 @@ pub struct InternImage {
     out_indices: Vec<usize>,
     dtype: DType,
     device: Device,
+    /// Some parameters are `Var`s (set by [`TrainableModel`]): batches are not split across
+    /// threads (the differentiable paths run on candle's own parallel ops).
+    pub(crate) has_vars: bool,
 }
 
 impl InternImage {
@@ -134,6 +137,7 @@ impl InternImage {
             out_indices,
             dtype: vb.dtype(),
             device: vb.device().clone(),
+            has_vars: false,
         })
     }
 
@@ -281,7 +285,15 @@ impl InternImage {
             [n, ..] => *n,
             _ => 0,
         };
-        if !xs.device().is_cpu() || threads < 2 || n < 2 || crate::ops::simd::reference_ops() {
+        // Tracked computations take candle's tensor ops, which parallelise on candle's own
+        // (spinning, serialised) thread pool: concurrent chunks would only contend for it.
+        if !xs.device().is_cpu()
+            || threads < 2
+            || n < 2
+            || crate::ops::simd::reference_ops()
+            || self.has_vars
+            || xs.track_op()
+        {
             return f(xs);
         }
         let chunks = threads.min(n);

@@ -294,7 +294,8 @@ impl TrainableModel {
             served: served.clone(),
         };
         let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
-        let model = InternImage::new(cfg, vb)?;
+        let mut model = InternImage::new(cfg, vb)?;
+        model.has_vars = !varmap.all_vars().is_empty();
         let tensors =
             std::mem::take(&mut *served.lock().map_err(|_| {
                 candle_core::Error::msg("trainable model: a builder thread panicked")

@@ -205,9 +205,62 @@ impl CustomOp1 for GeluErfOp {
     }
 }
 
+/// `dx = g * (Phi(x) + x * phi(x))` elementwise over equal-length slices.
+#[inline(always)]
+fn gelu_grad_generic<const FMA: bool>(x: &[f32], g: &[f32], dx: &mut [MaybeUninit<f32>]) {
+    const INV_SQRT_2PI: f32 = 0.398_942_3;
+    for ((d, &x), &g) in dx.iter_mut().zip(x).zip(g) {
+        let cdf = 0.5 * (1.0 + erf_f32::<FMA>(x * std::f32::consts::FRAC_1_SQRT_2));
+        let pdf = INV_SQRT_2PI * exp_f32::<FMA>(-0.5 * x * x);
+        d.write(g * fmadd::<FMA>(x, pdf, cdf));
+    }
+}
+
+dispatch_fma!(fn gelu_grad_f32(x: &[f32], g: &[f32], dx: &mut [MaybeUninit<f32>]) => gelu_grad_generic);
+
+/// The GELU backward on the CPU in f32: (x, grad) -> grad * gelu'(x), one rayon pass.
+struct GeluGradOp;
+
+impl candle_core::CustomOp2 for GeluGradOp {
+    fn name(&self) -> &'static str {
+        "internimage-gelu-erf-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_slice::<f32>(s1, l1, "gelu_erf backward", "input")?;
+        let g = contiguous_slice::<f32>(s2, l2, "gelu_erf backward", "gradient")?;
+        if x.len() != g.len() {
+            candle_core::bail!(
+                "gelu_erf backward: {} inputs but {} gradients",
+                x.len(),
+                g.len()
+            )
+        }
+        let mut dx = Vec::with_capacity(x.len());
+        let dst = &mut dx.spare_capacity_mut()[..x.len()];
+        dst.par_chunks_mut(PAR_CHUNK)
+            .zip(x.par_chunks(PAR_CHUNK).zip(g.par_chunks(PAR_CHUNK)))
+            .for_each(|(d, (x, g))| gelu_grad_f32(x, g, d));
+        // SAFETY: the chunks of `dst`, `x` and `g` pair up with equal lengths and
+        // `gelu_grad_f32` writes every element of its chunk of `dst`.
+        unsafe { dx.set_len(x.len()) };
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
 /// `grad * gelu'(x)` with `gelu'(x) = Phi(x) + x * phi(x)` (the exact GELU's derivative), in the
-/// input's dtype, with tensor ops.
+/// input's dtype: one fused pass on the CPU in f32, tensor ops elsewhere.
 fn gelu_erf_backward(xs: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    if xs.device().is_cpu() && xs.dtype() == DType::F32 && grad.dtype() == DType::F32 {
+        let (x, g) = (xs.detach().contiguous()?, grad.detach().contiguous()?);
+        return super::inference_op2(&x, &g, &GeluGradOp);
+    }
     let x = xs.detach();
     let cdf = ((&x * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)? * 0.5;
     let inv_sqrt_2pi = 0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2;

@@ -151,8 +151,109 @@ fn normalised(xs: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
     Ok((centred.broadcast_mul(&rstd)?, rstd))
 }
 
-/// Gradients of `sum(layer_norm(x, w, b) * grad)` with respect to x, w and b (tensor ops, any
-/// device; the statistics are recomputed from `xs`).
+/// LayerNorm backward of whole rows (`c` values each): writes `dx` for every row and adds the
+/// rows' contributions to `dw` (`sum g * xhat`) and `db` (`sum g`).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn ln_backward_rows_generic<const FMA: bool>(
+    x: &[f32],
+    g: &[f32],
+    w: &[f32],
+    eps: f32,
+    dx: &mut [MaybeUninit<f32>],
+    dw: &mut [f32],
+    db: &mut [f32],
+) {
+    let c = w.len();
+    let inv_c = 1.0 / c as f32;
+    for ((x, g), dx) in x
+        .chunks_exact(c)
+        .zip(g.chunks_exact(c))
+        .zip(dx.chunks_exact_mut(c))
+    {
+        let mean = sum8(x) * inv_c;
+        let rstd = 1.0 / (sq_dev8::<FMA>(x, mean) * inv_c + eps).sqrt();
+        let (mut a, mut b) = (0f32, 0f32);
+        for i in 0..c {
+            let xhat = (x[i] - mean) * rstd;
+            let gw = g[i] * w[i];
+            a += gw;
+            b = fmadd::<FMA>(gw, xhat, b);
+            dw[i] = fmadd::<FMA>(g[i], xhat, dw[i]);
+            db[i] += g[i];
+        }
+        let (a, b) = (a * inv_c, b * inv_c);
+        for i in 0..c {
+            let xhat = (x[i] - mean) * rstd;
+            dx[i].write(rstd * (g[i] * w[i] - a - xhat * b));
+        }
+    }
+}
+
+dispatch_fma!(fn ln_backward_rows(x: &[f32], g: &[f32], w: &[f32], eps: f32, dx: &mut [MaybeUninit<f32>], dw: &mut [f32], db: &mut [f32]) => ln_backward_rows_generic);
+
+/// The LayerNorm backward on the CPU in f32: (x, weight, grad) -> one 1-D tensor holding dx
+/// (x's length), then dw and db (C each).
+struct LayerNormBackwardOp {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNormBackwardOp {
+    fn name(&self) -> &'static str {
+        "internimage-layer-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let what = "layer_norm backward";
+        let x = contiguous_slice::<f32>(s1, l1, what, "input")?;
+        let w = contiguous_slice::<f32>(s2, l2, what, "weight")?;
+        let g = contiguous_slice::<f32>(s3, l3, what, "gradient")?;
+        let c = w.len();
+        if c == 0 || x.len() % c != 0 || g.len() != x.len() {
+            candle_core::bail!(
+                "{what}: input of {} values, weight of {c}, gradient of {}",
+                x.len(),
+                g.len()
+            )
+        }
+        let n = x.len();
+        let mut out = Vec::with_capacity(n + 2 * c);
+        let rows_per_task = (PAR_CHUNK / c).max(1) * c;
+        let partial: Vec<Vec<f32>> = out.spare_capacity_mut()[..n]
+            .par_chunks_mut(rows_per_task)
+            .zip(x.par_chunks(rows_per_task).zip(g.par_chunks(rows_per_task)))
+            .map(|(dx, (x, g))| {
+                let mut acc = vec![0f32; 2 * c];
+                let (dw, db) = acc.split_at_mut(c);
+                ln_backward_rows(x, g, w, self.eps, dx, dw, db);
+                acc
+            })
+            .collect();
+        // SAFETY: the chunks hold whole rows (`n` is a multiple of `c`), pair up with the
+        // chunks of `x` and `g` with equal lengths, and `ln_backward_rows` writes every `dx`
+        // value of its rows: the first `n` values are initialised.
+        unsafe { out.set_len(n) };
+        let mut sums = vec![0f32; 2 * c];
+        for p in &partial {
+            for (s, v) in sums.iter_mut().zip(p) {
+                *s += v;
+            }
+        }
+        out.extend_from_slice(&sums);
+        Ok((CpuStorage::F32(out), Shape::from(n + 2 * c)))
+    }
+}
+
+/// Gradients of `sum(layer_norm(x, w, b) * grad)` with respect to x, w and b (one fused pass on
+/// the CPU in f32, tensor ops elsewhere; the statistics are recomputed from `xs`).
 fn layer_norm_backward(
     xs: &Tensor,
     weight: &Tensor,
@@ -160,6 +261,21 @@ fn layer_norm_backward(
     eps: f64,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (xs, grad) = (xs.detach(), grad.detach());
+    let c = weight.elem_count();
+    if xs.device().is_cpu() && [xs.dtype(), weight.dtype(), grad.dtype()] == [DType::F32; 3] {
+        let packed = super::inference_op3(
+            &xs.contiguous()?,
+            &weight.detach().contiguous()?,
+            &grad.contiguous()?,
+            &LayerNormBackwardOp { eps: eps as f32 },
+        )?;
+        let n = xs.elem_count();
+        return Ok((
+            packed.narrow(0, 0, n)?.reshape(xs.shape())?,
+            packed.narrow(0, n, c)?,
+            packed.narrow(0, n + c, c)?,
+        ));
+    }
     let (xhat, rstd) = normalised(&xs, eps)?;
     let gw = grad.broadcast_mul(&weight.detach())?;
     let mean_gw = gw.mean_keepdim(D::Minus1)?;
@@ -168,7 +284,6 @@ fn layer_norm_backward(
         .broadcast_sub(&mean_gw)?
         .sub(&xhat.broadcast_mul(&mean_gw_xhat)?)?
         .broadcast_mul(&rstd)?;
-    let c = weight.elem_count();
     let rows = xs.elem_count() / c.max(1);
     let dw = (&grad * &xhat)?.reshape((rows, c))?.sum(0)?;
     let db = grad.reshape((rows, c))?.sum(0)?;
