@@ -106,7 +106,8 @@ pub fn canonical_name(stored: &str) -> String {
     }
 }
 
-/// Reads the shard list of a `model.safetensors.index.json` (paths resolved next to it).
+/// Reads the shard list of a `model.safetensors.index.json` (paths resolved next to it; absolute
+/// paths, `..`, drive letters and backslashes are rejected).
 pub fn shards_from_index(index: impl AsRef<Path>) -> Result<Vec<PathBuf>> {
     let index = index.as_ref();
     let text = std::fs::read_to_string(index).map_err(|e| {
@@ -139,7 +140,24 @@ pub fn shards_from_index(index: impl AsRef<Path>) -> Result<Vec<PathBuf>> {
                 index.display()
             ))
         })?;
-        let p = dir.join(f);
+        // Shards must be plain relative paths below the index's directory: an index is often
+        // downloaded, and must not make us open `/etc/passwd`, `../../x` or a device.
+        let rel = Path::new(f);
+        let plain = !f.is_empty()
+            && !f.contains('\0')
+            && !f.contains('\\')
+            && !f.contains(':')
+            && rel
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)));
+        if !plain {
+            bail!(
+                "safetensors index {} lists the shard {f:?}, which is not a plain relative path \
+                 inside the index's directory; shards must sit next to (or below) the index",
+                index.display()
+            );
+        }
+        let p = dir.join(rel);
         if !files.contains(&p) {
             files.push(p);
         }
