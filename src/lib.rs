@@ -88,5 +88,12 @@ pub mod ops;
 pub mod preprocess;
 pub mod zoo;
 
+/// Services share one model across threads (`Arc<InternImage>`): a compile-time check that it
+/// stays `Send + Sync` (tests/thread_safety.rs checks the results).
+const _: fn() = {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<InternImage>
+};
+
 pub use model::{Config, DcnSampling, Dcnv3Layer, Dcnv3LayerConfig, InternImage};
 pub use ops::dcnv3::{dcnv3, Dcnv3Config};
