@@ -304,8 +304,9 @@ enum Outcome {
     Err(String),
 }
 
-/// Top-k predictions of one image, and its raw logits when `--logits` is set.
-type BatchItem = (Vec<Prediction>, Option<Vec<f32>>);
+/// Top-k predictions of one image, and its raw logits when `--logits` is set; an error for an
+/// image whose logits are not all finite (broken weights or input) instead of `NaN%`.
+type BatchItem = std::result::Result<(Vec<Prediction>, Option<Vec<f32>>), String>;
 
 fn classify_batch(
     model: &InternImage,
@@ -337,12 +338,23 @@ fn classify_batch(
         (None, Some(set)) => labels::top_k(&logits, set, args.top_k)?,
         (None, None) => labels::top_k_unlabelled(&logits, args.top_k)?,
     };
-    let raw = if args.logits {
-        logits.to_vec2::<f32>()?.into_iter().map(Some).collect()
-    } else {
-        vec![None; preds.len()]
-    };
-    Ok(preds.into_iter().zip(raw).collect())
+    let rows = logits.to_vec2::<f32>()?;
+    Ok(preds
+        .into_iter()
+        .zip(rows)
+        .map(|(p, row)| {
+            let bad = row.iter().filter(|v| !v.is_finite()).count();
+            if bad > 0 {
+                Err(format!(
+                    "the model produced non-finite logits for this image ({bad} of {} are NaN/Inf); \
+                     check the weights (a diverged checkpoint) and the --dtype",
+                    row.len()
+                ))
+            } else {
+                Ok((p, args.logits.then_some(row)))
+            }
+        })
+        .collect())
 }
 
 fn run(args: Args) -> Result<bool> {
@@ -389,10 +401,13 @@ fn run(args: Args) -> Result<bool> {
         let tensors: Vec<Tensor> = pending.iter().map(|(_, t)| t.clone()).collect();
         match classify_batch(&model, &tensors, label_set, &args, &dev) {
             Ok(results) => {
-                for ((i, _), (predictions, logits)) in pending.iter().zip(results) {
-                    outcomes[*i] = Some(Outcome::Ok {
-                        predictions,
-                        logits,
+                for ((i, _), result) in pending.iter().zip(results) {
+                    outcomes[*i] = Some(match result {
+                        Ok((predictions, logits)) => Outcome::Ok {
+                            predictions,
+                            logits,
+                        },
+                        Err(e) => Outcome::Err(e),
                     });
                 }
             }

@@ -5,8 +5,20 @@
 //! a leading `model.` (Hugging Face), `module.` (DDP) or `backbone.` (mmdet/mmseg) is stripped and
 //! `layer_scale1/2` is read as `gamma1/2`. Tensors the model does not ask for (a head when building
 //! a backbone, `num_batches_tracked`, a detector's neck) are ignored.
+//!
+//! `.pth` files are read by a small pickle reader of our own that never executes or imports
+//! anything: training checkpoints (`{'model', 'optimizer', 'lr_scheduler', 'epoch', 'config':
+//! <yacs CfgNode>, 'model_ema', ...}`), mmdet/mmseg files (`state_dict` + `meta`) and bare state
+//! dicts load alike; objects of unknown classes are kept opaque and skipped. Which entry holds the
+//! weights is chosen by [`PthWeights`] in [`OpenOptions`] (default: `model`, then `state_dict`,
+//! then the top level; [`PthWeights::Ema`] takes `model_ema`).
+//!
+//! Every floating tensor is checked once for NaN/Inf as it is loaded (one pass over its bytes,
+//! before any conversion); the error names the tensor and the file
+//! ([`OpenOptions::check_finite`] turns this off).
 
-use candle_core::pickle::PthTensors;
+mod pickle;
+
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{bail, DType, Device, Error, Result, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
@@ -14,6 +26,7 @@ use candle_nn::VarBuilder;
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 /// The on-disk format of a weight file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,7 +106,8 @@ pub fn canonical_name(stored: &str) -> String {
     }
 }
 
-/// Reads the shard list of a `model.safetensors.index.json` (paths resolved next to it).
+/// Reads the shard list of a `model.safetensors.index.json` (paths resolved next to it; absolute
+/// paths, `..`, drive letters and backslashes are rejected).
 pub fn shards_from_index(index: impl AsRef<Path>) -> Result<Vec<PathBuf>> {
     let index = index.as_ref();
     let text = std::fs::read_to_string(index).map_err(|e| {
@@ -126,7 +140,24 @@ pub fn shards_from_index(index: impl AsRef<Path>) -> Result<Vec<PathBuf>> {
                 index.display()
             ))
         })?;
-        let p = dir.join(f);
+        // Shards must be plain relative paths below the index's directory: an index is often
+        // downloaded, and must not make us open `/etc/passwd`, `../../x` or a device.
+        let rel = Path::new(f);
+        let plain = !f.is_empty()
+            && !f.contains('\0')
+            && !f.contains('\\')
+            && !f.contains(':')
+            && rel
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)));
+        if !plain {
+            bail!(
+                "safetensors index {} lists the shard {f:?}, which is not a plain relative path \
+                 inside the index's directory; shards must sit next to (or below) the index",
+                index.display()
+            );
+        }
+        let p = dir.join(rel);
         if !files.contains(&p) {
             files.push(p);
         }
@@ -137,8 +168,380 @@ pub fn shards_from_index(index: impl AsRef<Path>) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// Which entry of a PyTorch `.pth` checkpoint holds the weights.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum PthWeights {
+    /// `model` (released and training checkpoints), else `state_dict` (mmdet/mmseg), else the
+    /// top level (a bare state dict).
+    #[default]
+    Auto,
+    /// The exponential-moving-average weights of a training checkpoint: `model_ema` (the
+    /// official training code), else `state_dict_ema` (timm).
+    Ema,
+    /// The entry under this top-level key.
+    Key(String),
+}
+
+/// Options of [`CheckpointBackend::open_with`] / [`var_builder_with`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenOptions {
+    /// Which entry of a `.pth` file holds the weights (safetensors files ignore it).
+    pub pth_weights: PthWeights,
+    /// Check every floating tensor for NaN/Inf when it is loaded (default `true`).
+    pub check_finite: bool,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        Self {
+            pth_weights: PthWeights::Auto,
+            check_finite: true,
+        }
+    }
+}
+
+/// Where a tensor of a `.pth` file lives: its zip record and its strided view of the storage.
+#[derive(Debug, Clone)]
+struct PthTensor {
+    record: String,
+    dtype: DType,
+    storage_len: usize,
+    offset: usize,
+    shape: Vec<usize>,
+    strides: Vec<usize>,
+}
+
+/// A PyTorch zip checkpoint: the tensor table from `data.pkl` and the open archive.
+struct PthFile {
+    tensors: HashMap<String, PthTensor>,
+    zip: Mutex<zip::ZipArchive<std::io::BufReader<std::fs::File>>>,
+}
+
+/// The largest `data.pkl` read (the pickle holds names and metadata, not tensor data).
+const MAX_PICKLE_BYTES: u64 = 1 << 30;
+
+fn storage_dtype(name: &str) -> Option<DType> {
+    Some(match name {
+        "FloatStorage" => DType::F32,
+        "HalfStorage" => DType::F16,
+        "BFloat16Storage" => DType::BF16,
+        "DoubleStorage" => DType::F64,
+        "LongStorage" => DType::I64,
+        "IntStorage" => DType::I32,
+        "ShortStorage" => DType::I16,
+        "ByteStorage" | "BoolStorage" => DType::U8,
+        _ => return None,
+    })
+}
+
+/// The tensor described by node `id`, if it is one (`_rebuild_tensor_v2` of a storage, possibly
+/// wrapped in `_rebuild_parameter`). Tensors of unsupported dtypes, quantized tensors and
+/// anything else give `None`.
+fn tensor_of(p: &pickle::Pickle, id: pickle::Id, prefix: &str, depth: usize) -> Option<PthTensor> {
+    if depth > 4 {
+        return None;
+    }
+    let (module, name) = p.callable_name(id)?;
+    let args = p.call_args(id)?;
+    if module != "torch._utils" {
+        return None;
+    }
+    match name {
+        "_rebuild_parameter" | "_rebuild_parameter_with_state" => {
+            tensor_of(p, *args.first()?, prefix, depth + 1)
+        }
+        "_rebuild_tensor_v2" | "_rebuild_tensor" => {
+            let pickle::Node::PersId(pid) = p.node(*args.first()?) else {
+                return None;
+            };
+            // ('storage', torch.<Type>Storage, key, location, numel)
+            let pid = p.as_seq(*pid)?;
+            if pid.len() < 5 || p.as_str(pid[0]) != Some("storage") {
+                return None;
+            }
+            let dtype = match p.node(pid[1]) {
+                pickle::Node::Global { module, name } if module == "torch" => storage_dtype(name)?,
+                _ => return None,
+            };
+            let key = match p.node(pid[2]) {
+                pickle::Node::Str(s) => s.clone(),
+                pickle::Node::Int(i) => i.to_string(),
+                _ => return None,
+            };
+            if key.is_empty() || !key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                return None; // record names are plain keys; anything else is not a real file
+            }
+            let storage_len = usize::try_from(p.as_int(pid[4])?).ok()?;
+            let offset = usize::try_from(p.as_int(*args.get(1)?)?).ok()?;
+            let ints = |id: pickle::Id| -> Option<Vec<usize>> {
+                p.as_seq(id)?
+                    .iter()
+                    .map(|&d| usize::try_from(p.as_int(d)?).ok())
+                    .collect()
+            };
+            let shape = ints(*args.get(2)?)?;
+            let strides = ints(*args.get(3)?)?;
+            if shape.len() != strides.len() {
+                return None;
+            }
+            Some(PthTensor {
+                record: format!("{prefix}data/{key}"),
+                dtype,
+                storage_len,
+                offset,
+                shape,
+                strides,
+            })
+        }
+        _ => None,
+    }
+}
+
+/// The tensors of the dict-like node `id`, by name.
+fn tensors_in(p: &pickle::Pickle, id: pickle::Id, prefix: &str) -> HashMap<String, PthTensor> {
+    let mut out = HashMap::new();
+    for &(k, v) in p.dict_items(id).unwrap_or(&[]) {
+        if let (Some(name), Some(t)) = (p.as_str(k), tensor_of(p, v, prefix, 0)) {
+            out.insert(name.to_string(), t);
+        }
+    }
+    out
+}
+
+fn top_level_keys(p: &pickle::Pickle) -> String {
+    let keys: Vec<String> = p
+        .dict_items(p.root)
+        .unwrap_or(&[])
+        .iter()
+        .filter_map(|(k, _)| p.as_str(*k))
+        .take(20)
+        .map(|k| format!("{k:?}"))
+        .collect();
+    if keys.is_empty() {
+        "no string keys".to_string()
+    } else {
+        keys.join(", ")
+    }
+}
+
+fn open_pth(path: &Path, which: &PthWeights) -> Result<PthFile> {
+    let fail = |e: String| {
+        msg(format!(
+            "cannot read PyTorch checkpoint {}: {e}",
+            path.display()
+        ))
+    };
+    let file = std::fs::File::open(path).map_err(|e| fail(e.to_string()))?;
+    let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file))
+        .map_err(|e| fail(format!("not a valid zip archive ({e})")))?;
+    let pkl_name = zip
+        .file_names()
+        .filter_map(|n| n.ok().map(|n| n.into_owned()))
+        .filter(|n| n == "data.pkl" || n.ends_with("/data.pkl"))
+        .min_by_key(|n| n.len())
+        .ok_or_else(|| fail("no data.pkl in the archive (not a torch.save file)".into()))?;
+    let prefix = pkl_name.strip_suffix("data.pkl").unwrap_or("").to_string();
+    let mut bytes = Vec::new();
+    zip.by_name(&pkl_name)
+        .map_err(|e| fail(format!("cannot open {pkl_name}: {e}")))?
+        .take(MAX_PICKLE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| fail(format!("cannot read {pkl_name}: {e}")))?;
+    if bytes.len() as u64 > MAX_PICKLE_BYTES {
+        return Err(fail(format!("{pkl_name} is larger than 1 GiB")));
+    }
+    let p = pickle::parse(&bytes).map_err(|e| fail(format!("{pkl_name}: {e}")))?;
+    let under = |key: &str| p.get(p.root, key).map(|id| tensors_in(&p, id, &prefix));
+    let tensors = match which {
+        PthWeights::Auto => under("model")
+            .filter(|t| !t.is_empty())
+            .or_else(|| under("state_dict").filter(|t| !t.is_empty()))
+            .unwrap_or_else(|| tensors_in(&p, p.root, &prefix)),
+        PthWeights::Ema => under("model_ema")
+            .or_else(|| under("state_dict_ema"))
+            .ok_or_else(|| {
+                fail(format!(
+                    "no EMA weights: neither \"model_ema\" nor \"state_dict_ema\" is a key \
+                     (keys: {})",
+                    top_level_keys(&p)
+                ))
+            })?,
+        PthWeights::Key(k) => under(k).ok_or_else(|| {
+            fail(format!(
+                "no key {k:?} at the top level (keys: {})",
+                top_level_keys(&p)
+            ))
+        })?,
+    };
+    if tensors.is_empty() {
+        let looked = match which {
+            PthWeights::Auto => "under \"model\", \"state_dict\" and the top level".to_string(),
+            PthWeights::Ema => "under \"model_ema\" / \"state_dict_ema\"".to_string(),
+            PthWeights::Key(k) => format!("under {k:?}"),
+        };
+        bail!(
+            "PyTorch checkpoint {} holds no tensors (looked {looked}; top-level keys: {})",
+            path.display(),
+            top_level_keys(&p)
+        )
+    }
+    Ok(PthFile {
+        tensors,
+        zip: Mutex::new(zip),
+    })
+}
+
+impl PthFile {
+    /// Reads tensor `t` (contiguous, on the CPU) from its zip record; with `check_finite`, also
+    /// the first NaN/Inf element of a floating tensor (one pass over the bytes read).
+    fn read(
+        &self,
+        t: &PthTensor,
+        check_finite: bool,
+    ) -> std::result::Result<(Tensor, Option<(usize, &'static str)>), String> {
+        let es = t.dtype.size_in_bytes();
+        let numel = t
+            .shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or("shape overflows")?;
+        let storage_bytes = t
+            .storage_len
+            .checked_mul(es)
+            .ok_or("storage size overflows")?;
+        if numel > 0 {
+            let last = t
+                .shape
+                .iter()
+                .zip(&t.strides)
+                .try_fold(t.offset, |a, (&d, &s)| {
+                    a.checked_add((d - 1).checked_mul(s)?)
+                })
+                .ok_or("view overflows")?;
+            if last >= t.storage_len {
+                return Err(format!(
+                    "view (offset {}, shape {:?}, strides {:?}) exceeds its storage of {} elements",
+                    t.offset, t.shape, t.strides, t.storage_len
+                ));
+            }
+        }
+        let mut zip = self.zip.lock().map_err(|_| "archive lock poisoned")?;
+        let mut rec = zip
+            .by_name(&t.record)
+            .map_err(|e| format!("record {}: {e}", t.record))?;
+        if rec.size() < storage_bytes as u64 {
+            return Err(format!(
+                "record {} holds {} bytes, its storage needs {storage_bytes}",
+                t.record,
+                rec.size()
+            ));
+        }
+        let mut data = Vec::new();
+        data.try_reserve_exact(storage_bytes)
+            .map_err(|_| format!("cannot allocate {storage_bytes} bytes"))?;
+        (&mut rec)
+            .take(storage_bytes as u64)
+            .read_to_end(&mut data)
+            .map_err(|e| format!("record {}: {e}", t.record))?;
+        if data.len() < storage_bytes {
+            return Err(format!("record {} is truncated", t.record));
+        }
+        drop(rec);
+        drop(zip);
+        let contiguous = {
+            let mut expect = 1usize;
+            let mut ok = true;
+            for (&d, &s) in t.shape.iter().zip(&t.strides).rev() {
+                if d != 1 && s != expect {
+                    ok = false;
+                }
+                expect = expect.saturating_mul(d);
+            }
+            ok
+        };
+        let bytes: std::borrow::Cow<'_, [u8]> = if numel == 0 {
+            std::borrow::Cow::Owned(Vec::new())
+        } else if contiguous {
+            std::borrow::Cow::Borrowed(&data[t.offset * es..(t.offset + numel) * es])
+        } else {
+            let mut out = Vec::with_capacity(numel * es);
+            let mut idx = vec![0usize; t.shape.len()];
+            for _ in 0..numel {
+                let at = t.offset
+                    + idx
+                        .iter()
+                        .zip(&t.strides)
+                        .map(|(&i, &s)| i * s)
+                        .sum::<usize>();
+                out.extend_from_slice(&data[at * es..(at + 1) * es]);
+                for d in (0..idx.len()).rev() {
+                    idx[d] += 1;
+                    if idx[d] < t.shape[d] {
+                        break;
+                    }
+                    idx[d] = 0;
+                }
+            }
+            std::borrow::Cow::Owned(out)
+        };
+        let bad = if check_finite {
+            first_non_finite(&bytes, t.dtype)
+        } else {
+            None
+        };
+        let tensor = Tensor::from_raw_buffer(&bytes, t.dtype, &t.shape, &Device::Cpu)
+            .map_err(|e| e.to_string())?;
+        Ok((tensor, bad))
+    }
+}
+
+/// The index of the first NaN/Inf element of little-endian `bytes` of `dtype`, and its kind.
+/// Integer dtypes have none.
+fn first_non_finite(bytes: &[u8], dtype: DType) -> Option<(usize, &'static str)> {
+    fn kind(nan: bool) -> &'static str {
+        if nan {
+            "NaN"
+        } else {
+            "Inf"
+        }
+    }
+    match dtype {
+        DType::F32 => bytes.chunks_exact(4).enumerate().find_map(|(i, b)| {
+            let v = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            (v & 0x7f80_0000 == 0x7f80_0000).then(|| (i, kind(v & 0x007f_ffff != 0)))
+        }),
+        DType::F16 => bytes.chunks_exact(2).enumerate().find_map(|(i, b)| {
+            let v = u16::from_le_bytes([b[0], b[1]]);
+            (v & 0x7c00 == 0x7c00).then(|| (i, kind(v & 0x03ff != 0)))
+        }),
+        DType::BF16 => bytes.chunks_exact(2).enumerate().find_map(|(i, b)| {
+            let v = u16::from_le_bytes([b[0], b[1]]);
+            (v & 0x7f80 == 0x7f80).then(|| (i, kind(v & 0x007f != 0)))
+        }),
+        DType::F64 => bytes.chunks_exact(8).enumerate().find_map(|(i, b)| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(b);
+            let v = u64::from_le_bytes(a);
+            (v & 0x7ff0_0000_0000_0000 == 0x7ff0_0000_0000_0000)
+                .then(|| (i, kind(v & 0x000f_ffff_ffff_ffff != 0)))
+        }),
+        _ => None,
+    }
+}
+
+/// The dtype of a safetensors view, for the finiteness check (only floating types matter).
+fn st_float_dtype(d: safetensors::Dtype) -> Option<DType> {
+    match d {
+        safetensors::Dtype::F32 => Some(DType::F32),
+        safetensors::Dtype::F16 => Some(DType::F16),
+        safetensors::Dtype::BF16 => Some(DType::BF16),
+        safetensors::Dtype::F64 => Some(DType::F64),
+        _ => None,
+    }
+}
+
 enum Source {
-    Pth(PthTensors),
+    Pth(PthFile),
     Safetensors(MmapedSafetensors),
 }
 
@@ -153,6 +556,7 @@ struct Entry {
 pub struct CheckpointBackend {
     sources: Vec<(PathBuf, Format, Source)>,
     entries: HashMap<String, Entry>,
+    check_finite: bool,
 }
 
 impl std::fmt::Debug for CheckpointBackend {
@@ -164,41 +568,15 @@ impl std::fmt::Debug for CheckpointBackend {
     }
 }
 
-fn open_pth(path: &Path) -> Result<PthTensors> {
-    let ctx = |e: Error| {
-        msg(format!(
-            "cannot read PyTorch checkpoint {}: {e}",
-            path.display()
-        ))
-    };
-    // Released files keep the weights under "model"; mmdet/mmseg under "state_dict";
-    // a bare state dict has them at the top level.
-    let mut last_err = None;
-    for key in [Some("model"), Some("state_dict"), None] {
-        match PthTensors::new(path, key) {
-            Ok(t) if !t.tensor_infos().is_empty() => return Ok(t),
-            Ok(_) => {}
-            Err(e) => {
-                let s = e.to_string();
-                if !(s.contains("key") && s.contains("not found")) {
-                    return Err(ctx(e));
-                }
-                last_err = Some(e);
-            }
-        }
-    }
-    match last_err {
-        Some(e) => Err(ctx(e)),
-        None => bail!(
-            "PyTorch checkpoint {} holds no tensors (looked under \"model\", \"state_dict\" and the top level)",
-            path.display()
-        ),
-    }
-}
-
 impl CheckpointBackend {
-    /// Opens the given files (`.pth`, `.safetensors`, shards, or an index json).
+    /// Opens the given files (`.pth`, `.safetensors`, shards, or an index json) with the default
+    /// [`OpenOptions`].
     pub fn open<P: AsRef<Path>>(paths: &[P]) -> Result<Self> {
+        Self::open_with(paths, &OpenOptions::default())
+    }
+
+    /// Opens the given files with explicit options (e.g. the EMA weights of a `.pth`).
+    pub fn open_with<P: AsRef<Path>>(paths: &[P], opts: &OpenOptions) -> Result<Self> {
         if paths.is_empty() {
             bail!("no checkpoint file given");
         }
@@ -233,9 +611,9 @@ impl CheckpointBackend {
             };
             let source = match format {
                 Format::Pth => {
-                    let t = open_pth(&path)?;
-                    for (name, info) in t.tensor_infos() {
-                        add(name.clone(), info.layout.shape().clone());
+                    let t = open_pth(&path, &opts.pth_weights)?;
+                    for (name, info) in &t.tensors {
+                        add(name.clone(), Shape::from(info.shape.clone()));
                     }
                     Source::Pth(t)
                 }
@@ -256,7 +634,11 @@ impl CheckpointBackend {
             };
             sources.push((path, format, source));
         }
-        Ok(Self { sources, entries })
+        Ok(Self {
+            sources,
+            entries,
+            check_finite: opts.check_finite,
+        })
     }
 
     /// The files this backend reads.
@@ -313,12 +695,41 @@ impl CheckpointBackend {
                 path.display()
             ))
         };
+        let non_finite = |at: Option<(usize, &str)>| -> Result<()> {
+            match at {
+                Some((i, kind)) if self.check_finite => bail!(
+                    "tensor `{}` in {} holds non-finite values (first: {kind} at flat index {i}); \
+                     the checkpoint is corrupt or its training diverged",
+                    e.stored,
+                    path.display()
+                ),
+                _ => Ok(()),
+            }
+        };
         let t = match source {
-            Source::Pth(p) => match p.get(&e.stored).map_err(ctx)? {
-                Some(t) => t,
-                None => bail!("tensor `{}` vanished from {}", e.stored, path.display()),
-            },
-            Source::Safetensors(s) => s.load(&e.stored, &Device::Cpu).map_err(ctx)?,
+            Source::Pth(p) => {
+                let info = p.tensors.get(&e.stored).ok_or_else(|| {
+                    msg(format!(
+                        "tensor `{}` vanished from {}",
+                        e.stored,
+                        path.display()
+                    ))
+                })?;
+                let (t, bad) = p
+                    .read(info, self.check_finite)
+                    .map_err(|err| ctx(msg(err)))?;
+                non_finite(bad)?;
+                t
+            }
+            Source::Safetensors(s) => {
+                if self.check_finite {
+                    let view = s.get(&e.stored).map_err(ctx)?;
+                    if let Some(dt) = st_float_dtype(view.dtype()) {
+                        non_finite(first_non_finite(view.data(), dt))?;
+                    }
+                }
+                s.load(&e.stored, &Device::Cpu).map_err(ctx)?
+            }
         };
         // Convert on the CPU, then move: avoids a full-precision copy on the accelerator.
         t.to_dtype(dtype)?.contiguous()?.to_device(dev)
@@ -354,6 +765,32 @@ impl SimpleBackend for CheckpointBackend {
     fn contains_tensor(&self, name: &str) -> bool {
         self.entries.contains_key(name)
     }
+}
+
+/// [`var_builder`] with explicit [`OpenOptions`], e.g. the EMA weights of a training checkpoint:
+///
+/// ```no_run
+/// use candle_core::{DType, Device};
+/// use internimage::checkpoint::{var_builder_with, OpenOptions, PthWeights};
+/// use internimage::{Config, InternImage};
+///
+/// let opts = OpenOptions { pth_weights: PthWeights::Ema, ..OpenOptions::default() };
+/// let vb = var_builder_with(&["ckpt_epoch_299.pth"], &opts, DType::F32, &Device::Cpu)?;
+/// let model = InternImage::new(&Config::t(), vb)?;
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn var_builder_with<P: AsRef<Path>>(
+    paths: &[P],
+    opts: &OpenOptions,
+    dtype: DType,
+    device: &Device,
+) -> Result<VarBuilder<'static>> {
+    let backend = CheckpointBackend::open_with(paths, opts)?;
+    Ok(VarBuilder::from_backend(
+        Box::new(backend),
+        dtype,
+        device.clone(),
+    ))
 }
 
 /// A `VarBuilder` over the given weight files (`.pth`, `.safetensors`, shards or an index json,

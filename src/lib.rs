@@ -38,7 +38,10 @@
 //! ```
 //! # fn main() -> candle_core::Result<()> {
 //! # let path = "../shared/fixtures/weights/tiny_b.safetensors";
-//! # if !std::path::Path::new(path).exists() { return Ok(()); }
+//! # assert!(
+//! #     std::path::Path::new(path).exists(),
+//! #     "this doctest reads {path}: run it from a checkout with ../shared/fixtures beside it"
+//! # );
 //! use candle_core::{DType, Device, Module, Tensor};
 //! use internimage::{Config, InternImage};
 //!
@@ -87,6 +90,13 @@ pub mod ops;
 #[cfg(feature = "image")]
 pub mod preprocess;
 pub mod zoo;
+
+/// Services share one model across threads (`Arc<InternImage>`): a compile-time check that it
+/// stays `Send + Sync` (tests/thread_safety.rs checks the results).
+const _: fn() = {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<InternImage>
+};
 
 pub use model::{
     Config, DcnSampling, Dcnv3Layer, Dcnv3LayerConfig, InternImage, TrainOptions, Trainable,

@@ -23,11 +23,11 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
+use std::borrow::Cow;
 use std::path::Path;
 
 use candle_core::{bail, Device, Result, Tensor};
-use image::imageops::FilterType;
-use image::{DynamicImage, RgbImage};
+use image::{DynamicImage, ImageDecoder, RgbImage};
 
 use crate::zoo::PreprocessConfig;
 
@@ -39,9 +39,86 @@ fn plain(e: &candle_core::Error) -> String {
     }
 }
 
+/// The largest `resize_shorter_side` / `crop_size` accepted (a bound on the output's memory).
+pub const MAX_CROP_SIZE: u32 = 16384;
+
+/// The default [`DecodeOptions::max_pixels`]: PIL's `Image.MAX_IMAGE_PIXELS` (89,478,485, about
+/// 9459 x 9459), beyond which PIL warns about a decompression bomb.
+pub const DEFAULT_MAX_PIXELS: u64 = 89_478_485;
+
+/// Limits applied when decoding untrusted image bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeOptions {
+    /// Largest `width * height` that is decoded; larger images are rejected from their header,
+    /// before any pixel memory is allocated. Default [`DEFAULT_MAX_PIXELS`].
+    pub max_pixels: u64,
+}
+
+impl Default for DecodeOptions {
+    fn default() -> Self {
+        Self {
+            max_pixels: DEFAULT_MAX_PIXELS,
+        }
+    }
+}
+
+impl DecodeOptions {
+    /// Options with a pixel limit of `max_pixels`.
+    pub fn with_max_pixels(max_pixels: u64) -> Self {
+        Self { max_pixels }
+    }
+
+    /// The `image` crate limits matching these options: the decoder may allocate the output at
+    /// up to 16 bytes per pixel (RGBA f32) plus a fixed margin for its own buffers.
+    fn limits(&self) -> image::Limits {
+        let mut limits = image::Limits::default();
+        let bytes = self.max_pixels.saturating_mul(16).saturating_add(64 << 20);
+        limits.max_alloc = Some(bytes.max(512 << 20));
+        limits
+    }
+}
+
+/// Decodes from an `ImageReader` whose format is known, checking the pixel limit on the header.
+fn decode_reader<R: std::io::BufRead + std::io::Seek>(
+    mut reader: image::ImageReader<R>,
+    opts: &DecodeOptions,
+    what: &str,
+) -> Result<DynamicImage> {
+    if reader.format().is_none() {
+        bail!(
+            "cannot decode image {what}: not a recognised image format (supported: png, jpeg, \
+             gif, bmp, tiff, webp, pnm, ico)"
+        )
+    }
+    reader.limits(opts.limits());
+    let decoder = reader
+        .into_decoder()
+        .map_err(|e| candle_core::Error::msg(format!("cannot decode image {what}: {e}")))?;
+    let (w, h) = decoder.dimensions();
+    if w == 0 || h == 0 {
+        bail!("image {what} has no pixels ({w}x{h})")
+    }
+    let pixels = w as u64 * h as u64;
+    if pixels > opts.max_pixels {
+        bail!(
+            "image {what} is {w}x{h} = {pixels} pixels, more than the limit of {} pixels; \
+             downscale it first, or raise the limit with DecodeOptions::max_pixels",
+            opts.max_pixels
+        )
+    }
+    DynamicImage::from_decoder(decoder)
+        .map_err(|e| candle_core::Error::msg(format!("cannot decode image {what}: {e}")))
+}
+
 /// Decodes an image file (any format the enabled `image` codecs read, detected from the content,
-/// not the extension). Errors name the file; a 0-pixel image is an error.
+/// not the extension) with the default [`DecodeOptions`]. Errors name the file; a 0-pixel image
+/// and one over [`DEFAULT_MAX_PIXELS`] are errors.
 pub fn decode_image(path: impl AsRef<Path>) -> Result<DynamicImage> {
+    decode_image_with(path, &DecodeOptions::default())
+}
+
+/// [`decode_image`] with explicit limits.
+pub fn decode_image_with(path: impl AsRef<Path>, opts: &DecodeOptions) -> Result<DynamicImage> {
     let path = path.as_ref();
     let reader = image::ImageReader::open(path)
         .map_err(|e| candle_core::Error::msg(format!("cannot open image {}: {e}", path.display())))?
@@ -49,35 +126,21 @@ pub fn decode_image(path: impl AsRef<Path>) -> Result<DynamicImage> {
         .map_err(|e| {
             candle_core::Error::msg(format!("cannot read image {}: {e}", path.display()))
         })?;
-    if reader.format().is_none() {
-        bail!(
-            "cannot decode image {}: not a recognised image format (supported: png, jpeg, gif, bmp, \
-             tiff, webp, pnm, ico)",
-            path.display()
-        )
-    }
-    let img = reader.decode().map_err(|e| {
-        candle_core::Error::msg(format!("cannot decode image {}: {e}", path.display()))
-    })?;
-    if img.width() == 0 || img.height() == 0 {
-        bail!(
-            "image {} has no pixels ({}x{})",
-            path.display(),
-            img.width(),
-            img.height()
-        )
-    }
-    Ok(img)
+    decode_reader(reader, opts, &path.display().to_string())
 }
 
-/// Decodes an image from bytes in memory (format detected from the content).
+/// Decodes an image from bytes in memory (format detected from the content) with the default
+/// [`DecodeOptions`].
 pub fn decode_image_bytes(bytes: &[u8]) -> Result<DynamicImage> {
-    let img = image::load_from_memory(bytes)
-        .map_err(|e| candle_core::Error::msg(format!("cannot decode image from memory: {e}")))?;
-    if img.width() == 0 || img.height() == 0 {
-        bail!("image has no pixels ({}x{})", img.width(), img.height())
-    }
-    Ok(img)
+    decode_image_bytes_with(bytes, &DecodeOptions::default())
+}
+
+/// [`decode_image_bytes`] with explicit limits.
+pub fn decode_image_bytes_with(bytes: &[u8], opts: &DecodeOptions) -> Result<DynamicImage> {
+    let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| candle_core::Error::msg(format!("cannot read image from memory: {e}")))?;
+    decode_reader(reader, opts, "from memory")
 }
 
 /// torchvision's `Resize(int)` output size `(width, height)`: the shorter side becomes `size`, the
@@ -130,8 +193,89 @@ pub fn to_rgb8(img: &DynamicImage) -> RgbImage {
     }
 }
 
+/// The 8-bit RGB view of an image: borrowed when it already is RGB8, converted otherwise.
+fn rgb8_view(img: &DynamicImage) -> Cow<'_, RgbImage> {
+    match img {
+        DynamicImage::ImageRgb8(rgb) => Cow::Borrowed(rgb),
+        other => Cow::Owned(other.to_rgb8()),
+    }
+}
+
+/// The Catmull-Rom cubic (B = 0, C = 0.5), written exactly as the `image` crate does so that the
+/// weights are bit-identical to `image::imageops::resize(.., FilterType::CatmullRom)`.
+fn catmull_rom(x: f32) -> f32 {
+    let (b, c) = (0.0f32, 0.5f32);
+    let a = x.abs();
+    let k = if a < 1.0 {
+        (12.0 - 9.0 * b - 6.0 * c) * a.powi(3)
+            + (-18.0 + 12.0 * b + 6.0 * c) * a.powi(2)
+            + (6.0 - 2.0 * b)
+    } else if a < 2.0 {
+        (-b - 6.0 * c) * a.powi(3)
+            + (6.0 * b + 30.0 * c) * a.powi(2)
+            + (-12.0 * b - 48.0 * c) * a
+            + (8.0 * b + 24.0 * c)
+    } else {
+        0.0
+    };
+    k / 6.0
+}
+
+/// The filter taps of one output sample along one axis: the first source index and the
+/// normalised weights of `src[first..first + weights.len()]`.
+struct Taps {
+    first: usize,
+    weights: Vec<f32>,
+}
+
+/// The taps of output samples `outs` when an axis of `src_len` samples is resampled to `new_len`
+/// (`image` 0.25's `vertical_sample`/`horizontal_sample` arithmetic, operation for operation).
+fn axis_taps(src_len: u32, new_len: u32, outs: std::ops::Range<u32>) -> Vec<Taps> {
+    let ratio = src_len as f32 / new_len as f32;
+    let sratio = if ratio < 1.0 { 1.0 } else { ratio };
+    let src_support = 2.0 * sratio; // CatmullRom support
+    outs.map(|out| {
+        let input = (out as f32 + 0.5) * ratio;
+        let left = ((input - src_support).floor() as i64).clamp(0, src_len as i64 - 1);
+        let right = ((input + src_support).ceil() as i64).clamp(left + 1, src_len as i64);
+        let input = input - 0.5;
+        let mut weights: Vec<f32> = (left..right)
+            .map(|i| catmull_rom((i as f32 - input) / sratio))
+            .collect();
+        let mut sum = 0.0f32;
+        for &w in &weights {
+            sum += w;
+        }
+        for w in weights.iter_mut() {
+            *w /= sum;
+        }
+        Taps {
+            first: left as usize,
+            weights,
+        }
+    })
+    .collect()
+}
+
+/// The range of output indices `0..crop` that land inside an axis of `len` samples, as a range
+/// of source (resized) indices, with the crop index of its first element.
+fn crop_window(len: u32, crop: u32) -> (u32, std::ops::Range<u32>) {
+    let (pad, off) = crop_axis(len, crop);
+    // Crop index c reads resized index c + off - pad; valid when inside 0..len.
+    let first_c = pad; // off > 0 only when pad == 0
+    let start = off;
+    let end = (off as u64 + (crop - first_c) as u64).min(len as u64) as u32;
+    (first_c, start..end)
+}
+
 /// Resize (shorter side, bicubic) and centre crop of an RGB image: steps 1-3 of the transform,
 /// as an 8-bit image (`crop_size` x `crop_size`).
+///
+/// The result equals `image::imageops::resize(.., FilterType::CatmullRom)` to the full resized
+/// size followed by the crop, bit for bit, but only the output pixels inside the crop are
+/// computed (the window is mapped back to source coordinates), so work and memory are
+/// `O(source + crop)` whatever the aspect ratio: a 40000 x 1 image no longer materialises a
+/// 8.96-million-pixel-wide intermediate.
 pub fn resize_and_crop(img: &DynamicImage, cfg: &PreprocessConfig) -> Result<RgbImage> {
     let (w, h) = (img.width(), img.height());
     if w == 0 || h == 0 {
@@ -144,7 +288,14 @@ pub fn resize_and_crop(img: &DynamicImage, cfg: &PreprocessConfig) -> Result<Rgb
             cfg.crop_size
         )
     }
-    let rgb = to_rgb8(img);
+    if cfg.crop_size > MAX_CROP_SIZE || cfg.resize_shorter_side > MAX_CROP_SIZE {
+        bail!(
+            "invalid preprocessing config: resize_shorter_side {} and crop_size {} must be at most \
+             {MAX_CROP_SIZE}",
+            cfg.resize_shorter_side,
+            cfg.crop_size
+        )
+    }
     let (nw, nh) = resized_size(w, h, cfg.resize_shorter_side);
     if nw == 0 || nh == 0 {
         bail!(
@@ -152,27 +303,64 @@ pub fn resize_and_crop(img: &DynamicImage, cfg: &PreprocessConfig) -> Result<Rgb
             cfg.resize_shorter_side
         )
     }
-    let resized = if (nw, nh) == (w, h) {
-        rgb
-    } else {
-        image::imageops::resize(&rgb, nw, nh, FilterType::CatmullRom)
-    };
+    let rgb = rgb8_view(img);
+    let src = rgb.as_raw();
     let s = cfg.crop_size;
-    let (pad_x, off_x) = crop_axis(nw, s);
-    let (pad_y, off_y) = crop_axis(nh, s);
+    let (cx0, xs) = crop_window(nw, s);
+    let (cy0, ys) = crop_window(nh, s);
     let mut out = RgbImage::new(s, s); // zero (black) where the crop exceeds the image
-    for y in 0..s {
-        // Row y of the crop reads row (y + off_y - pad_y) of the resized image.
-        let sy = y as i64 + off_y as i64 - pad_y as i64;
-        if sy < 0 || sy >= nh as i64 {
-            continue;
+    let (out_w, stride) = (s as usize * 3, w as usize * 3);
+    let buf: &mut [u8] = &mut out;
+    if (nw, nh) == (w, h) {
+        // No resize (the `image` crate copies in this case too): a plain crop.
+        let n = (xs.end - xs.start) as usize * 3;
+        for (k, sy) in ys.enumerate() {
+            let o = (cy0 as usize + k) * out_w + cx0 as usize * 3;
+            let i = sy as usize * stride + xs.start as usize * 3;
+            buf[o..o + n].copy_from_slice(&src[i..i + n]);
         }
-        for x in 0..s {
-            let sx = x as i64 + off_x as i64 - pad_x as i64;
-            if sx < 0 || sx >= nw as i64 {
-                continue;
+        return Ok(out);
+    }
+    let x_taps = axis_taps(w, nw, xs);
+    let y_taps = axis_taps(h, nh, ys);
+    // Source columns the horizontal pass reads.
+    let col0 = x_taps.iter().map(|t| t.first).min().unwrap_or(0);
+    let col1 = x_taps
+        .iter()
+        .map(|t| t.first + t.weights.len())
+        .max()
+        .unwrap_or(0);
+    let ncols = col1 - col0;
+    // Vertical pass over the needed columns of the needed rows (f32, like the `image` crate's
+    // Rgba32F intermediate; the alpha lane it carries is independent and dropped here).
+    let mut row = vec![0f32; ncols * 3];
+    for (k, ty) in y_taps.iter().enumerate() {
+        for (j, v) in row.chunks_exact_mut(3).enumerate() {
+            let x = col0 + j;
+            let mut t = [0f32; 3];
+            for (i, &wgt) in ty.weights.iter().enumerate() {
+                let p = (ty.first + i) * stride + x * 3;
+                for c in 0..3 {
+                    t[c] += src[p + c] as f32 * wgt;
+                }
             }
-            out.put_pixel(x, y, *resized.get_pixel(sx as u32, sy as u32));
+            v.copy_from_slice(&t);
+        }
+        // Horizontal pass of this output row.
+        let o_row = (cy0 as usize + k) * out_w;
+        for (m, tx) in x_taps.iter().enumerate() {
+            let mut t = [0f32; 3];
+            for (i, &wgt) in tx.weights.iter().enumerate() {
+                let p = (tx.first - col0 + i) * 3;
+                for c in 0..3 {
+                    t[c] += row[p + c] * wgt;
+                }
+            }
+            let o = o_row + (cx0 as usize + m) * 3;
+            for c in 0..3 {
+                // The `image` crate's clamp to [0, 255] then round half away from zero.
+                buf[o + c] = t[c].clamp(0.0, 255.0).round() as u8;
+            }
         }
     }
     Ok(out)
@@ -216,8 +404,18 @@ pub fn load_image(
     cfg: &PreprocessConfig,
     device: &Device,
 ) -> Result<Tensor> {
+    load_image_with(path, cfg, &DecodeOptions::default(), device)
+}
+
+/// [`load_image`] with explicit decode limits.
+pub fn load_image_with(
+    path: impl AsRef<Path>,
+    cfg: &PreprocessConfig,
+    opts: &DecodeOptions,
+    device: &Device,
+) -> Result<Tensor> {
     let path = path.as_ref();
-    let img = decode_image(path)?;
+    let img = decode_image_with(path, opts)?;
     preprocess_image(&img, cfg, device)
         .map_err(|e| candle_core::Error::msg(format!("image {}: {}", path.display(), plain(&e))))
 }

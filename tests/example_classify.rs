@@ -368,3 +368,34 @@ fn features_example_writes_maps_and_png() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("block"));
 }
+
+#[test]
+fn non_finite_logits_are_an_error_for_that_image() {
+    // Finite weights whose head overflows f32: every logit becomes Inf/NaN.
+    let mut st = common::load_safetensors(format!("{FIXTURES}/weights/tiny_b.safetensors"));
+    let w = st["model.head.weight"].clone();
+    st.insert(
+        "model.head.weight".into(),
+        candle_core::Tensor::full(3.0e38f32, w.dims(), w.device()).unwrap(),
+    );
+    let path = tmp_dir().join("tiny_b_overflowing_head.safetensors");
+    candle_core::safetensors::save(&st, &path).unwrap();
+    let cfg = tiny_b_config();
+    let out = run(&[
+        "--weights",
+        path.to_str().unwrap(),
+        "--config",
+        cfg.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a non-finite result must fail the run"
+    );
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let err = json["results"][0]["error"].as_str().unwrap();
+    assert!(err.contains("non-finite logits"), "{err}");
+    assert!(json["results"][0]["predictions"].is_null());
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("NaN%"));
+}

@@ -287,3 +287,127 @@ fn bad_files_are_errors_naming_the_file() {
     };
     assert!(preprocess::preprocess_image(&DynamicImage::new_rgb8(8, 8), &bad, &dev).is_err());
 }
+
+/// The reference: `image`'s full resize to the torchvision size, then the centre crop (the
+/// implementation before the crop window was mapped to source coordinates).
+fn reference_resize_and_crop(img: &RgbImage, cfg: &PreprocessConfig) -> RgbImage {
+    let (w, h) = img.dimensions();
+    let (nw, nh) = preprocess::resized_size(w, h, cfg.resize_shorter_side);
+    let resized = if (nw, nh) == (w, h) {
+        img.clone()
+    } else {
+        image::imageops::resize(img, nw, nh, image::imageops::FilterType::CatmullRom)
+    };
+    let s = cfg.crop_size;
+    let axis = |len: u32| -> (i64, i64) {
+        if s > len {
+            (((s - len) / 2) as i64, 0)
+        } else {
+            let d = len - s;
+            let (q, r) = (d / 2, d % 2);
+            (0, if r == 1 && q % 2 == 1 { q + 1 } else { q } as i64)
+        }
+    };
+    let ((px, ox), (py, oy)) = (axis(nw), axis(nh));
+    ImageBuffer::from_fn(s, s, |x, y| {
+        let (sx, sy) = (x as i64 + ox - px, y as i64 + oy - py);
+        if sx < 0 || sy < 0 || sx >= nw as i64 || sy >= nh as i64 {
+            Rgb([0, 0, 0])
+        } else {
+            *resized.get_pixel(sx as u32, sy as u32)
+        }
+    })
+}
+
+#[test]
+fn windowed_resize_is_bit_identical_to_full_resize_then_crop() {
+    let photo =
+        preprocess::to_rgb8(&preprocess::decode_image(format!("{FIXTURES}/chelsea.png")).unwrap());
+    let mut cases: Vec<(RgbImage, PreprocessConfig)> =
+        vec![(photo, PreprocessConfig::imagenet(224))];
+    let sizes = [
+        (451, 300, 224, 224),
+        (300, 451, 224, 224),
+        (17, 9, 224, 224),   // upscale
+        (1000, 3, 224, 224), // extreme aspect, upscale one axis and downscale the other
+        (3, 700, 64, 48),    // crop smaller than the resize
+        (640, 480, 384, 384),
+        (97, 101, 40, 45), // crop larger than one axis: padding
+        (1, 1, 8, 8),
+        (2, 300, 16, 16),
+        (225, 224, 224, 224), // shorter side already at size, other axis not
+        (224, 224, 224, 224), // no resize at all
+        (513, 257, 100, 100),
+    ];
+    for (w, h, size, crop) in sizes {
+        let cfg = PreprocessConfig {
+            resize_shorter_side: size,
+            crop_size: crop,
+            ..PreprocessConfig::imagenet(size)
+        };
+        cases.push((pattern(w, h), cfg));
+    }
+    for (img, cfg) in &cases {
+        let want = reference_resize_and_crop(img, cfg);
+        let got = preprocess::resize_and_crop(&DynamicImage::ImageRgb8(img.clone()), cfg).unwrap();
+        assert_eq!(got.dimensions(), want.dimensions());
+        let diff = got
+            .as_raw()
+            .iter()
+            .zip(want.as_raw())
+            .filter(|(a, b)| a != b)
+            .count();
+        assert_eq!(
+            diff,
+            0,
+            "{}x{} -> {} crop {}: {diff} bytes differ",
+            img.width(),
+            img.height(),
+            cfg.resize_shorter_side,
+            cfg.crop_size
+        );
+    }
+}
+
+#[test]
+fn decode_pixel_limit_is_enforced_from_the_header() {
+    let mut png = Vec::new();
+    DynamicImage::ImageRgb8(pattern(300, 200))
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    // 60000 pixels: under the default, over a limit of 59999.
+    assert!(preprocess::decode_image_bytes(&png).is_ok());
+    let opts = preprocess::DecodeOptions::with_max_pixels(59_999);
+    let err = preprocess::decode_image_bytes_with(&png, &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("300x200") && err.contains("59999") && err.contains("max_pixels"),
+        "{err}"
+    );
+    let path = tmp("limit.png");
+    std::fs::write(&path, &png).unwrap();
+    let err =
+        preprocess::load_image_with(&path, &PreprocessConfig::imagenet(224), &opts, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+    assert!(
+        err.contains("limit.png") && err.contains("60000 pixels"),
+        "{err}"
+    );
+    assert!(preprocess::decode_image_with(
+        &path,
+        &preprocess::DecodeOptions::with_max_pixels(60_000)
+    )
+    .is_ok());
+    // A PPM header claiming 100000 x 100000 pixels (10^10, 30 GB) with no pixel data: rejected
+    // from the header, before anything is allocated.
+    let err = preprocess::decode_image_bytes(b"P6\n100000 100000\n255\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("10000000000 pixels"), "{err}");
+    // Absurd configs are errors, not allocations.
+    let huge = PreprocessConfig::imagenet(1 << 20);
+    let err = preprocess::resize_and_crop(&DynamicImage::new_rgb8(4, 4), &huge).unwrap_err();
+    assert!(err.to_string().contains("at most"), "{err}");
+}

@@ -6,6 +6,8 @@
 //! Every test binary compiles this module on its own and uses only part of it.
 #![allow(dead_code)]
 
+pub mod pth;
+
 use candle_core::{DType, Device, Tensor};
 use internimage::{Config, Dcnv3Config};
 use rand::rngs::StdRng;

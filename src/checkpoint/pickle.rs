@@ -1,0 +1,640 @@
+//! A minimal, safe reader of Python pickles (protocols 0-5) for PyTorch checkpoints.
+//!
+//! Nothing is ever executed or imported: `GLOBAL`/`STACK_GLOBAL` become a name, `REDUCE`,
+//! `NEWOBJ`, `INST`/`OBJ` and `BUILD` become an opaque [`Node::Object`] that remembers its
+//! callable, its arguments, its state and any dict/list items set on it. This is enough to walk
+//! what real training checkpoints hold (optimizer and scheduler state, yacs `CfgNode`,
+//! `argparse.Namespace`, numpy scalars, nested dicts) without understanding those objects, and
+//! to recognise the `torch._utils._rebuild_tensor_v2` calls that describe tensors.
+//!
+//! Values live in an arena indexed by [`Id`], so memo references (`GET`) share a node instead
+//! of copying it: memory is linear in the pickle's size whatever it references, and mutations
+//! after memoisation (`SETITEMS` on a memoised dict) are seen through every reference.
+
+use std::collections::HashMap;
+
+/// Index of a node in the arena.
+pub type Id = usize;
+
+/// One unpickled value. (Float and byte values are kept for `Debug` output only.)
+#[derive(Debug, Clone)]
+#[allow(dead_code)]
+pub enum Node {
+    None,
+    Bool(bool),
+    Int(i64),
+    /// An integer that does not fit in 64 bits (its value is not needed).
+    BigInt,
+    Float(f64),
+    Str(String),
+    Bytes(Vec<u8>),
+    Tuple(Vec<Id>),
+    List(Vec<Id>),
+    Dict(Vec<(Id, Id)>),
+    Set(Vec<Id>),
+    /// `module.name`, never imported.
+    Global {
+        module: String,
+        name: String,
+    },
+    /// `persistent_load(pid)`: in torch zip files, a storage reference.
+    PersId(Id),
+    /// The result of calling `callable(*args)` (REDUCE, NEWOBJ, INST, OBJ), never performed.
+    /// `items`/`list` hold what SETITEM(S)/APPEND(S) put on it (dict and list subclasses such as
+    /// `OrderedDict` or yacs `CfgNode`); `state` is the BUILD argument.
+    Object {
+        callable: Id,
+        args: Id,
+        items: Vec<(Id, Id)>,
+        list: Vec<Id>,
+        state: Option<Id>,
+    },
+}
+
+/// The unpickled arena and the root value.
+#[derive(Debug)]
+pub struct Pickle {
+    pub nodes: Vec<Node>,
+    pub root: Id,
+}
+
+struct Reader<'a> {
+    data: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.data.len())
+            .ok_or_else(|| {
+                format!(
+                    "truncated pickle: {n} bytes wanted at offset {} of {}",
+                    self.pos,
+                    self.data.len()
+                )
+            })?;
+        let s = &self.data[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8, String> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, String> {
+        let b = self.take(2)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self) -> Result<u32, String> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self) -> Result<u64, String> {
+        let b = self.take(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_le_bytes(a))
+    }
+    fn len(&mut self, n: u64) -> Result<usize, String> {
+        usize::try_from(n).map_err(|_| format!("pickle length {n} too large"))
+    }
+    fn line(&mut self) -> Result<&'a str, String> {
+        let rest = &self.data[self.pos..];
+        let n = rest
+            .iter()
+            .position(|&b| b == b'\n')
+            .ok_or("truncated pickle: unterminated text argument")?;
+        let s = std::str::from_utf8(&rest[..n]).map_err(|_| "pickle text argument is not UTF-8")?;
+        self.pos += n + 1;
+        Ok(s.trim_end_matches('\r'))
+    }
+}
+
+struct Machine {
+    nodes: Vec<Node>,
+    stack: Vec<Id>,
+    marks: Vec<usize>,
+    memo: HashMap<u64, Id>,
+}
+
+impl Machine {
+    fn push(&mut self, n: Node) {
+        self.nodes.push(n);
+        self.stack.push(self.nodes.len() - 1);
+    }
+    fn pop(&mut self) -> Result<Id, String> {
+        if self.marks.last().is_some_and(|&m| m >= self.stack.len()) {
+            return Err("malformed pickle: pop across a MARK".into());
+        }
+        self.stack
+            .pop()
+            .ok_or_else(|| "malformed pickle: stack underflow".to_string())
+    }
+    fn top(&self) -> Result<Id, String> {
+        self.stack
+            .last()
+            .copied()
+            .ok_or_else(|| "malformed pickle: empty stack".to_string())
+    }
+    fn pop_mark(&mut self) -> Result<Vec<Id>, String> {
+        let m = self
+            .marks
+            .pop()
+            .ok_or("malformed pickle: no MARK on the stack")?;
+        if m > self.stack.len() {
+            return Err("malformed pickle: MARK above the stack".into());
+        }
+        Ok(self.stack.split_off(m))
+    }
+    fn str_of(&self, id: Id) -> Result<String, String> {
+        match &self.nodes[id] {
+            Node::Str(s) => Ok(s.clone()),
+            other => Err(format!(
+                "malformed pickle: expected a string, got {other:?}"
+            )),
+        }
+    }
+    fn object(&mut self, callable: Id, args: Id) {
+        self.push(Node::Object {
+            callable,
+            args,
+            items: Vec::new(),
+            list: Vec::new(),
+            state: None,
+        });
+    }
+    fn set_items(&mut self, target: Id, kv: Vec<Id>) -> Result<(), String> {
+        if kv.len() % 2 != 0 {
+            return Err("malformed pickle: SETITEMS with an odd number of values".into());
+        }
+        let pairs = kv.chunks_exact(2).map(|c| (c[0], c[1]));
+        match &mut self.nodes[target] {
+            Node::Dict(items) | Node::Object { items, .. } => items.extend(pairs),
+            other => {
+                return Err(format!(
+                    "malformed pickle: SETITEM on a non-dict {}",
+                    kind(other)
+                ))
+            }
+        }
+        Ok(())
+    }
+    fn append(&mut self, target: Id, vals: Vec<Id>) -> Result<(), String> {
+        match &mut self.nodes[target] {
+            Node::List(l) | Node::Set(l) | Node::Object { list: l, .. } => l.extend(vals),
+            other => {
+                return Err(format!(
+                    "malformed pickle: APPEND on a non-list {}",
+                    kind(other)
+                ))
+            }
+        }
+        Ok(())
+    }
+    fn memo_get(&self, k: u64) -> Result<Id, String> {
+        self.memo
+            .get(&k)
+            .copied()
+            .ok_or_else(|| format!("malformed pickle: memo entry {k} missing"))
+    }
+    fn memo_put(&mut self, k: u64) -> Result<(), String> {
+        let top = self.top()?;
+        self.memo.insert(k, top);
+        Ok(())
+    }
+}
+
+fn kind(n: &Node) -> &'static str {
+    match n {
+        Node::None => "None",
+        Node::Bool(_) => "bool",
+        Node::Int(_) | Node::BigInt => "int",
+        Node::Float(_) => "float",
+        Node::Str(_) => "str",
+        Node::Bytes(_) => "bytes",
+        Node::Tuple(_) => "tuple",
+        Node::List(_) => "list",
+        Node::Dict(_) => "dict",
+        Node::Set(_) => "set",
+        Node::Global { .. } => "global",
+        Node::PersId(_) => "persistent id",
+        Node::Object { .. } => "object",
+    }
+}
+
+fn parse_int_line(s: &str) -> Node {
+    match s {
+        "00" => Node::Bool(false),
+        "01" => Node::Bool(true),
+        _ => s
+            .trim_end_matches('L')
+            .parse::<i64>()
+            .map(Node::Int)
+            .unwrap_or(Node::BigInt),
+    }
+}
+
+fn long_le(bytes: &[u8]) -> Node {
+    if bytes.is_empty() {
+        return Node::Int(0);
+    }
+    if bytes.len() > 8 {
+        return Node::BigInt;
+    }
+    let neg = bytes[bytes.len() - 1] & 0x80 != 0;
+    let mut a = if neg { [0xffu8; 8] } else { [0u8; 8] };
+    a[..bytes.len()].copy_from_slice(bytes);
+    Node::Int(i64::from_le_bytes(a))
+}
+
+/// Unpickles `data` without executing anything. Errors describe what is malformed.
+pub fn parse(data: &[u8]) -> Result<Pickle, String> {
+    let mut r = Reader { data, pos: 0 };
+    let mut m = Machine {
+        nodes: Vec::new(),
+        stack: Vec::new(),
+        marks: Vec::new(),
+        memo: HashMap::new(),
+    };
+    loop {
+        let op = r.u8()?;
+        match op {
+            0x80 => {
+                let proto = r.u8()?;
+                if proto > 5 {
+                    return Err(format!("unsupported pickle protocol {proto}"));
+                }
+            }
+            0x95 => {
+                r.u64()?; // FRAME: a length hint only
+            }
+            b'.' => {
+                let root = m.pop()?;
+                return Ok(Pickle {
+                    nodes: m.nodes,
+                    root,
+                });
+            }
+            b'(' => m.marks.push(m.stack.len()),
+            b'0' => {
+                m.pop()?;
+            }
+            b'1' => {
+                m.pop_mark()?;
+            }
+            b'2' => {
+                let t = m.top()?;
+                m.stack.push(t);
+            }
+            b'N' => m.push(Node::None),
+            0x88 => m.push(Node::Bool(true)),
+            0x89 => m.push(Node::Bool(false)),
+            b'I' => {
+                let n = parse_int_line(r.line()?);
+                m.push(n)
+            }
+            b'L' => {
+                let n = parse_int_line(r.line()?);
+                m.push(n)
+            }
+            b'J' => {
+                let v = r.u32()? as i32;
+                m.push(Node::Int(v as i64))
+            }
+            b'K' => {
+                let v = r.u8()?;
+                m.push(Node::Int(v as i64))
+            }
+            b'M' => {
+                let v = r.u16()?;
+                m.push(Node::Int(v as i64))
+            }
+            0x8a => {
+                let n = r.u8()? as usize;
+                let b = r.take(n)?;
+                m.push(long_le(b))
+            }
+            0x8b => {
+                let n = r.u32()? as i32;
+                if n < 0 {
+                    return Err("malformed pickle: negative LONG4 length".into());
+                }
+                let b = r.take(n as usize)?;
+                m.push(long_le(b))
+            }
+            b'F' => {
+                let v = r.line()?.parse::<f64>().unwrap_or(f64::NAN);
+                m.push(Node::Float(v))
+            }
+            b'G' => {
+                let b = r.take(8)?;
+                let mut a = [0u8; 8];
+                a.copy_from_slice(b);
+                m.push(Node::Float(f64::from_be_bytes(a)))
+            }
+            // Strings: text (protocol 0) and length-prefixed.
+            b'S' => {
+                let s = r.line()?;
+                let s = s
+                    .strip_prefix(['\'', '"'])
+                    .and_then(|s| s.strip_suffix(['\'', '"']))
+                    .unwrap_or(s);
+                m.push(Node::Str(s.to_string()))
+            }
+            b'V' => {
+                let s = r.line()?.to_string();
+                m.push(Node::Str(s))
+            }
+            b'T' => {
+                let n = r.u32()? as i32;
+                if n < 0 {
+                    return Err("malformed pickle: negative BINSTRING length".into());
+                }
+                let b = r.take(n as usize)?;
+                m.push(Node::Str(String::from_utf8_lossy(b).into_owned()))
+            }
+            b'U' => {
+                let n = r.u8()? as usize;
+                let b = r.take(n)?;
+                m.push(Node::Str(String::from_utf8_lossy(b).into_owned()))
+            }
+            b'X' | 0x8c | 0x8d => {
+                let n = match op {
+                    b'X' => r.u32()? as u64,
+                    0x8c => r.u8()? as u64,
+                    _ => r.u64()?,
+                };
+                let n = r.len(n)?;
+                let b = r.take(n)?;
+                let s = std::str::from_utf8(b).map_err(|_| "pickle string is not UTF-8")?;
+                m.push(Node::Str(s.to_string()))
+            }
+            b'B' | b'C' | 0x8e | 0x96 => {
+                let n = match op {
+                    b'B' => r.u32()? as u64,
+                    b'C' => r.u8()? as u64,
+                    _ => r.u64()?,
+                };
+                let n = r.len(n)?;
+                let b = r.take(n)?;
+                m.push(Node::Bytes(b.to_vec()))
+            }
+            0x97 => return Err("pickle uses out-of-band buffers (protocol 5), unsupported".into()),
+            0x98 => {} // READONLY_BUFFER: no-op on our values
+            // Containers.
+            b')' => m.push(Node::Tuple(Vec::new())),
+            b']' => m.push(Node::List(Vec::new())),
+            b'}' => m.push(Node::Dict(Vec::new())),
+            0x8f => m.push(Node::Set(Vec::new())),
+            b't' => {
+                let v = m.pop_mark()?;
+                m.push(Node::Tuple(v))
+            }
+            0x85..=0x87 => {
+                let n = (op - 0x84) as usize;
+                let mut v = Vec::with_capacity(n);
+                for _ in 0..n {
+                    v.push(m.pop()?);
+                }
+                v.reverse();
+                m.push(Node::Tuple(v))
+            }
+            b'l' => {
+                let v = m.pop_mark()?;
+                m.push(Node::List(v))
+            }
+            0x91 => {
+                let v = m.pop_mark()?;
+                m.push(Node::Set(v))
+            }
+            b'd' => {
+                let v = m.pop_mark()?;
+                if v.len() % 2 != 0 {
+                    return Err("malformed pickle: DICT with an odd number of values".into());
+                }
+                let items = v.chunks_exact(2).map(|c| (c[0], c[1])).collect();
+                m.push(Node::Dict(items))
+            }
+            b'a' => {
+                let v = m.pop()?;
+                let t = m.top()?;
+                m.append(t, vec![v])?
+            }
+            b'e' | 0x90 => {
+                let v = m.pop_mark()?;
+                let t = m.top()?;
+                m.append(t, v)?
+            }
+            b's' => {
+                let v = m.pop()?;
+                let k = m.pop()?;
+                let t = m.top()?;
+                m.set_items(t, vec![k, v])?
+            }
+            b'u' => {
+                let v = m.pop_mark()?;
+                let t = m.top()?;
+                m.set_items(t, v)?
+            }
+            // Memo.
+            b'p' => {
+                let k = r
+                    .line()?
+                    .parse::<u64>()
+                    .map_err(|_| "malformed pickle: bad PUT index")?;
+                m.memo_put(k)?
+            }
+            b'q' => {
+                let k = r.u8()? as u64;
+                m.memo_put(k)?
+            }
+            b'r' => {
+                let k = r.u32()? as u64;
+                m.memo_put(k)?
+            }
+            0x94 => {
+                let k = m.memo.len() as u64;
+                m.memo_put(k)?
+            }
+            b'g' => {
+                let k = r
+                    .line()?
+                    .parse::<u64>()
+                    .map_err(|_| "malformed pickle: bad GET index")?;
+                let id = m.memo_get(k)?;
+                m.stack.push(id)
+            }
+            b'h' => {
+                let k = r.u8()? as u64;
+                let id = m.memo_get(k)?;
+                m.stack.push(id)
+            }
+            b'j' => {
+                let k = r.u32()? as u64;
+                let id = m.memo_get(k)?;
+                m.stack.push(id)
+            }
+            // Names and calls: recorded, never resolved or performed.
+            b'c' => {
+                let module = r.line()?.to_string();
+                let name = r.line()?.to_string();
+                m.push(Node::Global { module, name })
+            }
+            0x93 => {
+                let name = m.pop()?;
+                let module = m.pop()?;
+                let (module, name) = (m.str_of(module)?, m.str_of(name)?);
+                m.push(Node::Global { module, name })
+            }
+            0x82..=0x84 => {
+                let code = match op {
+                    0x82 => r.u8()? as u32,
+                    0x83 => r.u16()? as u32,
+                    _ => r.u32()?,
+                };
+                m.push(Node::Global {
+                    module: "copyreg.extension".into(),
+                    name: code.to_string(),
+                })
+            }
+            b'R' | 0x81 => {
+                let args = m.pop()?;
+                let callable = m.pop()?;
+                m.object(callable, args)
+            }
+            0x92 => {
+                let _kwargs = m.pop()?;
+                let args = m.pop()?;
+                let callable = m.pop()?;
+                m.object(callable, args)
+            }
+            b'i' => {
+                let module = r.line()?.to_string();
+                let name = r.line()?.to_string();
+                let args = m.pop_mark()?;
+                m.nodes.push(Node::Global { module, name });
+                let callable = m.nodes.len() - 1;
+                m.nodes.push(Node::Tuple(args));
+                let args = m.nodes.len() - 1;
+                m.object(callable, args)
+            }
+            b'o' => {
+                let mut v = m.pop_mark()?;
+                if v.is_empty() {
+                    return Err("malformed pickle: OBJ without a class".into());
+                }
+                let callable = v.remove(0);
+                m.nodes.push(Node::Tuple(v));
+                let args = m.nodes.len() - 1;
+                m.object(callable, args)
+            }
+            b'b' => {
+                let state = m.pop()?;
+                let t = m.top()?;
+                match &mut m.nodes[t] {
+                    Node::Object { state: s, .. } => *s = Some(state),
+                    // BUILD on a plain value (e.g. a dict): the state is not needed.
+                    _ => {}
+                }
+            }
+            b'P' => {
+                let s = r.line()?.to_string();
+                m.nodes.push(Node::Str(s));
+                let pid = m.nodes.len() - 1;
+                m.push(Node::PersId(pid))
+            }
+            b'Q' => {
+                let pid = m.pop()?;
+                m.push(Node::PersId(pid))
+            }
+            other => {
+                return Err(format!(
+                    "unknown pickle opcode 0x{other:02x} at offset {}",
+                    r.pos - 1
+                ))
+            }
+        }
+    }
+}
+
+impl Pickle {
+    /// The node `id`.
+    pub fn node(&self, id: Id) -> &Node {
+        &self.nodes[id]
+    }
+
+    /// The key/value pairs of a dict or of a dict-like object (OrderedDict, CfgNode, ...).
+    pub fn dict_items(&self, id: Id) -> Option<&[(Id, Id)]> {
+        match self.node(id) {
+            Node::Dict(items) => Some(items),
+            Node::Object { items, .. } if !items.is_empty() || self.is_dict_class(id) => {
+                Some(items)
+            }
+            _ => None,
+        }
+    }
+
+    fn is_dict_class(&self, id: Id) -> bool {
+        match self.node(id) {
+            Node::Object { callable, .. } => matches!(
+                self.node(*callable),
+                Node::Global { module, name } if module == "collections" && (name == "OrderedDict" || name == "defaultdict")
+            ),
+            _ => false,
+        }
+    }
+
+    /// A string node's text.
+    pub fn as_str(&self, id: Id) -> Option<&str> {
+        match self.node(id) {
+            Node::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// An integer node's value.
+    pub fn as_int(&self, id: Id) -> Option<i64> {
+        match self.node(id) {
+            Node::Int(v) => Some(*v),
+            Node::Bool(b) => Some(*b as i64),
+            _ => None,
+        }
+    }
+
+    /// The elements of a tuple or list.
+    pub fn as_seq(&self, id: Id) -> Option<&[Id]> {
+        match self.node(id) {
+            Node::Tuple(v) | Node::List(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// The value under string key `key` of a dict-like node.
+    pub fn get(&self, id: Id, key: &str) -> Option<Id> {
+        self.dict_items(id)?
+            .iter()
+            .find(|(k, _)| self.as_str(*k) == Some(key))
+            .map(|(_, v)| *v)
+    }
+
+    /// `(module, name)` of the callable of an object node.
+    pub fn callable_name(&self, id: Id) -> Option<(&str, &str)> {
+        match self.node(id) {
+            Node::Object { callable, .. } => match self.node(*callable) {
+                Node::Global { module, name } => Some((module, name)),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// The argument tuple of an object node.
+    pub fn call_args(&self, id: Id) -> Option<&[Id]> {
+        match self.node(id) {
+            Node::Object { args, .. } => self.as_seq(*args),
+            _ => None,
+        }
+    }
+}
