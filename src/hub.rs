@@ -7,7 +7,16 @@
 //!   `~/.cache/huggingface/hub`. Endpoint: [`HubOptions::endpoint`] > `HF_ENDPOINT` >
 //!   `https://huggingface.co`. Token: [`HubOptions::token`] > `HF_TOKEN` > the token file of
 //!   `huggingface-cli login`. (`hf-hub` reads these variables itself.)
-//! * Cache first: a file already in the cache is used without any request. `HF_HUB_OFFLINE=1`
+//! * Weights: the first of these that exists is used (one list, [`Hub::fetch_with_fallback`]):
+//!   the manifest's safetensors (`model.safetensors`, or its index
+//!   `model.safetensors.index.json` and the shards), then `pytorch_model.bin`, then
+//!   `pytorch_model.bin.index.json` and its shards (same repository), then the release's `.pth` in
+//!   `OpenGVLab/InternImage` (zoo models). Only "not found" (404) moves to the next; any other
+//!   failure is an error. `config.json` is optional (the zoo preset is used without it; one that is
+//!   there must agree with the preset). The progress bar names the file actually fetched.
+//! * Cache first: a file already in the cache is used without any request (the candidates are
+//!   looked up in the cache in the same order before any request, so a fallback found once is
+//!   found again without requests). `HF_HUB_OFFLINE=1`
 //!   (read by [`HubOptions::from_env`]) or [`HubOptions::offline`] means cache only: a missing
 //!   file is an error that names it and says how to get it.
 //! * Integrity: every downloaded file is hashed (SHA-256) and compared with the hash pinned in
@@ -1089,5 +1098,57 @@ impl ProgressHandler for StderrProgress {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn order(c: &[Candidate]) -> Vec<String> {
+        c.iter().map(Candidate::describe).collect()
+    }
+
+    #[test]
+    fn hub_candidates_in_resolution_order() {
+        let t = zoo::get("internimage_t_1k_224").unwrap();
+        let c = weight_candidates(&t.hub, "main", t.pth.as_ref());
+        assert_eq!(
+            order(&c),
+            [
+                "OpenGVLab/internimage_t_1k_224@main/model.safetensors",
+                "OpenGVLab/internimage_t_1k_224@main/model.safetensors.index.json + its shards",
+                "OpenGVLab/internimage_t_1k_224@main/pytorch_model.bin",
+                "OpenGVLab/internimage_t_1k_224@main/pytorch_model.bin.index.json + its shards",
+                "OpenGVLab/InternImage@main/internimage_t_1k_224.pth",
+            ]
+        );
+        assert_eq!(
+            c[4].url("https://huggingface.co/"),
+            "https://huggingface.co/OpenGVLab/InternImage/resolve/main/internimage_t_1k_224.pth"
+        );
+
+        // A sharded manifest entry: its index first (no guessed single file), a pinned revision
+        // for the per-model repository only.
+        let g = zoo::get("internimage_g_jointto22k_384").unwrap();
+        let c = weight_candidates(&g.hub, "abc", g.pth.as_ref());
+        assert!(matches!(c[0].kind, CandidateKind::Index { .. }), "{c:?}");
+        assert_eq!(c[0].revision, "abc");
+        assert_eq!(c[1].entry(), PYTORCH_BIN);
+        if let Some(pth) = &g.pth {
+            assert_eq!(c.last().unwrap().revision, pth.revision);
+        }
+
+        // A repository that already names pytorch_model.bin does not list it twice.
+        let mut r = HubRepo::safetensors("a/b");
+        r.files = vec![HubFile::new(PYTORCH_BIN)];
+        let c = weight_candidates(&r, "main", None);
+        assert_eq!(
+            order(&c),
+            [
+                "a/b@main/pytorch_model.bin",
+                "a/b@main/pytorch_model.bin.index.json + its shards"
+            ]
+        );
     }
 }
