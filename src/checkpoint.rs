@@ -1,4 +1,5 @@
-//! Reading InternImage weight files: official `.pth`, Hugging Face safetensors (single or sharded).
+//! Reading InternImage weight files: official `.pth`, Hugging Face safetensors or
+//! `pytorch_model.bin` (single, or sharded with an index json).
 //!
 //! The format is detected from the file's first bytes, not its extension. Tensor names are
 //! normalised to the official state-dict names the model asks for:
@@ -35,7 +36,8 @@ pub enum Format {
     Pth,
     /// A safetensors file.
     Safetensors,
-    /// A `model.safetensors.index.json` listing safetensors shards.
+    /// A shard index json: `model.safetensors.index.json` (safetensors shards) or
+    /// `pytorch_model.bin.index.json` (PyTorch zip shards).
     SafetensorsIndex,
 }
 
@@ -586,10 +588,12 @@ impl CheckpointBackend {
             match detect_format(p)? {
                 Format::SafetensorsIndex => {
                     for shard in shards_from_index(p)? {
+                        // `model.safetensors.index.json` lists safetensors shards,
+                        // `pytorch_model.bin.index.json` PyTorch zip shards.
                         match detect_format(&shard)? {
-                            Format::Safetensors => files.push((shard, Format::Safetensors)),
+                            f @ (Format::Safetensors | Format::Pth) => files.push((shard, f)),
                             other => bail!(
-                                "safetensors index {} lists {}, which is {other:?}, not safetensors",
+                                "index {} lists {}, which is {other:?}, not a safetensors or PyTorch weight file",
                                 p.display(),
                                 shard.display()
                             ),

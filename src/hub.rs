@@ -7,7 +7,16 @@
 //!   `~/.cache/huggingface/hub`. Endpoint: [`HubOptions::endpoint`] > `HF_ENDPOINT` >
 //!   `https://huggingface.co`. Token: [`HubOptions::token`] > `HF_TOKEN` > the token file of
 //!   `huggingface-cli login`. (`hf-hub` reads these variables itself.)
-//! * Cache first: a file already in the cache is used without any request. `HF_HUB_OFFLINE=1`
+//! * Weights: the first of these that exists is used (one list, [`Hub::fetch_with_fallback`]):
+//!   the manifest's safetensors (`model.safetensors`, or its index
+//!   `model.safetensors.index.json` and the shards), then `pytorch_model.bin`, then
+//!   `pytorch_model.bin.index.json` and its shards (same repository), then the release's `.pth` in
+//!   `OpenGVLab/InternImage` (zoo models). Only "not found" (404) moves to the next; any other
+//!   failure is an error. `config.json` is optional (the zoo preset is used without it; one that is
+//!   there must agree with the preset). The progress bar names the file actually fetched.
+//! * Cache first: a file already in the cache is used without any request (the candidates are
+//!   looked up in the cache in the same order before any request, so a fallback found once is
+//!   found again without requests). `HF_HUB_OFFLINE=1`
 //!   (read by [`HubOptions::from_env`]) or [`HubOptions::offline`] means cache only: a missing
 //!   file is an error that names it and says how to get it.
 //! * Integrity: every downloaded file is hashed (SHA-256) and compared with the hash pinned in
@@ -29,7 +38,7 @@
 //! ```
 
 use crate::model::{Config, InternImage};
-use crate::zoo::{self, HubFile, HubRepo, PretrainedModel};
+use crate::zoo::{self, HubFile, HubRepo, PretrainedModel, PthFile};
 use candle_core::{bail, DType, Device, Error, Result};
 use hf_hub::progress::{DownloadEvent, FileStatus, Progress, ProgressEvent, ProgressHandler};
 use hf_hub::{HFClient, HFClientSync, HFError, HFRepositorySync, RepoTypeModel};
@@ -216,105 +225,130 @@ impl Hub {
         &self.options
     }
 
-    /// Local paths of the files of the zoo model `name` (see [`zoo::get`]).
+    /// Local paths of the files of the zoo model `name` (see [`zoo::get`]), with the release's
+    /// `.pth` as the last fallback (see [`Hub::fetch_with_fallback`]).
     pub fn fetch_model(&self, name: &str) -> Result<ModelFiles> {
-        self.fetch_repo(&zoo::get(name)?.hub)
+        let model = zoo::get(name)?;
+        self.fetch_with_fallback(&model.hub, model.pth.as_ref())
     }
 
     /// Local paths of a checkpoint's files: the optional `config.json`, the shard index if
-    /// any, and the weight files, downloading what is not cached yet.
+    /// any, and the weight files, downloading what is not cached yet (see
+    /// [`Hub::fetch_with_fallback`], here without a `.pth` fallback).
     pub fn fetch_repo(&self, repo: &HubRepo) -> Result<ModelFiles> {
+        self.fetch_with_fallback(repo, None)
+    }
+
+    /// Local paths of a checkpoint's files. The weights are the first of these that exists:
+    /// the manifest's files (for a single `model.safetensors`, then its shard index
+    /// `model.safetensors.index.json`), `pytorch_model.bin`, `pytorch_model.bin.index.json`
+    /// (in `repo`), then `pth` (the official `.pth` release, at its own revision). The cache is
+    /// searched first, in that order, without any request; online, the Hub is then asked in the
+    /// same order. Only "not found" (HTTP 404) moves to the next candidate: authentication,
+    /// server, transfer and integrity failures are errors. `config.json` is optional.
+    pub fn fetch_with_fallback(&self, repo: &HubRepo, pth: Option<&PthFile>) -> Result<ModelFiles> {
         let revision = self
             .options
             .revision
             .clone()
             .unwrap_or_else(|| repo.revision.clone());
-        let handle = self.repo_handle(&repo.repo)?;
-        let ctx = |file: &str| FileCtx {
-            repo: &repo.repo,
-            revision: &revision,
-            file: file.to_string(),
-        };
-
         let config = match &repo.config_file {
-            Some(name) => self.fetch(&handle, &ctx(name), &HubFile::new(name.clone()), true)?,
+            Some(name) => {
+                let handle = self.repo_handle(&repo.repo)?;
+                let ctx = FileCtx {
+                    repo: &repo.repo,
+                    revision: &revision,
+                    file: name.clone(),
+                };
+                self.fetch(&handle, &ctx, &HubFile::new(name.clone()), true)?
+            }
             None => None,
         };
+        let candidates = weight_candidates(repo, &revision, pth);
 
-        let mut index_file = repo.index_file.clone();
-        let mut weight_files = repo.files.clone();
-        let mut weights = Vec::new();
-        // A single `model.safetensors` may have been sharded since the manifest was written:
-        // when it is absent, fall back to the shard index.
-        let may_be_sharded = index_file.is_none()
-            && weight_files.len() == 1
-            && weight_files[0].name == "model.safetensors";
-        if index_file.is_none() {
-            for f in &weight_files {
-                match self.fetch(&handle, &ctx(&f.name), f, may_be_sharded)? {
-                    Some(p) => weights.push(p),
-                    None if may_be_sharded => break,
-                    None => return Err(self.missing_error(&ctx(&f.name))),
-                }
-            }
-            if !weights.is_empty() {
+        // 1. The cache, every candidate in order (never a request).
+        for c in &candidates {
+            if let Some((index, weights)) = self.resolve_candidate(c, true)? {
                 return Ok(ModelFiles {
                     config,
-                    index: None,
+                    index,
                     weights,
                 });
             }
-            index_file = Some(HubFile::new(SAFETENSORS_INDEX));
-            weight_files.clear();
+        }
+        if self.options.offline {
+            return Err(self.offline_missing_error(&repo.repo, &candidates));
         }
 
-        // Sharded checkpoint: the index names the shards.
-        let index_file = index_file.unwrap_or_else(|| HubFile::new(SAFETENSORS_INDEX));
-        let index =
-            match self.fetch(&handle, &ctx(&index_file.name), &index_file, may_be_sharded)? {
-                Some(p) => p,
-                None if may_be_sharded && self.options.offline => {
-                    return Err(self.offline_error(&ctx("model.safetensors")))
-                }
-                None if may_be_sharded => bail!(
-                    "{} (nor {SAFETENSORS_INDEX}, for a sharded checkpoint)",
-                    self.missing_error(&ctx("model.safetensors"))
-                ),
-                None => return Err(self.missing_error(&ctx(&index_file.name))),
+        // 2. The Hub, in the same order; a 404 on a candidate moves to the next.
+        for c in &candidates {
+            if let Some((index, weights)) = self.resolve_candidate(c, false)? {
+                return Ok(ModelFiles {
+                    config,
+                    index,
+                    weights,
+                });
+            }
+        }
+        Err(self.all_missing_error(&repo.repo, &candidates))
+    }
+
+    /// The files of one candidate: `Ok(None)` when its first file (the weights or the index)
+    /// does not exist (`cache_only`: is not cached). A later file missing is an error.
+    fn resolve_candidate(
+        &self,
+        c: &Candidate,
+        cache_only: bool,
+    ) -> Result<Option<(Option<PathBuf>, Vec<PathBuf>)>> {
+        let handle = self.repo_handle(&c.repo)?;
+        let get = |file: &HubFile, first: bool| -> Result<Option<PathBuf>> {
+            let ctx = FileCtx {
+                repo: &c.repo,
+                revision: &c.revision,
+                file: file.name.clone(),
             };
-        let shards = shards_from_index(&index)?;
-        if !weight_files.is_empty() {
-            let mut listed: Vec<&str> = weight_files.iter().map(|f| f.name.as_str()).collect();
-            listed.sort_unstable();
-            let mut indexed: Vec<&str> = shards.iter().map(String::as_str).collect();
-            indexed.sort_unstable();
-            if listed != indexed {
-                bail!(
-                    "the shard index {} of {}@{} names the shards [{}] but the manifest lists [{}]; the repository changed: update weights-manifest.json or pin the revision",
-                    index_file.name,
-                    repo.repo,
-                    revision,
-                    indexed.join(", "),
-                    listed.join(", ")
-                );
+            let found = if cache_only {
+                self.cached(&handle, &ctx)?
+            } else {
+                self.fetch(&handle, &ctx, file, true)?
+            };
+            match found {
+                None if !first && !cache_only => Err(self.missing_error(&ctx)),
+                found => Ok(found),
+            }
+        };
+        match &c.kind {
+            CandidateKind::Files(files) => {
+                let mut weights = Vec::with_capacity(files.len());
+                for (i, f) in files.iter().enumerate() {
+                    match get(f, i == 0)? {
+                        Some(p) => weights.push(p),
+                        None => return Ok(None),
+                    }
+                }
+                Ok(Some((None, weights)))
+            }
+            CandidateKind::Index { index, listed } => {
+                let Some(index_path) = get(index, true)? else {
+                    return Ok(None);
+                };
+                let shards = shards_from_index(&index_path)?;
+                check_listed_shards(c, &index.name, listed, &shards)?;
+                let mut weights = Vec::with_capacity(shards.len());
+                for shard in &shards {
+                    let file = listed
+                        .iter()
+                        .find(|f| &f.name == shard)
+                        .cloned()
+                        .unwrap_or_else(|| HubFile::new(shard.clone()));
+                    match get(&file, false)? {
+                        Some(p) => weights.push(p),
+                        None => return Ok(None),
+                    }
+                }
+                Ok(Some((Some(index_path), weights)))
             }
         }
-        for shard in &shards {
-            let file = weight_files
-                .iter()
-                .find(|f| &f.name == shard)
-                .cloned()
-                .unwrap_or_else(|| HubFile::new(shard.clone()));
-            match self.fetch(&handle, &ctx(shard), &file, false)? {
-                Some(p) => weights.push(p),
-                None => return Err(self.missing_error(&ctx(shard))),
-            }
-        }
-        Ok(ModelFiles {
-            config,
-            index: Some(index),
-            weights,
-        })
     }
 
     /// Local path of the `.pth` alternative of a release (in `OpenGVLab/InternImage`),
@@ -378,6 +412,25 @@ impl Hub {
         ))
     }
 
+    /// Offline, no weight candidate is in the cache: say what was looked for.
+    fn offline_missing_error(&self, repo: &str, candidates: &[Candidate]) -> Error {
+        let looked: Vec<String> = candidates.iter().map(Candidate::describe).collect();
+        Error::Msg(format!(
+            "offline mode (HF_HUB_OFFLINE=1): no weights of {repo} are in the Hugging Face cache {}; looked for, in order: {}; unset HF_HUB_OFFLINE (or turn offline off) to download them, or load local weights instead (--weights PATH in the examples, InternImage::from_checkpoint_files in code)",
+            self.cache_dir.display(),
+            looked.join(", ")
+        ))
+    }
+
+    /// Online, the Hub has none of the weight candidates: name every URL tried.
+    fn all_missing_error(&self, repo: &str, candidates: &[Candidate]) -> Error {
+        let urls: Vec<String> = candidates.iter().map(|c| c.url(&self.endpoint)).collect();
+        Error::Msg(format!(
+            "no weights of {repo} found on the Hub: every candidate was not found (HTTP 404): {}; check the model name and revision, or download the weights yourself and pass local files (--weights PATH [--config config.json] in the examples, InternImage::from_checkpoint_files(&cfg, &[path], dtype, &device) in code)",
+            urls.join(", ")
+        ))
+    }
+
     fn offline_error(&self, ctx: &FileCtx) -> Error {
         Error::Msg(format!(
             "offline mode (HF_HUB_OFFLINE=1): {} of {} at revision {} is not in the Hugging Face cache {}; unset HF_HUB_OFFLINE (or turn offline off) to download it, or load local weights instead (--weights PATH in the examples, InternImage::from_checkpoint_files in code)",
@@ -386,6 +439,28 @@ impl Hub {
             ctx.revision,
             self.cache_dir.display()
         ))
+    }
+
+    /// One file from the cache only (never a request): `Ok(None)` when it is not there (or
+    /// the cache remembers that the Hub does not have it).
+    fn cached(
+        &self,
+        handle: &HFRepositorySync<RepoTypeModel>,
+        ctx: &FileCtx,
+    ) -> Result<Option<PathBuf>> {
+        let cached = handle
+            .download_file()
+            .filename(ctx.file.clone())
+            .revision(ctx.revision.to_string())
+            .local_files_only(true)
+            .send();
+        match cached {
+            Ok(path) => Ok(Some(path)),
+            Err(HFError::LocalEntryNotFound { .. }) | Err(HFError::EntryNotFound { .. }) => {
+                Ok(None)
+            }
+            Err(e) => Err(self.hub_error(ctx, e)),
+        }
     }
 
     /// One file: the cache first, then (online) the network. `Ok(None)` = the Hub says it does
@@ -398,17 +473,8 @@ impl Hub {
         optional: bool,
     ) -> Result<Option<PathBuf>> {
         // 1. The cache (never a request).
-        let cached = handle
-            .download_file()
-            .filename(file.name.clone())
-            .revision(ctx.revision.to_string())
-            .local_files_only(true)
-            .send();
-        match cached {
-            Ok(path) => return Ok(Some(path)),
-            Err(HFError::EntryNotFound { .. }) if self.options.offline => return Ok(None),
-            Err(HFError::LocalEntryNotFound { .. }) | Err(HFError::EntryNotFound { .. }) => {}
-            Err(e) => return Err(self.hub_error(ctx, e)),
+        if let Some(path) = self.cached(handle, ctx)? {
+            return Ok(Some(path));
         }
         if self.options.offline {
             if optional {
@@ -502,6 +568,151 @@ impl Hub {
         };
         Error::Msg(msg)
     }
+}
+
+/// Name of the single-file PyTorch checkpoint of a Hugging Face repository (`save_pretrained`
+/// with `safe_serialization=False`: a flat state dict, `model.` prefix).
+pub const PYTORCH_BIN: &str = "pytorch_model.bin";
+
+/// Name of the index file of a sharded `pytorch_model.bin` checkpoint.
+pub const PYTORCH_BIN_INDEX: &str = "pytorch_model.bin.index.json";
+
+/// One layout the weights of a checkpoint may have on the Hub.
+#[derive(Debug, Clone)]
+pub(crate) struct Candidate {
+    repo: String,
+    revision: String,
+    kind: CandidateKind,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) enum CandidateKind {
+    /// These files, every one needed (one file, or the shards the manifest lists).
+    Files(Vec<HubFile>),
+    /// A shard index naming the shards; `listed` = the shards the manifest lists (if any),
+    /// which must agree with the index.
+    Index {
+        index: HubFile,
+        listed: Vec<HubFile>,
+    },
+}
+
+impl Candidate {
+    fn entry(&self) -> &str {
+        match &self.kind {
+            CandidateKind::Files(files) => files.first().map(|f| f.name.as_str()).unwrap_or(""),
+            CandidateKind::Index { index, .. } => &index.name,
+        }
+    }
+
+    fn names(&self) -> String {
+        match &self.kind {
+            CandidateKind::Files(files) => {
+                let names: Vec<&str> = files.iter().map(|f| f.name.as_str()).collect();
+                names.join(" + ")
+            }
+            CandidateKind::Index { index, .. } => format!("{} + its shards", index.name),
+        }
+    }
+
+    /// `repo@revision/file` (for the offline error).
+    fn describe(&self) -> String {
+        format!("{}@{}/{}", self.repo, self.revision, self.names())
+    }
+
+    /// The download URL of the candidate's first file.
+    fn url(&self, endpoint: &str) -> String {
+        format!(
+            "{}/{}/resolve/{}/{}",
+            endpoint.trim_end_matches('/'),
+            self.repo,
+            self.revision,
+            self.entry()
+        )
+    }
+}
+
+/// The one place that decides where the weights are looked for, in order: the manifest's
+/// files (a single `model.safetensors` also as `model.safetensors.index.json` + shards), then
+/// `pytorch_model.bin` and `pytorch_model.bin.index.json` + shards in the same repository at
+/// `revision`, then the release's `.pth` (at its own revision).
+pub(crate) fn weight_candidates(
+    repo: &HubRepo,
+    revision: &str,
+    pth: Option<&PthFile>,
+) -> Vec<Candidate> {
+    let here = |kind| Candidate {
+        repo: repo.repo.clone(),
+        revision: revision.to_string(),
+        kind,
+    };
+    let mut out = Vec::new();
+    match &repo.index_file {
+        Some(index) => out.push(here(CandidateKind::Index {
+            index: index.clone(),
+            listed: repo.files.clone(),
+        })),
+        None => {
+            if !repo.files.is_empty() {
+                out.push(here(CandidateKind::Files(repo.files.clone())));
+            }
+            // A single `model.safetensors` may have been sharded since the manifest was written.
+            if repo.files.len() == 1 && repo.files[0].name == "model.safetensors" {
+                out.push(here(CandidateKind::Index {
+                    index: HubFile::new(SAFETENSORS_INDEX),
+                    listed: Vec::new(),
+                }));
+            }
+        }
+    }
+    for (name, index) in [(PYTORCH_BIN, false), (PYTORCH_BIN_INDEX, true)] {
+        if out.iter().any(|c| c.repo == repo.repo && c.entry() == name) {
+            continue;
+        }
+        let file = HubFile::new(name);
+        out.push(here(if index {
+            CandidateKind::Index {
+                index: file,
+                listed: Vec::new(),
+            }
+        } else {
+            CandidateKind::Files(vec![file])
+        }));
+    }
+    if let Some(pth) = pth {
+        out.push(Candidate {
+            repo: pth.repo.clone(),
+            revision: pth.revision.clone(),
+            kind: CandidateKind::Files(vec![HubFile::new(pth.file.clone())]),
+        });
+    }
+    out
+}
+
+/// The shards the manifest lists (if any) must be those the index names.
+fn check_listed_shards(
+    c: &Candidate,
+    index: &str,
+    listed: &[HubFile],
+    shards: &[String],
+) -> Result<()> {
+    if listed.is_empty() {
+        return Ok(());
+    }
+    let mut listed: Vec<&str> = listed.iter().map(|f| f.name.as_str()).collect();
+    listed.sort_unstable();
+    let mut indexed: Vec<&str> = shards.iter().map(String::as_str).collect();
+    indexed.sort_unstable();
+    if listed != indexed {
+        bail!(
+            "the shard index {index} of {}@{} names the shards [{}] but the manifest lists [{}]; the repository changed: update weights-manifest.json or pin the revision",
+            c.repo,
+            c.revision,
+            indexed.join(", "),
+            listed.join(", ")
+        );
+    }
+    Ok(())
 }
 
 /// What is being fetched, for error messages.
@@ -713,7 +924,14 @@ impl InternImage {
     ) -> Result<InternImage> {
         let model: &PretrainedModel = zoo::get(name)?;
         let cfg = model.config();
-        Self::from_hub(&model.hub, Some(&cfg), options, dtype, device)
+        Self::from_hub_with(
+            &model.hub,
+            model.pth.as_ref(),
+            Some(&cfg),
+            options,
+            dtype,
+            device,
+        )
     }
 
     /// Downloads (or finds in the cache) the checkpoint described by `repo` and builds the
@@ -727,7 +945,20 @@ impl InternImage {
         dtype: DType,
         device: &Device,
     ) -> Result<InternImage> {
-        let files = Hub::new(options.clone())?.fetch_repo(repo)?;
+        Self::from_hub_with(repo, None, config, options, dtype, device)
+    }
+
+    /// [`InternImage::from_hub`] with the official `.pth` release `pth` as the last weight
+    /// fallback (the resolution order is that of [`Hub::fetch_with_fallback`]).
+    pub fn from_hub_with(
+        repo: &HubRepo,
+        pth: Option<&PthFile>,
+        config: Option<&Config>,
+        options: &HubOptions,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<InternImage> {
+        let files = Hub::new(options.clone())?.fetch_with_fallback(repo, pth)?;
         let cfg = match (config, &files.config) {
             (Some(cfg), Some(path)) => {
                 check_config_json(path, cfg, &repo.repo)?;
@@ -867,5 +1098,57 @@ impl ProgressHandler for StderrProgress {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn order(c: &[Candidate]) -> Vec<String> {
+        c.iter().map(Candidate::describe).collect()
+    }
+
+    #[test]
+    fn hub_candidates_in_resolution_order() {
+        let t = zoo::get("internimage_t_1k_224").unwrap();
+        let c = weight_candidates(&t.hub, "main", t.pth.as_ref());
+        assert_eq!(
+            order(&c),
+            [
+                "OpenGVLab/internimage_t_1k_224@main/model.safetensors",
+                "OpenGVLab/internimage_t_1k_224@main/model.safetensors.index.json + its shards",
+                "OpenGVLab/internimage_t_1k_224@main/pytorch_model.bin",
+                "OpenGVLab/internimage_t_1k_224@main/pytorch_model.bin.index.json + its shards",
+                "OpenGVLab/InternImage@main/internimage_t_1k_224.pth",
+            ]
+        );
+        assert_eq!(
+            c[4].url("https://huggingface.co/"),
+            "https://huggingface.co/OpenGVLab/InternImage/resolve/main/internimage_t_1k_224.pth"
+        );
+
+        // A sharded manifest entry: its index first (no guessed single file), a pinned revision
+        // for the per-model repository only.
+        let g = zoo::get("internimage_g_jointto22k_384").unwrap();
+        let c = weight_candidates(&g.hub, "abc", g.pth.as_ref());
+        assert!(matches!(c[0].kind, CandidateKind::Index { .. }), "{c:?}");
+        assert_eq!(c[0].revision, "abc");
+        assert_eq!(c[1].entry(), PYTORCH_BIN);
+        if let Some(pth) = &g.pth {
+            assert_eq!(c.last().unwrap().revision, pth.revision);
+        }
+
+        // A repository that already names pytorch_model.bin does not list it twice.
+        let mut r = HubRepo::safetensors("a/b");
+        r.files = vec![HubFile::new(PYTORCH_BIN)];
+        let c = weight_candidates(&r, "main", None);
+        assert_eq!(
+            order(&c),
+            [
+                "a/b@main/pytorch_model.bin",
+                "a/b@main/pytorch_model.bin.index.json + its shards"
+            ]
+        );
     }
 }

@@ -772,3 +772,416 @@ fn sharded_checkpoint_through_the_index() {
     let err = download_err(&repo, &opts);
     assert!(err.contains("shard") && err.contains(shard), "{err}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Weight fallbacks: `pytorch_model.bin`, its index, the release `.pth`.
+
+/// CRC-32 (IEEE), as zip stores it.
+fn crc32(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= b as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// A zip archive of stored (uncompressed) entries.
+fn zip_stored(entries: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut central = Vec::new();
+    for (name, data) in entries {
+        let (crc, len, offset) = (crc32(data), data.len() as u32, out.len() as u32);
+        let common = |v: &mut Vec<u8>| {
+            for x in [20u16, 0, 0, 0, 0x21] {
+                v.extend_from_slice(&x.to_le_bytes()); // version, flags, method, time, date
+            }
+            for x in [crc, len, len] {
+                v.extend_from_slice(&x.to_le_bytes());
+            }
+            v.extend_from_slice(&(name.len() as u16).to_le_bytes());
+            v.extend_from_slice(&0u16.to_le_bytes()); // extra field length
+        };
+        out.extend_from_slice(&0x0403_4b50u32.to_le_bytes());
+        common(&mut out);
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(data);
+        central.extend_from_slice(&0x0201_4b50u32.to_le_bytes());
+        central.extend_from_slice(&20u16.to_le_bytes()); // version made by
+        common(&mut central);
+        for x in [0u16, 0, 0] {
+            central.extend_from_slice(&x.to_le_bytes()); // comment, disk, internal attributes
+        }
+        central.extend_from_slice(&0u32.to_le_bytes()); // external attributes
+        central.extend_from_slice(&offset.to_le_bytes());
+        central.extend_from_slice(name.as_bytes());
+    }
+    let cd_offset = out.len() as u32;
+    out.extend_from_slice(&central);
+    out.extend_from_slice(&0x0605_4b50u32.to_le_bytes());
+    for x in [0u16, 0, entries.len() as u16, entries.len() as u16] {
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.extend_from_slice(&(central.len() as u32).to_le_bytes());
+    out.extend_from_slice(&cd_offset.to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out
+}
+
+/// A `torch.save(state_dict)` zip of f32 tensors as `transformers`' `save_pretrained(...,
+/// safe_serialization=False)` writes it: a flat dict of `_rebuild_tensor_v2` (pickle protocol 2)
+/// over one storage per tensor.
+fn torch_zip(tensors: &[(&String, &Tensor)]) -> Vec<u8> {
+    fn unicode(p: &mut Vec<u8>, s: &str) {
+        p.push(b'X');
+        p.extend_from_slice(&(s.len() as u32).to_le_bytes());
+        p.extend_from_slice(s.as_bytes());
+    }
+    fn int(p: &mut Vec<u8>, v: usize) {
+        p.push(b'J');
+        p.extend_from_slice(&(v as i32).to_le_bytes());
+    }
+    fn ints(p: &mut Vec<u8>, v: &[usize]) {
+        p.push(b'(');
+        v.iter().for_each(|&x| int(p, x));
+        p.push(b't');
+    }
+    let mut pkl = vec![0x80, 2, b'}', b'('];
+    let mut entries = Vec::new();
+    for (key, (name, t)) in tensors.iter().enumerate() {
+        let dims = t.dims().to_vec();
+        let mut strides = vec![1usize; dims.len()];
+        for i in (0..dims.len().saturating_sub(1)).rev() {
+            strides[i] = strides[i + 1] * dims[i + 1];
+        }
+        let data = common::to_f32_vec(t);
+        unicode(&mut pkl, name);
+        pkl.extend_from_slice(b"ctorch._utils\n_rebuild_tensor_v2\n(");
+        pkl.push(b'(');
+        unicode(&mut pkl, "storage");
+        pkl.extend_from_slice(b"ctorch\nFloatStorage\n");
+        unicode(&mut pkl, &key.to_string());
+        unicode(&mut pkl, "cpu");
+        int(&mut pkl, data.len());
+        pkl.extend_from_slice(b"tQ"); // the storage tuple, as a persistent id
+        int(&mut pkl, 0); // storage offset
+        ints(&mut pkl, &dims);
+        ints(&mut pkl, &strides);
+        pkl.push(0x89); // requires_grad = False
+        pkl.extend_from_slice(b"ccollections\nOrderedDict\n)R"); // backward hooks
+        pkl.extend_from_slice(b"tR");
+        let bytes = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+        entries.push((format!("archive/data/{key}"), bytes));
+    }
+    pkl.extend_from_slice(b"u.");
+    entries.insert(0, ("archive/data.pkl".to_string(), pkl));
+    zip_stored(&entries)
+}
+
+/// The tensors of the tiny_b fixture in the Hugging Face layout (`model.` prefix,
+/// `layer_scale1/2`), sorted by name.
+fn tiny_b_hf_tensors() -> Vec<(String, Tensor)> {
+    let mut v: Vec<(String, Tensor)> =
+        common::load_safetensors(common::net_weights("tiny_b", "safetensors"))
+            .into_iter()
+            .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    assert!(v.iter().all(|(n, _)| n.starts_with("model.")));
+    v
+}
+
+/// Serves `body` as `file` of `repo` with its SHA-256 as ETag (as the Hub does for LFS files).
+fn serve_lfs(server: &HubStandIn, repo: &str, file: &str, body: Vec<u8>) -> Arc<Vec<u8>> {
+    let sha: String = sha2_hex(&body);
+    let body = Arc::new(body);
+    server.put(repo, file, body.clone(), &sha, Mode::Good);
+    body
+}
+
+fn sha2_hex(data: &[u8]) -> String {
+    let dir = TempCache::new("sha");
+    let path = dir.0.join("f");
+    std::fs::write(&path, data).unwrap();
+    hub::sha256_file(&path).unwrap().0
+}
+
+const T_REPO: &str = "OpenGVLab/internimage_t_1k_224";
+const PTH_REPO: &str = "OpenGVLab/InternImage";
+
+/// The zoo entry of InternImage-T, whose repositories the tiny_b fixture stands in for.
+fn t_entry() -> &'static internimage::zoo::PretrainedModel {
+    internimage::zoo::get("internimage_t_1k_224").unwrap()
+}
+
+/// What `from_pretrained("internimage_t_1k_224")` does (its repo, its `.pth` fallback), with
+/// the tiny_b architecture the fixture weights need.
+fn load_t_like_from_pretrained(opts: &HubOptions) -> candle_core::Result<InternImage> {
+    let t = t_entry();
+    let cfg = common::net_config("tiny_b");
+    InternImage::from_hub_with(
+        &t.hub,
+        t.pth.as_ref(),
+        Some(&cfg),
+        opts,
+        DType::F32,
+        &Device::Cpu,
+    )
+}
+
+fn head(repo: &str, file: &str) -> String {
+    format!("HEAD /{repo}/resolve/main/{file}")
+}
+
+fn get(repo: &str, file: &str) -> String {
+    format!("GET /{repo}/resolve/main/{file}")
+}
+
+/// The requests of a first online resolution up to (and including) `file`, when every
+/// candidate before it is a 404 (`config`: the per-model repo has a `config.json`).
+fn probes_before(config: bool) -> Vec<String> {
+    let mut v = vec![head(T_REPO, "config.json")];
+    if config {
+        v.push(get(T_REPO, "config.json"));
+    }
+    v.push(head(T_REPO, "model.safetensors"));
+    v.push(head(T_REPO, "model.safetensors.index.json"));
+    v
+}
+
+/// A second, offline resolution makes no request, finds `weights` in the cache and gives the
+/// golden logits.
+fn offline_again(server: &HubStandIn, opts: &HubOptions, weights: &[PathBuf]) {
+    let before = server.requests().len();
+    let offline = opts.clone().with_offline(true);
+    let files = hub::Hub::new(offline.clone())
+        .unwrap()
+        .fetch_model("internimage_t_1k_224")
+        .unwrap();
+    assert_eq!(files.weights, weights);
+    assert_logits_match(&load_t_like_from_pretrained(&offline).unwrap());
+    // Online again: the cached fallback is found first, no request for the weights.
+    hub::Hub::new(opts.clone())
+        .unwrap()
+        .fetch_model("internimage_t_1k_224")
+        .unwrap();
+    let after: Vec<String> = server.requests()[before..].to_vec();
+    assert!(
+        after.iter().all(|r| r.ends_with("/config.json")),
+        "{after:?}"
+    );
+}
+
+#[test]
+fn fallback_a_pytorch_model_bin_only() {
+    let server = HubStandIn::start();
+    let cache = TempCache::new("bin");
+    let t = tiny_b();
+    serve_config(&server, T_REPO, &t);
+    let tensors = tiny_b_hf_tensors();
+    let refs: Vec<_> = tensors.iter().map(|(n, t)| (n, t)).collect();
+    let bin = serve_lfs(&server, T_REPO, "pytorch_model.bin", torch_zip(&refs));
+    let opts = options(&server, &cache);
+
+    assert_logits_match(&load_t_like_from_pretrained(&opts).unwrap());
+    let mut want = probes_before(true);
+    want.push(head(T_REPO, "pytorch_model.bin"));
+    want.push(get(T_REPO, "pytorch_model.bin"));
+    assert_eq!(server.requests(), want);
+
+    // Cached in the standard layout, and found again offline.
+    let snap = snapshot_file(&cache, T_REPO, "pytorch_model.bin");
+    assert_eq!(std::fs::read(&snap).unwrap(), *bin);
+    assert_eq!(
+        std::fs::read_to_string(repo_folder(&cache, T_REPO).join("refs/main"))
+            .unwrap()
+            .trim(),
+        COMMIT
+    );
+    offline_again(&server, &opts, &[snap]);
+}
+
+#[test]
+fn fallback_b_pytorch_model_bin_index_and_two_shards() {
+    let server = HubStandIn::start();
+    let cache = TempCache::new("binshards");
+    let t = tiny_b();
+    serve_config(&server, T_REPO, &t);
+    let tensors = tiny_b_hf_tensors();
+    let half = tensors.len() / 2;
+    let shard_names = [
+        "pytorch_model-00001-of-00002.bin",
+        "pytorch_model-00002-of-00002.bin",
+    ];
+    let mut weight_map = serde_json::Map::new();
+    for (i, part) in [&tensors[..half], &tensors[half..]].into_iter().enumerate() {
+        let refs: Vec<_> = part.iter().map(|(n, t)| (n, t)).collect();
+        serve_lfs(&server, T_REPO, shard_names[i], torch_zip(&refs));
+        for (n, _) in part {
+            weight_map.insert(n.clone(), shard_names[i].into());
+        }
+    }
+    let index = serde_json::json!({ "metadata": { "total_size": 0 }, "weight_map": weight_map });
+    server.put(
+        T_REPO,
+        hub::PYTORCH_BIN_INDEX,
+        Arc::new(serde_json::to_vec(&index).unwrap()),
+        "3333333333333333333333333333333333333333", // not config.json's
+        Mode::Good,
+    );
+    let opts = options(&server, &cache);
+
+    assert_logits_match(&load_t_like_from_pretrained(&opts).unwrap());
+    let mut want = probes_before(true);
+    want.push(head(T_REPO, "pytorch_model.bin"));
+    for f in [hub::PYTORCH_BIN_INDEX, shard_names[0], shard_names[1]] {
+        want.push(head(T_REPO, f));
+        want.push(get(T_REPO, f));
+    }
+    assert_eq!(server.requests(), want);
+
+    let shards: Vec<PathBuf> = shard_names
+        .iter()
+        .map(|f| snapshot_file(&cache, T_REPO, f))
+        .collect();
+    // The index itself also loads as a local checkpoint (it names PyTorch shards).
+    let index_path = snapshot_file(&cache, T_REPO, hub::PYTORCH_BIN_INDEX);
+    let cfg = common::net_config("tiny_b");
+    let model = InternImage::from_checkpoint(&cfg, &index_path, DType::F32, &Device::Cpu).unwrap();
+    assert_logits_match(&model);
+    let files = hub::Hub::new(opts.clone().with_offline(true))
+        .unwrap()
+        .fetch_model("internimage_t_1k_224")
+        .unwrap();
+    assert_eq!(files.index, Some(index_path));
+    offline_again(&server, &opts, &shards);
+}
+
+#[test]
+fn fallback_c_release_pth_when_the_model_repo_has_no_weights() {
+    let server = HubStandIn::start();
+    let cache = TempCache::new("relpth");
+    // No config.json either (as OpenGVLab/DCNv4): the given architecture is used.
+    let pth = std::fs::read(common::net_weights("tiny_b", "pth")).unwrap();
+    let pth = serve_lfs(&server, PTH_REPO, "internimage_t_1k_224.pth", pth);
+    let opts = options(&server, &cache);
+
+    assert_logits_match(&load_t_like_from_pretrained(&opts).unwrap());
+    let mut want = probes_before(false);
+    want.push(head(T_REPO, "pytorch_model.bin"));
+    want.push(head(T_REPO, "pytorch_model.bin.index.json"));
+    want.push(head(PTH_REPO, "internimage_t_1k_224.pth"));
+    want.push(get(PTH_REPO, "internimage_t_1k_224.pth"));
+    assert_eq!(server.requests(), want);
+
+    let snap = snapshot_file(&cache, PTH_REPO, "internimage_t_1k_224.pth");
+    assert_eq!(std::fs::read(&snap).unwrap(), *pth);
+    offline_again(&server, &opts, &[snap]);
+
+    // Without the fallback (a bare repository), the same Hub has no weights.
+    let err = download_err(&t_entry().hub, &opts);
+    assert!(
+        err.contains("no weights") && !err.contains(PTH_REPO),
+        "{err}"
+    );
+}
+
+#[test]
+fn fallback_d_no_candidate_names_every_url() {
+    let server = HubStandIn::start();
+    let cache = TempCache::new("nothing");
+    let opts = options(&server, &cache);
+    let ep = server.endpoint();
+
+    let err = from_pretrained_err("internimage_t_1k_224", &opts);
+    let urls = [
+        format!("{ep}/{T_REPO}/resolve/main/model.safetensors"),
+        format!("{ep}/{T_REPO}/resolve/main/model.safetensors.index.json"),
+        format!("{ep}/{T_REPO}/resolve/main/pytorch_model.bin"),
+        format!("{ep}/{T_REPO}/resolve/main/pytorch_model.bin.index.json"),
+        format!("{ep}/{PTH_REPO}/resolve/main/internimage_t_1k_224.pth"),
+    ];
+    let mut at = 0;
+    for url in &urls {
+        let pos = err[at..]
+            .find(url.as_str())
+            .unwrap_or_else(|| panic!("{url} (in order) missing from: {err}"));
+        at += pos + url.len();
+    }
+    assert!(err.contains("not found") && err.contains("404"), "{err}");
+    assert!(
+        err.contains("--weights") && err.contains("from_checkpoint_files"),
+        "{err}"
+    );
+    let mut want = vec![head(T_REPO, "config.json")];
+    want.extend(urls.iter().map(|u| format!("HEAD {}", &u[ep.len()..])));
+    assert_eq!(server.requests(), want);
+
+    // Offline: no request, and the error lists what it looked for, in order.
+    let err = from_pretrained_err("internimage_t_1k_224", &opts.clone().with_offline(true));
+    assert_eq!(
+        server.requests().len(),
+        want.len(),
+        "{:?}",
+        server.requests()
+    );
+    let looked = [
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "pytorch_model.bin",
+        "pytorch_model.bin.index.json",
+        "internimage_t_1k_224.pth",
+    ];
+    let mut at = 0;
+    for name in looked {
+        let pos = err[at..]
+            .find(name)
+            .unwrap_or_else(|| panic!("{name} (in order) missing from: {err}"));
+        at += pos + name.len();
+    }
+    assert!(
+        err.contains("offline") && err.contains("--weights"),
+        "{err}"
+    );
+}
+
+#[test]
+fn only_not_found_falls_back() {
+    let server = HubStandIn::start();
+    let cache = TempCache::new("nofall");
+    let t = tiny_b();
+    let tensors = tiny_b_hf_tensors();
+    let refs: Vec<_> = tensors.iter().map(|(n, t)| (n, t)).collect();
+    serve_lfs(&server, T_REPO, "pytorch_model.bin", torch_zip(&refs));
+    let bin_requests = || server.count(&head(T_REPO, "pytorch_model.bin"));
+
+    for (mode, expect) in [
+        (Mode::Status(403), "403"),
+        (Mode::Status(401), "401"),
+        (Mode::Status(503), "503"),
+        (Mode::Corrupt, "integrity"),
+        (Mode::Truncate, "network error"),
+    ] {
+        server.put(
+            T_REPO,
+            "model.safetensors",
+            t.weights.clone(),
+            &t.sha256,
+            mode,
+        );
+        let err = load_t_like_from_pretrained(&options(&server, &cache))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains(expect) && err.contains("model.safetensors"),
+            "{expect}: {err}"
+        );
+        assert_eq!(bin_requests(), 0, "{expect}: {:?}", server.requests());
+    }
+}
