@@ -341,9 +341,9 @@ fn load_model(a: &Args, classes: usize, device: &Device) -> Result<(TrainableMod
 
 #[cfg(feature = "hub")]
 fn fetch_weights(name: &str) -> Result<Vec<PathBuf>> {
-    let entry = zoo::get(name)?;
     let hub = internimage::hub::Hub::new(internimage::hub::HubOptions::from_env())?;
-    Ok(hub.fetch_repo(&entry.hub)?.weights)
+    // The same resolution as from_pretrained (safetensors, pytorch_model.bin, the release .pth).
+    Ok(hub.fetch_model(name)?.weights)
 }
 
 #[cfg(not(feature = "hub"))]
