@@ -88,5 +88,6 @@ pub mod ops;
 pub mod preprocess;
 pub mod zoo;
 
-pub use model::{Config, DcnSampling, Dcnv3Layer, Dcnv3LayerConfig, InternImage};
+pub use model::{Config, CoreOp, DcnSampling, Dcnv3Layer, Dcnv3LayerConfig, InternImage};
 pub use ops::dcnv3::{dcnv3, Dcnv3Config};
+pub use ops::dcnv4::dcnv4;
