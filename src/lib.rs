@@ -103,3 +103,4 @@ pub use model::{
     TrainableModel,
 };
 pub use ops::dcnv3::{dcnv3, Dcnv3Config};
+pub use ops::dcnv4::dcnv4;

@@ -1,8 +1,9 @@
-//! Operators: DCNv3 (CPU, CUDA, Metal) and the fast channels-last helpers the network needs.
+//! Operators: DCNv3 and DCNv4 (CPU, CUDA, Metal) and the fast channels-last helpers the network needs.
 
 pub mod activation;
 pub mod conv;
 pub mod dcnv3;
+pub mod dcnv4;
 pub(crate) mod dense;
 pub mod depthwise;
 pub mod fused;
@@ -15,6 +16,7 @@ pub(crate) mod simd;
 pub use activation::{gelu_erf, linear, linear_gelu};
 pub use conv::Conv2dNhwc;
 pub use dcnv3::{dcnv3, Dcnv3Config};
+pub use dcnv4::dcnv4;
 pub use dense::{mlp, Linear};
 pub use depthwise::depthwise_conv2d_nhwc;
 pub use fused::{layer_norm_last_dim, softmax_groups};

@@ -8,6 +8,10 @@
 //! of 16/8/4/1 channels with four independent accumulators, so the FMA chains stay short and the
 //! loops vectorise. On x86-64 the kernels are compiled a second time with AVX2+FMA enabled and
 //! chosen at run time. No buffer proportional to N*H*W*G*P*Cg is ever allocated.
+//!
+//! The same kernels serve DCNv3 and DCNv4: [`PointLayout`] says where the offsets and the mask
+//! of point p of group g of an output pixel are read (and their gradients written): two separate
+//! dense tensors for DCNv3, one interleaved, padded `offset_mask` row per pixel for DCNv4.
 
 use super::{Dcnv3Config, Dcnv3Geometry};
 use rayon::prelude::*;
@@ -103,9 +107,79 @@ fn fmadd<F: Acc, const FMA: bool>(a: F, b: F, c: F) -> F {
     }
 }
 
+/// Where the offsets and masks of each output pixel live, in units of elements.
+///
+/// For output pixel `pix`, group `g` and point `p`, the offset pair (x, y) is at
+/// `pix*off_pixel + g*off_group + 2*p` (+1 for y) of the offset buffer, and the mask at
+/// `pix*mask_pixel + mask_first + g*mask_group + p` of the mask buffer, which is the offset
+/// buffer itself when `packed`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PointLayout {
+    /// Elements per output pixel in the offset buffer.
+    pub(crate) off_pixel: usize,
+    /// Elements per group in the offset buffer.
+    pub(crate) off_group: usize,
+    /// Elements per output pixel in the mask buffer.
+    pub(crate) mask_pixel: usize,
+    /// Elements per group in the mask buffer.
+    pub(crate) mask_group: usize,
+    /// Position of group 0's first mask value in a pixel's row.
+    pub(crate) mask_first: usize,
+    /// Masks (and their gradients) share the offsets' buffer.
+    pub(crate) packed: bool,
+}
+
+impl PointLayout {
+    /// DCNv3: offset (.., G*P*2) with pairs (x, y), mask (.., G*P), two tensors.
+    pub(crate) fn dcnv3(g: &Dcnv3Geometry) -> Self {
+        let p = g.points;
+        Self {
+            off_pixel: g.group * p * 2,
+            off_group: 2 * p,
+            mask_pixel: g.group * p,
+            mask_group: p,
+            mask_first: 0,
+            packed: false,
+        }
+    }
+
+    /// DCNv4: one row of `k_pad` columns per pixel; group g holds 2P offsets then P masks at
+    /// columns [g*3P, (g+1)*3P); the columns past G*3P are padding, never read or written.
+    pub(crate) fn dcnv4(g: &Dcnv3Geometry, k_pad: usize) -> Self {
+        let p = g.points;
+        Self {
+            off_pixel: k_pad,
+            off_group: 3 * p,
+            mask_pixel: k_pad,
+            mask_group: 3 * p,
+            mask_first: 2 * p,
+            packed: true,
+        }
+    }
+
+    /// Whether the G*P offset pairs and the G*P masks of a pixel are each one dense run
+    /// (DCNv3): then no per-pixel copy is needed.
+    fn dense(&self, g: &Dcnv3Geometry) -> bool {
+        !self.packed && self.off_group == 2 * g.points && self.mask_group == g.points
+    }
+
+    /// Index of group `grp`'s first offset in a pixel's row.
+    #[inline(always)]
+    fn off_at(&self, grp: usize) -> usize {
+        grp * self.off_group
+    }
+
+    /// Index of group `grp`'s first mask in a pixel's row (of the mask buffer).
+    #[inline(always)]
+    fn mask_at(&self, grp: usize) -> usize {
+        self.mask_first + grp * self.mask_group
+    }
+}
+
 /// Per-call constants: kernel grid (already multiplied by offset_scale) and base positions.
 struct Params<F> {
     g: Dcnv3Geometry,
+    lay: PointLayout,
     smp: Sampler<F>,
     sw: usize,
     sh: usize,
@@ -132,6 +206,22 @@ struct Sampler<F> {
     hi: i32,
 }
 
+/// A sampling position before it is resolved into corners (from [`Sampler::position`]).
+#[derive(Clone, Copy)]
+struct Position<F> {
+    /// Grid position (pixel base plus scaled kernel grid).
+    gx: F,
+    gy: F,
+    /// offset_scale times the learned offset.
+    sx: F,
+    sy: F,
+    /// `gx + sx`, `gy + sy`.
+    x: F,
+    y: F,
+    /// Inside (-1, W) x (-1, H) (false for NaN/inf).
+    valid: bool,
+}
+
 /// Where one sampling point falls (from [`Sampler::point`]).
 #[derive(Clone, Copy)]
 struct Point<F> {
@@ -145,7 +235,8 @@ struct Point<F> {
     valid: bool,
 }
 
-/// One output pixel's arguments: grid centre, its image and its offsets and masks.
+/// One output pixel's arguments: grid centre, its image and its rows of offsets and masks (laid
+/// out as [`PointLayout`] says).
 struct Pixel<'a, F> {
     bx: F,
     by: F,
@@ -155,7 +246,7 @@ struct Pixel<'a, F> {
 }
 
 impl<F: Acc> Params<F> {
-    fn new(cfg: &Dcnv3Config, g: &Dcnv3Geometry) -> Self {
+    fn new(cfg: &Dcnv3Config, g: &Dcnv3Geometry, lay: PointLayout) -> Self {
         let hx = cfg.dilation_w * (cfg.kernel_w - 1) / 2;
         let hy = cfg.dilation_h * (cfg.kernel_h - 1) / 2;
         let sigma = cfg.offset_scale;
@@ -177,6 +268,7 @@ impl<F: Acc> Params<F> {
         }
         Self {
             g: *g,
+            lay,
             smp: Sampler {
                 sigma: F::from_f64(sigma),
                 w_in: F::from_isize(g.w_in as isize),
@@ -197,7 +289,7 @@ impl<F: Acc> Params<F> {
     }
 
     /// Output pixel `pix` (linear over N*H_out*W_out): its grid centre, its image (one of N) and
-    /// its G*P offset pairs and masks.
+    /// its rows of the offset and mask buffers.
     #[inline(always)]
     fn pixel<'a>(
         &self,
@@ -211,14 +303,43 @@ impl<F: Acc> Params<F> {
         let (n, rem) = (pix / hw_out, pix % hw_out);
         let (h, w) = (rem / g.w_out, rem % g.w_out);
         let img_len = g.h_in * g.w_in * g.channels;
-        let gp_len = g.group * g.points;
+        let (lo, lm) = (self.lay.off_pixel, self.lay.mask_pixel);
         Pixel {
             bx: F::from_isize((w * self.sw) as isize) + self.base_x0,
             by: F::from_isize((h * self.sh) as isize) + self.base_y0,
             img: &input[n * img_len..(n + 1) * img_len],
-            off: &offset[pix * gp_len * 2..(pix + 1) * gp_len * 2],
-            mask: &mask[pix * gp_len..(pix + 1) * gp_len],
+            off: &offset[pix * lo..(pix + 1) * lo],
+            mask: &mask[pix * lm..(pix + 1) * lm],
         }
+    }
+
+    /// Group `grp`'s 2P offsets (pairs x, y) and P masks in a pixel's rows.
+    #[inline(always)]
+    fn group_args<'a>(&self, px: &Pixel<'a, F>, grp: usize) -> (&'a [F], &'a [F]) {
+        let np = self.g.points;
+        let (o, m) = (self.lay.off_at(grp), self.lay.mask_at(grp));
+        (&px.off[o..o + 2 * np], &px.mask[m..m + np])
+    }
+
+    /// A pixel's G*P offset pairs and G*P masks as two dense runs: the rows themselves for
+    /// DCNv3, else copied into `dxy`/`msk` (lengths 2*G*P and G*P).
+    #[inline(always)]
+    fn dense_args<'a>(
+        &self,
+        px: &Pixel<'a, F>,
+        dxy: &'a mut [F],
+        msk: &'a mut [F],
+    ) -> (&'a [F], &'a [F]) {
+        let (gp_len, np) = (self.g.group * self.g.points, self.g.points);
+        if self.lay.dense(&self.g) {
+            return (&px.off[..2 * gp_len], &px.mask[..gp_len]);
+        }
+        for grp in 0..self.g.group {
+            let (o, m) = self.group_args(px, grp);
+            dxy[grp * 2 * np..(grp + 1) * 2 * np].copy_from_slice(o);
+            msk[grp * np..(grp + 1) * np].copy_from_slice(m);
+        }
+        (&dxy[..2 * gp_len], &msk[..gp_len])
     }
 
     /// Element offsets of the four corners relative to corner (y0, x0), channels-last.
@@ -232,43 +353,66 @@ impl<F: Acc> Params<F> {
 
 impl<F: Acc> Sampler<F> {
     /// Sampling position of the point at grid position (gx, gy) (pixel base plus scaled kernel
-    /// grid) moved by the offset (dx, dy), and whether it samples anything: inside
-    /// (-1, W) x (-1, H), which NaN/inf positions are not.
+    /// grid) moved by the offset (dx, dy): the position (x, y), the scaled offsets
+    /// (sigma*dx, sigma*dy), and whether it samples anything: inside (-1, W) x (-1, H), which
+    /// NaN/inf positions are not.
     #[inline(always)]
-    fn position(&self, gx: F, gy: F, dx: F, dy: F) -> (F, F, bool) {
-        let x = gx + self.sigma * dx;
-        let y = gy + self.sigma * dy;
+    fn position(&self, gx: F, gy: F, dx: F, dy: F) -> Position<F> {
+        let (sx, sy) = (self.sigma * dx, self.sigma * dy);
+        let x = gx + sx;
+        let y = gy + sy;
         let neg1 = F::ZERO - F::ONE;
         // NaN fails every comparison.
         let valid = (x > neg1) & (x < self.w_in) & (y > neg1) & (y < self.h_in);
-        (x, y, valid)
-    }
-
-    /// The [`Point`] of a position (x, y) inside (-1, W) x (-1, H) (of any finite one when
-    /// `valid` is false).
-    #[inline(always)]
-    fn point_at(&self, x: F, y: F, valid: bool) -> Point<F> {
-        // x + 1 > 0, so truncation is the floor. Clamped because just below a power-of-two W,
-        // x + 1 rounds up to W + 1 (x0 = W would read outside the image).
-        let x0 = ((x + F::ONE).trunc_i32() - 1).min(self.wi - 1);
-        let y0 = ((y + F::ONE).trunc_i32() - 1).min(self.hi - 1);
-        Point {
-            x0,
-            y0,
-            lx: x - F::from_i32(x0),
-            ly: y - F::from_i32(y0),
+        Position {
+            gx,
+            gy,
+            sx,
+            sy,
+            x,
+            y,
             valid,
         }
     }
 
+    /// The [`Point`] of a position inside (-1, W) x (-1, H).
+    ///
+    /// The fractions are computed as `(gx - x0) + sigma*dx`: the grid position and the corner
+    /// are multiples of offset_scale's binary fraction (exact for the usual scales), so the
+    /// rounding error of `lx` is that of the offset, not that of the absolute position `x`
+    /// (which grows with the image width).
+    #[inline(always)]
+    fn point_at(&self, p: &Position<F>) -> Point<F> {
+        // x + 1 > 0, so truncation is the floor. Clamped because just below a power-of-two W,
+        // x + 1 rounds up to W + 1 (x0 = W would read outside the image).
+        let x0 = ((p.x + F::ONE).trunc_i32() - 1).min(self.wi - 1);
+        let y0 = ((p.y + F::ONE).trunc_i32() - 1).min(self.hi - 1);
+        Point {
+            x0,
+            y0,
+            lx: (p.gx - F::from_i32(x0)) + p.sx,
+            ly: (p.gy - F::from_i32(y0)) + p.sy,
+            valid: p.valid,
+        }
+    }
+
     /// [`Sampler::position`] and [`Sampler::point_at`] without branches (loops over points
-    /// vectorise): an invalid point is placed at (0, 0).
+    /// vectorise): an invalid point is placed at (0, 0) with zero fractions.
     #[inline(always)]
     fn point(&self, gx: F, gy: F, dx: F, dy: F) -> Point<F> {
-        let (x, y, valid) = self.position(gx, gy, dx, dy);
-        let xs = if valid { x } else { F::ZERO };
-        let ys = if valid { y } else { F::ZERO };
-        self.point_at(xs, ys, valid)
+        let mut p = self.position(gx, gy, dx, dy);
+        if !p.valid {
+            p = Position {
+                gx: F::ZERO,
+                gy: F::ZERO,
+                sx: F::ZERO,
+                sy: F::ZERO,
+                x: F::ZERO,
+                y: F::ZERO,
+                valid: false,
+            };
+        }
+        self.point_at(&p)
     }
 
     /// The four bilinear corners of `pt` in the order (y0, x0), (y0, x0+1), (y0+1, x0),
@@ -381,15 +525,17 @@ fn forward_chunk<F: Acc, const FMA: bool>(
         let px = prm.pixel(first + k, input, offset, mask);
         for (grp, out) in opix.chunks_exact_mut(cg).enumerate() {
             let goff = (grp * cg) as isize;
+            let (offs, masks) = prm.group_args(&px, grp);
             let mut nt = 0;
-            for gp in grp * np..(grp + 1) * np {
+            for p in 0..np {
+                let gp = grp * np + p;
                 let pt = smp.point(
                     px.bx + prm.kxg[gp],
                     px.by + prm.kyg[gp],
-                    px.off[2 * gp],
-                    px.off[2 * gp + 1],
+                    offs[2 * p],
+                    offs[2 * p + 1],
                 );
-                let (inside, wts) = smp.corners(&pt, px.mask[gp]);
+                let (inside, wts) = smp.corners(&pt, masks[p]);
                 let base = (pt.y0 as isize * g.w_in as isize + pt.x0 as isize) * c as isize + goff;
                 for q in 0..4 {
                     // Branch-free append: always write, advance only when the corner is inside.
@@ -469,9 +615,11 @@ fn forward_chunk_finite<F: Acc, const FMA: bool>(
     let (wi, hi, ci) = (smp.wi, smp.hi, c as i32);
     let mut idx = vec![0i32; 4 * gp_len];
     let mut wts = vec![F::ZERO; 4 * gp_len];
+    let (mut dxy, mut msk) = (vec![F::ZERO; 2 * gp_len], vec![F::ZERO; gp_len]);
     for (k, opix) in chunk.chunks_exact_mut(c).enumerate() {
         let px = prm.pixel(first + k, input, offset, mask);
         {
+            let (offs, masks) = prm.dense_args(&px, &mut dxy, &mut msk);
             let nn = gp_len;
             let (i0, rest) = idx.split_at_mut(nn);
             let (i1, rest) = rest.split_at_mut(nn);
@@ -483,8 +631,7 @@ fn forward_chunk_finite<F: Acc, const FMA: bool>(
             let (i0, i1, i2, i3) = (&mut i0[..nn], &mut i1[..nn], &mut i2[..nn], &mut i3[..nn]);
             let (w0, w1, w2, w3) = (&mut w0[..nn], &mut w1[..nn], &mut w2[..nn], &mut w3[..nn]);
             let (kxg, kyg, goffg) = (&prm.kxg[..nn], &prm.kyg[..nn], &prm.goffg[..nn]);
-            let offs = &px.off[..2 * nn];
-            let masks = &px.mask[..nn];
+            let (offs, masks) = (&offs[..2 * nn], &masks[..nn]);
             let (bx, by) = (px.bx, px.by);
             for gp in 0..nn {
                 let pt = smp.point(bx + kxg[gp], by + kyg[gp], offs[2 * gp], offs[2 * gp + 1]);
@@ -572,16 +719,18 @@ fn pixels_per_task(total_px: usize, channels: usize) -> usize {
     by_balance.max(by_size).min(total_px.max(1))
 }
 
-/// Forward: writes DCNv3(input, offset, mask) into `out` (length `g.output_len()`).
+/// Forward: writes the core (input, offset, mask) into `out` (length `g.output_len()`), the
+/// offsets and masks read as `lay` says (for DCNv4, `offset` and `mask` are the same buffer).
 pub(crate) fn forward<F: Acc>(
     cfg: &Dcnv3Config,
     g: &Dcnv3Geometry,
+    lay: PointLayout,
     input: &[F],
     offset: &[F],
     mask: &[F],
     out: &mut [F],
 ) {
-    let prm = Params::<F>::new(cfg, g);
+    let prm = Params::<F>::new(cfg, g, lay);
     let chunk_px = pixels_per_task(g.out_pixels(), g.channels);
     let fma = has_fma();
     // The branch-free kernel needs image offsets in i32 and an input without NaN/inf (so that
@@ -629,10 +778,36 @@ fn dot_axpy<F: Acc, const FMA: bool>(go: &[F], v: &[F], g: &mut [F], f: F) -> F 
     s + ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
 }
 
+/// The offset and mask gradient rows of a run of output pixels, laid out as the
+/// [`PointLayout`] says: `mask` is `None` when the masks share the offsets' rows (DCNv4).
+pub(crate) struct GradRows<'a, F> {
+    /// Offset-gradient rows (`off_pixel` elements per pixel); all of them when packed.
+    pub(crate) off: &'a mut [F],
+    /// Mask-gradient rows (`mask_pixel` elements per pixel), unless packed.
+    pub(crate) mask: Option<&'a mut [F]>,
+}
+
+impl<'a, F> GradRows<'a, F> {
+    /// Cuts the rows into runs of `per` pixels (the last one possibly shorter).
+    fn split(self, lay: &PointLayout, per: usize) -> Vec<GradRows<'a, F>> {
+        let offs = self.off.chunks_mut(per * lay.off_pixel);
+        match self.mask {
+            Some(m) => offs
+                .zip(m.chunks_mut(per * lay.mask_pixel))
+                .map(|(off, mask)| GradRows {
+                    off,
+                    mask: Some(mask),
+                })
+                .collect(),
+            None => offs.map(|off| GradRows { off, mask: None }).collect(),
+        }
+    }
+}
+
 /// Backward over the output pixels `pixels` (linear over N*H_out*W_out, all of one image n).
 ///
-/// `gin` is the gradient buffer of image n's input (accumulated into), `goff`/`gmask` are the
-/// offset/mask gradient rows of exactly those pixels (overwritten).
+/// `gin` is the gradient buffer of image n's input (accumulated into), `rows` the offset/mask
+/// gradient rows of exactly those pixels (the used columns overwritten, padding left alone).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn backward_range<F: Acc, const FMA: bool>(
@@ -643,58 +818,71 @@ fn backward_range<F: Acc, const FMA: bool>(
     mask: &[F],
     grad_out: &[F],
     gin: &mut [F],
-    goff: &mut [F],
-    gmask: &mut [F],
+    rows: GradRows<'_, F>,
 ) {
     let g = &prm.g;
+    let lay = prm.lay;
     let (c, cg, np) = (g.channels, g.group_channels, g.points);
-    let gp_len = g.group * np;
     let smp = prm.smp;
     let steps = prm.corner_steps();
+    let GradRows {
+        off: goff,
+        mask: mut gmask,
+    } = rows;
     for (k, pix) in pixels.enumerate() {
         let px = prm.pixel(pix, input, offset, mask);
         let go_pix = &grad_out[pix * c..(pix + 1) * c];
-        let goff_pix = &mut goff[k * gp_len * 2..(k + 1) * gp_len * 2];
-        let gmask_pix = &mut gmask[k * gp_len..(k + 1) * gp_len];
+        let goff_pix = &mut goff[k * lay.off_pixel..(k + 1) * lay.off_pixel];
+        let mut gmask_pix = gmask
+            .as_deref_mut()
+            .map(|m| &mut m[k * lay.mask_pixel..(k + 1) * lay.mask_pixel]);
         for (grp, go) in go_pix.chunks_exact(cg).enumerate() {
-            for gp in grp * np..(grp + 1) * np {
-                let (x, y, valid) = smp.position(
+            let (offs, masks) = prm.group_args(&px, grp);
+            let (oi, mi) = (lay.off_at(grp), lay.mask_at(grp));
+            for p in 0..np {
+                let gp = grp * np + p;
+                let pos = smp.position(
                     px.bx + prm.kxg[gp],
                     px.by + prm.kyg[gp],
-                    px.off[2 * gp],
-                    px.off[2 * gp + 1],
+                    offs[2 * p],
+                    offs[2 * p + 1],
                 );
-                if !valid {
-                    goff_pix[2 * gp] = F::ZERO;
-                    goff_pix[2 * gp + 1] = F::ZERO;
-                    gmask_pix[gp] = F::ZERO;
-                    continue;
-                }
-                // A branch here rather than the selects of `point`: the corner loads need not
-                // wait for the bounds test.
-                let pt = smp.point_at(x, y, true);
-                let m = px.mask[gp];
-                // Plain bilinear weights (mask 1); the mask scales the input gradient.
-                let (inside, wb) = smp.corners(&pt, F::ONE);
-                let base = (pt.y0 as isize * g.w_in as isize + pt.x0 as isize) * c as isize
-                    + (grp * cg) as isize;
-                // d[q] = <grad_out, corner q> over the group's channels (0 outside the image).
-                let mut d = [F::ZERO; 4];
-                for (((dq, &ins), &step), &w) in d.iter_mut().zip(&inside).zip(&steps).zip(&wb) {
-                    if ins {
-                        let o = (base + step) as usize;
-                        let (v, gi) = (&px.img[o..o + cg], &mut gin[o..o + cg]);
-                        *dq = dot_axpy::<F, FMA>(go, v, gi, m * w);
+                // (d offset x, d offset y, d mask) of this point.
+                let grads = if pos.valid {
+                    // A branch here rather than the selects of `point`: the corner loads need
+                    // not wait for the bounds test.
+                    let pt = smp.point_at(&pos);
+                    let m = masks[p];
+                    // Plain bilinear weights (mask 1); the mask scales the input gradient.
+                    let (inside, wb) = smp.corners(&pt, F::ONE);
+                    let base = (pt.y0 as isize * g.w_in as isize + pt.x0 as isize) * c as isize
+                        + (grp * cg) as isize;
+                    // d[q] = <grad_out, corner q> over the group's channels (0 outside the image).
+                    let mut d = [F::ZERO; 4];
+                    for (((dq, &ins), &step), &w) in d.iter_mut().zip(&inside).zip(&steps).zip(&wb)
+                    {
+                        if ins {
+                            let o = (base + step) as usize;
+                            let (v, gi) = (&px.img[o..o + cg], &mut gin[o..o + cg]);
+                            *dq = dot_axpy::<F, FMA>(go, v, gi, m * w);
+                        }
                     }
+                    let gm = wb[0] * d[0] + wb[1] * d[1] + wb[2] * d[2] + wb[3] * d[3];
+                    let (lx, ly) = (pt.lx, pt.ly);
+                    let (hx, hy) = (F::ONE - lx, F::ONE - ly);
+                    let ddx = hy * (d[1] - d[0]) + ly * (d[3] - d[2]);
+                    let ddy = hx * (d[2] - d[0]) + lx * (d[3] - d[1]);
+                    let ms = m * smp.sigma;
+                    (ms * ddx, ms * ddy, gm)
+                } else {
+                    (F::ZERO, F::ZERO, F::ZERO)
+                };
+                goff_pix[oi + 2 * p] = grads.0;
+                goff_pix[oi + 2 * p + 1] = grads.1;
+                match gmask_pix.as_deref_mut() {
+                    Some(gm) => gm[mi + p] = grads.2,
+                    None => goff_pix[mi + p] = grads.2,
                 }
-                gmask_pix[gp] = wb[0] * d[0] + wb[1] * d[1] + wb[2] * d[2] + wb[3] * d[3];
-                let (lx, ly) = (pt.lx, pt.ly);
-                let (hx, hy) = (F::ONE - lx, F::ONE - ly);
-                let ddx = hy * (d[1] - d[0]) + ly * (d[3] - d[2]);
-                let ddy = hx * (d[2] - d[0]) + lx * (d[3] - d[1]);
-                let ms = m * smp.sigma;
-                goff_pix[2 * gp] = ms * ddx;
-                goff_pix[2 * gp + 1] = ms * ddy;
             }
         }
     }
@@ -711,10 +899,9 @@ unsafe fn backward_range_avx2<F: Acc>(
     mask: &[F],
     grad_out: &[F],
     gin: &mut [F],
-    goff: &mut [F],
-    gmask: &mut [F],
+    rows: GradRows<'_, F>,
 ) {
-    backward_range::<F, true>(prm, pixels, input, offset, mask, grad_out, gin, goff, gmask)
+    backward_range::<F, true>(prm, pixels, input, offset, mask, grad_out, gin, rows)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -726,22 +913,20 @@ fn backward_range_dispatch<F: Acc>(
     mask: &[F],
     grad_out: &[F],
     gin: &mut [F],
-    goff: &mut [F],
-    gmask: &mut [F],
+    rows: GradRows<'_, F>,
 ) {
     #[cfg(target_arch = "x86_64")]
     if has_fma() {
         // SAFETY: the CPU supports AVX2 and FMA (checked by `has_fma`).
-        unsafe {
-            backward_range_avx2(prm, pixels, input, offset, mask, grad_out, gin, goff, gmask)
-        };
+        unsafe { backward_range_avx2(prm, pixels, input, offset, mask, grad_out, gin, rows) };
         return;
     }
-    backward_range::<F, false>(prm, pixels, input, offset, mask, grad_out, gin, goff, gmask)
+    backward_range::<F, false>(prm, pixels, input, offset, mask, grad_out, gin, rows)
 }
 
-/// Backward: fills `gin` (length `g.input_len()`, zero-initialised), `goff` (`g.offset_len()`)
-/// and `gmask` (`g.mask_len()`) with the gradients of `sum(out * grad_out)`.
+/// Backward: fills `gin` (length `g.input_len()`, zero-initialised) and the offset/mask
+/// gradient rows `rows` (laid out as `lay` says, for all output pixels) with the gradients of
+/// `sum(out * grad_out)`; padding columns of the rows are left as they are.
 ///
 /// Parallel without atomics: images are independent; when there are fewer images than threads,
 /// an image's output pixels are split into ranges and each range scatters into a private input
@@ -750,18 +935,17 @@ fn backward_range_dispatch<F: Acc>(
 pub(crate) fn backward<F: Acc>(
     cfg: &Dcnv3Config,
     g: &Dcnv3Geometry,
+    lay: PointLayout,
     input: &[F],
     offset: &[F],
     mask: &[F],
     grad_out: &[F],
     gin: &mut [F],
-    goff: &mut [F],
-    gmask: &mut [F],
+    rows: GradRows<'_, F>,
 ) {
-    let prm = Params::<F>::new(cfg, g);
+    let prm = Params::<F>::new(cfg, g, lay);
     let img_len = g.h_in * g.w_in * g.channels;
     let hw_out = g.h_out * g.w_out;
-    let gp_len = g.group * g.points;
     let threads = rayon::current_num_threads().max(1);
     let splits = if g.n >= threads {
         1
@@ -769,10 +953,9 @@ pub(crate) fn backward<F: Acc>(
         threads.div_ceil(g.n).min(hw_out).max(1)
     };
     gin.par_chunks_mut(img_len)
-        .zip(goff.par_chunks_mut(hw_out * gp_len * 2))
-        .zip(gmask.par_chunks_mut(hw_out * gp_len))
+        .zip(rows.split(&lay, hw_out))
         .enumerate()
-        .for_each(|(n, ((gi, go), gm))| {
+        .for_each(|(n, (gi, rows))| {
             let first = n * hw_out;
             if splits == 1 {
                 backward_range_dispatch(
@@ -783,8 +966,7 @@ pub(crate) fn backward<F: Acc>(
                     mask,
                     grad_out,
                     gi,
-                    go,
-                    gm,
+                    rows,
                 );
                 return;
             }
@@ -797,10 +979,9 @@ pub(crate) fn backward<F: Acc>(
             targets.extend(extra.iter_mut().map(|v| v.as_mut_slice()));
             targets
                 .into_par_iter()
-                .zip(go.par_chunks_mut(per * gp_len * 2))
-                .zip(gm.par_chunks_mut(per * gp_len))
+                .zip(rows.split(&lay, per))
                 .enumerate()
-                .for_each(|(s, ((target, go_s), gm_s))| {
+                .for_each(|(s, (target, rows_s))| {
                     let start = s * per;
                     let end = (start + per).min(hw_out);
                     backward_range_dispatch(
@@ -811,8 +992,7 @@ pub(crate) fn backward<F: Acc>(
                         mask,
                         grad_out,
                         target,
-                        go_s,
-                        gm_s,
+                        rows_s,
                     );
                 });
             // Sum the private buffers into the image's gradient (the first range wrote there).

@@ -12,7 +12,7 @@
 //! `Tensor::backward` works through [`dcnv3`]. GPU forwards (`cuda_fwd`, `metal_fwd`) plug into the
 //! same two ops; the CPU path is the reference they are tested against.
 
-mod cpu;
+pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
 #[doc(hidden)]
@@ -238,98 +238,101 @@ impl Dcnv3BackwardOp {
     }
 }
 
-/// A CPU kernel over three contiguous same-dtype slices, generic over the accumulation type.
-trait CpuKernel {
+/// A CPU kernel over `A` contiguous same-dtype slices, generic over the accumulation type
+/// (shared with the DCNv4 ops).
+pub(crate) trait CpuKernel<const A: usize> {
     /// Operator name for errors.
     const OP: &'static str;
     /// Argument names for errors.
-    const ARGS: [&'static str; 3];
-    /// The result (flattened) from the three arguments' values.
-    fn run<F: cpu::Acc>(&self, g: &Dcnv3Geometry, a: &[F], b: &[F], c: &[F]) -> Vec<F>;
+    const ARGS: [&'static str; A];
+    /// The result (flattened) from the arguments' values.
+    fn run<F: cpu::Acc>(&self, g: &Dcnv3Geometry, args: [&[F]; A]) -> Vec<F>;
 }
 
-impl CpuKernel for Dcnv3Op {
+impl CpuKernel<3> for Dcnv3Op {
     const OP: &'static str = "dcnv3";
     const ARGS: [&'static str; 3] = ["input", "offset", "mask"];
-    fn run<F: cpu::Acc>(&self, g: &Dcnv3Geometry, input: &[F], offset: &[F], mask: &[F]) -> Vec<F> {
+    fn run<F: cpu::Acc>(&self, g: &Dcnv3Geometry, [input, offset, mask]: [&[F]; 3]) -> Vec<F> {
         let mut out = vec![F::ZERO; g.output_len()];
-        cpu::forward(&self.cfg, g, input, offset, mask, &mut out);
+        let lay = cpu::PointLayout::dcnv3(g);
+        cpu::forward(&self.cfg, g, lay, input, offset, mask, &mut out);
         out
     }
 }
 
-impl CpuKernel for Dcnv3BackwardOp {
+impl CpuKernel<3> for Dcnv3BackwardOp {
     const OP: &'static str = "dcnv3 backward";
     const ARGS: [&'static str; 3] = ["input", "offset_mask", "grad_out"];
     fn run<F: cpu::Acc>(
         &self,
         g: &Dcnv3Geometry,
-        input: &[F],
-        offset_mask: &[F],
-        grad_out: &[F],
+        [input, offset_mask, grad_out]: [&[F]; 3],
     ) -> Vec<F> {
         let (la, lb) = (g.input_len(), g.offset_len());
         let mut packed = vec![F::ZERO; la + lb + g.mask_len()];
         let (gin, rest) = packed.split_at_mut(la);
         let (goff, gmask) = rest.split_at_mut(lb);
         let (offset, mask) = offset_mask.split_at(lb);
-        cpu::backward(
-            &self.cfg, g, input, offset, mask, grad_out, gin, goff, gmask,
-        );
+        let rows = cpu::GradRows {
+            off: goff,
+            mask: Some(gmask),
+        };
+        let lay = cpu::PointLayout::dcnv3(g);
+        cpu::backward(&self.cfg, g, lay, input, offset, mask, grad_out, gin, rows);
         packed
     }
 }
 
-/// The three arguments' values as contiguous slices of `T`.
-fn slices3<'a, K: CpuKernel, T: WithDType>(
-    args: [(&'a CpuStorage, &Layout); 3],
-) -> Result<[&'a [T]; 3]> {
-    let [(s1, l1), (s2, l2), (s3, l3)] = args;
-    Ok([
-        contiguous_slice::<T>(s1, l1, K::OP, K::ARGS[0])?,
-        contiguous_slice::<T>(s2, l2, K::OP, K::ARGS[1])?,
-        contiguous_slice::<T>(s3, l3, K::OP, K::ARGS[2])?,
-    ])
+/// The arguments' values as contiguous slices of `T`.
+fn slices<'a, K: CpuKernel<A>, T: WithDType, const A: usize>(
+    args: [(&'a CpuStorage, &Layout); A],
+) -> Result<[&'a [T]; A]> {
+    let mut out: [&'a [T]; A] = [&[]; A];
+    for (i, (s, l)) in args.into_iter().enumerate() {
+        out[i] = contiguous_slice::<T>(s, l, K::OP, K::ARGS[i])?;
+    }
+    Ok(out)
 }
 
 /// Runs `k` natively in `T` (f32 or f64).
-fn run_native<K: CpuKernel, T: cpu::Acc + WithDType>(
+fn run_native<K: CpuKernel<A>, T: cpu::Acc + WithDType, const A: usize>(
     k: &K,
     g: &Dcnv3Geometry,
-    args: [(&CpuStorage, &Layout); 3],
+    args: [(&CpuStorage, &Layout); A],
 ) -> Result<CpuStorage> {
-    let [a, b, c] = slices3::<K, T>(args)?;
-    Ok(T::to_cpu_storage_owned(k.run(g, a, b, c)))
+    let vals = slices::<K, T, A>(args)?;
+    Ok(T::to_cpu_storage_owned(k.run(g, vals)))
 }
 
 /// Runs `k` in f32 on the values of a half type (f16 or bf16), rounding the result back once.
-fn run_half<K: CpuKernel, T: WithDType>(
+fn run_half<K: CpuKernel<A>, T: WithDType, const A: usize>(
     k: &K,
     g: &Dcnv3Geometry,
-    args: [(&CpuStorage, &Layout); 3],
+    args: [(&CpuStorage, &Layout); A],
 ) -> Result<CpuStorage>
 where
     [T]: HalfFloatSliceExt,
 {
-    let [a, b, c] = slices3::<K, T>(args)?;
-    let out = k.run::<f32>(g, &a.to_f32_vec(), &b.to_f32_vec(), &c.to_f32_vec());
+    let vals = slices::<K, T, A>(args)?;
+    let wide: [Vec<f32>; A] = vals.map(|v| v.to_f32_vec());
+    let out = k.run::<f32>(g, std::array::from_fn(|i| wide[i].as_slice()));
     let mut res = vec![T::from_f64(0.0); out.len()];
     res.convert_from_f32_slice(&out);
     Ok(T::to_cpu_storage_owned(res))
 }
 
-/// The CPU forward of either op: dispatch on the dtype of the first argument (the others must
+/// The CPU forward of a kernel: dispatch on the dtype of the first argument (the others must
 /// match; f32 and f64 natively, f16 and bf16 through f32).
-fn cpu_dispatch<K: CpuKernel>(
+pub(crate) fn cpu_dispatch<K: CpuKernel<A>, const A: usize>(
     k: &K,
     g: &Dcnv3Geometry,
-    args: [(&CpuStorage, &Layout); 3],
+    args: [(&CpuStorage, &Layout); A],
 ) -> Result<CpuStorage> {
     match args[0].0.dtype() {
-        DType::F32 => run_native::<K, f32>(k, g, args),
-        DType::F64 => run_native::<K, f64>(k, g, args),
-        DType::F16 => run_half::<K, f16>(k, g, args),
-        DType::BF16 => run_half::<K, bf16>(k, g, args),
+        DType::F32 => run_native::<K, f32, A>(k, g, args),
+        DType::F64 => run_native::<K, f64, A>(k, g, args),
+        DType::F16 => run_half::<K, f16, A>(k, g, args),
+        DType::BF16 => run_half::<K, bf16, A>(k, g, args),
         dt => bail!(
             "{}: supported dtypes are f32, f16, bf16 and f64, got {dt:?} (the {}); convert with \
              .to_dtype()",
