@@ -34,9 +34,9 @@ if [[ "${SKIP_NVCC:-0}" != 1 ]]; then
     for arch in sm_90 sm_80; do
         nvcc --ptx -O3 -std=c++17 -arch="$arch" -Ikernels kernels/dcnv3.cu -o "$OUT/dcnv3_$arch.ptx"
         n=$(grep -c '^\.visible \.entry' "$OUT/dcnv3_$arch.ptx" || true)
-        # 11 (dtype, vec) forward + 11 backward + 3 casts.
-        if [[ "$n" -ne 25 ]]; then
-            echo "check-kernels: expected 25 kernel entries in the $arch PTX, found $n" >&2
+        # 11 (dtype, vec) x (DCNv3, DCNv4) x (forward, backward) + 3 casts.
+        if [[ "$n" -ne 47 ]]; then
+            echo "check-kernels: expected 47 kernel entries in the $arch PTX, found $n" >&2
             exit 1
         fi
         echo "check-kernels: $arch PTX OK ($n kernels)"

@@ -7,9 +7,14 @@
 //! pure-PyTorch core: per kernel point and bilinear corner one `index_select`), measured in the same
 //! run; its backward is candle's autograd through that formulation. Prints median milliseconds.
 //! Set `DCNV3_BENCH_SKIP_BASELINE=1` to time only our op.
+//!
+//! A second table times the DCNv4 core (FlashInternImage) at the same shapes, on the same
+//! values packed into its (N, H, W, K_pad) offset_mask, next to our DCNv3 core and to DCNv3's
+//! core plus the per-group mask softmax that the DCNv3 module needs and DCNv4 drops.
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use internimage::ops::dcnv3::{dcnv3, dcnv3_backward, Dcnv3Config};
+use internimage::ops::dcnv4::{dcnv4, dcnv4_backward, offset_mask_channels};
 use std::time::{Duration, Instant};
 
 /// Median wall time of `f` in milliseconds (a few warm-up calls, then at least `min_iters`
@@ -265,5 +270,64 @@ fn main() -> Result<()> {
         "baseline = the operator as candle tensor ops (gather per point and corner); its bwd = candle \
          autograd over the recorded graph (backward pass only, like ours)"
     );
+    dcnv4_table(&shapes)?;
+    Ok(())
+}
+
+/// DCNv4 vs DCNv3 at the same shapes and values (default rayon pool).
+fn dcnv4_table(shapes: &[Shape]) -> Result<()> {
+    let dev = Device::Cpu;
+    let threads = rayon::current_num_threads();
+    println!();
+    println!("DCNv4 core vs our DCNv3 core, f32, CPU, {threads} threads, median ms");
+    println!(
+        "| shape | v3 fwd | v3 softmax+fwd | v4 fwd | v4/v3 fwd | v4/(softmax+v3) | v3 bwd | v4 bwd | v4/v3 bwd |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for (k, sh) in shapes.iter().enumerate() {
+        let cfg = Dcnv3Config::internimage(sh.group, sh.cg, 1.0);
+        let (n, h, w, c, g, np) = (sh.n, sh.hw, sh.hw, sh.group * sh.cg, sh.group, 9);
+        let k_pad = offset_mask_channels(&cfg);
+        let input = Tensor::from_vec(
+            lcg(n * h * w * c, 1 + k as u64, -1.0, 1.0),
+            (n, h, w, c),
+            &dev,
+        )?;
+        let om = Tensor::from_vec(lcg(n * h * w * k_pad, 2, -2.5, 2.5), (n, h, w, k_pad), &dev)?;
+        let body = om.narrow(3, 0, g * 3 * np)?.reshape((n, h, w, g, 3 * np))?;
+        let offset = body
+            .narrow(4, 0, 2 * np)?
+            .reshape((n, h, w, g * 2 * np))?
+            .contiguous()?;
+        let mask = body
+            .narrow(4, 2 * np, np)?
+            .reshape((n, h, w, g * np))?
+            .contiguous()?;
+        let gout = Tensor::from_vec(lcg(n * h * w * c, 4, -1.0, 1.0), (n, h, w, c), &dev)?;
+        let v3 = median_ms(|| drop(dcnv3(&input, &offset, &mask, &cfg).unwrap()), 20);
+        let v3s = median_ms(
+            || {
+                let m = internimage::ops::softmax_groups(&mask, np).unwrap();
+                drop(dcnv3(&input, &offset, &m, &cfg).unwrap())
+            },
+            20,
+        );
+        let v4 = median_ms(|| drop(dcnv4(&input, &om, &cfg).unwrap()), 20);
+        let b3 = median_ms(
+            || drop(dcnv3_backward(&input, &offset, &mask, &gout, &cfg).unwrap()),
+            10,
+        );
+        let b4 = median_ms(
+            || drop(dcnv4_backward(&input, &om, &gout, &cfg).unwrap()),
+            10,
+        );
+        println!(
+            "| {} | {v3:.3} | {v3s:.3} | {v4:.3} | {:.2} | {:.2} | {b3:.3} | {b4:.3} | {:.2} |",
+            sh.name,
+            v4 / v3,
+            v4 / v3s,
+            b4 / b3
+        );
+    }
     Ok(())
 }

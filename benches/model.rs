@@ -1,4 +1,5 @@
-//! CPU speed and peak memory of InternImage-T with random weights.
+//! CPU speed and peak memory of InternImage-T (and FlashInternImage-T, `flash_*` cases) with
+//! random weights.
 //!
 //! `cargo bench --bench model` (optionally `-- <case substring>...`). Every case runs in a fresh
 //! subprocess of this binary, so the peak RSS (`VmHWM`) is per case. Times are medians after
@@ -203,6 +204,16 @@ const CASES: &[Case] = &[
         what: "T, 224x224, batch 8, logits",
     },
     Case {
+        name: "flash_t224_b1",
+        reference: false,
+        what: "FlashInternImage-T, 224x224, batch 1, logits",
+    },
+    Case {
+        name: "flash_t224_b8",
+        reference: false,
+        what: "FlashInternImage-T, 224x224, batch 8, logits",
+    },
+    Case {
         name: "t512_backbone_b1",
         reference: false,
         what: "T backbone, 512x512, batch 1, 4 stages",
@@ -236,13 +247,19 @@ const CASES: &[Case] = &[
 
 /// One model case in this process: prints `RESULT <name> <ms/img> <img/s> <rss MiB>`.
 fn run_model_case(name: &str) -> Result<()> {
-    let (size, batch, backbone) = match name.trim_end_matches("_reference") {
+    let base = name.trim_end_matches("_reference");
+    let flash = base.starts_with("flash_");
+    let (size, batch, backbone) = match base.trim_start_matches("flash_") {
         "t224_b1" => (224, 1, false),
         "t224_b8" => (224, 8, false),
         "t512_backbone_b1" => (512, 1, true),
         other => candle_core::bail!("unknown case {other}"),
     };
-    let cfg = Config::t();
+    let cfg = if flash {
+        Config::flash_t()
+    } else {
+        Config::t()
+    };
     let x = Tensor::randn(0f32, 1.0, (batch, 3, size, size), &Device::Cpu)?;
     let (warm, runs) = match (name.ends_with("_reference"), batch) {
         (true, _) => (1, 3),
@@ -618,6 +635,16 @@ fn main() {
         }
         if let (Some(b1), Some(b8)) = (find("t224_b1"), find("t224_b8")) {
             println!("\nbatch 8 vs batch 1 throughput: {:.2}x", b1 / b8);
+        }
+        for b in ["b1", "b8"] {
+            if let (Some(v3), Some(v4)) =
+                (find(&format!("t224_{b}")), find(&format!("flash_t224_{b}")))
+            {
+                println!(
+                    "FlashInternImage-T / InternImage-T time, 224 {b}: {:.2}x",
+                    v4 / v3
+                );
+            }
         }
     }
     if !ops.is_empty() {

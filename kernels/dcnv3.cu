@@ -3,9 +3,12 @@
 // src/ops/dcnv3/cuda.rs on candle's stream. The per-element code lives in dcnv3_common.h and is
 // shared with the Metal kernels and the host build that the tests compare with the fixtures.
 //
-// Kernel names: dcnv3_fwd_<dtype>_v<VEC>, dcnv3_bwd_<dtype>_v<VEC>, dcnv3_cast_f32_<dtype>,
-// dtype in {f32, f16, bf16}; VEC (channels per vector access) in {1, 2, 4} for f32 and
-// {1, 2, 4, 8} for f16/bf16 (at most 16 bytes).
+// Kernel names: dcnv3_fwd_<dtype>_v<VEC>, dcnv3_bwd_<dtype>_v<VEC>, dcnv4_fwd_<dtype>_v<VEC>,
+// dcnv4_bwd_<dtype>_v<VEC>, dcnv3_cast_f32_<dtype>, dtype in {f32, f16, bf16}; VEC (channels per
+// vector access) in {1, 2, 4} for f32 and {1, 2, 4, 8} for f16/bf16 (at most 16 bytes).
+// The DCNv4 entries run the same code with one packed offset_mask buffer standing for both the
+// offsets and the masks (the point layout of the parameters says where each lives; the
+// backward's gradient buffer must be zeroed by the launcher for its padding columns).
 // Launch shape: 1-D grid of ceil(total/256) blocks of 256 threads, total = items * lanes.
 // Backward needs lanes to be a power of two <= 32 (lanes of one item share a warp).
 
@@ -175,6 +178,16 @@ __device__ __forceinline__ void dcnv3_bwd_kernel(const Dcnv3Params& p, const T* 
         const T* __restrict__ mask, const T* __restrict__ grad_out, float* __restrict__ grad_input,     \
         T* __restrict__ grad_offset, T* __restrict__ grad_mask) {                                       \
         dcnv3_bwd_kernel<T, VEC>(p, input, offset, mask, grad_out, grad_input, grad_offset, grad_mask); \
+    }                                                                                                   \
+    extern "C" __global__ void dcnv4_fwd_##NAME##_v##VEC(const Dcnv3Params p, const T* __restrict__ input, \
+                                                         const T* offset_mask, T* __restrict__ output) { \
+        dcnv3_fwd_kernel<T, VEC>(p, input, offset_mask, offset_mask, output);                          \
+    }                                                                                                   \
+    extern "C" __global__ void dcnv4_bwd_##NAME##_v##VEC(                                              \
+        const Dcnv3Params p, const T* __restrict__ input, const T* offset_mask,                         \
+        const T* __restrict__ grad_out, float* __restrict__ grad_input, T* grad_offset_mask) {          \
+        dcnv3_bwd_kernel<T, VEC>(p, input, offset_mask, offset_mask, grad_out, grad_input,              \
+                                 grad_offset_mask, grad_offset_mask);                                   \
     }
 
 DCN_KERNELS(f32, float, 1)

@@ -106,6 +106,20 @@ DCN_FN void dcnv3_bwd_kernel(constant Dcnv3Params& p, const device T* input, con
         uint tid [[thread_position_in_grid]]) {                                                        \
         dcnv3_bwd_kernel<T, VEC>(p, input, offset, mask, grad_out, grad_input, grad_offset, grad_mask, \
                                  tid);                                                                 \
+    }                                                                                                  \
+    kernel void dcnv4_fwd_##NAME##_v##VEC(                                                             \
+        constant Dcnv3Params& p [[buffer(0)]], const device T* input [[buffer(1)]],                    \
+        const device T* offset_mask [[buffer(2)]], device T* output [[buffer(3)]],                     \
+        uint tid [[thread_position_in_grid]]) {                                                        \
+        dcnv3_fwd_kernel<T, VEC>(p, input, offset_mask, offset_mask, output, tid);                     \
+    }                                                                                                  \
+    kernel void dcnv4_bwd_##NAME##_v##VEC(                                                             \
+        constant Dcnv3Params& p [[buffer(0)]], const device T* input [[buffer(1)]],                    \
+        const device T* offset_mask [[buffer(2)]], const device T* grad_out [[buffer(3)]],             \
+        device float* grad_input [[buffer(4)]], device T* grad_offset_mask [[buffer(5)]],              \
+        uint tid [[thread_position_in_grid]]) {                                                        \
+        dcnv3_bwd_kernel<T, VEC>(p, input, offset_mask, offset_mask, grad_out, grad_input,             \
+                                 grad_offset_mask, grad_offset_mask, tid);                             \
     }
 
 #define DCN_CAST(NAME, T)                                                                   \

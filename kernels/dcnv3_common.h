@@ -1,4 +1,6 @@
-// DCNv3 core operator: the per-element sampling and accumulation code.
+// DCNv3 core operator: the per-element sampling and accumulation code, shared with DCNv4
+// (FlashInternImage), which is the same computation on offsets and masks read from one packed,
+// padded tensor (the point layout fields of Dcnv3Params say where; see below).
 //
 // This one file is compiled three ways:
 //   * by nvcc, included from dcnv3.cu (CUDA kernels, PTX built by build.rs);
@@ -27,24 +29,30 @@
 //
 // Semantics (see ../shared/spec/internimage.md 3.2): tensors are channels-last and contiguous:
 //   input  (N, H_in,  W_in,  G*Cg), channel g*Cg + c
-//   offset (N, H_out, W_out, G*P*2), pairs (x, y) at ((pixel*G + g)*P + p)*2 + {0, 1}
-//   mask   (N, H_out, W_out, G*P)
+//   offset pairs (x, y) of point p of group g of output pixel `pixel` at
+//          pixel*off_pixel + g*off_group + 2*p + {0, 1}
+//   mask   at pixel*mask_pixel + mask_first + g*mask_group + p
 //   output (N, H_out, W_out, G*Cg)
+// DCNv3: offset (N, H_out, W_out, G*P*2) and mask (N, H_out, W_out, G*P), i.e. off_pixel = 2GP,
+// off_group = 2P, mask_pixel = GP, mask_group = P, mask_first = 0. DCNv4: offset and mask are the
+// same (N, H_out, W_out, K_pad) buffer, off_pixel = mask_pixel = K_pad, off_group = mask_group =
+// 3P, mask_first = 2P; the padding columns are neither read nor written (the launcher zeroes the
+// gradient buffer).
 // Point p walks the kernel x-major (column i outer, row j inner), skipping the centre when
 // remove_center. Sampling position x = wo*sw - pw + hx + scale*(i*dw - hx + dx) (y alike),
 // hx = dw*(kw-1)/2; bilinear with zeros outside the image, nothing at all unless
 // -1 < y < H_in and -1 < x < W_in; weighted by the mask, summed over p; f32 arithmetic.
 //
 // Work decomposition shared by every backend: an "item" is one (n, ho, wo, g), flattened with
-// g fastest (so item*P*2 and item*P index its offsets and mask directly); `lanes` threads
+// g fastest; `lanes` threads
 // cooperate on an item, lane l handling the channel chunks c0 = l*VEC, l*VEC + lanes*VEC, ...
 // Thread index = item*lanes + lane.
 
 #ifndef DCNV3_COMMON_H
 #define DCNV3_COMMON_H
 
-// Parameter block, passed by value (CUDA) or as constant bytes (Metal). 20 x 4 bytes; the Rust
-// mirror is `Dcnv3Params` in src/ops/dcnv3/kernel_params.rs (same field order, #[repr(C)]).
+// Parameter block, passed by value (CUDA) or as constant bytes (Metal). 24 x 4 bytes; the Rust
+// mirror is `Dcnv3Params` in src/ops/dcnv3/launch.rs (same field order, #[repr(C)]).
 struct Dcnv3Params {
     int batch;
     int h_in;
@@ -65,8 +73,23 @@ struct Dcnv3Params {
     int remove_center;
     int lanes;
     float offset_scale;
-    int reserved;
+    // Point layout (see the top of the file).
+    int off_pixel;
+    int off_group;
+    int mask_pixel;
+    int mask_group;
+    int mask_first;
 };
+
+// Index of the x offset of point 0 of group g of output pixel pix.
+DCN_FN dcn_index_t dcn_off_base(DCN_PARAMS p, dcn_index_t pix, int g) {
+    return pix * p.off_pixel + (dcn_index_t)g * p.off_group;
+}
+
+// Index of the mask of point 0 of group g of output pixel pix.
+DCN_FN dcn_index_t dcn_mask_base(DCN_PARAMS p, dcn_index_t pix, int g) {
+    return pix * p.mask_pixel + p.mask_first + (dcn_index_t)g * p.mask_group;
+}
 
 // The four bilinear corners of one sampling point.
 // pos[k]: element offset of corner k inside its image ((y*W_in + x)*C), or -1 when that corner
@@ -173,8 +196,8 @@ DCN_FN void dcnv3_fwd_thread(DCN_PARAMS p, const DCN_GLOBAL T* DCN_RESTRICT inpu
     const dcn_index_t n = pix / ((dcn_index_t)p.w_out * p.h_out);
     const dcn_index_t c = (dcn_index_t)p.group * p.group_channels;
     const DCN_GLOBAL T* img = input + n * p.h_in * p.w_in * c + (dcn_index_t)g * p.group_channels;
-    const DCN_GLOBAL T* off = offset + item * p.points * 2;
-    const DCN_GLOBAL T* msk = mask + item * p.points;
+    const DCN_GLOBAL T* off = offset + dcn_off_base(p, pix, g);
+    const DCN_GLOBAL T* msk = mask + dcn_mask_base(p, pix, g);
     DCN_GLOBAL T* out = output + pix * c + (dcn_index_t)g * p.group_channels;
     for (int c0 = lane * VEC; c0 < p.group_channels; c0 += p.lanes * VEC) {
         float acc[VEC];
@@ -228,12 +251,12 @@ DCN_FN DcnGrad dcnv3_bwd_partial(DCN_PARAMS p, const DCN_GLOBAL T* DCN_RESTRICT 
     const int ho = (int)((pix / p.w_out) % p.h_out);
     const dcn_index_t n = pix / ((dcn_index_t)p.w_out * p.h_out);
     const dcn_index_t c = (dcn_index_t)p.group * p.group_channels;
-    const dcn_index_t off_idx = (item * p.points + pt) * 2;
+    const dcn_index_t off_idx = dcn_off_base(p, pix, g) + 2 * pt;
     const DcnCorners s = dcn_corners(p, ho, wo, pt, dcn_ld(offset + off_idx), dcn_ld(offset + off_idx + 1));
     if (s.inside == 0) {
         return r;
     }
-    const float m = dcn_ld(mask + item * p.points + pt);
+    const float m = dcn_ld(mask + dcn_mask_base(p, pix, g) + pt);
     const dcn_index_t img_base = n * p.h_in * p.w_in * c + (dcn_index_t)g * p.group_channels;
     const DCN_GLOBAL T* img = input + img_base;
     DCN_GLOBAL float* gimg = grad_input + img_base;
@@ -273,15 +296,18 @@ DCN_FN DcnGrad dcnv3_bwd_partial(DCN_PARAMS p, const DCN_GLOBAL T* DCN_RESTRICT 
     return r;
 }
 
-// Backward: store the summed gradients of point `pt` of item `item` (every entry is written
-// exactly once, so grad_offset and grad_mask need no initialisation).
+// Backward: store the summed gradients of point `pt` of item `item` (every used entry is
+// written exactly once, so with the DCNv3 layout grad_offset and grad_mask need no
+// initialisation; with DCNv4's they are one buffer whose padding columns the launcher zeroes).
 template <typename T>
 DCN_FN void dcnv3_bwd_store(DCN_PARAMS p, DCN_GLOBAL T* DCN_RESTRICT grad_offset,
                             DCN_GLOBAL T* DCN_RESTRICT grad_mask, dcn_index_t item, int pt, DcnGrad r) {
-    const dcn_index_t k = item * p.points + pt;
-    dcn_st(grad_offset + 2 * k, r.gx);
-    dcn_st(grad_offset + 2 * k + 1, r.gy);
-    dcn_st(grad_mask + k, r.gm);
+    const int g = (int)(item % p.group);
+    const dcn_index_t pix = item / p.group;
+    const dcn_index_t k = dcn_off_base(p, pix, g) + 2 * pt;
+    dcn_st(grad_offset + k, r.gx);
+    dcn_st(grad_offset + k + 1, r.gy);
+    dcn_st(grad_mask + dcn_mask_base(p, pix, g) + pt, r.gm);
 }
 
 #endif  // DCNV3_COMMON_H

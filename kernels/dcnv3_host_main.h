@@ -4,8 +4,11 @@
 // namespace, launch_fwd<VEC>(...), launch_bwd<VEC>(...) and kMaxBwdLanes.
 //
 // Usage: <exe> fwd|bwd <dir> <vec>
-//   <dir>/params.bin  the 80-byte Dcnv3Params (little-endian, as in dcnv3_common.h)
-//   <dir>/input.bin, offset.bin, mask.bin (+ grad_out.bin for bwd): raw little-endian f32
+//   <dir>/params.bin  the 96-byte Dcnv3Params (little-endian, as in dcnv3_common.h)
+//   <dir>/input.bin, offset.bin, mask.bin (+ grad_out.bin for bwd): raw little-endian f32;
+//   offset.bin and mask.bin hold pixels*off_pixel and pixels*mask_pixel values (for DCNv4 both
+//   are the packed offset_mask tensor; the gradients then come back in two zero-initialised
+//   copies of that layout, offsets' columns in grad_offset.bin, masks' in grad_mask.bin).
 //   writes <dir>/out.bin (fwd) or grad_input.bin, grad_offset.bin, grad_mask.bin (bwd).
 // <vec> selects the template instance (1, 2, 4, 8), as the GPU launchers do.
 // Exit status 0 on success; a message on stderr and status 1 otherwise.
@@ -64,7 +67,7 @@ int main(int argc, char** argv) {
     const std::string mode = argv[1];
     const std::string dir = std::string(argv[2]) + "/";
     const int vec = std::atoi(argv[3]);
-    static_assert(sizeof(Dcnv3Params) == 80, "Dcnv3Params must be 80 bytes");
+    static_assert(sizeof(Dcnv3Params) == 96, "Dcnv3Params must be 96 bytes");
     Dcnv3Params p;
     if (!dcn_host_io::read_file(dir + "params.bin", &p, sizeof(p))) {
         return 1;
@@ -81,8 +84,12 @@ int main(int argc, char** argv) {
     const size_t c = (size_t)p.group * p.group_channels;
     const size_t n_in = (size_t)p.batch * p.h_in * p.w_in * c;
     const size_t n_pix = (size_t)p.batch * p.h_out * p.w_out;
-    const size_t n_off = n_pix * p.group * p.points * 2;
-    const size_t n_mask = n_pix * p.group * p.points;
+    const size_t n_off = n_pix * p.off_pixel;
+    const size_t n_mask = n_pix * p.mask_pixel;
+    // The DCNv3 layout writes every gradient entry; a packed (DCNv4) layout leaves padding.
+    const bool dense = p.off_pixel == p.group * p.points * 2 && p.off_group == 2 * p.points &&
+                       p.mask_pixel == p.group * p.points && p.mask_group == p.points && p.mask_first == 0;
+    const float unwritten = dense ? std::nanf("") : 0.0f;
     const size_t n_out = n_pix * c;
     std::vector<float> input, offset, mask;
     if (!dcn_host_io::read_f32(dir + "input.bin", input, n_in) || !dcn_host_io::read_f32(dir + "offset.bin", offset, n_off) ||
@@ -109,8 +116,8 @@ int main(int argc, char** argv) {
             return 1;
         }
         std::vector<float> gin(n_in, 0.0f);  // zero-initialised, as the launcher does
-        std::vector<float> goff(n_off, std::nanf(""));  // every element must be written
-        std::vector<float> gmask(n_mask, std::nanf(""));
+        std::vector<float> goff(n_off, unwritten);  // with DCNv3, every element must be written
+        std::vector<float> gmask(n_mask, unwritten);
         const float* a = input.data();
         const float* b = offset.data();
         const float* m = mask.data();

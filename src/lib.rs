@@ -99,8 +99,8 @@ const _: fn() = {
 };
 
 pub use model::{
-    Config, DcnSampling, Dcnv3Layer, Dcnv3LayerConfig, InternImage, TrainOptions, Trainable,
-    TrainableModel,
+    Config, CoreOp, DcnSampling, Dcnv3Layer, Dcnv3LayerConfig, InternImage, TrainOptions,
+    Trainable, TrainableModel,
 };
 pub use ops::dcnv3::{dcnv3, Dcnv3Config};
 pub use ops::dcnv4::dcnv4;

@@ -1,5 +1,7 @@
-//! The model zoo: every released InternImage classification checkpoint, read from
-//! `weights-manifest.json` (embedded in the crate at build time).
+//! The model zoo: every released InternImage and FlashInternImage classification checkpoint,
+//! read from `weights-manifest.json` (embedded in the crate at build time). The FlashInternImage
+//! entries are raw `.pth` files of the Hub repository `OpenGVLab/DCNv4` (no `config.json`: the
+//! architecture is the preset).
 //!
 //! ```
 //! use internimage::zoo;
@@ -73,7 +75,8 @@ impl LabelSet {
     }
 }
 
-/// An InternImage size preset (`Config::t()` ... `Config::g()`).
+/// An InternImage size preset (`Config::t()` ... `Config::g()`, and the FlashInternImage
+/// presets `Config::flash_t()` ... `Config::flash_l()`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Variant {
@@ -91,11 +94,23 @@ pub enum Variant {
     H,
     /// InternImage-G (3B).
     G,
+    /// FlashInternImage-T (DCNv4, 30M).
+    #[serde(rename = "flash_t")]
+    FlashT,
+    /// FlashInternImage-S (DCNv4, 50M).
+    #[serde(rename = "flash_s")]
+    FlashS,
+    /// FlashInternImage-B (DCNv4, 97M).
+    #[serde(rename = "flash_b")]
+    FlashB,
+    /// FlashInternImage-L (DCNv4, 223M).
+    #[serde(rename = "flash_l")]
+    FlashL,
 }
 
 impl Variant {
-    /// Every variant, smallest first.
-    pub const ALL: [Variant; 7] = [
+    /// Every variant: InternImage smallest first, then FlashInternImage smallest first.
+    pub const ALL: [Variant; 11] = [
         Variant::T,
         Variant::S,
         Variant::B,
@@ -103,9 +118,22 @@ impl Variant {
         Variant::Xl,
         Variant::H,
         Variant::G,
+        Variant::FlashT,
+        Variant::FlashS,
+        Variant::FlashB,
+        Variant::FlashL,
     ];
 
-    /// The lowercase name used in the manifest and by `Config::preset` (`"t"` ... `"g"`).
+    /// Whether this is a FlashInternImage (DCNv4) variant.
+    pub fn is_flash(self) -> bool {
+        matches!(
+            self,
+            Variant::FlashT | Variant::FlashS | Variant::FlashB | Variant::FlashL
+        )
+    }
+
+    /// The lowercase name used in the manifest and by `Config::preset` (`"t"` ... `"g"`,
+    /// `"flash_t"` ... `"flash_l"`).
     pub fn as_str(self) -> &'static str {
         match self {
             Variant::T => "t",
@@ -115,6 +143,10 @@ impl Variant {
             Variant::Xl => "xl",
             Variant::H => "h",
             Variant::G => "g",
+            Variant::FlashT => "flash_t",
+            Variant::FlashS => "flash_s",
+            Variant::FlashB => "flash_b",
+            Variant::FlashL => "flash_l",
         }
     }
 
@@ -128,6 +160,10 @@ impl Variant {
             Variant::Xl => Config::xl(),
             Variant::H => Config::h(),
             Variant::G => Config::g(),
+            Variant::FlashT => Config::flash_t(),
+            Variant::FlashS => Config::flash_s(),
+            Variant::FlashB => Config::flash_b(),
+            Variant::FlashL => Config::flash_l(),
         }
     }
 }
@@ -144,7 +180,8 @@ impl std::fmt::Display for Variant {
 pub enum WeightFormat {
     /// Hugging Face safetensors (keys prefixed `model.`, `layer_scale1/2` for the gammas).
     Safetensors,
-    /// PyTorch zip checkpoint (`torch.save({'model': state_dict})`, plain module keys).
+    /// PyTorch zip checkpoint (`torch.save({'model': state_dict})`, plain module keys), e.g.
+    /// the FlashInternImage files of `OpenGVLab/DCNv4`.
     Pth,
 }
 
@@ -386,7 +423,7 @@ pub fn get(name: &str) -> Result<&'static PretrainedModel> {
     let wanted = name.trim();
     if let Some(m) = models
         .iter()
-        .find(|m| m.name == wanted || m.hub.repo == wanted)
+        .find(|m| m.name == wanted || (m.hub.repo == wanted && m.hub.repo.ends_with(&m.name)))
     {
         return Ok(m);
     }

@@ -1185,3 +1185,52 @@ fn only_not_found_falls_back() {
         assert_eq!(bin_requests(), 0, "{expect}: {:?}", server.requests());
     }
 }
+
+#[test]
+fn flash_checkpoint_from_the_dcnv4_repo() {
+    // A stand-in `OpenGVLab/DCNv4` repository: raw `.pth` files, no config.json.
+    let server = HubStandIn::start();
+    let cache = TempCache::new("flash");
+    let src = common::fixtures().join("flash/weights/tiny_flash_s.pth");
+    let pth = Arc::new(std::fs::read(&src).unwrap());
+    let (sha, _) = hub::sha256_file(&src).unwrap();
+    // Stand the tiny fixture in for the release file of FlashInternImage-T.
+    let file = "flash_intern_image_t_1k_224.pth";
+    server.put("OpenGVLab/DCNv4", file, pth.clone(), &sha, Mode::Good);
+
+    let entry = internimage::zoo::get("flash_internimage_t_1k_224").unwrap();
+    assert_eq!(entry.hub.repo, "OpenGVLab/DCNv4");
+    assert!(entry.hub.config_file.is_none());
+    let hub = hub::Hub::new(options(&server, &cache)).unwrap();
+    let files = hub.fetch_model("flash_internimage_t_1k_224").unwrap();
+    assert_eq!(files.config, None);
+    assert_eq!(files.weights.len(), 1);
+    assert_eq!(std::fs::read(&files.weights[0]).unwrap(), *pth);
+    assert_eq!(
+        server.requests(),
+        [
+            format!("HEAD /OpenGVLab/DCNv4/resolve/main/{file}"),
+            format!("GET /OpenGVLab/DCNv4/resolve/main/{file}"),
+        ]
+    );
+
+    // The tiny network's architecture loads the downloaded file; logits equal the golden.
+    let meta = common::read_json(common::fixtures().join("flash/weights/tiny_flash_s.json"));
+    let cfg = Config::from_json_str(&meta["hf_config"].to_string()).unwrap();
+    let model =
+        InternImage::from_checkpoint(&cfg, &files.weights[0], DType::F32, &Device::Cpu).unwrap();
+    let inputs = common::fixture_tensors("inputs.safetensors");
+    let expected = common::load_safetensors(
+        common::fixtures().join("flash/expected/tiny_flash_s.safetensors"),
+    );
+    let flash_manifest = common::read_json(common::fixtures().join("flash/manifest.json"));
+    let (atol, rtol) = common::manifest_tol(&flash_manifest, "tiny_flash_s", "logits.rand");
+    let logits = model.forward(&inputs["rand"]).unwrap();
+    let (worst, max_abs) = common::max_violation(&logits, &expected["logits.rand"], atol, rtol);
+    assert!(worst <= 0.0, "logits vs golden: max |diff| {max_abs}");
+
+    // `from_pretrained` takes the architecture from the preset (no config.json to read): the
+    // FlashInternImage-T preset does not fit the tiny stand-in, and the error says so.
+    let err = from_pretrained_err("flash_internimage_t_1k_224", &options(&server, &cache));
+    assert!(err.contains("shape mismatch"), "{err}");
+}

@@ -173,13 +173,29 @@ fn run_host(
         .geometry(case.input.shape(), case.offset.shape(), case.mask.shape())
         .unwrap();
     let params = Dcnv3Params::new(&case.cfg, &g, lanes).unwrap();
+    let args = [&case.input, &case.offset, &case.mask].map(common::to_f32_vec);
+    run_host_raw(exe, &case.name, &params, mode, vec, &args, grad_out)
+}
+
+/// [`run_host`] on raw values: `args` = input, offset buffer, mask buffer (laid out as the
+/// parameters' point layout says).
+fn run_host_raw(
+    exe: &Path,
+    name: &str,
+    params: &Dcnv3Params,
+    mode: &str,
+    vec: usize,
+    args: &[Vec<f32>; 3],
+    grad_out: Option<&[f32]>,
+) -> HashMap<&'static str, Vec<f32>> {
+    let lanes = params.lanes;
     let tag = exe.file_name().unwrap().to_string_lossy().to_string();
-    let dir = scratch_dir().join(format!("{tag}-{}-{mode}-v{vec}-l{lanes}", case.name));
+    let dir = scratch_dir().join(format!("{tag}-{name}-{mode}-v{vec}-l{lanes}"));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("params.bin"), params.to_le_bytes()).unwrap();
-    write_f32(&dir.join("input.bin"), &common::to_f32_vec(&case.input));
-    write_f32(&dir.join("offset.bin"), &common::to_f32_vec(&case.offset));
-    write_f32(&dir.join("mask.bin"), &common::to_f32_vec(&case.mask));
+    write_f32(&dir.join("input.bin"), &args[0]);
+    write_f32(&dir.join("offset.bin"), &args[1]);
+    write_f32(&dir.join("mask.bin"), &args[2]);
     if let Some(go) = grad_out {
         write_f32(&dir.join("grad_out.bin"), go);
     }
@@ -191,8 +207,7 @@ fn run_host(
         .unwrap();
     assert!(
         out.status.success(),
-        "host kernel {mode} failed for {} (vec {vec}, lanes {lanes}): {}",
-        case.name,
+        "host kernel {mode} failed for {name} (vec {vec}, lanes {lanes}): {}",
         String::from_utf8_lossy(&out.stderr)
     );
     let names: &[&'static str] = if mode == "fwd" {
@@ -369,4 +384,153 @@ fn host_metal_kernels_match_fixtures() {
         }
     }
     assert_no_failures(&failures);
+}
+
+/// The DCNv4 cases of `../shared/fixtures/flash/dcnv4_ops.*`: (name, config, input,
+/// offset_mask, grad_weight, expected tensors, (out tol), (grad tol)).
+struct V4Case {
+    name: String,
+    cfg: Dcnv3Config,
+    input: Tensor,
+    om: Tensor,
+    grad_weight: Option<Tensor>,
+    out: Tensor,
+    grads: Option<(Tensor, Tensor)>,
+    tol: (f32, f32),
+    grad_tol: (f32, f32),
+}
+
+fn dcnv4_cases() -> Vec<V4Case> {
+    let dir = common::fixtures().join("flash");
+    let json = common::read_json(dir.join("dcnv4_ops.json"));
+    let t = common::load_safetensors(dir.join("dcnv4_ops.safetensors"));
+    json.as_object()
+        .unwrap()
+        .iter()
+        .map(|(name, c)| {
+            let u = |k: &str| c[k].as_u64().unwrap() as usize;
+            let f = |k: &str| c[k].as_f64().unwrap() as f32;
+            let get = |k: &str| t[&format!("{name}.{k}")].clone();
+            let has = c["has_grads"].as_bool().unwrap();
+            V4Case {
+                name: name.clone(),
+                cfg: Dcnv3Config {
+                    kernel_h: u("kernel_h"),
+                    kernel_w: u("kernel_w"),
+                    stride_h: u("stride_h"),
+                    stride_w: u("stride_w"),
+                    pad_h: u("pad_h"),
+                    pad_w: u("pad_w"),
+                    dilation_h: u("dilation_h"),
+                    dilation_w: u("dilation_w"),
+                    group: u("group"),
+                    group_channels: u("group_channels"),
+                    offset_scale: c["offset_scale"].as_f64().unwrap(),
+                    remove_center: c["remove_center"].as_bool().unwrap(),
+                },
+                input: get("input"),
+                om: get("offset_mask"),
+                grad_weight: has.then(|| get("grad_weight")),
+                out: get("out"),
+                grads: has.then(|| (get("grad_input"), get("grad_offset_mask"))),
+                tol: (f("atol"), f("rtol")),
+                grad_tol: (f("grad_atol"), f("grad_rtol")),
+            }
+        })
+        .collect()
+}
+
+/// DCNv4 through the GPU kernels' per-element code (the CUDA build and the Metal source, both
+/// on the host): the packed layout of `Dcnv3Params::new_dcnv4`, offset_mask passed as both the
+/// offset and the mask buffer, against the goldens and the CPU op; gradients (offset columns
+/// from grad_offset, mask columns from grad_mask, padding zero) against the golden
+/// grad_offset_mask.
+#[test]
+fn host_kernels_dcnv4_match_fixtures_and_cpu_op() {
+    use internimage::ops::dcnv4::{dcnv4, dcnv4_backward};
+    let mut failures = Vec::new();
+    let mut runs = 0;
+    for case in dcnv4_cases() {
+        let g = internimage::ops::dcnv4::geometry(&case.cfg, case.input.shape(), case.om.shape())
+            .unwrap();
+        let cg = case.cfg.group_channels;
+        let om = common::to_f32_vec(&case.om);
+        let args = [common::to_f32_vec(&case.input), om.clone(), om.clone()];
+        let cpu = common::to_f32_vec(&dcnv4(&case.input, &case.om, &case.cfg).unwrap());
+        let want = common::to_f32_vec(&case.out);
+        for (exe, shapes) in [
+            (runner(), fwd_shapes(cg)),
+            (
+                metal_runner(),
+                vec_widths(4)
+                    .iter()
+                    .filter(|&&v| cg.is_multiple_of(v))
+                    .map(|&v| (v, fwd_lanes(cg, v)))
+                    .collect(),
+            ),
+        ] {
+            for (vec, lanes) in shapes {
+                let params = Dcnv3Params::new_dcnv4(&case.cfg, &g, lanes).unwrap();
+                // A scratch-directory name of its own (the DCNv3 tests run concurrently).
+                let name = format!("dcnv4_{}", case.name);
+                let got = run_host_raw(exe, &name, &params, "fwd", vec, &args, None);
+                runs += 1;
+                let tag = format!("dcnv4 {} fwd vec {vec} lanes {lanes}", case.name);
+                for (what, reference) in [("golden", &want), ("cpu op", &cpu)] {
+                    if let Err(e) = common::check_f32(
+                        &format!("{tag} vs {what}"),
+                        &got["out"],
+                        reference,
+                        case.tol,
+                    ) {
+                        failures.push(e);
+                    }
+                }
+            }
+        }
+        let (Some(gw), Some((gi_ref, gom_ref))) = (&case.grad_weight, &case.grads) else {
+            continue;
+        };
+        let go = common::to_f32_vec(gw);
+        let (ci, com) = dcnv4_backward(&case.input, &case.om, gw, &case.cfg).unwrap();
+        let (ci, com) = (common::to_f32_vec(&ci), common::to_f32_vec(&com));
+        let (gi_ref, gom_ref) = (common::to_f32_vec(gi_ref), common::to_f32_vec(gom_ref));
+        let metal_bwd: Vec<(usize, usize)> = vec_widths(4)
+            .iter()
+            .filter(|&&v| cg.is_multiple_of(v))
+            .map(|&v| (v, 1))
+            .collect();
+        for (exe, shapes) in [(runner(), bwd_shapes(cg)), (metal_runner(), metal_bwd)] {
+            for (vec, lanes) in shapes {
+                let params = Dcnv3Params::new_dcnv4(&case.cfg, &g, lanes).unwrap();
+                let name = format!("dcnv4_{}", case.name);
+                let got = run_host_raw(exe, &name, &params, "bwd", vec, &args, Some(&go));
+                // The kernels store offsets' and masks' gradients into one buffer on the GPU;
+                // here they come in two zeroed copies of it: their sum is that buffer.
+                let gom: Vec<f32> = got["grad_offset"]
+                    .iter()
+                    .zip(&got["grad_mask"])
+                    .map(|(a, b)| a + b)
+                    .collect();
+                let tag = format!("dcnv4 {} bwd vec {vec} lanes {lanes}", case.name);
+                for (name, ours, golden, cpu) in [
+                    ("grad_input", &got["grad_input"], &gi_ref, &ci),
+                    ("grad_offset_mask", &gom, &gom_ref, &com),
+                ] {
+                    for (what, reference) in [("golden", golden), ("cpu op", cpu)] {
+                        if let Err(e) = common::check_f32(
+                            &format!("{tag} {name} vs {what}"),
+                            ours,
+                            reference,
+                            case.grad_tol,
+                        ) {
+                            failures.push(e);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert_no_failures(&failures);
+    assert!(runs >= 30, "only {runs} runs");
 }

@@ -127,7 +127,19 @@ fn arch(v: Variant) -> Arch {
             true,
             true,
         ),
+        // FlashInternImage entries are checked by tests/flash_zoo.rs.
+        v => panic!("{v:?} is not an InternImage (DCNv3) variant"),
     }
+}
+
+/// The InternImage (DCNv3) entries of the zoo (the FlashInternImage ones are checked by
+/// tests/flash_zoo.rs).
+fn dcnv3_models() -> Vec<&'static zoo::PretrainedModel> {
+    zoo::list()
+        .unwrap()
+        .iter()
+        .filter(|m| !m.variant.is_flash())
+        .collect()
 }
 
 /// Parameter count from the state-dict layout of spec §2.5 (all tensors except BN buffers).
@@ -290,14 +302,14 @@ const RELEASES: [Release; 11] = [
 
 #[test]
 fn manifest_lists_every_release_once() {
-    let models = zoo::list().unwrap();
+    let models = dcnv3_models();
     assert_eq!(models.len(), RELEASES.len());
     let names: HashSet<&str> = models.iter().map(|m| m.name.as_str()).collect();
     assert_eq!(names.len(), models.len(), "names must be unique");
     for (name, ..) in RELEASES {
         assert!(names.contains(name), "{name} missing from the manifest");
     }
-    assert_eq!(zoo::names().unwrap().len(), RELEASES.len());
+    assert_eq!(zoo::names().unwrap().len(), RELEASES.len() + 4);
 }
 
 #[test]
@@ -374,7 +386,7 @@ fn entries_match_the_spec() {
 
 #[test]
 fn configs_are_the_presets() {
-    for m in zoo::list().unwrap() {
+    for m in dcnv3_models() {
         let cfg = m.config();
         let a = arch(m.variant);
         assert_eq!(cfg.channels, a.c, "{}", m.name);
@@ -426,7 +438,7 @@ fn parameter_counts_and_sizes_agree() {
         }
     };
     let mut sizes_checked = 0;
-    for m in zoo::list().unwrap() {
+    for m in dcnv3_models() {
         let derived = param_count(&arch(m.variant), m.num_classes as u64);
         assert_eq!(m.metrics.params, derived, "{}", m.name);
         let spec = spec_m(m.variant, m.num_classes) * 1e6;

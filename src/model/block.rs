@@ -1,7 +1,8 @@
 //! InternImage block (`InternImageLayer`), stage (`InternImageBlock`) and downsampling.
 
 use crate::model::config::Config;
-use crate::model::dcnv3_layer::{Dcnv3Layer, Dcnv3LayerConfig};
+use crate::model::dcnv3_layer::{DcnSampling, Dcnv3Layer, Dcnv3LayerConfig};
+use crate::model::dcnv4_layer::{linear_opt_bias, Dcnv4Layer, Dcnv4LayerConfig};
 use crate::model::nn::{
     drop_path, layer_norm, linear, residual, Conv2d, LayerNorm, Linear, Recorder,
 };
@@ -17,10 +18,17 @@ pub(crate) struct Mlp {
 }
 
 impl Mlp {
-    pub(crate) fn new(c: usize, hidden: usize, drop: f64, vb: VarBuilder) -> Result<Self> {
+    /// `fc2_bias`: whether fc2 has a bias (always in InternImage; FlashInternImage-L only).
+    pub(crate) fn new(
+        c: usize,
+        hidden: usize,
+        fc2_bias: bool,
+        drop: f64,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         Ok(Self {
             fc1: linear(c, hidden, vb.pp("fc1"))?,
-            fc2: linear(hidden, c, vb.pp("fc2"))?,
+            fc2: linear_opt_bias(hidden, c, fc2_bias, vb.pp("fc2"))?,
             drop: drop as f32,
         })
     }
@@ -32,6 +40,50 @@ impl Mlp {
         }
         // Fused by cache-sized row blocks where it pays (f32 on the CPU).
         crate::ops::mlp(xs, &self.fc1, &self.fc2)
+    }
+}
+
+/// The deformable module of a block: DCNv3 (InternImage) or DCNv4 (FlashInternImage).
+#[derive(Debug, Clone)]
+pub(crate) enum Dcn {
+    V3(Dcnv3Layer),
+    V4(Dcnv4Layer),
+}
+
+impl Dcn {
+    fn new(cfg: &Config, level: usize, vb: VarBuilder) -> Result<Self> {
+        let c = cfg.stage_channels(level);
+        Ok(if cfg.is_flash() {
+            let dcn_cfg = Dcnv4LayerConfig {
+                dw_kernel_size: cfg.dw_kernel_size,
+                output_bias: cfg.dcn_output_bias,
+                ..Dcnv4LayerConfig::new(c, cfg.groups[level], cfg.offset_scale)
+            };
+            Self::V4(Dcnv4Layer::new(&dcn_cfg, vb)?)
+        } else {
+            let dcn_cfg = Dcnv3LayerConfig {
+                dw_kernel_size: cfg.dw_kernel(),
+                center_feature_scale: cfg.center_feature_scale,
+                remove_center: cfg.remove_center,
+                ..Dcnv3LayerConfig::new(c, cfg.groups[level], cfg.offset_scale)
+            };
+            Self::V3(Dcnv3Layer::new(&dcn_cfg, vb)?)
+        })
+    }
+
+    /// Offsets and mask fed to the core op (for DCNv4 unpacked, the mask unnormalised).
+    pub(crate) fn sampling(&self, xs: &Tensor) -> Result<DcnSampling> {
+        match self {
+            Self::V3(l) => l.sampling(xs),
+            Self::V4(l) => l.sampling(xs),
+        }
+    }
+
+    fn forward_rec(&self, xs: &Tensor, rec: &mut Recorder) -> Result<Tensor> {
+        match self {
+            Self::V3(l) => l.forward_rec(xs, rec),
+            Self::V4(l) => l.forward_rec(xs, rec),
+        }
     }
 }
 
@@ -47,11 +99,11 @@ enum Residual {
     PreNorm,
 }
 
-/// One InternImage block: DCNv3 branch and MLP branch with their norms.
+/// One InternImage block: DCNv3 (or DCNv4) branch and MLP branch with their norms.
 #[derive(Debug, Clone)]
 pub(crate) struct Block {
     norm1: LayerNorm,
-    dcn: Dcnv3Layer,
+    dcn: Dcn,
     norm2: LayerNorm,
     mlp: Mlp,
     gamma1: Option<Tensor>,
@@ -66,16 +118,18 @@ impl Block {
     /// Block `index` (global, over all stages) of stage `level`.
     pub(crate) fn new(cfg: &Config, level: usize, index: usize, vb: VarBuilder) -> Result<Self> {
         let c = cfg.stage_channels(level);
-        let dcn_cfg = Dcnv3LayerConfig {
-            dw_kernel_size: cfg.dw_kernel(),
-            center_feature_scale: cfg.center_feature_scale,
-            remove_center: cfg.remove_center,
-            ..Dcnv3LayerConfig::new(c, cfg.groups[level], cfg.offset_scale)
-        };
         let norm1 = layer_norm(c, vb.pp("norm1.0"))?;
-        let dcn = Dcnv3Layer::new(&dcn_cfg, vb.pp("dcn"))?;
+        let dcn = Dcn::new(cfg, level, vb.pp("dcn"))?;
         let norm2 = layer_norm(c, vb.pp("norm2.0"))?;
-        let mlp = Mlp::new(c, cfg.mlp_hidden(level), cfg.drop_rate, vb.pp("mlp"))?;
+        // InternImage's fc2 always has a bias; FlashInternImage's only with mlp_fc2_bias.
+        let fc2_bias = !cfg.is_flash() || cfg.mlp_fc2_bias;
+        let mlp = Mlp::new(
+            c,
+            cfg.mlp_hidden(level),
+            fc2_bias,
+            cfg.drop_rate,
+            vb.pp("mlp"),
+        )?;
         let (gamma1, gamma2) = if cfg.layer_scale.is_some() {
             (Some(vb.get(c, "gamma1")?), Some(vb.get(c, "gamma2")?))
         } else {
@@ -111,7 +165,7 @@ impl Block {
         })
     }
 
-    pub(crate) fn dcn(&self) -> &Dcnv3Layer {
+    pub(crate) fn dcn(&self) -> &Dcn {
         &self.dcn
     }
 

@@ -4,6 +4,18 @@ use candle_core::{bail, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
+/// The deformable operator of the blocks (`core_op` of the official configs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+pub enum CoreOp {
+    /// InternImage's DCNv3 module (dw-conv + LN + GELU offset branch, softmax mask).
+    #[default]
+    #[serde(rename = "DCNv3", alias = "DCNv3_pytorch")]
+    Dcnv3,
+    /// FlashInternImage's DCNv4 module (one packed offset/mask projection, mask as given).
+    #[serde(rename = "DCNv4")]
+    Dcnv4,
+}
+
 /// InternImage hyper-parameters, named like the official constructor and the Hugging Face
 /// `config.json` of the released repos (unknown fields such as `with_cp` are ignored; missing
 /// fields take the InternImage-T value). Serialises to the same schema (what
@@ -52,6 +64,12 @@ pub struct Config {
     /// Dropout after the MLP's GELU and after its second linear, in training mode (the official
     /// `drop_rate`, 0 in every release).
     pub drop_rate: f64,
+    /// Deformable operator of the blocks: DCNv3 (InternImage) or DCNv4 (FlashInternImage).
+    pub core_op: CoreOp,
+    /// MLP `fc2` has a bias (always for DCNv3; FlashInternImage-L only for DCNv4).
+    pub mlp_fc2_bias: bool,
+    /// DCNv4 `output_proj` has a bias (FlashInternImage-L); DCNv3 always has one.
+    pub dcn_output_bias: bool,
 }
 
 impl Default for Config {
@@ -82,7 +100,53 @@ impl Config {
             num_classes: 1000,
             drop_path_rate: 0.0,
             drop_rate: 0.0,
+            core_op: CoreOp::Dcnv3,
+            mlp_fc2_bias: false,
+            dcn_output_bias: false,
         }
+    }
+
+    /// The FlashInternImage (DCNv4) counterpart of an InternImage preset: same skeleton, DCNv4
+    /// blocks with the depthwise offset/mask convolution when the release has one.
+    fn flash(base: Self, dw_kernel_size: Option<usize>) -> Self {
+        Self {
+            core_op: CoreOp::Dcnv4,
+            dw_kernel_size,
+            ..base
+        }
+    }
+
+    /// FlashInternImage-T (29.8M parameters, ImageNet-1k head, 224 px).
+    pub fn flash_t() -> Self {
+        Self::flash(Self::t(), None)
+    }
+
+    /// FlashInternImage-S (50.1M parameters, ImageNet-1k head, 224 px).
+    pub fn flash_s() -> Self {
+        Self::flash(Self::s(), Some(3))
+    }
+
+    /// FlashInternImage-B (97.4M parameters, ImageNet-1k head, 224 px; offset_scale 0.5).
+    pub fn flash_b() -> Self {
+        Self {
+            offset_scale: 0.5,
+            ..Self::flash(Self::b(), Some(3))
+        }
+    }
+
+    /// FlashInternImage-L (223.3M parameters, ImageNet-1k head, 384 px; output_proj and MLP fc2
+    /// biases).
+    pub fn flash_l() -> Self {
+        Self {
+            mlp_fc2_bias: true,
+            dcn_output_bias: true,
+            ..Self::flash(Self::l(), Some(3))
+        }
+    }
+
+    /// Whether the blocks use DCNv4 (FlashInternImage).
+    pub fn is_flash(&self) -> bool {
+        self.core_op == CoreOp::Dcnv4
     }
 
     /// InternImage-T (30M parameters, ImageNet-1k head).
@@ -154,7 +218,8 @@ impl Config {
         }
     }
 
-    /// The preset of a variant name (`"t"`, `"s"`, `"b"`, `"l"`, `"xl"`, `"h"`, `"g"`, any case).
+    /// The preset of a variant name (`"t"`, `"s"`, `"b"`, `"l"`, `"xl"`, `"h"`, `"g"`, and
+    /// `"flash_t"`, `"flash_s"`, `"flash_b"`, `"flash_l"` for FlashInternImage; any case).
     pub fn preset(name: &str) -> Result<Self> {
         Ok(match name.to_ascii_lowercase().as_str() {
             "t" => Self::t(),
@@ -164,8 +229,15 @@ impl Config {
             "xl" => Self::xl(),
             "h" => Self::h(),
             "g" => Self::g(),
+            "flash_t" => Self::flash_t(),
+            "flash_s" => Self::flash_s(),
+            "flash_b" => Self::flash_b(),
+            "flash_l" => Self::flash_l(),
             other => {
-                bail!("unknown InternImage variant {other:?}: expected one of t, s, b, l, xl, h, g")
+                bail!(
+                    "unknown InternImage variant {other:?}: expected one of t, s, b, l, xl, h, g, \
+                     flash_t, flash_s, flash_b, flash_l"
+                )
             }
         })
     }
@@ -284,6 +356,15 @@ impl Config {
             if !ls.is_finite() {
                 bail!("InternImage config: layer_scale must be finite or null, got {ls}");
             }
+        }
+        if self.is_flash() && (self.center_feature_scale || self.use_clip_projector) {
+            bail!(
+                "InternImage config: core_op DCNv4 (FlashInternImage) supports neither \
+                 center_feature_scale nor use_clip_projector (no released flash model uses them)"
+            );
+        }
+        if self.is_flash() && self.remove_center {
+            bail!("InternImage config: remove_center is not supported with core_op DCNv4");
         }
         let k = self.dw_kernel();
         if k.is_multiple_of(2) {

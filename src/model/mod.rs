@@ -1,4 +1,5 @@
-//! The InternImage network (CVPR 2023) as Candle modules.
+//! The InternImage network (CVPR 2023) and FlashInternImage (DCNv4 blocks, CVPR 2024) as Candle
+//! modules.
 //!
 //! Weight names follow the official PyTorch state dict (`patch_embed.*`, `levels.{i}.blocks.{j}.*`,
 //! `conv_head.*`, `clip_projector.*`, `head.*`); [`crate::checkpoint`] maps the Hugging Face
@@ -8,13 +9,15 @@
 mod block;
 mod config;
 mod dcnv3_layer;
+mod dcnv4_layer;
 pub(crate) mod head;
 mod nn;
 mod stem;
 mod trainable;
 
-pub use config::Config;
+pub use config::{Config, CoreOp};
 pub use dcnv3_layer::{DcnSampling, Dcnv3Layer, Dcnv3LayerConfig};
+pub use dcnv4_layer::{Dcnv4Layer, Dcnv4LayerConfig};
 pub use head::{CLIP_DIM, CLIP_EMBED_DIM};
 pub use nn::LN_EPS;
 pub use trainable::{TrainOptions, Trainable, TrainableModel};

@@ -9,7 +9,9 @@ use super::{Dcnv3Config, Dcnv3Geometry};
 use candle_core::{bail, Result};
 
 /// The kernels' parameter block, field for field the C struct `Dcnv3Params` of
-/// `kernels/dcnv3_common.h` (20 four-byte fields, 80 bytes).
+/// `kernels/dcnv3_common.h` (24 four-byte fields, 96 bytes). The last five fields are the point
+/// layout: where the offsets and masks of each output pixel and group are read (DCNv3's two
+/// tensors, or DCNv4's one packed `offset_mask`).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Dcnv3Params {
@@ -51,12 +53,47 @@ pub struct Dcnv3Params {
     pub lanes: i32,
     /// Offset scale (multiplies the kernel grid and the offsets).
     pub offset_scale: f32,
-    /// Padding to 80 bytes (always 0).
-    pub reserved: i32,
+    /// Elements per output pixel of the offset buffer.
+    pub off_pixel: i32,
+    /// Elements per group of the offset buffer.
+    pub off_group: i32,
+    /// Elements per output pixel of the mask buffer.
+    pub mask_pixel: i32,
+    /// Elements per group of the mask buffer.
+    pub mask_group: i32,
+    /// Position of group 0's first mask in a pixel's row.
+    pub mask_first: i32,
+}
+
+/// Which operator a launch is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Core {
+    /// DCNv3: separate offset and mask tensors (`dcnv3_*` entry points).
+    V3,
+    /// DCNv4: one packed, padded offset_mask tensor (`dcnv4_*` entry points).
+    V4,
+}
+
+impl Core {
+    /// The operator's name (and kernel-name prefix): `dcnv3` or `dcnv4`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Core::V3 => "dcnv3",
+            Core::V4 => "dcnv4",
+        }
+    }
+
+    /// Parameters with this operator's point layout.
+    pub fn params(self, cfg: &Dcnv3Config, g: &Dcnv3Geometry, lanes: usize) -> Result<Dcnv3Params> {
+        match self {
+            Core::V3 => Dcnv3Params::new(cfg, g, lanes),
+            Core::V4 => Dcnv3Params::new_dcnv4(cfg, g, lanes),
+        }
+    }
 }
 
 /// Size in bytes of [`Dcnv3Params`] (and of the C struct).
-pub const PARAMS_BYTES: usize = 80;
+pub const PARAMS_BYTES: usize = 96;
 
 const _: () = assert!(std::mem::size_of::<Dcnv3Params>() == PARAMS_BYTES);
 
@@ -98,7 +135,25 @@ impl Dcnv3Params {
             remove_center: i32::from(cfg.remove_center),
             lanes: to_i32("lanes", lanes)?,
             offset_scale: cfg.offset_scale as f32,
-            reserved: 0,
+            off_pixel: to_i32("offsets per pixel", g.group * g.points * 2)?,
+            off_group: to_i32("offsets per group", g.points * 2)?,
+            mask_pixel: to_i32("masks per pixel", g.group * g.points)?,
+            mask_group: to_i32("masks per group", g.points)?,
+            mask_first: 0,
+        })
+    }
+
+    /// Parameters of a DCNv4 launch: [`Dcnv3Params::new`] with the packed layout of
+    /// `offset_mask` (N, H_out, W_out, K_pad), passed as both the offset and the mask buffer.
+    pub fn new_dcnv4(cfg: &Dcnv3Config, g: &Dcnv3Geometry, lanes: usize) -> Result<Self> {
+        let k_pad = crate::ops::dcnv4::offset_mask_channels(cfg);
+        Ok(Self {
+            off_pixel: to_i32("offset_mask channels", k_pad)?,
+            off_group: to_i32("offset_mask columns per group", 3 * g.points)?,
+            mask_pixel: to_i32("offset_mask channels", k_pad)?,
+            mask_group: to_i32("offset_mask columns per group", 3 * g.points)?,
+            mask_first: to_i32("offsets per group", 2 * g.points)?,
+            ..Self::new(cfg, g, lanes)?
         })
     }
 
@@ -132,12 +187,21 @@ impl Dcnv3Params {
             self.remove_center,
             self.lanes,
         ];
+        let layout = [
+            self.off_pixel,
+            self.off_group,
+            self.mask_pixel,
+            self.mask_group,
+            self.mask_first,
+        ];
         let mut out = [0u8; PARAMS_BYTES];
         for (k, v) in ints.iter().enumerate() {
             out[4 * k..4 * k + 4].copy_from_slice(&v.to_le_bytes());
         }
         out[72..76].copy_from_slice(&self.offset_scale.to_le_bytes());
-        out[76..80].copy_from_slice(&self.reserved.to_le_bytes());
+        for (k, v) in layout.iter().enumerate() {
+            out[76 + 4 * k..80 + 4 * k].copy_from_slice(&v.to_le_bytes());
+        }
         out
     }
 }

@@ -1,11 +1,12 @@
-//! Metal backend of the DCNv3 ops (`metal` feature): the kernels of `kernels/dcnv3.metal`,
+//! Metal backend of the DCNv3 and DCNv4 ops (`metal` feature): the kernels of `kernels/dcnv3.metal`
+//! (DCNv4 through its `dcnv4_*` entry points, which take the packed offset_mask once),
 //! compiled at run time (once per device) with `kernels/dcnv3_common.h` pasted in place of its
 //! `#include`, cached per (device registry id, kernel name) in this crate's own pipeline cache.
 //!
 //! f32 and f16 always, bf16 where the Metal compiler has `__HAVE_BFLOAT__` (macOS 14+ on Apple
 //! GPUs); f32 arithmetic; same work decomposition as the CUDA kernels.
 
-use super::launch::{bwd_lanes, fwd_lanes, pick_vec, Dcnv3Params};
+use super::launch::{bwd_lanes, fwd_lanes, pick_vec, Core};
 use super::{Dcnv3BackwardOp, Dcnv3Config, Dcnv3Geometry};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, DType, Layout, MetalDevice, MetalError, MetalStorage, Result, Shape};
@@ -95,9 +96,9 @@ fn dtype_tag(dtype: DType) -> Result<&'static str> {
     })
 }
 
-fn check(op: &str, s: [(&MetalStorage, &Layout, &str); 3]) -> Result<(DType, &'static str)> {
+fn check(op: &str, s: &[(&MetalStorage, &Layout, &str)]) -> Result<(DType, &'static str)> {
     let dtype = s[0].0.dtype();
-    for (st, l, name) in s {
+    for &(st, l, name) in s {
         if st.dtype() != dtype {
             bail!(
                 "{op} (Metal): {name} has dtype {:?} but {} has {dtype:?}; all arguments must share one dtype",
@@ -140,22 +141,31 @@ fn size1(n: usize) -> MTLSize {
     }
 }
 
-/// `metal_fwd` of [`super::Dcnv3Op`].
-pub(super) fn forward(
+/// `metal_fwd` of [`super::Dcnv3Op`] (`core` V3: input, offset, mask) and of
+/// [`crate::ops::dcnv4::Dcnv4Op`] (`core` V4: input, offset_mask).
+pub(crate) fn forward(
+    core: Core,
     cfg: &Dcnv3Config,
-    s1: &MetalStorage,
-    l1: &Layout,
-    s2: &MetalStorage,
-    l2: &Layout,
-    s3: &MetalStorage,
-    l3: &Layout,
+    args: &[(&MetalStorage, &Layout)],
 ) -> Result<(MetalStorage, Shape)> {
-    const OP: &str = "dcnv3";
-    let (dtype, tag) = check(
-        OP,
-        [(s1, l1, "input"), (s2, l2, "offset"), (s3, l3, "mask")],
-    )?;
-    let g: Dcnv3Geometry = cfg.geometry(l1.shape(), l2.shape(), l3.shape())?;
+    let op = core.name();
+    let (g, named): (Dcnv3Geometry, Vec<(&MetalStorage, &Layout, &str)>) = match (core, args) {
+        (Core::V3, [(s1, l1), (s2, l2), (s3, l3)]) => (
+            cfg.geometry(l1.shape(), l2.shape(), l3.shape())?,
+            vec![
+                (*s1, *l1, "input"),
+                (*s2, *l2, "offset"),
+                (*s3, *l3, "mask"),
+            ],
+        ),
+        (Core::V4, [(s1, l1), (s2, l2)]) => (
+            crate::ops::dcnv4::geometry(cfg, l1.shape(), l2.shape())?,
+            vec![(*s1, *l1, "input"), (*s2, *l2, "offset_mask")],
+        ),
+        _ => bail!("{op} (Metal): internal: wrong number of arguments"),
+    };
+    let (dtype, tag) = check(op, &named)?;
+    let (s1, l1) = (named[0].0, named[0].1);
     let shape = Shape::from((g.n, g.h_out, g.w_out, g.channels));
     let device = s1.device();
     let vec = pick_vec(
@@ -163,54 +173,74 @@ pub(super) fn forward(
         g.group_channels,
         &[l1.start_offset()],
     );
-    let params = Dcnv3Params::new(cfg, &g, fwd_lanes(g.group_channels, vec))?;
-    let output = device.new_buffer(g.output_len(), dtype, "dcnv3")?;
+    let params = core.params(cfg, &g, fwd_lanes(g.group_channels, vec))?;
+    let output = device.new_buffer(g.output_len(), dtype, op)?;
     let total = params.total_threads();
     if total > 0 {
-        let pipe = pipeline(device, &format!("dcnv3_fwd_{tag}_v{vec}"))?;
+        let pipe = pipeline(device, &format!("{op}_fwd_{tag}_v{vec}"))?;
         let (tg, _) = threadgroup(&pipe);
-        let n_groups = groups(OP, total, tg)?;
+        let n_groups = groups(op, total, tg)?;
         let guard = device.command_encoder()?;
         let encoder: &ComputeCommandEncoder = guard.as_ref();
-        encoder.set_label("dcnv3");
+        encoder.set_label(op);
         encoder.set_compute_pipeline_state(&pipe);
-        set_params!(
-            encoder,
-            (
-                std::slice::from_ref(&params),
-                &buffer_at(s1, l1.start_offset()),
-                &buffer_at(s2, l2.start_offset()),
-                &buffer_at(s3, l3.start_offset()),
-                Output::new(&output)
-            )
-        );
+        let buf = |k: usize| buffer_at(named[k].0, named[k].1.start_offset());
+        match core {
+            Core::V3 => set_params!(
+                encoder,
+                (
+                    std::slice::from_ref(&params),
+                    &buf(0),
+                    &buf(1),
+                    &buf(2),
+                    Output::new(&output)
+                )
+            ),
+            Core::V4 => set_params!(
+                encoder,
+                (
+                    std::slice::from_ref(&params),
+                    &buf(0),
+                    &buf(1),
+                    Output::new(&output)
+                )
+            ),
+        }
         encoder.dispatch_thread_groups(size1(n_groups), size1(tg));
     }
     let st = MetalStorage::new(output, device.clone(), g.output_len(), dtype);
     Ok((st, shape))
 }
 
-/// `metal_fwd` of [`Dcnv3BackwardOp`]: the packed [grad_input, grad_offset, grad_mask].
-pub(super) fn backward(
-    op: &Dcnv3BackwardOp,
-    s1: &MetalStorage,
-    l1: &Layout,
-    s2: &MetalStorage,
-    l2: &Layout,
-    s3: &MetalStorage,
-    l3: &Layout,
+/// `metal_fwd` of [`Dcnv3BackwardOp`] (`core` V3: the packed [grad_input, grad_offset,
+/// grad_mask]) and of [`crate::ops::dcnv4::Dcnv4BackwardOp`] (`core` V4: [grad_input,
+/// grad_offset_mask]); the arguments are input, offset_mask, grad_out.
+pub(crate) fn backward(
+    core: Core,
+    cfg: &Dcnv3Config,
+    args: [(&MetalStorage, &Layout); 3],
 ) -> Result<(MetalStorage, Shape)> {
-    const OP: &str = "dcnv3 backward";
+    let [(s1, l1), (s2, l2), (s3, l3)] = args;
+    let (op, g, n_off, n_mask) = match core {
+        Core::V3 => {
+            let g = Dcnv3BackwardOp::new(*cfg).geometry(l1.shape(), l2.shape(), l3.shape())?;
+            ("dcnv3 backward", g, g.offset_len(), g.mask_len())
+        }
+        Core::V4 => {
+            let bop = crate::ops::dcnv4::Dcnv4BackwardOp::new(*cfg);
+            let g = bop.geometry(l1.shape(), l2.shape(), l3.shape())?;
+            ("dcnv4 backward", g, l2.shape().elem_count(), 0)
+        }
+    };
     let (dtype, tag) = check(
-        OP,
-        [
+        op,
+        &[
             (s1, l1, "input"),
             (s2, l2, "offset_mask"),
             (s3, l3, "grad_out"),
         ],
     )?;
-    let g = op.geometry(l1.shape(), l2.shape(), l3.shape())?;
-    let (n_in, n_off, n_mask) = (g.input_len(), g.offset_len(), g.mask_len());
+    let n_in = g.input_len();
     let len = n_in + n_off + n_mask;
     let device = s1.device();
     let esize = dtype.size_in_bytes();
@@ -219,35 +249,52 @@ pub(super) fn backward(
         g.group_channels,
         &[l1.start_offset(), l3.start_offset()],
     );
-    let packed = device.new_buffer(len, dtype, "dcnv3-backward")?;
-    let total = Dcnv3Params::new(&op.cfg, &g, 1)?.total_threads();
+    let packed = match core {
+        Core::V3 => device.new_buffer(len, dtype, op)?,
+        // DCNv4: the padding columns of the offset_mask gradient are never written: zeros.
+        Core::V4 => device.allocate_zeros(len * esize)?,
+    };
+    let total = core.params(cfg, &g, 1)?.total_threads();
     if total > 0 {
-        let bwd = pipeline(device, &format!("dcnv3_bwd_{tag}_v{vec}"))?;
+        let bwd = pipeline(device, &format!("{}_bwd_{tag}_v{vec}", core.name()))?;
         let cast = pipeline(device, &format!("dcnv3_cast_f32_{tag}"))?;
         let (tg, simd) = threadgroup(&bwd);
-        let params = Dcnv3Params::new(&op.cfg, &g, bwd_lanes(g.group_channels, vec, simd))?;
-        let n_groups = groups(OP, params.total_threads(), tg)?;
+        let params = core.params(cfg, &g, bwd_lanes(g.group_channels, vec, simd))?;
+        let n_groups = groups(op, params.total_threads(), tg)?;
         let (cast_tg, _) = threadgroup(&cast);
-        let cast_groups = groups(OP, n_in as u64, cast_tg)?;
+        let cast_groups = groups(op, n_in as u64, cast_tg)?;
         let grad_input = device.allocate_zeros(n_in * DType::F32.size_in_bytes())?;
         let om = l2.start_offset();
         let guard = device.command_encoder()?;
         let encoder: &ComputeCommandEncoder = guard.as_ref();
-        encoder.set_label("dcnv3-backward");
+        encoder.set_label(op);
         encoder.set_compute_pipeline_state(&bwd);
-        set_params!(
-            encoder,
-            (
-                std::slice::from_ref(&params),
-                &buffer_at(s1, l1.start_offset()),
-                &buffer_at(s2, om),
-                &buffer_at(s2, om + n_off),
-                &buffer_at(s3, l3.start_offset()),
-                Output::new(&grad_input),
-                Output::with_offset(&packed, n_in * esize),
-                Output::with_offset(&packed, (n_in + n_off) * esize)
-            )
-        );
+        match core {
+            Core::V3 => set_params!(
+                encoder,
+                (
+                    std::slice::from_ref(&params),
+                    &buffer_at(s1, l1.start_offset()),
+                    &buffer_at(s2, om),
+                    &buffer_at(s2, om + n_off),
+                    &buffer_at(s3, l3.start_offset()),
+                    Output::new(&grad_input),
+                    Output::with_offset(&packed, n_in * esize),
+                    Output::with_offset(&packed, (n_in + n_off) * esize)
+                )
+            ),
+            Core::V4 => set_params!(
+                encoder,
+                (
+                    std::slice::from_ref(&params),
+                    &buffer_at(s1, l1.start_offset()),
+                    &buffer_at(s2, om),
+                    &buffer_at(s3, l3.start_offset()),
+                    Output::new(&grad_input),
+                    Output::with_offset(&packed, n_in * esize)
+                )
+            ),
+        }
         encoder.dispatch_thread_groups(size1(n_groups), size1(tg));
         encoder.set_compute_pipeline_state(&cast);
         set_params!(

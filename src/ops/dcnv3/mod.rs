@@ -14,11 +14,11 @@
 
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
-mod cuda;
+pub(crate) mod cuda;
 #[doc(hidden)]
 pub mod launch;
 #[cfg(feature = "metal")]
-mod metal;
+pub(crate) mod metal;
 mod validate;
 
 pub use validate::Dcnv3Geometry;
@@ -372,7 +372,7 @@ impl CustomOp3 for Dcnv3Op {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::forward(&self.cfg, s1, l1, s2, l2, s3, l3)
+        cuda::forward(launch::Core::V3, &self.cfg, &[(s1, l1), (s2, l2), (s3, l3)])
     }
 
     #[cfg(feature = "metal")]
@@ -385,7 +385,7 @@ impl CustomOp3 for Dcnv3Op {
         s3: &candle_core::MetalStorage,
         l3: &Layout,
     ) -> Result<(candle_core::MetalStorage, Shape)> {
-        metal::forward(&self.cfg, s1, l1, s2, l2, s3, l3)
+        metal::forward(launch::Core::V3, &self.cfg, &[(s1, l1), (s2, l2), (s3, l3)])
     }
 
     fn bwd(
@@ -431,7 +431,7 @@ impl CustomOp3 for Dcnv3BackwardOp {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::backward(self, s1, l1, s2, l2, s3, l3)
+        cuda::backward(launch::Core::V3, &self.cfg, [(s1, l1), (s2, l2), (s3, l3)])
     }
 
     #[cfg(feature = "metal")]
@@ -444,6 +444,6 @@ impl CustomOp3 for Dcnv3BackwardOp {
         s3: &candle_core::MetalStorage,
         l3: &Layout,
     ) -> Result<(candle_core::MetalStorage, Shape)> {
-        metal::backward(self, s1, l1, s2, l2, s3, l3)
+        metal::backward(launch::Core::V3, &self.cfg, [(s1, l1), (s2, l2), (s3, l3)])
     }
 }

@@ -13,6 +13,8 @@
 mod validate;
 
 use crate::ops::dcnv3::cpu::{self, GradRows, PointLayout};
+#[cfg(any(feature = "cuda", feature = "metal"))]
+use crate::ops::dcnv3::launch::Core;
 use crate::ops::dcnv3::{cpu_dispatch, CpuKernel, Dcnv3Config, Dcnv3Geometry};
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
@@ -60,6 +62,12 @@ pub fn dcnv4(input: &Tensor, offset_mask: &Tensor, cfg: &Dcnv3Config) -> Result<
     let input = input.contiguous()?;
     let offset_mask = offset_mask.contiguous()?;
     input.apply_op2(&offset_mask, Dcnv4Op::new(*cfg))
+}
+
+/// The resolved geometry of a DCNv4 call (that of the DCNv3 call on the unpacked arguments),
+/// after checking the input and offset_mask shapes against `cfg`.
+pub fn geometry(cfg: &Dcnv3Config, input: &Shape, offset_mask: &Shape) -> Result<Dcnv3Geometry> {
+    validate::geometry(cfg, input, offset_mask)
 }
 
 /// Width K_pad = ceil(group*3*P / 8) * 8 of the `offset_mask` tensor for `cfg`
@@ -206,6 +214,28 @@ impl CustomOp2 for Dcnv4Op {
         Ok((st, shape))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::ops::dcnv3::cuda::forward(Core::V4, &self.cfg, &[(s1, l1), (s2, l2)])
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        s1: &candle_core::MetalStorage,
+        l1: &Layout,
+        s2: &candle_core::MetalStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        crate::ops::dcnv3::metal::forward(Core::V4, &self.cfg, &[(s1, l1), (s2, l2)])
+    }
+
     fn bwd(
         &self,
         input: &Tensor,
@@ -236,5 +266,31 @@ impl CustomOp3 for Dcnv4BackwardOp {
         let len = g.input_len() + l2.shape().elem_count();
         let st = cpu_dispatch(self, &g, [(s1, l1), (s2, l2), (s3, l3)])?;
         Ok((st, Shape::from(len)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::ops::dcnv3::cuda::backward(Core::V4, &self.cfg, [(s1, l1), (s2, l2), (s3, l3)])
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        s1: &candle_core::MetalStorage,
+        l1: &Layout,
+        s2: &candle_core::MetalStorage,
+        l2: &Layout,
+        s3: &candle_core::MetalStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        crate::ops::dcnv3::metal::backward(Core::V4, &self.cfg, [(s1, l1), (s2, l2), (s3, l3)])
     }
 }
