@@ -186,25 +186,29 @@ pub(crate) fn forward(
         encoder.set_compute_pipeline_state(&pipe);
         let buf = |k: usize| buffer_at(named[k].0, named[k].1.start_offset());
         match core {
-            Core::V3 => set_params!(
-                encoder,
-                (
-                    std::slice::from_ref(&params),
-                    &buf(0),
-                    &buf(1),
-                    &buf(2),
-                    Output::new(&output)
-                )
-            ),
-            Core::V4 => set_params!(
-                encoder,
-                (
-                    std::slice::from_ref(&params),
-                    &buf(0),
-                    &buf(1),
-                    Output::new(&output)
-                )
-            ),
+            Core::V3 => {
+                set_params!(
+                    encoder,
+                    (
+                        std::slice::from_ref(&params),
+                        &buf(0),
+                        &buf(1),
+                        &buf(2),
+                        Output::new(&output)
+                    )
+                );
+            }
+            Core::V4 => {
+                set_params!(
+                    encoder,
+                    (
+                        std::slice::from_ref(&params),
+                        &buf(0),
+                        &buf(1),
+                        Output::new(&output)
+                    )
+                );
+            }
         }
         encoder.dispatch_thread_groups(size1(n_groups), size1(tg));
     }
@@ -270,30 +274,34 @@ pub(crate) fn backward(
         encoder.set_label(op);
         encoder.set_compute_pipeline_state(&bwd);
         match core {
-            Core::V3 => set_params!(
-                encoder,
-                (
-                    std::slice::from_ref(&params),
-                    &buffer_at(s1, l1.start_offset()),
-                    &buffer_at(s2, om),
-                    &buffer_at(s2, om + n_off),
-                    &buffer_at(s3, l3.start_offset()),
-                    Output::new(&grad_input),
-                    Output::with_offset(&packed, n_in * esize),
-                    Output::with_offset(&packed, (n_in + n_off) * esize)
-                )
-            ),
-            Core::V4 => set_params!(
-                encoder,
-                (
-                    std::slice::from_ref(&params),
-                    &buffer_at(s1, l1.start_offset()),
-                    &buffer_at(s2, om),
-                    &buffer_at(s3, l3.start_offset()),
-                    Output::new(&grad_input),
-                    Output::with_offset(&packed, n_in * esize)
-                )
-            ),
+            Core::V3 => {
+                set_params!(
+                    encoder,
+                    (
+                        std::slice::from_ref(&params),
+                        &buffer_at(s1, l1.start_offset()),
+                        &buffer_at(s2, om),
+                        &buffer_at(s2, om + n_off),
+                        &buffer_at(s3, l3.start_offset()),
+                        Output::new(&grad_input),
+                        Output::with_offset(&packed, n_in * esize),
+                        Output::with_offset(&packed, (n_in + n_off) * esize)
+                    )
+                );
+            }
+            Core::V4 => {
+                set_params!(
+                    encoder,
+                    (
+                        std::slice::from_ref(&params),
+                        &buffer_at(s1, l1.start_offset()),
+                        &buffer_at(s2, om),
+                        &buffer_at(s3, l3.start_offset()),
+                        Output::new(&grad_input),
+                        Output::with_offset(&packed, n_in * esize)
+                    )
+                );
+            }
         }
         encoder.dispatch_thread_groups(size1(n_groups), size1(tg));
         encoder.set_compute_pipeline_state(&cast);
