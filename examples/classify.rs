@@ -4,6 +4,7 @@
 //! cargo run --release --example classify                       # the sample photo, InternImage-T
 //! cargo run --release --example classify -- cat.jpg photos/    # files and directories
 //! cargo run --release --example classify -- --model internimage_l_22kto1k_384 --top-k 3 a.jpg
+//! cargo run --release --example classify -- --model flash_internimage_t_1k_224 a.jpg  # DCNv4
 //! cargo run --release --example classify -- --weights internimage_t_1k_224.pth a.jpg   # no network
 //! cargo run --release --example classify -- --weights model.safetensors --config config.json a.jpg
 //! cargo run --release --features cuda --example classify -- --device cuda --dtype f16 photos/

@@ -56,7 +56,7 @@ impl Dcnv3LayerConfig {
 pub struct DcnSampling {
     /// Offsets (N, H, W, G*P*2), last axis `[g][p][(x, y)]`, in units of `cfg.offset_scale` pixels.
     pub offset: Tensor,
-    /// Per-group softmax weights (N, H, W, G*P).
+    /// Per-group softmax weights (N, H, W, G*P); for a DCNv4 layer the mask as given.
     pub mask: Tensor,
     /// Geometry of the core call.
     pub cfg: Dcnv3Config,

@@ -337,8 +337,9 @@ impl InternImage {
         })
     }
 
-    /// The offsets and softmax weights that block `block` of stage `level` feeds to its DCNv3
-    /// core op for image batch `xs` (N, 3, H, W).
+    /// The offsets and weights that block `block` of stage `level` feeds to its core op for
+    /// image batch `xs` (N, 3, H, W): DCNv3's softmax weights, or DCNv4's mask as given (unpacked
+    /// from its offset_mask into the DCNv3 layout).
     pub fn dcn_sampling(&self, xs: &Tensor, level: usize, block: usize) -> Result<DcnSampling> {
         if level > 3 {
             bail!("InternImage::dcn_sampling: level {level} out of range 0..=3");
