@@ -114,22 +114,20 @@ struct TrainBackend {
     served: Arc<Mutex<Vec<(String, Tensor)>>>,
 }
 
+/// Locks a mutex shared by the model builder; poisoned only if a builder thread panicked.
+fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>> {
+    m.lock()
+        .map_err(|_| candle_core::Error::msg("trainable model: a builder thread panicked"))
+}
+
 impl TrainBackend {
     fn record(&self, name: &str, t: &Tensor) -> Result<()> {
-        let mut served = self
-            .served
-            .lock()
-            .map_err(|_| candle_core::Error::msg("trainable model: a builder thread panicked"))?;
-        served.push((name.to_string(), t.clone()));
+        lock(&self.served)?.push((name.to_string(), t.clone()));
         Ok(())
     }
 
     fn existing_var(&self, name: &str) -> Result<Option<Var>> {
-        let data =
-            self.varmap.data().lock().map_err(|_| {
-                candle_core::Error::msg("trainable model: a builder thread panicked")
-            })?;
-        Ok(data.get(name).cloned())
+        Ok(lock(self.varmap.data())?.get(name).cloned())
     }
 
     fn load(&self, s: &Shape, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
@@ -186,11 +184,7 @@ impl SimpleBackend for TrainBackend {
         let t = if self.trainable.includes(name) && value.dtype().is_float() {
             let var = Var::from_tensor(&value)?;
             let t = var.as_tensor().clone();
-            self.varmap
-                .data()
-                .lock()
-                .map_err(|_| candle_core::Error::msg("trainable model: a builder thread panicked"))?
-                .insert(name.to_string(), var);
+            lock(self.varmap.data())?.insert(name.to_string(), var);
             t
         } else {
             value
@@ -296,10 +290,7 @@ impl TrainableModel {
         let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
         let mut model = InternImage::new(cfg, vb)?;
         model.has_vars = !varmap.all_vars().is_empty();
-        let tensors =
-            std::mem::take(&mut *served.lock().map_err(|_| {
-                candle_core::Error::msg("trainable model: a builder thread panicked")
-            })?);
+        let tensors = std::mem::take(&mut *lock(&served)?);
         Ok(Self {
             model,
             varmap,
