@@ -84,6 +84,7 @@
 //! ```
 
 pub mod checkpoint;
+pub mod cpu;
 #[cfg(feature = "hub")]
 pub mod hub;
 pub mod labels;
@@ -100,6 +101,7 @@ const _: fn() = {
     assert_send_sync::<InternImage>
 };
 
+pub use cpu::{Isa, KernelPolicy};
 pub use model::{
     Config, CoreOp, DcnSampling, Dcnv3Layer, Dcnv3LayerConfig, InternImage, TrainOptions,
     Trainable, TrainableModel,

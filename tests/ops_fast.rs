@@ -1,8 +1,8 @@
 //! The fast CPU helpers (GELU, depthwise conv) against candle's reference ops.
 
 use candle_core::{DType, Device, IndexOp, Module, Tensor, Var};
-use internimage::ops::activation::linear_gelu;
 use internimage::ops::depthwise::DepthwiseConv2dNhwc;
+use internimage::ops::linear_gelu;
 use internimage::ops::{depthwise_conv2d_nhwc, gelu_erf};
 
 /// Max over elements of |a-b| - (atol + rtol*|b|); <= 0 means PASS.

@@ -1,5 +1,6 @@
 //! InternImage block (`InternImageLayer`), stage (`InternImageBlock`) and downsampling.
 
+use crate::cpu::KernelPolicy;
 use crate::model::config::Config;
 use crate::model::dcnv3_layer::{DcnSampling, Dcnv3Layer, Dcnv3LayerConfig};
 use crate::model::dcnv4_layer::{linear_opt_bias, Dcnv4Layer, Dcnv4LayerConfig};
@@ -25,10 +26,11 @@ impl Mlp {
         fc2_bias: bool,
         drop: f64,
         vb: VarBuilder,
+        policy: KernelPolicy,
     ) -> Result<Self> {
         Ok(Self {
-            fc1: linear(c, hidden, vb.pp("fc1"))?,
-            fc2: linear_opt_bias(hidden, c, fc2_bias, vb.pp("fc2"))?,
+            fc1: linear(c, hidden, vb.pp("fc1"), policy)?,
+            fc2: linear_opt_bias(hidden, c, fc2_bias, vb.pp("fc2"), policy)?,
             drop: drop as f32,
         })
     }
@@ -51,7 +53,7 @@ pub(crate) enum Dcn {
 }
 
 impl Dcn {
-    fn new(cfg: &Config, level: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &Config, level: usize, vb: VarBuilder, policy: KernelPolicy) -> Result<Self> {
         let c = cfg.stage_channels(level);
         Ok(if cfg.is_flash() {
             let dcn_cfg = Dcnv4LayerConfig {
@@ -59,7 +61,7 @@ impl Dcn {
                 output_bias: cfg.dcn_output_bias,
                 ..Dcnv4LayerConfig::new(c, cfg.groups[level], cfg.offset_scale)
             };
-            Self::V4(Dcnv4Layer::new(&dcn_cfg, vb)?)
+            Self::V4(Dcnv4Layer::with_policy(&dcn_cfg, vb, policy)?)
         } else {
             let dcn_cfg = Dcnv3LayerConfig {
                 dw_kernel_size: cfg.dw_kernel(),
@@ -67,7 +69,7 @@ impl Dcn {
                 remove_center: cfg.remove_center,
                 ..Dcnv3LayerConfig::new(c, cfg.groups[level], cfg.offset_scale)
             };
-            Self::V3(Dcnv3Layer::new(&dcn_cfg, vb)?)
+            Self::V3(Dcnv3Layer::with_policy(&dcn_cfg, vb, policy)?)
         })
     }
 
@@ -112,15 +114,22 @@ pub(crate) struct Block {
     residual: Residual,
     /// Stochastic-depth probability in training mode.
     drop_path: f64,
+    policy: KernelPolicy,
 }
 
 impl Block {
     /// Block `index` (global, over all stages) of stage `level`.
-    pub(crate) fn new(cfg: &Config, level: usize, index: usize, vb: VarBuilder) -> Result<Self> {
+    pub(crate) fn new(
+        cfg: &Config,
+        level: usize,
+        index: usize,
+        vb: VarBuilder,
+        policy: KernelPolicy,
+    ) -> Result<Self> {
         let c = cfg.stage_channels(level);
-        let norm1 = layer_norm(c, vb.pp("norm1.0"))?;
-        let dcn = Dcn::new(cfg, level, vb.pp("dcn"))?;
-        let norm2 = layer_norm(c, vb.pp("norm2.0"))?;
+        let norm1 = layer_norm(c, vb.pp("norm1.0"), policy)?;
+        let dcn = Dcn::new(cfg, level, vb.pp("dcn"), policy)?;
+        let norm2 = layer_norm(c, vb.pp("norm2.0"), policy)?;
         // InternImage's fc2 always has a bias; FlashInternImage's only with mlp_fc2_bias.
         let fc2_bias = !cfg.is_flash() || cfg.mlp_fc2_bias;
         let mlp = Mlp::new(
@@ -129,6 +138,7 @@ impl Block {
             fc2_bias,
             cfg.drop_rate,
             vb.pp("mlp"),
+            policy,
         )?;
         let (gamma1, gamma2) = if cfg.layer_scale.is_some() {
             (Some(vb.get(c, "gamma1")?), Some(vb.get(c, "gamma2")?))
@@ -139,8 +149,8 @@ impl Block {
         // scale makes them unused; load them so the weight set matches the checkpoint.
         let res_post_norm = if cfg.res_post_norm {
             Some((
-                layer_norm(c, vb.pp("res_post_norm1.0"))?,
-                layer_norm(c, vb.pp("res_post_norm2.0"))?,
+                layer_norm(c, vb.pp("res_post_norm1.0"), policy)?,
+                layer_norm(c, vb.pp("res_post_norm2.0"), policy)?,
             ))
         } else {
             None
@@ -162,6 +172,7 @@ impl Block {
             res_post_norm,
             residual,
             drop_path: cfg.drop_path_prob(index),
+            policy,
         })
     }
 
@@ -192,9 +203,9 @@ impl Block {
         let x = match self.residual {
             Residual::PostNorm => {
                 let d = drop(self.norm1.forward(&self.dcn.forward_rec(xs, rec)?)?)?;
-                let x = residual(xs, &d, g1)?;
+                let x = residual(xs, &d, g1, self.policy)?;
                 let m = drop(self.norm2.forward(&mlp(&x)?)?)?;
-                residual(&x, &m, g2)?
+                residual(&x, &m, g2, self.policy)?
             }
             Residual::ResPostNorm => {
                 let (rpn1, rpn2) = match &self.res_post_norm {
@@ -202,15 +213,15 @@ impl Block {
                     None => candle_core::bail!("internal: res_post_norm block without its norms"),
                 };
                 let d = rpn1.forward(&self.dcn.forward_rec(&self.norm1.forward(xs)?, rec)?)?;
-                let x = residual(xs, &drop(d)?, None)?;
+                let x = residual(xs, &drop(d)?, None, self.policy)?;
                 let m = rpn2.forward(&mlp(&self.norm2.forward(&x)?)?)?;
-                residual(&x, &drop(m)?, None)?
+                residual(&x, &drop(m)?, None, self.policy)?
             }
             Residual::PreNorm => {
                 let d = drop(self.dcn.forward_rec(&self.norm1.forward(xs)?, rec)?)?;
-                let x = residual(xs, &d, g1)?;
+                let x = residual(xs, &d, g1, self.policy)?;
                 let m = drop(mlp(&self.norm2.forward(&x)?)?)?;
-                residual(&x, &m, g2)?
+                residual(&x, &m, g2, self.policy)?
             }
         };
         rec.put("out", &x);
@@ -226,10 +237,10 @@ pub(crate) struct Downsample {
 }
 
 impl Downsample {
-    pub(crate) fn new(c: usize, vb: VarBuilder) -> Result<Self> {
+    pub(crate) fn new(c: usize, vb: VarBuilder, policy: KernelPolicy) -> Result<Self> {
         Ok(Self {
-            conv: Conv2d::load_s2(c, 2 * c, false, vb.pp("conv"))?,
-            norm: layer_norm(2 * c, vb.pp("norm.1"))?,
+            conv: Conv2d::load_s2(c, 2 * c, false, vb.pp("conv"), policy)?,
+            norm: layer_norm(2 * c, vb.pp("norm.1"), policy)?,
         })
     }
 }
@@ -250,27 +261,35 @@ pub(crate) struct Level {
 }
 
 impl Level {
-    pub(crate) fn new(cfg: &Config, i: usize, vb: VarBuilder) -> Result<Self> {
+    pub(crate) fn new(
+        cfg: &Config,
+        i: usize,
+        vb: VarBuilder,
+        policy: KernelPolicy,
+    ) -> Result<Self> {
         let c = cfg.stage_channels(i);
         let first: usize = cfg.depths[..i].iter().sum();
         let blocks = (0..cfg.depths[i])
-            .map(|j| Block::new(cfg, i, first + j, vb.pp(format!("blocks.{j}"))))
+            .map(|j| Block::new(cfg, i, first + j, vb.pp(format!("blocks.{j}")), policy))
             .collect::<Result<Vec<_>>>()?;
         let mut post_norms = Vec::new();
         if cfg.level2_post_norm && i == 2 {
             if let Some(ids) = &cfg.level2_post_norm_block_ids {
                 for (k, &b) in ids.iter().enumerate() {
-                    post_norms.push((b, layer_norm(c, vb.pp(format!("post_norms.{k}.0")))?));
+                    post_norms.push((
+                        b,
+                        layer_norm(c, vb.pp(format!("post_norms.{k}.0")), policy)?,
+                    ));
                 }
             }
         }
         let norm = if cfg.has_level_norm() {
-            Some(layer_norm(c, vb.pp("norm.0"))?)
+            Some(layer_norm(c, vb.pp("norm.0"), policy)?)
         } else {
             None
         };
         let downsample = if i < 3 {
-            Some(Downsample::new(c, vb.pp("downsample"))?)
+            Some(Downsample::new(c, vb.pp("downsample"), policy)?)
         } else {
             None
         };

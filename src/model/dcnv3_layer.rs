@@ -1,8 +1,10 @@
 //! The DCNv3 module of InternImage as a reusable layer (channels-last).
 
+use crate::cpu::KernelPolicy;
 use crate::model::nn::{layer_norm, linear, LayerNorm, Linear, Recorder};
+use crate::ops::dcnv3::dcnv3_with;
 use crate::ops::depthwise::DepthwiseConv2dNhwc;
-use crate::ops::{dcnv3, gelu_erf, Dcnv3Config};
+use crate::ops::{gelu_erf_with, Dcnv3Config};
 use candle_core::{bail, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
@@ -79,11 +81,22 @@ pub struct Dcnv3Layer {
     center_feature_scale: Option<Linear>,
     cfg: Dcnv3LayerConfig,
     core: Dcnv3Config,
+    policy: KernelPolicy,
 }
 
 impl Dcnv3Layer {
-    /// Loads the layer's weights from `vb` (a builder already positioned at the module).
+    /// Loads the layer's weights from `vb` (a builder already positioned at the module), with
+    /// the process's default [`KernelPolicy`].
     pub fn new(cfg: &Dcnv3LayerConfig, vb: VarBuilder) -> Result<Self> {
+        Self::with_policy(cfg, vb, KernelPolicy::process_default()?)
+    }
+
+    /// Like [`Dcnv3Layer::new`], with the CPU kernels of `policy`.
+    pub fn with_policy(
+        cfg: &Dcnv3LayerConfig,
+        vb: VarBuilder,
+        policy: KernelPolicy,
+    ) -> Result<Self> {
         let c = cfg.channels;
         let g = cfg.groups;
         if c == 0 || g == 0 || !c.is_multiple_of(g) {
@@ -106,18 +119,19 @@ impl Dcnv3Layer {
         }
         let p = cfg.points();
         let k = cfg.dw_kernel_size;
-        let input_proj = linear(c, c, vb.pp("input_proj"))?;
+        let input_proj = linear(c, c, vb.pp("input_proj"), policy)?;
         let dw_weight = vb.get((c, 1, k, k), "dw_conv.0.weight")?;
         let dw_bias = vb.get(c, "dw_conv.0.bias")?;
-        let dw_conv = DepthwiseConv2dNhwc::new(&dw_weight, Some(&dw_bias), (k - 1) / 2)?;
-        let dw_norm = layer_norm(c, vb.pp("dw_conv.1.1"))?;
-        let offset = linear(c, g * p * 2, vb.pp("offset"))?;
-        let mask = linear(c, g * p, vb.pp("mask"))?;
-        let output_proj = linear(c, c, vb.pp("output_proj"))?;
+        let dw_conv =
+            DepthwiseConv2dNhwc::with_policy(&dw_weight, Some(&dw_bias), (k - 1) / 2, policy)?;
+        let dw_norm = layer_norm(c, vb.pp("dw_conv.1.1"), policy)?;
+        let offset = linear(c, g * p * 2, vb.pp("offset"), policy)?;
+        let mask = linear(c, g * p, vb.pp("mask"), policy)?;
+        let output_proj = linear(c, c, vb.pp("output_proj"), policy)?;
         let center_feature_scale = if cfg.center_feature_scale {
             let w = vb.get((g, c), "center_feature_scale_proj_weight")?;
             let b = vb.get(g, "center_feature_scale_proj_bias")?;
-            Some(Linear::new(w, Some(b))?)
+            Some(Linear::with_policy(w, Some(b), policy)?)
         } else {
             None
         };
@@ -145,6 +159,7 @@ impl Dcnv3Layer {
             center_feature_scale,
             cfg: cfg.clone(),
             core,
+            policy,
         })
     }
 
@@ -172,13 +187,17 @@ impl Dcnv3Layer {
     fn offset_features(&self, xs: &Tensor) -> Result<Tensor> {
         let f = self.dw_conv.forward(xs)?;
         let f = self.dw_norm.forward(&f.contiguous()?)?;
-        gelu_erf(&f)
+        gelu_erf_with(&f, self.policy)
     }
 
     fn offset_mask(&self, f: &Tensor) -> Result<(Tensor, Tensor)> {
         let offset = self.offset.forward(f)?;
         // Softmax over the P points of each group (per pixel).
-        let mask = crate::ops::softmax_groups(&self.mask.forward(f)?, self.cfg.points())?;
+        let mask = crate::ops::softmax_groups_with(
+            &self.mask.forward(f)?,
+            self.cfg.points(),
+            self.policy,
+        )?;
         Ok((offset, mask))
     }
 
@@ -199,7 +218,7 @@ impl Dcnv3Layer {
         let v = self.input_proj.forward(xs)?;
         let f = self.offset_features(xs)?;
         let (offset, mask) = self.offset_mask(&f)?;
-        let y = dcnv3(&v, &offset, &mask, &self.core)?;
+        let y = dcnv3_with(&v, &offset, &mask, &self.core, self.policy)?;
         if rec.on() {
             rec.put("core.input", &v);
             rec.put("core.offset", &offset);

@@ -4,11 +4,13 @@
 //! channels-last depthwise convolution), so that what holds for those (packing, dtypes,
 //! gradients) holds here.
 
+use crate::cpu::KernelPolicy;
 use crate::model::dcnv3_layer::DcnSampling;
 use crate::model::nn::{linear, Linear, Recorder};
+use crate::ops::dcnv4::dcnv4_with;
 use crate::ops::dcnv4::offset_mask_channels;
 use crate::ops::depthwise::DepthwiseConv2dNhwc;
-use crate::ops::{dcnv4, Dcnv3Config};
+use crate::ops::Dcnv3Config;
 use candle_core::{bail, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -47,12 +49,13 @@ pub(crate) fn linear_opt_bias(
     out_dim: usize,
     bias: bool,
     vb: VarBuilder,
+    policy: KernelPolicy,
 ) -> Result<Linear> {
     if bias {
-        return linear(in_dim, out_dim, vb);
+        return linear(in_dim, out_dim, vb, policy);
     }
     let weight = vb.get((out_dim, in_dim), "weight")?;
-    Linear::new(weight, None)
+    Linear::with_policy(weight, None, policy)
 }
 
 /// DCNv4 layer: `value_proj`, optional depthwise `offset_mask_dw`, the `offset_mask` linear
@@ -68,17 +71,28 @@ pub struct Dcnv4Layer {
     output_proj: Linear,
     cfg: Dcnv4LayerConfig,
     core: Dcnv3Config,
+    policy: KernelPolicy,
 }
 
 impl Dcnv4Layer {
-    /// Loads the layer's weights from `vb` (a builder already positioned at the module).
+    /// Loads the layer's weights from `vb` (a builder already positioned at the module), with
+    /// the process's default [`KernelPolicy`].
     pub fn new(cfg: &Dcnv4LayerConfig, vb: VarBuilder) -> Result<Self> {
+        Self::with_policy(cfg, vb, KernelPolicy::process_default()?)
+    }
+
+    /// Like [`Dcnv4Layer::new`], with the CPU kernels of `policy`.
+    pub fn with_policy(
+        cfg: &Dcnv4LayerConfig,
+        vb: VarBuilder,
+        policy: KernelPolicy,
+    ) -> Result<Self> {
         let (c, g) = (cfg.channels, cfg.groups);
         if c == 0 || g == 0 || !c.is_multiple_of(g) {
             bail!("Dcnv4Layer: {c} channels cannot be split into {g} groups");
         }
         let core = Dcnv3Config::internimage(g, c / g, cfg.offset_scale);
-        let value_proj = linear(c, c, vb.pp("value_proj"))?;
+        let value_proj = linear(c, c, vb.pp("value_proj"), policy)?;
         let offset_mask_dw = match cfg.dw_kernel_size {
             None => None,
             Some(k) if k.is_multiple_of(2) => {
@@ -87,11 +101,16 @@ impl Dcnv4Layer {
             Some(k) => {
                 let w = vb.get((c, 1, k, k), "offset_mask_dw.weight")?;
                 let b = vb.get(c, "offset_mask_dw.bias")?;
-                Some(DepthwiseConv2dNhwc::new(&w, Some(&b), (k - 1) / 2)?)
+                Some(DepthwiseConv2dNhwc::with_policy(
+                    &w,
+                    Some(&b),
+                    (k - 1) / 2,
+                    policy,
+                )?)
             }
         };
-        let offset_mask = linear(c, offset_mask_channels(&core), vb.pp("offset_mask"))?;
-        let output_proj = linear_opt_bias(c, c, cfg.output_bias, vb.pp("output_proj"))?;
+        let offset_mask = linear(c, offset_mask_channels(&core), vb.pp("offset_mask"), policy)?;
+        let output_proj = linear_opt_bias(c, c, cfg.output_bias, vb.pp("output_proj"), policy)?;
         Ok(Self {
             value_proj,
             offset_mask_dw,
@@ -99,6 +118,7 @@ impl Dcnv4Layer {
             output_proj,
             cfg: cfg.clone(),
             core,
+            policy,
         })
     }
 
@@ -151,7 +171,7 @@ impl Dcnv4Layer {
     pub(crate) fn forward_rec(&self, xs: &Tensor, rec: &mut Recorder) -> Result<Tensor> {
         let om = self.offset_mask(xs)?;
         let v = self.value_proj.forward(xs)?;
-        let y = dcnv4(&v, &om, &self.core)?;
+        let y = dcnv4_with(&v, &om, &self.core, self.policy)?;
         if rec.on() {
             rec.put("core.input", &v);
             rec.put("core.offset_mask", &om);

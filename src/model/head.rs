@@ -1,5 +1,6 @@
 //! Classification heads: the conv head of T/S/B/L/XL and the CLIP-projector head of H/G.
 
+use crate::cpu::KernelPolicy;
 use crate::model::nn::{layer_norm, linear, matmul, LayerNorm, Linear, Recorder};
 use candle_core::{bail, DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -31,6 +32,7 @@ pub(crate) struct ConvHead {
     proj: Linear,
     trainable: Option<Box<BnConv>>,
     dtype: DType,
+    policy: KernelPolicy,
 }
 
 /// The unfolded conv + BatchNorm parameters of a trainable [`ConvHead`] (f32 or f64, the conv weight
@@ -58,7 +60,12 @@ impl BnConv {
 }
 
 impl ConvHead {
-    pub(crate) fn new(c_in: usize, c_out: usize, vb: VarBuilder) -> Result<Self> {
+    pub(crate) fn new(
+        c_in: usize,
+        c_out: usize,
+        vb: VarBuilder,
+        policy: KernelPolicy,
+    ) -> Result<Self> {
         let dtype = vb.dtype();
         let acc = accumulation_dtype(dtype);
         // Fold in f32 (f64 for f64 models), then cast once.
@@ -85,9 +92,10 @@ impl ConvHead {
         let trainable = crate::ops::tracks_grad(&[&bn_conv.w, &bn_conv.gamma, &bn_conv.beta])
             .then(|| Box::new(bn_conv));
         Ok(Self {
-            proj: Linear::new(w, Some(b))?,
+            proj: Linear::with_policy(w, Some(b), policy)?,
             trainable,
             dtype,
+            policy,
         })
     }
 }
@@ -97,7 +105,7 @@ impl Module for ConvHead {
         let x = match &self.trainable {
             Some(bn_conv) => {
                 let (w, b) = bn_conv.fold(self.dtype)?;
-                Linear::new(w, Some(b))?.forward_gelu(xs)?
+                Linear::with_policy(w, Some(b), self.policy)?.forward_gelu(xs)?
             }
             None => self.proj.forward_gelu(xs)?,
         };
@@ -125,35 +133,40 @@ pub(crate) struct ClipHead {
     proj: Linear,
 }
 
-fn conv1x1_as_linear(c_in: usize, c_out: usize, vb: VarBuilder) -> Result<Linear> {
+fn conv1x1_as_linear(
+    c_in: usize,
+    c_out: usize,
+    vb: VarBuilder,
+    policy: KernelPolicy,
+) -> Result<Linear> {
     // Squeezing the 1x1 kernel dims is a layout change only (no copy).
     let w = vb
         .get((c_out, c_in, 1, 1), "weight")?
         .squeeze(3)?
         .squeeze(2)?;
     let b = vb.get(c_out, "bias")?;
-    Linear::new(w, Some(b))
+    Linear::with_policy(w, Some(b), policy)
 }
 
 impl ClipHead {
-    pub(crate) fn new(c2: usize, c3: usize, vb: VarBuilder) -> Result<Self> {
+    pub(crate) fn new(c2: usize, c3: usize, vb: VarBuilder, policy: KernelPolicy) -> Result<Self> {
         let cp = vb.pp("clip_projector");
         let attn = cp.pp("cross_dcn");
         let qkv = |n: &str| -> Result<Linear> {
             let w = attn.get((CLIP_DIM, CLIP_DIM), &format!("{n}.weight"))?;
             let b = attn.get(CLIP_DIM, &format!("{n}_bias"))?;
-            Linear::new(w, Some(b))
+            Linear::with_policy(w, Some(b), policy)
         };
         Ok(Self {
-            head_x4: conv1x1_as_linear(c3, 4 * CLIP_DIM, vb.pp("dcnv3_head_x4.0"))?,
-            head_x3: conv1x1_as_linear(c2, CLIP_DIM, vb.pp("dcnv3_head_x3"))?,
-            norm_q: layer_norm(CLIP_DIM, cp.pp("norm1_q.0"))?,
-            norm_k: layer_norm(CLIP_DIM, cp.pp("norm1_k.0"))?,
-            norm_v: layer_norm(CLIP_DIM, cp.pp("norm1_v.0"))?,
+            head_x4: conv1x1_as_linear(c3, 4 * CLIP_DIM, vb.pp("dcnv3_head_x4.0"), policy)?,
+            head_x3: conv1x1_as_linear(c2, CLIP_DIM, vb.pp("dcnv3_head_x3"), policy)?,
+            norm_q: layer_norm(CLIP_DIM, cp.pp("norm1_q.0"), policy)?,
+            norm_k: layer_norm(CLIP_DIM, cp.pp("norm1_k.0"), policy)?,
+            norm_v: layer_norm(CLIP_DIM, cp.pp("norm1_v.0"), policy)?,
             q: qkv("q")?,
             k: qkv("k")?,
             v: qkv("v")?,
-            proj: linear(CLIP_DIM, CLIP_EMBED_DIM, attn.pp("proj"))?,
+            proj: linear(CLIP_DIM, CLIP_EMBED_DIM, attn.pp("proj"), policy)?,
         })
     }
 

@@ -22,6 +22,7 @@ pub use head::{CLIP_DIM, CLIP_EMBED_DIM};
 pub use nn::LN_EPS;
 pub use trainable::{TrainOptions, Trainable, TrainableModel};
 
+use crate::cpu::KernelPolicy;
 use block::Level;
 use candle_core::{bail, DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -56,20 +57,41 @@ pub struct InternImage {
     /// Some parameters are `Var`s (set by [`TrainableModel`]): batches are not split across
     /// threads (the differentiable paths run on candle's own parallel ops).
     pub(crate) has_vars: bool,
+    /// The CPU kernels every module was built with.
+    policy: KernelPolicy,
 }
 
 impl InternImage {
     /// Builds the network described by `cfg`, reading weights (official names) from `vb`.
     /// `cfg.num_classes == 0` builds no head at all (like the Hugging Face `AutoModel`).
+    ///
+    /// The CPU kernels follow the process's default [`KernelPolicy`] (from the environment:
+    /// `INTERNIMAGE_REFERENCE_OPS`, `INTERNIMAGE_ISA`); see [`InternImage::new_with_policy`].
     pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
-        Self::build(cfg, &[0, 1, 2, 3], cfg.num_classes > 0, vb)
+        Self::new_with_policy(cfg, vb, KernelPolicy::process_default()?)
+    }
+
+    /// Like [`InternImage::new`], with the CPU kernels of `policy` (captured now: every module
+    /// keeps the kernels it was built with).
+    pub fn new_with_policy(cfg: &Config, vb: VarBuilder, policy: KernelPolicy) -> Result<Self> {
+        Self::build(cfg, &[0, 1, 2, 3], cfg.num_classes > 0, vb, policy)
     }
 
     /// Builds the headless backbone (detection/segmentation use): `forward_features` returns the
     /// stage outputs listed in `out_indices` (each in 0..4, returned in ascending order).
     /// Head weights in the checkpoint are ignored.
     pub fn backbone(cfg: &Config, out_indices: &[usize], vb: VarBuilder) -> Result<Self> {
-        Self::build(cfg, out_indices, false, vb)
+        Self::backbone_with_policy(cfg, out_indices, vb, KernelPolicy::process_default()?)
+    }
+
+    /// Like [`InternImage::backbone`], with the CPU kernels of `policy`.
+    pub fn backbone_with_policy(
+        cfg: &Config,
+        out_indices: &[usize],
+        vb: VarBuilder,
+        policy: KernelPolicy,
+    ) -> Result<Self> {
+        Self::build(cfg, out_indices, false, vb, policy)
     }
 
     /// Loads an official `.pth`, a Hugging Face `.safetensors` or a `model.safetensors.index.json`
@@ -80,8 +102,25 @@ impl InternImage {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
+        Self::from_checkpoint_with_policy(
+            cfg,
+            path,
+            dtype,
+            device,
+            KernelPolicy::process_default()?,
+        )
+    }
+
+    /// Like [`InternImage::from_checkpoint`], with the CPU kernels of `policy`.
+    pub fn from_checkpoint_with_policy(
+        cfg: &Config,
+        path: impl AsRef<Path>,
+        dtype: DType,
+        device: &Device,
+        policy: KernelPolicy,
+    ) -> Result<Self> {
         let vb = crate::checkpoint::var_builder(&[path.as_ref().to_path_buf()], dtype, device)?;
-        Self::new(cfg, vb)
+        Self::new_with_policy(cfg, vb, policy)
     }
 
     /// Like [`InternImage::from_checkpoint`] for several files (e.g. safetensors shards).
@@ -95,7 +134,13 @@ impl InternImage {
         Self::new(cfg, vb)
     }
 
-    fn build(cfg: &Config, out_indices: &[usize], with_head: bool, vb: VarBuilder) -> Result<Self> {
+    fn build(
+        cfg: &Config,
+        out_indices: &[usize],
+        with_head: bool,
+        vb: VarBuilder,
+        policy: KernelPolicy,
+    ) -> Result<Self> {
         cfg.validate()?;
         if out_indices.is_empty() {
             bail!("InternImage backbone: out_indices is empty; pick stages from 0..4");
@@ -106,26 +151,32 @@ impl InternImage {
         let mut out_indices = out_indices.to_vec();
         out_indices.sort_unstable();
         out_indices.dedup();
-        let stem = Stem::new(3, cfg.channels, vb.pp("patch_embed"))?;
+        let stem = Stem::new(3, cfg.channels, vb.pp("patch_embed"), policy)?;
         let levels = (0..4)
-            .map(|i| Level::new(cfg, i, vb.pp(format!("levels.{i}"))))
+            .map(|i| Level::new(cfg, i, vb.pp(format!("levels.{i}")), policy))
             .collect::<Result<Vec<_>>>()?;
         let head = if with_head {
             let pooled = cfg.pooled_dim();
-            let fc = linear(pooled, cfg.num_classes, vb.pp("head"))?;
+            let fc = linear(pooled, cfg.num_classes, vb.pp("head"), policy)?;
             Some(if cfg.use_clip_projector {
                 Head::Clip {
                     clip: Box::new(ClipHead::new(
                         cfg.stage_channels(2),
                         cfg.stage_channels(3),
                         vb.clone(),
+                        policy,
                     )?),
-                    fc_norm: layer_norm(pooled, vb.pp("fc_norm.0"))?,
+                    fc_norm: layer_norm(pooled, vb.pp("fc_norm.0"), policy)?,
                     fc,
                 }
             } else {
                 Head::Conv {
-                    conv_head: ConvHead::new(cfg.stage_channels(3), pooled, vb.pp("conv_head"))?,
+                    conv_head: ConvHead::new(
+                        cfg.stage_channels(3),
+                        pooled,
+                        vb.pp("conv_head"),
+                        policy,
+                    )?,
                     fc,
                 }
             })
@@ -141,12 +192,18 @@ impl InternImage {
             dtype: vb.dtype(),
             device: vb.device().clone(),
             has_vars: false,
+            policy,
         })
     }
 
     /// The configuration the network was built from.
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    /// The CPU kernels the modules were built with.
+    pub fn kernel_policy(&self) -> KernelPolicy {
+        self.policy
     }
 
     /// The dtype of the weights (inputs are converted to it).
@@ -293,7 +350,7 @@ impl InternImage {
         if !xs.device().is_cpu()
             || threads < 2
             || n < 2
-            || crate::ops::simd::reference_ops()
+            || self.policy.is_reference()
             || self.has_vars
             || xs.track_op()
         {

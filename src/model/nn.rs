@@ -1,5 +1,6 @@
 //! Small shared helpers: LayerNorm loading and the debug-activation recorder.
 
+use crate::cpu::KernelPolicy;
 use crate::ops::dense::bf16_on_cpu;
 pub(crate) use crate::ops::Linear;
 use candle_core::{DType, Module, Result, Tensor};
@@ -13,19 +14,24 @@ pub const LN_EPS: f64 = 1e-6;
 pub(crate) struct LayerNorm {
     weight: Tensor,
     bias: Tensor,
+    policy: KernelPolicy,
 }
 
 impl Module for LayerNorm {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        crate::ops::layer_norm_last_dim(xs, &self.weight, &self.bias, LN_EPS)
+        crate::ops::layer_norm_last_dim_with(xs, &self.weight, &self.bias, LN_EPS, self.policy)
     }
 }
 
 /// Loads an affine LayerNorm (`weight`, `bias`) with eps 1e-6.
-pub(crate) fn layer_norm(size: usize, vb: VarBuilder) -> Result<LayerNorm> {
+pub(crate) fn layer_norm(size: usize, vb: VarBuilder, policy: KernelPolicy) -> Result<LayerNorm> {
     let weight = vb.get(size, "weight")?;
     let bias = vb.get(size, "bias")?;
-    Ok(LayerNorm { weight, bias })
+    Ok(LayerNorm {
+        weight,
+        bias,
+        policy,
+    })
 }
 
 /// The per-call state of a forward pass: training mode (stochastic depth, dropout) and, when
@@ -98,10 +104,15 @@ pub(crate) fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 }
 
 /// Loads `weight` (out, in) and `bias` (out).
-pub(crate) fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+pub(crate) fn linear(
+    in_dim: usize,
+    out_dim: usize,
+    vb: VarBuilder,
+    policy: KernelPolicy,
+) -> Result<Linear> {
     let weight = vb.get((out_dim, in_dim), "weight")?;
     let bias = vb.get(out_dim, "bias")?;
-    Linear::new(weight, Some(bias))
+    Linear::with_policy(weight, Some(bias), policy)
 }
 
 /// A 2-D convolution (NCHW) that also runs bf16 on the CPU.
@@ -117,14 +128,20 @@ pub(crate) struct Conv2d {
 
 impl Conv2d {
     /// Loads `weight` (out, in, k, k) and, when `bias`, `bias` (out); stride 2, padding 1.
-    pub(crate) fn load_s2(c_in: usize, c_out: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
+    pub(crate) fn load_s2(
+        c_in: usize,
+        c_out: usize,
+        bias: bool,
+        vb: VarBuilder,
+        policy: KernelPolicy,
+    ) -> Result<Self> {
         let weight = vb.get((c_out, c_in, 3, 3), "weight")?;
         let bias = if bias {
             Some(vb.get(c_out, "bias")?)
         } else {
             None
         };
-        let nhwc = crate::ops::Conv2dNhwc::new(&weight, bias.as_ref(), 2, 1)?;
+        let nhwc = crate::ops::Conv2dNhwc::with_policy(&weight, bias.as_ref(), 2, 1, policy)?;
         Ok(Self {
             weight,
             bias,
@@ -284,8 +301,15 @@ impl candle_core::CustomOp3 for ResidualScaleAdd {
 ///
 /// On the CPU in f32 this is one rayon pass (candle's own binary ops run large tensors on a
 /// second, spinning thread pool that competes with rayon's GEMM threads); elsewhere plain ops.
-pub(crate) fn residual(x: &Tensor, branch: &Tensor, gamma: Option<&Tensor>) -> Result<Tensor> {
+/// The reference policy runs the plain ops.
+pub(crate) fn residual(
+    x: &Tensor,
+    branch: &Tensor,
+    gamma: Option<&Tensor>,
+    policy: KernelPolicy,
+) -> Result<Tensor> {
     let fast = x.device().is_cpu()
+        && policy.is_fast()
         && x.dtype() == DType::F32
         && branch.dtype() == DType::F32
         && x.dims() == branch.dims()

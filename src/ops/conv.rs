@@ -10,7 +10,7 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, T
 use rayon::prelude::*;
 
 use super::contiguous_slice;
-use super::simd::reference_ops;
+use crate::cpu::KernelPolicy;
 
 /// A convolution with square stride and zero padding, weights pre-laid for channels-last input.
 #[derive(Debug, Clone)]
@@ -30,6 +30,18 @@ impl Conv2dNhwc {
     /// From the PyTorch weight (Cout, Cin, kh, kw), an optional bias (Cout), the stride and the
     /// zero padding on each side (groups = 1, dilation = 1).
     pub fn new(weight: &Tensor, bias: Option<&Tensor>, stride: usize, pad: usize) -> Result<Self> {
+        Self::with_policy(weight, bias, stride, pad, KernelPolicy::process_default()?)
+    }
+
+    /// Like [`Conv2dNhwc::new`], with the CPU kernels of `policy` (the reference policy runs
+    /// candle's `conv2d`).
+    pub fn with_policy(
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        stride: usize,
+        pad: usize,
+        policy: KernelPolicy,
+    ) -> Result<Self> {
         let (cout, cin, kh, kw) = weight.dims4()?;
         if cout == 0 || cin == 0 || kh == 0 || kw == 0 || stride == 0 {
             candle_core::bail!(
@@ -46,7 +58,9 @@ impl Conv2dNhwc {
                 );
             }
         }
-        let patches_to_out = if super::tracks_grad(&[weight]) || bias.is_some_and(|b| b.track_op())
+        let patches_to_out = if policy.is_reference()
+            || super::tracks_grad(&[weight])
+            || bias.is_some_and(|b| b.track_op())
         {
             None
         } else {
@@ -54,7 +68,11 @@ impl Conv2dNhwc {
                 .permute((0, 2, 3, 1))?
                 .reshape((cout, kh * kw * cin))?
                 .contiguous()?;
-            Some(super::Linear::new(weight_ok, bias.cloned())?)
+            Some(super::Linear::with_policy(
+                weight_ok,
+                bias.cloned(),
+                policy,
+            )?)
         };
         Ok(Self {
             weight: weight.clone(),
@@ -93,7 +111,6 @@ impl Module for Conv2dNhwc {
         let patches_to_out = match &self.patches_to_out {
             Some(p)
                 if xs.device().is_cpu()
-                    && !reference_ops()
                     && xs.dtype() == DType::F32
                     && self.weight.dtype() == DType::F32
                     && !xs.track_op() =>

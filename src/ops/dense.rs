@@ -1,38 +1,49 @@
 //! [`Linear`]: a linear layer whose f32 CPU weights are packed once, when it is built, for the
-//! crate's GEMM ([`super::gemm`]), and [`mlp`], InternImage's `fc2(gelu(fc1(x)))` on such layers.
+//! crate's GEMM ([`crate::cpu::gemm`]), and [`mlp`], InternImage's `fc2(gelu(fc1(x)))` on such
+//! layers.
 
-use super::gemm::{forward_packed, mlp_forward_packed, pack_linear, SharedPackedWeight};
-use candle_core::{DType, Module, Result, Tensor};
+use crate::cpu::gemm::{linear_packed, mlp_block_rows, mlp_packed, PackedWeight};
+use crate::cpu::KernelPolicy;
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Storage, Tensor};
+use std::sync::Arc;
 
 /// A linear layer `y = x @ weight^T + bias` over the last dimension, like `candle_nn::Linear`.
 ///
-/// When the weight is an f32, contiguous CPU tensor that tracks no gradient and the CPU has
-/// AVX2/FMA, it is packed once here into the kernel's panel layout and the tensors are dropped
-/// (no second copy is kept); the forward then runs the packed GEMM with the bias (and GELU)
-/// fused, or, for an input that tracks a gradient, candle's matmul on the unpacked weights (so
-/// the input gradient is never lost). Otherwise (GPUs, f16/bf16, trainable weights, other CPUs) it keeps the tensors and runs
-/// [`super::linear`]; bf16 on the CPU runs in f32.
+/// Under a fast [`KernelPolicy`], an f32, contiguous CPU weight that tracks no gradient is packed
+/// once here into the panel layout of the policy's GEMM kernel and the tensors are dropped (no
+/// second copy is kept); the forward then runs the packed GEMM with the bias (and GELU) fused,
+/// or, for an input that tracks a gradient, candle's matmul on the unpacked weights (so the input
+/// gradient is never lost). Otherwise (GPUs, f16/bf16, trainable weights, the reference policy)
+/// it keeps the tensors and runs candle's ops; bf16 on the CPU runs in f32.
 #[derive(Debug, Clone)]
 pub struct Linear {
     weights: Weights,
+    policy: KernelPolicy,
 }
 
 #[derive(Debug, Clone)]
 enum Weights {
-    /// Candle tensors: GPUs, f16/bf16, tracked (trainable) weights, CPUs without AVX2/FMA.
+    /// Candle tensors: GPUs, f16/bf16, tracked (trainable) weights, the reference policy.
     Tensors(candle_nn::Linear),
     /// f32 weight and bias packed for the CPU GEMM.
-    Packed(SharedPackedWeight),
+    Packed(Arc<PackedWeight>),
 }
 
 impl Linear {
-    /// A layer from `weight` (out, in) and an optional `bias` (out).
+    /// A layer from `weight` (out, in) and an optional `bias` (out), with the process's default
+    /// [`KernelPolicy`] (from the environment).
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        let weights = match pack_linear(&weight, bias.as_ref())? {
-            Some(packed) => Weights::Packed(packed),
+        Self::with_policy(weight, bias, KernelPolicy::process_default()?)
+    }
+
+    /// A layer from `weight` (out, in) and an optional `bias` (out) whose CPU kernels follow
+    /// `policy`.
+    pub fn with_policy(weight: Tensor, bias: Option<Tensor>, policy: KernelPolicy) -> Result<Self> {
+        let weights = match pack(&weight, bias.as_ref(), policy)? {
+            Some(packed) => Weights::Packed(Arc::new(packed)),
             None => Weights::Tensors(candle_nn::Linear::new(weight, bias)),
         };
-        Ok(Self { weights })
+        Ok(Self { weights, policy })
     }
 
     /// Whether the weights were packed for the CPU GEMM.
@@ -47,20 +58,24 @@ impl Linear {
 
     fn forward_impl(&self, xs: &Tensor, gelu: bool) -> Result<Tensor> {
         let apply = |xs: &Tensor, lin: &candle_nn::Linear| {
+            let y = lin.forward(xs)?;
             if gelu {
-                super::linear_gelu(xs, lin)
+                super::activation::gelu_erf_with(&y, self.policy)
             } else {
-                super::linear(xs, lin)
+                Ok(y)
             }
         };
         match &self.weights {
             // The packed GEMM has no backward: a tracked input (saliency, a frozen backbone under
             // a trainable stem) takes the tensor path on the unpacked weights.
             Weights::Packed(p) if xs.track_op() => {
-                let (w, b) = p.unpack()?;
+                let (w, b) = p.unpack();
+                let dev = candle_core::Device::Cpu;
+                let w = Tensor::from_vec(w, (p.n(), p.k()), &dev)?;
+                let b = Tensor::from_vec(b, p.n(), &dev)?;
                 apply(xs, &candle_nn::Linear::new(w, Some(b)))
             }
-            Weights::Packed(p) => forward_packed(xs, p, gelu),
+            Weights::Packed(p) => PackedOp::Linear { w: p.clone(), gelu }.apply(xs),
             Weights::Tensors(lin) if bf16_on_cpu(xs) => {
                 let w = lin.weight().to_dtype(DType::F32)?;
                 let b = lin.bias().map(|b| b.to_dtype(DType::F32)).transpose()?;
@@ -87,14 +102,196 @@ pub(crate) fn bf16_on_cpu(t: &Tensor) -> bool {
 ///
 /// With packed layers and enough rows to keep every thread busy, the rows are processed in
 /// blocks whose hidden activations stay in cache (the (..., 4C) hidden tensor is never
-/// written to memory); with few rows, two packed GEMMs that also split the columns. Unpacked f32
-/// layers use the row-blocked MLP on candle's tensors; anything else `fc1.forward_gelu` then
-/// `fc2.forward`.
+/// written to memory); with few rows, two packed GEMMs that also split the columns. Anything
+/// else runs `fc1.forward_gelu` then `fc2.forward`.
 pub fn mlp(xs: &Tensor, fc1: &Linear, fc2: &Linear) -> Result<Tensor> {
-    let bf16_cpu = bf16_on_cpu(xs);
     match (&fc1.weights, &fc2.weights) {
         (Weights::Packed(a), Weights::Packed(b)) if !xs.track_op() => mlp_forward_packed(xs, a, b),
-        (Weights::Tensors(a), Weights::Tensors(b)) if !bf16_cpu => super::linear::mlp(xs, a, b),
         _ => fc2.forward(&fc1.forward_gelu(xs)?),
+    }
+}
+
+/// `linear(xs)` = `xs @ weight^T + bias` like `candle_nn::Linear::forward`, through this crate's
+/// GEMM where the process's default [`KernelPolicy`] allows (the weight is packed on each call:
+/// build an [`Linear`] once to pack it once).
+pub fn linear(xs: &Tensor, linear: &candle_nn::Linear) -> Result<Tensor> {
+    Linear::new(linear.weight().clone(), linear.bias().cloned())?.forward(xs)
+}
+
+/// `gelu_erf(linear(xs))`, PyTorch's `fc1` + `nn.GELU()` of an MLP, with the bias add and the
+/// GELU fused into the GEMM where the process's default [`KernelPolicy`] allows (see [`linear`]).
+pub fn linear_gelu(xs: &Tensor, linear: &candle_nn::Linear) -> Result<Tensor> {
+    Linear::new(linear.weight().clone(), linear.bias().cloned())?.forward_gelu(xs)
+}
+
+/// Packs a linear layer (`weight` (out, in), optional `bias` (out)) when the fast CPU path
+/// applies: f32 contiguous CPU tensors that track no gradient under a fast policy. `Ok(None)`
+/// otherwise (broadcast stand-ins, GPUs, f16/bf16, training, the reference policy).
+fn pack(
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    policy: KernelPolicy,
+) -> Result<Option<PackedWeight>> {
+    let eligible = |t: &Tensor| {
+        t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op() && t.is_contiguous()
+    };
+    if !policy.is_fast()
+        || weight.rank() != 2
+        || !eligible(weight)
+        || bias.is_some_and(|b| !eligible(b))
+    {
+        return Ok(None);
+    }
+    let (n, k) = weight.dims2()?;
+    if let Some(b) = bias.filter(|b| b.elem_count() != n) {
+        candle_core::bail!(
+            "linear: expected a bias of {n} values for a weight of shape [{n}, {k}], got shape {:?}",
+            b.dims()
+        )
+    }
+    // Packed straight from the tensors' storage (no intermediate copy).
+    let (w_storage, w_layout) = weight.storage_and_layout();
+    let w = cpu_f32(&w_storage, w_layout, "weight")?;
+    Ok(match bias {
+        Some(b) => {
+            let (b_storage, b_layout) = b.storage_and_layout();
+            let b = cpu_f32(&b_storage, b_layout, "bias")?;
+            PackedWeight::new(policy.isa(), w, Some(b), n, k)
+        }
+        None => PackedWeight::new(policy.isa(), w, None, n, k),
+    })
+}
+
+/// The values of an f32 CPU tensor's storage (see [`super::contiguous_slice`]).
+fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
+    match storage {
+        Storage::Cpu(s) => super::contiguous_slice::<f32>(s, layout, "linear", what),
+        _ => candle_core::bail!("linear: the {what} must be on the CPU to be packed"),
+    }
+}
+
+/// Rows (the product of the leading dims) of a (..., k) input, after checking it is an f32 CPU
+/// tensor with `k` features.
+fn rows_of(xs: &Tensor, k: usize, what: &str) -> Result<usize> {
+    if !xs.device().is_cpu() || xs.dtype() != DType::F32 {
+        candle_core::bail!(
+            "{what}: this layer holds f32 weights packed for the CPU, but the input is {:?} on {:?}; \
+             pass an f32 CPU tensor, or build the model with the input's dtype and device",
+            xs.dtype(),
+            xs.device().location()
+        )
+    }
+    match xs.dims().split_last() {
+        Some((&last, lead)) if last == k => Ok(lead.iter().product()),
+        _ => candle_core::bail!(
+            "{what}: expected an input (..., {k}), got shape {:?}",
+            xs.dims()
+        ),
+    }
+}
+
+/// `fc2(gelu(fc1(xs)))` through packed weights: fused by row blocks when there are enough rows
+/// for every thread, otherwise two packed linears (which also split the columns).
+fn mlp_forward_packed(
+    xs: &Tensor,
+    fc1: &Arc<PackedWeight>,
+    fc2: &Arc<PackedWeight>,
+) -> Result<Tensor> {
+    if fc2.k() != fc1.n() {
+        candle_core::bail!(
+            "mlp: fc1 has {} outputs but fc2 takes {} inputs",
+            fc1.n(),
+            fc2.k()
+        )
+    }
+    let m = rows_of(xs, fc1.k(), "mlp")?;
+    let threads = rayon::current_num_threads().max(1);
+    if m < 2 * threads * mlp_block_rows(fc1) {
+        let h = PackedOp::Linear {
+            w: fc1.clone(),
+            gelu: true,
+        }
+        .apply(xs)?;
+        return PackedOp::Linear {
+            w: fc2.clone(),
+            gelu: false,
+        }
+        .apply(&h);
+    }
+    PackedOp::Mlp {
+        fc1: fc1.clone(),
+        fc2: fc2.clone(),
+    }
+    .apply(xs)
+}
+
+/// A packed computation on (m, k) rows, as a candle op (inference only).
+enum PackedOp {
+    /// `x @ w^T + b`, then GELU when `gelu`.
+    Linear { w: Arc<PackedWeight>, gelu: bool },
+    /// `fc2(gelu(fc1(x)))`, fused by row blocks.
+    Mlp {
+        fc1: Arc<PackedWeight>,
+        fc2: Arc<PackedWeight>,
+    },
+}
+
+impl PackedOp {
+    fn what(&self) -> &'static str {
+        match self {
+            Self::Linear { .. } => "linear",
+            Self::Mlp { .. } => "mlp",
+        }
+    }
+
+    /// (input, output) features.
+    fn features(&self) -> (usize, usize) {
+        match self {
+            Self::Linear { w, .. } => (w.k(), w.n()),
+            Self::Mlp { fc1, fc2 } => (fc1.k(), fc2.n()),
+        }
+    }
+
+    /// `xs (..., k) -> (..., n)`.
+    fn apply(&self, xs: &Tensor) -> Result<Tensor> {
+        let (k, n) = self.features();
+        let m = rows_of(xs, k, self.what())?;
+        let y = super::inference_op1(&xs.contiguous()?.reshape((m, k))?, self)?;
+        let mut dims = xs.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = n;
+        }
+        y.reshape(dims)
+    }
+}
+
+impl CustomOp1 for PackedOp {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Linear { .. } => "internimage-packed-linear",
+            Self::Mlp { .. } => "internimage-packed-mlp",
+        }
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = super::contiguous_slice::<f32>(storage, layout, self.what(), "input")?;
+        let (k, n) = self.features();
+        let m = layout.dims()[0];
+        if x.len() != m * k {
+            candle_core::bail!(
+                "{}: expected {m} x {k} inputs, got {}",
+                self.what(),
+                x.len()
+            )
+        }
+        let mut y = Vec::with_capacity(m * n);
+        let out = &mut y.spare_capacity_mut()[..m * n];
+        match self {
+            Self::Linear { w, gelu } => linear_packed(x, m, w, *gelu, out),
+            Self::Mlp { fc1, fc2 } => mlp_packed(x, m, fc1, fc2, out),
+        }
+        // SAFETY: linear_packed and mlp_packed write all m * n values.
+        unsafe { y.set_len(m * n) };
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
 }

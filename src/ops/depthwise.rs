@@ -13,7 +13,8 @@ use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
 use super::contiguous_slice;
-use super::simd::{dispatch_fma, fmadd, reference_ops};
+use crate::cpu::simd::{dispatch, fmadd};
+use crate::cpu::{Isa, KernelPolicy};
 
 /// The operator name in the CPU kernel's errors.
 const OP: &str = "depthwise conv";
@@ -30,12 +31,23 @@ pub struct DepthwiseConv2dNhwc {
     kh: usize,
     kw: usize,
     pad: usize,
+    policy: KernelPolicy,
 }
 
 impl DepthwiseConv2dNhwc {
     /// From the PyTorch depthwise weight (C, 1, kh, kw), an optional bias (C) and the zero padding
     /// applied on each side of H and W.
     pub fn new(weight: &Tensor, bias: Option<&Tensor>, pad: usize) -> Result<Self> {
+        Self::with_policy(weight, bias, pad, KernelPolicy::process_default()?)
+    }
+
+    /// Like [`DepthwiseConv2dNhwc::new`], with the CPU kernels of `policy`.
+    pub fn with_policy(
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        pad: usize,
+        policy: KernelPolicy,
+    ) -> Result<Self> {
         let (c, one, kh, kw) = weight.dims4()?;
         if one != 1 || c == 0 || kh == 0 || kw == 0 {
             candle_core::bail!(
@@ -58,6 +70,7 @@ impl DepthwiseConv2dNhwc {
             kh,
             kw,
             pad,
+            policy,
         })
     }
 
@@ -149,7 +162,7 @@ impl Module for DepthwiseConv2dNhwc {
             && matches!(xs.dtype(), DType::F32 | DType::F16 | DType::BF16)
             && self.trainable.is_none()
             && !xs.track_op();
-        if xs.device().is_cpu() && reference_ops() {
+        if xs.device().is_cpu() && self.policy.is_reference() {
             return self.forward_grouped_conv2d(xs);
         }
         if !cpu_kernel {
@@ -159,6 +172,7 @@ impl Module for DepthwiseConv2dNhwc {
             kh: self.kh,
             kw: self.kw,
             pad: self.pad,
+            isa: self.policy.isa(),
         };
         let packed = self.packed.to_dtype(DType::F32)?;
         super::inference_op2(&xs.contiguous()?, &packed, &op)
@@ -184,6 +198,7 @@ struct DwOp {
     kh: usize,
     kw: usize,
     pad: usize,
+    isa: Isa,
 }
 
 /// Geometry of one call, shared by all rows.
@@ -265,10 +280,10 @@ fn dw_row_generic<const FMA: bool>(
     }
 }
 
-dispatch_fma!(fn dw_row(img: &[f32], packed: &[f32], g: &Geom, oh: usize, out: &mut [MaybeUninit<f32>]) => dw_row_generic);
+dispatch!(fn dw_row(img: &[f32], packed: &[f32], g: &Geom, oh: usize, out: &mut [MaybeUninit<f32>]) => dw_row_generic);
 
 /// f32 convolution of `n` images (`x` = N*H*W*C) into `out` (N*Ho*Wo*C), every element written.
-fn dw_f32(x: &[f32], packed: &[f32], g: &Geom, ho: usize, out: &mut [MaybeUninit<f32>]) {
+fn dw_f32(isa: Isa, x: &[f32], packed: &[f32], g: &Geom, ho: usize, out: &mut [MaybeUninit<f32>]) {
     let img_len = g.h * g.w * g.c;
     let row_len = g.wo * g.c;
     if row_len == 0 || ho == 0 {
@@ -276,7 +291,7 @@ fn dw_f32(x: &[f32], packed: &[f32], g: &Geom, ho: usize, out: &mut [MaybeUninit
     }
     let run = |(r, o): (usize, &mut [MaybeUninit<f32>])| {
         let (n, oh) = (r / ho, r % ho);
-        dw_row(&x[n * img_len..(n + 1) * img_len], packed, g, oh, o);
+        dw_row(isa, &x[n * img_len..(n + 1) * img_len], packed, g, oh, o);
     };
     if out.len() < 8 * 1024 {
         out.chunks_mut(row_len).enumerate().for_each(run);
@@ -286,17 +301,18 @@ fn dw_f32(x: &[f32], packed: &[f32], g: &Geom, ho: usize, out: &mut [MaybeUninit
 }
 
 /// f32 convolution of `n` images (`x` = N*H*W*C) into a new N*Ho*Wo*C vector.
-fn dw_f32_vec(x: &[f32], packed: &[f32], g: &Geom, n: usize, ho: usize) -> Vec<f32> {
+fn dw_f32_vec(isa: Isa, x: &[f32], packed: &[f32], g: &Geom, n: usize, ho: usize) -> Vec<f32> {
     let len = n * ho * g.wo * g.c;
     // Written into uninitialised capacity (no zero-fill pass).
     let mut out = Vec::with_capacity(len);
-    dw_f32(x, packed, g, ho, &mut out.spare_capacity_mut()[..len]);
+    dw_f32(isa, x, packed, g, ho, &mut out.spare_capacity_mut()[..len]);
     // SAFETY: `dw_f32` writes all N*Ho rows of Wo*C values (or there are none).
     unsafe { out.set_len(len) };
     out
 }
 
 fn dw_half<T: Copy + Default + Send + Sync>(
+    isa: Isa,
     x: &[T],
     packed: &[f32],
     g: &Geom,
@@ -309,7 +325,7 @@ fn dw_half<T: Copy + Default + Send + Sync>(
         .zip(x.par_chunks(16 * 1024))
         .for_each(|(d, s)| to_f32(s, d));
     let n = x.len().checked_div(g.h * g.w * g.c).unwrap_or(0);
-    let of = dw_f32_vec(&xf, packed, g, n, ho);
+    let of = dw_f32_vec(isa, &xf, packed, g, n, ho);
     drop(xf);
     let mut out = vec![T::default(); of.len()];
     out.par_chunks_mut(16 * 1024)
@@ -362,9 +378,10 @@ impl CustomOp2 for DwOp {
         let out = match s1.dtype() {
             DType::F32 => {
                 let x = contiguous_slice::<f32>(s1, l1, OP, "input")?;
-                CpuStorage::F32(dw_f32_vec(x, packed, &g, n, ho))
+                CpuStorage::F32(dw_f32_vec(self.isa, x, packed, &g, n, ho))
             }
             DType::F16 => CpuStorage::F16(dw_half(
+                self.isa,
                 contiguous_slice::<f16>(s1, l1, OP, "input")?,
                 packed,
                 &g,
@@ -373,6 +390,7 @@ impl CustomOp2 for DwOp {
                 |s: &[f32], d: &mut [f16]| d.convert_from_f32_slice(s),
             )),
             DType::BF16 => CpuStorage::BF16(dw_half(
+                self.isa,
                 contiguous_slice::<bf16>(s1, l1, OP, "input")?,
                 packed,
                 &g,

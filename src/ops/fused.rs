@@ -1,8 +1,8 @@
 //! Fused CPU kernels for the per-pixel normalisations of the network (channels-last):
 //! LayerNorm over the last dimension and the per-group softmax of the DCNv3 mask.
 //!
-//! Both are plain rayon-parallel loops over rows with vectorisable inner loops (AVX2+FMA chosen
-//! at run time on x86-64), and both are differentiable: their `bwd` computes the gradients with
+//! Both are plain rayon-parallel loops over rows with vectorisable inner loops (instantiated per
+//! instruction set, chosen by the [`KernelPolicy`]), and both are differentiable: their `bwd` computes the gradients with
 //! candle tensor ops. Other devices and dtypes use the equivalent candle ops (differentiable ones
 //! whenever an argument tracks a gradient), so the functions can be called unconditionally.
 
@@ -11,7 +11,8 @@ use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
 use super::contiguous_slice;
-use super::simd::{dispatch_fma, exp_f32, fmadd, reference_ops};
+use crate::cpu::simd::{dispatch, exp_f32, fmadd};
+use crate::cpu::{Isa, KernelPolicy};
 
 /// Values per rayon task.
 const PAR_CHUNK: usize = 16 * 1024;
@@ -77,11 +78,12 @@ fn ln_rows_generic<const FMA: bool>(
     }
 }
 
-dispatch_fma!(fn ln_rows(src: &[f32], dst: &mut [MaybeUninit<f32>], w: &[f32], b: &[f32], eps: f32) => ln_rows_generic);
+dispatch!(fn ln_rows(src: &[f32], dst: &mut [MaybeUninit<f32>], w: &[f32], b: &[f32], eps: f32) => ln_rows_generic);
 
 /// LayerNorm as a custom op: (xs, weight, bias), all f32 and contiguous.
 struct LayerNormOp {
     eps: f32,
+    isa: Isa,
 }
 
 impl CustomOp3 for LayerNormOp {
@@ -115,11 +117,11 @@ impl CustomOp3 for LayerNormOp {
         let dst = &mut y.spare_capacity_mut()[..x.len()];
         let rows_per_task = (PAR_CHUNK / c).max(1) * c;
         if x.len() <= PAR_CHUNK {
-            ln_rows(x, dst, w, b, self.eps);
+            ln_rows(self.isa, x, dst, w, b, self.eps);
         } else {
             dst.par_chunks_mut(rows_per_task)
                 .zip(x.par_chunks(rows_per_task))
-                .for_each(|(yc, xc)| ln_rows(xc, yc, w, b, self.eps));
+                .for_each(|(yc, xc)| ln_rows(self.isa, xc, yc, w, b, self.eps));
         }
         // SAFETY: `x.len()` is a multiple of `c` (checked above) and so is every chunk (tasks
         // take whole rows), the chunks of `dst` and `x` pair up one to one with equal lengths,
@@ -136,7 +138,7 @@ impl CustomOp3 for LayerNormOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, db) = layer_norm_backward(xs, weight, grad, self.eps as f64)?;
+        let (dx, dw, db) = layer_norm_backward(self.isa, xs, weight, grad, self.eps as f64)?;
         Ok((Some(dx), Some(dw), Some(db)))
     }
 }
@@ -190,12 +192,13 @@ fn ln_backward_rows_generic<const FMA: bool>(
     }
 }
 
-dispatch_fma!(fn ln_backward_rows(x: &[f32], g: &[f32], w: &[f32], eps: f32, dx: &mut [MaybeUninit<f32>], dw: &mut [f32], db: &mut [f32]) => ln_backward_rows_generic);
+dispatch!(fn ln_backward_rows(x: &[f32], g: &[f32], w: &[f32], eps: f32, dx: &mut [MaybeUninit<f32>], dw: &mut [f32], db: &mut [f32]) => ln_backward_rows_generic);
 
 /// The LayerNorm backward on the CPU in f32: (x, weight, grad) -> one 1-D tensor holding dx
 /// (x's length), then dw and db (C each).
 struct LayerNormBackwardOp {
     eps: f32,
+    isa: Isa,
 }
 
 impl CustomOp3 for LayerNormBackwardOp {
@@ -233,7 +236,7 @@ impl CustomOp3 for LayerNormBackwardOp {
             .map(|(dx, (x, g))| {
                 let mut acc = vec![0f32; 2 * c];
                 let (dw, db) = acc.split_at_mut(c);
-                ln_backward_rows(x, g, w, self.eps, dx, dw, db);
+                ln_backward_rows(self.isa, x, g, w, self.eps, dx, dw, db);
                 acc
             })
             .collect();
@@ -255,6 +258,7 @@ impl CustomOp3 for LayerNormBackwardOp {
 /// Gradients of `sum(layer_norm(x, w, b) * grad)` with respect to x, w and b (one fused pass on
 /// the CPU in f32, tensor ops elsewhere; the statistics are recomputed from `xs`).
 fn layer_norm_backward(
+    isa: Isa,
     xs: &Tensor,
     weight: &Tensor,
     grad: &Tensor,
@@ -267,7 +271,10 @@ fn layer_norm_backward(
             &xs.contiguous()?,
             &weight.detach().contiguous()?,
             &grad.contiguous()?,
-            &LayerNormBackwardOp { eps: eps as f32 },
+            &LayerNormBackwardOp {
+                eps: eps as f32,
+                isa,
+            },
         )?;
         let n = xs.elem_count();
         return Ok((
@@ -308,12 +315,25 @@ fn layer_norm_tensor_ops(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) 
 /// (biased variance, as PyTorch's `nn.LayerNorm`).
 ///
 /// `weight` and `bias` are (C) for an input (..., C). On the CPU in f32 this is a two-pass
-/// vectorised kernel; otherwise candle-nn's `layer_norm` (fused where candle has one).
+/// vectorised kernel; otherwise (and under the reference [`KernelPolicy`]) candle-nn's
+/// `layer_norm` (fused where candle has one). Uses the process's default policy (see
+/// [`layer_norm_last_dim_with`]).
 pub fn layer_norm_last_dim(
     xs: &Tensor,
     weight: &Tensor,
     bias: &Tensor,
     eps: f64,
+) -> Result<Tensor> {
+    layer_norm_last_dim_with(xs, weight, bias, eps, KernelPolicy::process_default()?)
+}
+
+/// [`layer_norm_last_dim`] with the CPU kernels of `policy`.
+pub fn layer_norm_last_dim_with(
+    xs: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    policy: KernelPolicy,
 ) -> Result<Tensor> {
     let c = xs.dim(D::Minus1)?;
     if weight.dims() != [c] || bias.dims() != [c] {
@@ -325,7 +345,7 @@ pub fn layer_norm_last_dim(
         );
     }
     let fast = xs.device().is_cpu()
-        && !reference_ops()
+        && policy.is_fast()
         && xs.dtype() == DType::F32
         && weight.dtype() == DType::F32
         && bias.dtype() == DType::F32;
@@ -333,7 +353,10 @@ pub fn layer_norm_last_dim(
         return xs.contiguous()?.apply_op3(
             &weight.contiguous()?,
             &bias.contiguous()?,
-            LayerNormOp { eps: eps as f32 },
+            LayerNormOp {
+                eps: eps as f32,
+                isa: policy.isa(),
+            },
         );
     }
     if super::tracks_grad(&[xs, weight, bias]) {
@@ -372,10 +395,11 @@ fn softmax_groups_generic<const FMA: bool>(src: &[f32], dst: &mut [MaybeUninit<f
     }
 }
 
-dispatch_fma!(fn softmax_groups_f32(src: &[f32], dst: &mut [MaybeUninit<f32>], p: usize) => softmax_groups_generic);
+dispatch!(fn softmax_groups_f32(src: &[f32], dst: &mut [MaybeUninit<f32>], p: usize) => softmax_groups_generic);
 
 struct SoftmaxGroupsOp {
     p: usize,
+    isa: Isa,
 }
 
 impl CustomOp1 for SoftmaxGroupsOp {
@@ -398,11 +422,11 @@ impl CustomOp1 for SoftmaxGroupsOp {
         let dst = &mut y.spare_capacity_mut()[..x.len()];
         let per_task = (PAR_CHUNK / p).max(1) * p;
         if x.len() <= PAR_CHUNK {
-            softmax_groups_f32(x, dst, p);
+            softmax_groups_f32(self.isa, x, dst, p);
         } else {
             dst.par_chunks_mut(per_task)
                 .zip(x.par_chunks(per_task))
-                .for_each(|(yc, xc)| softmax_groups_f32(xc, yc, p));
+                .for_each(|(yc, xc)| softmax_groups_f32(self.isa, xc, yc, p));
         }
         // SAFETY: `x.len()` is a multiple of `p` (checked above) and so is every chunk, the
         // chunks of `dst` and `x` pair up one to one with equal lengths, and
@@ -426,8 +450,14 @@ impl CustomOp1 for SoftmaxGroupsOp {
 /// (..., G * P) is treated as (..., G, P) and normalised over P (the DCNv3 mask). Same shape out.
 ///
 /// On the CPU in f32 this is one pass with a vectorised `exp` (about 1 ulp); otherwise a reshape
-/// and candle-nn's `softmax_last_dim`.
+/// and candle-nn's `softmax_last_dim` (also under the reference [`KernelPolicy`]). Uses the
+/// process's default policy (see [`softmax_groups_with`]).
 pub fn softmax_groups(xs: &Tensor, group_size: usize) -> Result<Tensor> {
+    softmax_groups_with(xs, group_size, KernelPolicy::process_default()?)
+}
+
+/// [`softmax_groups`] with the CPU kernels of `policy`.
+pub fn softmax_groups_with(xs: &Tensor, group_size: usize, policy: KernelPolicy) -> Result<Tensor> {
     let last = xs.dim(D::Minus1)?;
     if group_size == 0 || last % group_size != 0 {
         candle_core::bail!(
@@ -435,7 +465,7 @@ pub fn softmax_groups(xs: &Tensor, group_size: usize) -> Result<Tensor> {
             xs.dims()
         );
     }
-    let fast = xs.device().is_cpu() && !reference_ops() && xs.dtype() == DType::F32;
+    let fast = xs.device().is_cpu() && policy.is_fast() && xs.dtype() == DType::F32;
     if !fast {
         let mut dims = xs.dims().to_vec();
         dims.pop();
@@ -448,6 +478,8 @@ pub fn softmax_groups(xs: &Tensor, group_size: usize) -> Result<Tensor> {
         };
         return s.reshape(xs.shape());
     }
-    xs.contiguous()?
-        .apply_op1(SoftmaxGroupsOp { p: group_size })
+    xs.contiguous()?.apply_op1(SoftmaxGroupsOp {
+        p: group_size,
+        isa: policy.isa(),
+    })
 }

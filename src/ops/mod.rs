@@ -1,4 +1,5 @@
-//! Operators: DCNv3 and DCNv4 (CPU, CUDA, Metal) and the fast channels-last helpers the network needs.
+//! Operators: DCNv3 and DCNv4 (CPU, CUDA, Metal) and the fast channels-last helpers the network
+//! needs, as Candle ops over the generic CPU kernels of [`crate::cpu`].
 
 pub mod activation;
 pub mod conv;
@@ -7,19 +8,16 @@ pub mod dcnv4;
 pub(crate) mod dense;
 pub mod depthwise;
 pub mod fused;
-#[cfg(target_arch = "x86_64")]
-mod gelu_avx2;
-pub(crate) mod gemm;
-mod linear;
-pub(crate) mod simd;
 
-pub use activation::{gelu_erf, linear, linear_gelu};
+pub use activation::{gelu_erf, gelu_erf_with};
 pub use conv::Conv2dNhwc;
 pub use dcnv3::{dcnv3, Dcnv3Config};
 pub use dcnv4::dcnv4;
-pub use dense::{mlp, Linear};
+pub use dense::{linear, linear_gelu, mlp, Linear};
 pub use depthwise::depthwise_conv2d_nhwc;
-pub use fused::{layer_norm_last_dim, softmax_groups};
+pub use fused::{
+    layer_norm_last_dim, layer_norm_last_dim_with, softmax_groups, softmax_groups_with,
+};
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Tensor};

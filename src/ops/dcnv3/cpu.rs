@@ -14,6 +14,7 @@
 //! dense tensors for DCNv3, one interleaved, padded `offset_mask` row per pixel for DCNv4.
 
 use super::{Dcnv3Config, Dcnv3Geometry};
+use crate::cpu::Isa;
 use rayon::prelude::*;
 use std::ops::{Add, AddAssign, Mul, Sub};
 
@@ -698,14 +699,49 @@ unsafe fn forward_chunk_avx2<F: Acc>(
     forward_chunk_any::<F, true>(finite, prm, input, offset, mask, chunk, first)
 }
 
-fn has_fma() -> bool {
+/// [`forward_chunk_any`] compiled with AVX-512.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+unsafe fn forward_chunk_avx512<F: Acc>(
+    finite: bool,
+    prm: &Params<F>,
+    input: &[F],
+    offset: &[F],
+    mask: &[F],
+    chunk: &mut [F],
+    first: usize,
+) {
+    forward_chunk_any::<F, true>(finite, prm, input, offset, mask, chunk, first)
+}
+
+/// [`forward_chunk_any`] for the instruction set `isa` (portable when the CPU lacks it).
+fn forward_chunk_dispatch<F: Acc>(
+    isa: Isa,
+    finite: bool,
+    prm: &Params<F>,
+    input: &[F],
+    offset: &[F],
+    mask: &[F],
+    chunk: &mut [F],
+    first: usize,
+) {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        if isa.has_avx512() && isa.is_supported() {
+            // SAFETY: the CPU supports AVX-512 F/BW/VL/DQ, AVX2 and FMA (checked just above).
+            unsafe { forward_chunk_avx512(finite, prm, input, offset, mask, chunk, first) };
+            return;
+        }
+        if isa >= Isa::Avx2 && Isa::Avx2.is_supported() {
+            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+            unsafe { forward_chunk_avx2(finite, prm, input, offset, mask, chunk, first) };
+            return;
+        }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
+    if isa == Isa::Neon {
+        forward_chunk_any::<F, true>(finite, prm, input, offset, mask, chunk, first)
+    } else {
+        forward_chunk_any::<F, false>(finite, prm, input, offset, mask, chunk, first)
     }
 }
 
@@ -721,7 +757,9 @@ fn pixels_per_task(total_px: usize, channels: usize) -> usize {
 
 /// Forward: writes the core (input, offset, mask) into `out` (length `g.output_len()`), the
 /// offsets and masks read as `lay` says (for DCNv4, `offset` and `mask` are the same buffer).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn forward<F: Acc>(
+    isa: Isa,
     cfg: &Dcnv3Config,
     g: &Dcnv3Geometry,
     lay: PointLayout,
@@ -732,7 +770,6 @@ pub(crate) fn forward<F: Acc>(
 ) {
     let prm = Params::<F>::new(cfg, g, lay);
     let chunk_px = pixels_per_task(g.out_pixels(), g.channels);
-    let fma = has_fma();
     // The branch-free kernel needs image offsets in i32 and an input without NaN/inf (so that
     // zero-weight taps contribute exactly zero).
     let img_len = g.h_in * g.w_in * g.channels;
@@ -744,14 +781,7 @@ pub(crate) fn forward<F: Acc>(
         .enumerate()
         .for_each(|(ci, chunk)| {
             let first = ci * chunk_px;
-            #[cfg(target_arch = "x86_64")]
-            if fma {
-                // SAFETY: the CPU supports AVX2 and FMA (checked by `has_fma`).
-                unsafe { forward_chunk_avx2(finite, &prm, input, offset, mask, chunk, first) };
-                return;
-            }
-            let _ = fma;
-            forward_chunk_any::<F, false>(finite, &prm, input, offset, mask, chunk, first);
+            forward_chunk_dispatch(isa, finite, &prm, input, offset, mask, chunk, first);
         });
 }
 
@@ -904,8 +934,26 @@ unsafe fn backward_range_avx2<F: Acc>(
     backward_range::<F, true>(prm, pixels, input, offset, mask, grad_out, gin, rows)
 }
 
+/// [`backward_range`] compiled with AVX-512.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn backward_range_avx512<F: Acc>(
+    prm: &Params<F>,
+    pixels: std::ops::Range<usize>,
+    input: &[F],
+    offset: &[F],
+    mask: &[F],
+    grad_out: &[F],
+    gin: &mut [F],
+    rows: GradRows<'_, F>,
+) {
+    backward_range::<F, true>(prm, pixels, input, offset, mask, grad_out, gin, rows)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn backward_range_dispatch<F: Acc>(
+    isa: Isa,
     prm: &Params<F>,
     pixels: std::ops::Range<usize>,
     input: &[F],
@@ -916,12 +964,23 @@ fn backward_range_dispatch<F: Acc>(
     rows: GradRows<'_, F>,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if has_fma() {
-        // SAFETY: the CPU supports AVX2 and FMA (checked by `has_fma`).
-        unsafe { backward_range_avx2(prm, pixels, input, offset, mask, grad_out, gin, rows) };
-        return;
+    {
+        if isa.has_avx512() && isa.is_supported() {
+            // SAFETY: the CPU supports AVX-512 F/BW/VL/DQ, AVX2 and FMA (checked just above).
+            unsafe { backward_range_avx512(prm, pixels, input, offset, mask, grad_out, gin, rows) };
+            return;
+        }
+        if isa >= Isa::Avx2 && Isa::Avx2.is_supported() {
+            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+            unsafe { backward_range_avx2(prm, pixels, input, offset, mask, grad_out, gin, rows) };
+            return;
+        }
     }
-    backward_range::<F, false>(prm, pixels, input, offset, mask, grad_out, gin, rows)
+    if isa == Isa::Neon {
+        backward_range::<F, true>(prm, pixels, input, offset, mask, grad_out, gin, rows)
+    } else {
+        backward_range::<F, false>(prm, pixels, input, offset, mask, grad_out, gin, rows)
+    }
 }
 
 /// Backward: fills `gin` (length `g.input_len()`, zero-initialised) and the offset/mask
@@ -933,6 +992,7 @@ fn backward_range_dispatch<F: Acc>(
 /// gradient buffer (one image in size) that is summed at the end.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward<F: Acc>(
+    isa: Isa,
     cfg: &Dcnv3Config,
     g: &Dcnv3Geometry,
     lay: PointLayout,
@@ -959,6 +1019,7 @@ pub(crate) fn backward<F: Acc>(
             let first = n * hw_out;
             if splits == 1 {
                 backward_range_dispatch(
+                    isa,
                     &prm,
                     first..first + hw_out,
                     input,
@@ -985,6 +1046,7 @@ pub(crate) fn backward<F: Acc>(
                     let start = s * per;
                     let end = (start + per).min(hw_out);
                     backward_range_dispatch(
+                        isa,
                         &prm,
                         first + start..first + end,
                         input,

@@ -23,6 +23,7 @@ mod validate;
 
 pub use validate::Dcnv3Geometry;
 
+use crate::cpu::{Isa, KernelPolicy};
 use crate::ops::contiguous_slice;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
@@ -116,13 +117,26 @@ fn check_args(
 /// Any strides are accepted (views are made contiguous first); all three tensors must share dtype
 /// (f32, f16, bf16 or f64) and device. Errors (never panics) on mismatched dtypes/devices, wrong
 /// ranks or shapes, zero-sized dimensions and invalid configs. Offsets that are NaN or infinite
-/// sample nothing. Differentiable: gradients flow to all three inputs.
+/// sample nothing. Differentiable: gradients flow to all three inputs. The CPU kernels follow
+/// the process's default [`KernelPolicy`] (see [`dcnv3_with`]).
 pub fn dcnv3(input: &Tensor, offset: &Tensor, mask: &Tensor, cfg: &Dcnv3Config) -> Result<Tensor> {
+    dcnv3_with(input, offset, mask, cfg, KernelPolicy::process_default()?)
+}
+
+/// [`dcnv3`] with the CPU kernels of `policy` (the reference policy runs the portable kernel:
+/// there is no Candle-op version of the core).
+pub fn dcnv3_with(
+    input: &Tensor,
+    offset: &Tensor,
+    mask: &Tensor,
+    cfg: &Dcnv3Config,
+    policy: KernelPolicy,
+) -> Result<Tensor> {
     check_args(input, offset, mask, cfg)?;
     let input = input.contiguous()?;
     let offset = offset.contiguous()?;
     let mask = mask.contiguous()?;
-    input.apply_op3(&offset, &mask, Dcnv3Op::new(*cfg))
+    input.apply_op3(&offset, &mask, Dcnv3Op::with_isa(*cfg, policy.isa()))
 }
 
 /// Gradients of `sum(dcnv3(input, offset, mask) * grad_out)` with respect to input, offset and
@@ -133,6 +147,25 @@ pub fn dcnv3_backward(
     mask: &Tensor,
     grad_out: &Tensor,
     cfg: &Dcnv3Config,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    backward_with_isa(
+        input,
+        offset,
+        mask,
+        grad_out,
+        cfg,
+        KernelPolicy::process_default()?.isa(),
+    )
+}
+
+/// [`dcnv3_backward`] on the kernels of `isa`.
+fn backward_with_isa(
+    input: &Tensor,
+    offset: &Tensor,
+    mask: &Tensor,
+    grad_out: &Tensor,
+    cfg: &Dcnv3Config,
+    isa: Isa,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let g = check_args(input, offset, mask, cfg)?;
     let want = [g.n, g.h_out, g.w_out, g.channels];
@@ -157,7 +190,7 @@ pub fn dcnv3_backward(
         &input.detach().contiguous()?,
         &offset_mask,
         &grad_out.detach().contiguous()?,
-        &Dcnv3BackwardOp::new(*cfg),
+        &Dcnv3BackwardOp::with_isa(*cfg, isa),
     )?;
     let (a, b, c) = (g.input_len(), g.offset_len(), g.mask_len());
     Ok((
@@ -174,12 +207,19 @@ pub fn dcnv3_backward(
 pub struct Dcnv3Op {
     /// The operator's geometry.
     pub cfg: Dcnv3Config,
+    /// The instruction set of the CPU kernel (the portable kernel runs when the CPU lacks it).
+    pub isa: Isa,
 }
 
 impl Dcnv3Op {
-    /// Wraps a config.
+    /// Wraps a config; the CPU kernel runs on the widest instruction set of the CPU.
     pub fn new(cfg: Dcnv3Config) -> Self {
-        Self { cfg }
+        Self::with_isa(cfg, Isa::detect())
+    }
+
+    /// Wraps a config; the CPU kernel runs on `isa`.
+    pub fn with_isa(cfg: Dcnv3Config, isa: Isa) -> Self {
+        Self { cfg, isa }
     }
 }
 
@@ -195,12 +235,19 @@ impl Dcnv3Op {
 pub struct Dcnv3BackwardOp {
     /// The operator's geometry.
     pub cfg: Dcnv3Config,
+    /// The instruction set of the CPU kernel (the portable kernel runs when the CPU lacks it).
+    pub isa: Isa,
 }
 
 impl Dcnv3BackwardOp {
-    /// Wraps a config.
+    /// Wraps a config; the CPU kernel runs on the widest instruction set of the CPU.
     pub fn new(cfg: Dcnv3Config) -> Self {
-        Self { cfg }
+        Self::with_isa(cfg, Isa::detect())
+    }
+
+    /// Wraps a config; the CPU kernel runs on `isa`.
+    pub fn with_isa(cfg: Dcnv3Config, isa: Isa) -> Self {
+        Self { cfg, isa }
     }
 
     /// Geometry of a backward call from the shapes of its three arguments.
@@ -255,7 +302,7 @@ impl CpuKernel<3> for Dcnv3Op {
     fn run<F: cpu::Acc>(&self, g: &Dcnv3Geometry, [input, offset, mask]: [&[F]; 3]) -> Vec<F> {
         let mut out = vec![F::ZERO; g.output_len()];
         let lay = cpu::PointLayout::dcnv3(g);
-        cpu::forward(&self.cfg, g, lay, input, offset, mask, &mut out);
+        cpu::forward(self.isa, &self.cfg, g, lay, input, offset, mask, &mut out);
         out
     }
 }
@@ -278,7 +325,9 @@ impl CpuKernel<3> for Dcnv3BackwardOp {
             mask: Some(gmask),
         };
         let lay = cpu::PointLayout::dcnv3(g);
-        cpu::backward(&self.cfg, g, lay, input, offset, mask, grad_out, gin, rows);
+        cpu::backward(
+            self.isa, &self.cfg, g, lay, input, offset, mask, grad_out, gin, rows,
+        );
         packed
     }
 }
@@ -396,7 +445,7 @@ impl CustomOp3 for Dcnv3Op {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (gi, go, gm) = dcnv3_backward(input, offset, mask, grad_res, &self.cfg)?;
+        let (gi, go, gm) = backward_with_isa(input, offset, mask, grad_res, &self.cfg, self.isa)?;
         Ok((Some(gi), Some(go), Some(gm)))
     }
 }

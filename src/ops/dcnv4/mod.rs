@@ -12,6 +12,7 @@
 
 mod validate;
 
+use crate::cpu::{Isa, KernelPolicy};
 use crate::ops::dcnv3::cpu::{self, GradRows, PointLayout};
 #[cfg(any(feature = "cuda", feature = "metal"))]
 use crate::ops::dcnv3::launch::Core;
@@ -56,12 +57,23 @@ fn check_args(input: &Tensor, offset_mask: &Tensor, cfg: &Dcnv3Config) -> Result
 /// (no softmax). Any strides are accepted; both tensors must share dtype (f32, f16, bf16 with
 /// f32 accumulation, or f64) and device. Errors (never panics) on bad shapes, dtypes, devices
 /// or configs. Differentiable: gradients flow to the input and to offset_mask (zero in its
-/// padding columns).
+/// padding columns). The CPU kernels follow the process's default [`KernelPolicy`] (see
+/// [`dcnv4_with`]).
 pub fn dcnv4(input: &Tensor, offset_mask: &Tensor, cfg: &Dcnv3Config) -> Result<Tensor> {
+    dcnv4_with(input, offset_mask, cfg, KernelPolicy::process_default()?)
+}
+
+/// [`dcnv4`] with the CPU kernels of `policy` (the reference policy runs the portable kernel).
+pub fn dcnv4_with(
+    input: &Tensor,
+    offset_mask: &Tensor,
+    cfg: &Dcnv3Config,
+    policy: KernelPolicy,
+) -> Result<Tensor> {
     check_args(input, offset_mask, cfg)?;
     let input = input.contiguous()?;
     let offset_mask = offset_mask.contiguous()?;
-    input.apply_op2(&offset_mask, Dcnv4Op::new(*cfg))
+    input.apply_op2(&offset_mask, Dcnv4Op::with_isa(*cfg, policy.isa()))
 }
 
 /// The resolved geometry of a DCNv4 call (that of the DCNv3 call on the unpacked arguments),
@@ -85,6 +97,18 @@ pub fn dcnv4_backward(
     grad_out: &Tensor,
     cfg: &Dcnv3Config,
 ) -> Result<(Tensor, Tensor)> {
+    let isa = KernelPolicy::process_default()?.isa();
+    backward_with_isa(input, offset_mask, grad_out, cfg, isa)
+}
+
+/// [`dcnv4_backward`] on the kernels of `isa`.
+fn backward_with_isa(
+    input: &Tensor,
+    offset_mask: &Tensor,
+    grad_out: &Tensor,
+    cfg: &Dcnv3Config,
+    isa: Isa,
+) -> Result<(Tensor, Tensor)> {
     let g = check_args(input, offset_mask, cfg)?;
     let want = [g.n, g.h_out, g.w_out, g.channels];
     if grad_out.dims() != want {
@@ -104,7 +128,7 @@ pub fn dcnv4_backward(
         &input.detach().contiguous()?,
         &offset_mask.detach().contiguous()?,
         &grad_out.detach().contiguous()?,
-        &Dcnv4BackwardOp::new(*cfg),
+        &Dcnv4BackwardOp::with_isa(*cfg, isa),
     )?;
     let a = g.input_len();
     let b = offset_mask.elem_count();
@@ -121,12 +145,19 @@ pub fn dcnv4_backward(
 pub struct Dcnv4Op {
     /// The operator's geometry.
     pub cfg: Dcnv3Config,
+    /// The instruction set of the CPU kernel (the portable kernel runs when the CPU lacks it).
+    pub isa: Isa,
 }
 
 impl Dcnv4Op {
-    /// Wraps a config.
+    /// Wraps a config; the CPU kernel runs on the widest instruction set of the CPU.
     pub fn new(cfg: Dcnv3Config) -> Self {
-        Self { cfg }
+        Self::with_isa(cfg, Isa::detect())
+    }
+
+    /// Wraps a config; the CPU kernel runs on `isa`.
+    pub fn with_isa(cfg: Dcnv3Config, isa: Isa) -> Self {
+        Self { cfg, isa }
     }
 }
 
@@ -140,12 +171,19 @@ impl Dcnv4Op {
 pub struct Dcnv4BackwardOp {
     /// The operator's geometry.
     pub cfg: Dcnv3Config,
+    /// The instruction set of the CPU kernel (the portable kernel runs when the CPU lacks it).
+    pub isa: Isa,
 }
 
 impl Dcnv4BackwardOp {
-    /// Wraps a config.
+    /// Wraps a config; the CPU kernel runs on the widest instruction set of the CPU.
     pub fn new(cfg: Dcnv3Config) -> Self {
-        Self { cfg }
+        Self::with_isa(cfg, Isa::detect())
+    }
+
+    /// Wraps a config; the CPU kernel runs on `isa`.
+    pub fn with_isa(cfg: Dcnv3Config, isa: Isa) -> Self {
+        Self { cfg, isa }
     }
 
     /// Geometry of a backward call from the shapes of its three arguments.
@@ -173,7 +211,7 @@ impl CpuKernel<2> for Dcnv4Op {
     fn run<F: cpu::Acc>(&self, g: &Dcnv3Geometry, [input, om]: [&[F]; 2]) -> Vec<F> {
         let mut out = vec![F::ZERO; g.output_len()];
         let lay = PointLayout::dcnv4(g, offset_mask_channels(&self.cfg));
-        cpu::forward(&self.cfg, g, lay, input, om, om, &mut out);
+        cpu::forward(self.isa, &self.cfg, g, lay, input, om, om, &mut out);
         out
     }
 }
@@ -191,7 +229,9 @@ impl CpuKernel<3> for Dcnv4BackwardOp {
             off: gom,
             mask: None,
         };
-        cpu::backward(&self.cfg, g, lay, input, om, om, grad_out, gin, rows);
+        cpu::backward(
+            self.isa, &self.cfg, g, lay, input, om, om, grad_out, gin, rows,
+        );
         packed
     }
 }
@@ -243,7 +283,7 @@ impl CustomOp2 for Dcnv4Op {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (gi, gom) = dcnv4_backward(input, offset_mask, grad_res, &self.cfg)?;
+        let (gi, gom) = backward_with_isa(input, offset_mask, grad_res, &self.cfg, self.isa)?;
         Ok((Some(gi), Some(gom)))
     }
 }

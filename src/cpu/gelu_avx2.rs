@@ -5,7 +5,7 @@
 //! arbitrary-precision `erf` (absolute error below 7.5e-8 including f32 rounding, about one ulp
 //! of 1). Each lane picks its interval's coefficients with one `vpermps` per coefficient, so a
 //! vector costs about 25 instructions and no `exp`, where the two-branch formula of
-//! [`super::activation`] (still used without AVX2) needs both branches and an `exp`.
+//! [`super::gelu`] (still used without AVX2) needs both branches and an `exp`.
 
 use std::arch::x86_64::*;
 
@@ -137,25 +137,16 @@ unsafe fn gelu8(x: __m256) -> __m256 {
 /// zero-padded stack vector.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn map8(src: *const f32, dst: *mut f32, len: usize, bias: Option<&[f32]>) {
+unsafe fn map8(src: *const f32, dst: *mut f32, len: usize) {
     let mut i = 0;
     while i + 8 <= len {
-        let mut v = _mm256_loadu_ps(src.add(i));
-        if let Some(b) = bias {
-            v = _mm256_add_ps(v, _mm256_loadu_ps(b.as_ptr().add(i)));
-        }
-        _mm256_storeu_ps(dst.add(i), gelu8(v));
+        _mm256_storeu_ps(dst.add(i), gelu8(_mm256_loadu_ps(src.add(i))));
         i += 8;
     }
     if i < len {
         let rest = len - i;
         let mut buf = [0f32; 8];
         std::ptr::copy_nonoverlapping(src.add(i), buf.as_mut_ptr(), rest);
-        if let Some(b) = bias {
-            for (v, &bv) in buf.iter_mut().zip(&b[i..len]) {
-                *v += bv;
-            }
-        }
         _mm256_storeu_ps(buf.as_mut_ptr(), gelu8(_mm256_loadu_ps(buf.as_ptr())));
         std::ptr::copy_nonoverlapping(buf.as_ptr(), dst.add(i), rest);
     }
@@ -169,7 +160,7 @@ unsafe fn map8(src: *const f32, dst: *mut f32, len: usize, bias: Option<&[f32]>)
 #[target_feature(enable = "avx2,fma")]
 pub(crate) unsafe fn gelu_into(src: &[f32], dst: &mut [std::mem::MaybeUninit<f32>]) {
     let len = src.len().min(dst.len());
-    map8(src.as_ptr(), dst.as_mut_ptr().cast::<f32>(), len, None)
+    map8(src.as_ptr(), dst.as_mut_ptr().cast::<f32>(), len)
 }
 
 /// `xs[i] = gelu(xs[i])`.
@@ -179,16 +170,5 @@ pub(crate) unsafe fn gelu_into(src: &[f32], dst: &mut [std::mem::MaybeUninit<f32
 #[target_feature(enable = "avx2,fma")]
 pub(crate) unsafe fn gelu_inplace(xs: &mut [f32]) {
     let p = xs.as_mut_ptr();
-    map8(p, p, xs.len(), None)
-}
-
-/// `xs[i] = gelu(xs[i] + bias[i])` (`bias` at least as long as `xs`).
-///
-/// # Safety
-/// The CPU supports AVX2 and FMA; `bias.len() >= xs.len()`.
-#[target_feature(enable = "avx2,fma")]
-pub(crate) unsafe fn bias_gelu_inplace(xs: &mut [f32], bias: &[f32]) {
-    let p = xs.as_mut_ptr();
-    let len = xs.len().min(bias.len());
-    map8(p, p, len, Some(bias))
+    map8(p, p, xs.len())
 }

@@ -1,0 +1,313 @@
+//! The generic CPU kernels (GEMM, GELU, element-wise math) and the one place that decides which
+//! instruction set they run on.
+//!
+//! Nothing here knows about tensors: the kernels take slices, and the operators of
+//! [`crate::ops`] wrap them as Candle ops. Which kernels a model uses is a [`KernelPolicy`],
+//! captured when the model is built (the environment only sets the default, see
+//! [`KernelPolicy::from_env`]).
+
+pub(crate) mod gelu;
+#[cfg(target_arch = "x86_64")]
+mod gelu_avx2;
+pub(crate) mod gemm;
+pub(crate) mod simd;
+
+use candle_core::Result;
+use std::fmt;
+
+/// A CPU instruction set the kernels have a path for, from the most portable to the widest.
+///
+/// On x86-64 the order is `Portable < Avx2 < Avx512 < Avx512Bf16`: each level includes the
+/// previous ones. `Neon` is the aarch64 path (baseline on that architecture).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Isa {
+    /// Plain Rust, auto-vectorised for the build's baseline target: runs on any CPU.
+    Portable,
+    /// x86-64 with AVX2 and FMA (256-bit vectors).
+    Avx2,
+    /// x86-64 with AVX-512 F/BW/VL/DQ (512-bit vectors), plus AVX2 and FMA.
+    Avx512,
+    /// [`Isa::Avx512`] plus AVX512_BF16 (`VDPBF16PS`): bf16 weights with f32 accumulation.
+    Avx512Bf16,
+    /// aarch64 with NEON (128-bit vectors, fused multiply-add).
+    Neon,
+}
+
+impl Isa {
+    /// Every variant, most portable first.
+    pub const ALL: [Isa; 5] = [
+        Isa::Portable,
+        Isa::Avx2,
+        Isa::Avx512,
+        Isa::Avx512Bf16,
+        Isa::Neon,
+    ];
+
+    /// The name used by `INTERNIMAGE_ISA` and in messages: `portable`, `avx2`, `avx512`,
+    /// `avx512bf16`, `neon`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Portable => "portable",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+            Isa::Avx512Bf16 => "avx512bf16",
+            Isa::Neon => "neon",
+        }
+    }
+
+    /// Parses a [`Isa::name`] (case-insensitive; `-` and `_` are ignored).
+    pub fn parse(s: &str) -> Result<Self> {
+        let key: String = s
+            .chars()
+            .filter(|c| !matches!(c, '-' | '_'))
+            .collect::<String>()
+            .to_ascii_lowercase();
+        Self::ALL
+            .into_iter()
+            .find(|isa| isa.name() == key)
+            .ok_or_else(|| {
+                let names: Vec<_> = Self::ALL.iter().map(|i| i.name()).collect();
+                candle_core::Error::msg(format!(
+                    "unknown instruction set {s:?}; expected one of {}",
+                    names.join(", ")
+                ))
+            })
+    }
+
+    /// Whether the running CPU can execute this path (detected once, then a cached bit test).
+    pub fn is_supported(self) -> bool {
+        static SUPPORTED: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
+        let mask = SUPPORTED.get_or_init(|| {
+            Self::ALL
+                .iter()
+                .enumerate()
+                .filter(|(_, isa)| isa.detect_now())
+                .fold(0u8, |m, (i, _)| m | (1 << i))
+        });
+        mask & (1 << self as u8) != 0
+    }
+
+    fn detect_now(self) -> bool {
+        match self {
+            Isa::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => x86::avx2(),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => x86::avx512(),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Bf16 => x86::avx512_bf16(),
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => std::arch::is_aarch64_feature_detected!("neon"),
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+
+    /// The widest path the running CPU supports.
+    pub fn detect() -> Self {
+        Self::ALL
+            .into_iter()
+            .rev()
+            .find(|isa| isa.is_supported())
+            .unwrap_or(Isa::Portable)
+    }
+
+    /// Every path the running CPU supports, most portable first (the tests run each).
+    pub fn supported() -> Vec<Self> {
+        Self::ALL
+            .into_iter()
+            .filter(|isa| isa.is_supported())
+            .collect()
+    }
+
+    /// Whether the AVX-512 kernels may run.
+    pub(crate) fn has_avx512(self) -> bool {
+        matches!(self, Isa::Avx512 | Isa::Avx512Bf16)
+    }
+}
+
+impl fmt::Display for Isa {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::is_x86_feature_detected as has;
+
+    pub(super) fn avx2() -> bool {
+        has!("avx2") && has!("fma")
+    }
+
+    pub(super) fn avx512() -> bool {
+        avx2() && has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512dq")
+    }
+
+    pub(super) fn avx512_bf16() -> bool {
+        avx512() && has!("avx512bf16")
+    }
+}
+
+/// Which CPU kernels a model runs, captured when it is built.
+///
+/// * [`KernelPolicy::fast`] (the default): this crate's kernels on the widest instruction set
+///   the CPU supports.
+/// * [`KernelPolicy::with_isa`]: the same kernels on one given instruction set (for example
+///   `Isa::Avx2` on an AVX-512 machine, or `Isa::Portable` to test the path CPUs without SIMD
+///   extensions take). Asking for a set the CPU lacks is an error.
+/// * [`KernelPolicy::reference`]: Candle's generic tensor ops wherever a fast kernel exists
+///   (benchmark baselines and debugging).
+///
+/// Every policy gives the same results within the fixture tolerances and keeps every gradient:
+/// a tensor that tracks a gradient always takes a differentiable path. GPUs ignore the policy.
+///
+/// ```
+/// use internimage::{Isa, KernelPolicy};
+/// let fast = KernelPolicy::fast();
+/// assert!(fast.isa().is_supported());
+/// let portable = KernelPolicy::with_isa(Isa::Portable).unwrap();
+/// assert_eq!(portable.isa(), Isa::Portable);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KernelPolicy {
+    isa: Isa,
+    reference: bool,
+}
+
+/// The environment variable that selects [`KernelPolicy::reference`] (any value but `0`).
+pub const ENV_REFERENCE_OPS: &str = "INTERNIMAGE_REFERENCE_OPS";
+/// The environment variable that selects [`KernelPolicy::with_isa`] (an [`Isa::name`]).
+pub const ENV_ISA: &str = "INTERNIMAGE_ISA";
+
+impl KernelPolicy {
+    /// This crate's kernels on the widest instruction set of the running CPU.
+    pub fn fast() -> Self {
+        Self {
+            isa: Isa::detect(),
+            reference: false,
+        }
+    }
+
+    /// This crate's kernels on `isa`; an error naming both when the CPU lacks it.
+    pub fn with_isa(isa: Isa) -> Result<Self> {
+        if !isa.is_supported() {
+            candle_core::bail!(
+                "the kernel policy asks for the {isa} instruction set, but this CPU supports {} \
+                 (widest: {}); pick one of those, or leave {ENV_ISA} unset",
+                Isa::supported()
+                    .iter()
+                    .map(|i| i.name())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                Isa::detect()
+            )
+        }
+        Ok(Self {
+            isa,
+            reference: false,
+        })
+    }
+
+    /// Candle's generic ops wherever this crate has a fast kernel.
+    pub fn reference() -> Self {
+        Self {
+            isa: Isa::Portable,
+            reference: true,
+        }
+    }
+
+    /// The default from the environment: [`KernelPolicy::reference`] when
+    /// `INTERNIMAGE_REFERENCE_OPS` is set (to anything but `0`), else
+    /// [`KernelPolicy::with_isa`] of `INTERNIMAGE_ISA` when set, else [`KernelPolicy::fast`].
+    /// Read each time it is called (models call it when they are built).
+    pub fn from_env() -> Result<Self> {
+        let reference =
+            std::env::var_os(ENV_REFERENCE_OPS).is_some_and(|v| !v.is_empty() && v != "0");
+        if reference {
+            return Ok(Self::reference());
+        }
+        match std::env::var(ENV_ISA) {
+            Ok(name) if !name.trim().is_empty() => Self::with_isa(Isa::parse(name.trim())?)
+                .map_err(|e| candle_core::Error::msg(format!("{ENV_ISA}={name}: {e}"))),
+            _ => Ok(Self::fast()),
+        }
+    }
+
+    /// The instruction set of the fast kernels ([`Isa::Portable`] for the reference policy).
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    /// Whether Candle's generic ops replace the fast kernels.
+    pub fn is_reference(&self) -> bool {
+        self.reference
+    }
+
+    /// Whether the fast kernels run (not the reference policy).
+    pub(crate) fn is_fast(&self) -> bool {
+        !self.reference
+    }
+
+    /// The process default for the free functions of [`crate::ops`] that take no policy: read
+    /// from the environment once, at the first call.
+    pub(crate) fn process_default() -> Result<Self> {
+        static DEFAULT: std::sync::OnceLock<std::result::Result<KernelPolicy, String>> =
+            std::sync::OnceLock::new();
+        DEFAULT
+            .get_or_init(|| Self::from_env().map_err(|e| e.to_string()))
+            .clone()
+            .map_err(candle_core::Error::msg)
+    }
+}
+
+impl Default for KernelPolicy {
+    /// [`KernelPolicy::fast`].
+    fn default() -> Self {
+        Self::fast()
+    }
+}
+
+impl fmt::Display for KernelPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.reference {
+            f.write_str("reference")
+        } else {
+            write!(f, "fast ({})", self.isa)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_unknown_names_are_errors() {
+        for isa in Isa::ALL {
+            assert_eq!(Isa::parse(isa.name()).unwrap(), isa);
+        }
+        assert_eq!(Isa::parse("AVX-512_BF16").unwrap(), Isa::Avx512Bf16);
+        let err = Isa::parse("sse9").unwrap_err().to_string();
+        assert!(err.contains("sse9") && err.contains("avx2"), "{err}");
+    }
+
+    #[test]
+    fn unsupported_isa_is_an_error_naming_both() {
+        let missing = Isa::ALL.into_iter().find(|i| !i.is_supported());
+        // Neon on x86-64, the x86 sets on aarch64: there is always one.
+        let missing = missing.expect("some instruction set is foreign to this CPU");
+        let err = KernelPolicy::with_isa(missing).unwrap_err().to_string();
+        assert!(err.contains(missing.name()), "{err}");
+        assert!(err.contains(Isa::detect().name()), "{err}");
+    }
+
+    #[test]
+    fn detection_is_consistent() {
+        let best = Isa::detect();
+        assert!(best.is_supported() && Isa::Portable.is_supported());
+        assert!(Isa::supported().contains(&best));
+        assert_eq!(KernelPolicy::fast().isa(), best);
+        assert!(KernelPolicy::reference().is_reference());
+    }
+}
