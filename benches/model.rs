@@ -189,6 +189,9 @@ struct Case {
     name: &'static str,
     /// Run with candle's generic ops instead of ours.
     reference: bool,
+    /// Cap the kernels at this instruction set (`INTERNIMAGE_ISA`; the case is skipped when the
+    /// CPU lacks it).
+    isa: Option<&'static str>,
     what: &'static str,
 }
 
@@ -196,58 +199,88 @@ const CASES: &[Case] = &[
     Case {
         name: "t224_b1",
         reference: false,
+        isa: None,
         what: "T, 224x224, batch 1, logits",
     },
     Case {
         name: "t224_b8",
         reference: false,
+        isa: None,
         what: "T, 224x224, batch 8, logits",
     },
     Case {
         name: "flash_t224_b1",
         reference: false,
+        isa: None,
         what: "FlashInternImage-T, 224x224, batch 1, logits",
     },
     Case {
         name: "flash_t224_b8",
         reference: false,
+        isa: None,
         what: "FlashInternImage-T, 224x224, batch 8, logits",
     },
     Case {
         name: "t512_backbone_b1",
         reference: false,
+        isa: None,
         what: "T backbone, 512x512, batch 1, 4 stages",
+    },
+    Case {
+        name: "t224_b1_avx2",
+        reference: false,
+        isa: Some("avx2"),
+        what: "T, 224x224, batch 1, logits, kernels capped at AVX2",
+    },
+    Case {
+        name: "t224_b8_avx2",
+        reference: false,
+        isa: Some("avx2"),
+        what: "T, 224x224, batch 8, logits, kernels capped at AVX2",
+    },
+    Case {
+        name: "t224_b1_portable",
+        reference: false,
+        isa: Some("portable"),
+        what: "T, 224x224, batch 1, logits, portable kernels (no SIMD extension)",
     },
     Case {
         name: "t224_b1_reference",
         reference: true,
+        isa: None,
         what: "T, 224, batch 1, candle gelu_erf + grouped conv2d",
     },
     Case {
         name: "t224_b8_reference",
         reference: true,
+        isa: None,
         what: "T, 224, batch 8, candle gelu_erf + grouped conv2d",
     },
     Case {
         name: "train_t224_b8",
         reference: false,
+        isa: None,
         what: "T, 224, batch 8, one training step (forward, backward, AdamW)",
     },
     Case {
         name: "ops",
         reference: false,
+        isa: None,
         what: "single operators, candle vs ours",
     },
     Case {
         name: "breakdown",
         reference: false,
+        isa: None,
         what: "T 224 batch 1 forward rebuilt from the crate ops, timed alone",
     },
 ];
 
 /// One model case in this process: prints `RESULT <name> <ms/img> <img/s> <rss MiB>`.
 fn run_model_case(name: &str) -> Result<()> {
-    let base = name.trim_end_matches("_reference");
+    let base = ["_reference", "_avx2", "_portable", "_bf16"]
+        .iter()
+        .fold(name, |n, s| n.trim_end_matches(s));
     let flash = base.starts_with("flash_");
     let (size, batch, backbone) = match base.trim_start_matches("flash_") {
         "t224_b1" => (224, 1, false),
@@ -562,8 +595,10 @@ fn main() {
         }
     };
     println!(
-        "InternImage-T CPU benchmark: {} threads (candle get_num_threads), f32, random N(0, 0.02) weights, {}",
+        "InternImage-T CPU benchmark: {} threads (candle get_num_threads), f32, random N(0, 0.02) weights, kernels {} (CPU supports {:?}), {}",
         candle_core::utils::get_num_threads(),
+        internimage::KernelPolicy::fast(),
+        internimage::Isa::supported(),
         if use_cpu_time() { "CPU time of all threads (BENCH_CPU_TIME)" } else { "wall time" }
     );
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
@@ -588,6 +623,19 @@ fn main() {
             cmd.env("INTERNIMAGE_REFERENCE_OPS", "1");
         } else {
             cmd.env_remove("INTERNIMAGE_REFERENCE_OPS");
+        }
+        match case.isa {
+            Some(name) => {
+                let supported = internimage::Isa::parse(name).is_ok_and(|i| i.is_supported());
+                if !supported {
+                    eprintln!("  skipped: this CPU has no {name}");
+                    continue;
+                }
+                cmd.env("INTERNIMAGE_ISA", name);
+            }
+            None => {
+                cmd.env_remove("INTERNIMAGE_ISA");
+            }
         }
         let out = match cmd.output() {
             Ok(o) => o,

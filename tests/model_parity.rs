@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use common::{
     fixture_tensors, manifest, max_violation as compare, net_config as config, net_weights,
 };
-use internimage::InternImage;
+use internimage::{InternImage, Isa, KernelPolicy};
 use std::collections::HashMap;
 
 fn inputs() -> HashMap<String, Tensor> {
@@ -15,9 +15,16 @@ fn inputs() -> HashMap<String, Tensor> {
 }
 
 fn run_parity(net: &str, weights_ext: &str) {
+    run_parity_with(net, weights_ext, KernelPolicy::fast());
+}
+
+fn run_parity_with(net: &str, weights_ext: &str, policy: KernelPolicy) {
     let cfg = config(net);
     let path = net_weights(net, weights_ext);
-    let model = InternImage::from_checkpoint(&cfg, &path, DType::F32, &Device::Cpu).unwrap();
+    let model =
+        InternImage::from_checkpoint_with_policy(&cfg, &path, DType::F32, &Device::Cpu, policy)
+            .unwrap();
+    assert_eq!(model.kernel_policy(), policy);
     let expected = fixture_tensors(&format!("expected/{net}.safetensors"));
     let manifest = manifest();
     let tensors = manifest["models"][net]["tensors"].as_object().unwrap();
@@ -66,14 +73,14 @@ fn run_parity(net: &str, weights_ext: &str) {
     );
     assert!(
         failures.is_empty(),
-        "{net} from .{weights_ext}: {} of {} tensors fail:\n{}",
+        "{net} from .{weights_ext} ({policy}): {} of {} tensors fail:\n{}",
         failures.len(),
         expected.len(),
         failures.join("\n")
     );
     assert!(checked >= 19, "only {checked} tensors compared");
     println!(
-        "{net} from .{weights_ext}: {checked} tensors within tolerance, max |diff| {worst_abs:.2e}"
+        "{net} from .{weights_ext} ({policy}): {checked} tensors within tolerance, max |diff| {worst_abs:.2e}"
     );
 }
 
@@ -95,6 +102,25 @@ fn tiny_h_pth() {
 #[test]
 fn tiny_h_safetensors() {
     run_parity("tiny_h", "safetensors");
+}
+
+/// Every kernel policy this CPU can run (each instruction set, the portable path a CPU without
+/// SIMD extensions takes, and candle's reference ops) gives the official outputs, in one process.
+#[test]
+fn every_kernel_policy_matches_the_goldens() {
+    let mut policies = vec![KernelPolicy::reference()];
+    for isa in Isa::supported() {
+        policies.push(KernelPolicy::with_isa(isa).unwrap());
+    }
+    assert!(
+        policies.len() >= 3,
+        "reference, portable and at least one SIMD path"
+    );
+    for policy in policies {
+        for net in ["tiny_b", "tiny_h"] {
+            run_parity_with(net, "pth", policy);
+        }
+    }
 }
 
 /// The top-1 class of the photo agrees, and the backbone built from the same file gives the

@@ -176,7 +176,7 @@ pub fn dcnv3_fixtures(dir: &str) -> (Value, HashMap<String, Tensor>) {
     (json, tensors)
 }
 
-/// The [`Dcnv3Config`] of one entry of `dcnv3_ops.json`'s `cases`.
+/// The [`Dcnv3Config`] of one entry of `dcnv3_ops.json`'s `cases` (or of `flash/dcnv4_ops.json`).
 pub fn dcnv3_config(case: &Value) -> Dcnv3Config {
     let u = |k: &str| case[k].as_u64().unwrap() as usize;
     Dcnv3Config {
@@ -191,7 +191,10 @@ pub fn dcnv3_config(case: &Value) -> Dcnv3Config {
         group: u("group"),
         group_channels: u("group_channels"),
         offset_scale: case["offset_scale"].as_f64().unwrap(),
-        remove_center: u("remove_center") != 0,
+        // 0/1 in dcnv3_ops.json, a bool in flash/dcnv4_ops.json.
+        remove_center: case["remove_center"]
+            .as_bool()
+            .unwrap_or_else(|| u("remove_center") != 0),
     }
 }
 
