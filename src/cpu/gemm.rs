@@ -4,6 +4,7 @@
 //!
 //! | kernel | rows x columns per call | registers | depth per pass |
 //! |---|---|---|---|
+//! | AVX512_BF16 (bf16 weights) | 8 x 32 | 16 zmm accumulators, `VDPBF16PS` | 256 (128 pairs) |
 //! | AVX-512 | 8 x 32 | 16 zmm accumulators | 128 |
 //! | AVX2 + FMA | 6 x 16 | 12 ymm accumulators | 192 |
 //! | portable / NEON | 4 x 16 | plain arrays, auto-vectorised | 192 |
@@ -12,6 +13,11 @@
 //! no packing of the activations) against the vectors of the packed weight panel. The panels are
 //! contiguous, so a `kc x NR` slice stays in L1 while all row groups of a task use it.
 //!
+//! bf16 weights (packed only when the caller asks, i.e. for bf16 models on a CPU with
+//! AVX512_BF16) are stored as bf16 pairs along `k`, and the activations are read as bf16 pairs
+//! (bf16 inputs in place; f32 inputs and odd depths converted per row block), products
+//! accumulated in f32.
+//!
 //! Work is split into tasks of (row block x panel range), each writing its own part of `y`, with
 //! the bias folded into the accumulators' start value and the GELU applied to each task's block
 //! while it is still in cache. Packing once removes the per-call packing that dominates
@@ -19,12 +25,15 @@
 
 use super::simd::fmadd;
 use super::Isa;
+use half::bf16;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
 /// The micro-kernel family a weight is packed for (decides the panel width).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Family {
+    /// AVX512_BF16: 8 x 32 on bf16 pairs.
+    Avx512Bf16,
     /// AVX-512 F: 8 x 32.
     Avx512,
     /// AVX2 + FMA: 6 x 16.
@@ -34,8 +43,9 @@ enum Family {
 }
 
 impl Family {
-    fn of(isa: Isa) -> Self {
+    fn of(isa: Isa, bf16_weights: bool) -> Self {
         match isa {
+            Isa::Avx512Bf16 if bf16_weights && isa.is_supported() => Family::Avx512Bf16,
             Isa::Avx512 | Isa::Avx512Bf16 if isa.is_supported() => Family::Avx512,
             Isa::Avx2 | Isa::Avx512 | Isa::Avx512Bf16 if Isa::Avx2.is_supported() => Family::Avx2,
             Isa::Neon if isa.is_supported() => Family::Generic { fma: true },
@@ -46,7 +56,7 @@ impl Family {
     /// Output channels per packed panel.
     const fn nr(self) -> usize {
         match self {
-            Family::Avx512 => 32,
+            Family::Avx512 | Family::Avx512Bf16 => 32,
             _ => 16,
         }
     }
@@ -54,7 +64,7 @@ impl Family {
     /// Rows of `x` per kernel call.
     const fn mr(self) -> usize {
         match self {
-            Family::Avx512 => 8,
+            Family::Avx512 | Family::Avx512Bf16 => 8,
             Family::Avx2 => 6,
             Family::Generic { .. } => 4,
         }
@@ -65,6 +75,7 @@ impl Family {
     const fn kc(self) -> usize {
         match self {
             Family::Avx512 => 128,
+            Family::Avx512Bf16 => 256,
             _ => 192,
         }
     }
@@ -72,7 +83,7 @@ impl Family {
     /// Largest row block of one task.
     const fn max_rows(self) -> usize {
         match self {
-            Family::Avx512 => 32,
+            Family::Avx512 | Family::Avx512Bf16 => 32,
             Family::Avx2 => 36,
             Family::Generic { .. } => 32,
         }
@@ -82,21 +93,31 @@ impl Family {
 /// The largest `MR * NR` of any family (the scratch tile of partial panels).
 const MAX_TILE: usize = 8 * 32;
 
-/// A weight `w` (n, k) (row-major, as stored by `nn.Linear`) and bias, packed for one kernel:
-/// `data[(p * k + kk) * NR + j] = w[NR p + j, kk]`, zero-padded to whole panels.
+/// The packed panels.
+#[derive(Debug)]
+enum Panels {
+    /// `data[(p * k + kk) * NR + j] = w[NR p + j, kk]`.
+    F32(Vec<f32>),
+    /// bf16 bits, pairs along `k` (zero-padded to an even depth `k2 * 2`):
+    /// `data[((p * k2 + kp) * NR + j) * 2 + e] = w[NR p + j, 2 kp + e]`.
+    Bf16(Vec<u16>),
+}
+
+/// A weight `w` (n, k) (row-major, as stored by `nn.Linear`) and bias, packed for one kernel,
+/// zero-padded to whole panels.
 #[derive(Debug)]
 pub(crate) struct PackedWeight {
     n: usize,
     k: usize,
     isa: Isa,
     family: Family,
-    data: Vec<f32>,
+    data: Panels,
     /// The bias zero-padded to whole panels (zeros without a bias).
     bias: Vec<f32>,
 }
 
 impl PackedWeight {
-    /// Packs `w` ((n, k) row-major) and `bias` (n) for the kernel of `isa`; `None` when the
+    /// Packs `w` ((n, k) row-major) and `bias` (n) for the f32 kernel of `isa`; `None` when the
     /// shapes disagree or are empty.
     pub(crate) fn new(
         isa: Isa,
@@ -105,21 +126,60 @@ impl PackedWeight {
         n: usize,
         k: usize,
     ) -> Option<Self> {
+        Self::pack(isa, false, w, bias, n, k)
+    }
+
+    /// Packs `w` in bf16 (the values are rounded to bf16) for the AVX512_BF16 kernel; `None`
+    /// when the CPU lacks it (or the shapes disagree): the caller keeps its unpacked path.
+    pub(crate) fn new_bf16(
+        isa: Isa,
+        w: &[f32],
+        bias: Option<&[f32]>,
+        n: usize,
+        k: usize,
+    ) -> Option<Self> {
+        let packed = Self::pack(isa, true, w, bias, n, k)?;
+        (packed.family == Family::Avx512Bf16).then_some(packed)
+    }
+
+    fn pack(
+        isa: Isa,
+        bf16_weights: bool,
+        w: &[f32],
+        bias: Option<&[f32]>,
+        n: usize,
+        k: usize,
+    ) -> Option<Self> {
         if n == 0 || k == 0 || w.len() != n * k || bias.is_some_and(|b| b.len() != n) {
             return None;
         }
-        let family = Family::of(isa);
+        let family = Family::of(isa, bf16_weights);
         let nr = family.nr();
         let panels = n.div_ceil(nr);
-        let mut data = vec![0f32; panels * k * nr];
-        for (p, panel) in data.chunks_exact_mut(k * nr).enumerate() {
-            for j in 0..nr.min(n - p * nr) {
-                let row = &w[(p * nr + j) * k..(p * nr + j + 1) * k];
-                for (kk, &v) in row.iter().enumerate() {
-                    panel[kk * nr + j] = v;
+        let data = if family == Family::Avx512Bf16 {
+            let k2 = k.div_ceil(2);
+            let mut data = vec![0u16; panels * k2 * nr * 2];
+            for (p, panel) in data.chunks_exact_mut(k2 * nr * 2).enumerate() {
+                for j in 0..nr.min(n - p * nr) {
+                    let row = &w[(p * nr + j) * k..(p * nr + j + 1) * k];
+                    for (kk, &v) in row.iter().enumerate() {
+                        panel[((kk / 2) * nr + j) * 2 + kk % 2] = bf16::from_f32(v).to_bits();
+                    }
                 }
             }
-        }
+            Panels::Bf16(data)
+        } else {
+            let mut data = vec![0f32; panels * k * nr];
+            for (p, panel) in data.chunks_exact_mut(k * nr).enumerate() {
+                for j in 0..nr.min(n - p * nr) {
+                    let row = &w[(p * nr + j) * k..(p * nr + j + 1) * k];
+                    for (kk, &v) in row.iter().enumerate() {
+                        panel[kk * nr + j] = v;
+                    }
+                }
+            }
+            Panels::F32(data)
+        };
         let mut padded = vec![0f32; panels * nr];
         if let Some(b) = bias {
             padded[..n].copy_from_slice(b);
@@ -144,16 +204,36 @@ impl PackedWeight {
         self.k
     }
 
+    /// Whether the weight is stored in bf16.
+    pub(crate) fn is_bf16(&self) -> bool {
+        matches!(self.data, Panels::Bf16(_))
+    }
+
     /// The weight ((n, k) row-major) and the bias (n; zeros when there was none): the inverse
-    /// of [`PackedWeight::new`].
+    /// of [`PackedWeight::new`] (of [`PackedWeight::new_bf16`] up to its rounding).
     pub(crate) fn unpack(&self) -> (Vec<f32>, Vec<f32>) {
         let (n, k, nr) = (self.n, self.k, self.family.nr());
         let mut w = vec![0f32; n * k];
-        for (p, panel) in self.data.chunks_exact(k * nr).enumerate() {
-            for j in 0..nr.min(n - p * nr) {
-                let row = &mut w[(p * nr + j) * k..(p * nr + j + 1) * k];
-                for (kk, v) in row.iter_mut().enumerate() {
-                    *v = panel[kk * nr + j];
+        match &self.data {
+            Panels::F32(data) => {
+                for (p, panel) in data.chunks_exact(k * nr).enumerate() {
+                    for j in 0..nr.min(n - p * nr) {
+                        let row = &mut w[(p * nr + j) * k..(p * nr + j + 1) * k];
+                        for (kk, v) in row.iter_mut().enumerate() {
+                            *v = panel[kk * nr + j];
+                        }
+                    }
+                }
+            }
+            Panels::Bf16(data) => {
+                let k2 = k.div_ceil(2);
+                for (p, panel) in data.chunks_exact(k2 * nr * 2).enumerate() {
+                    for j in 0..nr.min(n - p * nr) {
+                        let row = &mut w[(p * nr + j) * k..(p * nr + j + 1) * k];
+                        for (kk, v) in row.iter_mut().enumerate() {
+                            *v = bf16::from_bits(panel[((kk / 2) * nr + j) * 2 + kk % 2]).to_f32();
+                        }
+                    }
                 }
             }
         }
@@ -215,7 +295,7 @@ fn split(f: Family, m: usize, panels: usize, k: usize, threads: usize) -> Split 
 /// `y (m, n) = x (m, k) @ w^T + bias`, then GELU when `gelu`, into `y` (all `m * n` values are
 /// written), multi-threaded with rayon.
 pub(crate) fn linear_packed(
-    x: &[f32],
+    x: Rows,
     m: usize,
     w: &PackedWeight,
     gelu: bool,
@@ -262,7 +342,7 @@ pub(crate) fn mlp_block_rows(fc1: &PackedWeight) -> usize {
 /// staying in a per-thread buffer (never a full (m, hidden) tensor). Used for large `m`; small
 /// `m` is better served by two [`linear_packed`] calls that split the panels too.
 pub(crate) fn mlp_packed(
-    x: &[f32],
+    x: Rows,
     m: usize,
     fc1: &PackedWeight,
     fc2: &PackedWeight,
@@ -288,13 +368,13 @@ pub(crate) fn mlp_packed(
             let r1 = (r0 + rows).min(m);
             let mr = r1 - r0;
             h.resize(mr * hid, 0.0);
-            let xb = &x[r0 * fc1.k..r1 * fc1.k];
             // SAFETY: h is (mr, hid); the output rows r0..r1 belong to this block only and y
             // holds m * cout values (asserted above).
             unsafe {
+                let xb = x.slice(r0 * fc1.k..r1 * fc1.k);
                 block(xb, 0, mr, fc1, 0, fc1.panels(), h.as_mut_ptr(), hid, true);
                 block(
-                    h,
+                    Rows::F32(h),
                     0,
                     mr,
                     fc2,
@@ -315,6 +395,32 @@ fn k_blocks(k: usize, kc: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..nb).map(move |b| (b * kc, kc.min(k - b * kc)))
 }
 
+/// The rows of `x` (row-major, `k` values each): f32, or bf16 (for bf16 weights; an f32
+/// weight given bf16 rows converts them per block).
+#[derive(Clone, Copy)]
+pub(crate) enum Rows<'a> {
+    /// f32 values.
+    F32(&'a [f32]),
+    /// bf16 values.
+    Bf16(&'a [bf16]),
+}
+
+impl Rows<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Rows::F32(x) => x.len(),
+            Rows::Bf16(x) => x.len(),
+        }
+    }
+
+    fn slice(&self, range: std::ops::Range<usize>) -> Self {
+        match self {
+            Rows::F32(x) => Rows::F32(&x[range]),
+            Rows::Bf16(x) => Rows::Bf16(&x[range]),
+        }
+    }
+}
+
 /// One task: rows `r0..r1` of `y` (row stride `ldy`) for panels `p0..p1`, full depth, then GELU.
 ///
 /// # Safety
@@ -322,7 +428,7 @@ fn k_blocks(k: usize, kc: usize) -> impl Iterator<Item = (usize, usize)> {
 /// `NR p0 .. min(NR p1, n)` with row stride `ldy`; no other thread touches that block.
 #[allow(clippy::too_many_arguments)]
 unsafe fn block(
-    x: &[f32],
+    x: Rows,
     r0: usize,
     r1: usize,
     w: &PackedWeight,
@@ -332,31 +438,52 @@ unsafe fn block(
     ldy: usize,
     gelu: bool,
 ) {
-    let (k, f) = (w.k, w.family);
-    let (nr, mr) = (f.nr(), f.mr());
-    for (k0, kc) in k_blocks(k, f.kc()) {
-        let first = k0 == 0;
-        for p in p0..p1 {
-            let panel = w.data.as_ptr().add((p * k + k0) * nr);
-            let bias = w.bias.as_ptr().add(p * nr);
-            let cols = nr.min(w.n - p * nr);
-            let mut r = r0;
-            while r < r1 {
-                let rows = mr.min(r1 - r);
-                let op = Operands {
-                    a: x.as_ptr().add(r * k + k0),
-                    lda: k,
-                    panel,
-                    kc,
-                    bias,
-                    first,
-                };
-                tile(f, op, y.add(r * ldy + p * nr), ldy, rows, cols);
-                r += rows;
-            }
+    let k = w.k;
+    let y0 = y.add(r0 * ldy);
+    match (&w.data, x) {
+        (Panels::F32(data), Rows::F32(x)) => {
+            block_f32(&x[r0 * k..r1 * k], r1 - r0, w, data, p0, p1, y0, ldy);
+        }
+        (Panels::F32(data), Rows::Bf16(x)) => {
+            let xs: Vec<f32> = x[r0 * k..r1 * k].iter().map(|v| v.to_f32()).collect();
+            block_f32(&xs, r1 - r0, w, data, p0, p1, y0, ldy);
+        }
+        (Panels::Bf16(data), x) => {
+            let k2 = k.div_ceil(2);
+            let converted: Vec<u16>;
+            let xs: &[u16] = match x {
+                // Even depth: bf16 rows are already pairs along k.
+                Rows::Bf16(x) if k % 2 == 0 => {
+                    let rows = &x[r0 * k..r1 * k];
+                    // SAFETY: bf16 is a transparent u16 (same size and alignment).
+                    std::slice::from_raw_parts(rows.as_ptr().cast::<u16>(), rows.len())
+                }
+                x => {
+                    let mut buf = vec![0u16; (r1 - r0) * k2 * 2];
+                    for (r, dst) in buf.chunks_exact_mut(k2 * 2).enumerate() {
+                        let row = (r0 + r) * k..(r0 + r + 1) * k;
+                        match x {
+                            Rows::F32(x) => {
+                                for (d, s) in dst.iter_mut().zip(&x[row]) {
+                                    *d = bf16::from_f32(*s).to_bits();
+                                }
+                            }
+                            Rows::Bf16(x) => {
+                                for (d, s) in dst.iter_mut().zip(&x[row]) {
+                                    *d = s.to_bits();
+                                }
+                            }
+                        }
+                    }
+                    converted = buf;
+                    &converted
+                }
+            };
+            block_bf16(xs, k2 * 2, r1 - r0, w, data, p0, p1, y0, ldy);
         }
     }
     if gelu {
+        let nr = w.family.nr();
         let c0 = p0 * nr;
         let c1 = (p1 * nr).min(w.n);
         for r in r0..r1 {
@@ -366,14 +493,100 @@ unsafe fn block(
     }
 }
 
-/// The inputs of one kernel call: `kc` values from each row of `a` (row stride `lda`), the
-/// matching `kc x NR` slice of a packed panel, the panel's bias, and whether this is the first
-/// depth block (start from the bias) or a later one (accumulate onto the output).
-#[derive(Clone, Copy)]
-struct Operands {
-    a: *const f32,
+/// [`block`] on f32 panels: `x` holds `rows` rows of `w.k` values; `y` points at the first row.
+///
+/// # Safety
+/// As for [`block`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_f32(
+    x: &[f32],
+    rows: usize,
+    w: &PackedWeight,
+    data: &[f32],
+    p0: usize,
+    p1: usize,
+    y: *mut f32,
+    ldy: usize,
+) {
+    let (k, f) = (w.k, w.family);
+    let (nr, mr) = (f.nr(), f.mr());
+    for (k0, kc) in k_blocks(k, f.kc()) {
+        let first = k0 == 0;
+        for p in p0..p1 {
+            let panel = data.as_ptr().add((p * k + k0) * nr);
+            let bias = w.bias.as_ptr().add(p * nr);
+            let cols = nr.min(w.n - p * nr);
+            let mut r = 0;
+            while r < rows {
+                let rs = mr.min(rows - r);
+                let op = Operands {
+                    a: x.as_ptr().add(r * k + k0),
+                    lda: k,
+                    panel,
+                    kc,
+                    bias,
+                    first,
+                };
+                tile(f, op, y.add(r * ldy + p * nr), ldy, rs, cols);
+                r += rs;
+            }
+        }
+    }
+}
+
+/// [`block`] on bf16 panels: `x` holds `rows` rows of `lda` (even) bf16 values, pairs along
+/// `k`; `y` points at the first row.
+///
+/// # Safety
+/// As for [`block`]; `lda >= 2 * ceil(w.k / 2)`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_bf16(
+    x: &[u16],
     lda: usize,
-    panel: *const f32,
+    rows: usize,
+    w: &PackedWeight,
+    data: &[u16],
+    p0: usize,
+    p1: usize,
+    y: *mut f32,
+    ldy: usize,
+) {
+    let f = w.family;
+    let (nr, mr) = (f.nr(), f.mr());
+    let k2 = w.k.div_ceil(2);
+    for (kp0, kcp) in k_blocks(k2, f.kc() / 2) {
+        let first = kp0 == 0;
+        for p in p0..p1 {
+            let panel = data.as_ptr().add((p * k2 + kp0) * nr * 2);
+            let bias = w.bias.as_ptr().add(p * nr);
+            let cols = nr.min(w.n - p * nr);
+            let mut r = 0;
+            while r < rows {
+                let rs = mr.min(rows - r);
+                let op = Operands {
+                    a: x.as_ptr().add(r * lda + 2 * kp0),
+                    lda,
+                    panel,
+                    kc: kcp,
+                    bias,
+                    first,
+                };
+                tile_bf16(op, y.add(r * ldy + p * nr), ldy, rs, cols);
+                r += rs;
+            }
+        }
+    }
+}
+
+/// The inputs of one kernel call: `kc` values (bf16: pairs) from each row of `a` (row stride
+/// `lda` elements), the matching `kc x NR` slice of a packed panel, the panel's bias, and
+/// whether this is the first depth block (start from the bias) or a later one (accumulate onto
+/// the output).
+#[derive(Clone, Copy)]
+struct Operands<T> {
+    a: *const T,
+    lda: usize,
+    panel: *const T,
     kc: usize,
     bias: *const f32,
     first: bool,
@@ -385,7 +598,7 @@ struct Operands {
 /// # Safety
 /// As for [`block`], for this tile.
 #[inline]
-unsafe fn tile(f: Family, op: Operands, c: *mut f32, ldc: usize, rows: usize, cols: usize) {
+unsafe fn tile(f: Family, op: Operands<f32>, c: *mut f32, ldc: usize, rows: usize, cols: usize) {
     let nr = f.nr();
     if cols == nr {
         kernel(f, op, c, ldc, rows);
@@ -403,13 +616,63 @@ unsafe fn tile(f: Family, op: Operands, c: *mut f32, ldc: usize, rows: usize, co
     }
 }
 
+/// [`tile`] for bf16 panels (the AVX512_BF16 kernel).
+///
+/// # Safety
+/// As for [`block_bf16`], for this tile; the CPU supports AVX512_BF16 (bf16 panels are only
+/// packed then).
+#[inline]
+unsafe fn tile_bf16(op: Operands<u16>, c: *mut f32, ldc: usize, rows: usize, cols: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        macro_rules! by_rows {
+            ($c:expr, $ldc:expr) => {
+                match rows {
+                    8 => avx512bf16::<8>(op, $c, $ldc),
+                    7 => avx512bf16::<7>(op, $c, $ldc),
+                    6 => avx512bf16::<6>(op, $c, $ldc),
+                    5 => avx512bf16::<5>(op, $c, $ldc),
+                    4 => avx512bf16::<4>(op, $c, $ldc),
+                    3 => avx512bf16::<3>(op, $c, $ldc),
+                    2 => avx512bf16::<2>(op, $c, $ldc),
+                    _ => avx512bf16::<1>(op, $c, $ldc),
+                }
+            };
+        }
+        const NR: usize = 32;
+        if cols == NR {
+            by_rows!(c, ldc);
+            return;
+        }
+        let mut scratch = [0f32; MAX_TILE];
+        if !op.first {
+            for r in 0..rows {
+                std::ptr::copy_nonoverlapping(
+                    c.add(r * ldc),
+                    scratch.as_mut_ptr().add(r * NR),
+                    cols,
+                );
+            }
+        }
+        by_rows!(scratch.as_mut_ptr(), NR);
+        for r in 0..rows {
+            std::ptr::copy_nonoverlapping(scratch.as_ptr().add(r * NR), c.add(r * ldc), cols);
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        // bf16 panels are only packed on x86-64 CPUs with AVX512_BF16.
+        let _ = (op, c, ldc, rows, cols);
+    }
+}
+
 /// Calls the micro-kernel of `f` for `rows` (1..=MR) rows.
 ///
 /// # Safety
 /// As for [`block`], for this `rows x NR` tile; `f` is a family the CPU supports (guaranteed by
 /// [`Family::of`], which checks the CPU).
 #[inline]
-unsafe fn kernel(f: Family, op: Operands, c: *mut f32, ldc: usize, rows: usize) {
+unsafe fn kernel(f: Family, op: Operands<f32>, c: *mut f32, ldc: usize, rows: usize) {
     macro_rules! by_rows {
         ($k:ident, $($r:literal)+) => {
             match rows {
@@ -420,7 +683,7 @@ unsafe fn kernel(f: Family, op: Operands, c: *mut f32, ldc: usize, rows: usize) 
     }
     match f {
         #[cfg(target_arch = "x86_64")]
-        Family::Avx512 => by_rows!(avx512, 8 7 6 5 4 3 2 1),
+        Family::Avx512 | Family::Avx512Bf16 => by_rows!(avx512, 8 7 6 5 4 3 2 1),
         #[cfg(target_arch = "x86_64")]
         Family::Avx2 => by_rows!(avx2, 6 5 4 3 2 1),
         Family::Generic { fma: true } => {
@@ -440,7 +703,7 @@ unsafe fn kernel(f: Family, op: Operands, c: *mut f32, ldc: usize, rows: usize) 
 /// `a` rows `0..R` with stride `lda` hold `kc` values; `panel` holds `kc * 16`; `bias` 16; `c`
 /// rows `0..R` with stride `ldc` hold 16 writable values.
 #[inline(always)]
-unsafe fn generic<const R: usize, const FMA: bool>(op: Operands, c: *mut f32, ldc: usize) {
+unsafe fn generic<const R: usize, const FMA: bool>(op: Operands<f32>, c: *mut f32, ldc: usize) {
     const NR: usize = 16;
     let mut acc = [[0f32; NR]; R];
     for (r, row) in acc.iter_mut().enumerate() {
@@ -465,7 +728,7 @@ unsafe fn generic<const R: usize, const FMA: bool>(op: Operands, c: *mut f32, ld
 ///
 /// # Safety
 /// As for [`generic`].
-unsafe fn generic_nofma<const R: usize>(op: Operands, c: *mut f32, ldc: usize) {
+unsafe fn generic_nofma<const R: usize>(op: Operands<f32>, c: *mut f32, ldc: usize) {
     generic::<R, false>(op, c, ldc)
 }
 
@@ -474,7 +737,7 @@ unsafe fn generic_nofma<const R: usize>(op: Operands, c: *mut f32, ldc: usize) {
 /// # Safety
 /// As for [`generic`].
 #[cfg(target_arch = "aarch64")]
-unsafe fn generic_fma<const R: usize>(op: Operands, c: *mut f32, ldc: usize) {
+unsafe fn generic_fma<const R: usize>(op: Operands<f32>, c: *mut f32, ldc: usize) {
     generic::<R, true>(op, c, ldc)
 }
 
@@ -485,7 +748,7 @@ unsafe fn generic_fma<const R: usize>(op: Operands, c: *mut f32, ldc: usize) {
 /// AVX2 and FMA available; operands as for [`generic`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn avx2<const R: usize>(op: Operands, c: *mut f32, ldc: usize) {
+unsafe fn avx2<const R: usize>(op: Operands<f32>, c: *mut f32, ldc: usize) {
     use std::arch::x86_64::*;
     let Operands {
         a,
@@ -519,6 +782,51 @@ unsafe fn avx2<const R: usize>(op: Operands, c: *mut f32, ldc: usize) {
     }
 }
 
+/// `c[0..R, 0..32] (+)= a[0..R, 0..2 kc] @ panel[0..2 kc, 0..32]` on bf16 pairs with
+/// AVX512_BF16 (`VDPBF16PS`, f32 accumulation), starting from the bias (when `first`) or from `c`.
+///
+/// # Safety
+/// AVX-512 F and AVX512_BF16 available; `a` rows `0..R` with stride `lda` hold `2 kc` bf16
+/// values; `panel` holds `kc * 64`; `bias` 32; `c` rows `0..R` with stride `ldc` hold 32
+/// writable values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl,avx2,fma")]
+unsafe fn avx512bf16<const R: usize>(op: Operands<u16>, c: *mut f32, ldc: usize) {
+    use std::arch::x86_64::*;
+    let Operands {
+        a,
+        lda,
+        panel,
+        kc,
+        bias,
+        first,
+    } = op;
+    let mut lo = [_mm512_setzero_ps(); R];
+    let mut hi = [_mm512_setzero_ps(); R];
+    for r in 0..R {
+        let src = if first { bias } else { c.add(r * ldc) };
+        lo[r] = _mm512_loadu_ps(src);
+        hi[r] = _mm512_loadu_ps(src.add(16));
+    }
+    let mut b = panel;
+    for kp in 0..kc {
+        // SAFETY (transmutes): __m512i and __m512bh are both 512-bit vectors of plain bits.
+        let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.cast()));
+        let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(32).cast()));
+        for r in 0..R {
+            let pair = a.add(r * lda + 2 * kp).cast::<i32>().read_unaligned();
+            let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
+            lo[r] = _mm512_dpbf16_ps(lo[r], av, b0);
+            hi[r] = _mm512_dpbf16_ps(hi[r], av, b1);
+        }
+        b = b.add(64);
+    }
+    for r in 0..R {
+        _mm512_storeu_ps(c.add(r * ldc), lo[r]);
+        _mm512_storeu_ps(c.add(r * ldc + 16), hi[r]);
+    }
+}
+
 /// `c[0..R, 0..32] (+)= a[0..R, 0..kc] @ panel[0..kc, 0..32]` with AVX-512 F, starting from the
 /// bias (when `first`) or from `c`.
 ///
@@ -527,7 +835,7 @@ unsafe fn avx2<const R: usize>(op: Operands, c: *mut f32, ldc: usize) {
 /// `kc * 32`; `bias` 32; `c` rows `0..R` with stride `ldc` hold 32 writable values.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn avx512<const R: usize>(op: Operands, c: *mut f32, ldc: usize) {
+unsafe fn avx512<const R: usize>(op: Operands<f32>, c: *mut f32, ldc: usize) {
     use std::arch::x86_64::*;
     let Operands {
         a,
@@ -593,7 +901,13 @@ mod tests {
 
     fn run(x: &[f32], m: usize, w: &PackedWeight) -> Vec<f32> {
         let mut y = Vec::with_capacity(m * w.n);
-        linear_packed(x, m, w, false, &mut y.spare_capacity_mut()[..m * w.n]);
+        linear_packed(
+            Rows::F32(x),
+            m,
+            w,
+            false,
+            &mut y.spare_capacity_mut()[..m * w.n],
+        );
         // SAFETY: linear_packed writes all m * n values.
         unsafe { y.set_len(m * w.n) };
         y
@@ -647,13 +961,58 @@ mod tests {
             let p1 = PackedWeight::new(isa, &w1, Some(&b1), hid, c).unwrap();
             let p2 = PackedWeight::new(isa, &w2, Some(&b2), c, hid).unwrap();
             let mut y = Vec::with_capacity(m * c);
-            mlp_packed(&x, m, &p1, &p2, &mut y.spare_capacity_mut()[..m * c]);
+            mlp_packed(
+                Rows::F32(&x),
+                m,
+                &p1,
+                &p2,
+                &mut y.spare_capacity_mut()[..m * c],
+            );
             // SAFETY: mlp_packed writes all m * c values.
             unsafe { y.set_len(m * c) };
             for (a, e) in y.iter().zip(&r) {
                 assert!((a - e).abs() <= 1e-5 * (1.0 + e.abs()), "{isa}: {a} vs {e}");
             }
         }
+    }
+
+    /// The bf16 kernel (where the CPU has it) against an f64 reference on the bf16-rounded
+    /// operands: bf16 and f32 rows, even and odd depths, partial panels, several depth blocks,
+    /// the fused MLP; and the unpacked weight is the bf16 rounding of the original.
+    #[test]
+    fn bf16_kernel_matches_a_float64_reference_of_the_rounded_operands() {
+        if !Isa::Avx512Bf16.is_supported() {
+            return;
+        }
+        let round =
+            |v: &[f32]| -> Vec<f32> { v.iter().map(|&x| bf16::from_f32(x).to_f32()).collect() };
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (7, 17, 3),
+            (49, 72, 64),
+            (13, 36, 600),
+            (300, 33, 71),
+        ] {
+            let (x, w, b) = (data(m * k, 11), data(n * k, 12), data(n, 13));
+            let pw = PackedWeight::new_bf16(Isa::Avx512Bf16, &w, Some(&b), n, k).unwrap();
+            assert!(pw.is_bf16());
+            assert_eq!(pw.unpack().0, round(&w));
+            let want = naive(&round(&x), &round(&w), &b, m, n, k);
+            let xb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+            for rows in [Rows::F32(&x), Rows::Bf16(&xb)] {
+                let mut y = Vec::with_capacity(m * n);
+                linear_packed(rows, m, &pw, false, &mut y.spare_capacity_mut()[..m * n]);
+                // SAFETY: linear_packed writes all m * n values.
+                unsafe { y.set_len(m * n) };
+                for (i, (a, e)) in y.iter().zip(&want).enumerate() {
+                    assert!(
+                        (a - e).abs() <= 1e-5 * (1.0 + e.abs()),
+                        "{m}x{n}x{k} at {i}: {a} vs {e}"
+                    );
+                }
+            }
+        }
+        assert!(PackedWeight::new_bf16(Isa::Avx512, &[1.0], None, 1, 1).is_none());
     }
 
     /// Abramowitz-Stegun 7.1.26 in f64, accurate to 1.5e-7: below the test's tolerance after

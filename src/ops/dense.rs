@@ -2,9 +2,11 @@
 //! crate's GEMM ([`crate::cpu::gemm`]), and [`mlp`], InternImage's `fc2(gelu(fc1(x)))` on such
 //! layers.
 
-use crate::cpu::gemm::{linear_packed, mlp_block_rows, mlp_packed, PackedWeight};
+use crate::cpu::gemm::{linear_packed, mlp_block_rows, mlp_packed, PackedWeight, Rows};
 use crate::cpu::KernelPolicy;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Storage, Tensor};
+use half::bf16;
+use rayon::prelude::*;
 use std::sync::Arc;
 
 /// A linear layer `y = x @ weight^T + bias` over the last dimension, like `candle_nn::Linear`.
@@ -13,8 +15,10 @@ use std::sync::Arc;
 /// once here into the panel layout of the policy's GEMM kernel and the tensors are dropped (no
 /// second copy is kept); the forward then runs the packed GEMM with the bias (and GELU) fused,
 /// or, for an input that tracks a gradient, candle's matmul on the unpacked weights (so the input
-/// gradient is never lost). Otherwise (GPUs, f16/bf16, trainable weights, the reference policy)
-/// it keeps the tensors and runs candle's ops; bf16 on the CPU runs in f32.
+/// gradient is never lost). A bf16 weight is packed in bf16 when the policy's instruction set is
+/// [`crate::Isa::Avx512Bf16`] (bf16 products, f32 accumulation, bf16 in and out). Otherwise
+/// (GPUs, f16, bf16 elsewhere, trainable weights, the reference policy) it keeps the tensors and
+/// runs candle's ops; bf16 on the CPU then runs in f32.
 #[derive(Debug, Clone)]
 pub struct Linear {
     weights: Weights,
@@ -73,7 +77,11 @@ impl Linear {
                 let dev = candle_core::Device::Cpu;
                 let w = Tensor::from_vec(w, (p.n(), p.k()), &dev)?;
                 let b = Tensor::from_vec(b, p.n(), &dev)?;
-                apply(xs, &candle_nn::Linear::new(w, Some(b)))
+                let lin = candle_nn::Linear::new(w, Some(b));
+                match xs.dtype() {
+                    DType::F32 => apply(xs, &lin),
+                    dt => apply(&xs.to_dtype(DType::F32)?, &lin)?.to_dtype(dt),
+                }
             }
             Weights::Packed(p) => PackedOp::Linear { w: p.clone(), gelu }.apply(xs),
             Weights::Tensors(lin) if bf16_on_cpu(xs) => {
@@ -132,10 +140,13 @@ fn pack(
     bias: Option<&Tensor>,
     policy: KernelPolicy,
 ) -> Result<Option<PackedWeight>> {
+    let dtype = weight.dtype();
     let eligible = |t: &Tensor| {
-        t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op() && t.is_contiguous()
+        t.device().is_cpu() && t.dtype() == dtype && !t.track_op() && t.is_contiguous()
     };
+    let bf16_kernel = dtype == DType::BF16 && policy.isa() == crate::Isa::Avx512Bf16;
     if !policy.is_fast()
+        || !(dtype == DType::F32 || bf16_kernel)
         || weight.rank() != 2
         || !eligible(weight)
         || bias.is_some_and(|b| !eligible(b))
@@ -148,6 +159,16 @@ fn pack(
             "linear: expected a bias of {n} values for a weight of shape [{n}, {k}], got shape {:?}",
             b.dims()
         )
+    }
+    if bf16_kernel {
+        let w = weight
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let b = bias
+            .map(|b| b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>())
+            .transpose()?;
+        return Ok(PackedWeight::new_bf16(policy.isa(), &w, b.as_deref(), n, k));
     }
     // Packed straight from the tensors' storage (no intermediate copy).
     let (w_storage, w_layout) = weight.storage_and_layout();
@@ -170,13 +191,18 @@ fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout, what: &str) -> Result<&'a 
     }
 }
 
-/// Rows (the product of the leading dims) of a (..., k) input, after checking it is an f32 CPU
-/// tensor with `k` features.
-fn rows_of(xs: &Tensor, k: usize, what: &str) -> Result<usize> {
-    if !xs.device().is_cpu() || xs.dtype() != DType::F32 {
+/// Rows (the product of the leading dims) of a (..., k) input, after checking it is a CPU
+/// tensor of the weights' dtype (f32, or bf16 for bf16 weights) with `k` features.
+fn rows_of(xs: &Tensor, k: usize, bf16_weights: bool, what: &str) -> Result<usize> {
+    let want = if bf16_weights {
+        DType::BF16
+    } else {
+        DType::F32
+    };
+    if !xs.device().is_cpu() || xs.dtype() != want {
         candle_core::bail!(
-            "{what}: this layer holds f32 weights packed for the CPU, but the input is {:?} on {:?}; \
-             pass an f32 CPU tensor, or build the model with the input's dtype and device",
+            "{what}: this layer holds {want:?} weights packed for the CPU, but the input is {:?} on {:?}; \
+             pass a {want:?} CPU tensor, or build the model with the input's dtype and device",
             xs.dtype(),
             xs.device().location()
         )
@@ -204,7 +230,7 @@ fn mlp_forward_packed(
             fc2.k()
         )
     }
-    let m = rows_of(xs, fc1.k(), "mlp")?;
+    let m = rows_of(xs, fc1.k(), fc1.is_bf16(), "mlp")?;
     let threads = rayon::current_num_threads().max(1);
     if m < 2 * threads * mlp_block_rows(fc1) {
         let h = PackedOp::Linear {
@@ -244,6 +270,14 @@ impl PackedOp {
         }
     }
 
+    /// Whether the (first) weight is stored in bf16 (the op then takes and returns bf16).
+    fn is_bf16(&self) -> bool {
+        match self {
+            Self::Linear { w, .. } => w.is_bf16(),
+            Self::Mlp { fc1, .. } => fc1.is_bf16(),
+        }
+    }
+
     /// (input, output) features.
     fn features(&self) -> (usize, usize) {
         match self {
@@ -255,7 +289,7 @@ impl PackedOp {
     /// `xs (..., k) -> (..., n)`.
     fn apply(&self, xs: &Tensor) -> Result<Tensor> {
         let (k, n) = self.features();
-        let m = rows_of(xs, k, self.what())?;
+        let m = rows_of(xs, k, self.is_bf16(), self.what())?;
         let y = super::inference_op1(&xs.contiguous()?.reshape((m, k))?, self)?;
         let mut dims = xs.dims().to_vec();
         if let Some(last) = dims.last_mut() {
@@ -274,15 +308,24 @@ impl CustomOp1 for PackedOp {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = super::contiguous_slice::<f32>(storage, layout, self.what(), "input")?;
+        let what = self.what();
+        let x = if self.is_bf16() {
+            Rows::Bf16(super::contiguous_slice::<bf16>(
+                storage, layout, what, "input",
+            )?)
+        } else {
+            Rows::F32(super::contiguous_slice::<f32>(
+                storage, layout, what, "input",
+            )?)
+        };
         let (k, n) = self.features();
         let m = layout.dims()[0];
-        if x.len() != m * k {
-            candle_core::bail!(
-                "{}: expected {m} x {k} inputs, got {}",
-                self.what(),
-                x.len()
-            )
+        let len = match x {
+            Rows::F32(x) => x.len(),
+            Rows::Bf16(x) => x.len(),
+        };
+        if len != m * k {
+            candle_core::bail!("{what}: expected {m} x {k} inputs, got {len}")
         }
         let mut y = Vec::with_capacity(m * n);
         let out = &mut y.spare_capacity_mut()[..m * n];
@@ -292,6 +335,18 @@ impl CustomOp1 for PackedOp {
         }
         // SAFETY: linear_packed and mlp_packed write all m * n values.
         unsafe { y.set_len(m * n) };
-        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+        let shape = Shape::from((m, n));
+        if !self.is_bf16() {
+            return Ok((CpuStorage::F32(y), shape));
+        }
+        let mut yb = vec![bf16::ZERO; m * n];
+        yb.par_chunks_mut(16 * 1024)
+            .zip(y.par_chunks(16 * 1024))
+            .for_each(|(d, s)| {
+                for (d, s) in d.iter_mut().zip(s) {
+                    *d = bf16::from_f32(*s);
+                }
+            });
+        Ok((CpuStorage::BF16(yb), shape))
     }
 }
