@@ -17,6 +17,11 @@
 //! Every floating tensor is checked once for NaN/Inf as it is loaded (one pass over its bytes,
 //! before any conversion); the error names the tensor and the file
 //! ([`OpenOptions::check_finite`] turns this off).
+//!
+//! Failures are typed (see [`crate::Error::find`]): [`crate::Error::Io`],
+//! [`crate::Error::UnsupportedCheckpoint`], [`crate::Error::TruncatedCheckpoint`],
+//! [`crate::Error::InvalidCheckpoint`], [`crate::Error::MissingTensor`],
+//! [`crate::Error::ShapeMismatch`], [`crate::Error::NonFinite`].
 
 mod pickle;
 

@@ -36,8 +36,8 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// Offline (`HF_HUB_OFFLINE=1` or [`HubOptions::offline`](crate::hub::HubOptions)) and a
-    /// needed file is not in the Hugging Face cache.
+    /// Offline (`HF_HUB_OFFLINE=1` or `HubOptions::offline` of the `hub` module) and a needed
+    /// file is not in the Hugging Face cache.
     #[error("{message}")]
     OfflineNotCached {
         /// The Hub repository (`owner/name`).
@@ -167,8 +167,8 @@ pub enum Error {
         /// The full message.
         message: String,
     },
-    /// An image over the pixel limit ([`DecodeOptions::max_pixels`]
-    /// (crate::preprocess::DecodeOptions)), refused before its pixels are allocated.
+    /// An image over the pixel limit (`DecodeOptions::max_pixels` of the `preprocess` module),
+    /// refused before its pixels are allocated.
     #[error("{message}")]
     ImageTooLarge {
         /// Width and height from the image header (`None` when the decoder refused the image

@@ -26,7 +26,10 @@
 //!   before they are accepted.
 //! * Failures: requests are retried by `hf-hub` on connection errors, 429 and 5xx; a download
 //!   that breaks off or fails the integrity check is restarted ([`HubOptions::download_attempts`]).
-//!   404, 401, 403 and the rest become errors that say what was asked and what to do.
+//!   404, 401, 403 and the rest become errors that say what was asked and what to do, and that
+//!   a caller can match with [`crate::Error::find`]: [`crate::Error::OfflineNotCached`],
+//!   [`crate::Error::HubNotFound`], [`crate::Error::Unauthorized`], [`crate::Error::Network`],
+//!   [`crate::Error::IntegrityMismatch`].
 //! * Progress: a one-line bar on stderr while downloading, only when stderr is a terminal.
 //!
 //! ```no_run
@@ -1068,11 +1071,13 @@ impl InternImage {
             }
             (Some(cfg), None) => cfg.clone(),
             (None, Some(path)) => Config::from_file(path)?,
-            (None, None) => return Err(IoError::bad_config(format!(
+            (None, None) => {
+                return Err(IoError::bad_config(format!(
                 "{} has no config.json and no configuration was given: pass one (e.g. Config::t())",
                 repo.repo
             ))
-            .into()),
+                .into())
+            }
         };
         InternImage::from_checkpoint_files(&cfg, &files.weights, dtype, device)
     }
