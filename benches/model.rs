@@ -8,6 +8,10 @@
 //! column is measured against that same-run baseline. The `op:` rows time single operators at
 //! InternImage-T shapes (candle's op vs ours). `train_t224_b8` times one training step (forward
 //! in training mode, cross-entropy, backward, AdamW) with every parameter a `Var`.
+//! `callers_t224` measures images/s of InternImage-T 224 when 1, 2 and 4 caller threads share one
+//! `Arc<InternImage>`, each running batch-1 forwards in a loop for a fixed time
+//! (`BENCH_CALLERS_SECS`, default 8 s per setting), and the ratio to 1 caller: whether
+//! concurrent callers add throughput or fight over the same rayon pool (oversubscription).
 
 use candle_core::{DType, Device, Module, Result, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
@@ -263,6 +267,11 @@ const CASES: &[Case] = &[
         what: "T, 224, batch 8, one training step (forward, backward, AdamW)",
     },
     Case {
+        name: "callers_t224",
+        reference: false,
+        what: "T, 224, batch 1, 1/2/4 caller threads sharing one Arc<InternImage>",
+    },
+    Case {
         name: "ops",
         reference: false,
         isa: None,
@@ -319,6 +328,60 @@ fn run_model_case(name: &str) -> Result<()> {
         1.0 / per_img,
         peak_rss_mib()
     );
+    Ok(())
+}
+
+/// Images/s of T 224 batch 1 with 1, 2 and 4 caller threads sharing one `Arc<InternImage>`, each
+/// running forwards in a loop for a fixed time: prints `CALLERS <threads> <images/s> <images>`.
+fn run_callers_case() -> Result<()> {
+    use std::sync::{Arc, Barrier};
+    use std::time::Duration;
+    let secs: f64 = std::env::var("BENCH_CALLERS_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&s: &f64| s > 0.0)
+        .unwrap_or(8.0);
+    let cfg = Config::t();
+    let model = Arc::new(InternImage::new(&cfg, vb())?);
+    for callers in [1usize, 2, 4] {
+        let start = Arc::new(Barrier::new(callers + 1));
+        let results = std::thread::scope(|scope| -> Result<(usize, f64)> {
+            let handles: Vec<_> = (0..callers)
+                .map(|i| {
+                    let model = Arc::clone(&model);
+                    let start = Arc::clone(&start);
+                    scope.spawn(move || -> Result<usize> {
+                        // Each caller has its own input; one warm-up forward before the clock.
+                        let x = Tensor::randn(0f32, 1.0, (1, 3, 224, 224), &Device::Cpu)?
+                            .affine(1.0, i as f64 * 1e-3)?;
+                        model.forward(&x)?;
+                        start.wait();
+                        let deadline = Instant::now() + Duration::from_secs_f64(secs);
+                        let mut n = 0usize;
+                        while Instant::now() < deadline {
+                            let y = model.forward(&x)?;
+                            if y.dims() != [1, cfg.num_classes] {
+                                candle_core::bail!("unexpected logits shape {:?}", y.dims());
+                            }
+                            n += 1;
+                        }
+                        Ok(n)
+                    })
+                })
+                .collect();
+            start.wait();
+            let t0 = Instant::now();
+            let mut total = 0usize;
+            for h in handles {
+                total += h
+                    .join()
+                    .map_err(|_| candle_core::Error::msg("a caller thread panicked"))??;
+            }
+            Ok((total, t0.elapsed().as_secs_f64()))
+        })?;
+        let (images, elapsed) = results;
+        println!("CALLERS {callers} {:.3} {images}", images as f64 / elapsed);
+    }
     Ok(())
 }
 
@@ -566,6 +629,8 @@ fn child(name: &str) -> Result<()> {
         run_breakdown()
     } else if name == "ops" {
         run_ops()
+    } else if name == "callers_t224" {
+        run_callers_case()
     } else if name.starts_with("train_") {
         run_train_case(name)
     } else {
@@ -612,6 +677,7 @@ fn main() {
     let mut results: Vec<(String, f64, f64, f64)> = Vec::new();
     let mut ops: Vec<(String, f64, f64)> = Vec::new();
     let mut brk: Vec<(String, f64)> = Vec::new();
+    let mut callers: Vec<(usize, f64, usize)> = Vec::new();
     for case in CASES {
         if !filters.is_empty() && !filters.iter().any(|f| case.name.contains(f.as_str())) {
             continue;
@@ -661,6 +727,9 @@ fn main() {
                 }
                 Some(&"OP") if f.len() == 4 => ops.push((f[1].to_string(), num(2), num(3))),
                 Some(&"BRK") if f.len() == 3 => brk.push((f[1].replace('_', " "), num(2))),
+                Some(&"CALLERS") if f.len() == 4 => {
+                    callers.push((num(1) as usize, num(2), num(3) as usize))
+                }
                 _ => {}
             }
         }
@@ -701,6 +770,16 @@ fn main() {
         println!("|---|---:|---:|---:|");
         for (name, a, b) in &ops {
             println!("| {name} | {a:.3} | {b:.3} | {:.1}x |", a / b);
+        }
+    }
+    if !callers.is_empty() {
+        let one = callers.iter().find(|c| c.0 == 1).map(|c| c.1);
+        println!();
+        println!("| T 224 batch 1, caller threads sharing one Arc<InternImage> | images / s | images | vs 1 caller |");
+        println!("|---|---:|---:|---:|");
+        for (n, ips, images) in &callers {
+            let ratio = one.map_or(String::from("-"), |o| format!("{:.2}x", ips / o));
+            println!("| {n} | {ips:.2} | {images} | {ratio} |");
         }
     }
     if !brk.is_empty() {

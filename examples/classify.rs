@@ -47,6 +47,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Module, Result, Tensor};
+use clap::Parser;
 use internimage::labels::{self, Prediction};
 use internimage::zoo::{self, LabelSet, PreprocessConfig};
 use internimage::{preprocess, Config, InternImage};
@@ -58,146 +59,91 @@ const IMAGE_EXTENSIONS: &[&str] = &[
     "ico",
 ];
 
-const HELP: &str = "\
-classify: top-k ImageNet labels for images with InternImage
-
-USAGE:
-    cargo run --release --example classify -- [OPTIONS] [IMAGE|DIR ...]
-
-With no IMAGE the sample photo assets/chelsea.png is classified.
-
-OPTIONS:
-    --model NAME        zoo model (default internimage_t_1k_224); gives architecture,
-                        input size and labels; downloaded from the Hub unless --weights
-    --weights PATH      local checkpoint (.pth, .safetensors or .safetensors.index.json);
-                        no network
-    --config PATH       Hugging Face config.json with the architecture of --weights
-                        (default: the --model entry's architecture)
-    --labels PATH       class names, one per line (e.g. labels.txt of a finetune run);
-                        replaces the ImageNet names
-    --size S            input resolution (default: the model's, e.g. 224)
-    --top-k K           number of classes to print per image (default 5)
-    --batch-size B      images per forward pass (default 8)
-    --device DEV        cpu | cuda | metal (default cpu)
-    --dtype T           f32 | f16 | bf16 (default f32)
-    --json              print one JSON document on stdout
-    --logits            with --json: include the raw logits of each image
-    --list-models       print the zoo model names and exit
-    -h, --help          print this help
-
-Heads with 1000 or 21841 classes get ImageNet-1k / -22k names; other head sizes are
-printed by class index. Exit status 1 when any image failed, 2 on bad arguments.
-";
-
-#[derive(Debug)]
+/// classify: top-k ImageNet labels for images with InternImage
+#[derive(Debug, Parser)]
+#[command(
+    name = "classify",
+    override_usage = "cargo run --release --example classify -- [OPTIONS] [IMAGE|DIR ...]",
+    after_help = "With no IMAGE the sample photo assets/chelsea.png is classified.\n\n\
+Heads with 1000 or 21841 classes get ImageNet-1k / -22k names; other head sizes are \
+printed by class index. Exit status 1 when any image failed, 2 on bad arguments."
+)]
 struct Args {
+    /// zoo model; gives architecture, input size and labels; downloaded from the Hub unless
+    /// --weights
+    #[arg(long, value_name = "NAME", default_value = DEFAULT_MODEL)]
     model: String,
+    /// local checkpoint (.pth, .safetensors or .safetensors.index.json); no network
+    #[arg(long, value_name = "PATH")]
     weights: Option<PathBuf>,
+    /// Hugging Face config.json with the architecture of --weights (default: the --model
+    /// entry's architecture)
+    #[arg(long, value_name = "PATH")]
     config: Option<PathBuf>,
+    /// class names, one per line (e.g. labels.txt of a finetune run); replaces the ImageNet
+    /// names
+    #[arg(long = "labels", value_name = "PATH")]
+    labels_file: Option<PathBuf>,
+    /// The names read from --labels.
+    #[arg(skip)]
     labels: Option<Vec<String>>,
+    /// input resolution (default: the model's, e.g. 224)
+    #[arg(long, value_name = "S", value_parser = positive::<u32>)]
     size: Option<u32>,
+    /// number of classes to print per image
+    #[arg(long = "top-k", alias = "topk", value_name = "K", default_value_t = 5, value_parser = positive::<usize>)]
     top_k: usize,
+    /// images per forward pass
+    #[arg(long, value_name = "B", default_value_t = 8, value_parser = positive::<usize>)]
     batch_size: usize,
+    /// device to run on
+    #[arg(long, value_name = "DEV", default_value = "cpu", value_parser = ["cpu", "cuda", "metal"])]
     device: String,
+    /// f32 | f16 | bf16
+    #[arg(long, value_name = "T", default_value = "f32", value_parser = parse_dtype)]
     dtype: DType,
+    /// print one JSON document on stdout
+    #[arg(long)]
     json: bool,
+    /// with --json: include the raw logits of each image
+    #[arg(long)]
     logits: bool,
+    /// print the zoo model names and exit
+    #[arg(long)]
     list_models: bool,
+    /// image files and directories (not recursive)
+    #[arg(value_name = "IMAGE|DIR")]
     inputs: Vec<PathBuf>,
 }
 
-fn parse_args(argv: impl IntoIterator<Item = String>) -> std::result::Result<Option<Args>, String> {
-    let mut args = Args {
-        model: DEFAULT_MODEL.to_string(),
-        weights: None,
-        config: None,
-        labels: None,
-        size: None,
-        top_k: 5,
-        batch_size: 8,
-        device: "cpu".to_string(),
-        dtype: DType::F32,
-        json: false,
-        logits: false,
-        list_models: false,
-        inputs: Vec::new(),
-    };
-    let mut it = argv.into_iter();
-    let mut only_paths = false;
-    while let Some(arg) = it.next() {
-        if only_paths || !arg.starts_with('-') || arg == "-" {
-            args.inputs.push(PathBuf::from(arg));
-            continue;
-        }
-        // Accept both `--opt value` and `--opt=value`.
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
-            _ => (arg.clone(), None),
-        };
-        let mut value = |name: &str| -> std::result::Result<String, String> {
-            match inline.clone().or_else(|| it.next()) {
-                Some(v) => Ok(v),
-                None => Err(format!("{name} needs a value")),
-            }
-        };
-        match flag.as_str() {
-            "-h" | "--help" => return Ok(None),
-            "--" => only_paths = true,
-            "--model" => args.model = value("--model")?,
-            "--weights" => args.weights = Some(PathBuf::from(value("--weights")?)),
-            "--config" => args.config = Some(PathBuf::from(value("--config")?)),
-            "--labels" => {
-                let path = value("--labels")?;
-                let text = std::fs::read_to_string(&path)
-                    .map_err(|e| format!("--labels: cannot read {path}: {e}"))?;
-                args.labels = Some(text.lines().map(|l| l.trim().to_string()).collect());
-            }
-            "--size" => {
-                let v = value("--size")?;
-                args.size = Some(
-                    v.parse()
-                        .ok()
-                        .filter(|&s: &u32| s > 0)
-                        .ok_or(format!("--size expects a positive integer, got {v:?}"))?,
-                )
-            }
-            "--top-k" | "--topk" => {
-                let v = value("--top-k")?;
-                args.top_k = v
-                    .parse()
-                    .ok()
-                    .filter(|&k: &usize| k > 0)
-                    .ok_or(format!("--top-k expects a positive integer, got {v:?}"))?
-            }
-            "--batch-size" => {
-                let v = value("--batch-size")?;
-                args.batch_size = v.parse().ok().filter(|&k: &usize| k > 0).ok_or(format!(
-                    "--batch-size expects a positive integer, got {v:?}"
-                ))?
-            }
-            "--device" => {
-                let v = value("--device")?;
-                if !["cpu", "cuda", "metal"].contains(&v.as_str()) {
-                    return Err(format!("--device expects cpu, cuda or metal, got {v:?}"));
-                }
-                args.device = v
-            }
-            "--dtype" => {
-                let v = value("--dtype")?;
-                args.dtype = match v.as_str() {
-                    "f32" | "float32" => DType::F32,
-                    "f16" | "float16" => DType::F16,
-                    "bf16" | "bfloat16" => DType::BF16,
-                    _ => return Err(format!("--dtype expects f32, f16 or bf16, got {v:?}")),
-                }
-            }
-            "--json" => args.json = true,
-            "--logits" => args.logits = true,
-            "--list-models" => args.list_models = true,
-            _ => return Err(format!("unknown option {arg:?} (see --help)")),
-        }
+/// A positive integer (`--size`, `--top-k`, `--batch-size`).
+fn positive<T: std::str::FromStr + PartialOrd + Default>(
+    v: &str,
+) -> std::result::Result<T, String> {
+    v.parse()
+        .ok()
+        .filter(|x: &T| *x > T::default())
+        .ok_or(format!("expects a positive integer, got {v:?}"))
+}
+
+/// `--dtype`: f32 | f16 | bf16 (or their long names).
+fn parse_dtype(v: &str) -> std::result::Result<DType, String> {
+    match v {
+        "f32" | "float32" => Ok(DType::F32),
+        "f16" | "float16" => Ok(DType::F16),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        _ => Err(format!("expects f32, f16 or bf16, got {v:?}")),
     }
-    Ok(Some(args))
+}
+
+/// Reads the `--labels` file, if any (one name per line).
+fn read_labels(args: &mut Args) -> std::result::Result<(), String> {
+    if let Some(path) = &args.labels_file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("--labels: cannot read {}: {e}", path.display()))?;
+        args.labels = Some(text.lines().map(|l| l.trim().to_string()).collect());
+    }
+    Ok(())
 }
 
 fn device(name: &str) -> Result<Device> {
@@ -414,7 +360,10 @@ fn run(args: Args) -> Result<bool> {
             }
             Err(e) => {
                 for (i, _) in pending.iter() {
-                    outcomes[*i] = Some(Outcome::Err(format!("inference failed: {}", plain(&e))));
+                    outcomes[*i] = Some(Outcome::Err(format!(
+                        "inference failed: {}",
+                        internimage::error::user_message(&e)
+                    )));
                 }
             }
         }
@@ -433,7 +382,7 @@ fn run(args: Args) -> Result<bool> {
                     flush(&mut pending, &mut outcomes);
                 }
             }
-            Err(e) => outcomes[i] = Some(Outcome::Err(plain(&e))),
+            Err(e) => outcomes[i] = Some(Outcome::Err(internimage::error::user_message(&e))),
         }
     }
     flush(&mut pending, &mut outcomes);
@@ -507,15 +456,6 @@ fn run(args: Args) -> Result<bool> {
     Ok(all_ok)
 }
 
-/// The message of an error without the backtrace candle attaches when `RUST_BACKTRACE` is set.
-fn plain(e: &candle_core::Error) -> String {
-    match e {
-        candle_core::Error::WithBacktrace { inner, .. } => plain(inner),
-        candle_core::Error::Context { inner, context } => format!("{context}: {}", plain(inner)),
-        other => other.to_string(),
-    }
-}
-
 fn print_text(path: &Path, predictions: &[Prediction]) {
     println!("{}", path.display());
     for (rank, p) in predictions.iter().enumerate() {
@@ -534,22 +474,17 @@ fn print_text(path: &Path, predictions: &[Prediction]) {
 }
 
 fn main() -> ExitCode {
-    let args = match parse_args(std::env::args().skip(1)) {
-        Ok(Some(a)) => a,
-        Ok(None) => {
-            print!("{HELP}");
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
-    };
+    // Bad arguments: clap prints the error and exits with status 2; --help exits with 0.
+    let mut args = Args::parse();
+    if let Err(e) = read_labels(&mut args) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     match run(args) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(e) => {
-            eprintln!("error: {}", plain(&e));
+            eprintln!("error: {}", internimage::error::user_message(&e));
             ExitCode::from(1)
         }
     }

@@ -52,6 +52,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use candle_core::{DType, Device, IndexOp, Result};
+use clap::Parser;
 use image::imageops::FilterType;
 use image::{Rgb, RgbImage};
 use internimage::zoo::{self, PreprocessConfig};
@@ -60,32 +61,87 @@ use internimage::{checkpoint, preprocess, Config, InternImage};
 const DEFAULT_MODEL: &str = "internimage_t_1k_224";
 const SAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/chelsea.png");
 
-const HELP: &str = "\
-features: InternImage backbone features at detection resolution + DCNv3 sampling picture
+/// features: InternImage backbone features at detection resolution + DCNv3 sampling picture
+#[derive(Debug, Parser)]
+#[command(
+    name = "features",
+    override_usage = "cargo run --release --example features -- [OPTIONS] [IMAGE]",
+    after_help = "With no IMAGE the sample photo assets/chelsea.png is used.\n\n\
+Writes OUT/features.safetensors (level0..level3, NCHW f32) and OUT/features.png."
+)]
+struct Cli {
+    /// zoo model for the architecture / download
+    #[arg(long, value_name = "NAME", default_value = DEFAULT_MODEL)]
+    model: String,
+    /// local checkpoint (.pth, .safetensors, index json); no network
+    #[arg(long, value_name = "PATH")]
+    weights: Option<PathBuf>,
+    /// Hugging Face config.json for --weights
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// shorter side after resizing
+    #[arg(long, value_name = "S", default_value_t = 800, value_parser = positive::<u32>)]
+    size: u32,
+    /// cap on the longer side
+    #[arg(long, value_name = "M", default_value_t = 1333, value_parser = positive::<u32>)]
+    max_size: u32,
+    /// zero-pad height and width to a multiple of N
+    #[arg(long, value_name = "N", default_value_t = 32, value_parser = positive::<usize>)]
+    multiple: usize,
+    /// output folder
+    #[arg(long, value_name = "DIR", default_value = "features_out")]
+    out: PathBuf,
+    /// pixel (original image coordinates) whose sampling is drawn (default centre)
+    #[arg(long, value_name = "X,Y", value_parser = parse_pixel)]
+    pixel: Option<(f32, f32)>,
+    /// stage of the drawn DCNv3 block, 0..3
+    #[arg(long, value_name = "L", default_value_t = 2, value_parser = clap::value_parser!(u8).range(0..=3))]
+    level: u8,
+    /// block within the stage
+    #[arg(long, value_name = "B", default_value_t = 0)]
+    block: usize,
+    /// level visualisation: 3 principal components as RGB, or feature norm
+    #[arg(long, value_name = "pca|norm", default_value = "pca", value_parser = ["pca", "norm"])]
+    vis: String,
+    /// device to run on
+    #[arg(long, value_name = "DEV", default_value = "cpu", value_parser = ["cpu", "cuda", "metal"])]
+    device: String,
+    /// f32 | f16 | bf16
+    #[arg(long, value_name = "T", default_value = "f32", value_parser = parse_dtype)]
+    dtype: DType,
+    /// the image (default: the sample photo)
+    #[arg(value_name = "IMAGE")]
+    image: Option<PathBuf>,
+}
 
-USAGE:
-    cargo run --release --example features -- [OPTIONS] [IMAGE]
+/// A positive number (`--size`, `--max-size`, `--multiple`).
+fn positive<T: std::str::FromStr + PartialOrd + Default>(
+    v: &str,
+) -> std::result::Result<T, String> {
+    v.parse()
+        .ok()
+        .filter(|x: &T| *x > T::default())
+        .ok_or(format!("expects a positive integer, got {v:?}"))
+}
 
-With no IMAGE the sample photo assets/chelsea.png is used.
+/// `--pixel X,Y`.
+fn parse_pixel(v: &str) -> std::result::Result<(f32, f32), String> {
+    let bad = || format!("expects X,Y (two numbers), got {v:?}");
+    let (x, y) = v.split_once(',').ok_or_else(bad)?;
+    let x: f32 = x.trim().parse().map_err(|_| bad())?;
+    let y: f32 = y.trim().parse().map_err(|_| bad())?;
+    Ok((x, y))
+}
 
-OPTIONS:
-    --model NAME        zoo model for the architecture / download (default internimage_t_1k_224)
-    --weights PATH      local checkpoint (.pth, .safetensors, index json); no network
-    --config PATH       Hugging Face config.json for --weights
-    --size S            shorter side after resizing (default 800)
-    --max-size M        cap on the longer side (default 1333)
-    --multiple N        zero-pad height and width to a multiple of N (default 32)
-    --out DIR           output folder (default features_out)
-    --pixel X,Y         pixel (original image coordinates) whose sampling is drawn (default centre)
-    --level L           stage of the drawn DCNv3 block, 0..3 (default 2)
-    --block B           block within the stage (default 0)
-    --vis pca|norm      level visualisation: 3 principal components as RGB, or feature norm
-    --device DEV        cpu | cuda | metal (default cpu)
-    --dtype T           f32 | f16 | bf16 (default f32)
-    -h, --help          print this help
-
-Writes OUT/features.safetensors (level0..level3, NCHW f32) and OUT/features.png.
-";
+/// `--dtype`: f32 | f16 | bf16.
+fn parse_dtype(v: &str) -> std::result::Result<DType, String> {
+    match v {
+        "f32" => Ok(DType::F32),
+        "f16" => Ok(DType::F16),
+        "bf16" => Ok(DType::BF16),
+        _ => Err(format!("expects f32, f16 or bf16, got {v:?}")),
+    }
+}
 
 #[derive(Debug)]
 struct Args {
@@ -105,101 +161,25 @@ struct Args {
     image: PathBuf,
 }
 
-fn parse_args(argv: impl IntoIterator<Item = String>) -> std::result::Result<Option<Args>, String> {
-    let mut a = Args {
-        model: DEFAULT_MODEL.into(),
-        weights: None,
-        config: None,
-        size: 800,
-        max_size: 1333,
-        multiple: 32,
-        out: PathBuf::from("features_out"),
-        pixel: None,
-        level: 2,
-        block: 0,
-        vis_pca: true,
-        device: "cpu".into(),
-        dtype: DType::F32,
-        image: PathBuf::from(SAMPLE),
-    };
-    let mut images = Vec::new();
-    let mut it = argv.into_iter();
-    fn num<T: std::str::FromStr>(flag: &str, v: &str) -> std::result::Result<T, String> {
-        v.parse()
-            .map_err(|_| format!("{flag} expects a number, got {v:?}"))
-    }
-    while let Some(arg) = it.next() {
-        if !arg.starts_with('-') {
-            images.push(PathBuf::from(arg));
-            continue;
-        }
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
-            _ => (arg.clone(), None),
-        };
-        let mut value = |name: &str| -> std::result::Result<String, String> {
-            inline
-                .clone()
-                .or_else(|| it.next())
-                .ok_or(format!("{name} needs a value"))
-        };
-        match flag.as_str() {
-            "-h" | "--help" => return Ok(None),
-            "--model" => a.model = value("--model")?,
-            "--weights" => a.weights = Some(PathBuf::from(value("--weights")?)),
-            "--config" => a.config = Some(PathBuf::from(value("--config")?)),
-            "--size" => a.size = num("--size", &value("--size")?)?,
-            "--max-size" => a.max_size = num("--max-size", &value("--max-size")?)?,
-            "--multiple" => a.multiple = num("--multiple", &value("--multiple")?)?,
-            "--out" => a.out = PathBuf::from(value("--out")?),
-            "--level" => a.level = num("--level", &value("--level")?)?,
-            "--block" => a.block = num("--block", &value("--block")?)?,
-            "--pixel" => {
-                let v = value("--pixel")?;
-                let (x, y) = v
-                    .split_once(',')
-                    .ok_or(format!("--pixel expects X,Y, got {v:?}"))?;
-                a.pixel = Some((num("--pixel", x.trim())?, num("--pixel", y.trim())?));
-            }
-            "--vis" => {
-                let v = value("--vis")?;
-                a.vis_pca = match v.as_str() {
-                    "pca" => true,
-                    "norm" => false,
-                    _ => return Err(format!("--vis expects pca or norm, got {v:?}")),
-                }
-            }
-            "--device" => {
-                let v = value("--device")?;
-                if !["cpu", "cuda", "metal"].contains(&v.as_str()) {
-                    return Err(format!("--device expects cpu, cuda or metal, got {v:?}"));
-                }
-                a.device = v
-            }
-            "--dtype" => {
-                let v = value("--dtype")?;
-                a.dtype = match v.as_str() {
-                    "f32" => DType::F32,
-                    "f16" => DType::F16,
-                    "bf16" => DType::BF16,
-                    _ => return Err(format!("--dtype expects f32, f16 or bf16, got {v:?}")),
-                }
-            }
-            _ => return Err(format!("unknown option {arg:?} (see --help)")),
+impl From<Cli> for Args {
+    fn from(c: Cli) -> Self {
+        Args {
+            model: c.model,
+            weights: c.weights,
+            config: c.config,
+            size: c.size,
+            max_size: c.max_size,
+            multiple: c.multiple,
+            out: c.out,
+            pixel: c.pixel,
+            level: usize::from(c.level),
+            block: c.block,
+            vis_pca: c.vis == "pca",
+            device: c.device,
+            dtype: c.dtype,
+            image: c.image.unwrap_or_else(|| PathBuf::from(SAMPLE)),
         }
     }
-    match images.len() {
-        0 => {}
-        1 => a.image = images.remove(0),
-        _ => return Err("features takes one image".into()),
-    }
-    if a.size == 0 || a.max_size == 0 || a.multiple == 0 {
-        return Err("--size, --max-size and --multiple must be positive".into());
-    }
-    if a.level > 3 {
-        return Err(format!("--level must be 0..3, got {}", a.level));
-    }
-    Ok(Some(a))
 }
 
 fn load_backbone(a: &Args, dev: &Device) -> Result<InternImage> {
@@ -896,29 +876,14 @@ fn draw(
     Ok(canvas)
 }
 
-fn plain(e: &candle_core::Error) -> String {
-    match e {
-        candle_core::Error::WithBacktrace { inner, .. } => plain(inner),
-        other => other.to_string(),
-    }
-}
-
 fn main() -> ExitCode {
-    match parse_args(std::env::args().skip(1)) {
-        Ok(None) => {
-            print!("{HELP}");
-            ExitCode::SUCCESS
-        }
+    // Bad arguments: clap prints the error and exits with status 2; --help exits with 0.
+    let args = Args::from(Cli::parse());
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::from(2)
+            eprintln!("error: {}", internimage::error::user_message(&e));
+            ExitCode::from(1)
         }
-        Ok(Some(a)) => match run(a) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: {}", plain(&e));
-                ExitCode::from(1)
-            }
-        },
     }
 }

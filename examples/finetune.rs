@@ -26,6 +26,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use clap::Parser;
 use image::imageops::FilterType;
 use indicatif::{ProgressBar, ProgressStyle};
 use internimage::zoo::{self, PreprocessConfig};
@@ -34,121 +35,93 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
-const HELP: &str = "\
-finetune: fine-tune InternImage on an image folder (root/<class>/*.jpg)
-
-USAGE:
-    cargo run --release --example finetune -- --data DIR [OPTIONS]
-
-OPTIONS:
-    --data DIR          image folder: one sub-directory per class (required)
-    --model NAME        zoo model giving the architecture (default internimage_t_1k_224);
-                        its weights are downloaded from the Hub unless --weights is given
-    --weights PATH      local checkpoint to start from (.pth, .safetensors, index json)
-    --config PATH       config.json with the architecture of --weights (default: --model's)
-    --resume DIR        continue a run saved by this example in DIR (weights, config, labels)
-    --output DIR        where to save after each epoch (default runs/finetune)
-    --epochs N          epochs (default 10)
-    --batch-size B      images per step (default 16)
-    --lr LR             peak learning rate (default 1e-4; try 1e-3 with --freeze-backbone)
-    --warmup-epochs W   linear warm-up length in epochs (default 1)
-    --weight-decay WD   AdamW weight decay (default 0.05)
-    --label-smoothing E label smoothing (default 0.1)
-    --drop-path R       stochastic depth rate (default 0.1)
-    --size S            training and evaluation resolution (default: the model's)
-    --val-fraction F    share of each class held out for validation (default 0.2)
-    --freeze-backbone   train only the head (conv head / CLIP projector and classifier)
-    --seed N            split, augmentation and head initialisation seed (default 0)
-    --dtype T           f32 | bf16 (default f32)
-";
-
+/// finetune: fine-tune InternImage on an image folder (root/<class>/*.jpg)
+#[derive(Debug, Parser)]
+#[command(
+    name = "finetune",
+    override_usage = "cargo run --release --example finetune -- --data DIR [OPTIONS]"
+)]
 struct Args {
+    /// image folder: one sub-directory per class
+    #[arg(long, value_name = "DIR")]
     data: PathBuf,
+    /// zoo model giving the architecture; its weights are downloaded from the Hub unless
+    /// --weights is given
+    #[arg(long, value_name = "NAME", default_value = "internimage_t_1k_224")]
     model: String,
+    /// local checkpoint to start from (.pth, .safetensors, index json)
+    #[arg(long, value_name = "PATH")]
     weights: Option<PathBuf>,
+    /// config.json with the architecture of --weights (default: --model's)
+    #[arg(long, value_name = "PATH")]
     config: Option<PathBuf>,
+    /// continue a run saved by this example in DIR (weights, config, labels)
+    #[arg(long, value_name = "DIR")]
     resume: Option<PathBuf>,
+    /// where to save after each epoch
+    #[arg(long, value_name = "DIR", default_value = "runs/finetune")]
     output: PathBuf,
+    /// epochs
+    #[arg(long, value_name = "N", default_value_t = 10, value_parser = at_least_one)]
     epochs: usize,
+    /// images per step
+    #[arg(long, value_name = "B", default_value_t = 16, value_parser = at_least_one)]
     batch_size: usize,
+    /// peak learning rate (try 1e-3 with --freeze-backbone)
+    #[arg(long, value_name = "LR", default_value_t = 1e-4)]
     lr: f64,
+    /// linear warm-up length in epochs
+    #[arg(long, value_name = "W", default_value_t = 1.0)]
     warmup_epochs: f64,
+    /// AdamW weight decay
+    #[arg(long, value_name = "WD", default_value_t = 0.05)]
     weight_decay: f64,
+    /// label smoothing, in [0, 1)
+    #[arg(long, value_name = "E", default_value_t = 0.1, value_parser = unit_interval)]
     label_smoothing: f64,
+    /// stochastic depth rate
+    #[arg(long, value_name = "R", default_value_t = 0.1)]
     drop_path: f64,
+    /// training and evaluation resolution (default: the model's)
+    #[arg(long, value_name = "S")]
     size: Option<u32>,
+    /// share of each class held out for validation, in [0, 1)
+    #[arg(long, value_name = "F", default_value_t = 0.2, value_parser = unit_interval)]
     val_fraction: f64,
+    /// train only the head (conv head / CLIP projector and classifier)
+    #[arg(long)]
     freeze_backbone: bool,
+    /// split, augmentation and head initialisation seed
+    #[arg(long, value_name = "N", default_value_t = 0)]
     seed: u64,
+    /// f32 | bf16
+    #[arg(long, value_name = "T", default_value = "f32", value_parser = parse_dtype)]
     dtype: DType,
 }
 
-fn parse_args() -> std::result::Result<Args, String> {
-    let mut a = Args {
-        data: PathBuf::new(),
-        model: "internimage_t_1k_224".into(),
-        weights: None,
-        config: None,
-        resume: None,
-        output: PathBuf::from("runs/finetune"),
-        epochs: 10,
-        batch_size: 16,
-        lr: 1e-4,
-        warmup_epochs: 1.0,
-        weight_decay: 0.05,
-        label_smoothing: 0.1,
-        drop_path: 0.1,
-        size: None,
-        val_fraction: 0.2,
-        freeze_backbone: false,
-        seed: 0,
-        dtype: DType::F32,
-    };
-    let mut data = None;
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = |name: &str| it.next().ok_or(format!("{name} needs a value"));
-        fn num<T: std::str::FromStr>(flag: &str, v: String) -> std::result::Result<T, String> {
-            v.parse()
-                .map_err(|_| format!("{flag}: cannot parse {v:?} as a number"))
-        }
-        match flag.as_str() {
-            "-h" | "--help" => return Err(String::new()),
-            "--data" => data = Some(PathBuf::from(value("--data")?)),
-            "--model" => a.model = value("--model")?,
-            "--weights" => a.weights = Some(value("--weights")?.into()),
-            "--config" => a.config = Some(value("--config")?.into()),
-            "--resume" => a.resume = Some(value("--resume")?.into()),
-            "--output" => a.output = value("--output")?.into(),
-            "--epochs" => a.epochs = num(&flag, value(&flag)?)?,
-            "--batch-size" => a.batch_size = num(&flag, value(&flag)?)?,
-            "--lr" => a.lr = num(&flag, value(&flag)?)?,
-            "--warmup-epochs" => a.warmup_epochs = num(&flag, value(&flag)?)?,
-            "--weight-decay" => a.weight_decay = num(&flag, value(&flag)?)?,
-            "--label-smoothing" => a.label_smoothing = num(&flag, value(&flag)?)?,
-            "--drop-path" => a.drop_path = num(&flag, value(&flag)?)?,
-            "--size" => a.size = Some(num(&flag, value(&flag)?)?),
-            "--val-fraction" => a.val_fraction = num(&flag, value(&flag)?)?,
-            "--freeze-backbone" => a.freeze_backbone = true,
-            "--seed" => a.seed = num(&flag, value(&flag)?)?,
-            "--dtype" => {
-                a.dtype = match value("--dtype")?.as_str() {
-                    "f32" => DType::F32,
-                    "bf16" => DType::BF16,
-                    other => return Err(format!("--dtype: expected f32 or bf16, got {other:?}")),
-                }
-            }
-            other => return Err(format!("unknown option {other:?} (see --help)")),
-        }
+/// `--epochs`, `--batch-size`: at least 1.
+fn at_least_one(v: &str) -> std::result::Result<usize, String> {
+    match v.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("must be an integer of at least 1, got {v:?}")),
     }
-    a.data = data.ok_or("--data DIR is required (see --help)")?;
-    if a.batch_size == 0 || a.epochs == 0 {
-        return Err("--batch-size and --epochs must be at least 1".into());
+}
+
+/// `--val-fraction`, `--label-smoothing`: a number in [0, 1).
+fn unit_interval(v: &str) -> std::result::Result<f64, String> {
+    match v.parse::<f64>() {
+        Ok(x) if (0.0..1.0).contains(&x) => Ok(x),
+        _ => Err(format!("must be a number in [0, 1), got {v:?}")),
     }
-    if !(0.0..1.0).contains(&a.val_fraction) || !(0.0..1.0).contains(&a.label_smoothing) {
-        return Err("--val-fraction and --label-smoothing must be in [0, 1)".into());
+}
+
+/// `--dtype`: f32 | bf16.
+fn parse_dtype(v: &str) -> std::result::Result<DType, String> {
+    match v {
+        "f32" => Ok(DType::F32),
+        "bf16" => Ok(DType::BF16),
+        other => Err(format!("expected f32 or bf16, got {other:?}")),
     }
-    Ok(a)
 }
 
 /// Image files with their class index.
@@ -445,21 +418,12 @@ fn run(a: &Args) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    let args = match parse_args() {
-        Ok(a) => a,
-        Err(e) if e.is_empty() => {
-            print!("{HELP}");
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            eprintln!("finetune: {e}");
-            return ExitCode::from(2);
-        }
-    };
+    // Bad arguments: clap prints the error and exits with status 2; --help exits with 0.
+    let args = Args::parse();
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("finetune: {e}");
+            eprintln!("finetune: {}", internimage::error::user_message(&e));
             ExitCode::FAILURE
         }
     }

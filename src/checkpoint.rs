@@ -17,9 +17,15 @@
 //! Every floating tensor is checked once for NaN/Inf as it is loaded (one pass over its bytes,
 //! before any conversion); the error names the tensor and the file
 //! ([`OpenOptions::check_finite`] turns this off).
+//!
+//! Failures are typed (see [`crate::Error::find`]): [`crate::Error::Io`],
+//! [`crate::Error::UnsupportedCheckpoint`], [`crate::Error::TruncatedCheckpoint`],
+//! [`crate::Error::InvalidCheckpoint`], [`crate::Error::MissingTensor`],
+//! [`crate::Error::ShapeMismatch`], [`crate::Error::NonFinite`].
 
 mod pickle;
 
+use crate::error::Error as IoError;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{bail, DType, Device, Error, Result, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
@@ -45,17 +51,46 @@ fn msg(s: String) -> Error {
     Error::Msg(s)
 }
 
+/// A safetensors failure of `path` as a typed error: truncated (the header promises more bytes
+/// than the file has), an I/O error, or a malformed file.
+fn safetensors_error(path: &Path, message: String, e: Error) -> Error {
+    let path = path.to_path_buf();
+    match e {
+        Error::WithPath { inner, .. } | Error::WithBacktrace { inner, .. } => {
+            safetensors_error(&path, message, *inner)
+        }
+        Error::SafeTensor(safetensors::SafeTensorError::MetadataIncompleteBuffer) => {
+            IoError::TruncatedCheckpoint { path, message }.into()
+        }
+        Error::Io(source) => IoError::Io {
+            path,
+            message,
+            source,
+        }
+        .into(),
+        _ => IoError::InvalidCheckpoint { path, message }.into(),
+    }
+}
+
 /// Detects the format of `path` from its first bytes.
 pub fn detect_format(path: impl AsRef<Path>) -> Result<Format> {
     let path = path.as_ref();
-    let mut f = std::fs::File::open(path)
-        .map_err(|e| msg(format!("cannot open checkpoint {}: {e}", path.display())))?;
+    let mut f = std::fs::File::open(path).map_err(|e| {
+        IoError::io(
+            path,
+            format!("cannot open checkpoint {}: {e}", path.display()),
+            e,
+        )
+    })?;
     let file_len = f.metadata().map(|m| m.len()).unwrap_or(0);
     let mut head = Vec::with_capacity(16);
-    (&mut f)
-        .take(16)
-        .read_to_end(&mut head)
-        .map_err(|e| msg(format!("cannot read checkpoint {}: {e}", path.display())))?;
+    (&mut f).take(16).read_to_end(&mut head).map_err(|e| {
+        IoError::io(
+            path,
+            format!("cannot read checkpoint {}: {e}", path.display()),
+            e,
+        )
+    })?;
     if head.starts_with(b"PK\x03\x04") || head.starts_with(b"PK\x05\x06") {
         return Ok(Format::Pth);
     }
@@ -66,27 +101,39 @@ pub fn detect_format(path: impl AsRef<Path>) -> Result<Format> {
         if header_len.saturating_add(8) <= file_len {
             return Ok(Format::Safetensors);
         }
-        bail!(
-            "checkpoint {} looks like safetensors but is truncated: header of {header_len} bytes, file of {file_len} bytes",
-            path.display()
-        );
+        return Err(IoError::TruncatedCheckpoint {
+            path: path.to_path_buf(),
+            message: format!(
+                "checkpoint {} looks like safetensors but is truncated: header of {header_len} bytes, file of {file_len} bytes",
+                path.display()
+            ),
+        }
+        .into());
     }
     if head.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
         return Ok(Format::SafetensorsIndex);
     }
     if head.first() == Some(&0x80) {
-        bail!(
-            "checkpoint {} is a legacy (non-zip) PyTorch pickle; re-save it with torch >= 1.6 \
-             (torch.save(obj, path)) or convert it to safetensors",
-            path.display()
-        );
+        return Err(IoError::UnsupportedCheckpoint {
+            path: path.to_path_buf(),
+            message: format!(
+                "checkpoint {} is a legacy (non-zip) PyTorch pickle; re-save it with torch >= 1.6 \
+                 (torch.save(obj, path)) or convert it to safetensors",
+                path.display()
+            ),
+        }
+        .into());
     }
-    bail!(
-        "checkpoint {} is neither a PyTorch zip (.pth), a safetensors file nor a safetensors index json \
-         (first bytes {:02x?})",
-        path.display(),
-        &head[..head.len().min(8)]
-    )
+    Err(IoError::UnsupportedCheckpoint {
+        path: path.to_path_buf(),
+        message: format!(
+            "checkpoint {} is neither a PyTorch zip (.pth), a safetensors file nor a safetensors index json \
+             (first bytes {:02x?})",
+            path.display(),
+            &head[..head.len().min(8)]
+        ),
+    }
+    .into())
 }
 
 /// Maps a stored tensor name to the official state-dict name the model uses.
@@ -112,14 +159,22 @@ pub fn canonical_name(stored: &str) -> String {
 /// paths, `..`, drive letters and backslashes are rejected).
 pub fn shards_from_index(index: impl AsRef<Path>) -> Result<Vec<PathBuf>> {
     let index = index.as_ref();
+    let invalid = |message: String| -> Error {
+        IoError::InvalidCheckpoint {
+            path: index.to_path_buf(),
+            message,
+        }
+        .into()
+    };
     let text = std::fs::read_to_string(index).map_err(|e| {
-        msg(format!(
-            "cannot read safetensors index {}: {e}",
-            index.display()
-        ))
+        IoError::io(
+            index,
+            format!("cannot read safetensors index {}: {e}", index.display()),
+            e,
+        )
     })?;
     let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
-        msg(format!(
+        invalid(format!(
             "invalid safetensors index {}: {e}",
             index.display()
         ))
@@ -128,7 +183,7 @@ pub fn shards_from_index(index: impl AsRef<Path>) -> Result<Vec<PathBuf>> {
         .get("weight_map")
         .and_then(|m| m.as_object())
         .ok_or_else(|| {
-            msg(format!(
+            invalid(format!(
                 "safetensors index {} has no \"weight_map\" object",
                 index.display()
             ))
@@ -137,7 +192,7 @@ pub fn shards_from_index(index: impl AsRef<Path>) -> Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = Vec::new();
     for v in map.values() {
         let f = v.as_str().ok_or_else(|| {
-            msg(format!(
+            invalid(format!(
                 "safetensors index {}: non-string file name {v}",
                 index.display()
             ))
@@ -153,11 +208,11 @@ pub fn shards_from_index(index: impl AsRef<Path>) -> Result<Vec<PathBuf>> {
                 .components()
                 .all(|c| matches!(c, std::path::Component::Normal(_)));
         if !plain {
-            bail!(
+            return Err(invalid(format!(
                 "safetensors index {} lists the shard {f:?}, which is not a plain relative path \
                  inside the index's directory; shards must sit next to (or below) the index",
                 index.display()
-            );
+            )));
         }
         let p = dir.join(rel);
         if !files.contains(&p) {
@@ -165,7 +220,10 @@ pub fn shards_from_index(index: impl AsRef<Path>) -> Result<Vec<PathBuf>> {
         }
     }
     if files.is_empty() {
-        bail!("safetensors index {} lists no files", index.display());
+        return Err(invalid(format!(
+            "safetensors index {} lists no files",
+            index.display()
+        )));
     }
     Ok(files)
 }
@@ -327,32 +385,77 @@ fn top_level_keys(p: &pickle::Pickle) -> String {
 }
 
 fn open_pth(path: &Path, which: &PthWeights) -> Result<PthFile> {
-    let fail = |e: String| {
-        msg(format!(
-            "cannot read PyTorch checkpoint {}: {e}",
-            path.display()
-        ))
+    // Every failure names the file; the variant says what kind of failure it is.
+    let text = |e: &str| format!("cannot read PyTorch checkpoint {}: {e}", path.display());
+    let path_buf = || path.to_path_buf();
+    let invalid = |e: String| -> Error {
+        IoError::InvalidCheckpoint {
+            path: path_buf(),
+            message: text(&e),
+        }
+        .into()
     };
-    let file = std::fs::File::open(path).map_err(|e| fail(e.to_string()))?;
-    let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file))
-        .map_err(|e| fail(format!("not a valid zip archive ({e})")))?;
+    let truncated = |e: String| -> Error {
+        IoError::TruncatedCheckpoint {
+            path: path_buf(),
+            message: text(&e),
+        }
+        .into()
+    };
+    let unsupported = |e: String| -> Error {
+        IoError::UnsupportedCheckpoint {
+            path: path_buf(),
+            message: text(&e),
+        }
+        .into()
+    };
+    let missing = |name: &str, e: String| -> Error {
+        IoError::MissingTensor {
+            name: name.to_string(),
+            message: text(&e),
+        }
+        .into()
+    };
+    let file = std::fs::File::open(path).map_err(|e| IoError::io(path, text(&e.to_string()), e))?;
+    // `torch.save` writes the zip's directory last: a file without one was cut short.
+    let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(|e| {
+        let m = format!("not a valid zip archive ({e})");
+        match e {
+            zip::result::ZipError::UnsupportedArchive(_) => unsupported(m),
+            _ => truncated(m),
+        }
+    })?;
     let pkl_name = zip
         .file_names()
         .filter_map(|n| n.ok().map(|n| n.into_owned()))
         .filter(|n| n == "data.pkl" || n.ends_with("/data.pkl"))
         .min_by_key(|n| n.len())
-        .ok_or_else(|| fail("no data.pkl in the archive (not a torch.save file)".into()))?;
+        .ok_or_else(|| unsupported("no data.pkl in the archive (not a torch.save file)".into()))?;
     let prefix = pkl_name.strip_suffix("data.pkl").unwrap_or("").to_string();
     let mut bytes = Vec::new();
     zip.by_name(&pkl_name)
-        .map_err(|e| fail(format!("cannot open {pkl_name}: {e}")))?
+        .map_err(|e| invalid(format!("cannot open {pkl_name}: {e}")))?
         .take(MAX_PICKLE_BYTES + 1)
         .read_to_end(&mut bytes)
-        .map_err(|e| fail(format!("cannot read {pkl_name}: {e}")))?;
+        .map_err(|e| {
+            let m = format!("cannot read {pkl_name}: {e}");
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                truncated(m)
+            } else {
+                invalid(m)
+            }
+        })?;
     if bytes.len() as u64 > MAX_PICKLE_BYTES {
-        return Err(fail(format!("{pkl_name} is larger than 1 GiB")));
+        return Err(unsupported(format!("{pkl_name} is larger than 1 GiB")));
     }
-    let p = pickle::parse(&bytes).map_err(|e| fail(format!("{pkl_name}: {e}")))?;
+    let p = pickle::parse(&bytes).map_err(|e| {
+        let m = format!("{pkl_name}: {e}");
+        if e.starts_with("truncated") {
+            truncated(m)
+        } else {
+            invalid(m)
+        }
+    })?;
     let under = |key: &str| p.get(p.root, key).map(|id| tensors_in(&p, id, &prefix));
     let tensors = match which {
         PthWeights::Auto => under("model")
@@ -362,17 +465,23 @@ fn open_pth(path: &Path, which: &PthWeights) -> Result<PthFile> {
         PthWeights::Ema => under("model_ema")
             .or_else(|| under("state_dict_ema"))
             .ok_or_else(|| {
-                fail(format!(
-                    "no EMA weights: neither \"model_ema\" nor \"state_dict_ema\" is a key \
-                     (keys: {})",
-                    top_level_keys(&p)
-                ))
+                missing(
+                    "model_ema",
+                    format!(
+                        "no EMA weights: neither \"model_ema\" nor \"state_dict_ema\" is a key \
+                         (keys: {})",
+                        top_level_keys(&p)
+                    ),
+                )
             })?,
         PthWeights::Key(k) => under(k).ok_or_else(|| {
-            fail(format!(
-                "no key {k:?} at the top level (keys: {})",
-                top_level_keys(&p)
-            ))
+            missing(
+                k,
+                format!(
+                    "no key {k:?} at the top level (keys: {})",
+                    top_level_keys(&p)
+                ),
+            )
         })?,
     };
     if tensors.is_empty() {
@@ -381,16 +490,54 @@ fn open_pth(path: &Path, which: &PthWeights) -> Result<PthFile> {
             PthWeights::Ema => "under \"model_ema\" / \"state_dict_ema\"".to_string(),
             PthWeights::Key(k) => format!("under {k:?}"),
         };
-        bail!(
-            "PyTorch checkpoint {} holds no tensors (looked {looked}; top-level keys: {})",
-            path.display(),
-            top_level_keys(&p)
-        )
+        return Err(IoError::UnsupportedCheckpoint {
+            path: path_buf(),
+            message: format!(
+                "PyTorch checkpoint {} holds no tensors (looked {looked}; top-level keys: {})",
+                path.display(),
+                top_level_keys(&p)
+            ),
+        }
+        .into());
     }
     Ok(PthFile {
         tensors,
         zip: Mutex::new(zip),
     })
+}
+
+/// The flat index and kind (`"NaN"` or `"Inf"`) of the first non-finite element of a tensor.
+type NonFiniteAt = (usize, &'static str);
+
+/// Why a tensor of a `.pth` file could not be read.
+struct ReadFail {
+    /// Its record ends before its storage does (a cut file).
+    truncated: bool,
+    message: String,
+}
+
+impl From<String> for ReadFail {
+    fn from(message: String) -> Self {
+        Self {
+            truncated: false,
+            message,
+        }
+    }
+}
+
+impl From<&str> for ReadFail {
+    fn from(message: &str) -> Self {
+        message.to_string().into()
+    }
+}
+
+impl ReadFail {
+    fn truncated(message: String) -> Self {
+        Self {
+            truncated: true,
+            message,
+        }
+    }
 }
 
 impl PthFile {
@@ -400,7 +547,7 @@ impl PthFile {
         &self,
         t: &PthTensor,
         check_finite: bool,
-    ) -> std::result::Result<(Tensor, Option<(usize, &'static str)>), String> {
+    ) -> std::result::Result<(Tensor, Option<NonFiniteAt>), ReadFail> {
         let es = t.dtype.size_in_bytes();
         let numel = t
             .shape
@@ -424,29 +571,40 @@ impl PthFile {
                 return Err(format!(
                     "view (offset {}, shape {:?}, strides {:?}) exceeds its storage of {} elements",
                     t.offset, t.shape, t.strides, t.storage_len
-                ));
+                )
+                .into());
             }
         }
         let mut zip = self.zip.lock().map_err(|_| "archive lock poisoned")?;
         let mut rec = zip
             .by_name(&t.record)
-            .map_err(|e| format!("record {}: {e}", t.record))?;
+            .map_err(|e| ReadFail::from(format!("record {}: {e}", t.record)))?;
         if rec.size() < storage_bytes as u64 {
-            return Err(format!(
+            return Err(ReadFail::truncated(format!(
                 "record {} holds {} bytes, its storage needs {storage_bytes}",
                 t.record,
                 rec.size()
-            ));
+            )));
         }
         let mut data = Vec::new();
         data.try_reserve_exact(storage_bytes)
-            .map_err(|_| format!("cannot allocate {storage_bytes} bytes"))?;
+            .map_err(|_| ReadFail::from(format!("cannot allocate {storage_bytes} bytes")))?;
         (&mut rec)
             .take(storage_bytes as u64)
             .read_to_end(&mut data)
-            .map_err(|e| format!("record {}: {e}", t.record))?;
+            .map_err(|e| {
+                let m = format!("record {}: {e}", t.record);
+                if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    ReadFail::truncated(m)
+                } else {
+                    ReadFail::from(m)
+                }
+            })?;
         if data.len() < storage_bytes {
-            return Err(format!("record {} is truncated", t.record));
+            return Err(ReadFail::truncated(format!(
+                "record {} is truncated",
+                t.record
+            )));
         }
         drop(rec);
         drop(zip);
@@ -492,7 +650,7 @@ impl PthFile {
             None
         };
         let tensor = Tensor::from_raw_buffer(&bytes, t.dtype, &t.shape, &Device::Cpu)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| ReadFail::from(e.to_string()))?;
         Ok((tensor, bad))
     }
 }
@@ -592,11 +750,17 @@ impl CheckpointBackend {
                         // `pytorch_model.bin.index.json` PyTorch zip shards.
                         match detect_format(&shard)? {
                             f @ (Format::Safetensors | Format::Pth) => files.push((shard, f)),
-                            other => bail!(
-                                "index {} lists {}, which is {other:?}, not a safetensors or PyTorch weight file",
-                                p.display(),
-                                shard.display()
-                            ),
+                            other => {
+                                return Err(IoError::UnsupportedCheckpoint {
+                                    path: shard.clone(),
+                                    message: format!(
+                                        "index {} lists {}, which is {other:?}, not a safetensors or PyTorch weight file",
+                                        p.display(),
+                                        shard.display()
+                                    ),
+                                }
+                                .into())
+                            }
                         }
                     }
                 }
@@ -625,10 +789,12 @@ impl CheckpointBackend {
                     // SAFETY: memory-mapped read-only; the file must not be modified while in use
                     // (the same contract as `VarBuilder::from_mmaped_safetensors`).
                     let st = unsafe { MmapedSafetensors::new(&path) }.map_err(|e| {
-                        msg(format!(
-                            "cannot read safetensors file {}: {e}",
-                            path.display()
-                        ))
+                        let message = format!(
+                            "cannot read safetensors file {}: {}",
+                            path.display(),
+                            crate::error::user_message(&e)
+                        );
+                        safetensors_error(&path, message, e)
                     })?;
                     for (name, view) in st.tensors() {
                         add(name, Shape::from(view.shape().to_vec()));
@@ -681,10 +847,14 @@ impl CheckpointBackend {
                 } else {
                     String::new()
                 };
-                bail!(
-                    "missing tensor `{name}`{hf} in checkpoint {}; does the Config match this checkpoint?",
-                    self.files_str()
-                )
+                Err(IoError::MissingTensor {
+                    name: name.to_string(),
+                    message: format!(
+                        "missing tensor `{name}`{hf} in checkpoint {}; does the Config match this checkpoint?",
+                        self.files_str()
+                    ),
+                }
+                .into())
             }
         }
     }
@@ -692,21 +862,30 @@ impl CheckpointBackend {
     fn load(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
         let e = self.entry(name)?;
         let (path, _, source) = &self.sources[e.source];
-        let ctx = |err: Error| {
-            msg(format!(
+        let text = |err: &dyn std::fmt::Display| {
+            format!(
                 "cannot read tensor `{}` from {}: {err}",
                 e.stored,
                 path.display()
-            ))
+            )
+        };
+        // A safetensors record that cannot be read: the file was cut, or it is malformed.
+        let ctx = |err: Error| -> Error {
+            let message = text(&crate::error::user_message(&err));
+            safetensors_error(path, message, err)
         };
         let non_finite = |at: Option<(usize, &str)>| -> Result<()> {
             match at {
-                Some((i, kind)) if self.check_finite => bail!(
-                    "tensor `{}` in {} holds non-finite values (first: {kind} at flat index {i}); \
-                     the checkpoint is corrupt or its training diverged",
-                    e.stored,
-                    path.display()
-                ),
+                Some((i, kind)) if self.check_finite => Err(IoError::NonFinite {
+                    name: e.stored.clone(),
+                    message: format!(
+                        "tensor `{}` in {} holds non-finite values (first: {kind} at flat index {i}); \
+                         the checkpoint is corrupt or its training diverged",
+                        e.stored,
+                        path.display()
+                    ),
+                }
+                .into()),
                 _ => Ok(()),
             }
         };
@@ -719,9 +898,15 @@ impl CheckpointBackend {
                         path.display()
                     ))
                 })?;
-                let (t, bad) = p
-                    .read(info, self.check_finite)
-                    .map_err(|err| ctx(msg(err)))?;
+                let (t, bad) = p.read(info, self.check_finite).map_err(|err| -> Error {
+                    let message = text(&err.message);
+                    let path = path.clone();
+                    if err.truncated {
+                        IoError::TruncatedCheckpoint { path, message }.into()
+                    } else {
+                        IoError::InvalidCheckpoint { path, message }.into()
+                    }
+                })?;
                 non_finite(bad)?;
                 t
             }
@@ -751,13 +936,19 @@ impl SimpleBackend for CheckpointBackend {
     ) -> Result<Tensor> {
         let e = self.entry(name)?;
         if e.shape != s {
-            bail!(
-                "shape mismatch for tensor `{name}`: the model expects {:?}, the checkpoint has {:?} ({}); \
-                 does the Config match this checkpoint?",
-                s.dims(),
-                e.shape.dims(),
-                self.sources[e.source].0.display()
-            );
+            return Err(IoError::ShapeMismatch {
+                name: name.to_string(),
+                expected: s.dims().to_vec(),
+                found: e.shape.dims().to_vec(),
+                message: format!(
+                    "shape mismatch for tensor `{name}`: the model expects {:?}, the checkpoint has {:?} ({}); \
+                     does the Config match this checkpoint?",
+                    s.dims(),
+                    e.shape.dims(),
+                    self.sources[e.source].0.display()
+                ),
+            }
+            .into());
         }
         self.load(name, dtype, dev)
     }

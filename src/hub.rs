@@ -26,7 +26,10 @@
 //!   before they are accepted.
 //! * Failures: requests are retried by `hf-hub` on connection errors, 429 and 5xx; a download
 //!   that breaks off or fails the integrity check is restarted ([`HubOptions::download_attempts`]).
-//!   404, 401, 403 and the rest become errors that say what was asked and what to do.
+//!   404, 401, 403 and the rest become errors that say what was asked and what to do, and that
+//!   a caller can match with [`crate::Error::find`]: [`crate::Error::OfflineNotCached`],
+//!   [`crate::Error::HubNotFound`], [`crate::Error::Unauthorized`], [`crate::Error::Network`],
+//!   [`crate::Error::IntegrityMismatch`].
 //! * Progress: a one-line bar on stderr while downloading, only when stderr is a terminal.
 //!
 //! ```no_run
@@ -37,6 +40,7 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
+use crate::error::Error as IoError;
 use crate::model::{Config, InternImage};
 use crate::zoo::{self, HubFile, HubRepo, PretrainedModel, PthFile};
 use candle_core::{bail, DType, Device, Error, Result};
@@ -194,14 +198,18 @@ impl Hub {
             builder = builder.retry_max_attempts(n);
         }
         let client = builder.build().map_err(|e| {
-            Error::Msg(format!(
+            IoError::bad_config(format!(
                 "cannot set up the Hugging Face Hub client: {e} (check HF_ENDPOINT / the endpoint: it must be a URL such as https://huggingface.co)"
             ))
         })?;
         let endpoint = client.endpoint().to_string();
         let cache_dir = client.cache_dir().to_path_buf();
-        let client = HFClientSync::from_inner(client)
-            .map_err(|e| Error::Msg(format!("cannot start the Hub client: {e}")))?;
+        let client = HFClientSync::from_inner(client).map_err(|e| IoError::Network {
+            repo: String::new(),
+            file: String::new(),
+            status: None,
+            message: format!("cannot start the Hub client: {e}"),
+        })?;
         Ok(Self {
             client,
             endpoint,
@@ -401,44 +409,71 @@ impl Hub {
             (Some(owner), Some(name), None) if !owner.is_empty() && !name.is_empty() => {
                 Ok(self.client.model(owner, name))
             }
-            _ => bail!("invalid Hub repository id {repo:?}: expected \"owner/name\""),
+            _ => Err(IoError::bad_config(format!(
+                "invalid Hub repository id {repo:?}: expected \"owner/name\""
+            ))
+            .into()),
         }
     }
 
     fn missing_error(&self, ctx: &FileCtx) -> Error {
-        Error::Msg(format!(
-            "{} not found in the Hub repository {} at revision {} ({}, HTTP 404): check the model name and revision",
-            ctx.file, ctx.repo, ctx.revision, self.endpoint
-        ))
+        IoError::HubNotFound {
+            repo: ctx.repo.to_string(),
+            file: ctx.file.clone(),
+            message: format!(
+                "{} not found in the Hub repository {} at revision {} ({}, HTTP 404): check the model name and revision",
+                ctx.file, ctx.repo, ctx.revision, self.endpoint
+            ),
+        }
+        .into()
     }
 
     /// Offline, no weight candidate is in the cache: say what was looked for.
     fn offline_missing_error(&self, repo: &str, candidates: &[Candidate]) -> Error {
         let looked: Vec<String> = candidates.iter().map(Candidate::describe).collect();
-        Error::Msg(format!(
-            "offline mode (HF_HUB_OFFLINE=1): no weights of {repo} are in the Hugging Face cache {}; looked for, in order: {}; unset HF_HUB_OFFLINE (or turn offline off) to download them, or load local weights instead (--weights PATH in the examples, InternImage::from_checkpoint_files in code)",
-            self.cache_dir.display(),
-            looked.join(", ")
-        ))
+        IoError::OfflineNotCached {
+            repo: repo.to_string(),
+            file: looked.join(", "),
+            message: format!(
+                "offline mode (HF_HUB_OFFLINE=1): no weights of {repo} are in the Hugging Face cache {}; looked for, in order: {}; unset HF_HUB_OFFLINE (or turn offline off) to download them, or load local weights instead (--weights PATH in the examples, InternImage::from_checkpoint_files in code)",
+                self.cache_dir.display(),
+                looked.join(", ")
+            ),
+        }
+        .into()
     }
 
     /// Online, the Hub has none of the weight candidates: name every URL tried.
     fn all_missing_error(&self, repo: &str, candidates: &[Candidate]) -> Error {
         let urls: Vec<String> = candidates.iter().map(|c| c.url(&self.endpoint)).collect();
-        Error::Msg(format!(
-            "no weights of {repo} found on the Hub: every candidate was not found (HTTP 404): {}; check the model name and revision, or download the weights yourself and pass local files (--weights PATH [--config config.json] in the examples, InternImage::from_checkpoint_files(&cfg, &[path], dtype, &device) in code)",
-            urls.join(", ")
-        ))
+        IoError::HubNotFound {
+            repo: repo.to_string(),
+            file: candidates
+                .iter()
+                .map(Candidate::names)
+                .collect::<Vec<_>>()
+                .join(", "),
+            message: format!(
+                "no weights of {repo} found on the Hub: every candidate was not found (HTTP 404): {}; check the model name and revision, or download the weights yourself and pass local files (--weights PATH [--config config.json] in the examples, InternImage::from_checkpoint_files(&cfg, &[path], dtype, &device) in code)",
+                urls.join(", ")
+            ),
+        }
+        .into()
     }
 
     fn offline_error(&self, ctx: &FileCtx) -> Error {
-        Error::Msg(format!(
-            "offline mode (HF_HUB_OFFLINE=1): {} of {} at revision {} is not in the Hugging Face cache {}; unset HF_HUB_OFFLINE (or turn offline off) to download it, or load local weights instead (--weights PATH in the examples, InternImage::from_checkpoint_files in code)",
-            ctx.file,
-            ctx.repo,
-            ctx.revision,
-            self.cache_dir.display()
-        ))
+        IoError::OfflineNotCached {
+            repo: ctx.repo.to_string(),
+            file: ctx.file.clone(),
+            message: format!(
+                "offline mode (HF_HUB_OFFLINE=1): {} of {} at revision {} is not in the Hugging Face cache {}; unset HF_HUB_OFFLINE (or turn offline off) to download it, or load local weights instead (--weights PATH in the examples, InternImage::from_checkpoint_files in code)",
+                ctx.file,
+                ctx.repo,
+                ctx.revision,
+                self.cache_dir.display()
+            ),
+        }
+        .into()
     }
 
     /// One file from the cache only (never a request): `Ok(None)` when it is not there (or
@@ -459,7 +494,7 @@ impl Hub {
             Err(HFError::LocalEntryNotFound { .. }) | Err(HFError::EntryNotFound { .. }) => {
                 Ok(None)
             }
-            Err(e) => Err(self.hub_error(ctx, e)),
+            Err(e) => Err(self.hub_error(ctx, e).into()),
         }
     }
 
@@ -485,7 +520,7 @@ impl Hub {
 
         // 2. The network, restarting broken or corrupt transfers.
         let attempts = self.options.download_attempts.max(1);
-        let mut last_error = None;
+        let mut last_error: Option<IoError> = None;
         for attempt in 1..=attempts {
             if attempt > 1 {
                 std::thread::sleep(Duration::from_millis(200 * attempt as u64));
@@ -501,29 +536,42 @@ impl Hub {
                 Ok(path) => match verify_download(&path, file) {
                     Ok(()) => return Ok(Some(path)),
                     Err(msg) => {
-                        last_error = Some(format!(
-                            "{} of {}@{} from {} failed the integrity check: {msg}; the download was deleted from the cache",
-                            ctx.file, ctx.repo, ctx.revision, self.endpoint
-                        ))
+                        last_error = Some(IoError::IntegrityMismatch {
+                            repo: ctx.repo.to_string(),
+                            file: ctx.file.clone(),
+                            message: format!(
+                                "{} of {}@{} from {} failed the integrity check: {msg}; the download was deleted from the cache",
+                                ctx.file, ctx.repo, ctx.revision, self.endpoint
+                            ),
+                        })
                     }
                 },
                 Err(HFError::EntryNotFound { .. }) => return Ok(None),
-                Err(e) if is_retryable(&e) => last_error = Some(self.hub_error(ctx, e).to_string()),
-                Err(e) => return Err(self.hub_error(ctx, e)),
+                Err(e) if is_retryable(&e) => last_error = Some(self.hub_error(ctx, e)),
+                Err(e) => return Err(self.hub_error(ctx, e).into()),
             }
         }
-        let last = last_error.unwrap_or_default();
+        let mut last = last_error.unwrap_or_else(|| IoError::Network {
+            repo: ctx.repo.to_string(),
+            file: ctx.file.clone(),
+            status: None,
+            message: format!("{} of {}: no download attempt was made", ctx.file, ctx.repo),
+        });
         if attempts > 1 {
-            bail!("{last} (gave up after {attempts} attempts)")
+            last = crate::error::with_message(last, |m| {
+                format!("{m} (gave up after {attempts} attempts)")
+            });
         }
-        bail!("{last}")
+        Err(last.into())
     }
 
-    fn hub_error(&self, ctx: &FileCtx, e: HFError) -> Error {
+    /// A failure of the Hub client as a typed error that says what was asked and what to do.
+    fn hub_error(&self, ctx: &FileCtx, e: HFError) -> IoError {
         let what = format!(
             "{} of {} at revision {} ({})",
             ctx.file, ctx.repo, ctx.revision, self.endpoint
         );
+        let status = hf_status(&e);
         let msg = match &e {
             HFError::EntryNotFound { .. } => {
                 format!("{what}: not found (HTTP 404); check the model name and revision")
@@ -566,7 +614,48 @@ impl Hub {
             HFError::Io(_) => format!("{what}: cannot write the cache {} ({e})", self.cache_dir.display()),
             _ => format!("{what}: {e}"),
         };
-        Error::Msg(msg)
+        let repo = ctx.repo.to_string();
+        let file = ctx.file.clone();
+        match e {
+            HFError::EntryNotFound { .. }
+            | HFError::RepoNotFound { .. }
+            | HFError::RevisionNotFound { .. } => IoError::HubNotFound {
+                repo,
+                file,
+                message: msg,
+            },
+            HFError::AuthRequired { .. } | HFError::Forbidden { .. } => IoError::Unauthorized {
+                repo,
+                file,
+                status: status.unwrap_or(401),
+                message: msg,
+            },
+            HFError::Io(source) => IoError::Io {
+                path: self.cache_dir.clone(),
+                message: msg,
+                source,
+            },
+            _ => IoError::Network {
+                repo,
+                file,
+                status,
+                message: msg,
+            },
+        }
+    }
+}
+
+/// The HTTP status of a Hub client error, when it is about an answer.
+fn hf_status(e: &HFError) -> Option<u16> {
+    match e {
+        HFError::EntryNotFound { .. }
+        | HFError::RepoNotFound { .. }
+        | HFError::RevisionNotFound { .. } => Some(404),
+        HFError::AuthRequired { .. } => Some(401),
+        HFError::Forbidden { .. } => Some(403),
+        HFError::RateLimited { .. } => Some(429),
+        HFError::Http { context } => Some(context.status.as_u16()),
+        _ => None,
     }
 }
 
@@ -704,13 +793,18 @@ fn check_listed_shards(
     let mut indexed: Vec<&str> = shards.iter().map(String::as_str).collect();
     indexed.sort_unstable();
     if listed != indexed {
-        bail!(
-            "the shard index {index} of {}@{} names the shards [{}] but the manifest lists [{}]; the repository changed: update weights-manifest.json or pin the revision",
-            c.repo,
-            c.revision,
-            indexed.join(", "),
-            listed.join(", ")
-        );
+        return Err(IoError::IntegrityMismatch {
+            repo: c.repo.clone(),
+            file: index.to_string(),
+            message: format!(
+                "the shard index {index} of {}@{} names the shards [{}] but the manifest lists [{}]; the repository changed: update weights-manifest.json or pin the revision",
+                c.repo,
+                c.revision,
+                indexed.join(", "),
+                listed.join(", ")
+            ),
+        }
+        .into());
     }
     Ok(())
 }
@@ -756,14 +850,14 @@ fn purge_cached(snapshot: &Path) {
 /// SHA-256 of a file, as 64 lowercase hex digits, and its size.
 pub fn sha256_file(path: &Path) -> Result<(String, u64)> {
     let mut f = std::fs::File::open(path)
-        .map_err(|e| Error::Msg(format!("cannot open {}: {e}", path.display())))?;
+        .map_err(|e| IoError::io(path, format!("cannot open {}: {e}", path.display()), e))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut len = 0u64;
     loop {
         let n = f
             .read(&mut buf)
-            .map_err(|e| Error::Msg(format!("cannot read {}: {e}", path.display())))?;
+            .map_err(|e| IoError::io(path, format!("cannot read {}: {e}", path.display()), e))?;
         if n == 0 {
             break;
         }
@@ -817,36 +911,46 @@ fn check_file(path: &Path, file: &HubFile) -> std::result::Result<(), String> {
 
 /// The shard file names of a safetensors index (`weight_map` values), sorted, without repeats.
 fn shards_from_index(index: &Path) -> Result<Vec<String>> {
+    let invalid = |message: String| -> Error {
+        IoError::InvalidCheckpoint {
+            path: index.to_path_buf(),
+            message,
+        }
+        .into()
+    };
     let text = std::fs::read_to_string(index)
-        .map_err(|e| Error::Msg(format!("cannot read {}: {e}", index.display())))?;
+        .map_err(|e| IoError::io(index, format!("cannot read {}: {e}", index.display()), e))?;
     let value: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| Error::Msg(format!("invalid shard index {}: {e}", index.display())))?;
+        .map_err(|e| invalid(format!("invalid shard index {}: {e}", index.display())))?;
     let Some(map) = value.get("weight_map").and_then(|m| m.as_object()) else {
-        bail!(
+        return Err(invalid(format!(
             "invalid shard index {}: expected an object \"weight_map\" (tensor name -> shard file)",
             index.display()
-        )
+        )));
     };
     let mut shards: Vec<String> = Vec::new();
     for (tensor, shard) in map {
         let Some(shard) = shard.as_str() else {
-            bail!(
+            return Err(invalid(format!(
                 "invalid shard index {}: weight_map[{tensor:?}] is not a file name",
                 index.display()
-            )
+            )));
         };
         if shard.is_empty() || shard.contains("..") || shard.starts_with('/') {
-            bail!(
+            return Err(invalid(format!(
                 "invalid shard index {}: bad shard name {shard:?}",
                 index.display()
-            )
+            )));
         }
         shards.push(shard.to_string());
     }
     shards.sort();
     shards.dedup();
     if shards.is_empty() {
-        bail!("shard index {} lists no tensors", index.display())
+        return Err(invalid(format!(
+            "shard index {} lists no tensors",
+            index.display()
+        )));
     }
     Ok(shards)
 }
@@ -866,9 +970,9 @@ pub fn download_repo(repo: &HubRepo, options: &HubOptions) -> Result<ModelFiles>
 /// Checks the repository's `config.json` against the architecture we are about to build.
 fn check_config_json(path: &Path, cfg: &Config, what: &str) -> Result<()> {
     let text = std::fs::read_to_string(path)
-        .map_err(|e| Error::Msg(format!("cannot read {}: {e}", path.display())))?;
+        .map_err(|e| IoError::io(path, format!("cannot read {}: {e}", path.display()), e))?;
     let v: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| Error::Msg(format!("invalid config.json {}: {e}", path.display())))?;
+        .map_err(|e| IoError::bad_config(format!("invalid config.json {}: {e}", path.display())))?;
     let as_usizes = |key: &str| -> Option<Vec<usize>> {
         v.get(key)?
             .as_array()?
@@ -898,11 +1002,12 @@ fn check_config_json(path: &Path, cfg: &Config, what: &str) -> Result<()> {
         }
     }
     if !diffs.is_empty() {
-        bail!(
+        return Err(IoError::bad_config(format!(
             "the config.json of {what} ({}) does not match the expected architecture: {} (Hub value vs expected); update weights-manifest.json or pin the revision",
             path.display(),
             diffs.join(", ")
-        );
+        ))
+        .into());
     }
     Ok(())
 }
@@ -966,10 +1071,13 @@ impl InternImage {
             }
             (Some(cfg), None) => cfg.clone(),
             (None, Some(path)) => Config::from_file(path)?,
-            (None, None) => bail!(
+            (None, None) => {
+                return Err(IoError::bad_config(format!(
                 "{} has no config.json and no configuration was given: pass one (e.g. Config::t())",
                 repo.repo
-            ),
+            ))
+                .into())
+            }
         };
         InternImage::from_checkpoint_files(&cfg, &files.weights, dtype, device)
     }

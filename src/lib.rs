@@ -11,6 +11,9 @@
 //! * [`zoo`]: the registry of released checkpoints (`weights-manifest.json`), `hub` (feature
 //!   `hub`): cached, verified downloads from the Hugging Face Hub, `preprocess` (feature `image`):
 //!   the official evaluation transform, [`labels`]: ImageNet-1k/22k names.
+//! * [`Error`]: the typed failures of the I/O layers (offline and not cached, not on the Hub,
+//!   integrity, truncated checkpoint, missing tensor, image too large, ...) inside the
+//!   `candle_core::Error` every function returns; [`Error::find`] gets them back.
 //!
 //! Classify a photo with a released model (downloads ~120 MB on first use):
 //!
@@ -85,6 +88,7 @@
 
 pub mod checkpoint;
 pub mod cpu;
+pub mod error;
 #[cfg(feature = "hub")]
 pub mod hub;
 pub mod labels;
@@ -102,6 +106,7 @@ const _: fn() = {
 };
 
 pub use cpu::{Isa, KernelPolicy};
+pub use error::Error;
 pub use model::{
     Config, CoreOp, DcnSampling, Dcnv3Layer, Dcnv3LayerConfig, InternImage, TrainOptions,
     Trainable, TrainableModel,

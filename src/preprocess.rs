@@ -29,13 +29,31 @@ use std::path::Path;
 use candle_core::{bail, Device, Result, Tensor};
 use image::{DynamicImage, ImageDecoder, RgbImage};
 
+use crate::error::Error;
 use crate::zoo::PreprocessConfig;
 
-/// The message of an error without the backtrace candle attaches when `RUST_BACKTRACE` is set.
-fn plain(e: &candle_core::Error) -> String {
+/// An `UndecodableImage` error.
+fn undecodable(message: String) -> candle_core::Error {
+    Error::UndecodableImage { message }.into()
+}
+
+/// The error of a decoder: over the allocation limit is `ImageTooLarge`, the rest
+/// `UndecodableImage`.
+fn decode_error(
+    e: image::ImageError,
+    what: &str,
+    dimensions: Option<(u32, u32)>,
+    opts: &DecodeOptions,
+) -> candle_core::Error {
+    let message = format!("cannot decode image {what}: {e}");
     match e {
-        candle_core::Error::WithBacktrace { inner, .. } => plain(inner),
-        other => other.to_string(),
+        image::ImageError::Limits(_) => Error::ImageTooLarge {
+            dimensions,
+            max_pixels: opts.max_pixels,
+            message,
+        }
+        .into(),
+        _ => undecodable(message),
     }
 }
 
@@ -85,29 +103,33 @@ fn decode_reader<R: std::io::BufRead + std::io::Seek>(
     what: &str,
 ) -> Result<DynamicImage> {
     if reader.format().is_none() {
-        bail!(
+        return Err(undecodable(format!(
             "cannot decode image {what}: not a recognised image format (supported: png, jpeg, \
              gif, bmp, tiff, webp, pnm, ico)"
-        )
+        )));
     }
     reader.limits(opts.limits());
     let decoder = reader
         .into_decoder()
-        .map_err(|e| candle_core::Error::msg(format!("cannot decode image {what}: {e}")))?;
+        .map_err(|e| decode_error(e, what, None, opts))?;
     let (w, h) = decoder.dimensions();
     if w == 0 || h == 0 {
-        bail!("image {what} has no pixels ({w}x{h})")
+        return Err(undecodable(format!("image {what} has no pixels ({w}x{h})")));
     }
     let pixels = w as u64 * h as u64;
     if pixels > opts.max_pixels {
-        bail!(
-            "image {what} is {w}x{h} = {pixels} pixels, more than the limit of {} pixels; \
-             downscale it first, or raise the limit with DecodeOptions::max_pixels",
-            opts.max_pixels
-        )
+        return Err(Error::ImageTooLarge {
+            dimensions: Some((w, h)),
+            max_pixels: opts.max_pixels,
+            message: format!(
+                "image {what} is {w}x{h} = {pixels} pixels, more than the limit of {} pixels; \
+                 downscale it first, or raise the limit with DecodeOptions::max_pixels",
+                opts.max_pixels
+            ),
+        }
+        .into());
     }
-    DynamicImage::from_decoder(decoder)
-        .map_err(|e| candle_core::Error::msg(format!("cannot decode image {what}: {e}")))
+    DynamicImage::from_decoder(decoder).map_err(|e| decode_error(e, what, Some((w, h)), opts))
 }
 
 /// Decodes an image file (any format the enabled `image` codecs read, detected from the content,
@@ -121,10 +143,20 @@ pub fn decode_image(path: impl AsRef<Path>) -> Result<DynamicImage> {
 pub fn decode_image_with(path: impl AsRef<Path>, opts: &DecodeOptions) -> Result<DynamicImage> {
     let path = path.as_ref();
     let reader = image::ImageReader::open(path)
-        .map_err(|e| candle_core::Error::msg(format!("cannot open image {}: {e}", path.display())))?
+        .map_err(|e| {
+            Error::io(
+                path,
+                format!("cannot open image {}: {e}", path.display()),
+                e,
+            )
+        })?
         .with_guessed_format()
         .map_err(|e| {
-            candle_core::Error::msg(format!("cannot read image {}: {e}", path.display()))
+            Error::io(
+                path,
+                format!("cannot read image {}: {e}", path.display()),
+                e,
+            )
         })?;
     decode_reader(reader, opts, &path.display().to_string())
 }
@@ -139,7 +171,7 @@ pub fn decode_image_bytes(bytes: &[u8]) -> Result<DynamicImage> {
 pub fn decode_image_bytes_with(bytes: &[u8], opts: &DecodeOptions) -> Result<DynamicImage> {
     let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
-        .map_err(|e| candle_core::Error::msg(format!("cannot read image from memory: {e}")))?;
+        .map_err(|e| undecodable(format!("cannot read image from memory: {e}")))?;
     decode_reader(reader, opts, "from memory")
 }
 
@@ -279,22 +311,24 @@ fn crop_window(len: u32, crop: u32) -> (u32, std::ops::Range<u32>) {
 pub fn resize_and_crop(img: &DynamicImage, cfg: &PreprocessConfig) -> Result<RgbImage> {
     let (w, h) = (img.width(), img.height());
     if w == 0 || h == 0 {
-        bail!("cannot preprocess an image with no pixels ({w}x{h})")
+        return Err(undecodable(format!(
+            "cannot preprocess an image with no pixels ({w}x{h})"
+        )));
     }
     if cfg.resize_shorter_side == 0 || cfg.crop_size == 0 {
-        bail!(
+        return Err(Error::bad_config(format!(
             "invalid preprocessing config: resize_shorter_side {} and crop_size {} must be positive",
-            cfg.resize_shorter_side,
-            cfg.crop_size
-        )
+            cfg.resize_shorter_side, cfg.crop_size
+        ))
+        .into());
     }
     if cfg.crop_size > MAX_CROP_SIZE || cfg.resize_shorter_side > MAX_CROP_SIZE {
-        bail!(
+        return Err(Error::bad_config(format!(
             "invalid preprocessing config: resize_shorter_side {} and crop_size {} must be at most \
              {MAX_CROP_SIZE}",
-            cfg.resize_shorter_side,
-            cfg.crop_size
-        )
+            cfg.resize_shorter_side, cfg.crop_size
+        ))
+        .into());
     }
     let (nw, nh) = resized_size(w, h, cfg.resize_shorter_side);
     if nw == 0 || nh == 0 {
@@ -376,7 +410,10 @@ pub fn rgb_to_tensor(
 ) -> Result<Tensor> {
     let (w, h) = (img.width() as usize, img.height() as usize);
     if std.iter().any(|&s| s == 0.0 || !s.is_finite()) {
-        bail!("invalid normalisation std {std:?}: every channel must be finite and non-zero")
+        return Err(Error::bad_config(format!(
+            "invalid normalisation std {std:?}: every channel must be finite and non-zero"
+        ))
+        .into());
     }
     let plane = w * h;
     let mut data = vec![0f32; 3 * plane];
@@ -417,7 +454,7 @@ pub fn load_image_with(
     let path = path.as_ref();
     let img = decode_image_with(path, opts)?;
     preprocess_image(&img, cfg, device)
-        .map_err(|e| candle_core::Error::msg(format!("image {}: {}", path.display(), plain(&e))))
+        .map_err(|e| crate::error::rewrite(e, |m| format!("image {}: {m}", path.display())))
 }
 
 /// Preprocesses decoded images into one `(N, 3, S, S)` f32 batch. Fails on an empty slice.

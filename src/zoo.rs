@@ -17,7 +17,7 @@
 //! ```
 
 use crate::model::Config;
-use candle_core::{bail, Result};
+use candle_core::Result;
 use serde::{Deserialize, Serialize};
 use std::sync::OnceLock;
 
@@ -406,7 +406,7 @@ static MODELS: OnceLock<std::result::Result<Vec<PretrainedModel>, String>> = Onc
 pub fn list() -> Result<&'static [PretrainedModel]> {
     match MODELS.get_or_init(|| parse_manifest(MANIFEST_JSON)) {
         Ok(models) => Ok(models.as_slice()),
-        Err(e) => Err(candle_core::Error::Msg(e.clone())),
+        Err(e) => Err(crate::error::Error::bad_config(e.clone()).into()),
     }
 }
 
@@ -428,8 +428,12 @@ pub fn get(name: &str) -> Result<&'static PretrainedModel> {
         return Ok(m);
     }
     let known: Vec<&str> = models.iter().map(|m| m.name.as_str()).collect();
-    bail!(
-        "unknown InternImage model {name:?}; known models: {}",
-        known.join(", ")
-    )
+    Err(crate::error::Error::UnknownModel {
+        name: name.to_string(),
+        message: format!(
+            "unknown InternImage model {name:?}; known models: {}",
+            known.join(", ")
+        ),
+    }
+    .into())
 }

@@ -283,3 +283,68 @@ fn non_finite_weights_are_an_error_naming_the_tensor() {
         assert!(InternImage::new(&cfg, vb).is_ok());
     }
 }
+
+/// A `.pth` without the asked-for entry: `internimage::Error::MissingTensor` naming the key.
+#[test]
+fn typed_error_missing_pth_entry() {
+    let path = tmp("typed_bare.pth");
+    std::fs::write(&path, pth_bytes(&state_dict(&tiny_b_tensors()))).unwrap();
+    for (which, key) in [
+        (PthWeights::Ema, "model_ema"),
+        (PthWeights::Key("weights".into()), "weights"),
+    ] {
+        let opts = OpenOptions {
+            pth_weights: which,
+            ..OpenOptions::default()
+        };
+        let err = checkpoint::CheckpointBackend::open_with(&[&path], &opts).unwrap_err();
+        assert!(
+            matches!(
+                internimage::Error::find(&err),
+                Some(internimage::Error::MissingTensor { name, .. }) if name == key
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains(key), "{err}");
+    }
+}
+
+/// NaN/Inf weights: `internimage::Error::NonFinite` naming the tensor, in both formats.
+#[test]
+fn typed_error_non_finite() {
+    let cfg = common::net_config("tiny_b");
+    let dev = Device::Cpu;
+    let target = "levels.0.blocks.0.mlp.fc1.bias";
+    let tensors: Vec<(String, Tensor)> = tiny_b_tensors()
+        .into_iter()
+        .map(|(k, t)| {
+            if k == target {
+                let mut v = common::to_f32_vec(&t);
+                v[0] = f32::NAN;
+                (k, Tensor::from_vec(v, t.dims(), &dev).unwrap())
+            } else {
+                (k, t)
+            }
+        })
+        .collect();
+    let pth = tmp("typed_nan.pth");
+    std::fs::write(
+        &pth,
+        pth_bytes(&dict(vec![("model", state_dict(&tensors))])),
+    )
+    .unwrap();
+    let st = tmp("typed_nan.safetensors");
+    let map: std::collections::HashMap<String, Tensor> = tensors.iter().cloned().collect();
+    candle_core::safetensors::save(&map, &st).unwrap();
+    for path in [pth, st] {
+        let err = InternImage::from_checkpoint(&cfg, &path, DType::F32, &dev).unwrap_err();
+        assert!(
+            matches!(
+                internimage::Error::find(&err),
+                Some(internimage::Error::NonFinite { name, .. }) if name == target
+            ),
+            "{}: {err:?}",
+            path.display()
+        );
+    }
+}

@@ -399,3 +399,26 @@ fn non_finite_logits_are_an_error_for_that_image() {
     assert!(json["results"][0]["predictions"].is_null());
     assert!(!String::from_utf8_lossy(&out.stdout).contains("NaN%"));
 }
+
+/// With `RUST_BACKTRACE=1` a failure is still the one-line message, without a backtrace.
+#[test]
+fn errors_are_one_line_even_with_rust_backtrace() {
+    let cfg = tiny_b_config();
+    let missing = tmp_dir().join("no-such-weights.safetensors");
+    for env in ["1", "full"] {
+        let out = Command::new(example_binary())
+            .current_dir(ROOT)
+            .env("RUST_BACKTRACE", env)
+            .args(["--weights", missing.to_str().unwrap()])
+            .args(["--config", cfg.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(
+            err.starts_with("error: cannot open checkpoint") && err.contains("no-such-weights"),
+            "{err}"
+        );
+    }
+}

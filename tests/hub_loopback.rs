@@ -1234,3 +1234,139 @@ fn flash_checkpoint_from_the_dcnv4_repo() {
     let err = from_pretrained_err("flash_internimage_t_1k_224", &options(&server, &cache));
     assert!(err.contains("shape mismatch"), "{err}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Typed errors: each failure is an `internimage::Error` variant a caller can match.
+
+/// `matches!` on the typed error inside a `candle_core::Error`.
+macro_rules! assert_typed {
+    ($err:expr, $pat:pat $(if $guard:expr)?) => {{
+        let err = &$err;
+        assert!(
+            matches!(internimage::Error::find(err), Some($pat) $(if $guard)?),
+            "{err:?}"
+        );
+    }};
+}
+
+#[test]
+fn typed_error_offline_not_cached() {
+    let server = HubStandIn::start();
+    let cache = TempCache::new("typed-offline");
+    let opts = options(&server, &cache).with_offline(true);
+    let err =
+        InternImage::from_pretrained_with("internimage_t_1k_224", &opts, DType::F32, &Device::Cpu)
+            .err()
+            .unwrap();
+    assert_typed!(
+        err,
+        internimage::Error::OfflineNotCached { repo, file, .. }
+            if repo == "OpenGVLab/internimage_t_1k_224" && file.contains("model.safetensors")
+    );
+    let err = hub::Hub::new(opts)
+        .unwrap()
+        .fetch_file(
+            "fixtures/absent",
+            "main",
+            &HubFile::new("model.safetensors"),
+        )
+        .unwrap_err();
+    assert_typed!(
+        err,
+        internimage::Error::OfflineNotCached { repo, file, .. }
+            if repo == "fixtures/absent" && file == "model.safetensors"
+    );
+    assert!(server.requests().is_empty(), "{:?}", server.requests());
+}
+
+#[test]
+fn typed_error_hub_not_found() {
+    let server = HubStandIn::start();
+    let cache = TempCache::new("typed-404");
+    let opts = options(&server, &cache);
+    serve_config(&server, "fixtures/half", &tiny_b());
+    let mut repo = HubRepo::safetensors("fixtures/half");
+    repo.files = vec![HubFile::new("weights-v2.safetensors")];
+    let err = hub::download_repo(&repo, &opts).unwrap_err();
+    assert_typed!(
+        err,
+        internimage::Error::HubNotFound { repo, file, .. }
+            if repo == "fixtures/half" && file.contains("weights-v2.safetensors")
+    );
+    // One named file: the Hub's 404 for it.
+    let err = hub::Hub::new(opts)
+        .unwrap()
+        .fetch_pth(internimage::zoo::get("internimage_t_1k_224").unwrap())
+        .unwrap_err();
+    assert_typed!(err, internimage::Error::HubNotFound { .. });
+}
+
+#[test]
+fn typed_error_unauthorized() {
+    let server = HubStandIn::start();
+    let cache = TempCache::new("typed-401");
+    let t = tiny_b();
+    for (repo_id, code) in [("fixtures/private", 401u16), ("fixtures/gated", 403)] {
+        server.put(
+            repo_id,
+            "model.safetensors",
+            t.weights.clone(),
+            &t.sha256,
+            Mode::Status(code),
+        );
+        let mut repo = HubRepo::safetensors(repo_id);
+        repo.config_file = None;
+        let err = hub::download_repo(&repo, &options(&server, &cache)).unwrap_err();
+        assert_typed!(
+            err,
+            internimage::Error::Unauthorized { repo, status, .. }
+                if repo == repo_id && *status == code
+        );
+    }
+}
+
+#[test]
+fn typed_error_network() {
+    // A server failure (503) after retries.
+    let server = HubStandIn::start();
+    let cache = TempCache::new("typed-503");
+    let t = tiny_b();
+    server.put(
+        "fixtures/down",
+        "model.safetensors",
+        t.weights.clone(),
+        &t.sha256,
+        Mode::Status(503),
+    );
+    let mut repo = HubRepo::safetensors("fixtures/down");
+    repo.config_file = None;
+    let err = hub::download_repo(&repo, &options(&server, &cache)).unwrap_err();
+    assert_typed!(
+        err,
+        internimage::Error::Network { status: Some(503), repo, .. } if repo == "fixtures/down"
+    );
+    // A connection cut mid-file.
+    let s = Scenario::new("typed-cut", "fixtures/typed-cut");
+    s.set_weights_mode(Mode::Truncate);
+    let err = hub::download_repo(&s.repo(), &s.options()).unwrap_err();
+    assert_typed!(err, internimage::Error::Network { status: None, .. });
+}
+
+#[test]
+fn typed_error_integrity_mismatch() {
+    let s = Scenario::new("typed-pinned", "fixtures/typed-pinned");
+    let mut repo = s.repo();
+    repo.files = vec![HubFile::new("model.safetensors").with_sha256("ab".repeat(32))];
+    let err = hub::download_repo(&repo, &s.options()).unwrap_err();
+    assert_typed!(
+        err,
+        internimage::Error::IntegrityMismatch { repo, file, .. }
+            if repo == "fixtures/typed-pinned" && file == "model.safetensors"
+    );
+    // A corrupt body (the Hub's ETag does not match), through `InternImage::from_hub`.
+    s.set_weights_mode(Mode::Corrupt);
+    let err = InternImage::from_hub(&s.repo(), None, &s.options(), DType::F32, &Device::Cpu)
+        .err()
+        .unwrap();
+    assert_typed!(err, internimage::Error::IntegrityMismatch { .. });
+}

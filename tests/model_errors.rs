@@ -289,3 +289,143 @@ fn bad_inputs_error() {
     assert!(InternImage::backbone(&config("tiny_b"), &[4], vb.clone()).is_err());
     assert!(InternImage::backbone(&config("tiny_b"), &[], vb).is_err());
 }
+
+/// `matches!` on the typed error inside a `candle_core::Error`.
+macro_rules! assert_typed {
+    ($err:expr, $pat:pat $(if $guard:expr)?) => {{
+        let err = &$err;
+        assert!(
+            matches!(internimage::Error::find(err), Some($pat) $(if $guard)?),
+            "{err:?}"
+        );
+    }};
+}
+
+#[test]
+fn typed_error_missing_tensor() {
+    let dir = scratch("typed_missing");
+    let mut ts = load_st(weights("tiny_b", "safetensors"));
+    ts.remove("model.levels.0.blocks.0.layer_scale1").unwrap();
+    let path = dir.join("model.safetensors");
+    candle_core::safetensors::save(&ts, &path).unwrap();
+    let err = load(&config("tiny_b"), &path).unwrap_err();
+    assert_typed!(
+        err,
+        internimage::Error::MissingTensor { name, .. } if name == "levels.0.blocks.0.gamma1"
+    );
+}
+
+#[test]
+fn typed_error_shape_mismatch() {
+    let cfg = config("tiny_b").with_num_classes(10);
+    let err = load(&cfg, &weights("tiny_b", "pth")).unwrap_err();
+    assert_typed!(
+        err,
+        internimage::Error::ShapeMismatch { name, expected, found, .. }
+            if name == "head.weight" && expected == &[10, 144] && found == &[100, 144]
+    );
+}
+
+#[test]
+fn typed_error_truncated_checkpoint() {
+    let dir = scratch("typed_truncated");
+    let cfg = config("tiny_b");
+    for ext in ["pth", "safetensors"] {
+        let bytes = std::fs::read(weights("tiny_b", ext)).unwrap();
+        for (tag, len) in [("half", bytes.len() / 2), ("head", 64)] {
+            let path = dir.join(format!("{tag}.{ext}"));
+            std::fs::write(&path, &bytes[..len]).unwrap();
+            let err = load(&cfg, &path).unwrap_err();
+            assert_typed!(
+                err,
+                internimage::Error::TruncatedCheckpoint { path: p, .. } if p == &path
+            );
+        }
+    }
+}
+
+#[test]
+fn typed_error_unsupported_checkpoint() {
+    let dir = scratch("typed_unsupported");
+    let cfg = config("tiny_b");
+    for (name, bytes) in [
+        (
+            "legacy.pth",
+            vec![0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20],
+        ),
+        ("text.bin", b"hello world, not weights".to_vec()),
+    ] {
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).unwrap();
+        let err = load(&cfg, &path).unwrap_err();
+        assert_typed!(err, internimage::Error::UnsupportedCheckpoint { .. });
+    }
+}
+
+#[test]
+fn typed_error_invalid_checkpoint() {
+    let dir = scratch("typed_invalid");
+    // A shard index naming a file outside its directory, and one that is not JSON.
+    let hostile = dir.join("model.safetensors.index.json");
+    std::fs::write(
+        &hostile,
+        r#"{"weight_map": {"head.weight": "../../etc/passwd"}}"#,
+    )
+    .unwrap();
+    let err = load(&config("tiny_b"), &hostile).unwrap_err();
+    assert_typed!(err, internimage::Error::InvalidCheckpoint { path, .. } if path == &hostile);
+    let broken = dir.join("broken.index.json");
+    std::fs::write(&broken, "{ not json").unwrap();
+    let err = load(&config("tiny_b"), &broken).unwrap_err();
+    assert_typed!(err, internimage::Error::InvalidCheckpoint { .. });
+}
+
+#[test]
+fn typed_error_io_missing_checkpoint() {
+    let path = scratch("typed_io").join("does-not-exist.safetensors");
+    let err = load(&config("tiny_b"), &path).unwrap_err();
+    assert_typed!(
+        err,
+        internimage::Error::Io { path: p, source, .. }
+            if p == &path && source.kind() == std::io::ErrorKind::NotFound
+    );
+    // `?` into candle's error kept it an `Io` error of the same kind, with the message alone.
+    assert!(matches!(&err, candle_core::Error::Io(e) if e.kind() == std::io::ErrorKind::NotFound));
+    assert!(!err.to_string().contains('\n'), "{err}");
+}
+
+#[test]
+fn typed_error_bad_config() {
+    let dir = scratch("typed_config");
+    let err = Config::from_json_str("{ not json").unwrap_err();
+    assert_typed!(err, internimage::Error::BadConfig { .. });
+    let zero = serde_json::to_string(&Config {
+        channels: 0,
+        ..Config::t()
+    })
+    .unwrap();
+    let path = dir.join("config.json");
+    std::fs::write(&path, zero).unwrap();
+    let err = Config::from_file(&path).unwrap_err();
+    assert_typed!(
+        err,
+        internimage::Error::BadConfig { message } if message.contains("channels must be > 0")
+            && message.contains("config.json")
+    );
+    let err = Config::preset("q").unwrap_err();
+    assert_typed!(err, internimage::Error::BadConfig { .. });
+}
+
+#[test]
+fn typed_error_unknown_model() {
+    let err = internimage::zoo::get("internimage_z").unwrap_err();
+    assert_typed!(err, internimage::Error::UnknownModel { name, .. } if name == "internimage_z");
+    // Context added by the caller does not hide it.
+    let err = err.context("loading the classifier");
+    assert_typed!(err, internimage::Error::UnknownModel { .. });
+    let shown = internimage::error::user_message(&err);
+    assert!(
+        shown.starts_with("loading the classifier: unknown InternImage model"),
+        "{shown}"
+    );
+}

@@ -411,3 +411,111 @@ fn decode_pixel_limit_is_enforced_from_the_header() {
     let err = preprocess::resize_and_crop(&DynamicImage::new_rgb8(4, 4), &huge).unwrap_err();
     assert!(err.to_string().contains("at most"), "{err}");
 }
+
+/// Bytes that are not an image (or a truncated one, or 0 pixels): `internimage::Error::UndecodableImage`.
+#[test]
+fn typed_error_undecodable_image() {
+    let cfg = PreprocessConfig::imagenet(224);
+    let bytes = std::fs::read(format!("{FIXTURES}/chelsea.png")).unwrap();
+    let truncated = tmp("typed_truncated.png");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 3]).unwrap();
+    let errors = [
+        preprocess::decode_image_bytes(b"this is not an image").unwrap_err(),
+        preprocess::decode_image_bytes(b"P5\n0 0\n255\n").unwrap_err(),
+        preprocess::load_image(&truncated, &cfg, &Device::Cpu).unwrap_err(),
+    ];
+    for err in errors {
+        assert!(
+            matches!(
+                internimage::Error::find(&err),
+                Some(internimage::Error::UndecodableImage { .. })
+            ),
+            "{err:?}"
+        );
+    }
+}
+
+/// Over the pixel limit: `internimage::Error::ImageTooLarge` with the header's size and the limit.
+#[test]
+fn typed_error_image_too_large() {
+    let mut png = Vec::new();
+    DynamicImage::ImageRgb8(pattern(300, 200))
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    let opts = preprocess::DecodeOptions::with_max_pixels(59_999);
+    let err = preprocess::decode_image_bytes_with(&png, &opts).unwrap_err();
+    assert!(
+        matches!(
+            internimage::Error::find(&err),
+            Some(internimage::Error::ImageTooLarge {
+                dimensions: Some((300, 200)),
+                max_pixels: 59_999,
+                ..
+            })
+        ),
+        "{err:?}"
+    );
+    // The 10^10-pixel PPM header, with the default limit.
+    let err = preprocess::decode_image_bytes(b"P6\n100000 100000\n255\n").unwrap_err();
+    assert!(
+        matches!(
+            internimage::Error::find(&err),
+            Some(internimage::Error::ImageTooLarge {
+                dimensions: Some((100_000, 100_000)),
+                max_pixels: preprocess::DEFAULT_MAX_PIXELS,
+                ..
+            })
+        ),
+        "{err:?}"
+    );
+}
+
+/// Bad preprocessing settings: `internimage::Error::BadConfig`, also through `load_image`, whose
+/// message adds the file name.
+#[test]
+fn typed_error_bad_preprocessing_config() {
+    let bad = PreprocessConfig {
+        crop_size: 0,
+        ..PreprocessConfig::imagenet(224)
+    };
+    let err = preprocess::preprocess_image(&DynamicImage::new_rgb8(8, 8), &bad, &Device::Cpu)
+        .unwrap_err();
+    assert!(
+        matches!(
+            internimage::Error::find(&err),
+            Some(internimage::Error::BadConfig { .. })
+        ),
+        "{err:?}"
+    );
+    let err =
+        preprocess::load_image(format!("{FIXTURES}/chelsea.png"), &bad, &Device::Cpu).unwrap_err();
+    assert!(
+        matches!(
+            internimage::Error::find(&err),
+            Some(internimage::Error::BadConfig { message }) if message.contains("chelsea.png")
+        ),
+        "{err:?}"
+    );
+}
+
+/// A file that cannot be opened: `internimage::Error::Io` with its path and the OS error.
+#[test]
+fn typed_error_io_missing_image() {
+    let missing = tmp("typed_does_not_exist.png");
+    let err = preprocess::load_image(&missing, &PreprocessConfig::imagenet(224), &Device::Cpu)
+        .unwrap_err();
+    match internimage::Error::find(&err) {
+        Some(internimage::Error::Io { path, source, .. }) => {
+            assert_eq!(path, &missing);
+            assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
+        }
+        other => panic!("{other:?}: {err:?}"),
+    }
+    // The message is the one line a user sees.
+    assert_eq!(
+        err.to_string(),
+        internimage::error::user_message(&err),
+        "no backtrace in Display"
+    );
+    assert!(err.to_string().starts_with("cannot open image"), "{err}");
+}

@@ -166,7 +166,7 @@ impl Machine {
         });
     }
     fn set_items(&mut self, target: Id, kv: Vec<Id>) -> Result<(), String> {
-        if kv.len() % 2 != 0 {
+        if !kv.len().is_multiple_of(2) {
             return Err("malformed pickle: SETITEMS with an odd number of values".into());
         }
         let pairs = kv.chunks_exact(2).map(|c| (c[0], c[1]));
@@ -411,7 +411,7 @@ pub fn parse(data: &[u8]) -> Result<Pickle, String> {
             }
             b'd' => {
                 let v = m.pop_mark()?;
-                if v.len() % 2 != 0 {
+                if !v.len().is_multiple_of(2) {
                     return Err("malformed pickle: DICT with an odd number of values".into());
                 }
                 let items = v.chunks_exact(2).map(|c| (c[0], c[1])).collect();
@@ -533,10 +533,9 @@ pub fn parse(data: &[u8]) -> Result<Pickle, String> {
             b'b' => {
                 let state = m.pop()?;
                 let t = m.top()?;
-                match &mut m.nodes[t] {
-                    Node::Object { state: s, .. } => *s = Some(state),
-                    // BUILD on a plain value (e.g. a dict): the state is not needed.
-                    _ => {}
+                // BUILD on a plain value (e.g. a dict): the state is not needed.
+                if let Node::Object { state: s, .. } = &mut m.nodes[t] {
+                    *s = Some(state);
                 }
             }
             b'P' => {

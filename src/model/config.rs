@@ -1,8 +1,15 @@
 //! Hyper-parameters of an InternImage network, readable from the Hugging Face `config.json`.
 
-use candle_core::{bail, Result};
+use candle_core::Result;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
+
+/// `bail!` with a typed [`crate::Error::BadConfig`].
+macro_rules! bad_config {
+    ($($arg:tt)*) => {
+        return Err(crate::error::Error::bad_config(format!($($arg)*)).into())
+    };
+}
 
 /// The deformable operator of the blocks (`core_op` of the official configs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
@@ -234,7 +241,7 @@ impl Config {
             "flash_b" => Self::flash_b(),
             "flash_l" => Self::flash_l(),
             other => {
-                bail!(
+                bad_config!(
                     "unknown InternImage variant {other:?}: expected one of t, s, b, l, xl, h, g, \
                      flash_t, flash_s, flash_b, flash_l"
                 )
@@ -251,7 +258,7 @@ impl Config {
     /// Parses a Hugging Face `config.json` (or any JSON object with these fields) and validates it.
     pub fn from_json_str(json: &str) -> Result<Self> {
         let cfg: Config = serde_json::from_str(json).map_err(|e| {
-            candle_core::Error::Msg(format!("invalid InternImage config JSON: {e}"))
+            crate::error::Error::bad_config(format!("invalid InternImage config JSON: {e}"))
         })?;
         cfg.validate()?;
         Ok(cfg)
@@ -261,10 +268,14 @@ impl Config {
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|e| {
-            candle_core::Error::Msg(format!("cannot read config {}: {e}", path.display()))
+            crate::error::Error::io(
+                path,
+                format!("cannot read config {}: {e}", path.display()),
+                e,
+            )
         })?;
         Self::from_json_str(&text)
-            .map_err(|e| candle_core::Error::Msg(format!("{} (file {})", e, path.display())))
+            .map_err(|e| crate::error::rewrite(e, |m| format!("{m} (file {})", path.display())))
     }
 
     /// Width of stage `i` (`channels * 2^i`).
@@ -314,14 +325,14 @@ impl Config {
             ("drop_rate", self.drop_rate),
         ] {
             if !(0.0..1.0).contains(&rate) {
-                bail!("InternImage config: {name} must be in [0, 1), got {rate}");
+                bad_config!("InternImage config: {name} must be in [0, 1), got {rate}");
             }
         }
         if self.channels == 0 {
-            bail!("InternImage config: channels must be > 0");
+            bad_config!("InternImage config: channels must be > 0");
         }
         if self.depths.len() != 4 || self.groups.len() != 4 {
-            bail!(
+            bad_config!(
                 "InternImage config: depths and groups need 4 entries (one per stage), got depths {:?} and groups {:?}",
                 self.depths,
                 self.groups
@@ -331,7 +342,7 @@ impl Config {
             let c = self.stage_channels(i);
             let g = self.groups[i];
             if g == 0 || !c.is_multiple_of(g) {
-                bail!(
+                bad_config!(
                     "InternImage config: stage {i} has {c} channels, not divisible into groups[{i}] = {g} DCNv3 groups"
                 );
             }
@@ -341,43 +352,43 @@ impl Config {
             || !self.mlp_ratio.is_finite()
             || self.mlp_hidden(0) == 0
         {
-            bail!(
+            bad_config!(
                 "InternImage config: mlp_ratio must be a positive number, got {}",
                 self.mlp_ratio
             );
         }
         if !self.offset_scale.is_finite() {
-            bail!(
+            bad_config!(
                 "InternImage config: offset_scale must be finite, got {}",
                 self.offset_scale
             );
         }
         if let Some(ls) = self.layer_scale {
             if !ls.is_finite() {
-                bail!("InternImage config: layer_scale must be finite or null, got {ls}");
+                bad_config!("InternImage config: layer_scale must be finite or null, got {ls}");
             }
         }
         if self.is_flash() && (self.center_feature_scale || self.use_clip_projector) {
-            bail!(
+            bad_config!(
                 "InternImage config: core_op DCNv4 (FlashInternImage) supports neither \
                  center_feature_scale nor use_clip_projector (no released flash model uses them)"
             );
         }
         if self.is_flash() && self.remove_center {
-            bail!("InternImage config: remove_center is not supported with core_op DCNv4");
+            bad_config!("InternImage config: remove_center is not supported with core_op DCNv4");
         }
         let k = self.dw_kernel();
         if k.is_multiple_of(2) {
-            bail!("InternImage config: dw_kernel_size must be odd, got {k}");
+            bad_config!("InternImage config: dw_kernel_size must be odd, got {k}");
         }
         if self.level2_post_norm {
             match &self.level2_post_norm_block_ids {
-                None => bail!(
+                None => bad_config!(
                     "InternImage config: level2_post_norm is set but level2_post_norm_block_ids is null"
                 ),
                 Some(ids) => {
                     if let Some(bad) = ids.iter().find(|&&b| b >= self.depths[2]) {
-                        bail!(
+                        bad_config!(
                             "InternImage config: level2_post_norm_block_ids contains {bad}, but stage 2 has only {} blocks",
                             self.depths[2]
                         );
@@ -389,7 +400,7 @@ impl Config {
             && self.num_classes > 0
             && (self.cls_scale.is_nan() || self.cls_scale <= 0.0 || self.pooled_dim() == 0)
         {
-            bail!(
+            bad_config!(
                 "InternImage config: cls_scale must be positive, got {}",
                 self.cls_scale
             );
