@@ -255,8 +255,79 @@ pub fn dcnv3_config(case: &Value) -> Dcnv3Config {
         group: u("group"),
         group_channels: u("group_channels"),
         offset_scale: case["offset_scale"].as_f64().unwrap(),
-        remove_center: u("remove_center") != 0,
+        // 0/1 in dcnv3_ops.json, a bool in flash/dcnv4_ops.json.
+        remove_center: case["remove_center"]
+            .as_bool()
+            .unwrap_or_else(|| u("remove_center") != 0),
     }
+}
+
+/// One case of `flash/dcnv4_ops.json`: its tensors are `<name>.input`, `<name>.offset_mask`,
+/// `<name>.out` and, when `has_grads`, `<name>.grad_weight`, `<name>.grad_input`,
+/// `<name>.grad_offset_mask`.
+pub struct Dcnv4Case {
+    pub name: String,
+    pub cfg: Dcnv3Config,
+    /// The json's `P` (points per group).
+    pub points: usize,
+    /// The json's `offset_mask_channels` (K_pad).
+    pub offset_mask_channels: usize,
+    pub has_grads: bool,
+    /// (atol, rtol) of the output and of the gradients.
+    pub tol: (f64, f64),
+    pub grad_tol: (f64, f64),
+}
+
+/// The DCNv4 operator fixtures (`flash/dcnv4_ops.*`): the 11 cases sorted by name and all
+/// tensors (on the CPU).
+pub fn dcnv4_fixtures() -> (Vec<Dcnv4Case>, HashMap<String, Tensor>) {
+    let json = read_json(flash_dir().join("dcnv4_ops.json"));
+    let tensors = load_safetensors(flash_dir().join("dcnv4_ops.safetensors"));
+    let mut cases: Vec<Dcnv4Case> = json
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(name, c)| {
+            let u = |k: &str| c[k].as_u64().unwrap() as usize;
+            let f = |k: &str| c[k].as_f64().unwrap();
+            Dcnv4Case {
+                name: name.clone(),
+                cfg: dcnv3_config(c),
+                points: u("P"),
+                offset_mask_channels: u("offset_mask_channels"),
+                has_grads: c["has_grads"].as_bool().unwrap(),
+                tol: (f("atol"), f("rtol")),
+                grad_tol: (f("grad_atol"), f("grad_rtol")),
+            }
+        })
+        .collect();
+    cases.sort_by(|a, b| a.name.cmp(&b.name));
+    (cases, tensors)
+}
+
+/// Worst ratio `|ours - ref| / (atol + rtol*|ref|)` over all elements (<= 1 means within
+/// tolerance); panics, naming `what` and the worst element, when it exceeds 1 or is not finite.
+pub fn check_ratio(ours: &Tensor, reference: &Tensor, (atol, rtol): (f64, f64), what: &str) -> f64 {
+    assert_eq!(ours.dims(), reference.dims(), "{what}: shape");
+    let a = to_f64_vec(ours);
+    let b = to_f64_vec(reference);
+    let mut worst = (0.0f64, 0usize);
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        let r = (x - y).abs() / (atol + rtol * y.abs());
+        assert!(r.is_finite(), "{what}: non-finite at {i}: ours {x} ref {y}");
+        if r > worst.0 {
+            worst = (r, i);
+        }
+    }
+    assert!(
+        worst.0 <= 1.0,
+        "{what}: element {} ours {} ref {} exceeds atol {atol} + rtol {rtol} (ratio {:.3})",
+        worst.1,
+        a[worst.1],
+        b[worst.1],
+        worst.0
+    );
+    worst.0
 }
 
 /// Plain nested-loop DCNv3 straight from the formula (f64), for checking the real kernels:
