@@ -34,28 +34,9 @@ fn tol(json: &serde_json::Value, kind: &str) -> (f64, f64) {
     common::atol_rtol(&json["tolerances"][kind])
 }
 
-/// Max violation ratio of |ours-ref| <= atol + rtol*|ref| (<= 1 means pass), with the worst index.
+/// [`common::check_ratio`].
 fn check(ours: &Tensor, reference: &Tensor, atol: f64, rtol: f64, what: &str) -> f64 {
-    assert_eq!(ours.dims(), reference.dims(), "{what}: shape");
-    let a = common::to_f64_vec(ours);
-    let b = common::to_f64_vec(reference);
-    let mut worst = (0.0f64, 0usize);
-    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-        let r = (x - y).abs() / (atol + rtol * y.abs());
-        assert!(r.is_finite(), "{what}: non-finite at {i}: ours {x} ref {y}");
-        if r > worst.0 {
-            worst = (r, i);
-        }
-    }
-    assert!(
-        worst.0 <= 1.0,
-        "{what}: element {} ours {} ref {} exceeds atol {atol} + rtol {rtol} (ratio {:.3})",
-        worst.1,
-        a[worst.1],
-        b[worst.1],
-        worst.0
-    );
-    worst.0
+    common::check_ratio(ours, reference, (atol, rtol), what)
 }
 
 #[test]

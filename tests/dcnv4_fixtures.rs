@@ -10,77 +10,26 @@ use internimage::ops::dcnv4::{dcnv4_backward, offset_mask_channels};
 use internimage::ops::{dcnv3, dcnv4, Dcnv3Config};
 use std::collections::HashMap;
 
-struct Case {
-    name: String,
-    cfg: Dcnv3Config,
-    has_grads: bool,
-    /// (atol, rtol) of the output and of the gradients.
-    tol: (f64, f64),
-    grad_tol: (f64, f64),
-}
+use common::Dcnv4Case as Case;
 
+/// The cases (checked against the json's P and K_pad) and tensors.
 fn load() -> (Vec<Case>, HashMap<String, Tensor>) {
-    let dir = common::fixtures().join("flash");
-    let json = common::read_json(dir.join("dcnv4_ops.json"));
-    let tensors = common::load_safetensors(dir.join("dcnv4_ops.safetensors"));
-    let mut cases: Vec<Case> = json
-        .as_object()
-        .unwrap()
-        .iter()
-        .map(|(name, c)| {
-            let u = |k: &str| c[k].as_u64().unwrap() as usize;
-            let f = |k: &str| c[k].as_f64().unwrap();
-            let cfg = Dcnv3Config {
-                kernel_h: u("kernel_h"),
-                kernel_w: u("kernel_w"),
-                stride_h: u("stride_h"),
-                stride_w: u("stride_w"),
-                pad_h: u("pad_h"),
-                pad_w: u("pad_w"),
-                dilation_h: u("dilation_h"),
-                dilation_w: u("dilation_w"),
-                group: u("group"),
-                group_channels: u("group_channels"),
-                offset_scale: f("offset_scale"),
-                remove_center: c["remove_center"].as_bool().unwrap(),
-            };
-            assert_eq!(cfg.points(), u("P"), "{name}: P");
-            assert_eq!(offset_mask_channels(&cfg), u("offset_mask_channels"));
-            Case {
-                name: name.clone(),
-                cfg,
-                has_grads: c["has_grads"].as_bool().unwrap(),
-                tol: (f("atol"), f("rtol")),
-                grad_tol: (f("grad_atol"), f("grad_rtol")),
-            }
-        })
-        .collect();
-    cases.sort_by(|a, b| a.name.cmp(&b.name));
+    let (cases, tensors) = common::dcnv4_fixtures();
+    for c in &cases {
+        assert_eq!(c.cfg.points(), c.points, "{}: P", c.name);
+        assert_eq!(
+            offset_mask_channels(&c.cfg),
+            c.offset_mask_channels,
+            "{}",
+            c.name
+        );
+    }
     (cases, tensors)
 }
 
-/// Max violation ratio of |ours-ref| <= atol + rtol*|ref| (<= 1 means pass), with the worst index.
-fn check(ours: &Tensor, reference: &Tensor, (atol, rtol): (f64, f64), what: &str) -> f64 {
-    assert_eq!(ours.dims(), reference.dims(), "{what}: shape");
-    let a = common::to_f64_vec(ours);
-    let b = common::to_f64_vec(reference);
-    let mut worst = (0.0f64, 0usize);
-    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-        let r = (x - y).abs() / (atol + rtol * y.abs());
-        assert!(r.is_finite(), "{what}: non-finite at {i}: ours {x} ref {y}");
-        if r > worst.0 {
-            worst = (r, i);
-        }
-    }
-    assert!(
-        worst.0 <= 1.0,
-        "{what}: element {} ours {} ref {} exceeds atol {atol} + rtol {rtol} (ratio {:.3})",
-        worst.1,
-        a[worst.1],
-        b[worst.1],
-        worst.0
-    );
-    worst.0
+/// [`common::check_ratio`].
+fn check(ours: &Tensor, reference: &Tensor, tol: (f64, f64), what: &str) -> f64 {
+    common::check_ratio(ours, reference, tol, what)
 }
 
 fn used_columns(c: &Case) -> usize {

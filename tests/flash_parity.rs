@@ -10,30 +10,22 @@ use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::VarBuilder;
 use internimage::{Config, CoreOp, InternImage};
 use std::collections::HashMap;
-use std::path::PathBuf;
 
-fn flash_dir() -> PathBuf {
-    common::fixtures().join("flash")
-}
-
-/// The network's Config, parsed from the `hf_config` dict of its json (as `config.json` would).
+/// The network's Config (from the `hf_config` dict of its json), which must select DCNv4.
 fn config(net: &str) -> Config {
-    let meta = common::read_json(flash_dir().join(format!("weights/{net}.json")));
-    let cfg = Config::from_json_str(&meta["hf_config"].to_string()).unwrap();
+    let cfg = common::flash_config(net);
     assert_eq!(cfg.core_op, CoreOp::Dcnv4);
     cfg
 }
 
-fn weights(net: &str) -> PathBuf {
-    flash_dir().join(format!("weights/{net}.pth"))
-}
-
 fn run_parity(net: &str) {
     let cfg = config(net);
-    let model = InternImage::from_checkpoint(&cfg, weights(net), DType::F32, &Device::Cpu).unwrap();
+    let model =
+        InternImage::from_checkpoint(&cfg, common::flash_weights(net), DType::F32, &Device::Cpu)
+            .unwrap();
     let expected =
-        common::load_safetensors(flash_dir().join(format!("expected/{net}.safetensors")));
-    let manifest = common::read_json(flash_dir().join("manifest.json"));
+        common::load_safetensors(common::flash_dir().join(format!("expected/{net}.safetensors")));
+    let manifest = common::read_json(common::flash_dir().join("manifest.json"));
     let inputs = common::fixture_tensors("inputs.safetensors");
     let mut ours: HashMap<String, Tensor> = HashMap::new();
     for input in ["photo", "rand", "odd"] {
@@ -130,7 +122,7 @@ fn preset_parameter_counts_match_the_spec() {
 
 #[test]
 fn tiny_parameter_counts_match_the_manifest() {
-    let manifest = common::read_json(flash_dir().join("manifest.json"));
+    let manifest = common::read_json(common::flash_dir().join("manifest.json"));
     for net in ["tiny_flash_s", "tiny_flash_l"] {
         let want = manifest["models"][net]["params"].as_u64().unwrap() as usize;
         assert_eq!(param_count(&config(net)), want, "{net}");
@@ -153,10 +145,19 @@ fn presets_by_name_and_json() {
 fn backbone_and_pooled() {
     let cfg = config("tiny_flash_l");
     let dev = Device::Cpu;
-    let full =
-        InternImage::from_checkpoint(&cfg, weights("tiny_flash_l"), DType::F32, &dev).unwrap();
-    let vb =
-        internimage::checkpoint::var_builder(&[weights("tiny_flash_l")], DType::F32, &dev).unwrap();
+    let full = InternImage::from_checkpoint(
+        &cfg,
+        common::flash_weights("tiny_flash_l"),
+        DType::F32,
+        &dev,
+    )
+    .unwrap();
+    let vb = internimage::checkpoint::var_builder(
+        &[common::flash_weights("tiny_flash_l")],
+        DType::F32,
+        &dev,
+    )
+    .unwrap();
     let bb = InternImage::backbone(&cfg, &[1, 3], vb).unwrap();
     assert!(!bb.has_head());
     let x = common::fixture_tensors("inputs.safetensors")["odd"].clone();
@@ -169,11 +170,16 @@ fn backbone_and_pooled() {
     assert_eq!(pooled.dims(), &[1, 384]);
 
     // Detection layout: every name under `backbone.` (no head), here re-saved as safetensors.
-    let names = internimage::checkpoint::CheckpointBackend::open(&[weights("tiny_flash_l")])
-        .unwrap()
-        .names();
-    let vb =
-        internimage::checkpoint::var_builder(&[weights("tiny_flash_l")], DType::F32, &dev).unwrap();
+    let names =
+        internimage::checkpoint::CheckpointBackend::open(&[common::flash_weights("tiny_flash_l")])
+            .unwrap()
+            .names();
+    let vb = internimage::checkpoint::var_builder(
+        &[common::flash_weights("tiny_flash_l")],
+        DType::F32,
+        &dev,
+    )
+    .unwrap();
     let mut det: HashMap<String, Tensor> = HashMap::new();
     for n in names
         .iter()
@@ -232,17 +238,23 @@ fn half_dtypes_close_to_f32() {
     let cfg = config("tiny_flash_s");
     let dev = Device::Cpu;
     let x = common::fixture_tensors("inputs.safetensors")["photo"].clone();
-    let f32_ = InternImage::from_checkpoint(&cfg, weights("tiny_flash_s"), DType::F32, &dev)
-        .unwrap()
-        .forward(&x)
-        .unwrap();
+    let f32_ = InternImage::from_checkpoint(
+        &cfg,
+        common::flash_weights("tiny_flash_s"),
+        DType::F32,
+        &dev,
+    )
+    .unwrap()
+    .forward(&x)
+    .unwrap();
     let scale = common::to_f32_vec(&f32_)
         .iter()
         .fold(0f32, |m, v| m.max(v.abs()));
     // Tolerance relative to the largest logit: 5% for bf16 (8-bit mantissa through ~20 layers),
     // 1% for f16.
     for (dt, rel) in [(DType::F16, 0.01f32), (DType::BF16, 0.05)] {
-        let m = InternImage::from_checkpoint(&cfg, weights("tiny_flash_s"), dt, &dev).unwrap();
+        let m = InternImage::from_checkpoint(&cfg, common::flash_weights("tiny_flash_s"), dt, &dev)
+            .unwrap();
         let y = m.forward(&x).unwrap();
         assert_eq!(y.dtype(), dt);
         let d = common::max_abs_diff(&y.to_dtype(DType::F32).unwrap(), &f32_);

@@ -401,40 +401,23 @@ struct V4Case {
 }
 
 fn dcnv4_cases() -> Vec<V4Case> {
-    let dir = common::fixtures().join("flash");
-    let json = common::read_json(dir.join("dcnv4_ops.json"));
-    let t = common::load_safetensors(dir.join("dcnv4_ops.safetensors"));
-    json.as_object()
-        .unwrap()
-        .iter()
-        .map(|(name, c)| {
-            let u = |k: &str| c[k].as_u64().unwrap() as usize;
-            let f = |k: &str| c[k].as_f64().unwrap() as f32;
-            let get = |k: &str| t[&format!("{name}.{k}")].clone();
-            let has = c["has_grads"].as_bool().unwrap();
+    let (cases, t) = common::dcnv4_fixtures();
+    let f32s = |(a, r): (f64, f64)| (a as f32, r as f32);
+    cases
+        .into_iter()
+        .map(|c| {
+            let get = |k: &str| t[&format!("{}.{k}", c.name)].clone();
+            let has = c.has_grads;
             V4Case {
-                name: name.clone(),
-                cfg: Dcnv3Config {
-                    kernel_h: u("kernel_h"),
-                    kernel_w: u("kernel_w"),
-                    stride_h: u("stride_h"),
-                    stride_w: u("stride_w"),
-                    pad_h: u("pad_h"),
-                    pad_w: u("pad_w"),
-                    dilation_h: u("dilation_h"),
-                    dilation_w: u("dilation_w"),
-                    group: u("group"),
-                    group_channels: u("group_channels"),
-                    offset_scale: c["offset_scale"].as_f64().unwrap(),
-                    remove_center: c["remove_center"].as_bool().unwrap(),
-                },
+                cfg: c.cfg,
                 input: get("input"),
                 om: get("offset_mask"),
                 grad_weight: has.then(|| get("grad_weight")),
                 out: get("out"),
                 grads: has.then(|| (get("grad_input"), get("grad_offset_mask"))),
-                tol: (f("atol"), f("rtol")),
-                grad_tol: (f("grad_atol"), f("grad_rtol")),
+                tol: f32s(c.tol),
+                grad_tol: f32s(c.grad_tol),
+                name: c.name,
             }
         })
         .collect()

@@ -1,14 +1,15 @@
 //! Helpers shared by the integration tests (each test binary includes this module with
 //! `mod common;`): where the golden fixtures live and how to read them, tensor-to-`Vec`
 //! conversions, the elementwise tolerance check `|ours - ref| <= atol + rtol*|ref|`, the manifest
-//! tolerance lookup, the DCNv3 fixture cases (`dcnv3_ops.json`) and the tiny_b / tiny_h configs.
+//! tolerance lookup, the DCNv3 fixture cases (`dcnv3_ops.json`), the tiny_b / tiny_h and flash fixture configs and
+//! the finite-difference check of a `Var`.
 //!
 //! Every test binary compiles this module on its own and uses only part of it.
 #![allow(dead_code)]
 
 pub mod pth;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use internimage::{Config, Dcnv3Config};
 use rand::rngs::StdRng;
 use rand::Rng;
@@ -79,6 +80,69 @@ pub fn net_config(net: &str) -> Config {
 /// `weights/<net>.<ext>` of a fixture network (`ext`: `pth` or `safetensors`).
 pub fn net_weights(net: &str, ext: &str) -> PathBuf {
     fixtures().join(format!("weights/{net}.{ext}"))
+}
+
+/// The FlashInternImage fixtures (`flash/`: DCNv4 operator cases, tiny_flash_s / tiny_flash_l).
+pub fn flash_dir() -> PathBuf {
+    fixtures().join("flash")
+}
+
+/// The [`Config`] of a flash fixture network (tiny_flash_s, tiny_flash_l), parsed from the
+/// `hf_config` dict of `flash/weights/<net>.json` (as a `config.json` would be).
+pub fn flash_config(net: &str) -> Config {
+    config_of_meta(&read_json(flash_dir().join(format!("weights/{net}.json"))))
+}
+
+/// `flash/weights/<net>.pth` (the official `{'model': state_dict}` layout).
+pub fn flash_weights(net: &str) -> PathBuf {
+    flash_dir().join(format!("weights/{net}.pth"))
+}
+
+/// Central difference `(loss(v + h e_idx) - loss(v - h e_idx)) / 2h` of `loss` with respect to
+/// element `idx` of the f64 `var` (perturbed through `Var::set`, restored afterwards).
+pub fn central_difference(var: &Var, idx: usize, h: f64, loss: &dyn Fn() -> f64) -> f64 {
+    let orig = to_f64_vec(var.as_tensor());
+    let set = |v: Vec<f64>| {
+        var.set(&Tensor::from_vec(v, var.shape(), var.device()).unwrap())
+            .unwrap()
+    };
+    let probe = |delta: f64| {
+        let mut v = orig.clone();
+        v[idx] += delta;
+        set(v);
+        loss()
+    };
+    let fd = (probe(h) - probe(-h)) / (2.0 * h);
+    set(orig);
+    fd
+}
+
+/// Compares the autograd gradient `grad` of the f64 `var` with [`central_difference`] (step
+/// `h`) at its largest-magnitude element and its middle element: `|fd - grad| <= atol +
+/// rtol*|grad|`. Returns one line per violation.
+pub fn finite_difference_failures(
+    name: &str,
+    var: &Var,
+    grad: &Tensor,
+    h: f64,
+    (atol, rtol): (f64, f64),
+    loss: &dyn Fn() -> f64,
+) -> Vec<String> {
+    let g = to_f64_vec(grad);
+    let big = (0..g.len())
+        .max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs()))
+        .unwrap();
+    let mut failures = Vec::new();
+    for idx in [big, g.len() / 2] {
+        let fd = central_difference(var, idx, h, loss);
+        if (fd - g[idx]).abs() > atol + rtol * g[idx].abs() {
+            failures.push(format!(
+                "{name}[{idx}]: autograd {:e}, finite difference {fd:e}",
+                g[idx]
+            ));
+        }
+    }
+    failures
 }
 
 /// All elements of `t` (any dtype, any device), row-major, converted to `dtype` (which must
@@ -196,6 +260,74 @@ pub fn dcnv3_config(case: &Value) -> Dcnv3Config {
             .as_bool()
             .unwrap_or_else(|| u("remove_center") != 0),
     }
+}
+
+/// One case of `flash/dcnv4_ops.json`: its tensors are `<name>.input`, `<name>.offset_mask`,
+/// `<name>.out` and, when `has_grads`, `<name>.grad_weight`, `<name>.grad_input`,
+/// `<name>.grad_offset_mask`.
+pub struct Dcnv4Case {
+    pub name: String,
+    pub cfg: Dcnv3Config,
+    /// The json's `P` (points per group).
+    pub points: usize,
+    /// The json's `offset_mask_channels` (K_pad).
+    pub offset_mask_channels: usize,
+    pub has_grads: bool,
+    /// (atol, rtol) of the output and of the gradients.
+    pub tol: (f64, f64),
+    pub grad_tol: (f64, f64),
+}
+
+/// The DCNv4 operator fixtures (`flash/dcnv4_ops.*`): the 11 cases sorted by name and all
+/// tensors (on the CPU).
+pub fn dcnv4_fixtures() -> (Vec<Dcnv4Case>, HashMap<String, Tensor>) {
+    let json = read_json(flash_dir().join("dcnv4_ops.json"));
+    let tensors = load_safetensors(flash_dir().join("dcnv4_ops.safetensors"));
+    let mut cases: Vec<Dcnv4Case> = json
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(name, c)| {
+            let u = |k: &str| c[k].as_u64().unwrap() as usize;
+            let f = |k: &str| c[k].as_f64().unwrap();
+            Dcnv4Case {
+                name: name.clone(),
+                cfg: dcnv3_config(c),
+                points: u("P"),
+                offset_mask_channels: u("offset_mask_channels"),
+                has_grads: c["has_grads"].as_bool().unwrap(),
+                tol: (f("atol"), f("rtol")),
+                grad_tol: (f("grad_atol"), f("grad_rtol")),
+            }
+        })
+        .collect();
+    cases.sort_by(|a, b| a.name.cmp(&b.name));
+    (cases, tensors)
+}
+
+/// Worst ratio `|ours - ref| / (atol + rtol*|ref|)` over all elements (<= 1 means within
+/// tolerance); panics, naming `what` and the worst element, when it exceeds 1 or is not finite.
+pub fn check_ratio(ours: &Tensor, reference: &Tensor, (atol, rtol): (f64, f64), what: &str) -> f64 {
+    assert_eq!(ours.dims(), reference.dims(), "{what}: shape");
+    let a = to_f64_vec(ours);
+    let b = to_f64_vec(reference);
+    let mut worst = (0.0f64, 0usize);
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        let r = (x - y).abs() / (atol + rtol * y.abs());
+        assert!(r.is_finite(), "{what}: non-finite at {i}: ours {x} ref {y}");
+        if r > worst.0 {
+            worst = (r, i);
+        }
+    }
+    assert!(
+        worst.0 <= 1.0,
+        "{what}: element {} ours {} ref {} exceeds atol {atol} + rtol {rtol} (ratio {:.3})",
+        worst.1,
+        a[worst.1],
+        b[worst.1],
+        worst.0
+    );
+    worst.0
 }
 
 /// Plain nested-loop DCNv3 straight from the formula (f64), for checking the real kernels:

@@ -324,9 +324,9 @@ fn backward_typed<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
 pub(crate) fn backward(
     core: Core,
     cfg: &Dcnv3Config,
-    args: [(&CudaStorage, &Layout); 3],
+    args: &[(&CudaStorage, &Layout); 3],
 ) -> Result<(CudaStorage, Shape)> {
-    let [(s1, l1), (s2, l2), (s3, l3)] = args;
+    let [(s1, l1), (s2, l2), (s3, l3)] = *args;
     let (op, g, len) = match core {
         Core::V3 => {
             let g = Dcnv3BackwardOp::new(*cfg).geometry(l1.shape(), l2.shape(), l3.shape())?;

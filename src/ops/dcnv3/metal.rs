@@ -222,9 +222,9 @@ pub(crate) fn forward(
 pub(crate) fn backward(
     core: Core,
     cfg: &Dcnv3Config,
-    args: [(&MetalStorage, &Layout); 3],
+    args: &[(&MetalStorage, &Layout); 3],
 ) -> Result<(MetalStorage, Shape)> {
-    let [(s1, l1), (s2, l2), (s3, l3)] = args;
+    let [(s1, l1), (s2, l2), (s3, l3)] = *args;
     let (op, g, n_off, n_mask) = match core {
         Core::V3 => {
             let g = Dcnv3BackwardOp::new(*cfg).geometry(l1.shape(), l2.shape(), l3.shape())?;

@@ -29,6 +29,32 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 use half::{bf16, f16, slice::HalfFloatSliceExt};
 
+/// The `cuda_fwd` and `metal_fwd` methods of a deformable-sampling custom op (`CustomOp2` or
+/// `CustomOp3` with a `cfg: Dcnv3Config` field): both hand their arguments to the one launcher
+/// `$launch` (`forward` or `backward` of `ops::dcnv3::cuda` / `ops::dcnv3::metal`), which serves
+/// DCNv3 and DCNv4 through `$core` (a [`launch::Core`]). Expands to nothing without the `cuda`
+/// and `metal` features.
+macro_rules! gpu_fwd_methods {
+    ($core:expr, $launch:ident, $($s:ident, $l:ident),+) => {
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(
+            &self,
+            $($s: &candle_core::CudaStorage, $l: &Layout),+
+        ) -> Result<(candle_core::CudaStorage, Shape)> {
+            crate::ops::dcnv3::cuda::$launch($core, &self.cfg, &[$(($s, $l)),+])
+        }
+
+        #[cfg(feature = "metal")]
+        fn metal_fwd(
+            &self,
+            $($s: &candle_core::MetalStorage, $l: &Layout),+
+        ) -> Result<(candle_core::MetalStorage, Shape)> {
+            crate::ops::dcnv3::metal::$launch($core, &self.cfg, &[$(($s, $l)),+])
+        }
+    };
+}
+pub(crate) use gpu_fwd_methods;
+
 /// Geometry of a DCNv3 core call, named like the official operator's arguments.
 ///
 /// Tensors are channels-last: input (N, H_in, W_in, group*group_channels), offset
@@ -411,31 +437,7 @@ impl CustomOp3 for Dcnv3Op {
         Ok((st, shape))
     }
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::forward(launch::Core::V3, &self.cfg, &[(s1, l1), (s2, l2), (s3, l3)])
-    }
-
-    #[cfg(feature = "metal")]
-    fn metal_fwd(
-        &self,
-        s1: &candle_core::MetalStorage,
-        l1: &Layout,
-        s2: &candle_core::MetalStorage,
-        l2: &Layout,
-        s3: &candle_core::MetalStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::MetalStorage, Shape)> {
-        metal::forward(launch::Core::V3, &self.cfg, &[(s1, l1), (s2, l2), (s3, l3)])
-    }
+    gpu_fwd_methods!(launch::Core::V3, forward, s1, l1, s2, l2, s3, l3);
 
     fn bwd(
         &self,
@@ -470,29 +472,5 @@ impl CustomOp3 for Dcnv3BackwardOp {
         Ok((st, Shape::from(len)))
     }
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::backward(launch::Core::V3, &self.cfg, [(s1, l1), (s2, l2), (s3, l3)])
-    }
-
-    #[cfg(feature = "metal")]
-    fn metal_fwd(
-        &self,
-        s1: &candle_core::MetalStorage,
-        l1: &Layout,
-        s2: &candle_core::MetalStorage,
-        l2: &Layout,
-        s3: &candle_core::MetalStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::MetalStorage, Shape)> {
-        metal::backward(launch::Core::V3, &self.cfg, [(s1, l1), (s2, l2), (s3, l3)])
-    }
+    gpu_fwd_methods!(launch::Core::V3, backward, s1, l1, s2, l2, s3, l3);
 }

@@ -16,7 +16,7 @@ use crate::cpu::{Isa, KernelPolicy};
 use crate::ops::dcnv3::cpu::{self, GradRows, PointLayout};
 #[cfg(any(feature = "cuda", feature = "metal"))]
 use crate::ops::dcnv3::launch::Core;
-use crate::ops::dcnv3::{cpu_dispatch, CpuKernel, Dcnv3Config, Dcnv3Geometry};
+use crate::ops::dcnv3::{cpu_dispatch, gpu_fwd_methods, CpuKernel, Dcnv3Config, Dcnv3Geometry};
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
 /// Checks dtypes and devices of the two tensors and the shapes against `cfg`.
@@ -254,27 +254,7 @@ impl CustomOp2 for Dcnv4Op {
         Ok((st, shape))
     }
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::ops::dcnv3::cuda::forward(Core::V4, &self.cfg, &[(s1, l1), (s2, l2)])
-    }
-
-    #[cfg(feature = "metal")]
-    fn metal_fwd(
-        &self,
-        s1: &candle_core::MetalStorage,
-        l1: &Layout,
-        s2: &candle_core::MetalStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::MetalStorage, Shape)> {
-        crate::ops::dcnv3::metal::forward(Core::V4, &self.cfg, &[(s1, l1), (s2, l2)])
-    }
+    gpu_fwd_methods!(Core::V4, forward, s1, l1, s2, l2);
 
     fn bwd(
         &self,
@@ -308,29 +288,5 @@ impl CustomOp3 for Dcnv4BackwardOp {
         Ok((st, Shape::from(len)))
     }
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::ops::dcnv3::cuda::backward(Core::V4, &self.cfg, [(s1, l1), (s2, l2), (s3, l3)])
-    }
-
-    #[cfg(feature = "metal")]
-    fn metal_fwd(
-        &self,
-        s1: &candle_core::MetalStorage,
-        l1: &Layout,
-        s2: &candle_core::MetalStorage,
-        l2: &Layout,
-        s3: &candle_core::MetalStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::MetalStorage, Shape)> {
-        crate::ops::dcnv3::metal::backward(Core::V4, &self.cfg, [(s1, l1), (s2, l2), (s3, l3)])
-    }
+    gpu_fwd_methods!(Core::V4, backward, s1, l1, s2, l2, s3, l3);
 }
