@@ -15,6 +15,9 @@
 
 use super::{Dcnv3Config, Dcnv3Geometry};
 use crate::cpu::Isa;
+
+/// Whether the DCNv3 CPU kernels use their AVX-512 instantiation (off: see the dispatchers).
+const AVX512_ENABLED: bool = false;
 use rayon::prelude::*;
 use std::ops::{Add, AddAssign, Mul, Sub};
 
@@ -727,7 +730,9 @@ fn forward_chunk_dispatch<F: Acc>(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        if isa.has_avx512() && isa.is_supported() {
+        // The AVX-512 instantiation gave wrong f64 gradients (tests/gradients.rs
+        // finite_differences_f64): disabled until understood; AVX-512 CPUs run the AVX2 kernel.
+        if AVX512_ENABLED && isa.has_avx512() && isa.is_supported() {
             // SAFETY: the CPU supports AVX-512 F/BW/VL/DQ, AVX2 and FMA (checked just above).
             unsafe { forward_chunk_avx512(finite, prm, input, offset, mask, chunk, first) };
             return;
@@ -965,7 +970,9 @@ fn backward_range_dispatch<F: Acc>(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        if isa.has_avx512() && isa.is_supported() {
+        // The AVX-512 instantiation gave wrong f64 gradients (tests/gradients.rs
+        // finite_differences_f64): disabled until understood; AVX-512 CPUs run the AVX2 kernel.
+        if AVX512_ENABLED && isa.has_avx512() && isa.is_supported() {
             // SAFETY: the CPU supports AVX-512 F/BW/VL/DQ, AVX2 and FMA (checked just above).
             unsafe { backward_range_avx512(prm, pixels, input, offset, mask, grad_out, gin, rows) };
             return;
