@@ -194,15 +194,15 @@ fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout, what: &str) -> Result<&'a 
 /// Rows (the product of the leading dims) of a (..., k) input, after checking it is a CPU
 /// tensor of the weights' dtype (f32, or bf16 for bf16 weights) with `k` features.
 fn rows_of(xs: &Tensor, k: usize, bf16_weights: bool, what: &str) -> Result<usize> {
-    let want = if bf16_weights {
-        DType::BF16
+    let (want, name) = if bf16_weights {
+        (DType::BF16, "bf16")
     } else {
-        DType::F32
+        (DType::F32, "f32")
     };
     if !xs.device().is_cpu() || xs.dtype() != want {
         candle_core::bail!(
-            "{what}: this layer holds {want:?} weights packed for the CPU, but the input is {:?} on {:?}; \
-             pass a {want:?} CPU tensor, or build the model with the input's dtype and device",
+            "{what}: this layer holds {name} weights packed for the CPU, but the input is {:?} on {:?}; \
+             pass an {name} CPU tensor, or build the model with the input's dtype and device",
             xs.dtype(),
             xs.device().location()
         )
