@@ -269,6 +269,7 @@ const CASES: &[Case] = &[
     Case {
         name: "callers_t224",
         reference: false,
+        isa: None,
         what: "T, 224, batch 1, 1/2/4 caller threads sharing one Arc<InternImage>",
     },
     Case {

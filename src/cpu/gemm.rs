@@ -453,7 +453,7 @@ unsafe fn block(
             let converted: Vec<u16>;
             let xs: &[u16] = match x {
                 // Even depth: bf16 rows are already pairs along k.
-                Rows::Bf16(x) if k % 2 == 0 => {
+                Rows::Bf16(x) if k.is_multiple_of(2) => {
                     let rows = &x[r0 * k..r1 * k];
                     // SAFETY: bf16 is a transparent u16 (same size and alignment).
                     std::slice::from_raw_parts(rows.as_ptr().cast::<u16>(), rows.len())

@@ -119,11 +119,6 @@ impl Isa {
             .filter(|isa| isa.is_supported())
             .collect()
     }
-
-    /// Whether the AVX-512 kernels may run.
-    pub(crate) fn has_avx512(self) -> bool {
-        matches!(self, Isa::Avx512 | Isa::Avx512Bf16)
-    }
 }
 
 impl fmt::Display for Isa {

@@ -57,7 +57,7 @@ macro_rules! dispatch {
     ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) => $generic:ident
         $(, avx2: $fast2:path)? $(, avx512: $fast512:path)? $(,)?) => {
         $(#[$m])*
-        #[allow(unused_variables)]
+        #[allow(unused_variables, clippy::too_many_arguments)]
         $vis fn $name(isa: $crate::cpu::Isa, $($arg: $ty),*) {
             use $crate::cpu::Isa;
             #[cfg(target_arch = "x86_64")]

@@ -15,9 +15,6 @@
 
 use super::{Dcnv3Config, Dcnv3Geometry};
 use crate::cpu::Isa;
-
-/// Whether the DCNv3 CPU kernels use their AVX-512 instantiation (off: see the dispatchers).
-const AVX512_ENABLED: bool = false;
 use rayon::prelude::*;
 use std::ops::{Add, AddAssign, Mul, Sub};
 
@@ -702,22 +699,8 @@ unsafe fn forward_chunk_avx2<F: Acc>(
     forward_chunk_any::<F, true>(finite, prm, input, offset, mask, chunk, first)
 }
 
-/// [`forward_chunk_any`] compiled with AVX-512.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
-unsafe fn forward_chunk_avx512<F: Acc>(
-    finite: bool,
-    prm: &Params<F>,
-    input: &[F],
-    offset: &[F],
-    mask: &[F],
-    chunk: &mut [F],
-    first: usize,
-) {
-    forward_chunk_any::<F, true>(finite, prm, input, offset, mask, chunk, first)
-}
-
 /// [`forward_chunk_any`] for the instruction set `isa` (portable when the CPU lacks it).
+#[allow(clippy::too_many_arguments)]
 fn forward_chunk_dispatch<F: Acc>(
     isa: Isa,
     finite: bool,
@@ -730,13 +713,8 @@ fn forward_chunk_dispatch<F: Acc>(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        // The AVX-512 instantiation gave wrong f64 gradients (tests/gradients.rs
-        // finite_differences_f64): disabled until understood; AVX-512 CPUs run the AVX2 kernel.
-        if AVX512_ENABLED && isa.has_avx512() && isa.is_supported() {
-            // SAFETY: the CPU supports AVX-512 F/BW/VL/DQ, AVX2 and FMA (checked just above).
-            unsafe { forward_chunk_avx512(finite, prm, input, offset, mask, chunk, first) };
-            return;
-        }
+        // AVX-512 CPUs run the AVX2 kernel: an AVX-512 instantiation gave wrong f64
+        // gradients (tests/gradients.rs finite_differences_f64) and was removed.
         if isa >= Isa::Avx2 && Isa::Avx2.is_supported() {
             // SAFETY: the CPU supports AVX2 and FMA (checked just above).
             unsafe { forward_chunk_avx2(finite, prm, input, offset, mask, chunk, first) };
@@ -939,23 +917,6 @@ unsafe fn backward_range_avx2<F: Acc>(
     backward_range::<F, true>(prm, pixels, input, offset, mask, grad_out, gin, rows)
 }
 
-/// [`backward_range`] compiled with AVX-512.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn backward_range_avx512<F: Acc>(
-    prm: &Params<F>,
-    pixels: std::ops::Range<usize>,
-    input: &[F],
-    offset: &[F],
-    mask: &[F],
-    grad_out: &[F],
-    gin: &mut [F],
-    rows: GradRows<'_, F>,
-) {
-    backward_range::<F, true>(prm, pixels, input, offset, mask, grad_out, gin, rows)
-}
-
 #[allow(clippy::too_many_arguments)]
 fn backward_range_dispatch<F: Acc>(
     isa: Isa,
@@ -970,13 +931,8 @@ fn backward_range_dispatch<F: Acc>(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        // The AVX-512 instantiation gave wrong f64 gradients (tests/gradients.rs
-        // finite_differences_f64): disabled until understood; AVX-512 CPUs run the AVX2 kernel.
-        if AVX512_ENABLED && isa.has_avx512() && isa.is_supported() {
-            // SAFETY: the CPU supports AVX-512 F/BW/VL/DQ, AVX2 and FMA (checked just above).
-            unsafe { backward_range_avx512(prm, pixels, input, offset, mask, grad_out, gin, rows) };
-            return;
-        }
+        // AVX-512 CPUs run the AVX2 kernel: an AVX-512 instantiation gave wrong f64
+        // gradients (tests/gradients.rs finite_differences_f64) and was removed.
         if isa >= Isa::Avx2 && Isa::Avx2.is_supported() {
             // SAFETY: the CPU supports AVX2 and FMA (checked just above).
             unsafe { backward_range_avx2(prm, pixels, input, offset, mask, grad_out, gin, rows) };
