@@ -48,7 +48,11 @@ impl candle_nn::var_builder::SimpleBackend for RandomWeights {
 }
 
 fn vb() -> VarBuilder<'static> {
-    VarBuilder::from_backend(Box::new(RandomWeights), DType::F32, Device::Cpu)
+    vb_of(DType::F32)
+}
+
+fn vb_of(dtype: DType) -> VarBuilder<'static> {
+    VarBuilder::from_backend(Box::new(RandomWeights), dtype, Device::Cpu)
 }
 
 /// [`RandomWeights`] as trainable `Var`s (floating parameters; BatchNorm statistics stay
@@ -243,6 +247,18 @@ const CASES: &[Case] = &[
         what: "T, 224x224, batch 8, logits, kernels capped at AVX2",
     },
     Case {
+        name: "t224_b1_bf16",
+        reference: false,
+        isa: None,
+        what: "T, 224x224, batch 1, logits, bf16 weights and activations",
+    },
+    Case {
+        name: "t224_b8_bf16",
+        reference: false,
+        isa: None,
+        what: "T, 224x224, batch 8, logits, bf16 weights and activations",
+    },
+    Case {
         name: "t224_b1_portable",
         reference: false,
         isa: Some("portable"),
@@ -303,17 +319,22 @@ fn run_model_case(name: &str) -> Result<()> {
     } else {
         Config::t()
     };
-    let x = Tensor::randn(0f32, 1.0, (batch, 3, size, size), &Device::Cpu)?;
+    let dtype = if name.ends_with("_bf16") {
+        DType::BF16
+    } else {
+        DType::F32
+    };
+    let x = Tensor::randn(0f32, 1.0, (batch, 3, size, size), &Device::Cpu)?.to_dtype(dtype)?;
     let (warm, runs) = match (name.ends_with("_reference"), batch) {
         (true, _) => (1, 3),
         (false, 1) => (3, 15),
         (false, _) => (2, 5),
     };
     let secs = if backbone {
-        let m = InternImage::backbone(&cfg, &[0, 1, 2, 3], vb())?;
+        let m = InternImage::backbone(&cfg, &[0, 1, 2, 3], vb_of(dtype))?;
         time_it(warm, runs, || m.forward_features(&x).map(|_| ()))?
     } else {
-        let m = InternImage::new(&cfg, vb())?;
+        let m = InternImage::new(&cfg, vb_of(dtype))?;
         time_it(warm, runs, || {
             let y = m.forward(&x)?;
             if y.dims() != [batch, cfg.num_classes] {
@@ -661,7 +682,7 @@ fn main() {
         }
     };
     println!(
-        "InternImage-T CPU benchmark: {} threads (candle get_num_threads), f32, random N(0, 0.02) weights, kernels {} (CPU supports {:?}), {}",
+        "InternImage-T CPU benchmark: {} threads (candle get_num_threads), f32 (bf16 rows: bf16), random N(0, 0.02) weights, kernels {} (CPU supports {:?}), {}",
         candle_core::utils::get_num_threads(),
         internimage::KernelPolicy::fast(),
         internimage::Isa::supported(),
@@ -753,6 +774,13 @@ fn main() {
         }
         if let (Some(b1), Some(b8)) = (find("t224_b1"), find("t224_b8")) {
             println!("\nbatch 8 vs batch 1 throughput: {:.2}x", b1 / b8);
+        }
+        for b in ["b1", "b8"] {
+            if let (Some(f32_ms), Some(bf16_ms)) =
+                (find(&format!("t224_{b}")), find(&format!("t224_{b}_bf16")))
+            {
+                println!("bf16 / f32 images/s, 224 {b}: {:.2}x", f32_ms / bf16_ms);
+            }
         }
         for b in ["b1", "b8"] {
             if let (Some(v3), Some(v4)) =

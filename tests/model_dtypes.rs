@@ -1,8 +1,9 @@
 //! f16 and bf16 forward of tiny_b (and tiny_h) against the f32 official goldens.
 //!
 //! Tolerances are stated at `TOLS`; the top-1 class must agree with the f32 goldens. Every
-//! instruction set the CPU supports is run: on AVX512_BF16 a bf16 model multiplies bf16 weights
-//! and activations with f32 accumulation (`VDPBF16PS`), elsewhere it computes in f32.
+//! instruction set the CPU supports is run: on AVX512_BF16 a bf16 model keeps bf16 GEMM weights
+//! and f32 activations, its products bf16 x bf16 with f32 accumulation (`VDPBF16PS`); elsewhere
+//! it computes in f32. The outputs are bf16 in both cases.
 
 mod common;
 

@@ -168,6 +168,9 @@ mod x86 {
 pub struct KernelPolicy {
     isa: Isa,
     reference: bool,
+    /// Pack the GEMM weights as bf16 (for `VDPBF16PS`) even when they are given as f32: set by
+    /// the model for a bf16 network run with f32 activations on AVX512_BF16.
+    bf16_gemm_weights: bool,
 }
 
 /// The environment variable that selects [`KernelPolicy::reference`] (any value but `0`).
@@ -181,6 +184,7 @@ impl KernelPolicy {
         Self {
             isa: Isa::detect(),
             reference: false,
+            bf16_gemm_weights: false,
         }
     }
 
@@ -201,6 +205,7 @@ impl KernelPolicy {
         Ok(Self {
             isa,
             reference: false,
+            bf16_gemm_weights: false,
         })
     }
 
@@ -209,6 +214,7 @@ impl KernelPolicy {
         Self {
             isa: Isa::Portable,
             reference: true,
+            bf16_gemm_weights: false,
         }
     }
 
@@ -237,6 +243,21 @@ impl KernelPolicy {
     /// Whether Candle's generic ops replace the fast kernels.
     pub fn is_reference(&self) -> bool {
         self.reference
+    }
+
+    /// This policy with the GEMM weights packed as bf16 (products of bf16 pairs accumulated in
+    /// f32) whatever dtype they are given in; only where the fast kernels run on AVX512_BF16,
+    /// otherwise the policy unchanged.
+    pub(crate) fn with_bf16_gemm_weights(self) -> Self {
+        Self {
+            bf16_gemm_weights: !self.reference && self.isa == Isa::Avx512Bf16,
+            ..self
+        }
+    }
+
+    /// Whether the GEMM weights are packed as bf16 (see [`KernelPolicy::with_bf16_gemm_weights`]).
+    pub(crate) fn bf16_gemm_weights(&self) -> bool {
+        self.bf16_gemm_weights
     }
 
     /// Whether the fast kernels run (not the reference policy).
@@ -268,7 +289,11 @@ impl fmt::Display for KernelPolicy {
         if self.reference {
             f.write_str("reference")
         } else {
-            write!(f, "fast ({})", self.isa)
+            write!(f, "fast ({})", self.isa)?;
+            if self.bf16_gemm_weights {
+                f.write_str(" with bf16 GEMM weights")?;
+            }
+            Ok(())
         }
     }
 }

@@ -53,6 +53,10 @@ pub struct InternImage {
     head: Option<Head>,
     out_indices: Vec<usize>,
     dtype: DType,
+    /// The dtype of the activations inside: `dtype`, except for a bf16 network on a CPU with
+    /// AVX512_BF16 (fast kernels), which keeps bf16 GEMM weights but f32 activations (see
+    /// [`InternImage::build`]).
+    compute_dtype: DType,
     device: Device,
     /// Some parameters are `Var`s (set by [`TrainableModel`]): batches are not split across
     /// threads (the differentiable paths run on candle's own parallel ops).
@@ -74,7 +78,14 @@ impl InternImage {
     /// Like [`InternImage::new`], with the CPU kernels of `policy` (captured now: every module
     /// keeps the kernels it was built with).
     pub fn new_with_policy(cfg: &Config, vb: VarBuilder, policy: KernelPolicy) -> Result<Self> {
-        Self::build(cfg, &[0, 1, 2, 3], cfg.num_classes > 0, vb, policy)
+        Self::build(cfg, &[0, 1, 2, 3], cfg.num_classes > 0, vb, policy, true)
+    }
+
+    /// [`InternImage::new`] whose activations always have the dtype of `vb` (the trainable model:
+    /// its `Var`s keep the dtype the caller asked for).
+    pub(crate) fn new_exact_dtype(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let policy = KernelPolicy::process_default()?;
+        Self::build(cfg, &[0, 1, 2, 3], cfg.num_classes > 0, vb, policy, false)
     }
 
     /// Builds the headless backbone (detection/segmentation use): `forward_features` returns the
@@ -91,7 +102,7 @@ impl InternImage {
         vb: VarBuilder,
         policy: KernelPolicy,
     ) -> Result<Self> {
-        Self::build(cfg, out_indices, false, vb, policy)
+        Self::build(cfg, out_indices, false, vb, policy, true)
     }
 
     /// Loads an official `.pth`, a Hugging Face `.safetensors` or a `model.safetensors.index.json`
@@ -134,14 +145,36 @@ impl InternImage {
         Self::new(cfg, vb)
     }
 
+    /// Builds the network. A bf16 network (`vb.dtype()` bf16) on the CPU with the fast kernels on
+    /// AVX512_BF16 (when `mixed_bf16`) is built as bf16 GEMM weights and f32 everything else:
+    /// its matrix products are bf16 x bf16 accumulated in f32 (`VDPBF16PS`), as in a bf16
+    /// network, while the activations, norms, depthwise conv and DCNv3 core stay in f32 (more
+    /// accurate than bf16 activations, and Candle's bf16 elementwise ops on the CPU convert
+    /// every value to f32 and back, which made an all-bf16 network slower than f32). Inputs are
+    /// taken in any float dtype and outputs are bf16, as for any bf16 network.
     fn build(
         cfg: &Config,
         out_indices: &[usize],
         with_head: bool,
         vb: VarBuilder,
         policy: KernelPolicy,
+        mixed_bf16: bool,
     ) -> Result<Self> {
         cfg.validate()?;
+        let dtype = vb.dtype();
+        let mixed = mixed_bf16
+            && dtype == DType::BF16
+            && vb.device().is_cpu()
+            && policy.with_bf16_gemm_weights().bf16_gemm_weights();
+        let (vb, policy, compute_dtype) = if mixed {
+            (
+                vb.set_dtype(DType::F32),
+                policy.with_bf16_gemm_weights(),
+                DType::F32,
+            )
+        } else {
+            (vb, policy, dtype)
+        };
         if out_indices.is_empty() {
             bail!("InternImage backbone: out_indices is empty; pick stages from 0..4");
         }
@@ -189,7 +222,8 @@ impl InternImage {
             levels,
             head,
             out_indices,
-            dtype: vb.dtype(),
+            dtype,
+            compute_dtype,
             device: vb.device().clone(),
             has_vars: false,
             policy,
@@ -249,10 +283,10 @@ impl InternImage {
                 self.device
             );
         }
-        if xs.dtype() == self.dtype {
+        if xs.dtype() == self.compute_dtype {
             Ok(xs.clone())
         } else {
-            xs.to_dtype(self.dtype)
+            xs.to_dtype(self.compute_dtype)
         }
     }
 
@@ -323,6 +357,11 @@ impl InternImage {
     /// (`Config::drop_path_rate`) and dropout (`Config::drop_rate`) are active. The BatchNorm of
     /// the conv head keeps using its running statistics (eval mode) in both modes.
     pub fn forward_pooled_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        self.pooled_compute(xs, train)?.to_dtype(self.dtype)
+    }
+
+    /// [`InternImage::forward_pooled_t`] in the compute dtype.
+    fn pooled_compute(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         let xs = self.prepare_input(xs)?;
         let mut out = self.per_batch_chunk(&xs, |x| {
             Ok(vec![self.pooled_rec(x, &mut Recorder::mode(train))?])
@@ -349,12 +388,21 @@ impl InternImage {
         // (spinning, serialised) thread pool: concurrent chunks would only contend for it.
         if !xs.device().is_cpu()
             || threads < 2
-            || n < 2
             || self.policy.is_reference()
             || self.has_vars
             || xs.track_op()
         {
             return f(xs);
+        }
+        if n < 2 {
+            // One image: run the whole forward on a rayon worker, so that each operator's
+            // parallel loop is a fork-join inside the pool instead of a job injected from this
+            // thread, which then sleeps on a latch until the pool wakes it (two context switches
+            // per operator, ~7% of T 224 batch 1).
+            if rayon::current_thread_index().is_some() {
+                return f(xs);
+            }
+            return rayon::scope(|_| f(xs));
         }
         let chunks = threads.min(n);
         let per = n.div_ceil(chunks);
@@ -389,7 +437,12 @@ impl InternImage {
             let stages = self.stages(x, last, &mut Recorder::mode(train))?;
             self.out_indices
                 .iter()
-                .map(|&i| stages[i].permute((0, 3, 1, 2))?.contiguous())
+                .map(|&i| {
+                    stages[i]
+                        .permute((0, 3, 1, 2))?
+                        .contiguous()?
+                        .to_dtype(self.dtype)
+                })
                 .collect()
         })
     }
@@ -417,7 +470,12 @@ impl InternImage {
             x = lv.post_norm(b, x)?;
         }
         let blk = &lv.blocks[block];
-        blk.dcn().sampling(&blk.dcn_input(&x)?)
+        let sampling = blk.dcn().sampling(&blk.dcn_input(&x)?)?;
+        Ok(DcnSampling {
+            offset: sampling.offset.to_dtype(self.dtype)?,
+            mask: sampling.mask.to_dtype(self.dtype)?,
+            ..sampling
+        })
     }
 
     /// Named intermediate activations for parity debugging (names as in the fixtures' `dbg.*`:
@@ -450,8 +508,8 @@ impl InternImage {
     /// `candle_nn::ModuleT` trait (candle's blanket impl for every `Module`) the flag is ignored,
     /// so pass the model to generic training code as a closure over this method.
     pub fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        let pooled = self.forward_pooled_t(xs, train)?;
-        self.logits(&pooled)
+        let pooled = self.pooled_compute(xs, train)?;
+        self.logits(&pooled)?.to_dtype(self.dtype)
     }
 }
 

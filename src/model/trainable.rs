@@ -288,7 +288,7 @@ impl TrainableModel {
             served: served.clone(),
         };
         let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
-        let mut model = InternImage::new(cfg, vb)?;
+        let mut model = InternImage::new_exact_dtype(cfg, vb)?;
         model.has_vars = !varmap.all_vars().is_empty();
         let tensors = std::mem::take(&mut *lock(&served)?);
         Ok(Self {

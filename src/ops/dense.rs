@@ -144,7 +144,8 @@ fn pack(
     let eligible = |t: &Tensor| {
         t.device().is_cpu() && t.dtype() == dtype && !t.track_op() && t.is_contiguous()
     };
-    let bf16_kernel = dtype == DType::BF16 && policy.isa() == crate::Isa::Avx512Bf16;
+    let bf16_kernel = (dtype == DType::BF16 || policy.bf16_gemm_weights())
+        && policy.isa() == crate::Isa::Avx512Bf16;
     if !policy.is_fast()
         || !(dtype == DType::F32 || bf16_kernel)
         || weight.rank() != 2
@@ -192,14 +193,17 @@ fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout, what: &str) -> Result<&'a 
 }
 
 /// Rows (the product of the leading dims) of a (..., k) input, after checking it is a CPU
-/// tensor of the weights' dtype (f32, or bf16 for bf16 weights) with `k` features.
+/// tensor with `k` features in f32, or in bf16 for bf16 weights.
 fn rows_of(xs: &Tensor, k: usize, bf16_weights: bool, what: &str) -> Result<usize> {
-    let (want, name) = if bf16_weights {
-        (DType::BF16, "bf16")
+    let (accepted, name) = if bf16_weights {
+        (
+            xs.dtype() == DType::F32 || xs.dtype() == DType::BF16,
+            "bf16",
+        )
     } else {
-        (DType::F32, "f32")
+        (xs.dtype() == DType::F32, "f32")
     };
-    if !xs.device().is_cpu() || xs.dtype() != want {
+    if !xs.device().is_cpu() || !accepted {
         candle_core::bail!(
             "{what}: this layer holds {name} weights packed for the CPU, but the input is {:?} on {:?}; \
              pass an {name} CPU tensor, or build the model with the input's dtype and device",
@@ -270,7 +274,7 @@ impl PackedOp {
         }
     }
 
-    /// Whether the (first) weight is stored in bf16 (the op then takes and returns bf16).
+    /// Whether the (first) weight is stored in bf16 (the op then takes f32 or bf16 rows).
     fn is_bf16(&self) -> bool {
         match self {
             Self::Linear { w, .. } => w.is_bf16(),
@@ -309,7 +313,10 @@ impl CustomOp1 for PackedOp {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let what = self.what();
-        let x = if self.is_bf16() {
+        // bf16 weights take f32 or bf16 rows (checked by `rows_of`); the output has the
+        // input's dtype.
+        let bf16_rows = matches!(storage, CpuStorage::BF16(_));
+        let x = if bf16_rows {
             Rows::Bf16(super::contiguous_slice::<bf16>(
                 storage, layout, what, "input",
             )?)
@@ -336,7 +343,7 @@ impl CustomOp1 for PackedOp {
         // SAFETY: linear_packed and mlp_packed write all m * n values.
         unsafe { y.set_len(m * n) };
         let shape = Shape::from((m, n));
-        if !self.is_bf16() {
+        if !bf16_rows {
             return Ok((CpuStorage::F32(y), shape));
         }
         let mut yb = vec![bf16::ZERO; m * n];
