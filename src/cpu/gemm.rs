@@ -7,7 +7,8 @@
 //! | AVX512_BF16 (bf16 weights) | 8 x 32 | 16 zmm accumulators, `VDPBF16PS` | 256 (128 pairs) |
 //! | AVX-512 | 8 x 32 | 16 zmm accumulators | 128 |
 //! | AVX2 + FMA | 6 x 16 | 12 ymm accumulators | 192 |
-//! | portable / NEON | 4 x 16 | plain arrays, auto-vectorised | 192 |
+//! | NEON (aarch64) | 6 x 16 | 24 q accumulators, `FMLA` by element | 192 |
+//! | portable | 4 x 16 | plain arrays, auto-vectorised | 192 |
 //!
 //! For each `k` the kernel broadcasts one value from each row of `x` (read in place, row-major:
 //! no packing of the activations) against the vectors of the packed weight panel. The panels are
@@ -38,8 +39,11 @@ enum Family {
     Avx512,
     /// AVX2 + FMA: 6 x 16.
     Avx2,
-    /// Plain Rust: 4 x 16, with FMA on aarch64 (NEON) and without on the portable path.
-    Generic { fma: bool },
+    /// NEON (aarch64): 6 x 16.
+    #[cfg(target_arch = "aarch64")]
+    Neon,
+    /// Plain Rust without FMA (the portable path): 4 x 16.
+    Portable,
 }
 
 impl Family {
@@ -48,8 +52,9 @@ impl Family {
             Isa::Avx512Bf16 if bf16_weights && isa.is_supported() => Family::Avx512Bf16,
             Isa::Avx512 | Isa::Avx512Bf16 if isa.is_supported() => Family::Avx512,
             Isa::Avx2 | Isa::Avx512 | Isa::Avx512Bf16 if Isa::Avx2.is_supported() => Family::Avx2,
-            Isa::Neon if isa.is_supported() => Family::Generic { fma: true },
-            _ => Family::Generic { fma: false },
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon if isa.is_supported() => Family::Neon,
+            _ => Family::Portable,
         }
     }
 
@@ -66,7 +71,9 @@ impl Family {
         match self {
             Family::Avx512 | Family::Avx512Bf16 => 8,
             Family::Avx2 => 6,
-            Family::Generic { .. } => 4,
+            #[cfg(target_arch = "aarch64")]
+            Family::Neon => 6,
+            Family::Portable => 4,
         }
     }
 
@@ -85,7 +92,9 @@ impl Family {
         match self {
             Family::Avx512 | Family::Avx512Bf16 => 32,
             Family::Avx2 => 36,
-            Family::Generic { .. } => 32,
+            #[cfg(target_arch = "aarch64")]
+            Family::Neon => 36,
+            Family::Portable => 32,
         }
     }
 }
@@ -686,24 +695,19 @@ unsafe fn kernel(f: Family, op: Operands<f32>, c: *mut f32, ldc: usize, rows: us
         Family::Avx512 | Family::Avx512Bf16 => by_rows!(avx512, 8 7 6 5 4 3 2 1),
         #[cfg(target_arch = "x86_64")]
         Family::Avx2 => by_rows!(avx2, 6 5 4 3 2 1),
-        Family::Generic { fma: true } => {
-            #[cfg(target_arch = "aarch64")]
-            by_rows!(generic_fma, 4 3 2 1);
-            #[cfg(not(target_arch = "aarch64"))]
-            by_rows!(generic_nofma, 4 3 2 1);
-        }
-        _ => by_rows!(generic_nofma, 4 3 2 1),
+        #[cfg(target_arch = "aarch64")]
+        Family::Neon => by_rows!(neon, 6 5 4 3 2 1),
+        _ => by_rows!(portable, 4 3 2 1),
     }
 }
 
-/// `c[0..R, 0..16] (+)= a[0..R, 0..kc] @ panel[0..kc, 0..16]` in plain Rust, starting from the
-/// bias (when `first`) or from `c`.
+/// `c[0..R, 0..16] (+)= a[0..R, 0..kc] @ panel[0..kc, 0..16]` in plain Rust without FMA (the
+/// portable path), starting from the bias (when `first`) or from `c`.
 ///
 /// # Safety
 /// `a` rows `0..R` with stride `lda` hold `kc` values; `panel` holds `kc * 16`; `bias` 16; `c`
 /// rows `0..R` with stride `ldc` hold 16 writable values.
-#[inline(always)]
-unsafe fn generic<const R: usize, const FMA: bool>(op: Operands<f32>, c: *mut f32, ldc: usize) {
+unsafe fn portable<const R: usize>(op: Operands<f32>, c: *mut f32, ldc: usize) {
     const NR: usize = 16;
     let mut acc = [[0f32; NR]; R];
     for (r, row) in acc.iter_mut().enumerate() {
@@ -715,7 +719,7 @@ unsafe fn generic<const R: usize, const FMA: bool>(op: Operands<f32>, c: *mut f3
         for (r, row) in acc.iter_mut().enumerate() {
             let a = *op.a.add(r * op.lda + kk);
             for (v, &bj) in row.iter_mut().zip(b) {
-                *v = fmadd::<FMA>(a, bj, *v);
+                *v = fmadd::<false>(a, bj, *v);
             }
         }
     }
@@ -724,28 +728,60 @@ unsafe fn generic<const R: usize, const FMA: bool>(op: Operands<f32>, c: *mut f3
     }
 }
 
-/// [`generic`] without FMA (the portable path).
+/// `c[0..R, 0..16] (+)= a[0..R, 0..kc] @ panel[0..kc, 0..16]` with NEON (aarch64), starting from
+/// the bias (when `first`) or from `c`: 4 q registers of accumulators per row (24 for R = 6),
+/// the panel's 16 values in 4 more, each `a` value multiplied in by element (`FMLA v.4s,
+/// v.4s, v.s[0]`), so the 32 vector registers hold the whole tile.
 ///
 /// # Safety
-/// As for [`generic`].
-unsafe fn generic_nofma<const R: usize>(op: Operands<f32>, c: *mut f32, ldc: usize) {
-    generic::<R, false>(op, c, ldc)
-}
-
-/// [`generic`] with FMA (aarch64, where NEON and FMA are baseline).
-///
-/// # Safety
-/// As for [`generic`].
+/// NEON available (baseline on aarch64); operands as for [`portable`].
 #[cfg(target_arch = "aarch64")]
-unsafe fn generic_fma<const R: usize>(op: Operands<f32>, c: *mut f32, ldc: usize) {
-    generic::<R, true>(op, c, ldc)
+#[target_feature(enable = "neon")]
+unsafe fn neon<const R: usize>(op: Operands<f32>, c: *mut f32, ldc: usize) {
+    use std::arch::aarch64::*;
+    let Operands {
+        a,
+        lda,
+        panel,
+        kc,
+        bias,
+        first,
+    } = op;
+    let mut acc = [[vdupq_n_f32(0.0); 4]; R];
+    for (r, row) in acc.iter_mut().enumerate() {
+        let src = if first { bias } else { c.add(r * ldc) };
+        for (j, v) in row.iter_mut().enumerate() {
+            *v = vld1q_f32(src.add(4 * j));
+        }
+    }
+    let mut b = panel;
+    for kk in 0..kc {
+        let bv = [
+            vld1q_f32(b),
+            vld1q_f32(b.add(4)),
+            vld1q_f32(b.add(8)),
+            vld1q_f32(b.add(12)),
+        ];
+        for (r, row) in acc.iter_mut().enumerate() {
+            let av = *a.add(r * lda + kk);
+            for (v, &bj) in row.iter_mut().zip(&bv) {
+                *v = vfmaq_n_f32(*v, bj, av);
+            }
+        }
+        b = b.add(16);
+    }
+    for (r, row) in acc.iter().enumerate() {
+        for (j, &v) in row.iter().enumerate() {
+            vst1q_f32(c.add(r * ldc + 4 * j), v);
+        }
+    }
 }
 
 /// `c[0..R, 0..16] (+)= a[0..R, 0..kc] @ panel[0..kc, 0..16]` with AVX2 + FMA, starting from the
 /// bias (when `first`) or from `c`.
 ///
 /// # Safety
-/// AVX2 and FMA available; operands as for [`generic`].
+/// AVX2 and FMA available; operands as for [`portable`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn avx2<const R: usize>(op: Operands<f32>, c: *mut f32, ldc: usize) {
@@ -1013,6 +1049,27 @@ mod tests {
             }
         }
         assert!(PackedWeight::new_bf16(Isa::Avx512, &[1.0], None, 1, 1).is_none());
+    }
+
+    /// On aarch64 the fast policy packs for the NEON kernel (6 x 16) and the portable policy
+    /// for the plain one (4 x 16).
+    #[cfg(target_arch = "aarch64")]
+    #[test]
+    fn neon_weights_pack_for_the_neon_kernel() {
+        let w = data(40 * 24, 9);
+        let neon = PackedWeight::new(Isa::Neon, &w, None, 40, 24).unwrap();
+        assert_eq!(
+            (neon.family, neon.family.mr(), neon.family.nr()),
+            (Family::Neon, 6, 16)
+        );
+        let portable = PackedWeight::new(Isa::Portable, &w, None, 40, 24).unwrap();
+        assert_eq!(portable.family, Family::Portable);
+        assert_eq!(neon.unpack(), portable.unpack());
+        // The same rows through both kernels: equal up to FMA rounding.
+        let (m, x) = (29, data(29 * 24, 10));
+        for (a, b) in run(&x, m, &neon).iter().zip(run(&x, m, &portable)) {
+            assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{a} vs {b}");
+        }
     }
 
     /// Abramowitz-Stegun 7.1.26 in f64, accurate to 1.5e-7: below the test's tolerance after

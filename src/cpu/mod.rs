@@ -5,6 +5,21 @@
 //! [`crate::ops`] wrap them as Candle ops. Which kernels a model uses is a [`KernelPolicy`],
 //! captured when the model is built (the environment only sets the default, see
 //! [`KernelPolicy::from_env`]).
+//!
+//! What each kernel family runs on each instruction set:
+//!
+//! | family | AVX-512 (+BF16) | AVX2 + FMA | NEON (aarch64) | portable |
+//! |---|---|---|---|---|
+//! | GEMM (`gemm.rs`: linear, MLP, dense conv) | 8 x 32 intrinsics (bf16: `VDPBF16PS`) | 6 x 16 intrinsics | 6 x 16 intrinsics | 4 x 16 plain Rust, no FMA |
+//! | GELU and its gradient (`gelu.rs`) | table kernel (`gelu_avx2.rs`) | table kernel | generic, FMA | generic, no FMA |
+//! | LayerNorm, softmax, depthwise conv (`ops/`) | generic, FMA, AVX-512 codegen | generic, FMA, AVX2 codegen | generic, FMA | generic, no FMA |
+//! | DCNv3/DCNv4 gather and scatter (`ops/dcnv3/cpu.rs`) | the AVX2 build | generic, FMA, AVX2 codegen | generic, FMA | generic, no FMA |
+//!
+//! "generic" kernels are plain loops over channel blocks, instantiated per instruction set by
+//! `simd::dispatch!` (or the operator's own dispatch): on aarch64 NEON and FMA are baseline, so
+//! the `FMA = true` instantiation is the NEON path (auto-vectorised to 128-bit `FMLA`), and the
+//! portable one is the explicit fallback of CPUs without SIMD extensions. bf16 GEMM weights
+//! exist only on AVX512_BF16; bf16 elsewhere (NEON included) computes in f32.
 
 pub(crate) mod gelu;
 #[cfg(target_arch = "x86_64")]
@@ -320,6 +335,39 @@ mod tests {
         let err = KernelPolicy::with_isa(missing).unwrap_err().to_string();
         assert!(err.contains(missing.name()), "{err}");
         assert!(err.contains(Isa::detect().name()), "{err}");
+    }
+
+    /// On aarch64 NEON is detected, and it is the fast (widest) set: the policies of a model
+    /// built there run the NEON kernels; the x86 sets are foreign.
+    #[cfg(target_arch = "aarch64")]
+    #[test]
+    fn neon_is_detected_and_is_the_fast_isa_on_aarch64() {
+        assert!(Isa::Neon.is_supported());
+        assert_eq!(Isa::detect(), Isa::Neon);
+        assert_eq!(Isa::supported(), vec![Isa::Portable, Isa::Neon]);
+        assert_eq!(KernelPolicy::fast().isa(), Isa::Neon);
+        assert_eq!(KernelPolicy::with_isa(Isa::Neon).unwrap().isa(), Isa::Neon);
+        for isa in [Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16] {
+            assert!(!isa.is_supported(), "{isa} on aarch64");
+            let err = KernelPolicy::with_isa(isa).unwrap_err().to_string();
+            assert!(err.contains(isa.name()) && err.contains("neon"), "{err}");
+        }
+        // bf16 GEMM weights are an AVX512_BF16 feature: a NEON policy keeps f32 weights.
+        assert!(!KernelPolicy::fast()
+            .with_bf16_gemm_weights()
+            .bf16_gemm_weights());
+    }
+
+    /// On x86-64 NEON is never supported, never the fast set, and asking for it is an error.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn neon_is_not_supported_on_x86_64() {
+        assert!(!Isa::Neon.is_supported());
+        assert_ne!(Isa::detect(), Isa::Neon);
+        assert!(!Isa::supported().contains(&Isa::Neon));
+        assert_ne!(KernelPolicy::fast().isa(), Isa::Neon);
+        let err = KernelPolicy::with_isa(Isa::Neon).unwrap_err().to_string();
+        assert!(err.contains("neon"), "{err}");
     }
 
     #[test]
