@@ -12,6 +12,10 @@
 //! `Arc<InternImage>`, each running batch-1 forwards in a loop for a fixed time
 //! (`BENCH_CALLERS_SECS`, default 8 s per setting), and the ratio to 1 caller: whether
 //! concurrent callers add throughput or fight over the same rayon pool (oversubscription).
+//! `gemm` gives the GFLOP/s of the packed linear layer (`ops::Linear`, f32 input and output,
+//! bias) at InternImage-T shapes for each GEMM kernel the CPU has: f32 weights, bf16 weights on
+//! AVX512_BF16 (`VDPBF16PS`) and bf16 weights on AMX (`TDPBF16PS`). The `_bf16_avx512bf16`
+//! cases run the bf16 network with the kernels capped at AVX512_BF16 (no AMX).
 
 use candle_core::{DType, Device, Module, Result, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
@@ -259,6 +263,24 @@ const CASES: &[Case] = &[
         what: "T, 224x224, batch 8, logits, bf16 weights and activations",
     },
     Case {
+        name: "t224_b1_bf16_avx512bf16",
+        reference: false,
+        isa: Some("avx512bf16"),
+        what: "T, 224x224, batch 1, logits, bf16, kernels capped at AVX512_BF16 (no AMX)",
+    },
+    Case {
+        name: "t224_b8_bf16_avx512bf16",
+        reference: false,
+        isa: Some("avx512bf16"),
+        what: "T, 224x224, batch 8, logits, bf16, kernels capped at AVX512_BF16 (no AMX)",
+    },
+    Case {
+        name: "gemm",
+        reference: false,
+        isa: None,
+        what: "packed linear GFLOP/s at T shapes: f32, bf16 VDPBF16PS, bf16 AMX",
+    },
+    Case {
         name: "t224_b1_portable",
         reference: false,
         isa: Some("portable"),
@@ -304,7 +326,7 @@ const CASES: &[Case] = &[
 
 /// One model case in this process: prints `RESULT <name> <ms/img> <img/s> <rss MiB>`.
 fn run_model_case(name: &str) -> Result<()> {
-    let base = ["_reference", "_avx2", "_portable", "_bf16"]
+    let base = ["_reference", "_avx2", "_portable", "_avx512bf16", "_bf16"]
         .iter()
         .fold(name, |n, s| n.trim_end_matches(s));
     let flash = base.starts_with("flash_");
@@ -319,7 +341,7 @@ fn run_model_case(name: &str) -> Result<()> {
     } else {
         Config::t()
     };
-    let dtype = if name.ends_with("_bf16") {
+    let dtype = if name.contains("_bf16") {
         DType::BF16
     } else {
         DType::F32
@@ -646,8 +668,57 @@ fn run_breakdown() -> Result<()> {
     Ok(())
 }
 
+/// GFLOP/s of `ops::Linear` (f32 rows in and out, bias) per GEMM kernel at T shapes (m, k, n):
+/// prints `GEMM <m>x<k>x<n> <f32> <bf16 VDPBF16PS> <bf16 AMX>` (`-` where the CPU lacks one).
+fn run_gemm() -> Result<()> {
+    use internimage::{Isa, KernelPolicy};
+    let dev = Device::Cpu;
+    for (m, k, n) in [
+        (3136usize, 64usize, 256usize),
+        (3136, 256, 64),
+        (3136, 64, 64),
+        (784, 128, 512),
+        (784, 512, 128),
+        (196, 256, 1024),
+        (196, 1024, 256),
+        (49, 512, 2048),
+        (49, 2048, 512),
+        (25088, 64, 256),
+        (25088, 256, 64),
+    ] {
+        let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
+        let w = Tensor::randn(0f32, 0.05, (n, k), &dev)?;
+        let b = Tensor::randn(0f32, 0.05, n, &dev)?;
+        let flops = 2.0 * (m * n * k) as f64;
+        let runs = (2e10 / flops).clamp(5.0, 200.0) as usize;
+        let mut cols = Vec::new();
+        for (isa, dtype) in [
+            (Isa::detect(), DType::F32),
+            (Isa::Avx512Bf16, DType::BF16),
+            (Isa::Amx, DType::BF16),
+        ] {
+            if !isa.is_supported() {
+                cols.push("-".to_string());
+                continue;
+            }
+            let policy = KernelPolicy::with_isa(isa)?;
+            let lin = internimage::ops::Linear::with_policy(
+                w.to_dtype(dtype)?,
+                Some(b.to_dtype(dtype)?),
+                policy,
+            )?;
+            let t = time_it(3, runs, || lin.forward(&x).map(|_| ()))?;
+            cols.push(format!("{:.1}", flops / t * 1e-9));
+        }
+        println!("GEMM {m}x{k}x{n} {}", cols.join(" "));
+    }
+    Ok(())
+}
+
 fn child(name: &str) -> Result<()> {
-    if name == "breakdown" {
+    if name == "gemm" {
+        run_gemm()
+    } else if name == "breakdown" {
         run_breakdown()
     } else if name == "ops" {
         run_ops()
@@ -700,6 +771,7 @@ fn main() {
     let mut ops: Vec<(String, f64, f64)> = Vec::new();
     let mut brk: Vec<(String, f64)> = Vec::new();
     let mut callers: Vec<(usize, f64, usize)> = Vec::new();
+    let mut gemms: Vec<String> = Vec::new();
     for case in CASES {
         if !filters.is_empty() && !filters.iter().any(|f| case.name.contains(f.as_str())) {
             continue;
@@ -749,6 +821,13 @@ fn main() {
                 }
                 Some(&"OP") if f.len() == 4 => ops.push((f[1].to_string(), num(2), num(3))),
                 Some(&"BRK") if f.len() == 3 => brk.push((f[1].replace('_', " "), num(2))),
+                Some(&"GEMM") if f.len() == 5 => gemms.push(format!(
+                    "| {} | {} | {} | {} |",
+                    f[1].replace('x', " x "),
+                    f[2],
+                    f[3],
+                    f[4]
+                )),
                 Some(&"CALLERS") if f.len() == 4 => {
                     callers.push((num(1) as usize, num(2), num(3) as usize))
                 }
@@ -781,6 +860,15 @@ fn main() {
             {
                 println!("bf16 / f32 images/s, 224 {b}: {:.2}x", f32_ms / bf16_ms);
             }
+            if let (Some(f32_ms), Some(bf16_ms)) = (
+                find(&format!("t224_{b}")),
+                find(&format!("t224_{b}_bf16_avx512bf16")),
+            ) {
+                println!(
+                    "bf16 (capped at AVX512_BF16, no AMX) / f32 images/s, 224 {b}: {:.2}x",
+                    f32_ms / bf16_ms
+                );
+            }
         }
         for b in ["b1", "b8"] {
             if let (Some(v3), Some(v4)) =
@@ -799,6 +887,14 @@ fn main() {
         println!("|---|---:|---:|---:|");
         for (name, a, b) in &ops {
             println!("| {name} | {a:.3} | {b:.3} | {:.1}x |", a / b);
+        }
+    }
+    if !gemms.is_empty() {
+        println!();
+        println!("| packed linear m x k x n (f32 in/out, bias) | f32 GFLOP/s | bf16 VDPBF16PS GFLOP/s | bf16 AMX GFLOP/s |");
+        println!("|---|---:|---:|---:|");
+        for row in &gemms {
+            println!("{row}");
         }
     }
     if !callers.is_empty() {

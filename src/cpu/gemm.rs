@@ -4,6 +4,7 @@
 //!
 //! | kernel | rows x columns per call | registers | depth per pass |
 //! |---|---|---|---|
+//! | AMX (bf16 weights, [`super::amx`]) | 32 x 32 | 4 f32 C tiles, `TDPBF16PS` | whole depth |
 //! | AVX512_BF16 (bf16 weights) | 8 x 32 | 16 zmm accumulators, `VDPBF16PS` | 256 (128 pairs) |
 //! | AVX-512 | 8 x 32 | 16 zmm accumulators | 128 |
 //! | AVX2 + FMA | 6 x 16 | 12 ymm accumulators | 192 |
@@ -15,7 +16,7 @@
 //! contiguous, so a `kc x NR` slice stays in L1 while all row groups of a task use it.
 //!
 //! bf16 weights (packed only when the caller asks, i.e. for bf16 models on a CPU with
-//! AVX512_BF16) are stored as bf16 pairs along `k`, and the activations are read as bf16 pairs
+//! AVX512_BF16 or AMX; AMX has its own tile layout, see [`super::amx`]) are stored as bf16 pairs along `k`, and the activations are read as bf16 pairs
 //! (bf16 inputs in place; f32 inputs and odd depths converted per row block), products
 //! accumulated in f32.
 //!
@@ -33,6 +34,8 @@ use std::mem::MaybeUninit;
 /// The micro-kernel family a weight is packed for (decides the panel width).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Family {
+    /// AMX-BF16: 32 x 32 blocks of tiles ([`super::amx`]).
+    Amx,
     /// AVX512_BF16: 8 x 32 on bf16 pairs.
     Avx512Bf16,
     /// AVX-512 F: 8 x 32.
@@ -47,11 +50,20 @@ enum Family {
 }
 
 impl Family {
+    /// The one place that decides which kernel a weight runs on: the policy's instruction set
+    /// (capped, never above what the CPU supports) and whether the weight is bf16.
     fn of(isa: Isa, bf16_weights: bool) -> Self {
         match isa {
-            Isa::Avx512Bf16 if bf16_weights && isa.is_supported() => Family::Avx512Bf16,
-            Isa::Avx512 | Isa::Avx512Bf16 if isa.is_supported() => Family::Avx512,
-            Isa::Avx2 | Isa::Avx512 | Isa::Avx512Bf16 if Isa::Avx2.is_supported() => Family::Avx2,
+            Isa::Amx if bf16_weights && isa.is_supported() => Family::Amx,
+            Isa::Avx512Bf16 | Isa::Amx if bf16_weights && Isa::Avx512Bf16.is_supported() => {
+                Family::Avx512Bf16
+            }
+            Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx if Isa::Avx512.is_supported() => {
+                Family::Avx512
+            }
+            Isa::Avx2 | Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx if Isa::Avx2.is_supported() => {
+                Family::Avx2
+            }
             #[cfg(target_arch = "aarch64")]
             Isa::Neon if isa.is_supported() => Family::Neon,
             _ => Family::Portable,
@@ -61,6 +73,7 @@ impl Family {
     /// Output channels per packed panel.
     const fn nr(self) -> usize {
         match self {
+            Family::Amx => super::amx::NR,
             Family::Avx512 | Family::Avx512Bf16 => 32,
             _ => 16,
         }
@@ -69,6 +82,8 @@ impl Family {
     /// Rows of `x` per kernel call.
     const fn mr(self) -> usize {
         match self {
+            // Two 16-row tiles.
+            Family::Amx => 32,
             Family::Avx512 | Family::Avx512Bf16 => 8,
             Family::Avx2 => 6,
             #[cfg(target_arch = "aarch64")]
@@ -82,7 +97,8 @@ impl Family {
     const fn kc(self) -> usize {
         match self {
             Family::Avx512 => 128,
-            Family::Avx512Bf16 => 256,
+            // Unused: the AMX kernel runs the whole depth per call.
+            Family::Avx512Bf16 | Family::Amx => 256,
             _ => 192,
         }
     }
@@ -90,6 +106,7 @@ impl Family {
     /// Largest row block of one task.
     const fn max_rows(self) -> usize {
         match self {
+            Family::Amx => 64,
             Family::Avx512 | Family::Avx512Bf16 => 32,
             Family::Avx2 => 36,
             #[cfg(target_arch = "aarch64")]
@@ -110,6 +127,8 @@ enum Panels {
     /// bf16 bits, pairs along `k` (zero-padded to an even depth `k2 * 2`):
     /// `data[((p * k2 + kp) * NR + j) * 2 + e] = w[NR p + j, 2 kp + e]`.
     Bf16(Vec<u16>),
+    /// bf16 bits in AMX B tiles (see [`super::amx::pack`]).
+    Amx(Vec<u16>),
 }
 
 /// A weight `w` (n, k) (row-major, as stored by `nn.Linear`) and bias, packed for one kernel,
@@ -138,8 +157,9 @@ impl PackedWeight {
         Self::pack(isa, false, w, bias, n, k)
     }
 
-    /// Packs `w` in bf16 (the values are rounded to bf16) for the AVX512_BF16 kernel; `None`
-    /// when the CPU lacks it (or the shapes disagree): the caller keeps its unpacked path.
+    /// Packs `w` in bf16 (the values are rounded to bf16) for the bf16 kernel of `isa` (AMX
+    /// for [`Isa::Amx`], else AVX512_BF16); `None` when the policy or the CPU has neither (or
+    /// the shapes disagree): the caller keeps its unpacked path.
     pub(crate) fn new_bf16(
         isa: Isa,
         w: &[f32],
@@ -148,7 +168,7 @@ impl PackedWeight {
         k: usize,
     ) -> Option<Self> {
         let packed = Self::pack(isa, true, w, bias, n, k)?;
-        (packed.family == Family::Avx512Bf16).then_some(packed)
+        matches!(packed.family, Family::Avx512Bf16 | Family::Amx).then_some(packed)
     }
 
     fn pack(
@@ -165,7 +185,9 @@ impl PackedWeight {
         let family = Family::of(isa, bf16_weights);
         let nr = family.nr();
         let panels = n.div_ceil(nr);
-        let data = if family == Family::Avx512Bf16 {
+        let data = if family == Family::Amx {
+            Panels::Amx(super::amx::pack(w, n, k))
+        } else if family == Family::Avx512Bf16 {
             let k2 = k.div_ceil(2);
             let mut data = vec![0u16; panels * k2 * nr * 2];
             for (p, panel) in data.chunks_exact_mut(k2 * nr * 2).enumerate() {
@@ -215,7 +237,7 @@ impl PackedWeight {
 
     /// Whether the weight is stored in bf16.
     pub(crate) fn is_bf16(&self) -> bool {
-        matches!(self.data, Panels::Bf16(_))
+        matches!(self.data, Panels::Bf16(_) | Panels::Amx(_))
     }
 
     /// The weight ((n, k) row-major) and the bias (n; zeros when there was none): the inverse
@@ -224,6 +246,7 @@ impl PackedWeight {
         let (n, k, nr) = (self.n, self.k, self.family.nr());
         let mut w = vec![0f32; n * k];
         match &self.data {
+            Panels::Amx(data) => w = super::amx::unpack(data, n, k),
             Panels::F32(data) => {
                 for (p, panel) in data.chunks_exact(k * nr).enumerate() {
                     for j in 0..nr.min(n - p * nr) {
@@ -450,6 +473,13 @@ unsafe fn block(
     let k = w.k;
     let y0 = y.add(r0 * ldy);
     match (&w.data, x) {
+        (Panels::Amx(data), x) => {
+            // AMX panels are only packed when `Isa::Amx` is supported (`Family::of`).
+            #[cfg(target_arch = "x86_64")]
+            super::amx::block(x, r0, r1, k, w.n, data, &w.bias, p0, p1, y0, ldy);
+            #[cfg(not(target_arch = "x86_64"))]
+            unreachable!("AMX panels on a CPU without AMX");
+        }
         (Panels::F32(data), Rows::F32(x)) => {
             block_f32(&x[r0 * k..r1 * k], r1 - r0, w, data, p0, p1, y0, ldy);
         }
@@ -1070,6 +1100,111 @@ mod tests {
         for (a, b) in run(&x, m, &neon).iter().zip(run(&x, m, &portable)) {
             assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{a} vs {b}");
         }
+    }
+
+    /// The AMX kernel (where the CPU and the OS have it) against an f64 reference on the
+    /// bf16-rounded operands: partial row tiles and panels, depths that are not multiples of 32
+    /// (odd ones too), bias, GELU, f32 and bf16 rows, single and multi-task splits; the fused MLP
+    /// gives exactly the two linears; a policy capped at AVX512_BF16 never packs for AMX.
+    /// Skipped, with a note, on machines without AMX.
+    #[test]
+    fn amx_kernel_matches_a_float64_reference_of_the_rounded_operands() {
+        if !Isa::Amx.is_supported() {
+            println!("note: no usable AMX here (CPU or OS); the AMX GEMM test is skipped");
+            return;
+        }
+        let round =
+            |v: &[f32]| -> Vec<f32> { v.iter().map(|&x| bf16::from_f32(x).to_f32()).collect() };
+        let gelu = |v: f32| {
+            let t = v as f64;
+            (0.5 * t * (1.0 + erf(t / std::f64::consts::SQRT_2))) as f32
+        };
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (15, 16, 32),
+            (16, 32, 33),
+            (17, 33, 31),
+            (31, 17, 64),
+            (32, 64, 2),
+            (33, 64, 3),
+            (49, 72, 600),
+            (64, 40, 130),
+            (300, 33, 71),
+            (203, 256, 64),
+            (97, 64, 256),
+        ] {
+            let (x, w, b) = (data(m * k, 21), data(n * k, 22), data(n, 23));
+            let pw = PackedWeight::new_bf16(Isa::Amx, &w, Some(&b), n, k).unwrap();
+            assert_eq!(pw.family, Family::Amx);
+            assert!(pw.is_bf16());
+            assert_eq!(pw.unpack(), (round(&w), b.clone()));
+            let capped = PackedWeight::new_bf16(Isa::Avx512Bf16, &w, Some(&b), n, k).unwrap();
+            assert_eq!(capped.family, Family::Avx512Bf16);
+            let want = naive(&round(&x), &round(&w), &b, m, n, k);
+            let xb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+            for with_gelu in [false, true] {
+                for rows in [Rows::F32(&x), Rows::Bf16(&xb)] {
+                    let mut y = Vec::with_capacity(m * n);
+                    linear_packed(
+                        rows,
+                        m,
+                        &pw,
+                        with_gelu,
+                        &mut y.spare_capacity_mut()[..m * n],
+                    );
+                    // SAFETY: linear_packed writes all m * n values.
+                    unsafe { y.set_len(m * n) };
+                    for (i, (a, e)) in y.iter().zip(&want).enumerate() {
+                        let e = if with_gelu { gelu(*e) } else { *e };
+                        assert!(
+                            (a - e).abs() <= 1e-5 * (1.0 + e.abs()),
+                            "{m}x{n}x{k} gelu {with_gelu} at {i}: {a} vs {e}"
+                        );
+                    }
+                }
+            }
+        }
+        let (m, c, hid) = (531, 24, 96);
+        let (x, w1, b1, w2, b2) = (
+            data(m * c, 24),
+            data(hid * c, 25),
+            data(hid, 26),
+            data(c * hid, 27),
+            data(c, 28),
+        );
+        let p1 = PackedWeight::new_bf16(Isa::Amx, &w1, Some(&b1), hid, c).unwrap();
+        let p2 = PackedWeight::new_bf16(Isa::Amx, &w2, Some(&b2), c, hid).unwrap();
+        let mut h = Vec::with_capacity(m * hid);
+        linear_packed(
+            Rows::F32(&x),
+            m,
+            &p1,
+            true,
+            &mut h.spare_capacity_mut()[..m * hid],
+        );
+        // SAFETY: linear_packed writes all m * hid values.
+        unsafe { h.set_len(m * hid) };
+        let mut two = Vec::with_capacity(m * c);
+        linear_packed(
+            Rows::F32(&h),
+            m,
+            &p2,
+            false,
+            &mut two.spare_capacity_mut()[..m * c],
+        );
+        // SAFETY: as above.
+        unsafe { two.set_len(m * c) };
+        let mut fused = Vec::with_capacity(m * c);
+        mlp_packed(
+            Rows::F32(&x),
+            m,
+            &p1,
+            &p2,
+            &mut fused.spare_capacity_mut()[..m * c],
+        );
+        // SAFETY: mlp_packed writes all m * c values.
+        unsafe { fused.set_len(m * c) };
+        assert_eq!(fused, two, "fused AMX MLP vs two AMX linears");
     }
 
     /// Abramowitz-Stegun 7.1.26 in f64, accurate to 1.5e-7: below the test's tolerance after

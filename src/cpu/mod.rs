@@ -8,9 +8,9 @@
 //!
 //! What each kernel family runs on each instruction set:
 //!
-//! | family | AVX-512 (+BF16) | AVX2 + FMA | NEON (aarch64) | portable |
+//! | family | AVX-512 (+BF16, +AMX) | AVX2 + FMA | NEON (aarch64) | portable |
 //! |---|---|---|---|---|
-//! | GEMM (`gemm.rs`: linear, MLP, dense conv) | 8 x 32 intrinsics (bf16: `VDPBF16PS`) | 6 x 16 intrinsics | 6 x 16 intrinsics | 4 x 16 plain Rust, no FMA |
+//! | GEMM (`gemm.rs`: linear, MLP, dense conv) | 8 x 32 intrinsics (bf16: `VDPBF16PS`; AMX: 32 x 32 tile blocks, `TDPBF16PS`, `amx.rs`) | 6 x 16 intrinsics | 6 x 16 intrinsics | 4 x 16 plain Rust, no FMA |
 //! | GELU and its gradient (`gelu.rs`) | table kernel (`gelu_avx2.rs`) | table kernel | generic, FMA | generic, no FMA |
 //! | LayerNorm, softmax, depthwise conv (`ops/`) | generic, FMA, AVX-512 codegen | generic, FMA, AVX2 codegen | generic, FMA | generic, no FMA |
 //! | DCNv3/DCNv4 gather and scatter (`ops/dcnv3/cpu.rs`) | the AVX2 build | generic, FMA, AVX2 codegen | generic, FMA | generic, no FMA |
@@ -19,8 +19,9 @@
 //! `simd::dispatch!` (or the operator's own dispatch): on aarch64 NEON and FMA are baseline, so
 //! the `FMA = true` instantiation is the NEON path (auto-vectorised to 128-bit `FMLA`), and the
 //! portable one is the explicit fallback of CPUs without SIMD extensions. bf16 GEMM weights
-//! exist only on AVX512_BF16; bf16 elsewhere (NEON included) computes in f32.
+//! exist only on AVX512_BF16 (and AMX); bf16 elsewhere (NEON included) computes in f32.
 
+mod amx;
 pub(crate) mod gelu;
 #[cfg(target_arch = "x86_64")]
 mod gelu_avx2;
@@ -32,8 +33,8 @@ use std::fmt;
 
 /// A CPU instruction set the kernels have a path for, from the most portable to the widest.
 ///
-/// On x86-64 the order is `Portable < Avx2 < Avx512 < Avx512Bf16`: each level includes the
-/// previous ones. `Neon` is the aarch64 path (baseline on that architecture).
+/// On x86-64 the order is `Portable < Avx2 < Avx512 < Avx512Bf16 < Amx`: each level includes
+/// the previous ones. `Neon` is the aarch64 path (baseline on that architecture).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Isa {
     /// Plain Rust, auto-vectorised for the build's baseline target: runs on any CPU.
@@ -44,28 +45,35 @@ pub enum Isa {
     Avx512,
     /// [`Isa::Avx512`] plus AVX512_BF16 (`VDPBF16PS`): bf16 weights with f32 accumulation.
     Avx512Bf16,
+    /// [`Isa::Avx512Bf16`] plus AMX-TILE and AMX-BF16 (Intel Xeon from Sapphire Rapids on),
+    /// with the operating system's permission to use the tile state (on Linux requested once,
+    /// when the CPU is first probed; other OSes: not detected): the bf16 GEMMs run on the tile
+    /// unit (`TDPBF16PS`, f32 accumulation); everything else as on [`Isa::Avx512Bf16`].
+    Amx,
     /// aarch64 with NEON (128-bit vectors, fused multiply-add).
     Neon,
 }
 
 impl Isa {
     /// Every variant, most portable first.
-    pub const ALL: [Isa; 5] = [
+    pub const ALL: [Isa; 6] = [
         Isa::Portable,
         Isa::Avx2,
         Isa::Avx512,
         Isa::Avx512Bf16,
+        Isa::Amx,
         Isa::Neon,
     ];
 
     /// The name used by `INTERNIMAGE_ISA` and in messages: `portable`, `avx2`, `avx512`,
-    /// `avx512bf16`, `neon`.
+    /// `avx512bf16`, `amx`, `neon`.
     pub fn name(self) -> &'static str {
         match self {
             Isa::Portable => "portable",
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
             Isa::Avx512Bf16 => "avx512bf16",
+            Isa::Amx => "amx",
             Isa::Neon => "neon",
         }
     }
@@ -111,6 +119,8 @@ impl Isa {
             Isa::Avx512 => x86::avx512(),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512Bf16 => x86::avx512_bf16(),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Amx => x86::avx512_bf16() && amx::detect(),
             #[cfg(target_arch = "aarch64")]
             Isa::Neon => std::arch::is_aarch64_feature_detected!("neon"),
             #[allow(unreachable_patterns)]
@@ -261,13 +271,19 @@ impl KernelPolicy {
     }
 
     /// This policy with the GEMM weights packed as bf16 (products of bf16 pairs accumulated in
-    /// f32) whatever dtype they are given in; only where the fast kernels run on AVX512_BF16,
-    /// otherwise the policy unchanged.
+    /// f32) whatever dtype they are given in; only where the fast kernels run on AVX512_BF16 or
+    /// AMX, otherwise the policy unchanged.
     pub(crate) fn with_bf16_gemm_weights(self) -> Self {
         Self {
-            bf16_gemm_weights: !self.reference && self.isa == Isa::Avx512Bf16,
+            bf16_gemm_weights: !self.reference && self.has_bf16_gemm(),
             ..self
         }
+    }
+
+    /// Whether the fast kernels have a bf16 GEMM (bf16 weights, f32 accumulation) here:
+    /// `TDPBF16PS` on [`Isa::Amx`], `VDPBF16PS` on [`Isa::Avx512Bf16`].
+    pub(crate) fn has_bf16_gemm(&self) -> bool {
+        !self.reference && matches!(self.isa, Isa::Avx512Bf16 | Isa::Amx)
     }
 
     /// Whether the GEMM weights are packed as bf16 (see [`KernelPolicy::with_bf16_gemm_weights`]).
@@ -308,7 +324,12 @@ impl fmt::Display for KernelPolicy {
             if self.bf16_gemm_weights {
                 f.write_str(" with bf16 GEMM weights")?;
             }
-            Ok(())
+            // Which bf16 GEMM a bf16 model gets under this policy.
+            match self.isa {
+                Isa::Amx => f.write_str(" (bf16 GEMM: AMX TDPBF16PS)"),
+                Isa::Avx512Bf16 => f.write_str(" (bf16 GEMM: AVX512_BF16 VDPBF16PS)"),
+                _ => Ok(()),
+            }
         }
     }
 }
@@ -323,6 +344,7 @@ mod tests {
             assert_eq!(Isa::parse(isa.name()).unwrap(), isa);
         }
         assert_eq!(Isa::parse("AVX-512_BF16").unwrap(), Isa::Avx512Bf16);
+        assert_eq!(Isa::parse("AMX").unwrap(), Isa::Amx);
         let err = Isa::parse("sse9").unwrap_err().to_string();
         assert!(err.contains("sse9") && err.contains("avx2"), "{err}");
     }
@@ -377,5 +399,27 @@ mod tests {
         assert!(Isa::supported().contains(&best));
         assert_eq!(KernelPolicy::fast().isa(), best);
         assert!(KernelPolicy::reference().is_reference());
+    }
+
+    /// AMX implies AVX512_BF16 (the kernels convert with it), and a policy capped below AMX
+    /// never packs for it; the policy says which bf16 GEMM runs.
+    #[test]
+    fn amx_is_above_avx512_bf16_and_named_by_the_policy() {
+        if Isa::Amx.is_supported() {
+            assert!(Isa::Avx512Bf16.is_supported());
+            assert_eq!(Isa::detect(), Isa::Amx);
+            let p = KernelPolicy::with_isa(Isa::Amx)
+                .unwrap()
+                .with_bf16_gemm_weights();
+            assert!(p.bf16_gemm_weights());
+            assert!(p.to_string().contains("AMX"), "{p}");
+        } else {
+            println!("note: this CPU (or OS) has no usable AMX; the AMX path is not exercised");
+        }
+        if Isa::Avx512Bf16.is_supported() {
+            let p = KernelPolicy::with_isa(Isa::Avx512Bf16).unwrap();
+            assert!(p.to_string().contains("VDPBF16PS") && !p.to_string().contains("AMX"));
+        }
+        assert!(!KernelPolicy::reference().has_bf16_gemm());
     }
 }

@@ -81,13 +81,15 @@ macro_rules! dispatch {
                 let mut avx2: unsafe fn($($ty),*) = generic2;
                 $( avx2 = $fast2; )?
                 match isa {
-                    Isa::Avx512 | Isa::Avx512Bf16 if isa.is_supported() => {
+                    Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx if isa.is_supported() => {
                         // SAFETY: the CPU supports AVX-512 F/BW/VL/DQ, AVX2 and FMA (checked
                         // just above), the features the kernel was compiled for; the arguments
                         // are passed on unchanged.
                         unsafe { avx512($($arg),*) }
                     }
-                    Isa::Avx2 | Isa::Avx512 | Isa::Avx512Bf16 if Isa::Avx2.is_supported() => {
+                    Isa::Avx2 | Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx
+                        if Isa::Avx2.is_supported() =>
+                    {
                         // SAFETY: the CPU supports AVX2 and FMA (checked just above), the
                         // features the kernel was compiled for; the arguments are unchanged.
                         unsafe { avx2($($arg),*) }

@@ -54,7 +54,7 @@ pub struct InternImage {
     out_indices: Vec<usize>,
     dtype: DType,
     /// The dtype of the activations inside: `dtype`, except for a bf16 network on a CPU with
-    /// AVX512_BF16 (fast kernels), which keeps bf16 GEMM weights but f32 activations (see
+    /// AVX512_BF16 or AMX (fast kernels), which keeps bf16 GEMM weights but f32 activations (see
     /// [`InternImage::build`]).
     compute_dtype: DType,
     device: Device,
@@ -146,12 +146,13 @@ impl InternImage {
     }
 
     /// Builds the network. A bf16 network (`vb.dtype()` bf16) on the CPU with the fast kernels on
-    /// AVX512_BF16 (when `mixed_bf16`) is built as bf16 GEMM weights and f32 everything else:
-    /// its matrix products are bf16 x bf16 accumulated in f32 (`VDPBF16PS`), as in a bf16
-    /// network, while the activations, norms, depthwise conv and DCNv3 core stay in f32 (more
-    /// accurate than bf16 activations, and Candle's bf16 elementwise ops on the CPU convert
-    /// every value to f32 and back, which made an all-bf16 network slower than f32). Inputs are
-    /// taken in any float dtype and outputs are bf16, as for any bf16 network.
+    /// AVX512_BF16 or AMX (when `mixed_bf16`) is built as bf16 GEMM weights and f32 everything
+    /// else: its matrix products are bf16 x bf16 accumulated in f32 (`TDPBF16PS` on AMX tiles,
+    /// `VDPBF16PS` on AVX512_BF16), as in a bf16 network, while the activations, norms,
+    /// depthwise conv and DCNv3 core stay in f32 (more accurate than bf16 activations, and
+    /// Candle's bf16 elementwise ops on the CPU convert every value to f32 and back, which made
+    /// an all-bf16 network slower than f32). Inputs are taken in any float dtype and outputs are
+    /// bf16, as for any bf16 network.
     fn build(
         cfg: &Config,
         out_indices: &[usize],

@@ -16,7 +16,8 @@ use std::sync::Arc;
 /// second copy is kept); the forward then runs the packed GEMM with the bias (and GELU) fused,
 /// or, for an input that tracks a gradient, candle's matmul on the unpacked weights (so the input
 /// gradient is never lost). A bf16 weight is packed in bf16 when the policy's instruction set is
-/// [`crate::Isa::Avx512Bf16`] (bf16 products, f32 accumulation, bf16 in and out). Otherwise
+/// [`crate::Isa::Amx`] (AMX tiles) or [`crate::Isa::Avx512Bf16`] (bf16 products, f32
+/// accumulation, bf16 in and out). Otherwise
 /// (GPUs, f16, bf16 elsewhere, trainable weights, the reference policy) it keeps the tensors and
 /// runs candle's ops; bf16 on the CPU then runs in f32.
 #[derive(Debug, Clone)]
@@ -144,8 +145,8 @@ fn pack(
     let eligible = |t: &Tensor| {
         t.device().is_cpu() && t.dtype() == dtype && !t.track_op() && t.is_contiguous()
     };
-    let bf16_kernel = (dtype == DType::BF16 || policy.bf16_gemm_weights())
-        && policy.isa() == crate::Isa::Avx512Bf16;
+    let bf16_kernel =
+        (dtype == DType::BF16 || policy.bf16_gemm_weights()) && policy.has_bf16_gemm();
     if !policy.is_fast()
         || !(dtype == DType::F32 || bf16_kernel)
         || weight.rank() != 2
