@@ -98,9 +98,98 @@ pub fn flash_weights(net: &str) -> PathBuf {
     flash_dir().join(format!("weights/{net}.pth"))
 }
 
-/// Central difference `(loss(v + h e_idx) - loss(v - h e_idx)) / 2h` of `loss` with respect to
-/// element `idx` of the f64 `var` (perturbed through `Var::set`, restored afterwards).
-pub fn central_difference(var: &Var, idx: usize, h: f64, loss: &dyn Fn() -> f64) -> f64 {
+/// The environment variable that overrides the seed of the finite-difference tests' random
+/// inputs (a decimal `u64`); failures print the seed they ran with.
+pub const ENV_FD_SEED: &str = "INTERNIMAGE_FD_SEED";
+
+/// The seed of a finite-difference test's random inputs: [`ENV_FD_SEED`] when it is set, else
+/// `default`. Panics on a value that is not a decimal `u64` (a typo must not silently test the
+/// default).
+pub fn fd_seed(default: u64) -> u64 {
+    match std::env::var(ENV_FD_SEED) {
+        Ok(v) if !v.trim().is_empty() => v
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{ENV_FD_SEED}={v:?} is not a decimal u64")),
+        _ => default,
+    }
+}
+
+/// A tensor of `shape` with N(0, scale^2) values drawn from `StdRng::seed_from_u64(seed)`, in
+/// `dtype` (reproducible, unlike `Tensor::randn`).
+pub fn seeded_randn(seed: u64, shape: &[usize], scale: f64, dtype: DType) -> Tensor {
+    use rand::SeedableRng;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let len = shape.iter().product();
+    Tensor::from_vec(randn(&mut rng, len, scale), shape, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
+/// The one-sided finite differences of a function at a point, step `h`:
+/// `forward = (f(h) - f(0)) / h` and `backward = (f(0) - f(-h)) / h`.
+///
+/// Where the function is smooth both agree with the derivative (their mean is the central
+/// difference). Bilinear sampling is only piecewise smooth: at a kink (a sampling point on an
+/// integer coordinate, or one that a step of size `h` moves across one) the two slopes disagree
+/// and the analytic gradient is the derivative of one side, so [`FiniteDifference::accepts`]
+/// then takes either side, never their mean.
+#[derive(Debug, Clone, Copy)]
+pub struct FiniteDifference {
+    /// `(f(h) - f(0)) / h`.
+    pub forward: f64,
+    /// `(f(0) - f(-h)) / h`.
+    pub backward: f64,
+}
+
+impl FiniteDifference {
+    /// `f(delta)` is the loss with the perturbed element moved by `delta`.
+    pub fn of(f: &dyn Fn(f64) -> f64, h: f64) -> Self {
+        let (fp, f0, fm) = (f(h), f(0.0), f(-h));
+        Self {
+            forward: (fp - f0) / h,
+            backward: (f0 - fm) / h,
+        }
+    }
+
+    /// The central difference `(f(h) - f(-h)) / 2h`.
+    pub fn central(&self) -> f64 {
+        0.5 * (self.forward + self.backward)
+    }
+
+    /// Whether `analytic` agrees with this estimate: `|fd - analytic| <= atol + rtol*|analytic|`
+    /// for the central difference, or, when the two one-sided slopes disagree with each other by
+    /// more than that bound (a kink), for either one-sided slope.
+    pub fn accepts(&self, analytic: f64, (atol, rtol): (f64, f64)) -> bool {
+        let close = |fd: f64| (fd - analytic).abs() <= atol + rtol * analytic.abs();
+        if close(self.central()) {
+            return true;
+        }
+        let (f, b) = (self.forward, self.backward);
+        let kink = (f - b).abs() > atol + rtol * f.abs().max(b.abs());
+        kink && (close(f) || close(b))
+    }
+
+    /// `central c (forward f, backward b)` for failure messages.
+    pub fn describe(&self) -> String {
+        format!(
+            "central {:e} (forward {:e}, backward {:e})",
+            self.central(),
+            self.forward,
+            self.backward
+        )
+    }
+}
+
+/// [`FiniteDifference`] of `loss` with respect to element `idx` of the f64 `var` (perturbed
+/// through `Var::set`, restored afterwards).
+pub fn var_finite_difference(
+    var: &Var,
+    idx: usize,
+    h: f64,
+    loss: &dyn Fn() -> f64,
+) -> FiniteDifference {
     let orig = to_f64_vec(var.as_tensor());
     let set = |v: Vec<f64>| {
         var.set(&Tensor::from_vec(v, var.shape(), var.device()).unwrap())
@@ -112,20 +201,20 @@ pub fn central_difference(var: &Var, idx: usize, h: f64, loss: &dyn Fn() -> f64)
         set(v);
         loss()
     };
-    let fd = (probe(h) - probe(-h)) / (2.0 * h);
+    let fd = FiniteDifference::of(&probe, h);
     set(orig);
     fd
 }
 
-/// Compares the autograd gradient `grad` of the f64 `var` with [`central_difference`] (step
-/// `h`) at its largest-magnitude element and its middle element: `|fd - grad| <= atol +
-/// rtol*|grad|`. Returns one line per violation.
+/// Compares the autograd gradient `grad` of the f64 `var` with [`var_finite_difference`] (step
+/// `h`, [`FiniteDifference::accepts`] with `(atol, rtol)`) at its largest-magnitude element and
+/// its middle element. Returns one line per violation.
 pub fn finite_difference_failures(
     name: &str,
     var: &Var,
     grad: &Tensor,
     h: f64,
-    (atol, rtol): (f64, f64),
+    tol: (f64, f64),
     loss: &dyn Fn() -> f64,
 ) -> Vec<String> {
     let g = to_f64_vec(grad);
@@ -134,11 +223,12 @@ pub fn finite_difference_failures(
         .unwrap();
     let mut failures = Vec::new();
     for idx in [big, g.len() / 2] {
-        let fd = central_difference(var, idx, h, loss);
-        if (fd - g[idx]).abs() > atol + rtol * g[idx].abs() {
+        let fd = var_finite_difference(var, idx, h, loss);
+        if !fd.accepts(g[idx], tol) {
             failures.push(format!(
-                "{name}[{idx}]: autograd {:e}, finite difference {fd:e}",
-                g[idx]
+                "{name}[{idx}]: autograd {:e}, finite difference {}",
+                g[idx],
+                fd.describe()
             ));
         }
     }

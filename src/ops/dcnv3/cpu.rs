@@ -7,7 +7,8 @@
 //! read. The taps are then applied to the Cg contiguous channels of the group in register blocks
 //! of 16/8/4/1 channels with four independent accumulators, so the FMA chains stay short and the
 //! loops vectorise. On x86-64 the kernels are compiled a second time with AVX2+FMA enabled and
-//! chosen at run time. No buffer proportional to N*H*W*G*P*Cg is ever allocated.
+//! chosen at run time; AVX-512 policies run that instantiation too (AVX-512 ones were measured
+//! slower, see the dispatchers). No buffer proportional to N*H*W*G*P*Cg is ever allocated.
 //!
 //! The same kernels serve DCNv3 and DCNv4: [`PointLayout`] says where the offsets and the mask
 //! of point p of group g of an output pixel are read (and their gradients written): two separate
@@ -504,9 +505,55 @@ impl<F: Acc, const FMA: bool> ChannelBlock for Gather<'_, F, FMA> {
     }
 }
 
-/// Forward over one chunk of output pixels starting at linear pixel `first`, reading only
-/// in-image corners (the kernel for inputs with NaN/inf values): each group's points become a
-/// list of taps (element offset of an in-image corner, weight) applied to the group's channels.
+/// Forward of one output pixel `px` into `opix` (its C channels), reading only in-image corners
+/// (exact for inputs with NaN/inf values): each group's points become a list of taps (element
+/// offset of an in-image corner, weight) applied to the group's channels. `to` and `tw` are
+/// scratch of at least 4*P entries.
+#[inline(always)]
+fn forward_pixel<F: Acc, const FMA: bool>(
+    prm: &Params<F>,
+    px: &Pixel<'_, F>,
+    opix: &mut [F],
+    to: &mut [usize],
+    tw: &mut [F],
+) {
+    let g = &prm.g;
+    let (c, cg, np) = (g.channels, g.group_channels, g.points);
+    let smp = prm.smp;
+    let steps = prm.corner_steps();
+    for (grp, out) in opix.chunks_exact_mut(cg).enumerate() {
+        let goff = (grp * cg) as isize;
+        let (offs, masks) = prm.group_args(px, grp);
+        let mut nt = 0;
+        for p in 0..np {
+            let gp = grp * np + p;
+            let pt = smp.point(
+                px.bx + prm.kxg[gp],
+                px.by + prm.kyg[gp],
+                offs[2 * p],
+                offs[2 * p + 1],
+            );
+            let (inside, wts) = smp.corners(&pt, masks[p]);
+            let base = (pt.y0 as isize * g.w_in as isize + pt.x0 as isize) * c as isize + goff;
+            for q in 0..4 {
+                // Branch-free append: always write, advance only when the corner is inside.
+                to[nt] = (base + steps[q]) as usize;
+                tw[nt] = wts[q];
+                nt += usize::from(inside[q]);
+            }
+        }
+        let mut k = Gather::<F, FMA> {
+            img: px.img,
+            to: &to[..nt],
+            tw: &tw[..nt],
+            out,
+        };
+        for_channel_blocks(cg, &mut k);
+    }
+}
+
+/// Forward over one chunk of output pixels starting at linear pixel `first` with
+/// [`forward_pixel`] (the kernel for images too large for i32 offsets).
 #[inline(always)]
 fn forward_chunk<F: Acc, const FMA: bool>(
     prm: &Params<F>,
@@ -516,49 +563,21 @@ fn forward_chunk<F: Acc, const FMA: bool>(
     chunk: &mut [F],
     first: usize,
 ) {
-    let g = &prm.g;
-    let (c, cg, np) = (g.channels, g.group_channels, g.points);
-    let smp = prm.smp;
-    let steps = prm.corner_steps();
+    let (c, np) = (prm.g.channels, prm.g.points);
     let mut to = vec![0usize; 4 * np];
     let mut tw = vec![F::ZERO; 4 * np];
     for (k, opix) in chunk.chunks_exact_mut(c).enumerate() {
         let px = prm.pixel(first + k, input, offset, mask);
-        for (grp, out) in opix.chunks_exact_mut(cg).enumerate() {
-            let goff = (grp * cg) as isize;
-            let (offs, masks) = prm.group_args(&px, grp);
-            let mut nt = 0;
-            for p in 0..np {
-                let gp = grp * np + p;
-                let pt = smp.point(
-                    px.bx + prm.kxg[gp],
-                    px.by + prm.kyg[gp],
-                    offs[2 * p],
-                    offs[2 * p + 1],
-                );
-                let (inside, wts) = smp.corners(&pt, masks[p]);
-                let base = (pt.y0 as isize * g.w_in as isize + pt.x0 as isize) * c as isize + goff;
-                for q in 0..4 {
-                    // Branch-free append: always write, advance only when the corner is inside.
-                    to[nt] = (base + steps[q]) as usize;
-                    tw[nt] = wts[q];
-                    nt += usize::from(inside[q]);
-                }
-            }
-            let mut k = Gather::<F, FMA> {
-                img: px.img,
-                to: &to[..nt],
-                tw: &tw[..nt],
-                out,
-            };
-            for_channel_blocks(cg, &mut k);
-        }
+        forward_pixel::<F, FMA>(prm, &px, opix, &mut to, &mut tw);
     }
 }
 
 /// The four corner tap lists (P taps each) of one (pixel, group) and its Cg output channels:
-/// each block adds `sum_k sum_t w[k][t] * img[idx[k][t] + c]` to its channels c, one independent
-/// accumulator per corner.
+/// each block stores `sum_k sum_t w[k][t] * img[idx[k][t] + c]` into its channels c, one
+/// independent accumulator per corner.
+///
+/// Built only by [`forward_chunk_finite`], whose indices are clamped into
+/// `[0, img.len() - cg]` (cg = `out.len()`): the blocks read the image without bounds checks.
 struct Gather4<'a, F, const FMA: bool> {
     img: &'a [F],
     idx: [&'a [i32]; 4],
@@ -577,29 +596,36 @@ impl<F: Acc, const FMA: bool> ChannelBlock for Gather4<'_, F, FMA> {
             .chain(w.iter().map(|s| s.len()))
             .min()
             .unwrap_or(0);
+        debug_assert!(c0 + B <= self.out.len());
         for t in 0..n {
             for (k, acc) in a.iter_mut().enumerate() {
                 let o = idx[k][t] as usize + c0;
                 let wv = w[k][t];
-                let v = &img[o..o + B];
+                debug_assert!(o + B <= img.len());
+                // SAFETY: idx[k][t] lies in [0, img.len() - cg] (clamped where it is computed,
+                // in forward_chunk_finite, the only constructor) and c0 + B <= cg
+                // (for_channel_blocks), so o + B <= img.len().
+                let v = unsafe { img.get_unchecked(o..o + B) };
                 for j in 0..B {
                     acc[j] = fmadd::<F, FMA>(wv, v[j], acc[j]);
                 }
             }
         }
         for (j, o) in self.out[c0..c0 + B].iter_mut().enumerate() {
-            *o += (a[0][j] + a[1][j]) + (a[2][j] + a[3][j]);
+            *o = (a[0][j] + a[1][j]) + (a[2][j] + a[3][j]);
         }
     }
 }
 
-/// Forward over one chunk for an input without NaN/inf values whose image offsets fit in i32.
+/// Forward over one chunk for an image whose element offsets fit in i32.
 ///
 /// All G*P points of a pixel are resolved with branch-free arithmetic that the compiler
 /// vectorises: each point yields four corner taps whose addresses are clamped into the image and
-/// whose weights are zero for corners outside it (or for points that sample nothing). With a
-/// finite input, a zero-weight tap adds exactly zero, so this equals reading only in-image
-/// corners (what [`forward_chunk`] does for inputs with non-finite values).
+/// whose weights are zero for corners outside it (or for points that sample nothing). A
+/// zero-weight tap adds exactly zero unless the value it reads is NaN or infinite; so a pixel
+/// whose output comes out non-finite is computed again with [`forward_pixel`], which reads only
+/// in-image corners (inputs with NaN/inf cost time only where they make a difference, and no
+/// pass over the input is needed to find them).
 #[inline(always)]
 fn forward_chunk_finite<F: Acc, const FMA: bool>(
     prm: &Params<F>,
@@ -614,9 +640,15 @@ fn forward_chunk_finite<F: Acc, const FMA: bool>(
     let gp_len = g.group * np;
     let smp = prm.smp;
     let (wi, hi, ci) = (smp.wi, smp.hi, c as i32);
+    // The largest valid start of a group's channel run: every index is clamped into [0, lim]
+    // (a no-op for the indices computed below, which already are), which is what lets the
+    // gathers read `cg` floats from each index without bounds checks. The caller checked that
+    // the image length fits in i32.
+    let lim = (g.h_in * g.w_in * c - cg) as i32;
     let mut idx = vec![0i32; 4 * gp_len];
     let mut wts = vec![F::ZERO; 4 * gp_len];
     let (mut dxy, mut msk) = (vec![F::ZERO; 2 * gp_len], vec![F::ZERO; gp_len]);
+    let (mut to, mut tw) = (Vec::new(), Vec::new());
     for (k, opix) in chunk.chunks_exact_mut(c).enumerate() {
         let px = prm.pixel(first + k, input, offset, mask);
         {
@@ -641,10 +673,11 @@ fn forward_chunk_finite<F: Acc, const FMA: bool>(
                 let (yc0, yc1) = (pt.y0.max(0), (pt.y0 + 1).min(hi - 1));
                 let goff = goffg[gp];
                 let (r0, r1) = (yc0 * wi, yc1 * wi);
-                i0[gp] = (r0 + xc0) * ci + goff;
-                i1[gp] = (r0 + xc1) * ci + goff;
-                i2[gp] = (r1 + xc0) * ci + goff;
-                i3[gp] = (r1 + xc1) * ci + goff;
+                let clamp = |i: i32| i.clamp(0, lim);
+                i0[gp] = clamp((r0 + xc0) * ci + goff);
+                i1[gp] = clamp((r0 + xc1) * ci + goff);
+                i2[gp] = clamp((r1 + xc0) * ci + goff);
+                i3[gp] = clamp((r1 + xc1) * ci + goff);
                 w0[gp] = if inside[0] { w[0] } else { F::ZERO };
                 w1[gp] = if inside[1] { w[1] } else { F::ZERO };
                 w2[gp] = if inside[2] { w[2] } else { F::ZERO };
@@ -663,13 +696,22 @@ fn forward_chunk_finite<F: Acc, const FMA: bool>(
             };
             for_channel_blocks(cg, &mut k);
         }
+        // 0 * inf = NaN: a zero-weight tap on a non-finite input value may have spoiled the
+        // pixel; redo it reading only in-image corners.
+        if !opix.iter().fold(true, |a, v| a & v.is_finite_acc()) {
+            to.resize(4 * np, 0);
+            tw.resize(4 * np, F::ZERO);
+            forward_pixel::<F, FMA>(prm, &px, opix, &mut to, &mut tw);
+        }
     }
 }
 
-/// Forward over one chunk with [`forward_chunk_finite`] or [`forward_chunk`].
+/// Forward over one chunk with [`forward_chunk_finite`] (image offsets fit in i32) or
+/// [`forward_chunk`].
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn forward_chunk_any<F: Acc, const FMA: bool>(
-    finite: bool,
+    fits_i32: bool,
     prm: &Params<F>,
     input: &[F],
     offset: &[F],
@@ -677,7 +719,7 @@ fn forward_chunk_any<F: Acc, const FMA: bool>(
     chunk: &mut [F],
     first: usize,
 ) {
-    if finite {
+    if fits_i32 {
         forward_chunk_finite::<F, FMA>(prm, input, offset, mask, chunk, first)
     } else {
         forward_chunk::<F, FMA>(prm, input, offset, mask, chunk, first)
@@ -688,7 +730,7 @@ fn forward_chunk_any<F: Acc, const FMA: bool>(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn forward_chunk_avx2<F: Acc>(
-    finite: bool,
+    fits_i32: bool,
     prm: &Params<F>,
     input: &[F],
     offset: &[F],
@@ -696,14 +738,14 @@ unsafe fn forward_chunk_avx2<F: Acc>(
     chunk: &mut [F],
     first: usize,
 ) {
-    forward_chunk_any::<F, true>(finite, prm, input, offset, mask, chunk, first)
+    forward_chunk_any::<F, true>(fits_i32, prm, input, offset, mask, chunk, first)
 }
 
 /// [`forward_chunk_any`] for the instruction set `isa` (portable when the CPU lacks it).
 #[allow(clippy::too_many_arguments)]
 fn forward_chunk_dispatch<F: Acc>(
     isa: Isa,
-    finite: bool,
+    fits_i32: bool,
     prm: &Params<F>,
     input: &[F],
     offset: &[F],
@@ -713,18 +755,20 @@ fn forward_chunk_dispatch<F: Acc>(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        // AVX-512 CPUs run the AVX2 kernel: an AVX-512 instantiation gave wrong f64
-        // gradients (tests/gradients.rs finite_differences_f64) and was removed.
+        // AVX-512 policies run the AVX2 kernel: an AVX-512 instantiation with a 16-lane gather
+        // (one vector per corner for 16-channel groups) was measured slower at the stage-1
+        // shape (2 threads: 0.571 ms against 0.521 ms; 1 thread: 0.905 against 0.842 ms, Intel
+        // Xeon of the README), so the policy is capped at AVX2 here.
         if isa >= Isa::Avx2 && Isa::Avx2.is_supported() {
             // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-            unsafe { forward_chunk_avx2(finite, prm, input, offset, mask, chunk, first) };
+            unsafe { forward_chunk_avx2(fits_i32, prm, input, offset, mask, chunk, first) };
             return;
         }
     }
     if isa == Isa::Neon {
-        forward_chunk_any::<F, true>(finite, prm, input, offset, mask, chunk, first)
+        forward_chunk_any::<F, true>(fits_i32, prm, input, offset, mask, chunk, first)
     } else {
-        forward_chunk_any::<F, false>(finite, prm, input, offset, mask, chunk, first)
+        forward_chunk_any::<F, false>(fits_i32, prm, input, offset, mask, chunk, first)
     }
 }
 
@@ -753,18 +797,13 @@ pub(crate) fn forward<F: Acc>(
 ) {
     let prm = Params::<F>::new(cfg, g, lay);
     let chunk_px = pixels_per_task(g.out_pixels(), g.channels);
-    // The branch-free kernel needs image offsets in i32 and an input without NaN/inf (so that
-    // zero-weight taps contribute exactly zero).
-    let img_len = g.h_in * g.w_in * g.channels;
-    let finite = img_len < i32::MAX as usize
-        && input
-            .par_chunks(1 << 14)
-            .all(|ch| ch.iter().fold(true, |a, v| a & v.is_finite_acc()));
+    // The branch-free kernel needs image offsets in i32.
+    let fits_i32 = g.h_in * g.w_in * g.channels < i32::MAX as usize;
     out.par_chunks_mut(chunk_px * g.channels)
         .enumerate()
         .for_each(|(ci, chunk)| {
             let first = ci * chunk_px;
-            forward_chunk_dispatch(isa, finite, &prm, input, offset, mask, chunk, first);
+            forward_chunk_dispatch(isa, fits_i32, &prm, input, offset, mask, chunk, first);
         });
 }
 
@@ -917,6 +956,7 @@ unsafe fn backward_range_avx2<F: Acc>(
     backward_range::<F, true>(prm, pixels, input, offset, mask, grad_out, gin, rows)
 }
 
+/// [`backward_range`] for the instruction set `isa` (portable when the CPU lacks it).
 #[allow(clippy::too_many_arguments)]
 fn backward_range_dispatch<F: Acc>(
     isa: Isa,
@@ -931,8 +971,9 @@ fn backward_range_dispatch<F: Acc>(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        // AVX-512 CPUs run the AVX2 kernel: an AVX-512 instantiation gave wrong f64
-        // gradients (tests/gradients.rs finite_differences_f64) and was removed.
+        // AVX-512 policies run the AVX2 backward: an AVX-512 instantiation of this kernel was
+        // measured slower (stage-1 shape, 1 thread: 4.09 ms against 3.42 ms on the Intel Xeon of
+        // the README), so the policy is capped at AVX2 here.
         if isa >= Isa::Avx2 && Isa::Avx2.is_supported() {
             // SAFETY: the CPU supports AVX2 and FMA (checked just above).
             unsafe { backward_range_avx2(prm, pixels, input, offset, mask, grad_out, gin, rows) };
