@@ -108,7 +108,7 @@ fn run_train_case(name: &str) -> Result<()> {
         .lock()
         .map_err(|_| candle_core::Error::msg("poisoned"))?
         .clone();
-    let mut opt = candle_nn::AdamW::new_lr(vars, 1e-4)?;
+    let mut opt = internimage::AdamW::new_lr(vars, 1e-4)?;
     let x = Tensor::randn(0f32, 1.0, (batch, 3, 224, 224), &Device::Cpu)?;
     let targets = Tensor::arange(0u32, batch as u32, &Device::Cpu)?;
     if std::env::var_os("TRAIN_PARTS").is_some() {

@@ -25,11 +25,12 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Result, Tensor, D};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use candle_nn::{Optimizer, ParamsAdamW};
 use clap::Parser;
 use image::imageops::FilterType;
 use indicatif::{ProgressBar, ProgressStyle};
 use internimage::zoo::{self, PreprocessConfig};
+use internimage::AdamW;
 use internimage::{preprocess, Config, InternImage, TrainOptions, Trainable, TrainableModel};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;

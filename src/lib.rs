@@ -94,6 +94,7 @@ pub mod hub;
 pub mod labels;
 pub mod model;
 pub mod ops;
+pub mod optim;
 #[cfg(feature = "image")]
 pub mod preprocess;
 pub mod zoo;
@@ -113,3 +114,4 @@ pub use model::{
 };
 pub use ops::dcnv3::{dcnv3, Dcnv3Config};
 pub use ops::dcnv4::dcnv4;
+pub use optim::AdamW;

@@ -935,6 +935,84 @@ unsafe fn avx512<const R: usize>(op: Operands<f32>, c: *mut f32, ldc: usize) {
     }
 }
 
+/// `y (rows, n) = x (rows, k) @ w^T + bias` (then GELU when `gelu`) for f32 rows on the calling
+/// thread: one row block of the training kernels (which run their own row-block parallelism).
+/// `rows = x.len() / k`; all `rows * n` values of `y` are written.
+pub(crate) fn linear_rows(x: &[f32], w: &PackedWeight, gelu: bool, y: &mut [f32]) {
+    let rows = x.len() / w.k.max(1);
+    assert!(
+        y.len() >= rows * w.n && x.len() == rows * w.k,
+        "linear_rows: operand sizes"
+    );
+    if rows == 0 {
+        return;
+    }
+    // SAFETY: x holds rows * k values and y rows * n (asserted above); one caller writes all of y.
+    unsafe {
+        block(
+            Rows::F32(x),
+            0,
+            rows,
+            w,
+            0,
+            w.panels(),
+            y.as_mut_ptr(),
+            w.n,
+            gelu,
+        )
+    };
+}
+
+/// `acc (n, k) += a^T b` for row-major `a` (m, n) and `b` (m, k), on the calling thread: the
+/// weight gradient `dY^T X` of a linear layer over a block of `m` rows (the `gemm` crate's
+/// kernels, which handle the transposed operand through strides).
+pub(crate) fn gemm_tn_acc(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], acc: &mut [f32]) {
+    assert!(
+        a.len() >= m * n && b.len() >= m * k && acc.len() >= n * k,
+        "gemm_tn_acc: operand sizes"
+    );
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    // SAFETY: the strides describe a^T (n x m: element (i, r) at a[r * n + i]), b (m x k: (r, j)
+    // at b[r * k + j]) and acc (n x k: (i, j) at acc[i * k + j]), all inside the slices (sizes
+    // asserted above); acc does not alias a or b (a `&mut` borrow).
+    unsafe {
+        gemm::gemm(
+            n,
+            k,
+            m,
+            acc.as_mut_ptr(),
+            1,
+            k as isize,
+            true,
+            a.as_ptr(),
+            n as isize,
+            1,
+            b.as_ptr(),
+            1,
+            k as isize,
+            1.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// `w^T` of a row-major (n, k) matrix, as a row-major (k, n) matrix.
+pub(crate) fn transpose(w: &[f32], n: usize, k: usize) -> Vec<f32> {
+    let mut t = vec![0f32; n * k];
+    for (i, row) in w.chunks_exact(k).enumerate().take(n) {
+        for (j, &v) in row.iter().enumerate() {
+            t[j * n + i] = v;
+        }
+    }
+    t
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,9 +4,7 @@ use crate::cpu::KernelPolicy;
 use crate::model::config::Config;
 use crate::model::dcnv3_layer::{DcnSampling, Dcnv3Layer, Dcnv3LayerConfig};
 use crate::model::dcnv4_layer::{linear_opt_bias, Dcnv4Layer, Dcnv4LayerConfig};
-use crate::model::nn::{
-    drop_path, layer_norm, linear, residual, Conv2d, LayerNorm, Linear, Recorder,
-};
+use crate::model::nn::{layer_norm, linear, residual_drop, Conv2d, LayerNorm, Linear, Recorder};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -191,21 +189,19 @@ impl Block {
     pub(crate) fn forward_rec(&self, xs: &Tensor, rec: &mut Recorder) -> Result<Tensor> {
         let (g1, g2) = (self.gamma1.as_ref(), self.gamma2.as_ref());
         let training = rec.training();
-        // Stochastic depth on each residual branch (identity outside training).
-        let drop = |branch: Tensor| -> Result<Tensor> {
-            if training {
-                drop_path(&branch, self.drop_path)
-            } else {
-                Ok(branch)
-            }
+        // Stochastic depth on each residual branch (identity outside training), fused with the
+        // residual update.
+        let p = if training { self.drop_path } else { 0.0 };
+        let res = |x: &Tensor, branch: &Tensor, gamma: Option<&Tensor>| {
+            residual_drop(x, branch, gamma, p, self.policy)
         };
         let mlp = |x: &Tensor| self.mlp.forward_t(x, training);
         let x = match self.residual {
             Residual::PostNorm => {
-                let d = drop(self.norm1.forward(&self.dcn.forward_rec(xs, rec)?)?)?;
-                let x = residual(xs, &d, g1, self.policy)?;
-                let m = drop(self.norm2.forward(&mlp(&x)?)?)?;
-                residual(&x, &m, g2, self.policy)?
+                let d = self.norm1.forward(&self.dcn.forward_rec(xs, rec)?)?;
+                let x = res(xs, &d, g1)?;
+                let m = self.norm2.forward(&mlp(&x)?)?;
+                res(&x, &m, g2)?
             }
             Residual::ResPostNorm => {
                 let (rpn1, rpn2) = match &self.res_post_norm {
@@ -213,15 +209,15 @@ impl Block {
                     None => candle_core::bail!("internal: res_post_norm block without its norms"),
                 };
                 let d = rpn1.forward(&self.dcn.forward_rec(&self.norm1.forward(xs)?, rec)?)?;
-                let x = residual(xs, &drop(d)?, None, self.policy)?;
+                let x = res(xs, &d, None)?;
                 let m = rpn2.forward(&mlp(&self.norm2.forward(&x)?)?)?;
-                residual(&x, &drop(m)?, None, self.policy)?
+                res(&x, &m, None)?
             }
             Residual::PreNorm => {
-                let d = drop(self.dcn.forward_rec(&self.norm1.forward(xs)?, rec)?)?;
-                let x = residual(xs, &d, g1, self.policy)?;
-                let m = drop(mlp(&self.norm2.forward(&x)?)?)?;
-                residual(&x, &m, g2, self.policy)?
+                let d = self.dcn.forward_rec(&self.norm1.forward(xs)?, rec)?;
+                let x = res(xs, &d, g1)?;
+                let m = mlp(&self.norm2.forward(&x)?)?;
+                res(&x, &m, g2)?
             }
         };
         rec.put("out", &x);

@@ -329,3 +329,32 @@ pub(crate) fn residual(
         None => crate::ops::inference_op2(&x, &branch, &ResidualAdd),
     }
 }
+
+/// The residual update of a block with stochastic depth: `x + drop_path(gamma * branch, p)`
+/// (`p` = 0 outside training). When something tracks a gradient and the tensors are f32 on the
+/// CPU under a fast policy this is one training op with its own backward
+/// ([`crate::ops::train::residual`]); otherwise [`drop_path`] then [`residual`].
+pub(crate) fn residual_drop(
+    x: &Tensor,
+    branch: &Tensor,
+    gamma: Option<&Tensor>,
+    p: f64,
+    policy: KernelPolicy,
+) -> Result<Tensor> {
+    use crate::ops::train;
+    let tracked = crate::ops::tracks_grad(&[x, branch]) || gamma.is_some_and(|g| g.track_op());
+    if tracked
+        && x.dims() == branch.dims()
+        && train::applies(policy, &[x, branch])
+        && gamma.is_none_or(|g| train::applies(policy, &[g]))
+    {
+        let scale = if p > 0.0 {
+            Some(train::drop_path_scales(x.dim(0)?, p)?)
+        } else {
+            None
+        };
+        return train::residual(x, branch, gamma, scale);
+    }
+    let branch = drop_path(branch, p)?;
+    residual(x, &branch, gamma, policy)
+}

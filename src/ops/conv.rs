@@ -24,6 +24,7 @@ pub struct Conv2dNhwc {
     bias: Option<Tensor>,
     stride: usize,
     pad: usize,
+    policy: KernelPolicy,
 }
 
 impl Conv2dNhwc {
@@ -80,6 +81,7 @@ impl Conv2dNhwc {
             bias: bias.cloned(),
             stride,
             pad,
+            policy,
         })
     }
 
@@ -108,6 +110,33 @@ impl Module for Conv2dNhwc {
             );
         }
         let (ho, wo) = self.out_size(h, w)?;
+        let op = Im2Col {
+            kh,
+            kw,
+            stride: self.stride,
+            pad: self.pad,
+            ho,
+            wo,
+        };
+        let tracked = super::tracks_grad(&[xs, &self.weight])
+            || self.bias.as_ref().is_some_and(|b| b.track_op());
+        if tracked
+            && super::train::applies(self.policy, &[xs, &self.weight])
+            && self
+                .bias
+                .as_ref()
+                .is_none_or(|b| super::train::applies(self.policy, &[b]))
+        {
+            // Training: patch extraction (backward: scatter-add) and the training linear (its
+            // backward on the GEMM), on the weight laid out as (Cout, kh * kw * Cin).
+            let patches = xs.contiguous()?.apply_op1(op)?;
+            let w2 = self
+                .weight
+                .permute((0, 2, 3, 1))?
+                .reshape((cout, kh * kw * cin))?;
+            let y = super::train::linear(&patches, &w2, self.bias.as_ref(), self.policy.isa())?;
+            return y.reshape((n, ho, wo, cout));
+        }
         let patches_to_out = match &self.patches_to_out {
             Some(p)
                 if xs.device().is_cpu()
@@ -128,14 +157,6 @@ impl Module for Conv2dNhwc {
                 )?;
                 return y.permute((0, 2, 3, 1))?.contiguous();
             }
-        };
-        let op = Im2Col {
-            kh,
-            kw,
-            stride: self.stride,
-            pad: self.pad,
-            ho,
-            wo,
         };
         let patches = super::inference_op1(&xs.contiguous()?, &op)?;
         patches_to_out.forward(&patches)?.reshape((n, ho, wo, cout))
@@ -232,5 +253,63 @@ impl CustomOp1 for Im2Col {
                 }
             });
         Ok((CpuStorage::F32(out), Shape::from((n * ho * wo, row_len))))
+    }
+
+    /// Scatter-adds the patch gradients back onto the input pixels they were copied from.
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (n, h, w, c) = arg.dims4()?;
+        let Self {
+            kh,
+            kw,
+            stride,
+            pad,
+            ho,
+            wo,
+        } = *self;
+        let row_len = kh * kw * c;
+        let g = grad.contiguous()?;
+        if !g.device().is_cpu()
+            || g.dtype() != DType::F32
+            || g.elem_count() != n * ho * wo * row_len
+        {
+            candle_core::bail!("conv2d_nhwc (im2col) backward: expected an f32 CPU gradient")
+        }
+        let (gs, gl) = g.storage_and_layout();
+        let gv = match &*gs {
+            candle_core::Storage::Cpu(s) => {
+                contiguous_slice::<f32>(s, gl, "conv2d_nhwc (im2col) backward", "gradient")?
+            }
+            _ => candle_core::bail!("conv2d_nhwc (im2col) backward: gradient not on the CPU"),
+        };
+        let mut dx = vec![0f32; n * h * w * c];
+        let img_len = h * w * c;
+        if img_len > 0 {
+            dx.par_chunks_mut(img_len).enumerate().for_each(|(b, img)| {
+                for oh in 0..ho {
+                    for ow in 0..wo {
+                        let patch = &gv[((b * ho + oh) * wo + ow) * row_len..][..row_len];
+                        for i in 0..kh {
+                            let Some(ih) = (oh * stride + i).checked_sub(pad).filter(|&v| v < h)
+                            else {
+                                continue;
+                            };
+                            for j in 0..kw {
+                                let Some(iw) =
+                                    (ow * stride + j).checked_sub(pad).filter(|&v| v < w)
+                                else {
+                                    continue;
+                                };
+                                let dst = &mut img[(ih * w + iw) * c..][..c];
+                                let src = &patch[(i * kw + j) * c..][..c];
+                                for (d, s) in dst.iter_mut().zip(src) {
+                                    *d += s;
+                                }
+                            }
+                        }
+                    }
+                }
+            });
+        }
+        Ok(Some(Tensor::from_vec(dx, (n, h, w, c), arg.device())?))
     }
 }

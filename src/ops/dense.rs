@@ -70,14 +70,27 @@ impl Linear {
                 Ok(y)
             }
         };
+        // The training kernel: a linear with a real backward (f32 CPU, fast policy).
+        let train = |w: &Tensor, b: Option<&Tensor>| -> Result<Tensor> {
+            let y = super::train::linear(xs, w, b, self.policy.isa())?;
+            if gelu {
+                super::activation::gelu_erf_with(&y, self.policy)
+            } else {
+                Ok(y)
+            }
+        };
         match &self.weights {
             // The packed GEMM has no backward: a tracked input (saliency, a frozen backbone under
-            // a trainable stem) takes the tensor path on the unpacked weights.
+            // a trainable stem) takes the training kernel (or the tensor path) on the unpacked
+            // weights.
             Weights::Packed(p) if xs.track_op() => {
                 let (w, b) = p.unpack();
                 let dev = candle_core::Device::Cpu;
                 let w = Tensor::from_vec(w, (p.n(), p.k()), &dev)?;
                 let b = Tensor::from_vec(b, p.n(), &dev)?;
+                if super::train::applies(self.policy, &[xs, &w]) {
+                    return train(&w, Some(&b));
+                }
                 let lin = candle_nn::Linear::new(w, Some(b));
                 match xs.dtype() {
                     DType::F32 => apply(xs, &lin),
@@ -85,6 +98,9 @@ impl Linear {
                 }
             }
             Weights::Packed(p) => PackedOp::Linear { w: p.clone(), gelu }.apply(xs),
+            Weights::Tensors(lin) if trains(lin, xs, self.policy) => {
+                train(lin.weight(), lin.bias())
+            }
             Weights::Tensors(lin) if bf16_on_cpu(xs) => {
                 let w = lin.weight().to_dtype(DType::F32)?;
                 let b = lin.bias().map(|b| b.to_dtype(DType::F32)).transpose()?;
@@ -102,6 +118,18 @@ impl Module for Linear {
     }
 }
 
+/// Whether a layer with tensor weights `lin` runs the training kernel for input `xs`: something
+/// tracks a gradient and every tensor is f32 on the CPU under a fast policy.
+fn trains(lin: &candle_nn::Linear, xs: &Tensor, policy: KernelPolicy) -> bool {
+    let w = lin.weight();
+    let tracked = super::tracks_grad(&[xs, w]) || lin.bias().is_some_and(|b| b.track_op());
+    tracked
+        && super::train::applies(policy, &[xs, w])
+        && lin
+            .bias()
+            .is_none_or(|b| super::train::applies(policy, &[b]))
+}
+
 /// Candle's CPU matmul has no bf16 kernel: on the CPU, bf16 products are computed in f32.
 pub(crate) fn bf16_on_cpu(t: &Tensor) -> bool {
     t.dtype() == DType::BF16 && t.device().is_cpu()
@@ -116,6 +144,20 @@ pub(crate) fn bf16_on_cpu(t: &Tensor) -> bool {
 pub fn mlp(xs: &Tensor, fc1: &Linear, fc2: &Linear) -> Result<Tensor> {
     match (&fc1.weights, &fc2.weights) {
         (Weights::Packed(a), Weights::Packed(b)) if !xs.track_op() => mlp_forward_packed(xs, a, b),
+        // Training: one op whose backward recomputes the hidden activations (not stored).
+        (Weights::Tensors(a), Weights::Tensors(b))
+            if trains(a, xs, fc1.policy) && trains(b, xs, fc1.policy) && a.bias().is_some() =>
+        {
+            match a.bias() {
+                Some(b1) => super::train::mlp(
+                    xs,
+                    (a.weight(), b1),
+                    (b.weight(), b.bias()),
+                    fc1.policy.isa(),
+                ),
+                None => fc2.forward(&fc1.forward_gelu(xs)?),
+            }
+        }
         _ => fc2.forward(&fc1.forward_gelu(xs)?),
     }
 }

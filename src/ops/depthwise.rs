@@ -165,6 +165,21 @@ impl Module for DepthwiseConv2dNhwc {
         if xs.device().is_cpu() && self.policy.is_reference() {
             return self.forward_grouped_conv2d(xs);
         }
+        let trains = self.trainable.is_some() || xs.track_op();
+        if trains && xs.device().is_cpu() && xs.dtype() == DType::F32 && self.policy.is_fast() {
+            // Training: the CPU kernel with its backward (input and weight gradients), on the
+            // taps rebuilt (differentiably) from the trainable weights.
+            let taps = self.taps()?;
+            if taps.dtype() == DType::F32 {
+                let op = DwTrainOp {
+                    kh: self.kh,
+                    kw: self.kw,
+                    pad: self.pad,
+                    isa: self.policy.isa(),
+                };
+                return xs.contiguous()?.apply_op2(&taps.contiguous()?, op);
+            }
+        }
         if !cpu_kernel {
             return self.forward_tensor_ops(xs);
         }
@@ -403,5 +418,205 @@ impl CustomOp2 for DwOp {
             ),
         };
         Ok((out, Shape::from((n, ho, wo, c))))
+    }
+}
+
+/// The input gradient of one input row `ih` of one image: `out` (W * C values, all written) from
+/// the image's output gradient `g` (Ho * Wo * C) and the taps (kh * kw rows of C).
+#[inline(always)]
+fn dw_input_grad_row_generic<const FMA: bool>(
+    g: &[f32],
+    taps: &[f32],
+    geom: &Geom,
+    ho: usize,
+    ih: usize,
+    out: &mut [f32],
+) {
+    let (c, wo) = (geom.c, geom.wo);
+    out.fill(0.0);
+    for i in 0..geom.kh {
+        // Output row oh reads input row ih through tap row i when oh + i = ih + pad.
+        let Some(oh) = (ih + geom.pad).checked_sub(i).filter(|&oh| oh < ho) else {
+            continue;
+        };
+        for j in 0..geom.kw {
+            let wv = &taps[(i * geom.kw + j) * c..][..c];
+            for iw in 0..geom.w {
+                let Some(ow) = (iw + geom.pad).checked_sub(j).filter(|&ow| ow < wo) else {
+                    continue;
+                };
+                let gv = &g[(oh * wo + ow) * c..][..c];
+                let o = &mut out[iw * c..][..c];
+                for t in 0..c {
+                    o[t] = fmadd::<FMA>(gv[t], wv[t], o[t]);
+                }
+            }
+        }
+    }
+}
+
+dispatch!(fn dw_input_grad_row(g: &[f32], taps: &[f32], geom: &Geom, ho: usize, ih: usize, out: &mut [f32]) => dw_input_grad_row_generic);
+
+/// Adds one output row `oh`'s contributions to the tap and bias gradients `acc`
+/// ((kh * kw + 1) rows of C): `sum x * g` per tap, `sum g` for the bias.
+#[inline(always)]
+fn dw_weight_grad_row_generic<const FMA: bool>(
+    img: &[f32],
+    grow: &[f32],
+    geom: &Geom,
+    oh: usize,
+    acc: &mut [f32],
+) {
+    let (c, wo) = (geom.c, geom.wo);
+    for i in 0..geom.kh {
+        let Some(ih) = (oh + i).checked_sub(geom.pad).filter(|&ih| ih < geom.h) else {
+            continue;
+        };
+        for j in 0..geom.kw {
+            let a = &mut acc[(i * geom.kw + j) * c..][..c];
+            for ow in 0..wo {
+                let Some(iw) = (ow + j).checked_sub(geom.pad).filter(|&iw| iw < geom.w) else {
+                    continue;
+                };
+                let xv = &img[(ih * geom.w + iw) * c..][..c];
+                let gv = &grow[ow * c..][..c];
+                for t in 0..c {
+                    a[t] = fmadd::<FMA>(xv[t], gv[t], a[t]);
+                }
+            }
+        }
+    }
+    let a = &mut acc[geom.kh * geom.kw * c..][..c];
+    for gv in grow.chunks_exact(c) {
+        for t in 0..c {
+            a[t] += gv[t];
+        }
+    }
+}
+
+dispatch!(fn dw_weight_grad_row(img: &[f32], grow: &[f32], geom: &Geom, oh: usize, acc: &mut [f32]) => dw_weight_grad_row_generic);
+
+/// The depthwise convolution for training: input (N, H, W, C) f32 and taps + bias
+/// (kh * kw + 1, C) f32, with a backward for both.
+struct DwTrainOp {
+    kh: usize,
+    kw: usize,
+    pad: usize,
+    isa: Isa,
+}
+
+impl DwTrainOp {
+    fn as_inference(&self) -> DwOp {
+        DwOp {
+            kh: self.kh,
+            kw: self.kw,
+            pad: self.pad,
+            isa: self.isa,
+        }
+    }
+}
+
+impl CustomOp2 for DwTrainOp {
+    fn name(&self) -> &'static str {
+        "internimage-depthwise-conv2d-nhwc-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.as_inference().cpu_fwd(s1, l1, s2, l2)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        taps: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (n, h, w, c) = x.dims4()?;
+        let (_, ho, wo, _) = grad.dims4()?;
+        let geom = Geom {
+            h,
+            w,
+            c,
+            wo,
+            kh: self.kh,
+            kw: self.kw,
+            pad: self.pad,
+        };
+        let (need_x, need_w) = (x.track_op(), taps.track_op());
+        let (xt, tt, gt) = (x.contiguous()?, taps.contiguous()?, grad.contiguous()?);
+        let cpu = |t: &Tensor| -> Result<()> {
+            if t.device().is_cpu() && t.dtype() == DType::F32 {
+                Ok(())
+            } else {
+                candle_core::bail!("depthwise conv backward: expected f32 CPU tensors")
+            }
+        };
+        cpu(&xt)?;
+        cpu(&tt)?;
+        cpu(&gt)?;
+        let (gs, gl) = gt.storage_and_layout();
+        let gv = match &*gs {
+            candle_core::Storage::Cpu(s) => contiguous_slice::<f32>(s, gl, OP, "gradient")?,
+            _ => candle_core::bail!("depthwise conv backward: gradient not on the CPU"),
+        };
+        let (img_in, img_out) = (h * w * c, ho * wo * c);
+        let dx = if need_x && img_in > 0 {
+            let (ts, tl) = tt.storage_and_layout();
+            let tv = match &*ts {
+                candle_core::Storage::Cpu(s) => contiguous_slice::<f32>(s, tl, OP, "taps")?,
+                _ => candle_core::bail!("depthwise conv backward: taps not on the CPU"),
+            };
+            let mut dx = vec![0f32; n * img_in];
+            dx.par_chunks_mut(w * c).enumerate().for_each(|(r, out)| {
+                let (b, ih) = (r / h, r % h);
+                let g = &gv[b * img_out..(b + 1) * img_out];
+                dw_input_grad_row(self.isa, g, tv, &geom, ho, ih, out);
+            });
+            Some(Tensor::from_vec(dx, (n, h, w, c), x.device())?)
+        } else {
+            None
+        };
+        let dtaps = if need_w && img_out > 0 {
+            let (xs, xl) = xt.storage_and_layout();
+            let xv = match &*xs {
+                candle_core::Storage::Cpu(s) => contiguous_slice::<f32>(s, xl, OP, "input")?,
+                _ => candle_core::bail!("depthwise conv backward: input not on the CPU"),
+            };
+            let len = (self.kh * self.kw + 1) * c;
+            let parts: Vec<Vec<f32>> = gv
+                .par_chunks(wo * c)
+                .enumerate()
+                .fold(
+                    || vec![0f32; len],
+                    |mut acc, (r, grow)| {
+                        let (b, oh) = (r / ho, r % ho);
+                        let img = &xv[b * img_in..(b + 1) * img_in];
+                        dw_weight_grad_row(self.isa, img, grow, &geom, oh, &mut acc);
+                        acc
+                    },
+                )
+                .collect();
+            let mut total = vec![0f32; len];
+            for p in &parts {
+                for (t, v) in total.iter_mut().zip(p) {
+                    *t += v;
+                }
+            }
+            Some(Tensor::from_vec(
+                total,
+                (self.kh * self.kw + 1, c),
+                x.device(),
+            )?)
+        } else {
+            None
+        };
+        Ok((dx, dtaps))
     }
 }

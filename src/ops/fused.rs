@@ -438,11 +438,67 @@ impl CustomOp1 for SoftmaxGroupsOp {
     fn bwd(&self, _xs: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         // d x = y * (g - sum_group(g * y)).
         let (y, g) = (res.detach(), grad.detach());
+        if y.device().is_cpu() && y.dtype() == DType::F32 && g.dtype() == DType::F32 {
+            let op = SoftmaxGroupsBackwardOp { p: self.p };
+            return Ok(Some(super::inference_op2(
+                &y.contiguous()?,
+                &g.contiguous()?,
+                &op,
+            )?));
+        }
         let n = y.elem_count() / self.p;
         let yg = y.reshape((n, self.p))?;
         let gg = g.reshape((n, self.p))?;
         let dot = (&yg * &gg)?.sum_keepdim(1)?;
         Ok(Some((yg * gg.broadcast_sub(&dot)?)?.reshape(res.shape())?))
+    }
+}
+
+/// The grouped softmax backward on the CPU in f32, one pass: (y, g) -> y * (g - sum_group(g * y)).
+struct SoftmaxGroupsBackwardOp {
+    p: usize,
+}
+
+impl candle_core::CustomOp2 for SoftmaxGroupsBackwardOp {
+    fn name(&self) -> &'static str {
+        "internimage-softmax-groups-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let what = "softmax_groups backward";
+        let y = contiguous_slice::<f32>(s1, l1, what, "output")?;
+        let g = contiguous_slice::<f32>(s2, l2, what, "gradient")?;
+        let p = self.p;
+        if p == 0 || y.len() % p != 0 || g.len() != y.len() {
+            candle_core::bail!(
+                "{what}: {} outputs, {} gradients, groups of {p}",
+                y.len(),
+                g.len()
+            )
+        }
+        let mut dx = vec![0f32; y.len()];
+        let per_task = (PAR_CHUNK / p).max(1) * p;
+        dx.par_chunks_mut(per_task)
+            .zip(y.par_chunks(per_task).zip(g.par_chunks(per_task)))
+            .for_each(|(d, (y, g))| {
+                for ((d, y), g) in d
+                    .chunks_exact_mut(p)
+                    .zip(y.chunks_exact(p))
+                    .zip(g.chunks_exact(p))
+                {
+                    let dot: f32 = y.iter().zip(g).map(|(a, b)| a * b).sum();
+                    for ((d, &y), &g) in d.iter_mut().zip(y).zip(g) {
+                        *d = y * (g - dot);
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
 

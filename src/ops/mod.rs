@@ -8,6 +8,7 @@ pub mod dcnv4;
 pub(crate) mod dense;
 pub mod depthwise;
 pub mod fused;
+pub(crate) mod train;
 
 pub use activation::{gelu_erf, gelu_erf_with};
 pub use conv::Conv2dNhwc;

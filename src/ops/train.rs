@@ -1,0 +1,819 @@
+//! Training kernels: CPU custom ops (f32) with a real backward, so that a training step runs on
+//! the crate's kernels instead of Candle's generic tensor-op autograd.
+//!
+//! * [`linear`]: `x @ w^T + b`; forward on the packed GEMM (weights packed per call), backward
+//!   `dX = dY W` on the same kernel (`W^T` packed), `dW = dY^T X` as one GEMM per thread's rows
+//!   and `db` the column sums, each computed only when that argument tracks a gradient.
+//! * [`mlp`]: `fc2(gelu(fc1(x)))` that stores only its input: the backward recomputes the
+//!   hidden activations block by block (the 4C-wide hidden tensor is never held for backward).
+//! * [`residual`]: the residual update `x + drop_path(gamma * y)` (per-channel layer scale and a
+//!   per-sample stochastic-depth scale, both optional) and its backward.
+//!
+//! The callers (the layers of [`crate::model`]) use them when every tensor is an f32 CPU tensor
+//! under a fast [`crate::KernelPolicy`] and something tracks a gradient; other cases keep their
+//! inference kernels or Candle's differentiable ops.
+
+use candle_core::{
+    CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor,
+};
+use rayon::prelude::*;
+use std::mem::MaybeUninit;
+use std::sync::Arc;
+
+use super::contiguous_slice;
+use crate::cpu::gelu::{gelu_grad_f32, gelu_into};
+use crate::cpu::gemm::{gemm_tn_acc, linear_packed, linear_rows, transpose, PackedWeight, Rows};
+use crate::cpu::{Isa, KernelPolicy};
+
+/// Whether the training kernels apply to `ts`: f32 CPU tensors under a fast policy.
+pub(crate) fn applies(policy: KernelPolicy, ts: &[&Tensor]) -> bool {
+    policy.is_fast()
+        && ts
+            .iter()
+            .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+}
+
+/// The f32 values of a contiguous CPU tensor's storage.
+fn values<'a>(storage: &'a Storage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
+    match storage {
+        Storage::Cpu(s) => contiguous_slice::<f32>(s, layout, "training kernel", what),
+        _ => candle_core::bail!("training kernel: the {what} must be on the CPU"),
+    }
+}
+
+/// `&mut [f32]` as the `MaybeUninit` output slice the CPU kernels write into.
+fn as_out(s: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+    // SAFETY: `MaybeUninit<f32>` has the layout of `f32`; the kernels given this slice only
+    // write initialised values into it (never `MaybeUninit::uninit()`), so `s` stays initialised.
+    unsafe { &mut *(s as *mut [f32] as *mut [MaybeUninit<f32>]) }
+}
+
+/// Sums of the columns of a row-major (rows, n) matrix, added into `acc` (n).
+fn add_col_sums(g: &[f32], n: usize, acc: &mut [f32]) {
+    for row in g.chunks_exact(n) {
+        for (a, &v) in acc.iter_mut().zip(row) {
+            *a += v;
+        }
+    }
+}
+
+/// Adds `src` into `dst` elementwise.
+fn add_into(dst: &mut [f32], src: &[f32]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d += s;
+    }
+}
+
+/// Rows of (m, k) `x` after checking its width.
+fn rows_of(x: &Layout, k: usize, what: &str) -> Result<usize> {
+    match x.dims() {
+        [m, kk] if *kk == k => Ok(*m),
+        d => candle_core::bail!("{what}: expected an (m, {k}) input, got {d:?}"),
+    }
+}
+
+/// `y (m, n) = x (m, k) @ w^T + b` on the packed GEMM (the weight packed for this call).
+fn linear_forward(
+    isa: Isa,
+    x: &[f32],
+    m: usize,
+    w: &[f32],
+    b: Option<&[f32]>,
+    n: usize,
+) -> Result<Vec<f32>> {
+    let k = if m == 0 { 0 } else { x.len() / m };
+    let mut y = Vec::with_capacity(m * n);
+    if m > 0 {
+        let packed = PackedWeight::new(isa, w, b, n, k)
+            .ok_or_else(|| candle_core::Error::msg("linear: weight and input sizes disagree"))?;
+        linear_packed(
+            Rows::F32(x),
+            m,
+            &packed,
+            false,
+            &mut y.spare_capacity_mut()[..m * n],
+        );
+    }
+    // SAFETY: `linear_packed` wrote all m * n values (none when m == 0).
+    unsafe { y.set_len(m * n) };
+    Ok(y)
+}
+
+/// `dX (m, k) = dY (m, n) @ W (n, k)`, on the packed GEMM with `W^T` packed.
+fn input_grad(isa: Isa, g: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Result<Vec<f32>> {
+    let wt = transpose(w, n, k);
+    let mut dx = Vec::with_capacity(m * k);
+    if m > 0 {
+        let packed = PackedWeight::new(isa, &wt, None, k, n)
+            .ok_or_else(|| candle_core::Error::msg("linear backward: empty weight"))?;
+        linear_packed(
+            Rows::F32(g),
+            m,
+            &packed,
+            false,
+            &mut dx.spare_capacity_mut()[..m * k],
+        );
+    }
+    // SAFETY: `linear_packed` wrote all m * k values (none when m == 0).
+    unsafe { dx.set_len(m * k) };
+    Ok(dx)
+}
+
+/// `(dW (n, k), db (n)) = (dY^T X, column sums of dY)` for dY (m, n) and X (m, k): one GEMM per
+/// thread over its share of the rows, then the per-thread partial sums are added.
+fn weight_grads(g: &[f32], x: &[f32], m: usize, n: usize, k: usize) -> (Vec<f32>, Vec<f32>) {
+    let threads = rayon::current_num_threads().max(1);
+    let chunk = m.div_ceil(threads).max(1);
+    let parts: Vec<(Vec<f32>, Vec<f32>)> = (0..m.div_ceil(chunk))
+        .into_par_iter()
+        .map(|c| {
+            let (r0, r1) = (c * chunk, ((c + 1) * chunk).min(m));
+            let mut dw = vec![0f32; n * k];
+            let mut db = vec![0f32; n];
+            let gc = &g[r0 * n..r1 * n];
+            gemm_tn_acc(r1 - r0, n, k, gc, &x[r0 * k..r1 * k], &mut dw);
+            add_col_sums(gc, n, &mut db);
+            (dw, db)
+        })
+        .collect();
+    let mut it = parts.into_iter();
+    let (mut dw, mut db) = it
+        .next()
+        .unwrap_or_else(|| (vec![0f32; n * k], vec![0f32; n]));
+    for (w, b) in it {
+        add_into(&mut dw, &w);
+        add_into(&mut db, &b);
+    }
+    (dw, db)
+}
+
+/// A CPU f32 tensor from a vector.
+fn tensor(v: Vec<f32>, shape: impl Into<Shape>) -> Result<Tensor> {
+    Tensor::from_vec(v, shape, &Device::Cpu)
+}
+
+/// The backward of `x @ w^T + b`: the gradients of the arguments that track one.
+fn linear_backward(
+    isa: Isa,
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    grad: &Tensor,
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let (m, k) = x.dims2()?;
+    let n = w.dim(0)?;
+    let need_b = b.is_some_and(|b| b.track_op());
+    let (need_x, need_w) = (x.track_op(), w.track_op());
+    let (x, w, g) = (x.contiguous()?, w.contiguous()?, grad.contiguous()?);
+    let (gs, gl) = g.storage_and_layout();
+    let gv = values(&gs, gl, "gradient")?;
+    let dx = if need_x {
+        let (ws, wl) = w.storage_and_layout();
+        let wv = values(&ws, wl, "weight")?;
+        Some(tensor(input_grad(isa, gv, m, wv, n, k)?, (m, k))?)
+    } else {
+        None
+    };
+    let (dw, db) = if need_w || need_b {
+        let (xs, xl) = x.storage_and_layout();
+        let xv = values(&xs, xl, "input")?;
+        let (dw, db) = weight_grads(gv, xv, m, n, k);
+        (
+            need_w.then(|| tensor(dw, (n, k))).transpose()?,
+            need_b.then(|| tensor(db, n)).transpose()?,
+        )
+    } else {
+        (None, None)
+    };
+    Ok((dx, dw, db))
+}
+
+/// `x (m, k) @ w (n, k)^T + b (n)`.
+struct LinearBiasOp {
+    isa: Isa,
+}
+
+impl CustomOp3 for LinearBiasOp {
+    fn name(&self) -> &'static str {
+        "internimage-train-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, k) = l2.shape().dims2()?;
+        let m = rows_of(l1, k, "linear")?;
+        let x = contiguous_slice::<f32>(s1, l1, "linear", "input")?;
+        let w = contiguous_slice::<f32>(s2, l2, "linear", "weight")?;
+        let b = contiguous_slice::<f32>(s3, l3, "linear", "bias")?;
+        if b.len() != n {
+            candle_core::bail!("linear: bias of {} values for {n} outputs", b.len())
+        }
+        let y = linear_forward(self.isa, x, m, w, Some(b), n)?;
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        linear_backward(self.isa, x, w, Some(b), grad)
+    }
+}
+
+/// `x (m, k) @ w (n, k)^T`.
+struct LinearOp {
+    isa: Isa,
+}
+
+impl CustomOp2 for LinearOp {
+    fn name(&self) -> &'static str {
+        "internimage-train-linear-nobias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, k) = l2.shape().dims2()?;
+        let m = rows_of(l1, k, "linear")?;
+        let x = contiguous_slice::<f32>(s1, l1, "linear", "input")?;
+        let w = contiguous_slice::<f32>(s2, l2, "linear", "weight")?;
+        let y = linear_forward(self.isa, x, m, w, None, n)?;
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = linear_backward(self.isa, x, w, None, grad)?;
+        Ok((dx, dw))
+    }
+}
+
+/// `(..., k) -> (m, k)` contiguous rows, and the output dims `(..., n)`.
+fn as_rows(xs: &Tensor, n: usize) -> Result<(Tensor, Vec<usize>)> {
+    let k = xs.dim(candle_core::D::Minus1)?;
+    let m = xs.elem_count() / k.max(1);
+    let mut dims = xs.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = n;
+    }
+    Ok((xs.contiguous()?.reshape((m, k))?, dims))
+}
+
+/// `xs (..., k) @ weight (n, k)^T + bias (n)`, differentiable (real backward on the CPU
+/// kernels). All tensors must be f32 CPU tensors (see [`applies`]).
+pub(crate) fn linear(
+    xs: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    isa: Isa,
+) -> Result<Tensor> {
+    let (n, k) = weight.dims2()?;
+    if xs.dim(candle_core::D::Minus1)? != k {
+        candle_core::bail!(
+            "linear: expected an input (..., {k}), got shape {:?}",
+            xs.dims()
+        )
+    }
+    let (x2, dims) = as_rows(xs, n)?;
+    let w = weight.contiguous()?;
+    let y = match bias {
+        Some(b) => x2.apply_op3(&w, &b.contiguous()?, LinearBiasOp { isa })?,
+        None => x2.apply_op2(&w, LinearOp { isa })?,
+    };
+    y.reshape(dims)
+}
+
+/// `fc2(gelu(fc1(x)))` over (m, cin) rows; the parameters come as two flat tensors
+/// `p1 = [w1 (hid, cin), b1 (hid)]` and `p2 = [w2 (cout, hid), b2 (cout) when `bias2`]` (a custom
+/// op has at most three arguments).
+struct MlpOp {
+    isa: Isa,
+    cin: usize,
+    hid: usize,
+    cout: usize,
+    bias2: bool,
+}
+
+impl MlpOp {
+    fn check(&self, l1: &Layout, p1: usize, p2: usize) -> Result<usize> {
+        let m = rows_of(l1, self.cin, "mlp")?;
+        let want2 = self.cout * self.hid + if self.bias2 { self.cout } else { 0 };
+        if p1 != self.hid * (self.cin + 1) || p2 != want2 {
+            candle_core::bail!("mlp: parameter sizes {p1}, {p2} do not match the layer")
+        }
+        Ok(m)
+    }
+}
+
+/// Per-thread state of the MLP backward: weight-gradient partial sums and row-block buffers.
+struct MlpAcc {
+    dw1: Vec<f32>,
+    db1: Vec<f32>,
+    dw2: Vec<f32>,
+    db2: Vec<f32>,
+    z: Vec<f32>,
+    h: Vec<f32>,
+    dh: Vec<f32>,
+}
+
+impl CustomOp3 for MlpOp {
+    fn name(&self) -> &'static str {
+        "internimage-train-mlp"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_slice::<f32>(s1, l1, "mlp", "input")?;
+        let p1 = contiguous_slice::<f32>(s2, l2, "mlp", "fc1 parameters")?;
+        let p2 = contiguous_slice::<f32>(s3, l3, "mlp", "fc2 parameters")?;
+        let m = self.check(l1, p1.len(), p2.len())?;
+        let (cin, hid, cout) = (self.cin, self.hid, self.cout);
+        let (w1, b1) = p1.split_at(hid * cin);
+        let (w2, b2) = p2.split_at(cout * hid);
+        let fc1 = PackedWeight::new(self.isa, w1, Some(b1), hid, cin);
+        let fc2 = PackedWeight::new(self.isa, w2, self.bias2.then_some(b2), cout, hid);
+        let (Some(fc1), Some(fc2)) = (fc1, fc2) else {
+            candle_core::bail!("mlp: empty layer")
+        };
+        let mut y = Vec::with_capacity(m * cout);
+        crate::cpu::gemm::mlp_packed(
+            Rows::F32(x),
+            m,
+            &fc1,
+            &fc2,
+            &mut y.spare_capacity_mut()[..m * cout],
+        );
+        // SAFETY: `mlp_packed` writes all m * cout values.
+        unsafe { y.set_len(m * cout) };
+        Ok((CpuStorage::F32(y), Shape::from((m, cout))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        p1: &Tensor,
+        p2: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (cin, hid, cout, isa) = (self.cin, self.hid, self.cout, self.isa);
+        let (need_x, need_1, need_2) = (x.track_op(), p1.track_op(), p2.track_op());
+        let (x, p1t, p2t, g) = (
+            x.contiguous()?,
+            p1.contiguous()?,
+            p2.contiguous()?,
+            grad.contiguous()?,
+        );
+        let (xs, xl) = x.storage_and_layout();
+        let (s1, l1) = p1t.storage_and_layout();
+        let (s2, l2) = p2t.storage_and_layout();
+        let (gs, gl) = g.storage_and_layout();
+        let xv = values(&xs, xl, "input")?;
+        let pv1 = values(&s1, l1, "fc1 parameters")?;
+        let pv2 = values(&s2, l2, "fc2 parameters")?;
+        let gv = values(&gs, gl, "gradient")?;
+        let m = self.check(xl, pv1.len(), pv2.len())?;
+        let (w1, b1) = pv1.split_at(hid * cin);
+        let w2 = &pv2[..cout * hid];
+        let err = || candle_core::Error::msg("mlp backward: empty layer");
+        // Recomputes z = x W1^T + b1; dh = dY W2 (W2^T packed); dx = dz W1 (W1^T packed).
+        let fc1 = PackedWeight::new(isa, w1, Some(b1), hid, cin).ok_or_else(err)?;
+        let fc2t =
+            PackedWeight::new(isa, &transpose(w2, cout, hid), None, hid, cout).ok_or_else(err)?;
+        let fc1t =
+            PackedWeight::new(isa, &transpose(w1, hid, cin), None, cin, hid).ok_or_else(err)?;
+        // Row blocks: about 128 KiB of hidden activations, at least 64 rows (GEMM depth).
+        let rows = (32_768 / hid.max(1)).clamp(64, 512);
+        let mut dx = vec![0f32; if need_x { m * cin } else { 0 }];
+        let new_acc = || MlpAcc {
+            dw1: vec![0f32; hid * cin],
+            db1: vec![0f32; hid],
+            dw2: vec![0f32; cout * hid],
+            db2: vec![0f32; cout],
+            z: Vec::new(),
+            h: Vec::new(),
+            dh: Vec::new(),
+        };
+        let run = |mut acc: MlpAcc, b: usize, dxb: Option<&mut [f32]>| {
+            let (r0, r1) = (b * rows, ((b + 1) * rows).min(m));
+            let rb = r1 - r0;
+            let xb = &xv[r0 * cin..r1 * cin];
+            let gb = &gv[r0 * cout..r1 * cout];
+            acc.z.resize(rb * hid, 0.0);
+            acc.h.resize(rb * hid, 0.0);
+            acc.dh.resize(rb * hid, 0.0);
+            linear_rows(xb, &fc1, false, &mut acc.z);
+            gelu_into(isa, &acc.z, as_out(&mut acc.h));
+            gemm_tn_acc(rb, cout, hid, gb, &acc.h, &mut acc.dw2);
+            add_col_sums(gb, cout, &mut acc.db2);
+            linear_rows(gb, &fc2t, false, &mut acc.dh);
+            // dz = dh * gelu'(z), into h (no longer needed).
+            gelu_grad_f32(isa, &acc.z, &acc.dh, as_out(&mut acc.h));
+            gemm_tn_acc(rb, hid, cin, &acc.h, xb, &mut acc.dw1);
+            add_col_sums(&acc.h, hid, &mut acc.db1);
+            if let Some(dxb) = dxb {
+                linear_rows(&acc.h, &fc1t, false, dxb);
+            }
+            acc
+        };
+        let blocks = m.div_ceil(rows);
+        let accs: Vec<MlpAcc> = if need_x {
+            dx.par_chunks_mut(rows * cin)
+                .enumerate()
+                .fold(new_acc, |acc, (b, dxb)| run(acc, b, Some(dxb)))
+                .collect()
+        } else {
+            (0..blocks)
+                .into_par_iter()
+                .fold(new_acc, |acc, b| run(acc, b, None))
+                .collect()
+        };
+        let mut total = new_acc();
+        for a in &accs {
+            add_into(&mut total.dw1, &a.dw1);
+            add_into(&mut total.db1, &a.db1);
+            add_into(&mut total.dw2, &a.dw2);
+            add_into(&mut total.db2, &a.db2);
+        }
+        let dx = need_x.then(|| tensor(dx, (m, cin))).transpose()?;
+        let dp1 = if need_1 {
+            let mut v = total.dw1;
+            v.extend_from_slice(&total.db1);
+            Some(tensor(v, hid * (cin + 1))?)
+        } else {
+            None
+        };
+        let dp2 = if need_2 {
+            let mut v = total.dw2;
+            if self.bias2 {
+                v.extend_from_slice(&total.db2);
+            }
+            let len = v.len();
+            Some(tensor(v, len)?)
+        } else {
+            None
+        };
+        Ok((dx, dp1, dp2))
+    }
+}
+
+/// InternImage's MLP `fc2(gelu(fc1(xs)))` on (..., cin) input, differentiable, storing only
+/// `xs` for the backward (which recomputes the hidden activations). f32 CPU tensors only.
+pub(crate) fn mlp(
+    xs: &Tensor,
+    (w1, b1): (&Tensor, &Tensor),
+    (w2, b2): (&Tensor, Option<&Tensor>),
+    isa: Isa,
+) -> Result<Tensor> {
+    let (hid, cin) = w1.dims2()?;
+    let (cout, hid2) = w2.dims2()?;
+    if hid2 != hid || b1.dims() != [hid] || b2.is_some_and(|b| b.dims() != [cout]) {
+        candle_core::bail!(
+            "mlp: fc1 {:?} / {:?} and fc2 {:?} do not chain",
+            w1.dims(),
+            b1.dims(),
+            w2.dims()
+        )
+    }
+    if xs.dim(candle_core::D::Minus1)? != cin {
+        candle_core::bail!(
+            "mlp: expected an input (..., {cin}), got shape {:?}",
+            xs.dims()
+        )
+    }
+    let (x2, dims) = as_rows(xs, cout)?;
+    let p1 = Tensor::cat(&[&w1.flatten_all()?, b1], 0)?;
+    let p2 = match b2 {
+        Some(b) => Tensor::cat(&[&w2.flatten_all()?, b], 0)?,
+        None => w2.flatten_all()?.contiguous()?,
+    };
+    let op = MlpOp {
+        isa,
+        cin,
+        hid,
+        cout,
+        bias2: b2.is_some(),
+    };
+    x2.apply_op3(&p1, &p2, op)?.reshape(dims)
+}
+
+/// `x + s[sample] * gamma[channel] * y` (either scale optional), and its backward.
+struct ResidualOp {
+    /// Per-sample scale (stochastic depth: 0 or 1 / keep), one per leading index.
+    scale: Option<Arc<Vec<f32>>>,
+}
+
+impl ResidualOp {
+    /// `out = x + s * gamma * y` over whole samples.
+    fn forward(&self, x: &[f32], y: &[f32], gamma: Option<&[f32]>) -> Result<Vec<f32>> {
+        let n = self.scale.as_ref().map_or(1, |s| s.len()).max(1);
+        let c = gamma.map_or(1, |g| g.len()).max(1);
+        if x.len() != y.len() || x.len() % n != 0 || (x.len() / n) % c != 0 {
+            candle_core::bail!("residual: operand sizes {} and {}", x.len(), y.len())
+        }
+        let per = x.len() / n;
+        let mut out = vec![0f32; x.len()];
+        let chunk = (16 * 1024 / c).max(1) * c;
+        out.par_chunks_mut(per)
+            .zip(x.par_chunks(per).zip(y.par_chunks(per)))
+            .enumerate()
+            .for_each(|(i, (o, (x, y)))| {
+                let s = self.scale.as_ref().map_or(1.0, |s| s[i]);
+                o.par_chunks_mut(chunk)
+                    .zip(x.par_chunks(chunk).zip(y.par_chunks(chunk)))
+                    .for_each(|(o, (x, y))| match gamma {
+                        None => {
+                            for ((o, &x), &y) in o.iter_mut().zip(x).zip(y) {
+                                *o = x + s * y;
+                            }
+                        }
+                        Some(g) => {
+                            for ((o, x), y) in o.chunks_mut(c).zip(x.chunks(c)).zip(y.chunks(c)) {
+                                for (((o, &x), &y), &g) in o.iter_mut().zip(x).zip(y).zip(g) {
+                                    *o = x + s * g * y;
+                                }
+                            }
+                        }
+                    });
+            });
+        Ok(out)
+    }
+
+    /// (dy, dgamma) for the gradient `g` of the output.
+    fn backward(
+        &self,
+        g: &Tensor,
+        y: &Tensor,
+        gamma: Option<&Tensor>,
+        need_y: bool,
+        need_gamma: bool,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if gamma.is_none() && self.scale.is_none() {
+            return Ok((need_y.then(|| g.clone()), None));
+        }
+        let g = g.contiguous()?;
+        let (gs, gl) = g.storage_and_layout();
+        let gv = values(&gs, gl, "gradient")?;
+        let gamma_t = gamma.map(|t| t.contiguous()).transpose()?;
+        let guard = gamma_t.as_ref().map(|t| t.storage_and_layout());
+        let gam = match &guard {
+            Some((s, l)) => Some(values(s, l, "gamma")?),
+            None => None,
+        };
+        let n = self.scale.as_ref().map_or(1, |s| s.len()).max(1);
+        let c = gam.map_or(1, |g| g.len()).max(1);
+        let per = gv.len() / n;
+        let scale = |i: usize| self.scale.as_ref().map_or(1.0, |s| s[i]);
+        let dy = if need_y {
+            let mut dy = vec![0f32; gv.len()];
+            dy.par_chunks_mut(per)
+                .zip(gv.par_chunks(per))
+                .enumerate()
+                .for_each(|(i, (d, g))| {
+                    let s = scale(i);
+                    match gam {
+                        None => d.iter_mut().zip(g).for_each(|(d, &g)| *d = s * g),
+                        Some(gm) => {
+                            for (d, g) in d.chunks_mut(c).zip(g.chunks(c)) {
+                                for ((d, &g), &w) in d.iter_mut().zip(g).zip(gm) {
+                                    *d = s * w * g;
+                                }
+                            }
+                        }
+                    }
+                });
+            Some(tensor(dy, g.shape().clone())?)
+        } else {
+            None
+        };
+        let dgamma = match gam {
+            Some(_) if need_gamma => {
+                let y = y.contiguous()?;
+                let (ys, yl) = y.storage_and_layout();
+                let yv = values(&ys, yl, "branch")?;
+                let parts: Vec<Vec<f32>> = gv
+                    .par_chunks(per)
+                    .zip(yv.par_chunks(per))
+                    .enumerate()
+                    .map(|(i, (g, y))| {
+                        let s = scale(i);
+                        let mut acc = vec![0f32; c];
+                        for (g, y) in g.chunks(c).zip(y.chunks(c)) {
+                            for ((a, &g), &y) in acc.iter_mut().zip(g).zip(y) {
+                                *a += g * y;
+                            }
+                        }
+                        acc.iter_mut().for_each(|a| *a *= s);
+                        acc
+                    })
+                    .collect();
+                let mut total = vec![0f32; c];
+                for p in &parts {
+                    add_into(&mut total, p);
+                }
+                Some(tensor(total, c)?)
+            }
+            _ => None,
+        };
+        Ok((dy, dgamma))
+    }
+}
+
+impl CustomOp2 for ResidualOp {
+    fn name(&self) -> &'static str {
+        "internimage-train-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_slice::<f32>(s1, l1, "residual", "input")?;
+        let y = contiguous_slice::<f32>(s2, l2, "residual", "branch")?;
+        Ok((
+            CpuStorage::F32(self.forward(x, y, None)?),
+            l1.shape().clone(),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        y: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dy, _) = self.backward(grad, y, None, y.track_op(), false)?;
+        Ok((x.track_op().then(|| grad.clone()), dy))
+    }
+}
+
+impl CustomOp3 for ResidualOp {
+    fn name(&self) -> &'static str {
+        "internimage-train-residual-scale"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_slice::<f32>(s1, l1, "residual", "input")?;
+        let y = contiguous_slice::<f32>(s2, l2, "residual", "branch")?;
+        let g = contiguous_slice::<f32>(s3, l3, "residual", "gamma")?;
+        Ok((
+            CpuStorage::F32(self.forward(x, y, Some(g))?),
+            l1.shape().clone(),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        y: &Tensor,
+        gamma: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dy, dg) = self.backward(grad, y, Some(gamma), y.track_op(), gamma.track_op())?;
+        Ok((x.track_op().then(|| grad.clone()), dy, dg))
+    }
+}
+
+/// The residual update `x + drop_path(gamma * y)`: `gamma` (C) per channel (the last dim) and
+/// `sample_scale` (one value per sample of the leading dim: 0 for a dropped sample, 1 / keep
+/// otherwise), both optional; differentiable with respect to `x`, `y` and `gamma`. f32 CPU
+/// tensors of equal shapes only.
+pub(crate) fn residual(
+    x: &Tensor,
+    y: &Tensor,
+    gamma: Option<&Tensor>,
+    sample_scale: Option<Vec<f32>>,
+) -> Result<Tensor> {
+    if x.dims() != y.dims() {
+        candle_core::bail!("residual: shapes {:?} and {:?} differ", x.dims(), y.dims())
+    }
+    if let Some(s) = &sample_scale {
+        if x.rank() == 0 || s.len() != x.dim(0)? {
+            candle_core::bail!("residual: {} sample scales for {:?}", s.len(), x.dims())
+        }
+    }
+    let op = ResidualOp {
+        scale: sample_scale.map(Arc::new),
+    };
+    let (x, y) = (x.contiguous()?, y.contiguous()?);
+    match gamma {
+        Some(g) => {
+            let c = x.dim(candle_core::D::Minus1)?;
+            if g.dims() != [c] {
+                candle_core::bail!("residual: gamma {:?} for {c} channels", g.dims())
+            }
+            x.apply_op3(&y, &g.contiguous()?, op)
+        }
+        None => x.apply_op2(&y, op),
+    }
+}
+
+/// The per-sample stochastic-depth scales of a batch of `n`: each sample is dropped (0) with
+/// probability `p`, else scaled by `1 / (1 - p)` (timm's `drop_path` with `scale_by_keep`).
+/// Draws from candle's CPU generator like `Tensor::rand`.
+pub(crate) fn drop_path_scales(n: usize, p: f64) -> Result<Vec<f32>> {
+    let keep = 1.0 - p;
+    let u = Tensor::rand(0f32, 1f32, n, &Device::Cpu)?.to_vec1::<f32>()?;
+    Ok(u.into_iter()
+        .map(|u| {
+            if u < keep as f32 {
+                (1.0 / keep) as f32
+            } else {
+                0.0
+            }
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
+            .unwrap_or(f32::INFINITY)
+    }
+
+    #[test]
+    fn residual_backward_matches_tensor_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1., (3, 4, 5, 6), &dev)?)?;
+        let y = Var::from_tensor(&Tensor::randn(0f32, 1., (3, 4, 5, 6), &dev)?)?;
+        let g = Var::from_tensor(&Tensor::randn(0f32, 1., 6, &dev)?)?;
+        let r = Tensor::randn(0f32, 1., (3, 4, 5, 6), &dev)?;
+        for (gamma, scale) in [
+            (true, Some(vec![0.0, 1.25, 1.25])),
+            (false, Some(vec![1.25, 0.0, 1.25])),
+            (true, None),
+            (false, None),
+        ] {
+            let gm = gamma.then(|| g.as_tensor());
+            let ours = residual(x.as_tensor(), y.as_tensor(), gm, scale.clone())?;
+            let mut branch = y.as_tensor().clone();
+            if let Some(gm) = gm {
+                branch = branch.broadcast_mul(gm)?;
+            }
+            if let Some(s) = &scale {
+                branch = branch.broadcast_mul(&Tensor::from_vec(s.clone(), (3, 1, 1, 1), &dev)?)?;
+            }
+            let want = (x.as_tensor() + branch)?;
+            assert!(max_diff(&ours, &want) < 1e-6);
+            let ga = (ours * &r)?.sum_all()?.backward()?;
+            let gb = (want * &r)?.sum_all()?.backward()?;
+            let mut vars = vec![&x, &y];
+            if gamma {
+                vars.push(&g);
+            }
+            for v in vars {
+                let (a, b) = (ga.get(v.as_tensor()), gb.get(v.as_tensor()));
+                match (a, b) {
+                    (Some(a), Some(b)) => assert!(max_diff(a, b) < 1e-5, "gradient differs"),
+                    _ => panic!("missing gradient"),
+                }
+            }
+        }
+        Ok(())
+    }
+}
