@@ -81,7 +81,7 @@ fn linear_forward(
     b: Option<&[f32]>,
     n: usize,
 ) -> Result<Vec<f32>> {
-    let k = if m == 0 { 0 } else { x.len() / m };
+    let k = x.len().checked_div(m).unwrap_or(0);
     let mut y = Vec::with_capacity(m * n);
     if m > 0 {
         let packed = PackedWeight::new(isa, w, b, n, k)
@@ -535,7 +535,7 @@ impl ResidualOp {
     fn forward(&self, x: &[f32], y: &[f32], gamma: Option<&[f32]>) -> Result<Vec<f32>> {
         let n = self.scale.as_ref().map_or(1, |s| s.len()).max(1);
         let c = gamma.map_or(1, |g| g.len()).max(1);
-        if x.len() != y.len() || x.len() % n != 0 || (x.len() / n) % c != 0 {
+        if x.len() != y.len() || !x.len().is_multiple_of(n) || !(x.len() / n).is_multiple_of(c) {
             candle_core::bail!("residual: operand sizes {} and {}", x.len(), y.len())
         }
         let per = x.len() / n;
