@@ -146,7 +146,7 @@ pub fn mlp(xs: &Tensor, fc1: &Linear, fc2: &Linear) -> Result<Tensor> {
         (Weights::Packed(a), Weights::Packed(b)) if !xs.track_op() => mlp_forward_packed(xs, a, b),
         // Training: one op whose backward recomputes the hidden activations (not stored).
         (Weights::Tensors(a), Weights::Tensors(b))
-            if trains(a, xs, fc1.policy) && trains(b, xs, fc1.policy) && a.bias().is_some() =>
+            if trains(a, xs, fc1.policy) && trains(b, xs, fc1.policy) =>
         {
             match a.bias() {
                 Some(b1) => super::train::mlp(
