@@ -342,12 +342,7 @@ pub(crate) fn residual_drop(
     policy: KernelPolicy,
 ) -> Result<Tensor> {
     use crate::ops::train;
-    let tracked = crate::ops::tracks_grad(&[x, branch]) || gamma.is_some_and(|g| g.track_op());
-    if tracked
-        && x.dims() == branch.dims()
-        && train::applies(policy, &[x, branch])
-        && gamma.is_none_or(|g| train::applies(policy, &[g]))
-    {
+    if x.dims() == branch.dims() && train::engages(policy, &[x, branch], gamma) {
         let scale = if p > 0.0 {
             Some(train::drop_path_scales(x.dim(0)?, p)?)
         } else {

@@ -118,15 +118,7 @@ impl Module for Conv2dNhwc {
             ho,
             wo,
         };
-        let tracked = super::tracks_grad(&[xs, &self.weight])
-            || self.bias.as_ref().is_some_and(|b| b.track_op());
-        if tracked
-            && super::train::applies(self.policy, &[xs, &self.weight])
-            && self
-                .bias
-                .as_ref()
-                .is_none_or(|b| super::train::applies(self.policy, &[b]))
-        {
+        if super::train::engages(self.policy, &[xs, &self.weight], self.bias.as_ref()) {
             // Training: patch extraction (backward: scatter-add) and the training linear (its
             // backward on the GEMM), on the weight laid out as (Cout, kh * kw * Cin).
             let patches = xs.contiguous()?.apply_op1(op)?;

@@ -121,13 +121,7 @@ impl Module for Linear {
 /// Whether a layer with tensor weights `lin` runs the training kernel for input `xs`: something
 /// tracks a gradient and every tensor is f32 on the CPU under a fast policy.
 fn trains(lin: &candle_nn::Linear, xs: &Tensor, policy: KernelPolicy) -> bool {
-    let w = lin.weight();
-    let tracked = super::tracks_grad(&[xs, w]) || lin.bias().is_some_and(|b| b.track_op());
-    tracked
-        && super::train::applies(policy, &[xs, w])
-        && lin
-            .bias()
-            .is_none_or(|b| super::train::applies(policy, &[b]))
+    super::train::engages(policy, &[xs, lin.weight()], lin.bias())
 }
 
 /// Candle's CPU matmul has no bf16 kernel: on the CPU, bf16 products are computed in f32.

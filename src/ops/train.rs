@@ -33,6 +33,14 @@ pub(crate) fn applies(policy: KernelPolicy, ts: &[&Tensor]) -> bool {
             .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
 
+/// Whether an op over `ts` and an optional `extra` operand (a bias, a layer scale) runs on the
+/// training kernels: something tracks a gradient and every operand qualifies for [`applies`].
+/// The one test the linear layers, the dense convs and the residual update share.
+pub(crate) fn engages(policy: KernelPolicy, ts: &[&Tensor], extra: Option<&Tensor>) -> bool {
+    let all: Vec<&Tensor> = ts.iter().copied().chain(extra).collect();
+    super::tracks_grad(&all) && applies(policy, &all)
+}
+
 /// The f32 values of a contiguous CPU tensor's storage.
 fn values<'a>(storage: &'a Storage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
     match storage {
