@@ -267,12 +267,7 @@ impl CustomOp1 for Im2Col {
             candle_core::bail!("conv2d_nhwc (im2col) backward: expected an f32 CPU gradient")
         }
         let (gs, gl) = g.storage_and_layout();
-        let gv = match &*gs {
-            candle_core::Storage::Cpu(s) => {
-                contiguous_slice::<f32>(s, gl, "conv2d_nhwc (im2col) backward", "gradient")?
-            }
-            _ => candle_core::bail!("conv2d_nhwc (im2col) backward: gradient not on the CPU"),
-        };
+        let gv = super::cpu_f32_values(&gs, gl, "conv2d_nhwc (im2col) backward", "gradient")?;
         let mut dx = vec![0f32; n * h * w * c];
         let img_len = h * w * c;
         if img_len > 0 {

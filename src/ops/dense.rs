@@ -4,7 +4,7 @@
 
 use crate::cpu::gemm::{linear_packed, mlp_block_rows, mlp_packed, PackedWeight, Rows};
 use crate::cpu::KernelPolicy;
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -210,23 +210,15 @@ fn pack(
     }
     // Packed straight from the tensors' storage (no intermediate copy).
     let (w_storage, w_layout) = weight.storage_and_layout();
-    let w = cpu_f32(&w_storage, w_layout, "weight")?;
+    let w = super::cpu_f32_values(&w_storage, w_layout, "linear", "weight")?;
     Ok(match bias {
         Some(b) => {
             let (b_storage, b_layout) = b.storage_and_layout();
-            let b = cpu_f32(&b_storage, b_layout, "bias")?;
+            let b = super::cpu_f32_values(&b_storage, b_layout, "linear", "bias")?;
             PackedWeight::new(policy.isa(), w, Some(b), n, k)
         }
         None => PackedWeight::new(policy.isa(), w, None, n, k),
     })
-}
-
-/// The values of an f32 CPU tensor's storage (see [`super::contiguous_slice`]).
-fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
-    match storage {
-        Storage::Cpu(s) => super::contiguous_slice::<f32>(s, layout, "linear", what),
-        _ => candle_core::bail!("linear: the {what} must be on the CPU to be packed"),
-    }
 }
 
 /// Rows (the product of the leading dims) of a (..., k) input, after checking it is a CPU

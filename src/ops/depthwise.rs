@@ -562,17 +562,11 @@ impl CustomOp2 for DwTrainOp {
         cpu(&tt)?;
         cpu(&gt)?;
         let (gs, gl) = gt.storage_and_layout();
-        let gv = match &*gs {
-            candle_core::Storage::Cpu(s) => contiguous_slice::<f32>(s, gl, OP, "gradient")?,
-            _ => candle_core::bail!("depthwise conv backward: gradient not on the CPU"),
-        };
+        let gv = super::cpu_f32_values(&gs, gl, OP, "gradient")?;
         let (img_in, img_out) = (h * w * c, ho * wo * c);
         let dx = if need_x && img_in > 0 {
             let (ts, tl) = tt.storage_and_layout();
-            let tv = match &*ts {
-                candle_core::Storage::Cpu(s) => contiguous_slice::<f32>(s, tl, OP, "taps")?,
-                _ => candle_core::bail!("depthwise conv backward: taps not on the CPU"),
-            };
+            let tv = super::cpu_f32_values(&ts, tl, OP, "taps")?;
             let mut dx = vec![0f32; n * img_in];
             dx.par_chunks_mut(w * c).enumerate().for_each(|(r, out)| {
                 let (b, ih) = (r / h, r % h);
@@ -585,10 +579,7 @@ impl CustomOp2 for DwTrainOp {
         };
         let dtaps = if need_w && img_out > 0 {
             let (xs, xl) = xt.storage_and_layout();
-            let xv = match &*xs {
-                candle_core::Storage::Cpu(s) => contiguous_slice::<f32>(s, xl, OP, "input")?,
-                _ => candle_core::bail!("depthwise conv backward: input not on the CPU"),
-            };
+            let xv = super::cpu_f32_values(&xs, xl, OP, "input")?;
             let len = (self.kh * self.kw + 1) * c;
             let parts: Vec<Vec<f32>> = gv
                 .par_chunks(wo * c)

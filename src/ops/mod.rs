@@ -68,6 +68,23 @@ pub(crate) fn inference_op3(
     a.apply_op3_no_bwd(b, c, op)
 }
 
+/// The f32 values of a tensor's storage as one contiguous slice (see [`contiguous_slice`]), for
+/// the CPU-only kernels that read a tensor through `storage_and_layout`; an error naming `op`
+/// and `what` for storage that is not on the CPU.
+pub(crate) fn cpu_f32_values<'a>(
+    storage: &'a candle_core::Storage,
+    layout: &Layout,
+    op: &str,
+    what: &str,
+) -> Result<&'a [f32]> {
+    match storage {
+        candle_core::Storage::Cpu(s) => contiguous_slice::<f32>(s, layout, op, what),
+        _ => {
+            candle_core::bail!("{op}: the {what} must be on the CPU (this kernel has no GPU path)")
+        }
+    }
+}
+
 /// The values of a CPU tensor as one contiguous slice of `T`, for the custom ops' CPU kernels.
 ///
 /// `op` and `what` name the operator and the argument in the error, which says what to do when

@@ -43,10 +43,7 @@ pub(crate) fn engages(policy: KernelPolicy, ts: &[&Tensor], extra: Option<&Tenso
 
 /// The f32 values of a contiguous CPU tensor's storage.
 fn values<'a>(storage: &'a Storage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
-    match storage {
-        Storage::Cpu(s) => contiguous_slice::<f32>(s, layout, "training kernel", what),
-        _ => candle_core::bail!("training kernel: the {what} must be on the CPU"),
-    }
+    super::cpu_f32_values(storage, layout, "training kernel", what)
 }
 
 /// `&mut [f32]` as the `MaybeUninit` output slice the CPU kernels write into.
