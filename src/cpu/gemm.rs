@@ -84,7 +84,8 @@ impl Family {
         match self {
             // Two 16-row tiles.
             Family::Amx => 32,
-            Family::Avx512 | Family::Avx512Bf16 => 8,
+            Family::Avx512 => 12,
+            Family::Avx512Bf16 => 8,
             Family::Avx2 => 6,
             #[cfg(target_arch = "aarch64")]
             Family::Neon => 6,
@@ -107,7 +108,8 @@ impl Family {
     const fn max_rows(self) -> usize {
         match self {
             Family::Amx => 64,
-            Family::Avx512 | Family::Avx512Bf16 => 32,
+            Family::Avx512 => 36,
+            Family::Avx512Bf16 => 32,
             Family::Avx2 => 36,
             #[cfg(target_arch = "aarch64")]
             Family::Neon => 36,
@@ -117,7 +119,7 @@ impl Family {
 }
 
 /// The largest `MR * NR` of any family (the scratch tile of partial panels).
-const MAX_TILE: usize = 8 * 32;
+const MAX_TILE: usize = 12 * 32;
 
 /// The packed panels.
 #[derive(Debug)]
@@ -722,7 +724,7 @@ unsafe fn kernel(f: Family, op: Operands<f32>, c: *mut f32, ldc: usize, rows: us
     }
     match f {
         #[cfg(target_arch = "x86_64")]
-        Family::Avx512 | Family::Avx512Bf16 => by_rows!(avx512, 8 7 6 5 4 3 2 1),
+        Family::Avx512 | Family::Avx512Bf16 => by_rows!(avx512, 12 11 10 9 8 7 6 5 4 3 2 1),
         #[cfg(target_arch = "x86_64")]
         Family::Avx2 => by_rows!(avx2, 6 5 4 3 2 1),
         #[cfg(target_arch = "aarch64")]
