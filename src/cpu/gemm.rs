@@ -301,6 +301,11 @@ struct Split {
     panels: usize,
 }
 
+/// Weights above this many bytes get tall row blocks ([`split`]).
+const BIG_WEIGHT_BYTES: usize = 512 * 1024;
+/// The tallest row block [`split`] cuts for a big weight.
+const BIG_WEIGHT_ROWS: usize = 120;
+
 fn split(f: Family, m: usize, panels: usize, k: usize, threads: usize) -> Split {
     let (mr, max_rows) = (f.mr(), f.max_rows());
     let tiny = m * panels * f.nr() * k < 32 * 1024;
@@ -312,11 +317,22 @@ fn split(f: Family, m: usize, panels: usize, k: usize, threads: usize) -> Split 
     }
     // Rows: blocks of whole kernel groups, at most max_rows, about 4 tasks per thread.
     let want = 4 * threads;
-    let rows = m
+    let mut rows = m
         .div_ceil(want)
         .div_ceil(mr)
         .saturating_mul(mr)
         .clamp(mr, max_rows);
+    // A weight larger than a core's L2 share is read again by every row block: cut fewer,
+    // taller row blocks (at most one per thread, up to BIG_WEIGHT_ROWS rows) and split the
+    // panels instead.
+    if panels * f.nr() * k * 4 > BIG_WEIGHT_BYTES {
+        let tall = if m <= BIG_WEIGHT_ROWS / 2 {
+            m
+        } else {
+            m.div_ceil(threads).min(BIG_WEIGHT_ROWS)
+        };
+        rows = rows.max(tall.div_ceil(mr).saturating_mul(mr));
+    }
     let row_blocks = m.div_ceil(rows);
     // Few row blocks (small batches, late stages): cut the panels too.
     let panel_blocks = want.div_ceil(row_blocks).min(panels).max(1);
