@@ -438,6 +438,151 @@ pub(crate) fn mlp_packed(
         });
 }
 
+/// The tail of a pre-norm block after its deformable core, for [`block_tail_packed`]:
+/// `x2 = x + gamma1 * out_proj(y)`, then `x2 + gamma2 * fc2(gelu(fc1(norm(x2))))`.
+pub(crate) struct BlockTail<'a> {
+    /// The DCN output projection (c -> c).
+    pub(crate) out_proj: &'a PackedWeight,
+    /// Layer scale of the DCN branch (c), if any.
+    pub(crate) gamma1: Option<&'a [f32]>,
+    /// The MLP's LayerNorm: normalises whole rows of `src` (c values each) into `dst`.
+    pub(crate) norm: &'a (dyn Fn(&[f32], &mut [MaybeUninit<f32>]) + Sync),
+    /// MLP fc1 (c -> hidden, GELU after it) and fc2 (hidden -> c).
+    pub(crate) fc1: &'a PackedWeight,
+    pub(crate) fc2: &'a PackedWeight,
+    /// Layer scale of the MLP branch (c), if any.
+    pub(crate) gamma2: Option<&'a [f32]>,
+}
+
+/// `x + gamma * branch` per row of `c` values, in place into `x` (the residual update of a
+/// block; the same arithmetic as the unfused residual op).
+fn residual_rows(x: &mut [f32], branch: &[f32], gamma: Option<&[f32]>) {
+    match gamma {
+        None => {
+            for (x, &b) in x.iter_mut().zip(branch) {
+                *x += b;
+            }
+        }
+        Some(g) => {
+            for (x, b) in x.chunks_mut(g.len()).zip(branch.chunks(g.len())) {
+                for ((x, &b), &g) in x.iter_mut().zip(b).zip(g) {
+                    *x += g * b;
+                }
+            }
+        }
+    }
+}
+
+/// Whether [`block_tail_packed`] has enough rows of `c` features to give every thread whole row
+/// blocks (otherwise separate packed ops, which also split the columns, use the threads better).
+pub(crate) fn block_tail_fits(m: usize, fc1: &PackedWeight) -> bool {
+    m >= 2 * rayon::current_num_threads().max(1) * mlp_block_rows(fc1)
+}
+
+/// The inference tail of a pre-norm block ([`BlockTail`]) on `m` rows of `c` = `out_proj.n`
+/// features (`x` the block input, `y` the deformable core's output), fused by row blocks: each
+/// block's projections, norm and hidden activations stay in per-thread buffers. Every value is
+/// computed by the same kernels in the same order as the unfused ops (bitwise equal).
+pub(crate) fn block_tail_packed(
+    x: &[f32],
+    y: &[f32],
+    m: usize,
+    t: &BlockTail,
+    out: &mut [MaybeUninit<f32>],
+) {
+    let (c, hid) = (t.out_proj.n, t.fc1.n);
+    assert!(
+        t.out_proj.k == c
+            && t.fc1.k == c
+            && t.fc2.k == hid
+            && t.fc2.n == c
+            && x.len() >= m * c
+            && y.len() >= m * c
+            && out.len() >= m * c
+            && t.gamma1.is_none_or(|g| g.len() == c)
+            && t.gamma2.is_none_or(|g| g.len() == c),
+        "block_tail_packed: operand sizes"
+    );
+    if m == 0 {
+        return;
+    }
+    let threads = rayon::current_num_threads().max(1);
+    let mr = t.fc1.family.mr();
+    let rows = mlp_block_rows(t.fc1).min(m.div_ceil(2 * threads).div_ceil(mr) * mr);
+    let dst = OutPtr(out.as_mut_ptr().cast::<f32>());
+    (0..m.div_ceil(rows)).into_par_iter().for_each_init(
+        || {
+            (
+                Vec::<f32>::new(),
+                Vec::<MaybeUninit<f32>>::new(),
+                Vec::<f32>::new(),
+            )
+        },
+        |(branch, normed, hidden), b| {
+            let r0 = b * rows;
+            let r1 = (r0 + rows).min(m);
+            let n = r1 - r0;
+            branch.resize(n * c, 0.0);
+            normed.resize(n * c, MaybeUninit::uninit());
+            hidden.resize(n * hid, 0.0);
+            // SAFETY: rows r0..r1 of `out` belong to this block only (disjoint blocks) and `out`
+            // holds m * c values (asserted above); this block writes every one of its values
+            // (the copy of x below) before reading any.
+            let x2 = unsafe { std::slice::from_raw_parts_mut(dst.get().add(r0 * c), n * c) };
+            x2.copy_from_slice(&x[r0 * c..r1 * c]);
+            // SAFETY: `branch` is (n, c), `hidden` (n, hid); the weights' shapes were asserted
+            // above; y holds rows 0..m of c values.
+            unsafe {
+                let yb = Rows::F32(&y[r0 * c..r1 * c]);
+                block(
+                    yb,
+                    0,
+                    n,
+                    t.out_proj,
+                    0,
+                    t.out_proj.panels(),
+                    branch.as_mut_ptr(),
+                    c,
+                    false,
+                );
+            }
+            residual_rows(x2, branch, t.gamma1);
+            (t.norm)(x2, normed);
+            // SAFETY: `norm` wrote all n * c values of `normed` (its contract).
+            let normed: &[f32] =
+                unsafe { std::slice::from_raw_parts(normed.as_ptr().cast::<f32>(), n * c) };
+            // SAFETY: as above: `hidden` is (n, hid) and `branch` (n, c).
+            unsafe {
+                let fc1 = t.fc1;
+                block(
+                    Rows::F32(normed),
+                    0,
+                    n,
+                    fc1,
+                    0,
+                    fc1.panels(),
+                    hidden.as_mut_ptr(),
+                    hid,
+                    true,
+                );
+                let fc2 = t.fc2;
+                block(
+                    Rows::F32(hidden),
+                    0,
+                    n,
+                    fc2,
+                    0,
+                    fc2.panels(),
+                    branch.as_mut_ptr(),
+                    c,
+                    false,
+                );
+            }
+            residual_rows(x2, branch, t.gamma2);
+        },
+    );
+}
+
 /// The depth blocks of `k`: about `kc` deep, equal sizes.
 fn k_blocks(k: usize, kc: usize) -> impl Iterator<Item = (usize, usize)> {
     let nb = k.div_ceil(kc).max(1);

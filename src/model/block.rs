@@ -85,6 +85,29 @@ impl Dcn {
             Self::V4(l) => l.forward_rec(xs, rec),
         }
     }
+
+    /// The core's output, before the output projection.
+    fn core_rec(&self, xs: &Tensor, rec: &mut Recorder) -> Result<Tensor> {
+        match self {
+            Self::V3(l) => l.core_rec(xs, rec),
+            Self::V4(l) => l.core_rec(xs, rec),
+        }
+    }
+
+    /// The output projection of the core's output `y`.
+    fn project_rec(&self, y: &Tensor, rec: &mut Recorder) -> Result<Tensor> {
+        match self {
+            Self::V3(l) => l.project_rec(y, rec),
+            Self::V4(l) => l.project_rec(y, rec),
+        }
+    }
+
+    fn output_proj(&self) -> &Linear {
+        match self {
+            Self::V3(l) => l.output_proj(),
+            Self::V4(l) => l.output_proj(),
+        }
+    }
 }
 
 /// The residual arrangement of a block (spec §2.3).
@@ -214,10 +237,25 @@ impl Block {
                 res(&x, &m, None)?
             }
             Residual::PreNorm => {
-                let d = self.dcn.forward_rec(&self.norm1.forward(xs)?, rec)?;
-                let x = res(xs, &d, g1)?;
-                let m = mlp(&self.norm2.forward(&x)?)?;
-                res(&x, &m, g2)?
+                let y = self.dcn.core_rec(&self.norm1.forward(xs)?, rec)?;
+                // Inference: the projection, both residual updates, the norm and the MLP in one
+                // pass by row blocks where the fused kernel applies (same values).
+                let fused = if training || rec.on() {
+                    None
+                } else {
+                    let (mlp, dcn) = (&self.mlp, self.dcn.output_proj());
+                    let norm = self.norm2.params();
+                    crate::ops::dense::block_tail(xs, &y, dcn, g1, norm, &mlp.fc1, &mlp.fc2, g2)?
+                };
+                match fused {
+                    Some(out) => out,
+                    None => {
+                        let d = self.dcn.project_rec(&y, rec)?;
+                        let x = res(xs, &d, g1)?;
+                        let m = mlp(&self.norm2.forward(&x)?)?;
+                        res(&x, &m, g2)?
+                    }
+                }
             }
         };
         rec.put("out", &x);

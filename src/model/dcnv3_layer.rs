@@ -214,6 +214,25 @@ impl Dcnv3Layer {
     }
 
     pub(crate) fn forward_rec(&self, xs: &Tensor, rec: &mut Recorder) -> Result<Tensor> {
+        let y = self.core_rec(xs, rec)?;
+        self.project_rec(&y, rec)
+    }
+
+    /// The output projection of the core's output `y` (recorded as `dcn.out`).
+    pub(crate) fn project_rec(&self, y: &Tensor, rec: &mut Recorder) -> Result<Tensor> {
+        let out = self.output_proj.forward(y)?;
+        rec.put("dcn.out", &out);
+        Ok(out)
+    }
+
+    /// The output projection.
+    pub(crate) fn output_proj(&self) -> &Linear {
+        &self.output_proj
+    }
+
+    /// Everything before the output projection: the core's output (with the centre feature
+    /// scale applied, where the layer has one).
+    pub(crate) fn core_rec(&self, xs: &Tensor, rec: &mut Recorder) -> Result<Tensor> {
         self.check_input(xs)?;
         let v = self.input_proj.forward(xs)?;
         let f = self.offset_features(xs)?;
@@ -239,9 +258,7 @@ impl Dcnv3Layer {
                 (&y + (v - &y)?.mul(&s)?)?
             }
         };
-        let out = self.output_proj.forward(&y)?;
-        rec.put("dcn.out", &out);
-        Ok(out)
+        Ok(y)
     }
 }
 

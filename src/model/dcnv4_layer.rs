@@ -169,6 +169,24 @@ impl Dcnv4Layer {
     }
 
     pub(crate) fn forward_rec(&self, xs: &Tensor, rec: &mut Recorder) -> Result<Tensor> {
+        let y = self.core_rec(xs, rec)?;
+        self.project_rec(&y, rec)
+    }
+
+    /// The output projection of the core's output `y` (recorded as `dcn.out`).
+    pub(crate) fn project_rec(&self, y: &Tensor, rec: &mut Recorder) -> Result<Tensor> {
+        let out = self.output_proj.forward(y)?;
+        rec.put("dcn.out", &out);
+        Ok(out)
+    }
+
+    /// The output projection.
+    pub(crate) fn output_proj(&self) -> &Linear {
+        &self.output_proj
+    }
+
+    /// Everything before the output projection: the core's output.
+    pub(crate) fn core_rec(&self, xs: &Tensor, rec: &mut Recorder) -> Result<Tensor> {
         let om = self.offset_mask(xs)?;
         let v = self.value_proj.forward(xs)?;
         let y = dcnv4_with(&v, &om, &self.core, self.policy)?;
@@ -177,9 +195,7 @@ impl Dcnv4Layer {
             rec.put("core.offset_mask", &om);
             rec.put("core.out", &y);
         }
-        let out = self.output_proj.forward(&y)?;
-        rec.put("dcn.out", &out);
-        Ok(out)
+        Ok(y)
     }
 }
 

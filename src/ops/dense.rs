@@ -2,9 +2,12 @@
 //! crate's GEMM ([`crate::cpu::gemm`]), and [`mlp`], InternImage's `fc2(gelu(fc1(x)))` on such
 //! layers.
 
-use crate::cpu::gemm::{linear_packed, mlp_block_rows, mlp_packed, PackedWeight, Rows};
+use crate::cpu::gemm::{
+    block_tail_fits, block_tail_packed, linear_packed, mlp_block_rows, mlp_packed, BlockTail,
+    PackedWeight, Rows,
+};
 use crate::cpu::KernelPolicy;
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -153,6 +156,115 @@ pub fn mlp(xs: &Tensor, fc1: &Linear, fc2: &Linear) -> Result<Tensor> {
             }
         }
         _ => fc2.forward(&fc1.forward_gelu(xs)?),
+    }
+}
+
+/// The inference tail of a pre-norm block after its deformable core `y`, fused by row blocks
+/// on the CPU: `x2 = x + gamma1 * out_proj(y)`, then `x2 + gamma2 * fc2(gelu(fc1(norm(x2))))`
+/// with `norm` = (weight, bias, eps) a LayerNorm over the channels. Bitwise equal to the
+/// unfused ops; `Ok(None)` (the caller runs those) unless all three layers are packed f32, the
+/// tensors are f32 CPU tensors that track no gradient and there are enough rows to fill every
+/// thread with whole row blocks.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn block_tail(
+    x: &Tensor,
+    y: &Tensor,
+    out_proj: &Linear,
+    gamma1: Option<&Tensor>,
+    norm: (&Tensor, &Tensor, f64),
+    fc1: &Linear,
+    fc2: &Linear,
+    gamma2: Option<&Tensor>,
+) -> Result<Option<Tensor>> {
+    let (Weights::Packed(wo), Weights::Packed(w1), Weights::Packed(w2)) =
+        (&out_proj.weights, &fc1.weights, &fc2.weights)
+    else {
+        return Ok(None);
+    };
+    let c = wo.n();
+    let small = [Some(norm.0), Some(norm.1), gamma1, gamma2];
+    let applies = !(wo.is_bf16() || w1.is_bf16() || w2.is_bf16())
+        && (wo.k(), w1.k(), w2.k(), w2.n()) == (c, c, w1.n(), c)
+        && x.device().is_cpu()
+        && y.device().is_cpu()
+        && (x.dtype(), y.dtype()) == (DType::F32, DType::F32)
+        && x.dims() == y.dims()
+        && x.dims().last() == Some(&c)
+        && !super::tracks_grad(&[x, y])
+        && small.iter().flatten().all(|t| {
+            t.dtype() == DType::F32 && t.device().is_cpu() && t.dims() == [c] && !t.track_op()
+        });
+    if !applies || !block_tail_fits(x.elem_count() / c.max(1), w1) {
+        return Ok(None);
+    }
+    let values = |t: &Tensor| t.to_vec1::<f32>();
+    let op = BlockTailOp {
+        out_proj: wo.clone(),
+        gamma1: gamma1.map(values).transpose()?,
+        norm_weight: values(norm.0)?,
+        norm_bias: values(norm.1)?,
+        eps: norm.2 as f32,
+        fc1: w1.clone(),
+        fc2: w2.clone(),
+        gamma2: gamma2.map(values).transpose()?,
+        isa: fc1.policy.isa(),
+    };
+    super::inference_op2(&x.contiguous()?, &y.contiguous()?, &op).map(Some)
+}
+
+/// [`block_tail`] as a candle op on (x, y).
+struct BlockTailOp {
+    out_proj: Arc<PackedWeight>,
+    gamma1: Option<Vec<f32>>,
+    norm_weight: Vec<f32>,
+    norm_bias: Vec<f32>,
+    eps: f32,
+    fc1: Arc<PackedWeight>,
+    fc2: Arc<PackedWeight>,
+    gamma2: Option<Vec<f32>>,
+    isa: crate::cpu::Isa,
+}
+
+impl CustomOp2 for BlockTailOp {
+    fn name(&self) -> &'static str {
+        "internimage-block-tail"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = super::contiguous_slice::<f32>(s1, l1, "block_tail", "input")?;
+        let y = super::contiguous_slice::<f32>(s2, l2, "block_tail", "core output")?;
+        let c = self.out_proj.n();
+        if x.len() != y.len() || c == 0 || x.len() % c != 0 {
+            candle_core::bail!(
+                "block_tail: input {:?} and core output {:?} must be equal (..., {c}) shapes",
+                l1.dims(),
+                l2.dims()
+            )
+        }
+        let m = x.len() / c;
+        let (w, b, eps, isa) = (&self.norm_weight, &self.norm_bias, self.eps, self.isa);
+        let norm = |src: &[f32], dst: &mut [std::mem::MaybeUninit<f32>]| {
+            super::fused::ln_rows(isa, src, dst, w, b, eps)
+        };
+        let tail = BlockTail {
+            out_proj: &self.out_proj,
+            gamma1: self.gamma1.as_deref(),
+            norm: &norm,
+            fc1: &self.fc1,
+            fc2: &self.fc2,
+            gamma2: self.gamma2.as_deref(),
+        };
+        let mut out = Vec::with_capacity(x.len());
+        block_tail_packed(x, y, m, &tail, &mut out.spare_capacity_mut()[..x.len()]);
+        // SAFETY: block_tail_packed writes all m * c values.
+        unsafe { out.set_len(x.len()) };
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
 
@@ -384,5 +496,101 @@ impl CustomOp1 for PackedOp {
                 }
             });
         Ok((CpuStorage::BF16(yb), shape))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::Isa;
+
+    fn randn(shape: &[usize], scale: f64, seed: u64) -> Tensor {
+        // Deterministic values (a small LCG), so that failures reproduce.
+        let n: usize = shape.iter().product();
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (((s >> 40) as f64 / (1u64 << 24) as f64 - 0.5) * 2.0 * scale) as f32
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &candle_core::Device::Cpu).unwrap()
+    }
+
+    /// The fused block tail engages for enough rows and equals, bit for bit, the unfused ops it
+    /// replaces (projection, residual, LayerNorm, MLP, residual), with and without layer scale,
+    /// on every instruction set of this CPU.
+    #[test]
+    fn block_tail_equals_the_unfused_ops_bitwise() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let (c, hid) = (48, 192);
+            for isa in Isa::supported() {
+                let policy = KernelPolicy::with_isa(isa).unwrap();
+                let lin = |o: usize, i: usize, seed: u64| {
+                    let w = randn(&[o, i], 0.2, seed);
+                    let b = randn(&[o], 0.1, seed + 1);
+                    Linear::with_policy(w, Some(b), policy).unwrap()
+                };
+                let (proj, fc1, fc2) = (lin(c, c, 1), lin(hid, c, 3), lin(c, hid, 5));
+                let rows = 2
+                    * 2
+                    * match &fc1.weights {
+                        Weights::Packed(p) => mlp_block_rows(p),
+                        Weights::Tensors(_) => panic!("{isa}: fc1 not packed"),
+                    }
+                    + 7;
+                let x = randn(&[1, rows, 1, c], 1.0, 7);
+                let y = randn(&[1, rows, 1, c], 1.0, 8);
+                let (nw, nb) = (
+                    randn(&[c], 0.5, 9).affine(1.0, 1.0).unwrap(),
+                    randn(&[c], 0.2, 10),
+                );
+                let g = randn(&[c], 0.5, 11);
+                for gamma in [None, Some(&g)] {
+                    let fused =
+                        block_tail(&x, &y, &proj, gamma, (&nw, &nb, 1e-6), &fc1, &fc2, gamma)
+                            .unwrap()
+                            .unwrap_or_else(|| panic!("{isa}: the fused tail did not engage"));
+                    let res = |a: &Tensor, b: &Tensor| match gamma {
+                        Some(g) => a + b.broadcast_mul(g).unwrap(),
+                        None => a + b,
+                    };
+                    let x2 = res(&x, &proj.forward(&y).unwrap()).unwrap();
+                    let n =
+                        crate::ops::layer_norm_last_dim_with(&x2, &nw, &nb, 1e-6, policy).unwrap();
+                    let want = res(&x2, &mlp(&n, &fc1, &fc2).unwrap()).unwrap();
+                    let (a, b) = (
+                        fused.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                        want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    );
+                    assert_eq!(fused.dims(), want.dims());
+                    let bad = a
+                        .iter()
+                        .zip(&b)
+                        .position(|(p, q)| p.to_bits() != q.to_bits());
+                    assert!(
+                        bad.is_none(),
+                        "{isa} gamma {}: differs at {bad:?}",
+                        gamma.is_some()
+                    );
+                }
+                // Too few rows for whole row blocks on every thread: not taken.
+                let xs = x.narrow(1, 0, 8).unwrap();
+                let ys = y.narrow(1, 0, 8).unwrap();
+                let small = block_tail(&xs, &ys, &proj, None, (&nw, &nb, 1e-6), &fc1, &fc2, None);
+                assert!(
+                    small.unwrap().is_none(),
+                    "{isa}: 8 rows should not take the fused tail"
+                );
+            }
+        });
     }
 }

@@ -78,7 +78,9 @@ fn ln_rows_generic<const FMA: bool>(
     }
 }
 
-dispatch!(fn ln_rows(src: &[f32], dst: &mut [MaybeUninit<f32>], w: &[f32], b: &[f32], eps: f32) => ln_rows_generic);
+dispatch!(
+    /// LayerNorm of whole rows of `w.len()` values of `src` into `dst` (every value written).
+    pub(crate) fn ln_rows(src: &[f32], dst: &mut [MaybeUninit<f32>], w: &[f32], b: &[f32], eps: f32) => ln_rows_generic);
 
 /// LayerNorm as a custom op: (xs, weight, bias), all f32 and contiguous.
 struct LayerNormOp {
