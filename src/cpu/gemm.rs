@@ -439,7 +439,7 @@ pub(crate) fn mlp_packed(
 }
 
 /// A row normalisation: whole rows of `src` into `dst` (every value written).
-pub(crate) type RowNorm = dyn Fn(&[f32], &mut [MaybeUninit<f32>]) + Sync;
+pub(crate) type RowNorm<'a> = dyn Fn(&[f32], &mut [MaybeUninit<f32>]) + Sync + 'a;
 
 /// The tail of a pre-norm block after its deformable core, for [`block_tail_packed`]:
 /// `x2 = x + gamma1 * out_proj(y)`, then `x2 + gamma2 * fc2(gelu(fc1(norm(x2))))`.
@@ -449,7 +449,7 @@ pub(crate) struct BlockTail<'a> {
     /// Layer scale of the DCN branch (c), if any.
     pub(crate) gamma1: Option<&'a [f32]>,
     /// The MLP's LayerNorm: normalises whole rows of `src` (c values each) into `dst`.
-    pub(crate) norm: &'a RowNorm,
+    pub(crate) norm: &'a RowNorm<'a>,
     /// MLP fc1 (c -> hidden, GELU after it) and fc2 (hidden -> c).
     pub(crate) fc1: &'a PackedWeight,
     pub(crate) fc2: &'a PackedWeight,
