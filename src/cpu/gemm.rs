@@ -476,10 +476,28 @@ fn residual_rows(x: &mut [f32], branch: &[f32], gamma: Option<&[f32]>) {
     }
 }
 
-/// Whether [`block_tail_packed`] has enough rows of `c` features to give every thread whole row
-/// blocks (otherwise separate packed ops, which also split the columns, use the threads better).
+/// Whether [`block_tail_packed`] has enough rows to give every thread two row blocks of at least
+/// two kernel row groups (otherwise separate packed ops, which also split the columns, use the
+/// threads better).
 pub(crate) fn block_tail_fits(m: usize, fc1: &PackedWeight) -> bool {
-    m >= 2 * rayon::current_num_threads().max(1) * mlp_block_rows(fc1)
+    m >= 2 * rayon::current_num_threads().max(1) * 2 * fc1.family.mr()
+}
+
+/// Rows per block of [`block_tail_packed`]: at most [`mlp_block_rows`], in a number of blocks
+/// that is a multiple of the thread count (at least two per thread); whole kernel row groups
+/// when there are many blocks, equal blocks when there are few.
+fn block_tail_rows(m: usize, fc1: &PackedWeight) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    let blocks = m
+        .div_ceil(mlp_block_rows(fc1))
+        .max(2 * threads)
+        .next_multiple_of(threads);
+    let rows = m.div_ceil(blocks).max(1);
+    if blocks >= 4 * threads {
+        rows.next_multiple_of(fc1.family.mr())
+    } else {
+        rows
+    }
 }
 
 /// The inference tail of a pre-norm block ([`BlockTail`]) on `m` rows of `c` = `out_proj.n`
@@ -509,9 +527,7 @@ pub(crate) fn block_tail_packed(
     if m == 0 {
         return;
     }
-    let threads = rayon::current_num_threads().max(1);
-    let mr = t.fc1.family.mr();
-    let rows = mlp_block_rows(t.fc1).min(m.div_ceil(2 * threads).div_ceil(mr) * mr);
+    let rows = block_tail_rows(m, t.fc1);
     let dst = OutPtr(out.as_mut_ptr().cast::<f32>());
     (0..m.div_ceil(rows)).into_par_iter().for_each_init(
         || {
