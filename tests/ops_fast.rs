@@ -156,13 +156,19 @@ fn linear_gelu_matches_unfused() {
         let lin = candle_nn::Linear::new(w.clone(), bias);
         let ours = linear_gelu(&x, &lin).unwrap();
         assert_eq!(ours.dims(), &[2, 7, 9, 96]);
-        let pre = lin.forward(&x).unwrap().to_dtype(DType::F64).unwrap();
+        // Reference in f64 (a second f32 GEMM would differ by its own summation order): the
+        // f32 result of a 48-term dot product of these magnitudes is within ~1e-5 of it.
+        let f64_lin = candle_nn::Linear::new(
+            w.to_dtype(DType::F64).unwrap(),
+            lin.bias().map(|b| b.to_dtype(DType::F64).unwrap()),
+        );
+        let pre = f64_lin.forward(&x.to_dtype(DType::F64).unwrap()).unwrap();
         let reference = pre.gelu_erf().unwrap();
-        let e = excess(&ours, &reference, 1e-6, 1e-6);
+        let e = excess(&ours, &reference, 1e-5, 1e-5);
         assert!(e <= 0.0, "linear_gelu off by {e:e}");
         let plain = internimage::ops::linear(&x, &lin).unwrap();
         assert_eq!(plain.dims(), &[2, 7, 9, 96]);
-        let e = excess(&plain, &pre, 1e-6, 1e-6);
+        let e = excess(&plain, &pre, 1e-5, 1e-5);
         assert!(e <= 0.0, "linear off by {e:e}");
     }
 }
