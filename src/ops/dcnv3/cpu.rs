@@ -780,6 +780,8 @@ fn forward_chunk_dispatch<F: Acc>(
         // build: an auto-vectorised AVX-512 instantiation of the generic kernel was measured
         // slower than the AVX2 one, 0.571 against 0.521 ms at the stage-1 shape in f32.)
         if fits_i32
+            && prm.g.w_in >= 2
+            && prm.g.h_in >= 2
             && matches!(isa, Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx)
             && Isa::Avx512.is_supported()
         {
@@ -792,8 +794,9 @@ fn forward_chunk_dispatch<F: Acc>(
                 F::as_f32_mut(chunk),
             ) {
                 // SAFETY: the CPU supports AVX-512 F/BW/VL/DQ, AVX2 and FMA (checked just
-                // above); the image length fits in i32 (`fits_i32`); the buffers and the chunk
-                // are those `forward` was given and cut, as the kernel requires.
+                // above); the image is at least 2x2 and its length fits in i32 (`fits_i32`);
+                // the buffers and the chunk are those `forward` was given and cut, as the
+                // kernel requires.
                 unsafe { avx512::forward_chunk(p32, i, o, m, ch, first) };
                 return;
             }

@@ -44,38 +44,40 @@ unsafe fn copy_lanes(src: &[f32], dst: &mut [f32]) {
     }
 }
 
-/// One block of up to 16 channels of one (pixel, group): `sum_t w[k][t] * img[idx[k][t] + c0..]`
-/// over the taps `t0..t1` of the four corner lists (rows of `stride` entries), stored into
-/// `out`; returns the lanes that came out NaN or infinite. `MASKED`: only the lanes of `cm`
-/// are read and written (the group's last, partial block).
+/// One block of up to 16 channels of one (pixel, group): for the points `t0..t1`, the 2x2
+/// window at `base[t]` (channels-last: `+c` is the next column, `+row` the next row) weighted by
+/// `w[k][t]` (rows of `stride` entries, k = (0,0), (0,1), (1,0), (1,1)), channels `c0..`,
+/// summed and stored into `out`; returns the lanes that came out NaN or infinite. `MASKED`:
+/// only the lanes of `cm` are read and written (the group's last, partial block).
 ///
 /// # Safety
-/// The CPU supports AVX-512 F/DQ; every `idx[k*stride + t]` for t in `t0..t1` lies in
-/// `[0, img.len() - cg]` and `c0 + 16 <= cg` (or, `MASKED`, `c0 + popcount(cm) <= cg` with
-/// `cm` a prefix mask); `out` points at 16 (`MASKED`: the lanes of `cm`) writable floats;
-/// `idx` and `wts` hold `4 * stride` entries and `t1 <= stride`.
+/// The CPU supports AVX-512 F/DQ; every `base[t]` for t in `t0..t1` lies in
+/// `[0, img.len() - row - c - cg]` and `c0 + 16 <= cg` (or, `MASKED`, `c0 + popcount(cm) <= cg`
+/// with `cm` a prefix mask); `out` points at 16 (`MASKED`: the lanes of `cm`) writable floats;
+/// `base` holds `stride` and `wts` `4 * stride` entries, `t1 <= stride`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn block<const MASKED: bool>(
     img: *const f32,
-    idx: *const i32,
+    (c, row): (usize, usize),
+    base: *const i32,
     wts: *const f32,
     stride: usize,
-    t0: usize,
-    t1: usize,
+    (t0, t1): (usize, usize),
     c0: usize,
     cm: __mmask16,
     out: *mut f32,
 ) -> __mmask16 {
     let mut a = [_mm512_setzero_ps(); 4];
+    let steps = [0, c, row, row + c];
     for t in t0..t1 {
+        let p = img.add(*base.add(t) as usize + c0);
         for (k, acc) in a.iter_mut().enumerate() {
-            let o = *idx.add(k * stride + t) as usize + c0;
             let v = if MASKED {
-                _mm512_maskz_loadu_ps(cm, img.add(o))
+                _mm512_maskz_loadu_ps(cm, p.add(steps[k]))
             } else {
-                _mm512_loadu_ps(img.add(o))
+                _mm512_loadu_ps(p.add(steps[k]))
             };
             *acc = _mm512_fmadd_ps(_mm512_set1_ps(*wts.add(k * stride + t)), v, *acc);
         }
@@ -96,7 +98,7 @@ unsafe fn block<const MASKED: bool>(
 /// the module documentation); same results as [`super::forward_chunk_finite`].
 ///
 /// # Safety
-/// The CPU supports AVX-512 F/BW/VL/DQ, AVX2 and FMA; the image length `H_in*W_in*C` is below
+/// The CPU supports AVX-512 F/BW/VL/DQ, AVX2 and FMA; the image is at least 2x2 (`H_in, W_in >= 2`) and its length `H_in*W_in*C` is below
 /// `i32::MAX`; `input`, `offset` and `mask` hold what `prm`'s geometry and layout say, and
 /// `chunk` holds whole output pixels starting at `first`, all within the output.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
@@ -115,9 +117,12 @@ pub(super) unsafe fn forward_chunk(
     let stride = gp_len.next_multiple_of(L);
     let smp = prm.smp;
     let (wi, hi, ci) = (smp.wi, smp.hi, c as i32);
-    // Every index is clamped into [0, lim] (a no-op for the indices computed below, which
-    // already are), which is what lets the blocks read cg floats from each index unchecked.
-    let lim = (g.h_in * g.w_in * c - cg) as i32;
+    // Every window start is clamped into [0, lim] (a no-op for the starts computed below,
+    // which already are), which is what lets the blocks read their 2x2 windows of cg floats
+    // unchecked. The caller checked that the image is at least 2x2 and that its length fits in
+    // i32: lim = (H-1)*row - C + (C - cg) >= 0.
+    let row = g.w_in * c;
+    let lim = (g.h_in * row - row - c - cg) as i32;
     let pad = |v: &[f32]| {
         let mut p = vec![0f32; stride];
         p[..gp_len].copy_from_slice(&v[..gp_len]);
@@ -126,7 +131,7 @@ pub(super) unsafe fn forward_chunk(
     let (kx, ky) = (pad(&prm.kxg), pad(&prm.kyg));
     let mut goffg = vec![0i32; stride];
     goffg[..gp_len].copy_from_slice(&prm.goffg[..gp_len]);
-    let mut idx = vec![0i32; 4 * stride];
+    let mut base = vec![0i32; stride];
     let mut wts = vec![0f32; 4 * stride];
     // DCNv4: a pixel's offsets and masks copied into the dense point order (DCNv3's).
     let (mut dxy, mut msk) = (vec![0f32; 2 * stride], vec![0f32; stride]);
@@ -141,6 +146,7 @@ pub(super) unsafe fn forward_chunk(
     let one_i = _mm512_set1_epi32(1);
     let (wi_v, hi_v) = (_mm512_set1_epi32(wi), _mm512_set1_epi32(hi));
     let (wi1, hi1) = (_mm512_set1_epi32(wi - 1), _mm512_set1_epi32(hi - 1));
+    let (wi2, hi2) = (_mm512_set1_epi32(wi - 2), _mm512_set1_epi32(hi - 2));
     let (ci_v, row_v) = (_mm512_set1_epi32(ci), _mm512_set1_epi32(wi * ci));
     let lim_v = _mm512_set1_epi32(lim);
     // Lane l of (dx, dy) is element 2l (2l+1) of the pair (a, b) of 16-float loads.
@@ -232,56 +238,81 @@ pub(super) unsafe fn forward_chunk(
             let xh = _mm512_cmplt_epi32_mask(x1, wi_v);
             let yl = valid & _mm512_cmpge_epi32_mask(y0, zero_i);
             let yh = valid & _mm512_cmplt_epi32_mask(y1, hi_v);
+            // Corner weights (zero outside the image), (y0, x0), (y0, x0+1), (y0+1, x0), (y0+1, x0+1).
             let w = [
                 _mm512_maskz_mul_ps(yl & xl, mhy, hx),
                 _mm512_maskz_mul_ps(yl & xh, mhy, lx),
                 _mm512_maskz_mul_ps(yh & xl, mly, hx),
                 _mm512_maskz_mul_ps(yh & xh, mly, lx),
             ];
-            // Clamped corner indices: yc * (W*C) + xc * C + g*Cg, clamped into [0, lim].
-            let (xc0, xc1) = (_mm512_max_epi32(x0, zero_i), _mm512_min_epi32(x1, wi1));
-            let (yc0, yc1) = (_mm512_max_epi32(y0, zero_i), _mm512_min_epi32(y1, hi1));
-            let (cx0, cx1) = (_mm512_mullo_epi32(xc0, ci_v), _mm512_mullo_epi32(xc1, ci_v));
-            let (r0, r1) = (
-                _mm512_add_epi32(_mm512_mullo_epi32(yc0, row_v), goff),
-                _mm512_add_epi32(_mm512_mullo_epi32(yc1, row_v), goff),
+            // The 2x2 window read is the corners' one moved inside the image: column
+            // xb = clamp(x0, 0, W-2), row yb = clamp(y0, 0, H-2) (W, H >= 2). At x0 = -1 the
+            // in-image corner column 0 is the window's first column (the second gets weight
+            // 0); at x0 = W-1 it is the second (the first gets 0). Likewise for the rows.
+            let (xlo, xhi) = (
+                _mm512_cmplt_epi32_mask(x0, zero_i),
+                _mm512_cmpge_epi32_mask(x0, wi1),
             );
-            let i = [
-                _mm512_add_epi32(r0, cx0),
-                _mm512_add_epi32(r0, cx1),
-                _mm512_add_epi32(r1, cx0),
-                _mm512_add_epi32(r1, cx1),
+            let (ylo, yhi) = (
+                _mm512_cmplt_epi32_mask(y0, zero_i),
+                _mm512_cmpge_epi32_mask(y0, hi1),
+            );
+            // The weight of the window's first (second) column or row from corners a, b.
+            macro_rules! first {
+                ($lo:expr, $hi:expr, $a:expr, $b:expr) => {
+                    _mm512_maskz_mov_ps(!$hi, _mm512_mask_mov_ps($a, $lo, $b))
+                };
+            }
+            macro_rules! second {
+                ($lo:expr, $hi:expr, $a:expr, $b:expr) => {
+                    _mm512_maskz_mov_ps(!$lo, _mm512_mask_mov_ps($b, $hi, $a))
+                };
+            }
+            let (t00, t01) = (first!(xlo, xhi, w[0], w[1]), second!(xlo, xhi, w[0], w[1]));
+            let (t10, t11) = (first!(xlo, xhi, w[2], w[3]), second!(xlo, xhi, w[2], w[3]));
+            let taps = [
+                first!(ylo, yhi, t00, t10),
+                first!(ylo, yhi, t01, t11),
+                second!(ylo, yhi, t00, t10),
+                second!(ylo, yhi, t01, t11),
             ];
-            for q in 0..4 {
-                let iq = _mm512_min_epi32(_mm512_max_epi32(i[q], zero_i), lim_v);
-                // SAFETY: idx and wts hold 4 rows of `stride` entries; gp + 16 <= stride.
-                unsafe {
-                    _mm512_storeu_si512(idx.as_mut_ptr().add(q * stride + gp).cast(), iq);
-                    _mm512_storeu_ps(wts.as_mut_ptr().add(q * stride + gp), w[q]);
+            let xb = _mm512_min_epi32(_mm512_max_epi32(x0, zero_i), wi2);
+            let yb = _mm512_min_epi32(_mm512_max_epi32(y0, zero_i), hi2);
+            let start = _mm512_add_epi32(
+                _mm512_add_epi32(_mm512_mullo_epi32(yb, row_v), _mm512_mullo_epi32(xb, ci_v)),
+                goff,
+            );
+            let start = _mm512_min_epi32(_mm512_max_epi32(start, zero_i), lim_v);
+            // SAFETY: base holds `stride` entries and wts 4 rows of them; gp + 16 <= stride.
+            unsafe {
+                _mm512_storeu_si512(base.as_mut_ptr().add(gp).cast(), start);
+                for (q, tq) in taps.iter().enumerate() {
+                    _mm512_storeu_ps(wts.as_mut_ptr().add(q * stride + gp), *tq);
                 }
             }
             gp += L;
         }
-        let (img, ip, wp) = (px.img.as_ptr(), idx.as_ptr(), wts.as_ptr());
+        let (img, bp, wp) = (px.img.as_ptr(), base.as_ptr(), wts.as_ptr());
         let op = opix.as_mut_ptr();
         let tail = first_lanes(cg % L);
         let mut bad: __mmask16 = 0;
         for grp in 0..g.group {
             let (t0, t1) = (grp * np, (grp + 1) * np);
             let mut c0 = 0;
-            // SAFETY: the indices of taps t0..t1 were clamped into [0, lim] = [0, img.len() - cg]
-            // above; c0 + 16 <= cg in the loop and the tail block reads and writes only the
-            // cg - c0 < 16 lanes of `tail`; the group's output run is opix[grp*cg..(grp+1)*cg];
-            // idx and wts hold 4 rows of stride >= t1 entries.
+            // SAFETY: the window starts of points t0..t1 were clamped into
+            // [0, lim] = [0, img.len() - row - c - cg] above; c0 + 16 <= cg in the loop and the
+            // tail block reads and writes only the cg - c0 < 16 lanes of `tail`; the group's
+            // output run is opix[grp*cg..(grp+1)*cg]; base holds stride >= t1 entries and wts 4
+            // rows of them.
             unsafe {
                 while c0 + L <= cg {
                     let o = op.add(grp * cg + c0);
-                    bad |= block::<false>(img, ip, wp, stride, t0, t1, c0, 0xffff, o);
+                    bad |= block::<false>(img, (c, row), bp, wp, stride, (t0, t1), c0, 0xffff, o);
                     c0 += L;
                 }
                 if c0 < cg {
                     let o = op.add(grp * cg + c0);
-                    bad |= block::<true>(img, ip, wp, stride, t0, t1, c0, tail, o);
+                    bad |= block::<true>(img, (c, row), bp, wp, stride, (t0, t1), c0, tail, o);
                 }
             }
         }
