@@ -266,3 +266,38 @@ fn dcnv4_matches_dcnv3_on_every_isa() {
         }
     }
 }
+
+/// Images at and below the 2x2 the AVX-512 f32 forward needs (its 2x2 windows are moved inside
+/// the image; thinner images take the AVX2 kernel), and 2-pixel-wide ones where every point
+/// touches a border: every instruction set against the reference, DCNv3 and DCNv4.
+#[test]
+fn tiny_and_thin_images_on_every_isa() {
+    let mut rng = StdRng::seed_from_u64(53);
+    for (h, w) in [(1, 1), (1, 6), (5, 1), (2, 2), (2, 9), (7, 2)] {
+        for cfg in [
+            Dcnv3Config::internimage(4, 16, 1.0),
+            Dcnv3Config::internimage(2, 24, 1.0),
+        ] {
+            let pb = Problem::new(&mut rng, cfg, (2, h, w));
+            let (want, _, _) = dcnv3_reference(&pb.input, pb.dims, &pb.offset, &pb.mask, &cfg);
+            for isa in Isa::supported() {
+                let t = pb.tensors(DType::F32);
+                let what = format!("{isa} {h}x{w} {cfg:?}");
+                let out = dcnv3_with(&t[0], &t[1], &t[2], &cfg, policy(isa)).unwrap();
+                assert_close(
+                    &to_f64_vec(&out),
+                    &want,
+                    (1e-5, 1e-5),
+                    &format!("{what} v3"),
+                );
+                let v4 = dcnv4_with(&t[0], &pb.offset_mask(DType::F32), &cfg, policy(isa));
+                assert_close(
+                    &to_f64_vec(&v4.unwrap()),
+                    &want,
+                    (1e-5, 1e-5),
+                    &format!("{what} v4"),
+                );
+            }
+        }
+    }
+}

@@ -13,7 +13,7 @@
 //! | GEMM (`gemm.rs`: linear, MLP, dense conv) | 8 x 32 intrinsics (bf16: `VDPBF16PS`; AMX: 32 x 32 tile blocks, `TDPBF16PS`, `amx.rs`) | 6 x 16 intrinsics | 6 x 16 intrinsics | 4 x 16 plain Rust, no FMA |
 //! | GELU and its gradient (`gelu.rs`) | table kernel (`gelu_avx2.rs`) | table kernel | generic, FMA | generic, no FMA |
 //! | LayerNorm, softmax, depthwise conv (`ops/`) | generic, FMA, AVX-512 codegen | generic, FMA, AVX2 codegen | generic, FMA | generic, no FMA |
-//! | DCNv3/DCNv4 gather and scatter (`ops/dcnv3/cpu.rs`) | the AVX2 build | generic, FMA, AVX2 codegen | generic, FMA | generic, no FMA |
+//! | DCNv3/DCNv4 gather and scatter (`ops/dcnv3/cpu.rs`) | f32 forward: intrinsics (`cpu/avx512.rs`); f64 and backward: the AVX2 build | generic, FMA, AVX2 codegen | generic, FMA | generic, no FMA |
 //!
 //! "generic" kernels are plain loops over channel blocks, instantiated per instruction set by
 //! `simd::dispatch!` (or the operator's own dispatch): on aarch64 NEON and FMA are baseline, so

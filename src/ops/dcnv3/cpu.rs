@@ -7,12 +7,17 @@
 //! read. The taps are then applied to the Cg contiguous channels of the group in register blocks
 //! of 16/8/4/1 channels with four independent accumulators, so the FMA chains stay short and the
 //! loops vectorise. On x86-64 the kernels are compiled a second time with AVX2+FMA enabled and
-//! chosen at run time; AVX-512 policies run that instantiation too (AVX-512 ones were measured
-//! slower, see the dispatchers). No buffer proportional to N*H*W*G*P*Cg is ever allocated.
+//! chosen at run time; AVX-512 policies run that instantiation too (auto-vectorised AVX-512 ones
+//! were measured slower, see the dispatchers), except for the f32 forward, which has a
+//! hand-written AVX-512 kernel (`cpu/avx512.rs`). No buffer proportional to N*H*W*G*P*Cg is
+//! ever allocated.
 //!
 //! The same kernels serve DCNv3 and DCNv4: [`PointLayout`] says where the offsets and the mask
 //! of point p of group g of an output pixel are read (and their gradients written): two separate
 //! dense tensors for DCNv3, one interleaved, padded `offset_mask` row per pixel for DCNv4.
+
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 
 use super::{Dcnv3Config, Dcnv3Geometry};
 use crate::cpu::Isa;
@@ -42,6 +47,10 @@ pub(crate) trait Acc:
     fn trunc_i32(self) -> i32;
     /// Neither NaN nor infinite.
     fn is_finite_acc(self) -> bool;
+    /// The values as f32 when `Self` is f32 (for the f32-only SIMD kernels), else `None`.
+    fn as_f32(s: &[Self]) -> Option<&[f32]>;
+    /// [`Acc::as_f32`] for a mutable slice.
+    fn as_f32_mut(s: &mut [Self]) -> Option<&mut [f32]>;
 }
 
 impl Acc for f32 {
@@ -69,6 +78,12 @@ impl Acc for f32 {
     fn is_finite_acc(self) -> bool {
         self.is_finite()
     }
+    fn as_f32(s: &[Self]) -> Option<&[f32]> {
+        Some(s)
+    }
+    fn as_f32_mut(s: &mut [Self]) -> Option<&mut [f32]> {
+        Some(s)
+    }
 }
 
 impl Acc for f64 {
@@ -95,6 +110,12 @@ impl Acc for f64 {
     #[inline(always)]
     fn is_finite_acc(self) -> bool {
         self.is_finite()
+    }
+    fn as_f32(_: &[Self]) -> Option<&[f32]> {
+        None
+    }
+    fn as_f32_mut(_: &mut [Self]) -> Option<&mut [f32]> {
+        None
     }
 }
 
@@ -755,10 +776,31 @@ fn forward_chunk_dispatch<F: Acc>(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        // AVX-512 policies run the AVX2 kernel: an AVX-512 instantiation with a 16-lane gather
-        // (one vector per corner for 16-channel groups) was measured slower at the stage-1
-        // shape (2 threads: 0.571 ms against 0.521 ms; 1 thread: 0.905 against 0.842 ms, Intel
-        // Xeon of the README), so the policy is capped at AVX2 here.
+        // f32 on AVX-512 policies: the hand-written kernel of `avx512.rs`. (f64 runs the AVX2
+        // build: an auto-vectorised AVX-512 instantiation of the generic kernel was measured
+        // slower than the AVX2 one, 0.571 against 0.521 ms at the stage-1 shape in f32.)
+        if fits_i32
+            && prm.g.w_in >= 2
+            && prm.g.h_in >= 2
+            && matches!(isa, Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx)
+            && Isa::Avx512.is_supported()
+        {
+            let p32 = (prm as &dyn std::any::Any).downcast_ref::<Params<f32>>();
+            if let (Some(p32), Some(i), Some(o), Some(m), Some(ch)) = (
+                p32,
+                F::as_f32(input),
+                F::as_f32(offset),
+                F::as_f32(mask),
+                F::as_f32_mut(chunk),
+            ) {
+                // SAFETY: the CPU supports AVX-512 F/BW/VL/DQ, AVX2 and FMA (checked just
+                // above); the image is at least 2x2 and its length fits in i32 (`fits_i32`);
+                // the buffers and the chunk are those `forward` was given and cut, as the
+                // kernel requires.
+                unsafe { avx512::forward_chunk(p32, i, o, m, ch, first) };
+                return;
+            }
+        }
         if isa >= Isa::Avx2 && Isa::Avx2.is_supported() {
             // SAFETY: the CPU supports AVX2 and FMA (checked just above).
             unsafe { forward_chunk_avx2(fits_i32, prm, input, offset, mask, chunk, first) };
