@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use super::contiguous_slice;
 use crate::cpu::gelu::{gelu_grad_f32, gelu_into};
-use crate::cpu::gemm::{gemm_tn_acc, linear_packed, linear_rows, transpose, PackedWeight, Rows};
+use crate::cpu::gemm::{gemm_tn_acc, linear_packed, linear_rows, PackedWeight, Rows};
 use crate::cpu::{Isa, KernelPolicy};
 
 /// Whether the training kernels apply to `ts`: f32 CPU tensors under a fast policy.
@@ -69,12 +69,21 @@ fn add_into(dst: &mut [f32], src: &[f32]) {
     }
 }
 
-/// Rows of (m, k) `x` after checking its width.
+/// Rows `m` of a (..., k) input `x` (all leading dims flattened) after checking its width.
 fn rows_of(x: &Layout, k: usize, what: &str) -> Result<usize> {
-    match x.dims() {
-        [m, kk] if *kk == k => Ok(*m),
-        d => candle_core::bail!("{what}: expected an (m, {k}) input, got {d:?}"),
+    match x.dims().last() {
+        Some(&kk) if kk == k && k > 0 => Ok(x.shape().elem_count() / k),
+        _ => candle_core::bail!("{what}: expected a (..., {k}) input, got {:?}", x.dims()),
     }
+}
+
+/// The dims of the output of a (..., k) -> (..., n) layer: `x`'s with the last one `n`.
+fn out_shape(x: &Layout, n: usize) -> Shape {
+    let mut dims = x.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = n;
+    }
+    Shape::from(dims)
 }
 
 /// `y (m, n) = x (m, k) @ w^T + b` on the packed GEMM (the weight packed for this call).
@@ -106,10 +115,9 @@ fn linear_forward(
 
 /// `dX (m, k) = dY (m, n) @ W (n, k)`, on the packed GEMM with `W^T` packed.
 fn input_grad(isa: Isa, g: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Result<Vec<f32>> {
-    let wt = transpose(w, n, k);
     let mut dx = Vec::with_capacity(m * k);
     if m > 0 {
-        let packed = PackedWeight::new(isa, &wt, None, k, n)
+        let packed = PackedWeight::new_transposed(isa, w, k, n)
             .ok_or_else(|| candle_core::Error::msg("linear backward: empty weight"))?;
         linear_packed(
             Rows::F32(g),
@@ -165,8 +173,8 @@ fn linear_backward(
     b: Option<&Tensor>,
     grad: &Tensor,
 ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-    let (m, k) = x.dims2()?;
-    let n = w.dim(0)?;
+    let (n, k) = w.dims2()?;
+    let m = x.elem_count() / k.max(1);
     let need_b = b.is_some_and(|b| b.track_op());
     let (need_x, need_w) = (x.track_op(), w.track_op());
     let (x, w, g) = (x.contiguous()?, w.contiguous()?, grad.contiguous()?);
@@ -175,7 +183,10 @@ fn linear_backward(
     let dx = if need_x {
         let (ws, wl) = w.storage_and_layout();
         let wv = values(&ws, wl, "weight")?;
-        Some(tensor(input_grad(isa, gv, m, wv, n, k)?, (m, k))?)
+        Some(tensor(
+            input_grad(isa, gv, m, wv, n, k)?,
+            x.shape().clone(),
+        )?)
     } else {
         None
     };
@@ -221,7 +232,7 @@ impl CustomOp3 for LinearBiasOp {
             candle_core::bail!("linear: bias of {} values for {n} outputs", b.len())
         }
         let y = linear_forward(self.isa, x, m, w, Some(b), n)?;
-        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+        Ok((CpuStorage::F32(y), out_shape(l1, n)))
     }
 
     fn bwd(
@@ -258,7 +269,7 @@ impl CustomOp2 for LinearOp {
         let x = contiguous_slice::<f32>(s1, l1, "linear", "input")?;
         let w = contiguous_slice::<f32>(s2, l2, "linear", "weight")?;
         let y = linear_forward(self.isa, x, m, w, None, n)?;
-        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+        Ok((CpuStorage::F32(y), out_shape(l1, n)))
     }
 
     fn bwd(
@@ -273,17 +284,6 @@ impl CustomOp2 for LinearOp {
     }
 }
 
-/// `(..., k) -> (m, k)` contiguous rows, and the output dims `(..., n)`.
-fn as_rows(xs: &Tensor, n: usize) -> Result<(Tensor, Vec<usize>)> {
-    let k = xs.dim(candle_core::D::Minus1)?;
-    let m = xs.elem_count() / k.max(1);
-    let mut dims = xs.dims().to_vec();
-    if let Some(last) = dims.last_mut() {
-        *last = n;
-    }
-    Ok((xs.contiguous()?.reshape((m, k))?, dims))
-}
-
 /// `xs (..., k) @ weight (n, k)^T + bias (n)`, differentiable (real backward on the CPU
 /// kernels). All tensors must be f32 CPU tensors (see [`applies`]).
 pub(crate) fn linear(
@@ -292,20 +292,20 @@ pub(crate) fn linear(
     bias: Option<&Tensor>,
     isa: Isa,
 ) -> Result<Tensor> {
-    let (n, k) = weight.dims2()?;
+    let k = weight.dims2()?.1;
     if xs.dim(candle_core::D::Minus1)? != k {
         candle_core::bail!(
             "linear: expected an input (..., {k}), got shape {:?}",
             xs.dims()
         )
     }
-    let (x2, dims) = as_rows(xs, n)?;
-    let w = weight.contiguous()?;
-    let y = match bias {
-        Some(b) => x2.apply_op3(&w, &b.contiguous()?, LinearBiasOp { isa })?,
-        None => x2.apply_op2(&w, LinearOp { isa })?,
-    };
-    y.reshape(dims)
+    // The ops take the (..., k) input as it is and return (..., n): no reshape nodes in the
+    // graph (each would cost the backward a zero-filled gradient and an add of the activations).
+    let (x, w) = (xs.contiguous()?, weight.contiguous()?);
+    match bias {
+        Some(b) => x.apply_op3(&w, &b.contiguous()?, LinearBiasOp { isa }),
+        None => x.apply_op2(&w, LinearOp { isa }),
+    }
 }
 
 /// `fc2(gelu(fc1(x)))` over (m, cin) rows; the parameters come as two flat tensors
@@ -377,7 +377,7 @@ impl CustomOp3 for MlpOp {
         );
         // SAFETY: `mlp_packed` writes all m * cout values.
         unsafe { y.set_len(m * cout) };
-        Ok((CpuStorage::F32(y), Shape::from((m, cout))))
+        Ok((CpuStorage::F32(y), out_shape(l1, cout)))
     }
 
     fn bwd(
@@ -410,10 +410,8 @@ impl CustomOp3 for MlpOp {
         let err = || candle_core::Error::msg("mlp backward: empty layer");
         // Recomputes z = x W1^T + b1; dh = dY W2 (W2^T packed); dx = dz W1 (W1^T packed).
         let fc1 = PackedWeight::new(isa, w1, Some(b1), hid, cin).ok_or_else(err)?;
-        let fc2t =
-            PackedWeight::new(isa, &transpose(w2, cout, hid), None, hid, cout).ok_or_else(err)?;
-        let fc1t =
-            PackedWeight::new(isa, &transpose(w1, hid, cin), None, cin, hid).ok_or_else(err)?;
+        let fc2t = PackedWeight::new_transposed(isa, w2, hid, cout).ok_or_else(err)?;
+        let fc1t = PackedWeight::new_transposed(isa, w1, cin, hid).ok_or_else(err)?;
         // Row blocks: about 128 KiB of hidden activations, at least 64 rows (GEMM depth).
         let rows = (32_768 / hid.max(1)).clamp(64, 512);
         let mut dx = vec![0f32; if need_x { m * cin } else { 0 }];
@@ -467,7 +465,7 @@ impl CustomOp3 for MlpOp {
             add_into(&mut total.dw2, &a.dw2);
             add_into(&mut total.db2, &a.db2);
         }
-        let dx = need_x.then(|| tensor(dx, (m, cin))).transpose()?;
+        let dx = need_x.then(|| tensor(dx, xl.shape().clone())).transpose()?;
         let dp1 = if need_1 {
             let mut v = total.dw1;
             v.extend_from_slice(&total.db1);
@@ -513,7 +511,6 @@ pub(crate) fn mlp(
             xs.dims()
         )
     }
-    let (x2, dims) = as_rows(xs, cout)?;
     let p1 = Tensor::cat(&[&w1.flatten_all()?, b1], 0)?;
     let p2 = match b2 {
         Some(b) => Tensor::cat(&[&w2.flatten_all()?, b], 0)?,
@@ -526,7 +523,8 @@ pub(crate) fn mlp(
         cout,
         bias2: b2.is_some(),
     };
-    x2.apply_op3(&p1, &p2, op)?.reshape(dims)
+    // (..., cin) in, (..., cout) out: no reshape nodes (see `linear`).
+    xs.contiguous()?.apply_op3(&p1, &p2, op)
 }
 
 /// `x + s[sample] * gamma[channel] * y` (either scale optional), and its backward.
