@@ -41,6 +41,21 @@ impl Mlp {
         // Fused by cache-sized row blocks where it pays (f32 on the CPU).
         crate::ops::mlp(xs, &self.fc1, &self.fc2)
     }
+
+    /// `xs + drop_path(mlp(norm(xs)), p)` as one training op when the training kernels apply
+    /// (no dropout); `Ok(None)` otherwise.
+    fn prenorm_residual(
+        &self,
+        xs: &Tensor,
+        norm: &LayerNorm,
+        p: f64,
+        training: bool,
+    ) -> Result<Option<Tensor>> {
+        if training && self.drop > 0.0 {
+            return Ok(None);
+        }
+        crate::ops::dense::prenorm_mlp_residual(xs, norm.params(), &self.fc1, &self.fc2, p)
+    }
 }
 
 /// The deformable module of a block: DCNv3 (InternImage) or DCNv4 (FlashInternImage).
@@ -216,8 +231,18 @@ impl Block {
             Residual::PreNorm => {
                 let d = self.dcn.forward_rec(&self.norm1.forward(xs)?, rec)?;
                 let x = res(xs, &d, g1)?;
-                let m = mlp(&self.norm2.forward(&x)?)?;
-                res(&x, &m, g2)?
+                // Training: norm, MLP and residual as one op (one graph node) where it applies.
+                let fused = match g2 {
+                    None => self.mlp.prenorm_residual(&x, &self.norm2, p, training)?,
+                    Some(_) => None,
+                };
+                match fused {
+                    Some(out) => out,
+                    None => {
+                        let m = mlp(&self.norm2.forward(&x)?)?;
+                        res(&x, &m, g2)?
+                    }
+                }
             }
         };
         rec.put("out", &x);

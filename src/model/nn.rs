@@ -23,6 +23,13 @@ impl Module for LayerNorm {
     }
 }
 
+impl LayerNorm {
+    /// The affine weight and bias (C each) and the epsilon.
+    pub(crate) fn params(&self) -> (&Tensor, &Tensor, f64) {
+        (&self.weight, &self.bias, LN_EPS)
+    }
+}
+
 /// Loads an affine LayerNorm (`weight`, `bias`) with eps 1e-6.
 pub(crate) fn layer_norm(size: usize, vb: VarBuilder, policy: KernelPolicy) -> Result<LayerNorm> {
     let weight = vb.get(size, "weight")?;
