@@ -203,14 +203,18 @@ impl PackedWeight {
             Panels::Bf16(data)
         } else {
             let mut data = vec![0f32; panels * k * nr];
-            for (p, panel) in data.chunks_exact_mut(k * nr).enumerate() {
-                for j in 0..nr.min(n - p * nr) {
-                    let row = &w[(p * nr + j) * k..(p * nr + j + 1) * k];
-                    for (kk, &v) in row.iter().enumerate() {
-                        panel[kk * nr + j] = v;
+            // Panels are independent: packed in parallel (the training kernels pack their
+            // weights on every call).
+            data.par_chunks_exact_mut(k * nr)
+                .enumerate()
+                .for_each(|(p, panel)| {
+                    for j in 0..nr.min(n - p * nr) {
+                        let row = &w[(p * nr + j) * k..(p * nr + j + 1) * k];
+                        for (kk, &v) in row.iter().enumerate() {
+                            panel[kk * nr + j] = v;
+                        }
                     }
-                }
-            }
+                });
             Panels::F32(data)
         };
         let mut padded = vec![0f32; panels * nr];
@@ -224,6 +228,40 @@ impl PackedWeight {
             family,
             data,
             bias: padded,
+        })
+    }
+
+    /// Packs `w^T` for the f32 kernel of `isa`, given `w` ((k, n) row-major: the packed weight
+    /// maps `k` inputs to `n` outputs), without bias: the same panels as
+    /// `PackedWeight::new(isa, &transpose(w, k, n), None, n, k)`, copied as contiguous runs of
+    /// `w`'s rows (no transposed copy). `None` when the shapes disagree or are empty.
+    pub(crate) fn new_transposed(isa: Isa, w: &[f32], n: usize, k: usize) -> Option<Self> {
+        if n == 0 || k == 0 || w.len() != n * k {
+            return None;
+        }
+        let family = Family::of(isa, false);
+        if matches!(family, Family::Amx | Family::Avx512Bf16) {
+            // Not reachable for f32 weights (`Family::of(_, false)`); kept total.
+            return Self::pack(isa, false, &transpose(w, k, n), None, n, k);
+        }
+        let nr = family.nr();
+        let panels = n.div_ceil(nr);
+        let mut data = vec![0f32; panels * k * nr];
+        data.par_chunks_exact_mut(k * nr)
+            .enumerate()
+            .for_each(|(p, panel)| {
+                let (c0, width) = (p * nr, nr.min(n - p * nr));
+                for (kk, dst) in panel.chunks_exact_mut(nr).enumerate() {
+                    dst[..width].copy_from_slice(&w[kk * n + c0..kk * n + c0 + width]);
+                }
+            });
+        Some(Self {
+            n,
+            k,
+            isa,
+            family,
+            data: Panels::F32(data),
+            bias: vec![0f32; panels * nr],
         })
     }
 
@@ -1263,6 +1301,20 @@ mod tests {
                 }
                 let (wu, bu) = pw.unpack();
                 assert_eq!((wu, bu), (w, b), "{isa}: unpack is the inverse of pack");
+            }
+        }
+    }
+
+    #[test]
+    fn transposed_packing_matches_packing_the_transpose() {
+        for isa in Isa::supported() {
+            for &(n, k) in &[(1, 1), (17, 3), (72, 64), (33, 70), (100, 257)] {
+                // w is (k, n): the packed weight maps k inputs to n outputs.
+                let w = data(n * k, 4);
+                let a = PackedWeight::new_transposed(isa, &w, n, k).unwrap();
+                let b = PackedWeight::new(isa, &transpose(&w, k, n), None, n, k).unwrap();
+                assert_eq!(a.unpack(), b.unpack(), "{isa} {n}x{k}");
+                assert_eq!((a.n(), a.k()), (b.n(), b.k()));
             }
         }
     }

@@ -41,6 +41,21 @@ impl Mlp {
         // Fused by cache-sized row blocks where it pays (f32 on the CPU).
         crate::ops::mlp(xs, &self.fc1, &self.fc2)
     }
+
+    /// `xs + drop_path(mlp(norm(xs)), p)` as one training op when the training kernels apply
+    /// (no dropout); `Ok(None)` otherwise.
+    fn prenorm_residual(
+        &self,
+        xs: &Tensor,
+        norm: &LayerNorm,
+        p: f64,
+        training: bool,
+    ) -> Result<Option<Tensor>> {
+        if training && self.drop > 0.0 {
+            return Ok(None);
+        }
+        crate::ops::dense::prenorm_mlp_residual(xs, norm.params(), &self.fc1, &self.fc2, p)
+    }
 }
 
 /// The deformable module of a block: DCNv3 (InternImage) or DCNv4 (FlashInternImage).
@@ -240,20 +255,31 @@ impl Block {
                 let y = self.dcn.core_rec(&self.norm1.forward(xs)?, rec)?;
                 // Inference: the projection, both residual updates, the norm and the MLP in one
                 // pass by row blocks where the fused kernel applies (same values).
-                let fused = if training || rec.on() {
+                let tail = if training || rec.on() {
                     None
                 } else {
                     let (mlp, dcn) = (&self.mlp, self.dcn.output_proj());
                     let norm = self.norm2.params();
                     crate::ops::dense::block_tail(xs, &y, dcn, g1, norm, &mlp.fc1, &mlp.fc2, g2)?
                 };
-                match fused {
+                match tail {
                     Some(out) => out,
                     None => {
                         let d = self.dcn.project_rec(&y, rec)?;
                         let x = res(xs, &d, g1)?;
-                        let m = mlp(&self.norm2.forward(&x)?)?;
-                        res(&x, &m, g2)?
+                        // Training: norm, MLP and residual as one op (one graph node) where it
+                        // applies.
+                        let fused = match g2 {
+                            None => self.mlp.prenorm_residual(&x, &self.norm2, p, training)?,
+                            Some(_) => None,
+                        };
+                        match fused {
+                            Some(out) => out,
+                            None => {
+                                let m = mlp(&self.norm2.forward(&x)?)?;
+                                res(&x, &m, g2)?
+                            }
+                        }
                     }
                 }
             }

@@ -24,7 +24,7 @@ impl Module for LayerNorm {
 }
 
 impl LayerNorm {
-    /// (weight, bias, eps).
+    /// The affine weight and bias (C each) and the epsilon.
     pub(crate) fn params(&self) -> (&Tensor, &Tensor, f64) {
         (&self.weight, &self.bias, LN_EPS)
     }

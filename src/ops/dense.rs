@@ -268,6 +268,48 @@ impl CustomOp2 for BlockTailOp {
     }
 }
 
+/// The MLP branch of a pre-norm block with its residual update,
+/// `xs + drop_path(fc2(gelu(fc1(layer_norm(xs)))), p)`, as one training op
+/// ([`super::train::prenorm_mlp_residual`]) when the training kernels apply to every tensor
+/// (something tracks a gradient; f32 CPU tensors under a fast policy; fc1 with a bias);
+/// `Ok(None)` otherwise (the caller keeps its separate LayerNorm, MLP and residual). The
+/// stochastic-depth scales are drawn only when the op runs.
+pub(crate) fn prenorm_mlp_residual(
+    xs: &Tensor,
+    (ln_w, ln_b, eps): (&Tensor, &Tensor, f64),
+    fc1: &Linear,
+    fc2: &Linear,
+    p: f64,
+) -> Result<Option<Tensor>> {
+    let (Weights::Tensors(a), Weights::Tensors(b)) = (&fc1.weights, &fc2.weights) else {
+        return Ok(None);
+    };
+    let policy = fc1.policy;
+    let Some(b1) = a.bias() else {
+        return Ok(None);
+    };
+    if !(trains(a, xs, policy)
+        && trains(b, xs, policy)
+        && super::train::applies(policy, &[ln_w, ln_b]))
+    {
+        return Ok(None);
+    }
+    let scale = if p > 0.0 {
+        Some(super::train::drop_path_scales(xs.dim(0)?, p)?)
+    } else {
+        None
+    };
+    super::train::prenorm_mlp_residual(
+        xs,
+        (ln_w, ln_b, eps),
+        (a.weight(), b1),
+        (b.weight(), b.bias()),
+        scale,
+        policy.isa(),
+    )
+    .map(Some)
+}
+
 /// `linear(xs)` = `xs @ weight^T + bias` like `candle_nn::Linear::forward`, through this crate's
 /// GEMM where the process's default [`KernelPolicy`] allows (the weight is packed on each call:
 /// build an [`Linear`] once to pack it once).

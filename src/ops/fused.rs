@@ -194,7 +194,7 @@ fn ln_backward_rows_generic<const FMA: bool>(
     }
 }
 
-dispatch!(fn ln_backward_rows(x: &[f32], g: &[f32], w: &[f32], eps: f32, dx: &mut [MaybeUninit<f32>], dw: &mut [f32], db: &mut [f32]) => ln_backward_rows_generic);
+dispatch!(pub(crate) fn ln_backward_rows(x: &[f32], g: &[f32], w: &[f32], eps: f32, dx: &mut [MaybeUninit<f32>], dw: &mut [f32], db: &mut [f32]) => ln_backward_rows_generic);
 
 /// The LayerNorm backward on the CPU in f32: (x, weight, grad) -> one 1-D tensor holding dx
 /// (x's length), then dw and db (C each).

@@ -21,8 +21,9 @@ use std::mem::MaybeUninit;
 use std::sync::Arc;
 
 use super::contiguous_slice;
+use super::fused::{ln_backward_rows, ln_rows};
 use crate::cpu::gelu::{gelu_grad_f32, gelu_into};
-use crate::cpu::gemm::{gemm_tn_acc, linear_packed, linear_rows, transpose, PackedWeight, Rows};
+use crate::cpu::gemm::{gemm_tn_acc, linear_packed, linear_rows, PackedWeight, Rows};
 use crate::cpu::{Isa, KernelPolicy};
 
 /// Whether the training kernels apply to `ts`: f32 CPU tensors under a fast policy.
@@ -69,12 +70,21 @@ fn add_into(dst: &mut [f32], src: &[f32]) {
     }
 }
 
-/// Rows of (m, k) `x` after checking its width.
+/// Rows `m` of a (..., k) input `x` (all leading dims flattened) after checking its width.
 fn rows_of(x: &Layout, k: usize, what: &str) -> Result<usize> {
-    match x.dims() {
-        [m, kk] if *kk == k => Ok(*m),
-        d => candle_core::bail!("{what}: expected an (m, {k}) input, got {d:?}"),
+    match x.dims().last() {
+        Some(&kk) if kk == k && k > 0 => Ok(x.shape().elem_count() / k),
+        _ => candle_core::bail!("{what}: expected a (..., {k}) input, got {:?}", x.dims()),
     }
+}
+
+/// The dims of the output of a (..., k) -> (..., n) layer: `x`'s with the last one `n`.
+fn out_shape(x: &Layout, n: usize) -> Shape {
+    let mut dims = x.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = n;
+    }
+    Shape::from(dims)
 }
 
 /// `y (m, n) = x (m, k) @ w^T + b` on the packed GEMM (the weight packed for this call).
@@ -106,10 +116,9 @@ fn linear_forward(
 
 /// `dX (m, k) = dY (m, n) @ W (n, k)`, on the packed GEMM with `W^T` packed.
 fn input_grad(isa: Isa, g: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Result<Vec<f32>> {
-    let wt = transpose(w, n, k);
     let mut dx = Vec::with_capacity(m * k);
     if m > 0 {
-        let packed = PackedWeight::new(isa, &wt, None, k, n)
+        let packed = PackedWeight::new_transposed(isa, w, k, n)
             .ok_or_else(|| candle_core::Error::msg("linear backward: empty weight"))?;
         linear_packed(
             Rows::F32(g),
@@ -165,8 +174,8 @@ fn linear_backward(
     b: Option<&Tensor>,
     grad: &Tensor,
 ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-    let (m, k) = x.dims2()?;
-    let n = w.dim(0)?;
+    let (n, k) = w.dims2()?;
+    let m = x.elem_count() / k.max(1);
     let need_b = b.is_some_and(|b| b.track_op());
     let (need_x, need_w) = (x.track_op(), w.track_op());
     let (x, w, g) = (x.contiguous()?, w.contiguous()?, grad.contiguous()?);
@@ -175,7 +184,10 @@ fn linear_backward(
     let dx = if need_x {
         let (ws, wl) = w.storage_and_layout();
         let wv = values(&ws, wl, "weight")?;
-        Some(tensor(input_grad(isa, gv, m, wv, n, k)?, (m, k))?)
+        Some(tensor(
+            input_grad(isa, gv, m, wv, n, k)?,
+            x.shape().clone(),
+        )?)
     } else {
         None
     };
@@ -221,7 +233,7 @@ impl CustomOp3 for LinearBiasOp {
             candle_core::bail!("linear: bias of {} values for {n} outputs", b.len())
         }
         let y = linear_forward(self.isa, x, m, w, Some(b), n)?;
-        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+        Ok((CpuStorage::F32(y), out_shape(l1, n)))
     }
 
     fn bwd(
@@ -258,7 +270,7 @@ impl CustomOp2 for LinearOp {
         let x = contiguous_slice::<f32>(s1, l1, "linear", "input")?;
         let w = contiguous_slice::<f32>(s2, l2, "linear", "weight")?;
         let y = linear_forward(self.isa, x, m, w, None, n)?;
-        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+        Ok((CpuStorage::F32(y), out_shape(l1, n)))
     }
 
     fn bwd(
@@ -273,17 +285,6 @@ impl CustomOp2 for LinearOp {
     }
 }
 
-/// `(..., k) -> (m, k)` contiguous rows, and the output dims `(..., n)`.
-fn as_rows(xs: &Tensor, n: usize) -> Result<(Tensor, Vec<usize>)> {
-    let k = xs.dim(candle_core::D::Minus1)?;
-    let m = xs.elem_count() / k.max(1);
-    let mut dims = xs.dims().to_vec();
-    if let Some(last) = dims.last_mut() {
-        *last = n;
-    }
-    Ok((xs.contiguous()?.reshape((m, k))?, dims))
-}
-
 /// `xs (..., k) @ weight (n, k)^T + bias (n)`, differentiable (real backward on the CPU
 /// kernels). All tensors must be f32 CPU tensors (see [`applies`]).
 pub(crate) fn linear(
@@ -292,20 +293,20 @@ pub(crate) fn linear(
     bias: Option<&Tensor>,
     isa: Isa,
 ) -> Result<Tensor> {
-    let (n, k) = weight.dims2()?;
+    let k = weight.dims2()?.1;
     if xs.dim(candle_core::D::Minus1)? != k {
         candle_core::bail!(
             "linear: expected an input (..., {k}), got shape {:?}",
             xs.dims()
         )
     }
-    let (x2, dims) = as_rows(xs, n)?;
-    let w = weight.contiguous()?;
-    let y = match bias {
-        Some(b) => x2.apply_op3(&w, &b.contiguous()?, LinearBiasOp { isa })?,
-        None => x2.apply_op2(&w, LinearOp { isa })?,
-    };
-    y.reshape(dims)
+    // The ops take the (..., k) input as it is and return (..., n): no reshape nodes in the
+    // graph (each would cost the backward a zero-filled gradient and an add of the activations).
+    let (x, w) = (xs.contiguous()?, weight.contiguous()?);
+    match bias {
+        Some(b) => x.apply_op3(&w, &b.contiguous()?, LinearBiasOp { isa }),
+        None => x.apply_op2(&w, LinearOp { isa }),
+    }
 }
 
 /// `fc2(gelu(fc1(x)))` over (m, cin) rows; the parameters come as two flat tensors
@@ -377,7 +378,7 @@ impl CustomOp3 for MlpOp {
         );
         // SAFETY: `mlp_packed` writes all m * cout values.
         unsafe { y.set_len(m * cout) };
-        Ok((CpuStorage::F32(y), Shape::from((m, cout))))
+        Ok((CpuStorage::F32(y), out_shape(l1, cout)))
     }
 
     fn bwd(
@@ -410,10 +411,8 @@ impl CustomOp3 for MlpOp {
         let err = || candle_core::Error::msg("mlp backward: empty layer");
         // Recomputes z = x W1^T + b1; dh = dY W2 (W2^T packed); dx = dz W1 (W1^T packed).
         let fc1 = PackedWeight::new(isa, w1, Some(b1), hid, cin).ok_or_else(err)?;
-        let fc2t =
-            PackedWeight::new(isa, &transpose(w2, cout, hid), None, hid, cout).ok_or_else(err)?;
-        let fc1t =
-            PackedWeight::new(isa, &transpose(w1, hid, cin), None, cin, hid).ok_or_else(err)?;
+        let fc2t = PackedWeight::new_transposed(isa, w2, hid, cout).ok_or_else(err)?;
+        let fc1t = PackedWeight::new_transposed(isa, w1, cin, hid).ok_or_else(err)?;
         // Row blocks: about 128 KiB of hidden activations, at least 64 rows (GEMM depth).
         let rows = (32_768 / hid.max(1)).clamp(64, 512);
         let mut dx = vec![0f32; if need_x { m * cin } else { 0 }];
@@ -467,7 +466,7 @@ impl CustomOp3 for MlpOp {
             add_into(&mut total.dw2, &a.dw2);
             add_into(&mut total.db2, &a.db2);
         }
-        let dx = need_x.then(|| tensor(dx, (m, cin))).transpose()?;
+        let dx = need_x.then(|| tensor(dx, xl.shape().clone())).transpose()?;
         let dp1 = if need_1 {
             let mut v = total.dw1;
             v.extend_from_slice(&total.db1);
@@ -513,7 +512,6 @@ pub(crate) fn mlp(
             xs.dims()
         )
     }
-    let (x2, dims) = as_rows(xs, cout)?;
     let p1 = Tensor::cat(&[&w1.flatten_all()?, b1], 0)?;
     let p2 = match b2 {
         Some(b) => Tensor::cat(&[&w2.flatten_all()?, b], 0)?,
@@ -526,7 +524,339 @@ pub(crate) fn mlp(
         cout,
         bias2: b2.is_some(),
     };
-    x2.apply_op3(&p1, &p2, op)?.reshape(dims)
+    // (..., cin) in, (..., cout) out: no reshape nodes (see `linear`).
+    xs.contiguous()?.apply_op3(&p1, &p2, op)
+}
+
+/// The MLP branch of a pre-norm block with its residual update, as one op:
+/// `x + s[sample] * fc2(gelu(fc1(layer_norm(x))))` over (..., c) rows (`s` the optional
+/// stochastic-depth scale per sample of the leading dim). The parameters come as two flat
+/// tensors `p1 = [w1 (hid, c), b1 (hid), ln weight (c), ln bias (c)]` and
+/// `p2 = [w2 (c, hid), b2 (c) when bias2]`. Only `x` is kept for the backward, which recomputes
+/// the normalised rows and the hidden activations block by block; the graph holds one node where
+/// LayerNorm, MLP and residual took three (each costing the backward a zero-filled gradient and
+/// an add of the activations).
+struct PreNormMlpOp {
+    isa: Isa,
+    c: usize,
+    hid: usize,
+    bias2: bool,
+    eps: f32,
+    scale: Option<Arc<Vec<f32>>>,
+}
+
+/// Per-thread state of the pre-norm MLP backward: parameter-gradient partial sums and row-block
+/// buffers.
+struct PreNormAcc {
+    dw1: Vec<f32>,
+    db1: Vec<f32>,
+    dlnw: Vec<f32>,
+    dlnb: Vec<f32>,
+    dw2: Vec<f32>,
+    db2: Vec<f32>,
+    xn: Vec<f32>,
+    z: Vec<f32>,
+    h: Vec<f32>,
+    dh: Vec<f32>,
+    gm: Vec<f32>,
+    dxn: Vec<f32>,
+    dx: Vec<f32>,
+}
+
+impl PreNormMlpOp {
+    /// Rows of the input and rows per sample, after checking the parameter sizes.
+    fn check(&self, l1: &Layout, p1: usize, p2: usize) -> Result<(usize, usize)> {
+        let (c, hid) = (self.c, self.hid);
+        let m = rows_of(l1, c, "prenorm mlp")?;
+        let want2 = c * hid + if self.bias2 { c } else { 0 };
+        if p1 != hid * (c + 1) + 2 * c || p2 != want2 {
+            candle_core::bail!("prenorm mlp: parameter sizes {p1}, {p2} do not match the layer")
+        }
+        let samples = self.scale.as_ref().map_or(1, |s| s.len()).max(1);
+        if !m.is_multiple_of(samples) {
+            candle_core::bail!("prenorm mlp: {m} rows for {samples} sample scales")
+        }
+        Ok((m, (m / samples).max(1)))
+    }
+
+    /// The stochastic-depth scale of row `r`.
+    fn row_scale(&self, r: usize, per_sample: usize) -> f32 {
+        self.scale.as_ref().map_or(1.0, |s| s[r / per_sample])
+    }
+}
+
+impl CustomOp3 for PreNormMlpOp {
+    fn name(&self) -> &'static str {
+        "internimage-train-prenorm-mlp-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let what = "prenorm mlp";
+        let x = contiguous_slice::<f32>(s1, l1, what, "input")?;
+        let p1 = contiguous_slice::<f32>(s2, l2, what, "fc1 and norm parameters")?;
+        let p2 = contiguous_slice::<f32>(s3, l3, what, "fc2 parameters")?;
+        let (m, per_sample) = self.check(l1, p1.len(), p2.len())?;
+        let (c, hid) = (self.c, self.hid);
+        let (w1, rest) = p1.split_at(hid * c);
+        let (b1, rest) = rest.split_at(hid);
+        let (lnw, lnb) = rest.split_at(c);
+        let (w2, b2) = p2.split_at(c * hid);
+        let fc1 = PackedWeight::new(self.isa, w1, Some(b1), hid, c);
+        let fc2 = PackedWeight::new(self.isa, w2, self.bias2.then_some(b2), c, hid);
+        let (Some(fc1), Some(fc2)) = (fc1, fc2) else {
+            candle_core::bail!("{what}: empty layer")
+        };
+        // The normalised rows (transient), then the MLP into the output, then the residual.
+        let mut xn = Vec::with_capacity(m * c);
+        let task = (16 * 1024 / c).max(1) * c;
+        xn.spare_capacity_mut()[..m * c]
+            .par_chunks_mut(task)
+            .zip(x.par_chunks(task))
+            .for_each(|(d, s)| ln_rows(self.isa, s, d, lnw, lnb, self.eps));
+        // SAFETY: the chunks hold whole rows of c values (task is a multiple of c, m * c values
+        // in all) paired one to one with x's, and `ln_rows` writes every value of its chunk.
+        unsafe { xn.set_len(m * c) };
+        let mut y = Vec::with_capacity(m * c);
+        crate::cpu::gemm::mlp_packed(
+            Rows::F32(&xn),
+            m,
+            &fc1,
+            &fc2,
+            &mut y.spare_capacity_mut()[..m * c],
+        );
+        // SAFETY: `mlp_packed` writes all m * c values.
+        unsafe { y.set_len(m * c) };
+        drop(xn);
+        y.par_chunks_mut(task)
+            .zip(x.par_chunks(task))
+            .enumerate()
+            .for_each(|(t, (y, x))| {
+                let r0 = t * (task / c);
+                for (i, (y, x)) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)).enumerate() {
+                    let s = self.row_scale(r0 + i, per_sample);
+                    for (y, &x) in y.iter_mut().zip(x) {
+                        *y = x + s * *y;
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        p1: &Tensor,
+        p2: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (c, hid, isa) = (self.c, self.hid, self.isa);
+        let (need_x, need_1, need_2) = (x.track_op(), p1.track_op(), p2.track_op());
+        let (x, p1t, p2t, g) = (
+            x.contiguous()?,
+            p1.contiguous()?,
+            p2.contiguous()?,
+            grad.contiguous()?,
+        );
+        let (xs, xl) = x.storage_and_layout();
+        let (s1, l1) = p1t.storage_and_layout();
+        let (s2, l2) = p2t.storage_and_layout();
+        let (gs, gl) = g.storage_and_layout();
+        let xv = values(&xs, xl, "input")?;
+        let pv1 = values(&s1, l1, "fc1 and norm parameters")?;
+        let pv2 = values(&s2, l2, "fc2 parameters")?;
+        let gv = values(&gs, gl, "gradient")?;
+        let (m, per_sample) = self.check(xl, pv1.len(), pv2.len())?;
+        if gv.len() != m * c {
+            candle_core::bail!("prenorm mlp backward: gradient of {} values", gv.len())
+        }
+        let (w1, rest) = pv1.split_at(hid * c);
+        let (b1, rest) = rest.split_at(hid);
+        let (lnw, lnb) = rest.split_at(c);
+        let w2 = &pv2[..c * hid];
+        let err = || candle_core::Error::msg("prenorm mlp backward: empty layer");
+        let fc1 = PackedWeight::new(isa, w1, Some(b1), hid, c).ok_or_else(err)?;
+        let fc2t = PackedWeight::new_transposed(isa, w2, hid, c).ok_or_else(err)?;
+        let fc1t = PackedWeight::new_transposed(isa, w1, c, hid).ok_or_else(err)?;
+        let rows = (32_768 / hid.max(1)).clamp(64, 512);
+        let mut dx = vec![0f32; if need_x { m * c } else { 0 }];
+        let new_acc = || PreNormAcc {
+            dw1: vec![0f32; hid * c],
+            db1: vec![0f32; hid],
+            dlnw: vec![0f32; c],
+            dlnb: vec![0f32; c],
+            dw2: vec![0f32; c * hid],
+            db2: vec![0f32; c],
+            xn: Vec::new(),
+            z: Vec::new(),
+            h: Vec::new(),
+            dh: Vec::new(),
+            gm: Vec::new(),
+            dxn: Vec::new(),
+            dx: Vec::new(),
+        };
+        let run = |mut acc: PreNormAcc, b: usize, dxb: Option<&mut [f32]>| {
+            let (r0, r1) = (b * rows, ((b + 1) * rows).min(m));
+            let rb = r1 - r0;
+            let xb = &xv[r0 * c..r1 * c];
+            let gb = &gv[r0 * c..r1 * c];
+            acc.xn.resize(rb * c, 0.0);
+            acc.z.resize(rb * hid, 0.0);
+            acc.h.resize(rb * hid, 0.0);
+            acc.dh.resize(rb * hid, 0.0);
+            acc.gm.resize(rb * c, 0.0);
+            acc.dxn.resize(rb * c, 0.0);
+            ln_rows(isa, xb, as_out(&mut acc.xn), lnw, lnb, self.eps);
+            linear_rows(&acc.xn, &fc1, false, &mut acc.z);
+            gelu_into(isa, &acc.z, as_out(&mut acc.h));
+            // The gradient of the MLP output: the block's, scaled per sample.
+            for (i, (d, s)) in acc
+                .gm
+                .chunks_exact_mut(c)
+                .zip(gb.chunks_exact(c))
+                .enumerate()
+            {
+                let sc = self.row_scale(r0 + i, per_sample);
+                for (d, &s) in d.iter_mut().zip(s) {
+                    *d = sc * s;
+                }
+            }
+            gemm_tn_acc(rb, c, hid, &acc.gm, &acc.h, &mut acc.dw2);
+            add_col_sums(&acc.gm, c, &mut acc.db2);
+            linear_rows(&acc.gm, &fc2t, false, &mut acc.dh);
+            // dz = dh * gelu'(z), into h (no longer needed).
+            gelu_grad_f32(isa, &acc.z, &acc.dh, as_out(&mut acc.h));
+            gemm_tn_acc(rb, hid, c, &acc.h, &acc.xn, &mut acc.dw1);
+            add_col_sums(&acc.h, hid, &mut acc.db1);
+            linear_rows(&acc.h, &fc1t, false, &mut acc.dxn);
+            // LayerNorm backward (statistics recomputed from x), then the residual path.
+            let dxb = match dxb {
+                Some(d) => d,
+                None => {
+                    acc.dx.resize(rb * c, 0.0);
+                    &mut acc.dx[..]
+                }
+            };
+            ln_backward_rows(
+                isa,
+                xb,
+                &acc.dxn,
+                lnw,
+                self.eps,
+                as_out(dxb),
+                &mut acc.dlnw,
+                &mut acc.dlnb,
+            );
+            add_into(dxb, gb);
+            acc
+        };
+        let blocks = m.div_ceil(rows);
+        let accs: Vec<PreNormAcc> = if need_x {
+            dx.par_chunks_mut(rows * c)
+                .enumerate()
+                .fold(new_acc, |acc, (b, dxb)| run(acc, b, Some(dxb)))
+                .collect()
+        } else {
+            (0..blocks)
+                .into_par_iter()
+                .fold(new_acc, |acc, b| run(acc, b, None))
+                .collect()
+        };
+        let mut total = new_acc();
+        for a in &accs {
+            add_into(&mut total.dw1, &a.dw1);
+            add_into(&mut total.db1, &a.db1);
+            add_into(&mut total.dlnw, &a.dlnw);
+            add_into(&mut total.dlnb, &a.dlnb);
+            add_into(&mut total.dw2, &a.dw2);
+            add_into(&mut total.db2, &a.db2);
+        }
+        let dx = need_x.then(|| tensor(dx, xl.shape().clone())).transpose()?;
+        let dp1 = if need_1 {
+            let mut v = total.dw1;
+            v.extend_from_slice(&total.db1);
+            v.extend_from_slice(&total.dlnw);
+            v.extend_from_slice(&total.dlnb);
+            let len = v.len();
+            Some(tensor(v, len)?)
+        } else {
+            None
+        };
+        let dp2 = if need_2 {
+            let mut v = total.dw2;
+            if self.bias2 {
+                v.extend_from_slice(&total.db2);
+            }
+            let len = v.len();
+            Some(tensor(v, len)?)
+        } else {
+            None
+        };
+        Ok((dx, dp1, dp2))
+    }
+}
+
+/// The MLP branch of a pre-norm block and its residual update, `x + s * fc2(gelu(fc1(ln(x))))`
+/// (`s` the optional per-sample stochastic-depth scale), as one differentiable op (see
+/// [`PreNormMlpOp`]). f32 CPU tensors only (see [`applies`]); `ln = (weight, bias, eps)`.
+pub(crate) fn prenorm_mlp_residual(
+    xs: &Tensor,
+    ln: (&Tensor, &Tensor, f64),
+    (w1, b1): (&Tensor, &Tensor),
+    (w2, b2): (&Tensor, Option<&Tensor>),
+    sample_scale: Option<Vec<f32>>,
+    isa: Isa,
+) -> Result<Tensor> {
+    let (hid, c) = w1.dims2()?;
+    let (cout, hid2) = w2.dims2()?;
+    let (lnw, lnb, eps) = ln;
+    if hid2 != hid
+        || cout != c
+        || b1.dims() != [hid]
+        || b2.is_some_and(|b| b.dims() != [c])
+        || lnw.dims() != [c]
+        || lnb.dims() != [c]
+    {
+        candle_core::bail!(
+            "prenorm mlp: norm {:?}, fc1 {:?} and fc2 {:?} do not chain",
+            lnw.dims(),
+            w1.dims(),
+            w2.dims()
+        )
+    }
+    if xs.dim(candle_core::D::Minus1)? != c {
+        candle_core::bail!(
+            "prenorm mlp: expected an input (..., {c}), got shape {:?}",
+            xs.dims()
+        )
+    }
+    if let Some(s) = &sample_scale {
+        if xs.rank() == 0 || s.len() != xs.dim(0)? {
+            candle_core::bail!("prenorm mlp: {} sample scales for {:?}", s.len(), xs.dims())
+        }
+    }
+    let p1 = Tensor::cat(&[&w1.flatten_all()?, b1, lnw, lnb], 0)?;
+    let p2 = match b2 {
+        Some(b) => Tensor::cat(&[&w2.flatten_all()?, b], 0)?,
+        None => w2.flatten_all()?.contiguous()?,
+    };
+    let op = PreNormMlpOp {
+        isa,
+        c,
+        hid,
+        bias2: b2.is_some(),
+        eps: eps as f32,
+        scale: sample_scale.map(Arc::new),
+    };
+    xs.contiguous()?.apply_op3(&p1, &p2, op)
 }
 
 /// `x + s[sample] * gamma[channel] * y` (either scale optional), and its backward.
@@ -779,6 +1109,89 @@ mod tests {
         (a - b)
             .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
             .unwrap_or(f32::INFINITY)
+    }
+
+    /// Relative max difference, for values of any magnitude.
+    fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let scale = b
+            .abs()
+            .and_then(|t| t.flatten_all()?.max(0)?.to_scalar::<f32>())
+            .unwrap_or(1.0)
+            .max(1e-6);
+        max_diff(a, b) / scale
+    }
+
+    #[test]
+    fn prenorm_mlp_residual_matches_tensor_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        let isa = crate::KernelPolicy::process_default()?.isa();
+        let v = |shape: &[usize], s: f32| -> Result<Var> {
+            Var::from_tensor(&(Tensor::randn(0f32, 1., shape, &dev)? * s as f64)?)
+        };
+        // Several row blocks of the backward (rows = 32768 / hid) and a partial last one.
+        let (c, hid) = (24, 96);
+        let x = v(&[3, 13, 11, c], 1.0)?;
+        let w1 = v(&[hid, c], 0.2)?;
+        let b1 = v(&[hid], 0.1)?;
+        let w2 = v(&[c, hid], 0.1)?;
+        let b2 = v(&[c], 0.1)?;
+        let lw = Var::from_tensor(&(Tensor::randn(0f32, 0.1, c, &dev)? + 1.0)?)?;
+        let lb = v(&[c], 0.1)?;
+        let r = Tensor::randn(0f32, 1., (3, 13, 11, c), &dev)?;
+        for (bias2, scale) in [
+            (true, Some(vec![1.25f32, 0.0, 1.25])),
+            (false, None),
+            (true, None),
+        ] {
+            let b2o = bias2.then(|| b2.as_tensor());
+            let ours = prenorm_mlp_residual(
+                x.as_tensor(),
+                (lw.as_tensor(), lb.as_tensor(), 1e-6),
+                (w1.as_tensor(), b1.as_tensor()),
+                (w2.as_tensor(), b2o),
+                scale.clone(),
+                isa,
+            )?;
+            // Reference: candle tensor ops throughout.
+            let xt = x.as_tensor();
+            let mean = xt.mean_keepdim(candle_core::D::Minus1)?;
+            let xc = xt.broadcast_sub(&mean)?;
+            let var = xc.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
+            let xn = xc
+                .broadcast_div(&(var + 1e-6)?.sqrt()?)?
+                .broadcast_mul(lw.as_tensor())?
+                .broadcast_add(lb.as_tensor())?;
+            let h = xn
+                .broadcast_matmul(&w1.as_tensor().t()?)?
+                .broadcast_add(b1.as_tensor())?
+                .gelu_erf()?;
+            let mut y = h.broadcast_matmul(&w2.as_tensor().t()?)?;
+            if let Some(b) = b2o {
+                y = y.broadcast_add(b)?;
+            }
+            if let Some(s) = &scale {
+                y = y.broadcast_mul(&Tensor::from_vec(s.clone(), (3, 1, 1, 1), &dev)?)?;
+            }
+            let want = (xt + y)?;
+            assert!(rel_diff(&ours, &want) < 1e-5, "forward differs");
+            let ga = (ours * &r)?.sum_all()?.backward()?;
+            let gb = (want * &r)?.sum_all()?.backward()?;
+            let mut vars = vec![("x", &x), ("w1", &w1), ("b1", &b1), ("ln w", &lw)];
+            vars.extend([("ln b", &lb), ("w2", &w2)]);
+            if bias2 {
+                vars.push(("b2", &b2));
+            }
+            for (name, v) in vars {
+                match (ga.get(v.as_tensor()), gb.get(v.as_tensor())) {
+                    (Some(a), Some(b)) => {
+                        let d = rel_diff(a, b);
+                        assert!(d < 1e-4, "{name} gradient differs by {d} (bias2 {bias2})")
+                    }
+                    _ => panic!("missing gradient of {name}"),
+                }
+            }
+        }
+        Ok(())
     }
 
     #[test]
