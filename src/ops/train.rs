@@ -63,6 +63,30 @@ fn add_col_sums(g: &[f32], n: usize, acc: &mut [f32]) {
     }
 }
 
+/// Runs `run(acc, block, dx rows of the block)` over the `m.div_ceil(rows)` row blocks in
+/// parallel, folding per-thread accumulators made by `new_acc`; the blocks get their `rows * width`
+/// slice of `dx` when there is one (the input gradient), else `None`.
+fn fold_row_blocks<A: Send>(
+    m: usize,
+    rows: usize,
+    width: usize,
+    dx: Option<&mut [f32]>,
+    new_acc: impl Fn() -> A + Sync + Send,
+    run: impl Fn(A, usize, Option<&mut [f32]>) -> A + Sync + Send,
+) -> Vec<A> {
+    match dx {
+        Some(dx) => dx
+            .par_chunks_mut(rows * width)
+            .enumerate()
+            .fold(&new_acc, |acc, (b, dxb)| run(acc, b, Some(dxb)))
+            .collect(),
+        None => (0..m.div_ceil(rows))
+            .into_par_iter()
+            .fold(&new_acc, |acc, b| run(acc, b, None))
+            .collect(),
+    }
+}
+
 /// Adds `src` into `dst` elementwise.
 fn add_into(dst: &mut [f32], src: &[f32]) {
     for (d, s) in dst.iter_mut().zip(src) {
@@ -447,18 +471,7 @@ impl CustomOp3 for MlpOp {
             }
             acc
         };
-        let blocks = m.div_ceil(rows);
-        let accs: Vec<MlpAcc> = if need_x {
-            dx.par_chunks_mut(rows * cin)
-                .enumerate()
-                .fold(new_acc, |acc, (b, dxb)| run(acc, b, Some(dxb)))
-                .collect()
-        } else {
-            (0..blocks)
-                .into_par_iter()
-                .fold(new_acc, |acc, b| run(acc, b, None))
-                .collect()
-        };
+        let accs = fold_row_blocks(m, rows, cin, need_x.then_some(&mut dx[..]), new_acc, run);
         let mut total = new_acc();
         for a in &accs {
             add_into(&mut total.dw1, &a.dw1);
@@ -758,18 +771,7 @@ impl CustomOp3 for PreNormMlpOp {
             add_into(dxb, gb);
             acc
         };
-        let blocks = m.div_ceil(rows);
-        let accs: Vec<PreNormAcc> = if need_x {
-            dx.par_chunks_mut(rows * c)
-                .enumerate()
-                .fold(new_acc, |acc, (b, dxb)| run(acc, b, Some(dxb)))
-                .collect()
-        } else {
-            (0..blocks)
-                .into_par_iter()
-                .fold(new_acc, |acc, b| run(acc, b, None))
-                .collect()
-        };
+        let accs = fold_row_blocks(m, rows, c, need_x.then_some(&mut dx[..]), new_acc, run);
         let mut total = new_acc();
         for a in &accs {
             add_into(&mut total.dw1, &a.dw1);
