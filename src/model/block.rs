@@ -111,10 +111,7 @@ impl Dcn {
 
     /// The output projection of the core's output `y`.
     fn project_rec(&self, y: &Tensor, rec: &mut Recorder) -> Result<Tensor> {
-        match self {
-            Self::V3(l) => l.project_rec(y, rec),
-            Self::V4(l) => l.project_rec(y, rec),
-        }
+        crate::model::nn::project_rec(self.output_proj(), y, rec)
     }
 
     fn output_proj(&self) -> &Linear {

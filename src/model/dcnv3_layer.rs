@@ -1,7 +1,7 @@
 //! The DCNv3 module of InternImage as a reusable layer (channels-last).
 
 use crate::cpu::KernelPolicy;
-use crate::model::nn::{layer_norm, linear, LayerNorm, Linear, Recorder};
+use crate::model::nn::{layer_norm, linear, project_rec, LayerNorm, Linear, Recorder};
 use crate::ops::dcnv3::dcnv3_with;
 use crate::ops::depthwise::DepthwiseConv2dNhwc;
 use crate::ops::{gelu_erf_with, Dcnv3Config};
@@ -215,14 +215,7 @@ impl Dcnv3Layer {
 
     pub(crate) fn forward_rec(&self, xs: &Tensor, rec: &mut Recorder) -> Result<Tensor> {
         let y = self.core_rec(xs, rec)?;
-        self.project_rec(&y, rec)
-    }
-
-    /// The output projection of the core's output `y` (recorded as `dcn.out`).
-    pub(crate) fn project_rec(&self, y: &Tensor, rec: &mut Recorder) -> Result<Tensor> {
-        let out = self.output_proj.forward(y)?;
-        rec.put("dcn.out", &out);
-        Ok(out)
+        project_rec(&self.output_proj, &y, rec)
     }
 
     /// The output projection.

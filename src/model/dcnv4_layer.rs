@@ -6,7 +6,7 @@
 
 use crate::cpu::KernelPolicy;
 use crate::model::dcnv3_layer::DcnSampling;
-use crate::model::nn::{linear, Linear, Recorder};
+use crate::model::nn::{linear, project_rec, Linear, Recorder};
 use crate::ops::dcnv4::dcnv4_with;
 use crate::ops::dcnv4::offset_mask_channels;
 use crate::ops::depthwise::DepthwiseConv2dNhwc;
@@ -170,14 +170,7 @@ impl Dcnv4Layer {
 
     pub(crate) fn forward_rec(&self, xs: &Tensor, rec: &mut Recorder) -> Result<Tensor> {
         let y = self.core_rec(xs, rec)?;
-        self.project_rec(&y, rec)
-    }
-
-    /// The output projection of the core's output `y` (recorded as `dcn.out`).
-    pub(crate) fn project_rec(&self, y: &Tensor, rec: &mut Recorder) -> Result<Tensor> {
-        let out = self.output_proj.forward(y)?;
-        rec.put("dcn.out", &out);
-        Ok(out)
+        project_rec(&self.output_proj, &y, rec)
     }
 
     /// The output projection.

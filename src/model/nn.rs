@@ -30,6 +30,13 @@ impl LayerNorm {
     }
 }
 
+/// A deformable layer's output projection of its core's output `y`, recorded as `dcn.out`.
+pub(crate) fn project_rec(output_proj: &Linear, y: &Tensor, rec: &mut Recorder) -> Result<Tensor> {
+    let out = output_proj.forward(y)?;
+    rec.put("dcn.out", &out);
+    Ok(out)
+}
+
 /// Loads an affine LayerNorm (`weight`, `bias`) with eps 1e-6.
 pub(crate) fn layer_norm(size: usize, vb: VarBuilder, policy: KernelPolicy) -> Result<LayerNorm> {
     let weight = vb.get(size, "weight")?;
