@@ -275,6 +275,11 @@ impl PackedWeight {
         self.k
     }
 
+    /// The instruction set the weight was packed for.
+    pub(crate) fn isa(&self) -> Isa {
+        self.isa
+    }
+
     /// Whether the weight is stored in bf16.
     pub(crate) fn is_bf16(&self) -> bool {
         matches!(self.data, Panels::Bf16(_) | Panels::Amx(_))
@@ -722,11 +727,7 @@ unsafe fn block(
                     for (r, dst) in buf.chunks_exact_mut(k2 * 2).enumerate() {
                         let row = (r0 + r) * k..(r0 + r + 1) * k;
                         match x {
-                            Rows::F32(x) => {
-                                for (d, s) in dst.iter_mut().zip(&x[row]) {
-                                    *d = bf16::from_f32(*s).to_bits();
-                                }
-                            }
+                            Rows::F32(x) => super::simd::to_bf16_bits(w.isa, &x[row], dst),
                             Rows::Bf16(x) => {
                                 for (d, s) in dst.iter_mut().zip(&x[row]) {
                                     *d = s.to_bits();

@@ -6,9 +6,11 @@ use crate::cpu::gemm::{
     block_tail_fits, block_tail_packed, linear_packed, mlp_block_rows, mlp_packed, BlockTail,
     PackedWeight, Rows,
 };
+use crate::cpu::simd::to_bf16_bits;
+use crate::cpu::Isa;
 use crate::cpu::KernelPolicy;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
-use half::bf16;
+use half::{bf16, slice::HalfFloatSliceExt};
 use rayon::prelude::*;
 use std::sync::Arc;
 
@@ -465,6 +467,14 @@ impl PackedOp {
         }
     }
 
+    /// The instruction set the (first) weight was packed for.
+    fn isa(&self) -> Isa {
+        match self {
+            Self::Linear { w, .. } => w.isa(),
+            Self::Mlp { fc1, .. } => fc1.isa(),
+        }
+    }
+
     /// (input, output) features.
     fn features(&self) -> (usize, usize) {
         match self {
@@ -529,14 +539,11 @@ impl CustomOp1 for PackedOp {
         if !bf16_rows {
             return Ok((CpuStorage::F32(y), shape));
         }
+        let isa = self.isa();
         let mut yb = vec![bf16::ZERO; m * n];
         yb.par_chunks_mut(16 * 1024)
             .zip(y.par_chunks(16 * 1024))
-            .for_each(|(d, s)| {
-                for (d, s) in d.iter_mut().zip(s) {
-                    *d = bf16::from_f32(*s);
-                }
-            });
+            .for_each(|(d, s)| to_bf16_bits(isa, s, d.reinterpret_cast_mut()));
         Ok((CpuStorage::BF16(yb), shape))
     }
 }
