@@ -28,6 +28,7 @@
 use super::simd::fmadd;
 use super::Isa;
 use half::bf16;
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
@@ -405,6 +406,16 @@ pub(crate) fn linear_packed(
     let s = split(w.family, m, w.panels(), k, rayon::current_num_threads());
     let row_blocks = m.div_ceil(s.rows);
     let panel_blocks = w.panels().div_ceil(s.panels);
+    // bf16 weights on f32 rows: each task converts its rows to bf16; when the panels are split
+    // across tasks, convert every row once up front instead of once per panel block.
+    let converted: Vec<bf16>;
+    let x = match x {
+        Rows::F32(xf) if w.is_bf16() && panel_blocks > 1 => {
+            converted = to_bf16_rows(w.isa, &xf[..m * k]);
+            Rows::Bf16(&converted)
+        }
+        x => x,
+    };
     let out = OutPtr(y.as_mut_ptr().cast::<f32>());
     let task = |t: usize| {
         let (rb, pb) = (t / panel_blocks, t % panel_blocks);
@@ -422,6 +433,20 @@ pub(crate) fn linear_packed(
     } else {
         (0..tasks).into_par_iter().for_each(task);
     }
+}
+
+/// `x` rounded to bf16 (as `half` rounds), converted in parallel.
+pub(crate) fn to_bf16_rows(isa: Isa, x: &[f32]) -> Vec<bf16> {
+    const RUN: usize = 16 * 1024;
+    let mut out = vec![bf16::ZERO; x.len()];
+    if x.len() <= RUN {
+        super::simd::to_bf16_bits(isa, x, out.reinterpret_cast_mut());
+    } else {
+        out.par_chunks_mut(RUN)
+            .zip(x.par_chunks(RUN))
+            .for_each(|(d, s)| super::simd::to_bf16_bits(isa, s, d.reinterpret_cast_mut()));
+    }
+    out
 }
 
 /// Rows per block of the fused MLP: the block's hidden activations (rows x hidden) stay within
@@ -1371,6 +1396,9 @@ mod tests {
             (49, 72, 64),
             (13, 36, 600),
             (300, 33, 71),
+            // Few rows, several panels, odd depth: the panels split across tasks, so f32 rows
+            // are converted to bf16 once up front (`linear_packed`).
+            (20, 70, 33),
         ] {
             let (x, w, b) = (data(m * k, 11), data(n * k, 12), data(n, 13));
             let pw = PackedWeight::new_bf16(Isa::Avx512Bf16, &w, Some(&b), n, k).unwrap();

@@ -3,15 +3,13 @@
 //! layers.
 
 use crate::cpu::gemm::{
-    block_tail_fits, block_tail_packed, linear_packed, mlp_block_rows, mlp_packed, BlockTail,
-    PackedWeight, Rows,
+    block_tail_fits, block_tail_packed, linear_packed, mlp_block_rows, mlp_packed, to_bf16_rows,
+    BlockTail, PackedWeight, Rows,
 };
-use crate::cpu::simd::to_bf16_bits;
 use crate::cpu::Isa;
 use crate::cpu::KernelPolicy;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
-use half::{bf16, slice::HalfFloatSliceExt};
-use rayon::prelude::*;
+use half::bf16;
 use std::sync::Arc;
 
 /// A linear layer `y = x @ weight^T + bias` over the last dimension, like `candle_nn::Linear`.
@@ -539,12 +537,7 @@ impl CustomOp1 for PackedOp {
         if !bf16_rows {
             return Ok((CpuStorage::F32(y), shape));
         }
-        let isa = self.isa();
-        let mut yb = vec![bf16::ZERO; m * n];
-        yb.par_chunks_mut(16 * 1024)
-            .zip(y.par_chunks(16 * 1024))
-            .for_each(|(d, s)| to_bf16_bits(isa, s, d.reinterpret_cast_mut()));
-        Ok((CpuStorage::BF16(yb), shape))
+        Ok((CpuStorage::BF16(to_bf16_rows(self.isa(), &y)), shape))
     }
 }
 
