@@ -17,37 +17,51 @@ use crate::cpu::{Isa, KernelPolicy};
 /// Values per rayon task.
 const PAR_CHUNK: usize = 16 * 1024;
 
-/// Sum of a slice with 8 independent lanes (so the loop vectorises).
+/// Independent accumulator lanes of the row reductions: 16 (one zmm, two ymm) keeps the
+/// dependency chain of a 64-wide row at 4 steps.
+const LANES: usize = 16;
+
+/// Pairwise sum of the lanes.
 #[inline(always)]
-fn sum8(xs: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let chunks = xs.chunks_exact(8);
+fn reduce_lanes(acc: &[f32; LANES]) -> f32 {
+    let mut h = [0f32; LANES / 2];
+    for i in 0..LANES / 2 {
+        h[i] = acc[i] + acc[i + LANES / 2];
+    }
+    ((h[0] + h[4]) + (h[1] + h[5])) + ((h[2] + h[6]) + (h[3] + h[7]))
+}
+
+/// Sum of a slice with [`LANES`] independent lanes (so the loop vectorises).
+#[inline(always)]
+fn sum_lanes(xs: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = xs.chunks_exact(LANES);
     let rest = chunks.remainder();
     for c in chunks {
-        for i in 0..8 {
-            acc[i] += c[i];
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += v;
         }
     }
-    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    let mut s = reduce_lanes(&acc);
     for &v in rest {
         s += v;
     }
     s
 }
 
-/// Sum of squared deviations from `mean`, 8 lanes.
+/// Sum of squared deviations from `mean`, [`LANES`] lanes.
 #[inline(always)]
-fn sq_dev8<const FMA: bool>(xs: &[f32], mean: f32) -> f32 {
-    let mut acc = [0f32; 8];
-    let chunks = xs.chunks_exact(8);
+fn sq_dev_lanes<const FMA: bool>(xs: &[f32], mean: f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = xs.chunks_exact(LANES);
     let rest = chunks.remainder();
     for c in chunks {
-        for i in 0..8 {
-            let d = c[i] - mean;
-            acc[i] = fmadd::<FMA>(d, d, acc[i]);
+        for (a, &v) in acc.iter_mut().zip(c) {
+            let d = v - mean;
+            *a = fmadd::<FMA>(d, d, *a);
         }
     }
-    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    let mut s = reduce_lanes(&acc);
     for &v in rest {
         let d = v - mean;
         s = fmadd::<FMA>(d, d, s);
@@ -69,11 +83,11 @@ fn ln_rows_generic<const FMA: bool>(
     let c = w.len();
     let inv_c = 1.0 / c as f32;
     for (x, y) in src.chunks_exact(c).zip(dst.chunks_exact_mut(c)) {
-        let mean = sum8(x) * inv_c;
-        let var = sq_dev8::<FMA>(x, mean) * inv_c;
+        let mean = sum_lanes(x) * inv_c;
+        let var = sq_dev_lanes::<FMA>(x, mean) * inv_c;
         let rstd = 1.0 / (var + eps).sqrt();
-        for i in 0..c {
-            y[i].write(fmadd::<FMA>((x[i] - mean) * rstd, w[i], b[i]));
+        for (((y, &x), &w), &b) in y.iter_mut().zip(x).zip(w).zip(b) {
+            y.write(fmadd::<FMA>((x - mean) * rstd, w, b));
         }
     }
 }
@@ -175,8 +189,8 @@ fn ln_backward_rows_generic<const FMA: bool>(
         .zip(g.chunks_exact(c))
         .zip(dx.chunks_exact_mut(c))
     {
-        let mean = sum8(x) * inv_c;
-        let rstd = 1.0 / (sq_dev8::<FMA>(x, mean) * inv_c + eps).sqrt();
+        let mean = sum_lanes(x) * inv_c;
+        let rstd = 1.0 / (sq_dev_lanes::<FMA>(x, mean) * inv_c + eps).sqrt();
         let (mut a, mut b) = (0f32, 0f32);
         for i in 0..c {
             let xhat = (x[i] - mean) * rstd;
