@@ -6,8 +6,7 @@ use crate::cpu::gemm::{
     block_tail_fits, block_tail_packed, linear_packed, mlp_block_rows, mlp_packed, to_bf16_rows,
     BlockTail, PackedWeight, Rows,
 };
-use crate::cpu::Isa;
-use crate::cpu::KernelPolicy;
+use crate::cpu::{Isa, KernelPolicy};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
 use half::bf16;
 use std::sync::Arc;

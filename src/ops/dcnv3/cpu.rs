@@ -847,11 +847,12 @@ impl<F: Acc> LineAligned<F> {
     /// Smaller images are not copied (the copy would not pay for itself).
     const MIN_BYTES: usize = 64 << 10;
 
-    /// The aligned copy, for the vector kernels (AVX2 and up) when `input` is large and does
-    /// not start on 32 bytes; `None` otherwise.
+    /// The aligned copy, for the x86 vector kernels (AVX2 and up; NEON's 16-byte loads never
+    /// straddle a line) when `input` is large and does not start on 32 bytes; `None` otherwise.
     fn copy_if_useful(isa: Isa, input: &[F]) -> Option<Self> {
+        let wide = matches!(isa, Isa::Avx2 | Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx);
         let unaligned = input.as_ptr().align_offset(Self::HALF_LINE) != 0;
-        if isa < Isa::Avx2 || std::mem::size_of_val(input) < Self::MIN_BYTES || !unaligned {
+        if !wide || std::mem::size_of_val(input) < Self::MIN_BYTES || !unaligned {
             return None;
         }
         let pad = Self::LINE / std::mem::size_of::<F>();
