@@ -728,7 +728,10 @@ unsafe fn block(
             #[cfg(target_arch = "x86_64")]
             super::amx::block(x, r0, r1, k, w.n, data, &w.bias, p0, p1, y0, ldy);
             #[cfg(not(target_arch = "x86_64"))]
-            unreachable!("AMX panels on a CPU without AMX");
+            {
+                let _ = (data, x);
+                unreachable!("AMX panels on a CPU without AMX");
+            }
         }
         (Panels::F32(data), Rows::F32(x)) => {
             block_f32(&x[r0 * k..r1 * k], r1 - r0, w, data, p0, p1, y0, ldy);

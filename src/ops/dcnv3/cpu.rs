@@ -47,9 +47,11 @@ pub(crate) trait Acc:
     fn trunc_i32(self) -> i32;
     /// Neither NaN nor infinite.
     fn is_finite_acc(self) -> bool;
-    /// The values as f32 when `Self` is f32 (for the f32-only SIMD kernels), else `None`.
+    /// The values as f32 when `Self` is f32 (for the f32-only SIMD kernels, x86-64), else `None`.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     fn as_f32(s: &[Self]) -> Option<&[f32]>;
     /// [`Acc::as_f32`] for a mutable slice.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     fn as_f32_mut(s: &mut [Self]) -> Option<&mut [f32]>;
 }
 
