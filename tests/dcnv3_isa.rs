@@ -304,55 +304,55 @@ fn tiny_and_thin_images_on_every_isa() {
 
 /// An image big enough to be gathered from a cache-line-aligned copy when it does not start on
 /// 32 bytes (the forward's `LineAligned`): the same values stored at every start within a line
-/// (a view into a larger buffer, 0..15 floats in) give bitwise the same output on every
-/// instruction set, DCNv3 and DCNv4, and that output matches the reference.
+/// (a view into a larger buffer, 0..15 elements in) give bitwise the same output on every
+/// instruction set, DCNv3 and DCNv4, f32 and f64, and that output matches the reference.
 #[test]
 fn output_does_not_depend_on_where_the_image_starts() {
     let mut rng = StdRng::seed_from_u64(59);
     let cfg = Dcnv3Config::internimage(4, 16, 1.0);
-    // 1 x 24 x 24 x 64 f32 = 144 KiB, above the copy's 64 KiB threshold.
+    // 1 x 24 x 24 x 64 = 144 KiB in f32 (288 KiB in f64), above the copy's 64 KiB threshold.
     let pb = Problem::new(&mut rng, cfg, (1, 24, 24));
     let (want, _, _) = dcnv3_reference(&pb.input, pb.dims, &pb.offset, &pb.mask, &cfg);
-    let t = pb.tensors(DType::F32);
-    let om = pb.offset_mask(DType::F32);
     let len = pb.input.len();
-    for isa in Isa::supported() {
-        let mut first: Option<(Vec<f32>, Vec<f32>)> = None;
-        for shift in 0..16 {
-            // The image at `shift` floats into a buffer that starts wherever the allocator put it.
-            let buf = Tensor::cat(
-                &[
-                    &Tensor::zeros(shift, DType::F32, &Device::Cpu).unwrap(),
-                    &t[0].flatten_all().unwrap(),
-                ],
-                0,
-            )
-            .unwrap();
-            let img = buf
-                .narrow(0, shift, len)
-                .unwrap()
-                .reshape(t[0].shape())
+    for (dt, tol) in [(DType::F32, 1e-5), (DType::F64, 1e-12)] {
+        let t = pb.tensors(dt);
+        let om = pb.offset_mask(dt);
+        for isa in Isa::supported() {
+            let mut first: Option<(Vec<f64>, Vec<f64>)> = None;
+            for shift in 0..16 {
+                // The image `shift` elements into a buffer that starts wherever the allocator
+                // put it.
+                let buf = Tensor::cat(
+                    &[
+                        &Tensor::zeros(shift, dt, &Device::Cpu).unwrap(),
+                        &t[0].flatten_all().unwrap(),
+                    ],
+                    0,
+                )
                 .unwrap();
-            let v3 = dcnv3_with(&img, &t[1], &t[2], &cfg, policy(isa)).unwrap();
-            let v4 = dcnv4_with(&img, &om, &cfg, policy(isa)).unwrap();
-            let v3: Vec<f32> = v3.flatten_all().unwrap().to_vec1().unwrap();
-            let v4: Vec<f32> = v4.flatten_all().unwrap().to_vec1().unwrap();
-            let what = format!("{isa} image {shift} floats in");
-            match &first {
-                None => {
-                    let got: Vec<f64> = v3.iter().map(|&x| x as f64).collect();
-                    assert_close(&got, &want, (1e-5, 1e-5), &what);
-                    first = Some((v3, v4));
-                }
-                Some((f3, f4)) => {
-                    assert!(
-                        &v3 == f3,
-                        "{what}: DCNv3 output differs from the image at 0"
-                    );
-                    assert!(
-                        &v4 == f4,
-                        "{what}: DCNv4 output differs from the image at 0"
-                    );
+                let img = buf
+                    .narrow(0, shift, len)
+                    .unwrap()
+                    .reshape(t[0].shape())
+                    .unwrap();
+                let v3 = to_f64_vec(&dcnv3_with(&img, &t[1], &t[2], &cfg, policy(isa)).unwrap());
+                let v4 = to_f64_vec(&dcnv4_with(&img, &om, &cfg, policy(isa)).unwrap());
+                let what = format!("{isa} {dt:?} image {shift} elements in");
+                match &first {
+                    None => {
+                        assert_close(&v3, &want, (tol, tol), &what);
+                        first = Some((v3, v4));
+                    }
+                    Some((f3, f4)) => {
+                        assert!(
+                            &v3 == f3,
+                            "{what}: DCNv3 output differs from the image at 0"
+                        );
+                        assert!(
+                            &v4 == f4,
+                            "{what}: DCNv4 output differs from the image at 0"
+                        );
+                    }
                 }
             }
         }
