@@ -406,11 +406,14 @@ pub(crate) fn linear_packed(
     let s = split(w.family, m, w.panels(), k, rayon::current_num_threads());
     let row_blocks = m.div_ceil(s.rows);
     let panel_blocks = w.panels().div_ceil(s.panels);
-    // bf16 weights on f32 rows: each task converts its rows to bf16; when the panels are split
-    // across tasks, convert every row once up front instead of once per panel block.
+    // AVX512_BF16 weights on f32 rows: each task converts its rows to bf16 (`block`, with
+    // `to_bf16_bits`); when the panels are split across tasks, convert every row once up front
+    // with the same function instead of once per panel block. (AMX converts its A tiles with
+    // `VCVTNE2PS2BF16`, which flushes denormals: left as it is, so its values do not depend on
+    // the split.)
     let converted: Vec<bf16>;
     let x = match x {
-        Rows::F32(xf) if w.is_bf16() && panel_blocks > 1 => {
+        Rows::F32(xf) if matches!(w.data, Panels::Bf16(_)) && panel_blocks > 1 => {
             converted = to_bf16_rows(w.isa, &xf[..m * k]);
             Rows::Bf16(&converted)
         }
