@@ -743,36 +743,62 @@ unsafe fn block(
             let xs: Vec<f32> = x[r0 * k..r1 * k].iter().map(|v| v.to_f32()).collect();
             block_f32(&xs, r1 - r0, w, data, p0, p1, y0, ldy);
         }
-        (Panels::Bf16(data), x) => {
+        // Even depth: bf16 rows are already pairs along k.
+        (Panels::Bf16(data), Rows::Bf16(x)) if k.is_multiple_of(2) => {
+            let rows = &x[r0 * k..r1 * k];
+            // SAFETY: bf16 is a transparent u16 (same size and alignment).
+            let xs = std::slice::from_raw_parts(rows.as_ptr().cast::<u16>(), rows.len());
+            block_bf16(xs, k, r1 - r0, w, data, p0, p1, y0, ldy);
+        }
+        (Panels::Bf16(data), x) => BF16_ROWS.with_borrow_mut(|buf| {
+            // The rows as bf16 pairs along k, in this thread's buffer (it grows to the largest
+            // task: at most `BIG_WEIGHT_ROWS` rows for `linear_packed`); every value is written
+            // (the conversion, and the zero padding of an odd depth).
             let k2 = k.div_ceil(2);
-            let converted: Vec<u16>;
-            let xs: &[u16] = match x {
-                // Even depth: bf16 rows are already pairs along k.
-                Rows::Bf16(x) if k.is_multiple_of(2) => {
-                    let rows = &x[r0 * k..r1 * k];
-                    // SAFETY: bf16 is a transparent u16 (same size and alignment).
-                    std::slice::from_raw_parts(rows.as_ptr().cast::<u16>(), rows.len())
-                }
-                x => {
-                    let mut buf = vec![0u16; (r1 - r0) * k2 * 2];
-                    for (r, dst) in buf.chunks_exact_mut(k2 * 2).enumerate() {
-                        let row = (r0 + r) * k..(r0 + r + 1) * k;
-                        match x {
-                            Rows::F32(x) => super::simd::to_bf16_bits(w.isa, &x[row], dst),
-                            Rows::Bf16(x) => {
-                                for (d, s) in dst.iter_mut().zip(&x[row]) {
-                                    *d = s.to_bits();
-                                }
-                            }
+            let len = (r1 - r0) * k2 * 2;
+            if buf.len() < len {
+                buf.resize(len, 0);
+            }
+            for (r, dst) in buf[..len].chunks_exact_mut(k2 * 2).enumerate() {
+                let row = (r0 + r) * k..(r0 + r + 1) * k;
+                let (dst, pad) = dst.split_at_mut(k);
+                match x {
+                    Rows::F32(x) => super::simd::to_bf16_bits(w.isa, &x[row], dst),
+                    Rows::Bf16(x) => {
+                        for (d, s) in dst.iter_mut().zip(&x[row]) {
+                            *d = s.to_bits();
                         }
                     }
-                    converted = buf;
-                    &converted
                 }
-            };
-            block_bf16(xs, k2 * 2, r1 - r0, w, data, p0, p1, y0, ldy);
-        }
+                pad.fill(0);
+            }
+            block_bf16(&buf[..len], k2 * 2, r1 - r0, w, data, p0, p1, y0, ldy);
+        }),
     }
+    gelu_block(gelu, w, r0, r1, p0, p1, y, ldy);
+}
+
+thread_local! {
+    /// The bf16 copy of the f32 rows a task of a bf16 GEMM reads ([`block`]), kept per thread so
+    /// that each task does not allocate and zero a new one.
+    static BF16_ROWS: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// GELU in place over the block [`block`] wrote, when `gelu`.
+///
+/// # Safety
+/// As for [`block`]: `y` is valid for rows `r0..r1` x the columns of panels `p0..p1`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gelu_block(
+    gelu: bool,
+    w: &PackedWeight,
+    r0: usize,
+    r1: usize,
+    p0: usize,
+    p1: usize,
+    y: *mut f32,
+    ldy: usize,
+) {
     if gelu {
         let nr = w.family.nr();
         let c0 = p0 * nr;

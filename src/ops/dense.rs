@@ -182,8 +182,7 @@ pub(crate) fn block_tail(
     };
     let c = wo.n();
     let small = [Some(norm.0), Some(norm.1), gamma1, gamma2];
-    let applies = !(wo.is_bf16() || w1.is_bf16() || w2.is_bf16())
-        && (wo.k(), w1.k(), w2.k(), w2.n()) == (c, c, w1.n(), c)
+    let applies = (wo.k(), w1.k(), w2.k(), w2.n()) == (c, c, w1.n(), c)
         && x.device().is_cpu()
         && y.device().is_cpu()
         && (x.dtype(), y.dtype()) == (DType::F32, DType::F32)
@@ -564,7 +563,8 @@ mod tests {
 
     /// The fused block tail engages for enough rows and equals, bit for bit, the unfused ops it
     /// replaces (projection, residual, LayerNorm, MLP, residual), with and without layer scale,
-    /// on every instruction set of this CPU.
+    /// on every instruction set of this CPU, with f32 weights and (AVX512_BF16, AMX) bf16 GEMM
+    /// weights.
     #[test]
     fn block_tail_equals_the_unfused_ops_bitwise() {
         let pool = rayon::ThreadPoolBuilder::new()
@@ -573,14 +573,34 @@ mod tests {
             .unwrap();
         pool.install(|| {
             let (c, hid) = (48, 192);
-            for isa in Isa::supported() {
+            let policies = Isa::supported().into_iter().flat_map(|isa| {
                 let policy = KernelPolicy::with_isa(isa).unwrap();
+                // bf16 GEMM weights (AVX512_BF16, AMX) where the CPU has a bf16 GEMM.
+                let bf16 = policy.with_bf16_gemm_weights();
+                std::iter::once(policy).chain(bf16.bf16_gemm_weights().then_some(bf16))
+            });
+            for policy in policies {
+                let isa = format!(
+                    "{}{}",
+                    policy.isa(),
+                    if policy.bf16_gemm_weights() {
+                        " bf16 weights"
+                    } else {
+                        ""
+                    }
+                );
                 let lin = |o: usize, i: usize, seed: u64| {
                     let w = randn(&[o, i], 0.2, seed);
                     let b = randn(&[o], 0.1, seed + 1);
                     Linear::with_policy(w, Some(b), policy).unwrap()
                 };
                 let (proj, fc1, fc2) = (lin(c, c, 1), lin(hid, c, 3), lin(c, hid, 5));
+                for l in [&proj, &fc1, &fc2] {
+                    match &l.weights {
+                        Weights::Packed(p) => assert_eq!(p.is_bf16(), policy.bf16_gemm_weights()),
+                        Weights::Tensors(_) => panic!("{isa}: not packed"),
+                    }
+                }
                 let rows = 2
                     * 2
                     * match &fc1.weights {
