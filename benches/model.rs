@@ -305,6 +305,12 @@ const CASES: &[Case] = &[
         what: "T, 224, batch 8, one training step (forward, backward, AdamW)",
     },
     Case {
+        name: "train_t224_b8_nospin",
+        reference: false,
+        isa: None,
+        what: "the training step with CANDLE_BARRIER_POOL_SPIN_LIMIT=0 (as examples/finetune.rs sets it)",
+    },
+    Case {
         name: "callers_t224",
         reference: false,
         isa: None,
@@ -783,6 +789,10 @@ fn main() {
             cmd.env("INTERNIMAGE_REFERENCE_OPS", "1");
         } else {
             cmd.env_remove("INTERNIMAGE_REFERENCE_OPS");
+        }
+        if case.name.ends_with("_nospin") {
+            // Candle's pool for its own elementwise ops parks at once instead of spinning.
+            cmd.env("CANDLE_BARRIER_POOL_SPIN_LIMIT", "0");
         }
         match case.isa {
             Some(name) => {

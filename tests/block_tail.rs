@@ -38,6 +38,14 @@ impl candle_nn::var_builder::SimpleBackend for RandomWeights {
 }
 
 fn check(name: &str, cfg: Config) {
+    check_dtype(name, cfg, DType::F32)
+}
+
+/// As [`check`], for a network built in `dtype`. bf16: on a CPU with AVX512_BF16 or AMX the
+/// network keeps bf16 GEMM weights and f32 activations and takes the fused tail too (elsewhere it
+/// is bf16 throughout and takes the unfused ops both times); the debug pass records the logits in
+/// the compute dtype, `forward` returns them in bf16.
+fn check_dtype(name: &str, cfg: Config, dtype: DType) {
     // Two threads: stage 1 of a 112 x 112 image (784 rows) then fills whole row blocks on
     // every thread (the fused tail), the later stages do not (the unfused ops).
     let pool = rayon::ThreadPoolBuilder::new()
@@ -45,16 +53,18 @@ fn check(name: &str, cfg: Config) {
         .build()
         .unwrap();
     pool.install(|| {
-        let vb = VarBuilder::from_backend(Box::new(RandomWeights), DType::F32, Device::Cpu);
+        let vb = VarBuilder::from_backend(Box::new(RandomWeights), dtype, Device::Cpu);
         let model = InternImage::new(&cfg, vb).unwrap();
         let x = Tensor::randn(0f32, 1.0, (1, 3, 112, 112), &Device::Cpu).unwrap();
         let fused = model.forward(&x).unwrap();
         let acts = model.debug_activations(&x).unwrap();
         let unfused = &acts.iter().find(|(n, _)| n == "logits").unwrap().1;
-        let (a, b) = (
-            fused.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            unfused.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-        );
+        assert_eq!(fused.dtype(), dtype);
+        let values = |t: &Tensor| {
+            let t = t.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
+            t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        };
+        let (a, b) = (values(&fused), values(unfused));
         assert_eq!(a.len(), b.len());
         assert!(a.iter().all(|v| v.is_finite()), "{name}: non-finite logits");
         let bad = a
@@ -80,6 +90,13 @@ fn internimage_t_blocks_with_layer_scale() {
 #[test]
 fn internimage_t_blocks_without_layer_scale() {
     check("T", small(Config::t()));
+}
+
+#[test]
+fn internimage_t_blocks_with_bf16_gemm_weights() {
+    let mut cfg = small(Config::t());
+    cfg.layer_scale = Some(1e-5);
+    check_dtype("T bf16", cfg, DType::BF16);
 }
 
 #[test]
