@@ -752,8 +752,9 @@ unsafe fn block(
         }
         (Panels::Bf16(data), x) => BF16_ROWS.with_borrow_mut(|buf| {
             // The rows as bf16 pairs along k, in this thread's buffer (it grows to the largest
-            // task: at most `BIG_WEIGHT_ROWS` rows for `linear_packed`); every value is written
-            // (the conversion, and the zero padding of an odd depth).
+            // row block this thread converts: at most `BIG_WEIGHT_ROWS` rows in `linear_packed`,
+            // `16 * MR` in the fused MLP and block tail); every value is written (the conversion,
+            // and the zero padding of an odd depth).
             let k2 = k.div_ceil(2);
             let len = (r1 - r0) * k2 * 2;
             if buf.len() < len {
