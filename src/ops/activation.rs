@@ -16,14 +16,15 @@ const HALF_BUF: usize = 512;
 /// Conversions between a half type and f32 slices.
 trait HalfLike: Copy + Send + Sync + Default + 'static {
     fn to_f32s(src: &[Self], dst: &mut [f32]);
-    fn from_f32s(src: &[f32], dst: &mut [Self]);
+    /// Rounds `src` into `dst` (the kernels of `isa` where they have a conversion).
+    fn from_f32s(isa: Isa, src: &[f32], dst: &mut [Self]);
 }
 
 impl HalfLike for f16 {
     fn to_f32s(src: &[Self], dst: &mut [f32]) {
         src.convert_to_f32_slice(dst)
     }
-    fn from_f32s(src: &[f32], dst: &mut [Self]) {
+    fn from_f32s(_: Isa, src: &[f32], dst: &mut [Self]) {
         dst.convert_from_f32_slice(src)
     }
 }
@@ -32,8 +33,9 @@ impl HalfLike for bf16 {
     fn to_f32s(src: &[Self], dst: &mut [f32]) {
         src.convert_to_f32_slice(dst)
     }
-    fn from_f32s(src: &[f32], dst: &mut [Self]) {
-        dst.convert_from_f32_slice(src)
+    fn from_f32s(isa: Isa, src: &[f32], dst: &mut [Self]) {
+        // The crate's one f32 -> bf16 rounding (bit for bit `half`'s), vectorised.
+        crate::cpu::simd::to_bf16_bits(isa, src, dst.reinterpret_cast_mut())
     }
 }
 
@@ -43,7 +45,7 @@ fn gelu_half_chunk<T: HalfLike>(isa: Isa, src: &[T], dst: &mut [T]) {
         let b = &mut buf[..s.len()];
         T::to_f32s(s, b);
         gelu_inplace(isa, b);
-        T::from_f32s(b, d);
+        T::from_f32s(isa, b, d);
     }
 }
 

@@ -411,7 +411,9 @@ impl CustomOp2 for DwOp {
                 &g,
                 ho,
                 |s: &[bf16], d: &mut [f32]| s.convert_to_f32_slice(d),
-                |s: &[f32], d: &mut [bf16]| d.convert_from_f32_slice(s),
+                |s: &[f32], d: &mut [bf16]| {
+                    crate::cpu::simd::to_bf16_bits(self.isa, s, d.reinterpret_cast_mut())
+                },
             )),
             other => candle_core::bail!(
                 "depthwise conv: expected an f32, f16 or bf16 input, got {other:?}"
