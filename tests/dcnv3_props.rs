@@ -544,6 +544,98 @@ fn bad_input_is_an_error() {
     assert!(e.contains("supported dtypes"), "{e}");
 }
 
+/// Sizes whose products overflow (a group of 2^63+1 wraps group*group_channels back to the real
+/// channel count; a pad near usize::MAX wraps the padded size) are config errors for DCNv3 and
+/// DCNv4 alike, never an overflow panic or a huge allocation; so are the same pads in the
+/// depthwise convolution, and an output too large to allocate.
+#[test]
+fn overflowing_sizes_are_errors() {
+    use internimage::ops::dcnv4::dcnv4;
+    use internimage::ops::depthwise_conv2d_nhwc;
+    let dev = Device::Cpu;
+    let x = Tensor::randn(0f32, 1., (1, 4, 4, 2), &dev).unwrap();
+    let base = Dcnv3Config::internimage(1, 2, 1.0);
+    let wrap = Dcnv3Config {
+        kernel_h: 2,
+        kernel_w: 1,
+        pad_h: 0,
+        pad_w: 0,
+        group: (1usize << 63) + 1,
+        ..base
+    };
+    let cases = [
+        ("group*group_channels", wrap),
+        (
+            "pad_h",
+            Dcnv3Config {
+                pad_h: usize::MAX,
+                ..base
+            },
+        ),
+        (
+            "pad_w",
+            Dcnv3Config {
+                pad_w: 1 << 63,
+                ..base
+            },
+        ),
+        (
+            "dilation_h*(kernel_h-1)+1",
+            Dcnv3Config {
+                dilation_h: usize::MAX,
+                ..base
+            },
+        ),
+        (
+            "kernel_h*kernel_w",
+            Dcnv3Config {
+                kernel_h: 1 << 40,
+                kernel_w: 1 << 40,
+                ..base
+            },
+        ),
+        (
+            "group*P*3",
+            Dcnv3Config {
+                group: 1 << 29,
+                group_channels: 1,
+                ..base
+            },
+        ),
+    ];
+    for (name, cfg) in cases {
+        // Shapes that the wrapped arithmetic would have accepted.
+        let o = Tensor::zeros((1, 3, 4, 4), DType::F32, &dev).unwrap();
+        let m = Tensor::ones((1, 3, 4, 2), DType::F32, &dev).unwrap();
+        let e = dcnv3(&x, &o, &m, &cfg).unwrap_err().to_string();
+        assert!(e.contains(name) && e.contains("too large"), "{name}: {e}");
+        let om = Tensor::zeros((1, 3, 4, 8), DType::F32, &dev).unwrap();
+        let e = dcnv4(&x, &om, &cfg).unwrap_err().to_string();
+        assert!(e.starts_with("dcnv4:") && e.contains(name), "{name}: {e}");
+    }
+    let w = Tensor::randn(0f32, 1., (2, 1, 3, 3), &dev).unwrap();
+    for pad in [usize::MAX, (1usize << 63) + 1] {
+        let e = depthwise_conv2d_nhwc(&x, &w, None, pad)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("depthwise conv") && e.contains("too large"),
+            "pad {pad}: {e}"
+        );
+    }
+    // Paddings that fit the arithmetic but not the memory (the first: (1, 200001, 200001, 2)
+    // floats; the second: an element count that overflows).
+    for pad in [100_000, 1 << 62] {
+        let e = depthwise_conv2d_nhwc(&x, &w, None, pad)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("larger than this machine can allocate"),
+            "pad {pad}: {e}"
+        );
+    }
+}
+
 #[test]
 fn non_finite_input_values_match_reference() {
     // Inputs with inf/NaN take the kernel that reads only in-image corners; the result must

@@ -429,3 +429,71 @@ fn typed_error_unknown_model() {
         "{shown}"
     );
 }
+
+/// Sizes far beyond every released model (corrupt or hostile config.json files) are config
+/// errors that name the field, before anything is allocated; depths that would overflow their
+/// sum too.
+#[test]
+fn absurd_config_sizes_are_rejected() {
+    let huge = [
+        (
+            "channels",
+            Config {
+                channels: 3 << 40,
+                ..Config::t()
+            },
+        ),
+        (
+            "depths",
+            Config {
+                depths: vec![1 << 63, 1 << 63, 1, 1],
+                ..Config::t()
+            },
+        ),
+        (
+            "num_classes",
+            Config {
+                num_classes: usize::MAX,
+                ..Config::t()
+            },
+        ),
+        (
+            "dw_kernel_size",
+            Config {
+                dw_kernel_size: Some(usize::MAX),
+                ..Config::t()
+            },
+        ),
+        (
+            "mlp_ratio",
+            Config {
+                mlp_ratio: 1e308,
+                ..Config::t()
+            },
+        ),
+        (
+            "cls_scale",
+            Config {
+                cls_scale: 1e308,
+                ..Config::t()
+            },
+        ),
+    ];
+    for (name, cfg) in huge {
+        let err = cfg.validate().unwrap_err();
+        assert_typed!(
+            err,
+            internimage::Error::BadConfig { message } if message.contains(name)
+                && message.contains("beyond")
+        );
+        // The same through config.json and the builder (no weights needed to fail).
+        let json = serde_json::to_string(&cfg).unwrap();
+        assert!(Config::from_json_str(&json).is_err(), "{name}");
+        let vb = candle_nn::VarBuilder::zeros(DType::F32, &Device::Cpu);
+        assert!(InternImage::new(&cfg, vb).is_err(), "{name}");
+    }
+    // The largest released sizes stay valid.
+    Config::g().validate().unwrap();
+    Config::h().validate().unwrap();
+    Config::flash_l().validate().unwrap();
+}

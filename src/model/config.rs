@@ -5,6 +5,9 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 /// `bail!` with a typed [`crate::Error::BadConfig`].
+/// The widest stage-0 `channels` a [`Config`] may ask for (stage 3 then has 8x as many).
+const LIMIT_CHANNELS: usize = 1 << 16;
+
 macro_rules! bad_config {
     ($($arg:tt)*) => {
         return Err(crate::error::Error::bad_config(format!($($arg)*)).into())
@@ -310,7 +313,7 @@ impl Config {
     /// Stochastic-depth probability of block `block` (global index over all stages): linear from
     /// 0 to `drop_path_rate`.
     pub fn drop_path_prob(&self, block: usize) -> f64 {
-        let n: usize = self.depths.iter().sum();
+        let n = self.depths.iter().fold(0usize, |a, &d| a.saturating_add(d));
         if n <= 1 {
             0.0
         } else {
@@ -337,6 +340,29 @@ impl Config {
                 self.depths,
                 self.groups
             );
+        }
+        // Far above every released model (at most 512 channels, 48 blocks, 21,841 classes,
+        // mlp_ratio 4, cls_scale 1.5, kernel 5): a value beyond them is a corrupt config, and
+        // within them no size derived from the config overflows.
+        let limits = [
+            ("channels", self.channels as f64, LIMIT_CHANNELS as f64),
+            (
+                "depths[i]",
+                self.depths.iter().copied().max().unwrap_or(0) as f64,
+                4096.0,
+            ),
+            ("num_classes", self.num_classes as f64, (1u32 << 24) as f64),
+            ("dw_kernel_size", self.dw_kernel() as f64, 255.0),
+            ("mlp_ratio", self.mlp_ratio, 64.0),
+            ("cls_scale", self.cls_scale, 64.0),
+        ];
+        for (name, v, max) in limits {
+            if v > max {
+                bad_config!(
+                    "InternImage config: {name} = {v} is beyond what this crate builds (at most \
+                     {max}); is the config.json corrupt?"
+                );
+            }
         }
         for i in 0..4 {
             let c = self.stage_channels(i);

@@ -87,14 +87,8 @@ impl Conv2dNhwc {
 
     fn out_size(&self, h: usize, w: usize) -> Result<(usize, usize)> {
         let (_, _, kh, kw) = self.weight.dims4()?;
-        let (hp, wp) = (h + 2 * self.pad, w + 2 * self.pad);
-        if hp < kh || wp < kw {
-            candle_core::bail!(
-                "conv2d_nhwc: a {kh}x{kw} kernel does not fit a {h}x{w} input padded by {}",
-                self.pad
-            );
-        }
-        Ok(((hp - kh) / self.stride + 1, (wp - kw) / self.stride + 1))
+        let (s, p) = (self.stride, self.pad);
+        super::window_out_size("conv2d_nhwc", (h, w), (kh, kw), (s, s), (p, p))
     }
 }
 
@@ -170,13 +164,8 @@ pub(crate) fn conv2d_nchw(
     let y = if super::tracks_grad(&[xs, weight]) {
         let (_, _, h, w) = xs.dims4()?;
         let (_, _, kh, kw) = weight.dims4()?;
-        let (hp, wp) = (h + 2 * pad, w + 2 * pad);
-        if hp < kh || wp < kw || stride == 0 {
-            candle_core::bail!(
-                "conv2d: a {kh}x{kw} kernel does not fit a {h}x{w} input padded by {pad} (stride {stride})"
-            );
-        }
-        let (ho, wo) = ((hp - kh) / stride + 1, (wp - kw) / stride + 1);
+        let (ho, wo) =
+            super::window_out_size("conv2d", (h, w), (kh, kw), (stride, stride), (pad, pad))?;
         xs.pad_with_zeros(2, pad, pad)?
             .pad_with_zeros(3, pad, pad)?
             .narrow(2, 0, (ho - 1) * stride + kh)?

@@ -96,16 +96,8 @@ impl DepthwiseConv2dNhwc {
 
     /// Output size for an input of `h` x `w` (errors if the kernel does not fit).
     fn out_size(&self, h: usize, w: usize) -> Result<(usize, usize)> {
-        let (hp, wp) = (h + 2 * self.pad, w + 2 * self.pad);
-        if hp < self.kh || wp < self.kw {
-            candle_core::bail!(
-                "depthwise conv: a {}x{} kernel does not fit a {h}x{w} input padded by {}",
-                self.kh,
-                self.kw,
-                self.pad
-            );
-        }
-        Ok((hp + 1 - self.kh, wp + 1 - self.kw))
+        let (k, p) = ((self.kh, self.kw), (self.pad, self.pad));
+        super::window_out_size(OP, (h, w), k, (1, 1), p)
     }
 
     /// Baseline: candle's grouped `conv2d` (one convolution per channel) on NCHW.
@@ -315,15 +307,23 @@ fn dw_f32(isa: Isa, x: &[f32], packed: &[f32], g: &Geom, ho: usize, out: &mut [M
     }
 }
 
-/// f32 convolution of `n` images (`x` = N*H*W*C) into a new N*Ho*Wo*C vector.
-fn dw_f32_vec(isa: Isa, x: &[f32], packed: &[f32], g: &Geom, n: usize, ho: usize) -> Vec<f32> {
-    let len = n * ho * g.wo * g.c;
+/// f32 convolution of `n` images (`x` = N*H*W*C) into a new N*Ho*Wo*C vector (an error when
+/// it cannot be allocated).
+fn dw_f32_vec(
+    isa: Isa,
+    x: &[f32],
+    packed: &[f32],
+    g: &Geom,
+    n: usize,
+    ho: usize,
+) -> Result<Vec<f32>> {
     // Written into uninitialised capacity (no zero-fill pass).
-    let mut out = Vec::with_capacity(len);
+    let mut out = super::try_output_vec(OP, &[n, ho, g.wo, g.c])?;
+    let len = n * ho * g.wo * g.c;
     dw_f32(isa, x, packed, g, ho, &mut out.spare_capacity_mut()[..len]);
     // SAFETY: `dw_f32` writes all N*Ho rows of Wo*C values (or there are none).
     unsafe { out.set_len(len) };
-    out
+    Ok(out)
 }
 
 fn dw_half<T: Copy + Default + Send + Sync>(
@@ -334,19 +334,19 @@ fn dw_half<T: Copy + Default + Send + Sync>(
     ho: usize,
     to_f32: impl Fn(&[T], &mut [f32]) + Sync,
     from_f32: impl Fn(&[f32], &mut [T]) + Sync,
-) -> Vec<T> {
+) -> Result<Vec<T>> {
     let mut xf = vec![0f32; x.len()];
     xf.par_chunks_mut(16 * 1024)
         .zip(x.par_chunks(16 * 1024))
         .for_each(|(d, s)| to_f32(s, d));
     let n = x.len().checked_div(g.h * g.w * g.c).unwrap_or(0);
-    let of = dw_f32_vec(isa, &xf, packed, g, n, ho);
+    let of = dw_f32_vec(isa, &xf, packed, g, n, ho)?;
     drop(xf);
     let mut out = vec![T::default(); of.len()];
     out.par_chunks_mut(16 * 1024)
         .zip(of.par_chunks(16 * 1024))
         .for_each(|(d, s)| from_f32(s, d));
-    out
+    Ok(out)
 }
 
 impl CustomOp2 for DwOp {
@@ -371,16 +371,8 @@ impl CustomOp2 for DwOp {
             );
         }
         let packed = contiguous_slice::<f32>(s2, l2, OP, "packed weights")?;
-        let (hp, wp) = (h + 2 * self.pad, w + 2 * self.pad);
-        if hp < self.kh || wp < self.kw {
-            candle_core::bail!(
-                "depthwise conv: a {}x{} kernel does not fit a {h}x{w} input padded by {}",
-                self.kh,
-                self.kw,
-                self.pad
-            );
-        }
-        let (ho, wo) = (hp + 1 - self.kh, wp + 1 - self.kw);
+        let (k, p) = ((self.kh, self.kw), (self.pad, self.pad));
+        let (ho, wo) = super::window_out_size(OP, (h, w), k, (1, 1), p)?;
         let g = Geom {
             h,
             w,
@@ -393,7 +385,7 @@ impl CustomOp2 for DwOp {
         let out = match s1.dtype() {
             DType::F32 => {
                 let x = contiguous_slice::<f32>(s1, l1, OP, "input")?;
-                CpuStorage::F32(dw_f32_vec(self.isa, x, packed, &g, n, ho))
+                CpuStorage::F32(dw_f32_vec(self.isa, x, packed, &g, n, ho)?)
             }
             DType::F16 => CpuStorage::F16(dw_half(
                 self.isa,
@@ -403,7 +395,7 @@ impl CustomOp2 for DwOp {
                 ho,
                 |s: &[f16], d: &mut [f32]| s.convert_to_f32_slice(d),
                 |s: &[f32], d: &mut [f16]| d.convert_from_f32_slice(s),
-            )),
+            )?),
             DType::BF16 => CpuStorage::BF16(dw_half(
                 self.isa,
                 contiguous_slice::<bf16>(s1, l1, OP, "input")?,
@@ -414,7 +406,7 @@ impl CustomOp2 for DwOp {
                 |s: &[f32], d: &mut [bf16]| {
                     crate::cpu::simd::to_bf16_bits(self.isa, s, d.reinterpret_cast_mut())
                 },
-            )),
+            )?),
             other => candle_core::bail!(
                 "depthwise conv: expected an f32, f16 or bf16 input, got {other:?}"
             ),

@@ -23,6 +23,62 @@ pub use fused::{
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Tensor};
 
+/// Output (height, width) of a 2-D window op: `(size + 2*pad - extent) / stride + 1` per axis for
+/// an input of `size` = (h, w), window `extent` (the dilated kernel), `stride` and `pad`.
+///
+/// An error when the padded input is smaller than the window, a stride is 0, or a size
+/// overflows (a hostile `pad` or kernel): `op` names the operator in the message.
+pub(crate) fn window_out_size(
+    op: &str,
+    size: (usize, usize),
+    extent: (usize, usize),
+    stride: (usize, usize),
+    pad: (usize, usize),
+) -> Result<(usize, usize)> {
+    let axis = |n: usize, e: usize, s: usize, p: usize| -> Result<usize> {
+        let padded = p.checked_mul(2).and_then(|p2| n.checked_add(p2));
+        match padded {
+            _ if s == 0 => candle_core::bail!("{op}: the stride must be at least 1, got 0"),
+            None => candle_core::bail!(
+                "{op}: padding {p} is too large (the padded size of an input of {n} overflows)"
+            ),
+            Some(padded) if padded < e || e == 0 => candle_core::bail!(
+                "{op}: a {}x{} kernel window does not fit a {}x{} input padded by {}x{}; use a \
+                 larger input or more padding",
+                extent.0,
+                extent.1,
+                size.0,
+                size.1,
+                pad.0,
+                pad.1
+            ),
+            Some(padded) => Ok((padded - e) / s + 1),
+        }
+    };
+    Ok((
+        axis(size.0, extent.0, stride.0, pad.0)?,
+        axis(size.1, extent.1, stride.1, pad.1)?,
+    ))
+}
+
+/// An empty vector with room for the `dims` product of elements: an error naming `op` (instead
+/// of an abort) when the product overflows or the allocation fails.
+pub(crate) fn try_output_vec<T>(op: &str, dims: &[usize]) -> Result<Vec<T>> {
+    let too_big = || {
+        candle_core::Error::msg(format!(
+            "{op}: an output of shape {dims:?} is larger than this machine can allocate; use a \
+             smaller input (or padding)"
+        ))
+    };
+    let len = dims
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(too_big)?;
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|_| too_big())?;
+    Ok(v)
+}
+
 // The gradient contract of the fast ops: every custom op of this crate either implements `bwd`
 // (applied with `apply_op*`) or is inference-only and applied through `inference_op1/2/3` below,
 // which refuse a tensor that tracks a gradient. Callers step aside to a differentiable path

@@ -77,6 +77,36 @@ impl Dcnv3Config {
                 bail!("dcnv3: {name} must be at least 1, got 0 (config {c:?})");
             }
         }
+        // The kernels keep coordinates, channel offsets and point counts in i32: every size and
+        // the products derived from them must stay below 2^31 (checked without overflowing).
+        let limit = i32::MAX as u128;
+        let prod = |xs: &[usize]| xs.iter().fold(1u128, |a, &x| a.saturating_mul(x as u128));
+        let (kh, kw) = (c.kernel_h, c.kernel_w);
+        let derived = [
+            ("pad_h", c.pad_h as u128),
+            ("pad_w", c.pad_w as u128),
+            ("stride_h", c.stride_h as u128),
+            ("stride_w", c.stride_w as u128),
+            ("kernel_h*kernel_w", prod(&[kh, kw])),
+            ("group*group_channels", prod(&[c.group, c.group_channels])),
+            ("group*P*3", prod(&[c.group, kh, kw, 3])),
+            (
+                "dilation_h*(kernel_h-1)+1",
+                prod(&[c.dilation_h, kh - 1]).saturating_add(1),
+            ),
+            (
+                "dilation_w*(kernel_w-1)+1",
+                prod(&[c.dilation_w, kw - 1]).saturating_add(1),
+            ),
+        ];
+        for (name, v) in derived {
+            if v > limit {
+                bail!(
+                    "dcnv3: {name} = {v} is too large (at most 2^31-1 = {limit}); check the config \
+                     ({c:?})"
+                );
+            }
+        }
         if !c.offset_scale.is_finite() {
             bail!(
                 "dcnv3: offset_scale must be a finite number, got {}",
@@ -98,7 +128,9 @@ impl Dcnv3Config {
 
     /// Sampling points per group: kernel_h*kernel_w, minus one when remove_center.
     pub fn points(&self) -> usize {
-        self.kernel_h * self.kernel_w - usize::from(self.remove_center)
+        // Saturating: exact for every config that passes `validate`.
+        (self.kernel_h.saturating_mul(self.kernel_w))
+            .saturating_sub(usize::from(self.remove_center))
     }
 
     /// Output (height, width) for an input of (h_in, w_in):
@@ -106,9 +138,15 @@ impl Dcnv3Config {
     /// is smaller than the dilated kernel.
     pub fn output_size(&self, h_in: usize, w_in: usize) -> Result<(usize, usize)> {
         self.validate()?;
+        // `validate` bounds the kernel extents and pads below 2^31: only the input can overflow.
         let ext_h = self.dilation_h * (self.kernel_h - 1) + 1;
         let ext_w = self.dilation_w * (self.kernel_w - 1) + 1;
-        let (ph, pw) = (h_in + 2 * self.pad_h, w_in + 2 * self.pad_w);
+        let (Some(ph), Some(pw)) = (
+            h_in.checked_add(2 * self.pad_h),
+            w_in.checked_add(2 * self.pad_w),
+        ) else {
+            bail!("dcnv3: an input of {h_in}x{w_in} is too large");
+        };
         if ph < ext_h || pw < ext_w {
             bail!(
                 "dcnv3: the padded input ({ph}x{pw} = ({h_in}+2*{})x({w_in}+2*{})) is smaller than the \

@@ -84,8 +84,12 @@ pub fn geometry(cfg: &Dcnv3Config, input: &Shape, offset_mask: &Shape) -> Result
 
 /// Width K_pad = ceil(group*3*P / 8) * 8 of the `offset_mask` tensor for `cfg`
 /// (P = kernel_h*kernel_w, minus one with remove_center).
+///
+/// Saturating (exact for every config that passes [`Dcnv3Config::validate`], which bounds
+/// group*3*P below 2^31).
 pub fn offset_mask_channels(cfg: &Dcnv3Config) -> usize {
-    (cfg.group * cfg.points() * 3).div_ceil(8) * 8
+    let k = cfg.group.saturating_mul(cfg.points()).saturating_mul(3);
+    k.div_ceil(8).saturating_mul(8)
 }
 
 /// Gradients of `sum(dcnv4(input, offset_mask) * grad_out)` with respect to input and
