@@ -1,4 +1,4 @@
-//! f16 and bf16 forward of tiny_b (and tiny_h) against the f32 official goldens.
+//! f16, bf16 and f64 forward of tiny_b (and tiny_h) against the f32 official goldens.
 //!
 //! Tolerances are stated at `TOLS`; the top-1 class must agree with the f32 goldens. Every
 //! instruction set the CPU supports is run: on AVX512_BF16 a bf16 model keeps bf16 GEMM weights
@@ -93,4 +93,35 @@ fn tiny_b_f16_bf16() {
 #[test]
 fn tiny_h_f16_bf16() {
     run("tiny_h");
+}
+
+/// f64 weights and inputs run too (every op has an f64 path: the LayerNorm used to stop at
+/// candle-nn's fused kernel, which has none): logits and stages of tiny_b and tiny_h against the
+/// f32 goldens within 1e-4 + 1e-4*|ref| (measured maxima: logits 9.8e-8 / 1.1e-6, stages
+/// 1.8e-5 / 1.7e-5 for tiny_b / tiny_h; the goldens' own f32 rounding dominates).
+#[test]
+fn f64_matches_goldens() {
+    let inputs = load("inputs.safetensors");
+    for net in ["tiny_b", "tiny_h"] {
+        let expected = load(&format!("expected/{net}.safetensors"));
+        let model = InternImage::from_checkpoint(
+            &config(net),
+            net_weights(net, "safetensors"),
+            DType::F64,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let x = inputs["rand"].to_dtype(DType::F64).unwrap();
+        let logits = model.forward(&x).unwrap();
+        assert_eq!(logits.dtype(), DType::F64);
+        let (worst, max_abs) = max_violation(&logits, &expected["logits.rand"], 1e-4, 1e-4);
+        eprintln!("{net} f64 logits: max |diff| {max_abs:.2e}");
+        assert!(worst <= 0.0, "{net} f64 logits: max |diff| {max_abs:.3e}");
+        for (i, f) in model.forward_features(&x).unwrap().iter().enumerate() {
+            let reference = &expected[&format!("stage{i}.rand")];
+            let (worst, max_abs) = max_violation(f, reference, 1e-4, 1e-4);
+            eprintln!("{net} f64 stage{i}: max |diff| {max_abs:.2e}");
+            assert!(worst <= 0.0, "{net} f64 stage{i}: max |diff| {max_abs:.3e}");
+        }
+    }
 }

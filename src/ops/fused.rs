@@ -375,8 +375,8 @@ pub fn layer_norm_last_dim_with(
             },
         );
     }
-    if super::tracks_grad(&[xs, weight, bias]) {
-        // candle-nn's fused layer_norm has no backward.
+    if super::tracks_grad(&[xs, weight, bias]) || xs.dtype() == DType::F64 {
+        // candle-nn's fused layer_norm has no backward, and no f64 CPU kernel.
         return layer_norm_tensor_ops(xs, weight, bias, eps);
     }
     let ln = candle_nn::LayerNorm::new(weight.clone(), bias.clone(), eps);
