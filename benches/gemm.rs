@@ -1,8 +1,10 @@
 //! The CPU GEMM of this crate against the `gemm` crate (0.19, the one Candle uses) with its
-//! AVX-512 micro-kernels (`x86-v4` feature, enabled for this bench only), at InternImage-T's
+//! AVX-512 micro-kernels (`x86-v4` feature, on in this crate's dependency: the training
+//! kernels' weight gradients use it), at InternImage-T's
 //! linear-layer shapes: `y (M x N) = x (M x K) @ w^T + b`.
 //!
-//! `cargo bench --bench gemm`. 2 rayon threads unless `RAYON_NUM_THREADS` says otherwise; each
+//! `cargo bench --bench gemm`. Rayon's global pool (all cores unless `RAYON_NUM_THREADS` says
+//! otherwise); each
 //! row is the median of 30 calls after 5 warm-up calls, in GFLOP/s (2 M N K flops per call).
 //! Ours: the weight packed once when the layer is built (`internimage::ops::Linear`), the call
 //! allocating its output tensor. `gemm` crate: a preallocated output, the weight read through a

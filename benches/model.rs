@@ -254,13 +254,13 @@ const CASES: &[Case] = &[
         name: "t224_b1_bf16",
         reference: false,
         isa: None,
-        what: "T, 224x224, batch 1, logits, bf16 weights and activations",
+        what: "T, 224x224, batch 1, logits, bf16 model (bf16 GEMM weights and f32 activations with AVX512_BF16/AMX, else bf16 throughout with f32 compute)",
     },
     Case {
         name: "t224_b8_bf16",
         reference: false,
         isa: None,
-        what: "T, 224x224, batch 8, logits, bf16 weights and activations",
+        what: "T, 224x224, batch 8, logits, bf16 model (as t224_b1_bf16)",
     },
     Case {
         name: "t224_b1_bf16_avx512bf16",

@@ -17,8 +17,9 @@
 //! printed and `--output` receives `model.safetensors` + `config.json` (official key layout,
 //! read by `classify --weights --config` and `InternImage::from_checkpoint`), `labels.txt` (one
 //! class name per line, for `classify --labels`) and `state.json` (epochs done). `--resume DIR`
-//! continues from such a directory (the AdamW moments start afresh: candle's optimiser does not
-//! expose them).
+//! continues from such a directory and keeps saving there (unless `--output` names another): the
+//! weights, config and epoch count come back; the classes come from `--data` again and must be
+//! as many as the saved head has; the AdamW moments start afresh (they are not saved).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -56,12 +57,13 @@ struct Args {
     /// config.json with the architecture of --weights (default: --model's)
     #[arg(long, value_name = "PATH")]
     config: Option<PathBuf>,
-    /// continue a run saved by this example in DIR (weights, config, labels)
+    /// continue a run saved by this example in DIR (weights, config, epochs done); it keeps
+    /// saving there unless --output says otherwise
     #[arg(long, value_name = "DIR")]
     resume: Option<PathBuf>,
-    /// where to save after each epoch
-    #[arg(long, value_name = "DIR", default_value = "runs/finetune")]
-    output: PathBuf,
+    /// where to save after each epoch [default: the --resume DIR, else runs/finetune]
+    #[arg(long, value_name = "DIR")]
+    output: Option<PathBuf>,
     /// epochs
     #[arg(long, value_name = "N", default_value_t = 10, value_parser = at_least_one)]
     epochs: usize,
@@ -92,7 +94,8 @@ struct Args {
     /// train only the head (conv head / CLIP projector and classifier)
     #[arg(long)]
     freeze_backbone: bool,
-    /// split, augmentation and head initialisation seed
+    /// seed of the split, shuffle and augmentation (the new head's initial weights are not
+    /// seeded)
     #[arg(long, value_name = "N", default_value_t = 0)]
     seed: u64,
     /// f32 | bf16
@@ -342,9 +345,13 @@ fn run(a: &Args) -> Result<()> {
         val.len(),
         tm.trainable_names().len()
     );
-    std::fs::create_dir_all(&a.output).map_err(|e| {
-        candle_core::Error::msg(format!("cannot create {}: {e}", a.output.display()))
-    })?;
+    let output = a
+        .output
+        .clone()
+        .or_else(|| a.resume.clone())
+        .unwrap_or_else(|| PathBuf::from("runs/finetune"));
+    std::fs::create_dir_all(&output)
+        .map_err(|e| candle_core::Error::msg(format!("cannot create {}: {e}", output.display())))?;
     let steps_per_epoch = train.len().div_ceil(a.batch_size);
     let total = steps_per_epoch * a.epochs;
     let warmup = (a.warmup_epochs * steps_per_epoch as f64) as usize;
@@ -397,9 +404,9 @@ fn run(a: &Args) -> Result<()> {
             loss_sum / seen.max(1) as f64,
             100.0 * acc
         );
-        tm.save(&a.output)?;
+        tm.save(&output)?;
         let write = |name: &str, text: String| {
-            let p = a.output.join(name);
+            let p = output.join(name);
             std::fs::write(&p, text)
                 .map_err(|e| candle_core::Error::msg(format!("cannot write {}: {e}", p.display())))
         };
@@ -414,7 +421,7 @@ fn run(a: &Args) -> Result<()> {
             .to_string(),
         )?;
     }
-    println!("saved to {}", a.output.display());
+    println!("saved to {}", output.display());
     Ok(())
 }
 

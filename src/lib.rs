@@ -2,8 +2,8 @@
 //! deformable-convolution operator (CPU, CUDA, Metal; forward and backward) and every released
 //! InternImage variant (T, S, B, L, XL, H, G), loading the official checkpoints unchanged.
 //!
-//! * [`ops::dcnv3`]: the DCNv3 core as a Candle `CustomOp3` (channels-last, any batch size,
-//!   f32/f16/bf16, differentiable); [`ops::dcnv4`]: the DCNv4 core of FlashInternImage (one
+//! * [`ops::dcnv3()`]: the DCNv3 core as a Candle `CustomOp3` (channels-last, any batch size,
+//!   f32/f16/bf16, differentiable); [`ops::dcnv4()`]: the DCNv4 core of FlashInternImage (one
 //!   packed offset_mask, mask as given) on the same kernels, a `CustomOp2`.
 //! * FlashInternImage T/S/B/L: [`Config::flash_t`] ... [`Config::flash_l`] (`core_op: "DCNv4"`).
 //! * [`InternImage`] / [`Config`]: the network; [`InternImage::forward_features`] gives the four

@@ -363,7 +363,7 @@ struct Manifest {
 }
 
 /// The manifest, embedded at build time.
-pub const MANIFEST_JSON: &str = include_str!("../weights-manifest.json");
+pub(crate) const MANIFEST_JSON: &str = include_str!("../weights-manifest.json");
 
 fn parse_manifest(json: &str) -> std::result::Result<Vec<PretrainedModel>, String> {
     let manifest: Manifest = serde_json::from_str(json)

@@ -187,4 +187,44 @@ fn finetune_example_learns_a_folder() {
         text.contains("red"),
         "classify should name the fine-tuned class:\n{text}"
     );
+
+    // --resume continues the run in its own folder: one more epoch (5 of 5), from the saved
+    // weights (its loss starts near the last one, far below the first), saved back there.
+    let run = Command::new(&bin)
+        .args(["--data", data.to_str().unwrap()])
+        .args(["--resume", out.to_str().unwrap()])
+        .args(["--epochs", "5", "--batch-size", "6", "--lr", "2e-3"])
+        .args([
+            "--size",
+            "32",
+            "--val-fraction",
+            "0.3",
+            "--drop-path",
+            "0.0",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "finetune --resume failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let resumed: Vec<f64> = stdout
+        .lines()
+        .filter_map(|l| l.split("train loss ").nth(1))
+        .map(|r| r.split(',').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(resumed.len(), 1, "only epoch 5 runs:\n{stdout}");
+    assert!(
+        stdout.contains("epoch 5:") && resumed[0] < losses[0],
+        "the resumed epoch starts from the trained weights: {resumed:?} vs {losses:?}\n{stdout}"
+    );
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("state.json")).unwrap()).unwrap();
+    assert_eq!(
+        state["epochs_done"].as_u64(),
+        Some(5),
+        "saved into the resumed folder"
+    );
 }

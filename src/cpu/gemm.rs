@@ -6,7 +6,7 @@
 //! |---|---|---|---|
 //! | AMX (bf16 weights, [`super::amx`]) | 32 x 32 | 4 f32 C tiles, `TDPBF16PS` | whole depth |
 //! | AVX512_BF16 (bf16 weights) | 8 x 32 | 16 zmm accumulators, `VDPBF16PS` | 256 (128 pairs) |
-//! | AVX-512 | 8 x 32 | 16 zmm accumulators | 128 |
+//! | AVX-512 | 12 x 32 | 24 zmm accumulators | 128 |
 //! | AVX2 + FMA | 6 x 16 | 12 ymm accumulators | 192 |
 //! | NEON (aarch64) | 6 x 16 | 24 q accumulators, `FMLA` by element | 192 |
 //! | portable | 4 x 16 | plain arrays, auto-vectorised | 192 |
@@ -39,7 +39,7 @@ enum Family {
     Amx,
     /// AVX512_BF16: 8 x 32 on bf16 pairs.
     Avx512Bf16,
-    /// AVX-512 F: 8 x 32.
+    /// AVX-512 F: 12 x 32.
     Avx512,
     /// AVX2 + FMA: 6 x 16.
     Avx2,

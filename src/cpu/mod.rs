@@ -10,7 +10,7 @@
 //!
 //! | family | AVX-512 (+BF16, +AMX) | AVX2 + FMA | NEON (aarch64) | portable |
 //! |---|---|---|---|---|
-//! | GEMM (`gemm.rs`: linear, MLP, dense conv) | 8 x 32 intrinsics (bf16: `VDPBF16PS`; AMX: 32 x 32 tile blocks, `TDPBF16PS`, `amx.rs`) | 6 x 16 intrinsics | 6 x 16 intrinsics | 4 x 16 plain Rust, no FMA |
+//! | GEMM (`gemm.rs`: linear, MLP, dense conv) | 12 x 32 intrinsics (bf16: 8 x 32, `VDPBF16PS`; AMX: 32 x 32 tile blocks, `TDPBF16PS`, `amx.rs`) | 6 x 16 intrinsics | 6 x 16 intrinsics | 4 x 16 plain Rust, no FMA |
 //! | GELU and its gradient (`gelu.rs`) | table kernel (`gelu_avx2.rs`) | table kernel | generic, FMA | generic, no FMA |
 //! | LayerNorm, softmax, depthwise conv (`ops/`) | generic, FMA, AVX-512 codegen | generic, FMA, AVX2 codegen | generic, FMA | generic, no FMA |
 //! | DCNv3/DCNv4 gather and scatter (`ops/dcnv3/cpu.rs`) | f32 forward: intrinsics (`cpu/avx512.rs`); f64 and backward: the AVX2 build | generic, FMA, AVX2 codegen | generic, FMA | generic, no FMA |
@@ -198,7 +198,8 @@ pub struct KernelPolicy {
     bf16_gemm_weights: bool,
 }
 
-/// The environment variable that selects [`KernelPolicy::reference`] (any value but `0`).
+/// The environment variable that selects [`KernelPolicy::reference`] (any value but empty or
+/// `0`).
 pub const ENV_REFERENCE_OPS: &str = "INTERNIMAGE_REFERENCE_OPS";
 /// The environment variable that selects [`KernelPolicy::with_isa`] (an [`Isa::name`]).
 pub const ENV_ISA: &str = "INTERNIMAGE_ISA";
@@ -246,7 +247,10 @@ impl KernelPolicy {
     /// The default from the environment: [`KernelPolicy::reference`] when
     /// `INTERNIMAGE_REFERENCE_OPS` is set (to anything but `0`), else
     /// [`KernelPolicy::with_isa`] of `INTERNIMAGE_ISA` when set, else [`KernelPolicy::fast`].
-    /// Read each time it is called (models call it when they are built).
+    /// Reads the environment each time it is called. The constructors without a policy argument
+    /// (`InternImage::new`, `from_checkpoint`, the free functions of [`crate::ops`]) use the
+    /// process default instead: this function's result at the first such call, kept for the
+    /// life of the process; pass a policy (`*_with_policy`) to choose per model.
     pub fn from_env() -> Result<Self> {
         let reference =
             std::env::var_os(ENV_REFERENCE_OPS).is_some_and(|v| !v.is_empty() && v != "0");

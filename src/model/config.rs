@@ -55,7 +55,9 @@ pub struct Config {
     /// Which blocks of stage 2 are followed by an extra LayerNorm (needed when
     /// `level2_post_norm` is set).
     pub level2_post_norm_block_ids: Option<Vec<usize>>,
-    /// Kernel of the depthwise convolution in the DCNv3 offset branch (`None` = 3).
+    /// Kernel of the depthwise convolution in the offset branch: DCNv3 always has one (`None` =
+    /// 3); DCNv4 has one (`offset_mask_dw`) only when this is set (`None` = none, as in
+    /// FlashInternImage-T).
     pub dw_kernel_size: Option<usize>,
     /// Centre feature scale in DCNv3 (H/G).
     pub center_feature_scale: bool,

@@ -18,8 +18,6 @@ mod trainable;
 pub use config::{Config, CoreOp};
 pub use dcnv3_layer::{DcnSampling, Dcnv3Layer, Dcnv3LayerConfig};
 pub use dcnv4_layer::{Dcnv4Layer, Dcnv4LayerConfig};
-pub use head::{CLIP_DIM, CLIP_EMBED_DIM};
-pub use nn::LN_EPS;
 pub use trainable::{TrainOptions, Trainable, TrainableModel};
 
 use crate::cpu::KernelPolicy;

@@ -1,5 +1,5 @@
 //! The exact (erf) GELU as a differentiable Candle op: the vectorised, multi-threaded kernels of
-//! [`crate::cpu::gelu`] on the CPU, candle's own `gelu_erf` on CUDA/Metal.
+//! the crate's CPU kernel layer (`cpu::gelu`) on the CPU, candle's own `gelu_erf` on CUDA/Metal.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};

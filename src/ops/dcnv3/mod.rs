@@ -8,13 +8,15 @@
 //! the image, weighted by `mask[..,g,p]` (never renormalised) and summed over p.
 //!
 //! The op is a [`candle_core::CustomOp3`] ([`Dcnv3Op`]) with a CPU forward for f32/f16/bf16 (f32
-//! accumulation) and f64, and a backward implemented by a second op ([`Dcnv3BackwardOp`]) so that
+//! accumulation) and f64, and a backward implemented by a second op (`Dcnv3BackwardOp`, internal) so that
 //! `Tensor::backward` works through [`dcnv3`]. GPU forwards (`cuda_fwd`, `metal_fwd`) plug into the
 //! same two ops; the CPU path is the reference they are tested against.
 
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
+#[doc(hidden)]
+// Public only for the host-compiled GPU kernel test (`tests/kernel_host.rs`); not an API.
 #[doc(hidden)]
 pub mod launch;
 #[cfg(feature = "metal")]
@@ -258,26 +260,28 @@ impl Dcnv3Op {
 /// [`Dcnv3Geometry::input_len`], [`Dcnv3Geometry::offset_len`], [`Dcnv3Geometry::mask_len`]);
 /// grad_offset already includes the factor offset_scale.
 #[derive(Debug, Clone, Copy)]
-pub struct Dcnv3BackwardOp {
+pub(crate) struct Dcnv3BackwardOp {
     /// The operator's geometry.
-    pub cfg: Dcnv3Config,
+    pub(crate) cfg: Dcnv3Config,
     /// The instruction set of the CPU kernel (the portable kernel runs when the CPU lacks it).
-    pub isa: Isa,
+    pub(crate) isa: Isa,
 }
 
 impl Dcnv3BackwardOp {
     /// Wraps a config; the CPU kernel runs on the widest instruction set of the CPU.
-    pub fn new(cfg: Dcnv3Config) -> Self {
+    // Used by the CUDA and Metal launchers only.
+    #[cfg_attr(not(any(feature = "cuda", feature = "metal")), allow(dead_code))]
+    pub(crate) fn new(cfg: Dcnv3Config) -> Self {
         Self::with_isa(cfg, Isa::detect())
     }
 
     /// Wraps a config; the CPU kernel runs on `isa`.
-    pub fn with_isa(cfg: Dcnv3Config, isa: Isa) -> Self {
+    pub(crate) fn with_isa(cfg: Dcnv3Config, isa: Isa) -> Self {
         Self { cfg, isa }
     }
 
     /// Geometry of a backward call from the shapes of its three arguments.
-    pub fn geometry(
+    pub(crate) fn geometry(
         &self,
         input: &Shape,
         offset_mask: &Shape,

@@ -8,7 +8,7 @@
 //!
 //! [`Dcnv4Op`] is a [`candle_core::CustomOp2`] whose CPU kernels are those of DCNv3
 //! (`ops::dcnv3::cpu`, parametrised by where each point's offsets and mask live); its `bwd` is
-//! [`Dcnv4BackwardOp`], so `Tensor::backward` works through [`dcnv4`].
+//! the internal `Dcnv4BackwardOp`, so `Tensor::backward` works through [`dcnv4`].
 
 mod validate;
 
@@ -172,26 +172,28 @@ impl Dcnv4Op {
 /// flattened one after the other (the latter with zero padding columns; offsets' gradients
 /// include the factor offset_scale).
 #[derive(Debug, Clone, Copy)]
-pub struct Dcnv4BackwardOp {
+pub(crate) struct Dcnv4BackwardOp {
     /// The operator's geometry.
-    pub cfg: Dcnv3Config,
+    pub(crate) cfg: Dcnv3Config,
     /// The instruction set of the CPU kernel (the portable kernel runs when the CPU lacks it).
-    pub isa: Isa,
+    pub(crate) isa: Isa,
 }
 
 impl Dcnv4BackwardOp {
     /// Wraps a config; the CPU kernel runs on the widest instruction set of the CPU.
-    pub fn new(cfg: Dcnv3Config) -> Self {
+    // Used by the CUDA and Metal launchers only.
+    #[cfg_attr(not(any(feature = "cuda", feature = "metal")), allow(dead_code))]
+    pub(crate) fn new(cfg: Dcnv3Config) -> Self {
         Self::with_isa(cfg, Isa::detect())
     }
 
     /// Wraps a config; the CPU kernel runs on `isa`.
-    pub fn with_isa(cfg: Dcnv3Config, isa: Isa) -> Self {
+    pub(crate) fn with_isa(cfg: Dcnv3Config, isa: Isa) -> Self {
         Self { cfg, isa }
     }
 
     /// Geometry of a backward call from the shapes of its three arguments.
-    pub fn geometry(
+    pub(crate) fn geometry(
         &self,
         input: &Shape,
         offset_mask: &Shape,
