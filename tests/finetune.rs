@@ -108,6 +108,22 @@ fn synthetic_folder(root: &Path, per_class: usize) {
     }
 }
 
+/// The stdout of a successful `finetune` run and the training loss of each epoch it printed.
+fn epoch_losses(run: &std::process::Output) -> (String, Vec<f64>) {
+    let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
+    assert!(
+        run.status.success(),
+        "finetune failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let losses = stdout
+        .lines()
+        .filter_map(|l| l.split("train loss ").nth(1))
+        .map(|r| r.split(',').next().unwrap().parse().unwrap())
+        .collect();
+    (stdout, losses)
+}
+
 #[test]
 fn finetune_example_learns_a_folder() {
     let root = tmp("finetune_example");
@@ -117,42 +133,26 @@ fn finetune_example_learns_a_folder() {
     std::fs::write(&config, net_meta("tiny_b")["hf_config"].to_string()).unwrap();
     let out = root.join("run");
     let bin = build_example("finetune");
+    // The settings both runs share.
+    let common = [
+        ["--batch-size", "6"],
+        ["--lr", "2e-3"],
+        ["--size", "32"],
+        ["--warmup-epochs", "0.5"],
+        ["--val-fraction", "0.3"],
+        ["--drop-path", "0.0"],
+    ]
+    .concat();
     let run = Command::new(&bin)
         .args(["--data", data.to_str().unwrap()])
         .args(["--weights", net_weights("tiny_b", "pth").to_str().unwrap()])
         .args(["--config", config.to_str().unwrap()])
         .args(["--output", out.to_str().unwrap()])
-        .args([
-            "--epochs",
-            "4",
-            "--batch-size",
-            "6",
-            "--lr",
-            "2e-3",
-            "--size",
-            "32",
-        ])
-        .args([
-            "--warmup-epochs",
-            "0.5",
-            "--val-fraction",
-            "0.3",
-            "--drop-path",
-            "0.0",
-        ])
+        .args(["--epochs", "4"])
+        .args(&common)
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    assert!(
-        run.status.success(),
-        "finetune failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    let losses: Vec<f64> = stdout
-        .lines()
-        .filter_map(|l| l.split("train loss ").nth(1))
-        .map(|r| r.split(',').next().unwrap().parse().unwrap())
-        .collect();
+    let (stdout, losses) = epoch_losses(&run);
     assert_eq!(losses.len(), 4, "one line per epoch:\n{stdout}");
     assert!(losses[3] < losses[0], "training loss must fall: {losses:?}");
     let state: serde_json::Value =
@@ -193,28 +193,11 @@ fn finetune_example_learns_a_folder() {
     let run = Command::new(&bin)
         .args(["--data", data.to_str().unwrap()])
         .args(["--resume", out.to_str().unwrap()])
-        .args(["--epochs", "5", "--batch-size", "6", "--lr", "2e-3"])
-        .args([
-            "--size",
-            "32",
-            "--val-fraction",
-            "0.3",
-            "--drop-path",
-            "0.0",
-        ])
+        .args(["--epochs", "5"])
+        .args(&common)
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    assert!(
-        run.status.success(),
-        "finetune --resume failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    let resumed: Vec<f64> = stdout
-        .lines()
-        .filter_map(|l| l.split("train loss ").nth(1))
-        .map(|r| r.split(',').next().unwrap().parse().unwrap())
-        .collect();
+    let (stdout, resumed) = epoch_losses(&run);
     assert_eq!(resumed.len(), 1, "only epoch 5 runs:\n{stdout}");
     assert!(
         stdout.contains("epoch 5:") && resumed[0] < losses[0],
