@@ -12,7 +12,10 @@
 //! <yacs CfgNode>, 'model_ema', ...}`), mmdet/mmseg files (`state_dict` + `meta`) and bare state
 //! dicts load alike; objects of unknown classes are kept opaque and skipped. Which entry holds the
 //! weights is chosen by [`PthWeights`] in [`OpenOptions`] (default: `model`, then `state_dict`,
-//! then the top level; [`PthWeights::Ema`] takes `model_ema`).
+//! then the top level; [`PthWeights::Ema`] takes `model_ema`). A tensor that cannot be read (an
+//! unsupported dtype or layout, malformed arguments, a view repeating storage elements) is an
+//! error naming it and the reason when the model asks for it. Hostile files stay cheap: ranks,
+//! names and the number of tensors are bounded, and so is the pickle reader's memory.
 //!
 //! Every floating tensor is checked once for NaN/Inf as it is loaded (one pass over its bytes,
 //! before any conversion); the error names the tensor and the file
@@ -72,10 +75,42 @@ fn safetensors_error(path: &Path, message: String, e: Error) -> Error {
     }
 }
 
+/// Opens `path` for reading if it is a regular file (following symlinks): opening a FIFO would
+/// block forever, and a directory or device is never a weight file.
+fn open_regular(path: &Path) -> std::io::Result<std::fs::File> {
+    let kind = std::fs::metadata(path)?.file_type();
+    if kind.is_file() {
+        return std::fs::File::open(path);
+    }
+    let what = if kind.is_dir() {
+        "a directory"
+    } else {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::FileTypeExt;
+            if kind.is_fifo() {
+                "a FIFO (named pipe)"
+            } else if kind.is_socket() {
+                "a socket"
+            } else if kind.is_block_device() || kind.is_char_device() {
+                "a device"
+            } else {
+                "a special file"
+            }
+        }
+        #[cfg(not(unix))]
+        "a special file"
+    };
+    Err(std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        format!("it is {what}, not a regular file; give the path of a weight file"),
+    ))
+}
+
 /// Detects the format of `path` from its first bytes.
 pub fn detect_format(path: impl AsRef<Path>) -> Result<Format> {
     let path = path.as_ref();
-    let mut f = std::fs::File::open(path).map_err(|e| {
+    let mut f = open_regular(path).map_err(|e| {
         IoError::io(
             path,
             format!("cannot open checkpoint {}: {e}", path.display()),
@@ -166,7 +201,9 @@ pub fn shards_from_index(index: impl AsRef<Path>) -> Result<Vec<PathBuf>> {
         }
         .into()
     };
-    let text = std::fs::read_to_string(index).map_err(|e| {
+    let mut text = String::new();
+    let read = open_regular(index).and_then(|mut f| f.read_to_string(&mut text));
+    read.map_err(|e| {
         IoError::io(
             index,
             format!("cannot read safetensors index {}: {e}", index.display()),
@@ -260,10 +297,11 @@ impl Default for OpenOptions {
     }
 }
 
-/// Where a tensor of a `.pth` file lives: its zip record and its strided view of the storage.
+/// Where a tensor of a `.pth` file lives: its storage's key (record `<prefix>data/<key>`) and
+/// its strided view of the storage.
 #[derive(Debug, Clone)]
 struct PthTensor {
-    record: String,
+    key: String,
     dtype: DType,
     storage_len: usize,
     offset: usize,
@@ -271,14 +309,62 @@ struct PthTensor {
     strides: Vec<usize>,
 }
 
+/// Why a tensor entry of a `.pth` file cannot be loaded (told when the model asks for it).
+#[derive(Debug, Clone)]
+struct Unreadable {
+    /// A valid tensor of a kind this crate does not read (dtype, layout), not a malformed one.
+    unsupported: bool,
+    reason: String,
+}
+
+/// A tensor entry of a `.pth` file: readable, or why not.
+type Found = std::result::Result<PthTensor, Unreadable>;
+
+/// The tensor entries of a `.pth` weight dict, by stored name.
+#[derive(Default)]
+struct PthTensors {
+    readable: HashMap<String, PthTensor>,
+    unreadable: HashMap<String, Unreadable>,
+}
+
+impl PthTensors {
+    fn is_empty(&self) -> bool {
+        self.readable.is_empty() && self.unreadable.is_empty()
+    }
+}
+
 /// A PyTorch zip checkpoint: the tensor table from `data.pkl` and the open archive.
 struct PthFile {
+    /// The folder of `data.pkl` in the archive (`archive/`), which holds `data/<key>`.
+    prefix: String,
     tensors: HashMap<String, PthTensor>,
+    /// Tensor entries that cannot be loaded, and why.
+    unreadable: HashMap<String, Unreadable>,
     zip: Mutex<zip::ZipArchive<std::io::BufReader<std::fs::File>>>,
 }
 
 /// The largest `data.pkl` read (the pickle holds names and metadata, not tensor data).
 const MAX_PICKLE_BYTES: u64 = 1 << 30;
+
+/// The most dimensions of a `.pth` tensor (weights have at most 5; each entry copies them).
+const MAX_RANK: usize = 16;
+
+/// The most tensor entries under the weight entry of a `.pth` file (real ones have thousands).
+const MAX_TENSORS: usize = 1 << 18;
+
+/// The longest tensor name of a `.pth` file (real ones are under 200 bytes).
+const MAX_NAME_BYTES: usize = 1024;
+
+/// The longest storage key of a `.pth` file (torch writes a decimal number).
+const MAX_KEY_BYTES: usize = 64;
+
+/// `s`, cut to 64 bytes for a message kept per tensor entry (a hostile file's names are long).
+fn clip(s: &str) -> String {
+    match s.char_indices().nth(64) {
+        Some((end, _)) => format!("{}...", &s[..end]),
+        None => s.to_string(),
+    }
+}
 
 fn storage_dtype(name: &str) -> Option<DType> {
     Some(match name {
@@ -294,78 +380,205 @@ fn storage_dtype(name: &str) -> Option<DType> {
     })
 }
 
-/// The tensor described by node `id`, if it is one (`_rebuild_tensor_v2` of a storage, possibly
-/// wrapped in `_rebuild_parameter`). Tensors of unsupported dtypes, quantized tensors and
-/// anything else give `None`.
-fn tensor_of(p: &pickle::Pickle, id: pickle::Id, prefix: &str, depth: usize) -> Option<PthTensor> {
-    if depth > 4 {
-        return None;
-    }
+/// The tensor described by node `id` (`_rebuild_tensor_v2` of a storage, possibly wrapped in
+/// `_rebuild_parameter`), or why it cannot be loaded (an unsupported dtype or layout, malformed
+/// arguments); `None` when `id` is not a tensor at all.
+fn tensor_of(p: &pickle::Pickle, id: pickle::Id, depth: usize) -> Option<Found> {
     let (module, name) = p.callable_name(id)?;
-    let args = p.call_args(id)?;
-    if module != "torch._utils" {
+    if module != "torch._utils" || !name.starts_with("_rebuild") {
         return None;
     }
+    let fail = |unsupported: bool, reason: String| {
+        Some(Err(Unreadable {
+            unsupported,
+            reason,
+        }))
+    };
+    let Some(args) = p.call_args(id) else {
+        return fail(
+            false,
+            format!(
+                "the arguments of torch._utils.{} are not a tuple",
+                clip(name)
+            ),
+        );
+    };
     match name {
         "_rebuild_parameter" | "_rebuild_parameter_with_state" => {
-            tensor_of(p, *args.first()?, prefix, depth + 1)
+            if depth >= 4 {
+                return fail(false, "parameters nested more than 4 deep".into());
+            }
+            match args.first().and_then(|&a| tensor_of(p, a, depth + 1)) {
+                Some(found) => Some(found),
+                None => fail(true, "a Parameter whose data is not a dense tensor".into()),
+            }
         }
-        "_rebuild_tensor_v2" | "_rebuild_tensor" => {
-            let pickle::Node::PersId(pid) = p.node(*args.first()?) else {
-                return None;
+        "_rebuild_tensor_v2" | "_rebuild_tensor" => Some(rebuild_tensor(p, args)),
+        _ => {
+            // `_rebuild_tensor_v3` carries the dtype as its 7th argument (float8, uint16, ...).
+            let dtype = match args.get(6).map(|&d| p.node(d)) {
+                Some(pickle::Node::Global { module, name }) if module == "torch" => {
+                    format!(" of dtype torch.{}", clip(name))
+                }
+                _ => String::new(),
             };
-            // ('storage', torch.<Type>Storage, key, location, numel)
-            let pid = p.as_seq(*pid)?;
-            if pid.len() < 5 || p.as_str(pid[0]) != Some("storage") {
-                return None;
-            }
-            let dtype = match p.node(pid[1]) {
-                pickle::Node::Global { module, name } if module == "torch" => storage_dtype(name)?,
-                _ => return None,
-            };
-            let key = match p.node(pid[2]) {
-                pickle::Node::Str(s) => s.clone(),
-                pickle::Node::Int(i) => i.to_string(),
-                _ => return None,
-            };
-            if key.is_empty() || !key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-                return None; // record names are plain keys; anything else is not a real file
-            }
-            let storage_len = usize::try_from(p.as_int(pid[4])?).ok()?;
-            let offset = usize::try_from(p.as_int(*args.get(1)?)?).ok()?;
-            let ints = |id: pickle::Id| -> Option<Vec<usize>> {
-                p.as_seq(id)?
-                    .iter()
-                    .map(|&d| usize::try_from(p.as_int(d)?).ok())
-                    .collect()
-            };
-            let shape = ints(*args.get(2)?)?;
-            let strides = ints(*args.get(3)?)?;
-            if shape.len() != strides.len() {
-                return None;
-            }
-            Some(PthTensor {
-                record: format!("{prefix}data/{key}"),
-                dtype,
-                storage_len,
-                offset,
-                shape,
-                strides,
-            })
+            fail(
+                true,
+                format!(
+                    "it is a tensor{dtype} rebuilt by torch._utils.{} (a dtype or layout this \
+                     crate does not read: quantized, sparse, meta, float8, ...); re-save it as a \
+                     dense float32/float16/bfloat16 tensor",
+                    clip(name)
+                ),
+            )
         }
-        _ => None,
     }
 }
 
-/// The tensors of the dict-like node `id`, by name.
-fn tensors_in(p: &pickle::Pickle, id: pickle::Id, prefix: &str) -> HashMap<String, PthTensor> {
-    let mut out = HashMap::new();
+/// The tensor of `_rebuild_tensor_v2(storage, offset, shape, strides, ...)`, or why it cannot be
+/// loaded.
+fn rebuild_tensor(p: &pickle::Pickle, args: &[pickle::Id]) -> Found {
+    let malformed = |reason: String| Unreadable {
+        unsupported: false,
+        reason,
+    };
+    let (&storage, &offset, &shape, &strides) = match args {
+        [a, b, c, d, ..] => (a, b, c, d),
+        _ => {
+            return Err(malformed(format!(
+                "torch._utils._rebuild_tensor_v2 has {} arguments, at least 4 expected",
+                args.len()
+            )))
+        }
+    };
+    // ('storage', torch.<Type>Storage, key, location, numel)
+    let pid = match p.node(storage) {
+        pickle::Node::PersId(pid) => p.as_seq(*pid).unwrap_or(&[]),
+        _ => &[],
+    };
+    if pid.len() < 5 || p.as_str(pid[0]) != Some("storage") {
+        return Err(malformed(
+            "its storage is not a ('storage', type, key, location, size) reference".into(),
+        ));
+    }
+    let dtype = match p.node(pid[1]) {
+        pickle::Node::Global { module, name } if module == "torch" => storage_dtype(name)
+            .ok_or_else(|| Unreadable {
+                unsupported: true,
+                reason: format!(
+                    "its storage is torch.{}, a dtype this crate does not read (it reads \
+                     float32/16/64, bfloat16, int64/32/16, uint8 and bool); convert the tensor, \
+                     e.g. `t.float()`, and re-save",
+                    clip(name)
+                ),
+            })?,
+        pickle::Node::Global { module, name } => {
+            return Err(malformed(format!(
+                "its storage type {}.{} is not a torch storage class",
+                clip(module),
+                clip(name)
+            )))
+        }
+        _ => {
+            return Err(malformed(
+                "its storage type is not a torch storage class".into(),
+            ))
+        }
+    };
+    let key = match p.node(pid[2]) {
+        // Checked before copying: a memoised key may be shared by many tensors.
+        pickle::Node::Str(s)
+            if !s.is_empty()
+                && s.len() <= MAX_KEY_BYTES
+                && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') =>
+        {
+            s.clone()
+        }
+        pickle::Node::Int(i) if *i >= 0 => i.to_string(),
+        // Record names are plain keys; anything else is not a real file.
+        _ => {
+            return Err(malformed(
+                "its storage key is not a plain record name".into(),
+            ))
+        }
+    };
+    let count = |what: &str, id: pickle::Id| -> std::result::Result<usize, Unreadable> {
+        match p.as_int(id) {
+            Some(v) => usize::try_from(v).map_err(|_| malformed(format!("its {what} is {v}"))),
+            None => Err(malformed(format!("its {what} is not an integer"))),
+        }
+    };
+    let storage_len = count("storage size", pid[4])?;
+    let offset = count("storage offset", offset)?;
+    // Checked before copying: a hostile file may share one huge tuple between many entries.
+    let ints = |what: &str, id: pickle::Id| -> std::result::Result<Vec<usize>, Unreadable> {
+        let seq = p
+            .as_seq(id)
+            .ok_or_else(|| malformed(format!("its {what} is not a tuple")))?;
+        if seq.len() > MAX_RANK {
+            return Err(Unreadable {
+                unsupported: true,
+                reason: format!(
+                    "it has {} dimensions; this crate reads tensors of at most {MAX_RANK}",
+                    seq.len()
+                ),
+            });
+        }
+        seq.iter()
+            .map(|&d| count(&format!("{what} entry"), d))
+            .collect()
+    };
+    let shape = ints("shape", shape)?;
+    let strides = ints("stride", strides)?;
+    if shape.len() != strides.len() {
+        return Err(malformed(format!(
+            "its shape {shape:?} and strides {strides:?} differ in length"
+        )));
+    }
+    Ok(PthTensor {
+        key,
+        dtype,
+        storage_len,
+        offset,
+        shape,
+        strides,
+    })
+}
+
+/// The tensor entries of the dict-like node `id`, by name. Too many entries or an overlong name
+/// is an error (a hostile file: cost must stay bounded).
+fn tensors_in(p: &pickle::Pickle, id: pickle::Id) -> std::result::Result<PthTensors, String> {
+    let mut out = PthTensors::default();
+    let mut count = 0usize;
     for &(k, v) in p.dict_items(id).unwrap_or(&[]) {
-        if let (Some(name), Some(t)) = (p.as_str(k), tensor_of(p, v, prefix, 0)) {
-            out.insert(name.to_string(), t);
+        let Some(name) = p.as_str(k) else { continue };
+        let Some(found) = tensor_of(p, v, 0) else {
+            continue;
+        };
+        count += 1;
+        if count > MAX_TENSORS {
+            return Err(format!(
+                "more than {MAX_TENSORS} tensors in one state dict; not a weight checkpoint"
+            ));
+        }
+        if name.len() > MAX_NAME_BYTES {
+            return Err(format!(
+                "a tensor name of {} bytes (at most {MAX_NAME_BYTES}); not a weight checkpoint",
+                name.len()
+            ));
+        }
+        match found {
+            Ok(t) => {
+                out.unreadable.remove(name);
+                out.readable.insert(name.to_string(), t);
+            }
+            Err(why) => {
+                out.readable.remove(name);
+                out.unreadable.insert(name.to_string(), why);
+            }
         }
     }
-    out
+    Ok(out)
 }
 
 fn top_level_keys(p: &pickle::Pickle) -> String {
@@ -416,7 +629,14 @@ fn open_pth(path: &Path, which: &PthWeights) -> Result<PthFile> {
         }
         .into()
     };
-    let file = std::fs::File::open(path).map_err(|e| IoError::io(path, text(&e.to_string()), e))?;
+    let unsupported_msg = |message: String| -> Error {
+        IoError::UnsupportedCheckpoint {
+            path: path_buf(),
+            message,
+        }
+        .into()
+    };
+    let file = open_regular(path).map_err(|e| IoError::io(path, text(&e.to_string()), e))?;
     // `torch.save` writes the zip's directory last: a file without one was cut short.
     let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(|e| {
         let m = format!("not a valid zip archive ({e})");
@@ -456,15 +676,19 @@ fn open_pth(path: &Path, which: &PthWeights) -> Result<PthFile> {
             invalid(m)
         }
     })?;
-    let under = |key: &str| p.get(p.root, key).map(|id| tensors_in(&p, id, &prefix));
-    let tensors = match which {
-        PthWeights::Auto => under("model")
-            .filter(|t| !t.is_empty())
-            .or_else(|| under("state_dict").filter(|t| !t.is_empty()))
-            .unwrap_or_else(|| tensors_in(&p, p.root, &prefix)),
-        PthWeights::Ema => under("model_ema")
-            .or_else(|| under("state_dict_ema"))
-            .ok_or_else(|| {
+    let entries = |id: pickle::Id| tensors_in(&p, id).map_err(invalid);
+    let under = |key: &str| p.get(p.root, key).map(entries).transpose();
+    let found = match which {
+        PthWeights::Auto => match under("model")?.filter(|t| !t.is_empty()) {
+            Some(t) => t,
+            None => match under("state_dict")?.filter(|t| !t.is_empty()) {
+                Some(t) => t,
+                None => entries(p.root)?,
+            },
+        },
+        PthWeights::Ema => match under("model_ema")? {
+            Some(t) => t,
+            None => under("state_dict_ema")?.ok_or_else(|| {
                 missing(
                     "model_ema",
                     format!(
@@ -474,7 +698,8 @@ fn open_pth(path: &Path, which: &PthWeights) -> Result<PthFile> {
                     ),
                 )
             })?,
-        PthWeights::Key(k) => under(k).ok_or_else(|| {
+        },
+        PthWeights::Key(k) => under(k)?.ok_or_else(|| {
             missing(
                 k,
                 format!(
@@ -484,24 +709,50 @@ fn open_pth(path: &Path, which: &PthWeights) -> Result<PthFile> {
             )
         })?,
     };
-    if tensors.is_empty() {
+    if found.readable.is_empty() {
         let looked = match which {
             PthWeights::Auto => "under \"model\", \"state_dict\" and the top level".to_string(),
             PthWeights::Ema => "under \"model_ema\" / \"state_dict_ema\"".to_string(),
             PthWeights::Key(k) => format!("under {k:?}"),
         };
-        return Err(IoError::UnsupportedCheckpoint {
-            path: path_buf(),
-            message: format!(
+        if found.unreadable.is_empty() {
+            return Err(unsupported_msg(format!(
                 "PyTorch checkpoint {} holds no tensors (looked {looked}; top-level keys: {})",
                 path.display(),
                 top_level_keys(&p)
-            ),
+            )));
         }
-        .into());
+        // Name the tensors that are there and why none can be read.
+        let mut why: Vec<(&String, &Unreadable)> = found.unreadable.iter().collect();
+        why.sort_by(|a, b| a.0.cmp(b.0));
+        let listed: Vec<String> = why
+            .iter()
+            .take(3)
+            .map(|(name, u)| format!("`{name}`: {}", u.reason))
+            .collect();
+        let more = match why.len() {
+            n if n > 3 => format!(" (and {} more)", n - 3),
+            _ => String::new(),
+        };
+        let message = format!(
+            "PyTorch checkpoint {} holds no tensor this crate can read (looked {looked}): {}{more}",
+            path.display(),
+            listed.join("; ")
+        );
+        return Err(if why.iter().any(|(_, u)| u.unsupported) {
+            unsupported_msg(message)
+        } else {
+            IoError::InvalidCheckpoint {
+                path: path_buf(),
+                message,
+            }
+            .into()
+        });
     }
     Ok(PthFile {
-        tensors,
+        prefix,
+        tensors: found.readable,
+        unreadable: found.unreadable,
         zip: Mutex::new(zip),
     })
 }
@@ -558,6 +809,16 @@ impl PthFile {
             .storage_len
             .checked_mul(es)
             .ok_or("storage size overflows")?;
+        // More elements than storage means elements repeat (stride 0): bytes read stay bounded.
+        if numel > t.storage_len {
+            return Err(format!(
+                "its view (shape {:?}, strides {:?}) has {numel} elements but its storage only {}: \
+                 the tensor repeats storage elements (saved from an `expand` or another stride-0 \
+                 view); re-save it with `.contiguous()` or `.clone()`",
+                t.shape, t.strides, t.storage_len
+            )
+            .into());
+        }
         if numel > 0 {
             let last = t
                 .shape
@@ -575,14 +836,14 @@ impl PthFile {
                 .into());
             }
         }
+        let record = format!("{}data/{}", self.prefix, t.key);
         let mut zip = self.zip.lock().map_err(|_| "archive lock poisoned")?;
         let mut rec = zip
-            .by_name(&t.record)
-            .map_err(|e| ReadFail::from(format!("record {}: {e}", t.record)))?;
+            .by_name(&record)
+            .map_err(|e| ReadFail::from(format!("record {record}: {e}")))?;
         if rec.size() < storage_bytes as u64 {
             return Err(ReadFail::truncated(format!(
-                "record {} holds {} bytes, its storage needs {storage_bytes}",
-                t.record,
+                "record {record} holds {} bytes, its storage needs {storage_bytes}",
                 rec.size()
             )));
         }
@@ -593,7 +854,7 @@ impl PthFile {
             .take(storage_bytes as u64)
             .read_to_end(&mut data)
             .map_err(|e| {
-                let m = format!("record {}: {e}", t.record);
+                let m = format!("record {record}: {e}");
                 if e.kind() == std::io::ErrorKind::UnexpectedEof {
                     ReadFail::truncated(m)
                 } else {
@@ -601,10 +862,7 @@ impl PthFile {
                 }
             })?;
         if data.len() < storage_bytes {
-            return Err(ReadFail::truncated(format!(
-                "record {} is truncated",
-                t.record
-            )));
+            return Err(ReadFail::truncated(format!("record {record} is truncated")));
         }
         drop(rec);
         drop(zip);
@@ -624,7 +882,10 @@ impl PthFile {
         } else if contiguous {
             std::borrow::Cow::Borrowed(&data[t.offset * es..(t.offset + numel) * es])
         } else {
-            let mut out = Vec::with_capacity(numel * es);
+            let len = numel.checked_mul(es).ok_or("tensor size overflows")?;
+            let mut out = Vec::new();
+            out.try_reserve_exact(len)
+                .map_err(|_| ReadFail::from(format!("cannot allocate {len} bytes")))?;
             let mut idx = vec![0usize; t.shape.len()];
             for _ in 0..numel {
                 let at = t.offset
@@ -711,11 +972,20 @@ struct Entry {
     shape: Shape,
 }
 
+/// A tensor of a `.pth` file that cannot be loaded, kept to say why when it is asked for.
+struct Skipped {
+    source: usize,
+    stored: String,
+    why: Unreadable,
+}
+
 /// A [`SimpleBackend`] over one or more weight files with InternImage name normalisation and
 /// error messages that name the tensor, the shapes and the file.
 pub struct CheckpointBackend {
     sources: Vec<(PathBuf, Format, Source)>,
     entries: HashMap<String, Entry>,
+    /// Tensors present but unreadable (not in `entries`), by official name.
+    skipped: HashMap<String, Skipped>,
     check_finite: bool,
 }
 
@@ -769,6 +1039,7 @@ impl CheckpointBackend {
         }
         let mut sources = Vec::with_capacity(files.len());
         let mut entries: HashMap<String, Entry> = HashMap::new();
+        let mut skipped: HashMap<String, Skipped> = HashMap::new();
         for (idx, (path, format)) in files.into_iter().enumerate() {
             let mut add = |stored: String, shape: Shape| {
                 entries.entry(canonical_name(&stored)).or_insert(Entry {
@@ -782,6 +1053,13 @@ impl CheckpointBackend {
                     let t = open_pth(&path, &opts.pth_weights)?;
                     for (name, info) in &t.tensors {
                         add(name.clone(), Shape::from(info.shape.clone()));
+                    }
+                    for (name, why) in &t.unreadable {
+                        skipped.entry(canonical_name(name)).or_insert(Skipped {
+                            source: idx,
+                            stored: name.clone(),
+                            why: why.clone(),
+                        });
                     }
                     Source::Pth(t)
                 }
@@ -807,6 +1085,7 @@ impl CheckpointBackend {
         Ok(Self {
             sources,
             entries,
+            skipped,
             check_finite: opts.check_finite,
         })
     }
@@ -834,6 +1113,20 @@ impl CheckpointBackend {
     }
 
     fn entry(&self, name: &str) -> Result<&Entry> {
+        if let (None, Some(s)) = (self.entries.get(name), self.skipped.get(name)) {
+            let path = self.sources[s.source].0.clone();
+            let message = format!(
+                "cannot read tensor `{}` from {}: {}",
+                s.stored,
+                path.display(),
+                s.why.reason
+            );
+            return Err(if s.why.unsupported {
+                IoError::UnsupportedCheckpoint { path, message }.into()
+            } else {
+                IoError::InvalidCheckpoint { path, message }.into()
+            });
+        }
         match self.entries.get(name) {
             Some(e) => Ok(e),
             None => {
@@ -921,7 +1214,24 @@ impl CheckpointBackend {
             }
         };
         // Convert on the CPU, then move: avoids a full-precision copy on the accelerator.
-        t.to_dtype(dtype)?.contiguous()?.to_device(dev)
+        let from = t.dtype();
+        let t = t
+            .to_dtype(dtype)
+            .and_then(|t| t.contiguous())
+            .map_err(|err| -> Error {
+                IoError::UnsupportedCheckpoint {
+                    path: path.clone(),
+                    message: format!(
+                        "cannot convert tensor `{}` of {} from {from:?} to {dtype:?} ({}); \
+                         re-save the checkpoint with float32, float16 or bfloat16 weights",
+                        e.stored,
+                        path.display(),
+                        crate::error::user_message(&err)
+                    ),
+                }
+                .into()
+            })?;
+        t.to_device(dev)
     }
 }
 
@@ -958,7 +1268,8 @@ impl SimpleBackend for CheckpointBackend {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.entries.contains_key(name)
+        // An unreadable tensor is there: asking for it says why it cannot be read.
+        self.entries.contains_key(name) || self.skipped.contains_key(name)
     }
 }
 

@@ -315,3 +315,453 @@ fn mutated_inputs_long_run() {
         fuzz(iters / 8, 1000 + seed);
     }
 }
+
+// Hostile checkpoints found by audit: each must give a quick error naming the problem (never an
+// abort on a huge allocation, a hang, or a misleading "missing tensor").
+
+/// Raw protocol-2 pickle opcodes, for hostile files the `Py` writer cannot express (tensor views
+/// and storages of our choosing, memo reuse).
+struct Raw(Vec<u8>);
+
+impl Raw {
+    fn new() -> Self {
+        Raw(vec![0x80, 2])
+    }
+    fn op(&mut self, bytes: &[u8]) -> &mut Self {
+        self.0.extend_from_slice(bytes);
+        self
+    }
+    fn str(&mut self, v: &str) -> &mut Self {
+        self.op(b"X")
+            .op(&(v.len() as u32).to_le_bytes())
+            .op(v.as_bytes())
+    }
+    fn int(&mut self, v: i64) -> &mut Self {
+        self.op(&[0x8a, 8]).op(&v.to_le_bytes())
+    }
+    fn global(&mut self, module: &str, name: &str) -> &mut Self {
+        self.op(b"c")
+            .op(module.as_bytes())
+            .op(b"\n")
+            .op(name.as_bytes())
+            .op(b"\n")
+    }
+    /// LONG_BINPUT / LONG_BINGET.
+    fn put(&mut self, k: u32) -> &mut Self {
+        self.op(b"r").op(&k.to_le_bytes())
+    }
+    fn get(&mut self, k: u32) -> &mut Self {
+        self.op(b"j").op(&k.to_le_bytes())
+    }
+    fn ints(&mut self, v: &[i64]) -> &mut Self {
+        self.op(b"(");
+        for &x in v {
+            self.int(x);
+        }
+        self.op(b"t")
+    }
+    /// `_rebuild_tensor_v2` of storage `key` (`numel` elements of `torch.<storage>`), its shape
+    /// and strides written by `dims`.
+    fn tensor_with(
+        &mut self,
+        storage: &str,
+        key: &str,
+        numel: i64,
+        dims: impl FnOnce(&mut Raw),
+    ) -> &mut Self {
+        self.global("torch._utils", "_rebuild_tensor_v2").op(b"((");
+        self.str("storage")
+            .global("torch", storage)
+            .str(key)
+            .str("cpu");
+        self.int(numel).op(b"tQ").int(0);
+        dims(self);
+        self.op(&[0x89])
+            .global("collections", "OrderedDict")
+            .op(b")RtR")
+    }
+    fn tensor(
+        &mut self,
+        storage: &str,
+        key: &str,
+        numel: i64,
+        shape: &[i64],
+        strides: &[i64],
+    ) -> &mut Self {
+        self.tensor_with(storage, key, numel, |r| {
+            r.ints(shape).ints(strides);
+        })
+    }
+    /// Ends the pickle (STOP).
+    fn finish(&mut self) -> Vec<u8> {
+        self.op(b".");
+        std::mem::take(&mut self.0)
+    }
+}
+
+/// Writes a `.pth` of pickle `pkl` and storage records `storages` as `name`.
+fn raw_pth(name: &str, pkl: Vec<u8>, storages: &[(&str, Vec<u8>)]) -> PathBuf {
+    let mut records = vec![("archive/data.pkl".to_string(), pkl)];
+    records.extend(
+        storages
+            .iter()
+            .map(|(k, b)| (format!("archive/data/{k}"), b.clone())),
+    );
+    let path = tmp_dir().join(name);
+    std::fs::write(&path, common::pth::zip_records(&records)).unwrap();
+    path
+}
+
+/// The message and typed error of `r`, which must be an error that came within `secs` seconds
+/// of `t0`.
+fn quick_err<T>(
+    what: &str,
+    t0: std::time::Instant,
+    secs: f64,
+    r: candle_core::Result<T>,
+) -> (String, candle_core::Error) {
+    let elapsed = t0.elapsed().as_secs_f64();
+    let Err(err) = r else {
+        panic!("{what}: accepted")
+    };
+    let text = internimage::error::user_message(&err);
+    assert!(elapsed < secs, "{what}: error after {elapsed:.1} s: {text}");
+    (text, err)
+}
+
+fn is_invalid(err: &candle_core::Error) -> bool {
+    matches!(
+        internimage::Error::find(err),
+        Some(internimage::Error::InvalidCheckpoint { .. })
+    )
+}
+
+fn is_unsupported(err: &candle_core::Error) -> bool {
+    matches!(
+        internimage::Error::find(err),
+        Some(internimage::Error::UnsupportedCheckpoint { .. })
+    )
+}
+
+/// A view with more elements than its 1-element storage (stride 0, as saved from an `expand`):
+/// an error naming the tensor and the fix, not a 4 TiB allocation (or, at 2^62 elements, a size
+/// that wraps to 0 and an endless copy).
+#[test]
+fn pth_view_repeating_storage_elements_is_an_error() {
+    let mut r = Raw::new();
+    r.op(b"}(").str("stride0");
+    r.tensor("FloatStorage", "0", 1, &[1 << 40], &[0]);
+    r.str("wraps")
+        .tensor("FloatStorage", "0", 1, &[1 << 62], &[0]);
+    r.str("ok").tensor("FloatStorage", "0", 1, &[1], &[1]);
+    let pkl = r.op(b"u").finish();
+    let path = raw_pth("stride0.pth", pkl, &[("0", 1f32.to_le_bytes().to_vec())]);
+    let b = CheckpointBackend::open(&[&path]).unwrap();
+    for name in ["stride0", "wraps"] {
+        let t0 = std::time::Instant::now();
+        let (text, err) = quick_err(
+            name,
+            t0,
+            2.0,
+            b.get_unchecked(name, DType::F32, &Device::Cpu),
+        );
+        assert!(is_invalid(&err), "{text}");
+        for want in [
+            &format!("`{name}`"),
+            "repeats storage elements",
+            "expand",
+            ".contiguous()",
+        ] {
+            assert!(text.contains(want), "{name}: no {want:?} in: {text}");
+        }
+    }
+    let ok = b.get_unchecked("ok", DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(ok.to_vec1::<f32>().unwrap(), [1.0]);
+}
+
+/// STACK_GLOBAL of a memoised 1 MB string, 20,000 times: rejected at the first use (a global's
+/// name is short), not 40 GB of copies.
+#[test]
+fn pth_stack_global_of_a_long_memoised_string_is_rejected() {
+    let mut r = Raw::new();
+    r.str(&"m".repeat(1 << 20)).put(0);
+    for _ in 0..20_000 {
+        r.get(0).get(0).op(&[0x93]).op(b"0");
+    }
+    let pkl = r.op(b"}").finish();
+    let path = raw_pth("long_global.pth", pkl, &[]);
+    let t0 = std::time::Instant::now();
+    let (text, err) = quick_err("long global", t0, 2.0, CheckpointBackend::open(&[&path]));
+    assert!(is_invalid(&err), "{text}");
+    assert!(
+        text.contains("global") && text.contains("1048576 bytes") && text.contains("1024"),
+        "{text}"
+    );
+}
+
+/// One memoised tensor whose shape and strides are a memoised tuple of 1,000,000 ints, under
+/// 2000 names: refused for its rank without copying the tuple per entry (11.7 GB before).
+#[test]
+fn pth_tensor_of_huge_rank_is_refused_quickly() {
+    let huge = |with_readable: bool| {
+        let mut r = Raw::new();
+        r.op(b"(").op(&b"K\x01".repeat(1_000_000)).op(b"t").put(1);
+        r.tensor_with("FloatStorage", "0", 1, |r| {
+            r.get(1).get(1);
+        });
+        r.put(2).op(b"0").op(b"}(");
+        for i in 0..2000 {
+            r.str(&format!("t{i}")).get(2);
+        }
+        if with_readable {
+            r.str("ok").tensor("FloatStorage", "0", 1, &[1], &[1]);
+        }
+        r.op(b"u").finish()
+    };
+    let storage = [("0", 1f32.to_le_bytes().to_vec())];
+
+    // Only such tensors: the open error names one and the limit.
+    let path = raw_pth("huge_rank.pth", huge(false), &storage);
+    let t0 = std::time::Instant::now();
+    let (text, err) = quick_err("huge rank", t0, 5.0, CheckpointBackend::open(&[&path]));
+    assert!(is_unsupported(&err), "{text}");
+    for want in ["`t0`", "1000000 dimensions", "at most 16", "and 1997 more"] {
+        assert!(text.contains(want), "no {want:?} in: {text}");
+    }
+
+    // Beside a readable tensor: the file opens, asking for one names it and the limit.
+    let path = raw_pth("huge_rank_mixed.pth", huge(true), &storage);
+    let t0 = std::time::Instant::now();
+    let b = CheckpointBackend::open(&[&path]).unwrap();
+    assert!(t0.elapsed().as_secs_f64() < 5.0);
+    assert_eq!(b.names(), ["ok"]);
+    assert!(b.contains_tensor("t5"));
+    let (text, err) = quick_err(
+        "huge rank get",
+        t0,
+        5.0,
+        b.get_unchecked("t5", DType::F32, &Device::Cpu),
+    );
+    assert!(is_unsupported(&err), "{text}");
+    assert!(
+        text.contains("`t5`") && text.contains("1000000 dimensions"),
+        "{text}"
+    );
+}
+
+/// Tensors of an unsupported storage dtype or layout, or with malformed arguments: asking for
+/// one names it and the reason (not "missing tensor ... does the Config match"), and a file of
+/// only such tensors says so (not "holds no tensors").
+#[test]
+fn pth_unreadable_tensors_are_named_with_the_reason() {
+    let complex = "levels.0.blocks.0.gamma1";
+    let mut r = Raw::new();
+    r.op(b"}(").str("head.weight");
+    r.tensor("FloatStorage", "0", 12, &[3, 4], &[4, 1]);
+    r.str(complex)
+        .tensor("ComplexFloatStorage", "1", 6, &[6], &[1]);
+    r.str("negative")
+        .tensor("FloatStorage", "0", 12, &[-3], &[1]);
+    r.str("quantized")
+        .global("torch._utils", "_rebuild_qtensor")
+        .op(b"(K\x00tR");
+    let pkl = r.op(b"u").finish();
+    let storages = [("0", vec![0u8; 48]), ("1", vec![0u8; 48])];
+    let path = raw_pth("unreadable.pth", pkl, &storages);
+    let b = CheckpointBackend::open(&[&path]).unwrap();
+    assert_eq!(b.names(), ["head.weight"]);
+    let get = |name: &str| {
+        let t0 = std::time::Instant::now();
+        assert!(b.contains_tensor(name), "{name}");
+        // As `VarBuilder` asks: with the shape the model expects.
+        let r = b.get(
+            candle_core::Shape::from(vec![6]),
+            name,
+            candle_nn::Init::Const(0.),
+            DType::F32,
+            &Device::Cpu,
+        );
+        quick_err(name, t0, 2.0, r)
+    };
+    let (text, err) = get(complex);
+    assert!(is_unsupported(&err), "{text}");
+    assert!(
+        text.contains(&format!("`{complex}`")) && text.contains("ComplexFloatStorage"),
+        "{text}"
+    );
+    let (text, err) = get("negative");
+    assert!(is_invalid(&err), "{text}");
+    assert!(text.contains("`negative`") && text.contains("-3"), "{text}");
+    let (text, err) = get("quantized");
+    assert!(is_unsupported(&err), "{text}");
+    assert!(
+        text.contains("`quantized`") && text.contains("_rebuild_qtensor"),
+        "{text}"
+    );
+
+    // Only an unsupported tensor: the open error names it, with the reason.
+    let mut r = Raw::new();
+    r.op(b"}(").str(complex);
+    r.tensor("ComplexFloatStorage", "1", 6, &[6], &[1]);
+    let path = raw_pth("only_complex.pth", r.op(b"u").finish(), &storages);
+    let err = CheckpointBackend::open(&[&path]).unwrap_err();
+    let text = internimage::error::user_message(&err);
+    assert!(is_unsupported(&err), "{text}");
+    assert!(
+        text.contains(&format!("`{complex}`")) && text.contains("ComplexFloatStorage"),
+        "{text}"
+    );
+}
+
+/// A memoised 1 MB tensor name under 100,000 entries: refused, not 100 GB of copying and
+/// hashing.
+#[test]
+fn pth_overlong_tensor_names_are_rejected_quickly() {
+    let mut r = Raw::new();
+    r.str(&"n".repeat(1 << 20)).put(0);
+    r.tensor("FloatStorage", "0", 1, &[1], &[1]).put(1).op(b"0");
+    r.op(b"}(");
+    for _ in 0..100_000 {
+        r.get(0).get(1);
+    }
+    let pkl = r.op(b"u").finish();
+    let path = raw_pth("long_name.pth", pkl, &[("0", vec![0u8; 4])]);
+    let t0 = std::time::Instant::now();
+    let (text, err) = quick_err("long name", t0, 5.0, CheckpointBackend::open(&[&path]));
+    assert!(is_invalid(&err), "{text}");
+    assert!(text.contains("tensor name of 1048576 bytes"), "{text}");
+}
+
+/// One tensor under 100,000 names, its storage key a memoised 1 MB string, or its archive folder
+/// a 60 KB name: neither is copied per entry (100 GB / 6 GB before). The key is refused (torch
+/// keys are short numbers); the folder is legal and the file loads.
+#[test]
+fn pth_long_storage_key_or_archive_folder_is_not_copied_per_tensor() {
+    let many = |key_len: usize| {
+        let mut r = Raw::new();
+        r.str(&"k".repeat(key_len)).put(0);
+        // The tensor, its storage key the memoised string.
+        r.global("torch._utils", "_rebuild_tensor_v2").op(b"((");
+        r.str("storage")
+            .global("torch", "FloatStorage")
+            .get(0)
+            .str("cpu");
+        r.int(1).op(b"tQ").int(0).ints(&[1]).ints(&[1]);
+        r.op(&[0x89])
+            .global("collections", "OrderedDict")
+            .op(b")RtR");
+        r.put(1).op(b"0").op(b"}(");
+        for i in 0..100_000 {
+            r.str(&format!("{i:x}")).get(1);
+        }
+        r.op(b"u").finish()
+    };
+
+    let path = raw_pth("long_key.pth", many(1 << 20), &[]);
+    let t0 = std::time::Instant::now();
+    let (text, err) = quick_err("long key", t0, 5.0, CheckpointBackend::open(&[&path]));
+    assert!(is_invalid(&err), "{text}");
+    assert!(
+        text.contains("storage key is not a plain record name"),
+        "{text}"
+    );
+
+    let folder = "f".repeat(60_000);
+    let records = [
+        (format!("{folder}/data.pkl"), many(1)),
+        (format!("{folder}/data/k"), 2f32.to_le_bytes().to_vec()),
+    ];
+    let path = tmp_dir().join("long_folder.pth");
+    std::fs::write(&path, common::pth::zip_records(&records)).unwrap();
+    let t0 = std::time::Instant::now();
+    let b = CheckpointBackend::open(&[&path]).unwrap();
+    let t = b.get_unchecked("1f", DType::F32, &Device::Cpu).unwrap();
+    assert!(t0.elapsed().as_secs_f64() < 5.0);
+    assert_eq!(t.to_vec1::<f32>().unwrap(), [2.0]);
+}
+
+/// More tensors under one state dict than any weight checkpoint has (each costs an entry and
+/// its shape): refused.
+#[test]
+fn pth_too_many_tensors_are_rejected() {
+    let mut r = Raw::new();
+    r.tensor("FloatStorage", "0", 1, &[1], &[1]).put(0).op(b"0");
+    r.op(b"}(");
+    for i in 0..(1 << 18) + 1 {
+        r.str(&format!("{i:x}")).get(0);
+    }
+    let pkl = r.op(b"u").finish();
+    let path = raw_pth("many.pth", pkl, &[("0", vec![0u8; 4])]);
+    let t0 = std::time::Instant::now();
+    let (text, err) = quick_err("many tensors", t0, 10.0, CheckpointBackend::open(&[&path]));
+    assert!(is_invalid(&err), "{text}");
+    assert!(text.contains("more than 262144 tensors"), "{text}");
+}
+
+/// A safetensors tensor of a dtype that cannot be converted (F8_E8M0): the error names the
+/// tensor and the file.
+#[test]
+fn safetensors_unconvertible_dtype_names_the_tensor() {
+    let header = br#"{"scales":{"dtype":"F8_E8M0","shape":[2],"data_offsets":[0,2]}}"#;
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(header);
+    bytes.extend([127u8, 128]);
+    let path = tmp_dir().join("f8e8m0.safetensors");
+    std::fs::write(&path, &bytes).unwrap();
+    let b = CheckpointBackend::open(&[&path]).unwrap();
+    let t0 = std::time::Instant::now();
+    let (text, err) = quick_err(
+        "F8_E8M0",
+        t0,
+        2.0,
+        b.get_unchecked("scales", DType::F32, &Device::Cpu),
+    );
+    assert!(is_unsupported(&err), "{text}");
+    for want in ["`scales`", "f8e8m0.safetensors", "F8E8M0"] {
+        assert!(text.contains(want), "no {want:?} in: {text}");
+    }
+}
+
+/// A FIFO (given directly or as a shard of an index), a directory: an error saying it is not a
+/// regular file, not a `File::open` that blocks forever.
+#[cfg(unix)]
+#[test]
+fn non_regular_files_are_an_error_not_a_hang() {
+    let dir = tmp_dir().join("special");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("weights.safetensors");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let index = dir.join("model.safetensors.index.json");
+    std::fs::write(
+        &index,
+        r#"{"metadata": {}, "weight_map": {"a": "weights.safetensors"}}"#,
+    )
+    .unwrap();
+    for (path, want) in [
+        (fifo.clone(), "FIFO"),
+        (index, "FIFO"),
+        (dir.clone(), "directory"),
+    ] {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p = path.clone();
+        std::thread::spawn(move || {
+            let r = CheckpointBackend::open(&[&p]).map(|_| ());
+            let _ = tx.send(r.map_err(|e| internimage::error::user_message(&e)));
+        });
+        let r = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("opening {} hangs", path.display()));
+        let text = r.expect_err("accepted");
+        assert!(
+            text.contains(want) && text.contains("not a regular file"),
+            "{}: {text}",
+            path.display()
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -8,13 +8,30 @@
 //! to recognise the `torch._utils._rebuild_tensor_v2` calls that describe tensors.
 //!
 //! Values live in an arena indexed by [`Id`], so memo references (`GET`) share a node instead
-//! of copying it: memory is linear in the pickle's size whatever it references, and mutations
-//! after memoisation (`SETITEMS` on a memoised dict) are seen through every reference.
+//! of copying it, and mutations after memoisation (`SETITEMS` on a memoised dict) are seen
+//! through every reference. Memory is linear in the pickle's size whatever it references: the
+//! only text copied per use is a global's module and name (`STACK_GLOBAL` of memoised strings),
+//! at most [`MAX_GLOBAL_NAME`] bytes each, and every node, stack slot, memo entry and copied byte
+//! counts against [`MAX_PARSE_BYTES`], so a small hostile file cannot exhaust memory.
 
 use std::collections::HashMap;
 
 /// Index of a node in the arena.
 pub type Id = usize;
+
+/// The longest module or class name of a global (real ones are a few dozen bytes).
+pub const MAX_GLOBAL_NAME: usize = 1024;
+
+/// The most memory (approximate bytes) the parsed values may take; a weight checkpoint's pickle
+/// needs a few MB.
+pub const MAX_PARSE_BYTES: usize = 2 << 30;
+
+/// What one node costs the budget: the node, and its id on the stack and later in a container.
+const NODE_COST: usize = std::mem::size_of::<Node>() + 2 * std::mem::size_of::<Id>();
+/// What one id pushed on the stack (`DUP`, `GET`) costs: the slot, and later in a container.
+const ID_COST: usize = 2 * std::mem::size_of::<Id>();
+/// What one memo entry costs (key, id and the hash table's slack).
+const MEMO_COST: usize = 32;
 
 /// One unpickled value. (Float and byte values are kept for `Debug` output only.)
 #[derive(Debug, Clone)]
@@ -117,12 +134,44 @@ struct Machine {
     stack: Vec<Id>,
     marks: Vec<usize>,
     memo: HashMap<u64, Id>,
+    /// Bytes the values may still take (of `limit`).
+    budget: usize,
+    limit: usize,
 }
 
 impl Machine {
-    fn push(&mut self, n: Node) {
+    /// Counts `bytes` more against the budget.
+    fn charge(&mut self, bytes: usize) -> Result<(), String> {
+        self.budget = self.budget.checked_sub(bytes).ok_or_else(|| {
+            format!(
+                "malformed pickle: its values take more than {} MiB of memory (a weight \
+                 checkpoint's take a few MB); the file is corrupt or not a PyTorch checkpoint",
+                self.limit >> 20
+            )
+        })?;
+        Ok(())
+    }
+    /// Adds `n` to the arena (not to the stack).
+    fn add(&mut self, n: Node) -> Result<Id, String> {
+        self.charge(NODE_COST)?;
         self.nodes.push(n);
-        self.stack.push(self.nodes.len() - 1);
+        Ok(self.nodes.len() - 1)
+    }
+    fn push(&mut self, n: Node) -> Result<(), String> {
+        let id = self.add(n)?;
+        self.stack.push(id);
+        Ok(())
+    }
+    /// Pushes an existing node again (`DUP`, `GET`).
+    fn push_id(&mut self, id: Id) -> Result<(), String> {
+        self.charge(ID_COST)?;
+        self.stack.push(id);
+        Ok(())
+    }
+    /// A string node holding a copy of `s`.
+    fn text(&mut self, s: &str) -> Result<Node, String> {
+        self.charge(s.len())?;
+        Ok(Node::Str(s.to_string()))
     }
     fn pop(&mut self) -> Result<Id, String> {
         if self.marks.last().is_some_and(|&m| m >= self.stack.len()) {
@@ -148,22 +197,40 @@ impl Machine {
         }
         Ok(self.stack.split_off(m))
     }
-    fn str_of(&self, id: Id) -> Result<String, String> {
-        match &self.nodes[id] {
-            Node::Str(s) => Ok(s.clone()),
-            other => Err(format!(
-                "malformed pickle: expected a string, got {other:?}"
-            )),
-        }
+    /// Pushes the global `module.name` (`GLOBAL`, `INST`, `EXT`).
+    fn global(&mut self, module: &str, name: &str) -> Result<(), String> {
+        let g = global(module, name)?;
+        self.push_global(g)
     }
-    fn object(&mut self, callable: Id, args: Id) {
+    /// Pushes the global named by string nodes `module` and `name` (`STACK_GLOBAL`).
+    fn global_of(&mut self, module: Id, name: Id) -> Result<(), String> {
+        let g = match (&self.nodes[module], &self.nodes[name]) {
+            (Node::Str(module), Node::Str(name)) => global(module, name)?,
+            (a, b) => {
+                return Err(format!(
+                    "malformed pickle: STACK_GLOBAL expects two strings, got a {} and a {}",
+                    kind(a),
+                    kind(b)
+                ))
+            }
+        };
+        self.push_global(g)
+    }
+    /// Pushes a global made by [`global`], counting its copied names.
+    fn push_global(&mut self, g: Node) -> Result<(), String> {
+        if let Node::Global { module, name } = &g {
+            self.charge(module.len() + name.len())?;
+        }
+        self.push(g)
+    }
+    fn object(&mut self, callable: Id, args: Id) -> Result<(), String> {
         self.push(Node::Object {
             callable,
             args,
             items: Vec::new(),
             list: Vec::new(),
             state: None,
-        });
+        })
     }
     fn set_items(&mut self, target: Id, kv: Vec<Id>) -> Result<(), String> {
         if !kv.len().is_multiple_of(2) {
@@ -201,9 +268,29 @@ impl Machine {
     }
     fn memo_put(&mut self, k: u64) -> Result<(), String> {
         let top = self.top()?;
+        self.charge(MEMO_COST)?;
         self.memo.insert(k, top);
         Ok(())
     }
+}
+
+/// The global `module.name`; a module or class name over [`MAX_GLOBAL_NAME`] bytes is an
+/// error (checked before copying: `STACK_GLOBAL` copies memoised strings at every use).
+fn global(module: &str, name: &str) -> Result<Node, String> {
+    if let Some(s) = [module, name]
+        .into_iter()
+        .find(|s| s.len() > MAX_GLOBAL_NAME)
+    {
+        return Err(format!(
+            "malformed pickle: a global's module or class name of {} bytes (at most \
+             {MAX_GLOBAL_NAME}; real ones are short)",
+            s.len()
+        ));
+    }
+    Ok(Node::Global {
+        module: module.to_string(),
+        name: name.to_string(),
+    })
 }
 
 fn kind(n: &Node) -> &'static str {
@@ -251,12 +338,19 @@ fn long_le(bytes: &[u8]) -> Node {
 
 /// Unpickles `data` without executing anything. Errors describe what is malformed.
 pub fn parse(data: &[u8]) -> Result<Pickle, String> {
+    parse_limited(data, MAX_PARSE_BYTES)
+}
+
+/// [`parse`] with the values taking at most about `limit` bytes.
+pub fn parse_limited(data: &[u8], limit: usize) -> Result<Pickle, String> {
     let mut r = Reader { data, pos: 0 };
     let mut m = Machine {
         nodes: Vec::new(),
         stack: Vec::new(),
         marks: Vec::new(),
         memo: HashMap::new(),
+        budget: limit,
+        limit,
     };
     loop {
         let op = r.u8()?;
@@ -277,7 +371,10 @@ pub fn parse(data: &[u8]) -> Result<Pickle, String> {
                     root,
                 });
             }
-            b'(' => m.marks.push(m.stack.len()),
+            b'(' => {
+                m.charge(std::mem::size_of::<usize>())?;
+                m.marks.push(m.stack.len())
+            }
             b'0' => {
                 m.pop()?;
             }
@@ -286,35 +383,35 @@ pub fn parse(data: &[u8]) -> Result<Pickle, String> {
             }
             b'2' => {
                 let t = m.top()?;
-                m.stack.push(t);
+                m.push_id(t)?
             }
-            b'N' => m.push(Node::None),
-            0x88 => m.push(Node::Bool(true)),
-            0x89 => m.push(Node::Bool(false)),
+            b'N' => m.push(Node::None)?,
+            0x88 => m.push(Node::Bool(true))?,
+            0x89 => m.push(Node::Bool(false))?,
             b'I' => {
                 let n = parse_int_line(r.line()?);
-                m.push(n)
+                m.push(n)?
             }
             b'L' => {
                 let n = parse_int_line(r.line()?);
-                m.push(n)
+                m.push(n)?
             }
             b'J' => {
                 let v = r.u32()? as i32;
-                m.push(Node::Int(v as i64))
+                m.push(Node::Int(v as i64))?
             }
             b'K' => {
                 let v = r.u8()?;
-                m.push(Node::Int(v as i64))
+                m.push(Node::Int(v as i64))?
             }
             b'M' => {
                 let v = r.u16()?;
-                m.push(Node::Int(v as i64))
+                m.push(Node::Int(v as i64))?
             }
             0x8a => {
                 let n = r.u8()? as usize;
                 let b = r.take(n)?;
-                m.push(long_le(b))
+                m.push(long_le(b))?
             }
             0x8b => {
                 let n = r.u32()? as i32;
@@ -322,17 +419,17 @@ pub fn parse(data: &[u8]) -> Result<Pickle, String> {
                     return Err("malformed pickle: negative LONG4 length".into());
                 }
                 let b = r.take(n as usize)?;
-                m.push(long_le(b))
+                m.push(long_le(b))?
             }
             b'F' => {
                 let v = r.line()?.parse::<f64>().unwrap_or(f64::NAN);
-                m.push(Node::Float(v))
+                m.push(Node::Float(v))?
             }
             b'G' => {
                 let b = r.take(8)?;
                 let mut a = [0u8; 8];
                 a.copy_from_slice(b);
-                m.push(Node::Float(f64::from_be_bytes(a)))
+                m.push(Node::Float(f64::from_be_bytes(a)))?
             }
             // Strings: text (protocol 0) and length-prefixed.
             b'S' => {
@@ -341,11 +438,12 @@ pub fn parse(data: &[u8]) -> Result<Pickle, String> {
                     .strip_prefix(['\'', '"'])
                     .and_then(|s| s.strip_suffix(['\'', '"']))
                     .unwrap_or(s);
-                m.push(Node::Str(s.to_string()))
+                let n = m.text(s)?;
+                m.push(n)?
             }
             b'V' => {
-                let s = r.line()?.to_string();
-                m.push(Node::Str(s))
+                let n = m.text(r.line()?)?;
+                m.push(n)?
             }
             b'T' => {
                 let n = r.u32()? as i32;
@@ -353,12 +451,14 @@ pub fn parse(data: &[u8]) -> Result<Pickle, String> {
                     return Err("malformed pickle: negative BINSTRING length".into());
                 }
                 let b = r.take(n as usize)?;
-                m.push(Node::Str(String::from_utf8_lossy(b).into_owned()))
+                let n = m.text(&String::from_utf8_lossy(b))?;
+                m.push(n)?
             }
             b'U' => {
                 let n = r.u8()? as usize;
                 let b = r.take(n)?;
-                m.push(Node::Str(String::from_utf8_lossy(b).into_owned()))
+                let n = m.text(&String::from_utf8_lossy(b))?;
+                m.push(n)?
             }
             b'X' | 0x8c | 0x8d => {
                 let n = match op {
@@ -369,7 +469,8 @@ pub fn parse(data: &[u8]) -> Result<Pickle, String> {
                 let n = r.len(n)?;
                 let b = r.take(n)?;
                 let s = std::str::from_utf8(b).map_err(|_| "pickle string is not UTF-8")?;
-                m.push(Node::Str(s.to_string()))
+                let n = m.text(s)?;
+                m.push(n)?
             }
             b'B' | b'C' | 0x8e | 0x96 => {
                 let n = match op {
@@ -379,18 +480,19 @@ pub fn parse(data: &[u8]) -> Result<Pickle, String> {
                 };
                 let n = r.len(n)?;
                 let b = r.take(n)?;
-                m.push(Node::Bytes(b.to_vec()))
+                m.charge(b.len())?;
+                m.push(Node::Bytes(b.to_vec()))?
             }
             0x97 => return Err("pickle uses out-of-band buffers (protocol 5), unsupported".into()),
             0x98 => {} // READONLY_BUFFER: no-op on our values
             // Containers.
-            b')' => m.push(Node::Tuple(Vec::new())),
-            b']' => m.push(Node::List(Vec::new())),
-            b'}' => m.push(Node::Dict(Vec::new())),
-            0x8f => m.push(Node::Set(Vec::new())),
+            b')' => m.push(Node::Tuple(Vec::new()))?,
+            b']' => m.push(Node::List(Vec::new()))?,
+            b'}' => m.push(Node::Dict(Vec::new()))?,
+            0x8f => m.push(Node::Set(Vec::new()))?,
             b't' => {
                 let v = m.pop_mark()?;
-                m.push(Node::Tuple(v))
+                m.push(Node::Tuple(v))?
             }
             0x85..=0x87 => {
                 let n = (op - 0x84) as usize;
@@ -399,15 +501,15 @@ pub fn parse(data: &[u8]) -> Result<Pickle, String> {
                     v.push(m.pop()?);
                 }
                 v.reverse();
-                m.push(Node::Tuple(v))
+                m.push(Node::Tuple(v))?
             }
             b'l' => {
                 let v = m.pop_mark()?;
-                m.push(Node::List(v))
+                m.push(Node::List(v))?
             }
             0x91 => {
                 let v = m.pop_mark()?;
-                m.push(Node::Set(v))
+                m.push(Node::Set(v))?
             }
             b'd' => {
                 let v = m.pop_mark()?;
@@ -415,7 +517,7 @@ pub fn parse(data: &[u8]) -> Result<Pickle, String> {
                     return Err("malformed pickle: DICT with an odd number of values".into());
                 }
                 let items = v.chunks_exact(2).map(|c| (c[0], c[1])).collect();
-                m.push(Node::Dict(items))
+                m.push(Node::Dict(items))?
             }
             b'a' => {
                 let v = m.pop()?;
@@ -464,29 +566,28 @@ pub fn parse(data: &[u8]) -> Result<Pickle, String> {
                     .parse::<u64>()
                     .map_err(|_| "malformed pickle: bad GET index")?;
                 let id = m.memo_get(k)?;
-                m.stack.push(id)
+                m.push_id(id)?
             }
             b'h' => {
                 let k = r.u8()? as u64;
                 let id = m.memo_get(k)?;
-                m.stack.push(id)
+                m.push_id(id)?
             }
             b'j' => {
                 let k = r.u32()? as u64;
                 let id = m.memo_get(k)?;
-                m.stack.push(id)
+                m.push_id(id)?
             }
             // Names and calls: recorded, never resolved or performed.
             b'c' => {
-                let module = r.line()?.to_string();
-                let name = r.line()?.to_string();
-                m.push(Node::Global { module, name })
+                let module = r.line()?;
+                let name = r.line()?;
+                m.global(module, name)?
             }
             0x93 => {
                 let name = m.pop()?;
                 let module = m.pop()?;
-                let (module, name) = (m.str_of(module)?, m.str_of(name)?);
-                m.push(Node::Global { module, name })
+                m.global_of(module, name)?
             }
             0x82..=0x84 => {
                 let code = match op {
@@ -494,31 +595,27 @@ pub fn parse(data: &[u8]) -> Result<Pickle, String> {
                     0x83 => r.u16()? as u32,
                     _ => r.u32()?,
                 };
-                m.push(Node::Global {
-                    module: "copyreg.extension".into(),
-                    name: code.to_string(),
-                })
+                m.global("copyreg.extension", &code.to_string())?
             }
             b'R' | 0x81 => {
                 let args = m.pop()?;
                 let callable = m.pop()?;
-                m.object(callable, args)
+                m.object(callable, args)?
             }
             0x92 => {
                 let _kwargs = m.pop()?;
                 let args = m.pop()?;
                 let callable = m.pop()?;
-                m.object(callable, args)
+                m.object(callable, args)?
             }
             b'i' => {
-                let module = r.line()?.to_string();
-                let name = r.line()?.to_string();
+                let module = r.line()?;
+                let name = r.line()?;
                 let args = m.pop_mark()?;
-                m.nodes.push(Node::Global { module, name });
-                let callable = m.nodes.len() - 1;
-                m.nodes.push(Node::Tuple(args));
-                let args = m.nodes.len() - 1;
-                m.object(callable, args)
+                m.global(module, name)?;
+                let callable = m.stack.pop().ok_or("malformed pickle: empty stack")?;
+                let args = m.add(Node::Tuple(args))?;
+                m.object(callable, args)?
             }
             b'o' => {
                 let mut v = m.pop_mark()?;
@@ -526,9 +623,8 @@ pub fn parse(data: &[u8]) -> Result<Pickle, String> {
                     return Err("malformed pickle: OBJ without a class".into());
                 }
                 let callable = v.remove(0);
-                m.nodes.push(Node::Tuple(v));
-                let args = m.nodes.len() - 1;
-                m.object(callable, args)
+                let args = m.add(Node::Tuple(v))?;
+                m.object(callable, args)?
             }
             b'b' => {
                 let state = m.pop()?;
@@ -539,14 +635,13 @@ pub fn parse(data: &[u8]) -> Result<Pickle, String> {
                 }
             }
             b'P' => {
-                let s = r.line()?.to_string();
-                m.nodes.push(Node::Str(s));
-                let pid = m.nodes.len() - 1;
-                m.push(Node::PersId(pid))
+                let n = m.text(r.line()?)?;
+                let pid = m.add(n)?;
+                m.push(Node::PersId(pid))?
             }
             b'Q' => {
                 let pid = m.pop()?;
-                m.push(Node::PersId(pid))
+                m.push(Node::PersId(pid))?
             }
             other => {
                 return Err(format!(
@@ -635,5 +730,68 @@ impl Pickle {
             Node::Object { args, .. } => self.as_seq(*args),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `\x80\x02`, then `head`, `n` times `op`, `tail` and STOP.
+    fn pickle(head: &[u8], op: &[u8], n: usize, tail: &[u8]) -> Vec<u8> {
+        let mut v = vec![0x80, 2];
+        v.extend(head);
+        for _ in 0..n {
+            v.extend(op);
+        }
+        v.extend(tail);
+        v.push(b'.');
+        v
+    }
+
+    /// Each way a small pickle grows memory (new nodes, re-pushed ids, marks, memo entries,
+    /// copied bytes) counts against the budget: over it, an error, not an allocation.
+    #[test]
+    fn values_over_the_budget_are_an_error() {
+        let cases = [
+            ("nodes", pickle(b"](", b"N", 100_000, b"e")),
+            ("DUP", pickle(b"N(", b"2", 200_000, b"l")),
+            ("marks", pickle(b"", b"(", 200_000, b"N")),
+            ("memo", pickle(b"N", b"\x94", 100_000, b"")),
+            ("bytes", {
+                let mut head = b"B".to_vec();
+                head.extend((2u32 << 20).to_le_bytes());
+                head.extend(vec![0u8; 2 << 20]);
+                pickle(&head, b"", 0, b"")
+            }),
+        ];
+        for (what, data) in cases {
+            let err = parse_limited(&data, 1 << 20).unwrap_err();
+            assert!(err.contains("more than 1 MiB"), "{what}: {err}");
+            assert!(
+                parse(&data).is_ok(),
+                "{what}: refused under the default limit"
+            );
+        }
+    }
+
+    /// A global's module or class name over the limit is an error before it is copied, and a
+    /// STACK_GLOBAL operand that is not a string is reported by kind, not dumped.
+    #[test]
+    fn long_or_non_string_global_names_are_errors() {
+        let long = "m".repeat(MAX_GLOBAL_NAME + 1);
+        let text = format!("c{long}\nname\n");
+        let err = parse(&pickle(text.as_bytes(), b"", 0, b"")).unwrap_err();
+        assert!(err.contains(&format!("{} bytes", long.len())), "{err}");
+
+        let mut head = b"B".to_vec();
+        head.extend(4096u32.to_le_bytes());
+        head.extend(vec![b'x'; 4096]);
+        head.extend(b"X\x01\x00\x00\x00n\x93");
+        let err = parse(&pickle(&head, b"", 0, b"")).unwrap_err();
+        assert!(
+            err.contains("got a bytes and a str") && err.len() < 200,
+            "{err}"
+        );
     }
 }
