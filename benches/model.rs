@@ -308,7 +308,13 @@ const CASES: &[Case] = &[
         name: "train_t224_b8_nospin",
         reference: false,
         isa: None,
-        what: "the training step with CANDLE_BARRIER_POOL_SPIN_LIMIT=0 (as examples/finetune.rs sets it)",
+        what: "the training step with CANDLE_BARRIER_POOL_SPIN_LIMIT=0",
+    },
+    Case {
+        name: "train_t224_b8_candle1",
+        reference: false,
+        isa: None,
+        what: "the training step with CANDLE_NUM_THREADS=1 (as examples/finetune.rs sets it)",
     },
     Case {
         name: "callers_t224",
@@ -793,6 +799,10 @@ fn main() {
         if case.name.ends_with("_nospin") {
             // Candle's pool for its own elementwise ops parks at once instead of spinning.
             cmd.env("CANDLE_BARRIER_POOL_SPIN_LIMIT", "0");
+        }
+        if case.name.ends_with("_candle1") {
+            // Candle's own elementwise ops run on the calling thread (no pool at all).
+            cmd.env("CANDLE_NUM_THREADS", "1");
         }
         match case.isa {
             Some(name) => {
