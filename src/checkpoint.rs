@@ -190,10 +190,16 @@ pub fn canonical_name(stored: &str) -> String {
     }
 }
 
-/// Reads the shard list of a `model.safetensors.index.json` (paths resolved next to it; absolute
-/// paths, `..`, drive letters and backslashes are rejected).
-pub fn shards_from_index(index: impl AsRef<Path>) -> Result<Vec<PathBuf>> {
-    let index = index.as_ref();
+/// The largest safetensors index read (real ones list a few thousand tensors in well under
+/// 1 MB).
+const MAX_INDEX_BYTES: u64 = 64 << 20;
+
+/// The shard file names of a `model.safetensors.index.json` (`weight_map` values), sorted,
+/// without repeats; each a plain relative path (absolute paths, `..`, drive letters and
+/// backslashes are rejected: an index is often downloaded, and must not make us open
+/// `/etc/passwd`, `../../x` or a device). The Hub layer downloads these names; [`shards_from_index`]
+/// resolves them next to the index.
+pub(crate) fn shard_names(index: &Path) -> Result<Vec<String>> {
     let invalid = |message: String| -> Error {
         IoError::InvalidCheckpoint {
             path: index.to_path_buf(),
@@ -202,7 +208,8 @@ pub fn shards_from_index(index: impl AsRef<Path>) -> Result<Vec<PathBuf>> {
         .into()
     };
     let mut text = String::new();
-    let read = open_regular(index).and_then(|mut f| f.read_to_string(&mut text));
+    let read =
+        open_regular(index).and_then(|f| f.take(MAX_INDEX_BYTES + 1).read_to_string(&mut text));
     read.map_err(|e| {
         IoError::io(
             index,
@@ -210,6 +217,13 @@ pub fn shards_from_index(index: impl AsRef<Path>) -> Result<Vec<PathBuf>> {
             e,
         )
     })?;
+    if text.len() as u64 > MAX_INDEX_BYTES {
+        return Err(invalid(format!(
+            "safetensors index {} is larger than {} MiB; not a shard index",
+            index.display(),
+            MAX_INDEX_BYTES >> 20
+        )));
+    }
     let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
         invalid(format!(
             "invalid safetensors index {}: {e}",
@@ -221,48 +235,57 @@ pub fn shards_from_index(index: impl AsRef<Path>) -> Result<Vec<PathBuf>> {
         .and_then(|m| m.as_object())
         .ok_or_else(|| {
             invalid(format!(
-                "safetensors index {} has no \"weight_map\" object",
+                "safetensors index {} has no \"weight_map\" object (tensor name -> shard file)",
                 index.display()
             ))
         })?;
-    let dir = index.parent().unwrap_or_else(|| Path::new("."));
-    let mut files: Vec<PathBuf> = Vec::new();
-    for v in map.values() {
+    let mut names: Vec<String> = Vec::new();
+    for (tensor, v) in map {
         let f = v.as_str().ok_or_else(|| {
             invalid(format!(
-                "safetensors index {}: non-string file name {v}",
-                index.display()
+                "safetensors index {}: weight_map[{:?}] is not a file name: {}",
+                index.display(),
+                clip(tensor),
+                clip(&v.to_string())
             ))
         })?;
-        // Shards must be plain relative paths below the index's directory: an index is often
-        // downloaded, and must not make us open `/etc/passwd`, `../../x` or a device.
-        let rel = Path::new(f);
         let plain = !f.is_empty()
             && !f.contains('\0')
             && !f.contains('\\')
             && !f.contains(':')
-            && rel
+            && Path::new(f)
                 .components()
                 .all(|c| matches!(c, std::path::Component::Normal(_)));
         if !plain {
             return Err(invalid(format!(
-                "safetensors index {} lists the shard {f:?}, which is not a plain relative path \
+                "safetensors index {} lists the shard {:?}, which is not a plain relative path \
                  inside the index's directory; shards must sit next to (or below) the index",
-                index.display()
+                index.display(),
+                clip(f)
             )));
         }
-        let p = dir.join(rel);
-        if !files.contains(&p) {
-            files.push(p);
-        }
+        names.push(f.to_string());
     }
-    if files.is_empty() {
+    names.sort();
+    names.dedup();
+    if names.is_empty() {
         return Err(invalid(format!(
             "safetensors index {} lists no files",
             index.display()
         )));
     }
-    Ok(files)
+    Ok(names)
+}
+
+/// Reads the shard list of a `model.safetensors.index.json`: the paths of [`shard_names`]
+/// resolved next to it.
+pub fn shards_from_index(index: impl AsRef<Path>) -> Result<Vec<PathBuf>> {
+    let index = index.as_ref();
+    let dir = index.parent().unwrap_or_else(|| Path::new("."));
+    Ok(shard_names(index)?
+        .iter()
+        .map(|name| dir.join(name))
+        .collect())
 }
 
 /// Which entry of a PyTorch `.pth` checkpoint holds the weights.

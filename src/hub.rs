@@ -340,7 +340,7 @@ impl Hub {
                 let Some(index_path) = get(index, true)? else {
                     return Ok(None);
                 };
-                let shards = shards_from_index(&index_path)?;
+                let shards = crate::checkpoint::shard_names(&index_path)?;
                 check_listed_shards(c, &index.name, listed, &shards)?;
                 let mut weights = Vec::with_capacity(shards.len());
                 for shard in &shards {
@@ -907,52 +907,6 @@ fn check_file(path: &Path, file: &HubFile) -> std::result::Result<(), String> {
             .map_err(|e| format!("not valid JSON ({e})"))?;
     }
     Ok(())
-}
-
-/// The shard file names of a safetensors index (`weight_map` values), sorted, without repeats.
-fn shards_from_index(index: &Path) -> Result<Vec<String>> {
-    let invalid = |message: String| -> Error {
-        IoError::InvalidCheckpoint {
-            path: index.to_path_buf(),
-            message,
-        }
-        .into()
-    };
-    let text = std::fs::read_to_string(index)
-        .map_err(|e| IoError::io(index, format!("cannot read {}: {e}", index.display()), e))?;
-    let value: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| invalid(format!("invalid shard index {}: {e}", index.display())))?;
-    let Some(map) = value.get("weight_map").and_then(|m| m.as_object()) else {
-        return Err(invalid(format!(
-            "invalid shard index {}: expected an object \"weight_map\" (tensor name -> shard file)",
-            index.display()
-        )));
-    };
-    let mut shards: Vec<String> = Vec::new();
-    for (tensor, shard) in map {
-        let Some(shard) = shard.as_str() else {
-            return Err(invalid(format!(
-                "invalid shard index {}: weight_map[{tensor:?}] is not a file name",
-                index.display()
-            )));
-        };
-        if shard.is_empty() || shard.contains("..") || shard.starts_with('/') {
-            return Err(invalid(format!(
-                "invalid shard index {}: bad shard name {shard:?}",
-                index.display()
-            )));
-        }
-        shards.push(shard.to_string());
-    }
-    shards.sort();
-    shards.dedup();
-    if shards.is_empty() {
-        return Err(invalid(format!(
-            "shard index {} lists no tensors",
-            index.display()
-        )));
-    }
-    Ok(shards)
 }
 
 /// Local paths of the files of the zoo model `name`, downloading what is missing

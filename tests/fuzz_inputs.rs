@@ -765,3 +765,31 @@ fn non_regular_files_are_an_error_not_a_hang() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A safetensors index larger than any real one (64 MiB; real ones are under 1 MB) is refused
+/// after reading at most its limit, and a shard name with a drive letter or backslash is refused
+/// by the one validation the Hub layer shares.
+#[test]
+fn oversized_or_hostile_index_is_refused() {
+    let dir = tmp_dir().join("big_index");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("model.safetensors.index.json");
+    // A JSON start, then sparse zeros up to 65 MiB (no disk used).
+    std::fs::write(&path, br#"{"weight_map": {"#).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.set_len(65 << 20).unwrap();
+    drop(f);
+    let err = CheckpointBackend::open(&[&path]).unwrap_err().to_string();
+    assert!(err.contains("larger than 64 MiB"), "{err}");
+    for name in [
+        "C:\\\\w.safetensors",
+        "a\\\\b.safetensors",
+        "/abs.safetensors",
+    ] {
+        std::fs::write(&path, format!(r#"{{"weight_map": {{"x": "{name}"}}}}"#)).unwrap();
+        let err = internimage::checkpoint::shards_from_index(&path)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a plain relative path"), "{name}: {err}");
+    }
+}
