@@ -764,11 +764,13 @@ unsafe fn forward_chunk_avx2<F: Acc>(
     forward_chunk_any::<F, true>(fits_i32, prm, input, offset, mask, chunk, first)
 }
 
-/// [`forward_chunk_any`] for the instruction set `isa` (portable when the CPU lacks it).
+/// [`forward_chunk_any`] for the instruction set `isa` (portable when the CPU lacks it), or the
+/// AVX-512 kernel of `avx512.rs` when `forward` made the [`Bordered`] copy it reads.
 #[allow(clippy::too_many_arguments)]
 fn forward_chunk_dispatch<F: Acc>(
     isa: Isa,
     fits_i32: bool,
+    bordered: Option<&Bordered>,
     prm: &Params<F>,
     input: &[F],
     offset: &[F],
@@ -778,15 +780,7 @@ fn forward_chunk_dispatch<F: Acc>(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        // f32 on AVX-512 policies: the hand-written kernel of `avx512.rs`. (f64 runs the AVX2
-        // build: an auto-vectorised AVX-512 instantiation of the generic kernel was measured
-        // slower than the AVX2 one, 0.571 against 0.521 ms at the stage-1 shape in f32.)
-        if fits_i32
-            && prm.g.w_in >= 2
-            && prm.g.h_in >= 2
-            && matches!(isa, Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx)
-            && Isa::Avx512.is_supported()
-        {
+        if let Some(b) = bordered {
             let p32 = (prm as &dyn std::any::Any).downcast_ref::<Params<f32>>();
             if let (Some(p32), Some(i), Some(o), Some(m), Some(ch)) = (
                 p32,
@@ -795,11 +789,10 @@ fn forward_chunk_dispatch<F: Acc>(
                 F::as_f32(mask),
                 F::as_f32_mut(chunk),
             ) {
-                // SAFETY: the CPU supports AVX-512 F/BW/VL/DQ, AVX2 and FMA (checked just
-                // above); the image is at least 2x2 and its length fits in i32 (`fits_i32`);
-                // the buffers and the chunk are those `forward` was given and cut, as the
-                // kernel requires.
-                unsafe { avx512::forward_chunk(p32, i, o, m, ch, first) };
+                // SAFETY: `Bordered::for_avx512` made `b` from this input for this geometry only
+                // on a CPU with AVX-512 F/BW/VL/DQ, AVX2 and FMA; the buffers and the chunk are
+                // those `forward` was given and cut, as the kernel requires.
+                unsafe { avx512::forward_chunk(p32, b, i, o, m, ch, first) };
                 return;
             }
         }
@@ -809,10 +802,99 @@ fn forward_chunk_dispatch<F: Acc>(
             return;
         }
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = bordered;
     if isa == Isa::Neon {
         forward_chunk_any::<F, true>(fits_i32, prm, input, offset, mask, chunk, first)
     } else {
         forward_chunk_any::<F, false>(fits_i32, prm, input, offset, mask, chunk, first)
+    }
+}
+
+/// The f32 images with a one-pixel zero border (`(H+2) x (W+2) x C` each), every image starting
+/// on a cache line: what the AVX-512 forward reads (`avx512.rs`). With the border every valid
+/// sampling point's 2x2 window lies inside the copy (corners outside the image read zeros), which
+/// removes the per-corner bounds work from the kernel's point resolution; and a group's 16
+/// channels are one cache line when C is a multiple of 16 (an image read in place starts 16
+/// bytes past a line, so every load straddled two: see [`LineAligned`]). Measured at the stage-1
+/// shape (56x56x64, G=4) on a Zen 4, one thread: see the README's operator table.
+pub(crate) struct Bordered {
+    buf: Vec<f32>,
+    /// Index of image 0's first element in `buf` (on a 64-byte line).
+    start: usize,
+    /// Floats per bordered row: (W+2) * C.
+    pub(crate) row: usize,
+    /// Floats per bordered image: (H+2) * row, a multiple of 16.
+    pub(crate) image_len: usize,
+}
+
+impl Bordered {
+    /// The copy for the AVX-512 forward of `g` when the policy `isa` runs it (an AVX-512 family
+    /// on a CPU that has AVX-512) and a bordered image's length fits in i32; `None` otherwise.
+    fn for_avx512<F: Acc>(isa: Isa, g: &Dcnv3Geometry, input: &[F]) -> Option<Self> {
+        let wide = matches!(isa, Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx);
+        if !wide || !Isa::Avx512.is_supported() {
+            return None;
+        }
+        let input = F::as_f32(input)?;
+        let c = g.channels;
+        let row = (g.w_in + 2) * c;
+        let image_len = ((g.h_in + 2) * row).next_multiple_of(16);
+        if image_len >= i32::MAX as usize {
+            return None;
+        }
+        // Every element written exactly once (no zero-fill pass before the copy): the border
+        // and each image's slack as zeros, the interior rows from the input.
+        let len = g.n * image_len + 16;
+        let mut buf = Vec::<f32>::with_capacity(len);
+        let start = buf.as_ptr().align_offset(64).min(16);
+        let (w_row, img_in) = (g.w_in * c, g.h_in * g.w_in * c);
+        let spare = &mut buf.spare_capacity_mut()[..len];
+        let (head, rest) = spare.split_at_mut(start);
+        let (body, tail) = rest.split_at_mut(g.n * image_len);
+        for v in head.iter_mut().chain(tail) {
+            v.write(0.0);
+        }
+        let zero = |d: &mut [std::mem::MaybeUninit<f32>]| {
+            d.iter_mut().for_each(|v| {
+                v.write(0.0);
+            })
+        };
+        body.par_chunks_mut(image_len)
+            .zip(input.par_chunks(img_in))
+            .for_each(|(dst, src)| {
+                let (rows, slack) = dst.split_at_mut((g.h_in + 2) * row);
+                zero(slack);
+                rows.par_chunks_mut(row).enumerate().for_each(|(y, d)| {
+                    if y == 0 || y == g.h_in + 1 {
+                        return zero(d);
+                    }
+                    let (left, rest) = d.split_at_mut(c);
+                    let (mid, right) = rest.split_at_mut(w_row);
+                    zero(left);
+                    zero(right);
+                    let s = &src[(y - 1) * w_row..y * w_row];
+                    for (d, &v) in mid.iter_mut().zip(s) {
+                        d.write(v);
+                    }
+                });
+            });
+        // SAFETY: all `len` elements were written just above: `head` and `tail`, and in `body`
+        // every image's slack and each of its (H+2) rows of (W+2)*C elements (border rows whole,
+        // interior rows as C + W*C + C); the capacity is `len`.
+        unsafe { buf.set_len(len) };
+        Some(Self {
+            buf,
+            start,
+            row,
+            image_len,
+        })
+    }
+
+    /// Bordered image `n`.
+    pub(crate) fn image(&self, n: usize) -> &[f32] {
+        let at = self.start + n * self.image_len;
+        &self.buf[at..at + self.image_len]
     }
 }
 
@@ -905,13 +987,23 @@ pub(crate) fn forward<F: Acc>(
     let chunk_px = pixels_per_task(g.out_pixels(), g.channels);
     // The branch-free kernel needs image offsets in i32.
     let fits_i32 = g.h_in * g.w_in * g.channels < i32::MAX as usize;
-    let staged = LineAligned::copy_if_useful(isa, input);
+    // f32 on AVX-512 policies: the hand-written kernel of `avx512.rs` on a bordered copy. (f64
+    // runs the AVX2 build: an auto-vectorised AVX-512 instantiation of the generic kernel was
+    // measured slower than the AVX2 one, 0.571 against 0.521 ms at the stage-1 shape in f32.)
+    let bordered = Bordered::for_avx512(isa, g, input);
+    let staged = match bordered {
+        Some(_) => None,
+        None => LineAligned::copy_if_useful(isa, input),
+    };
     let input = staged.as_ref().map_or(input, LineAligned::as_slice);
+    let bordered = bordered.as_ref();
     out.par_chunks_mut(chunk_px * g.channels)
         .enumerate()
         .for_each(|(ci, chunk)| {
             let first = ci * chunk_px;
-            forward_chunk_dispatch(isa, fits_i32, &prm, input, offset, mask, chunk, first);
+            forward_chunk_dispatch(
+                isa, fits_i32, bordered, &prm, input, offset, mask, chunk, first,
+            );
         });
 }
 

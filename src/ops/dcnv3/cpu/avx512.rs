@@ -1,17 +1,21 @@
 //! The f32 forward of the DCNv3/DCNv4 core with AVX-512 intrinsics (the kernel of the AVX-512
 //! policies for f32, f16 and bf16 tensors).
 //!
-//! Same arithmetic as [`super::forward_chunk_finite`], operation for operation: the G*P points of
-//! an output pixel are resolved 16 at a time (one zmm lane per point: position, validity as a
-//! lane mask, floor corner, bilinear weights times the mask, the four clamped corner indices)
-//! into four tap lists in L1-resident scratch; then each group's channels are accumulated in
-//! zmm blocks of 16 channels (a masked block for the rest), one accumulator per corner, and the
-//! output is stored while its finiteness is tested (`VFPCLASSPS`), so a pixel spoiled by a
-//! non-finite input value is redone exactly with [`super::forward_pixel`] without another pass.
-//! DCNv4 rows are copied into the dense point order with masked vector moves (a handful per
-//! group) instead of per-group `memcpy` calls.
+//! It reads the image through a [`Bordered`] copy (a one-pixel zero border, each image on a
+//! cache line), so that every valid point's 2x2 window lies inside the copy: corners outside
+//! the image read the border's zeros, and resolving a point needs no per-corner bounds tests.
+//! Same arithmetic as [`super::forward_chunk_finite`], operation for operation (each corner's
+//! product goes to that corner's accumulator; an outside corner adds an exact zero): the G*P
+//! points of an output pixel are resolved 16 at a time (one zmm lane per point: position,
+//! validity as a lane mask, floor corner, bilinear weights times the mask, the window's start)
+//! into L1-resident scratch; then each group's channels are accumulated in zmm blocks of 16
+//! channels (a masked block for the rest), one accumulator per corner, and the output is stored
+//! while its finiteness is tested (`VFPCLASSPS`), so a pixel spoiled by a non-finite value (a
+//! zero weight times inf is NaN) is redone exactly with [`super::forward_pixel`] on the original
+//! image without another pass. DCNv4 rows are copied into the dense point order with masked
+//! vector moves (a handful per group) instead of per-group `memcpy` calls.
 
-use super::{forward_pixel, Params};
+use super::{forward_pixel, Bordered, Params};
 use std::arch::x86_64::*;
 
 /// f32 lanes of a zmm register.
@@ -98,12 +102,14 @@ unsafe fn block<const MASKED: bool>(
 /// the module documentation); same results as [`super::forward_chunk_finite`].
 ///
 /// # Safety
-/// The CPU supports AVX-512 F/BW/VL/DQ, AVX2 and FMA; the image is at least 2x2 (`H_in, W_in >= 2`) and its length `H_in*W_in*C` is below
-/// `i32::MAX`; `input`, `offset` and `mask` hold what `prm`'s geometry and layout say, and
-/// `chunk` holds whole output pixels starting at `first`, all within the output.
+/// The CPU supports AVX-512 F/BW/VL/DQ, AVX2 and FMA; `bordered` is the [`Bordered`] copy of
+/// `input` for `prm`'s geometry; `input`, `offset` and `mask` hold what `prm`'s geometry and
+/// layout say, and `chunk` holds whole output pixels starting at `first`, all within the output.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+#[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn forward_chunk(
     prm: &Params<f32>,
+    bordered: &Bordered,
     input: &[f32],
     offset: &[f32],
     mask: &[f32],
@@ -113,16 +119,18 @@ pub(super) unsafe fn forward_chunk(
     let g = &prm.g;
     let (c, cg, np) = (g.channels, g.group_channels, g.points);
     let gp_len = g.group * np;
+    let hw_out = g.h_out * g.w_out;
     // Scratch rows padded to whole vectors, so that the point loop loads and stores full zmm.
     let stride = gp_len.next_multiple_of(L);
     let smp = prm.smp;
     let (wi, hi, ci) = (smp.wi, smp.hi, c as i32);
-    // Every window start is clamped into [0, lim] (a no-op for the starts computed below,
-    // which already are), which is what lets the blocks read their 2x2 windows of cg floats
-    // unchecked. The caller checked that the image is at least 2x2 and that its length fits in
-    // i32: lim = (H-1)*row - C + (C - cg) >= 0.
-    let row = g.w_in * c;
-    let lim = (g.h_in * row - row - c - cg) as i32;
+    // Every window start is clamped into [0, lim] (a no-op for the starts computed below, which
+    // lie in the copy: a valid point's floor corner is in [-1, W-1] x [-1, H-1], i.e. bordered
+    // column and row in [0, W] x [0, H], and its window the next column and row too), which is
+    // what lets the blocks read their 2x2 windows of cg floats unchecked. `Bordered::new`
+    // checked that a bordered image's length fits in i32.
+    let row = bordered.row;
+    let lim = (bordered.image_len - row - c - cg) as i32;
     let pad = |v: &[f32]| {
         let mut p = vec![0f32; stride];
         p[..gp_len].copy_from_slice(&v[..gp_len]);
@@ -144,10 +152,8 @@ pub(super) unsafe fn forward_chunk(
     let sigma = _mm512_set1_ps(smp.sigma);
     let zero_i = _mm512_setzero_si512();
     let one_i = _mm512_set1_epi32(1);
-    let (wi_v, hi_v) = (_mm512_set1_epi32(wi), _mm512_set1_epi32(hi));
     let (wi1, hi1) = (_mm512_set1_epi32(wi - 1), _mm512_set1_epi32(hi - 1));
-    let (wi2, hi2) = (_mm512_set1_epi32(wi - 2), _mm512_set1_epi32(hi - 2));
-    let (ci_v, row_v) = (_mm512_set1_epi32(ci), _mm512_set1_epi32(wi * ci));
+    let (ci_v, row_v) = (_mm512_set1_epi32(ci), _mm512_set1_epi32(row as i32));
     let lim_v = _mm512_set1_epi32(lim);
     // Lane l of (dx, dy) is element 2l (2l+1) of the pair (a, b) of 16-float loads.
     let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
@@ -155,6 +161,7 @@ pub(super) unsafe fn forward_chunk(
 
     for (k, opix) in chunk.chunks_exact_mut(c).enumerate() {
         let px = prm.pixel(first + k, input, offset, mask);
+        let img = bordered.image((first + k) / hw_out);
         let (offs, masks): (&[f32], &[f32]) = if dense {
             (&px.off[..2 * gp_len], &px.mask[..gp_len])
         } else {
@@ -228,56 +235,22 @@ pub(super) unsafe fn forward_chunk(
             );
             let lx = _mm512_add_ps(_mm512_sub_ps(gx, _mm512_cvtepi32_ps(x0)), sx);
             let ly = _mm512_add_ps(_mm512_sub_ps(gy, _mm512_cvtepi32_ps(y0)), sy);
-            // Sampler::corners.
+            // Sampler::corners, with the mask zeroed on invalid lanes. A corner outside the
+            // image keeps its weight: it reads the border's zero.
+            let mv = _mm512_maskz_mov_ps(valid, mv);
             let hx = _mm512_sub_ps(one, lx);
             let mhy = _mm512_mul_ps(mv, _mm512_sub_ps(one, ly));
             let mly = _mm512_mul_ps(mv, ly);
-            let x1 = _mm512_add_epi32(x0, one_i);
-            let y1 = _mm512_add_epi32(y0, one_i);
-            let xl = _mm512_cmpge_epi32_mask(x0, zero_i);
-            let xh = _mm512_cmplt_epi32_mask(x1, wi_v);
-            let yl = valid & _mm512_cmpge_epi32_mask(y0, zero_i);
-            let yh = valid & _mm512_cmplt_epi32_mask(y1, hi_v);
-            // Corner weights (zero outside the image), (y0, x0), (y0, x0+1), (y0+1, x0), (y0+1, x0+1).
-            let w = [
-                _mm512_maskz_mul_ps(yl & xl, mhy, hx),
-                _mm512_maskz_mul_ps(yl & xh, mhy, lx),
-                _mm512_maskz_mul_ps(yh & xl, mly, hx),
-                _mm512_maskz_mul_ps(yh & xh, mly, lx),
-            ];
-            // The 2x2 window read is the corners' one moved inside the image: column
-            // xb = clamp(x0, 0, W-2), row yb = clamp(y0, 0, H-2) (W, H >= 2). At x0 = -1 the
-            // in-image corner column 0 is the window's first column (the second gets weight
-            // 0); at x0 = W-1 it is the second (the first gets 0). Likewise for the rows.
-            let (xlo, xhi) = (
-                _mm512_cmplt_epi32_mask(x0, zero_i),
-                _mm512_cmpge_epi32_mask(x0, wi1),
-            );
-            let (ylo, yhi) = (
-                _mm512_cmplt_epi32_mask(y0, zero_i),
-                _mm512_cmpge_epi32_mask(y0, hi1),
-            );
-            // The weight of the window's first (second) column or row from corners a, b.
-            macro_rules! first {
-                ($lo:expr, $hi:expr, $a:expr, $b:expr) => {
-                    _mm512_maskz_mov_ps(!$hi, _mm512_mask_mov_ps($a, $lo, $b))
-                };
-            }
-            macro_rules! second {
-                ($lo:expr, $hi:expr, $a:expr, $b:expr) => {
-                    _mm512_maskz_mov_ps(!$lo, _mm512_mask_mov_ps($b, $hi, $a))
-                };
-            }
-            let (t00, t01) = (first!(xlo, xhi, w[0], w[1]), second!(xlo, xhi, w[0], w[1]));
-            let (t10, t11) = (first!(xlo, xhi, w[2], w[3]), second!(xlo, xhi, w[2], w[3]));
+            // (y0, x0), (y0, x0+1), (y0+1, x0), (y0+1, x0+1).
             let taps = [
-                first!(ylo, yhi, t00, t10),
-                first!(ylo, yhi, t01, t11),
-                second!(ylo, yhi, t00, t10),
-                second!(ylo, yhi, t01, t11),
+                _mm512_mul_ps(mhy, hx),
+                _mm512_mul_ps(mhy, lx),
+                _mm512_mul_ps(mly, hx),
+                _mm512_mul_ps(mly, lx),
             ];
-            let xb = _mm512_min_epi32(_mm512_max_epi32(x0, zero_i), wi2);
-            let yb = _mm512_min_epi32(_mm512_max_epi32(y0, zero_i), hi2);
+            // The window's start in the bordered image: column x0+1, row y0+1.
+            let xb = _mm512_add_epi32(x0, one_i);
+            let yb = _mm512_add_epi32(y0, one_i);
             let start = _mm512_add_epi32(
                 _mm512_add_epi32(_mm512_mullo_epi32(yb, row_v), _mm512_mullo_epi32(xb, ci_v)),
                 goff,
@@ -292,7 +265,7 @@ pub(super) unsafe fn forward_chunk(
             }
             gp += L;
         }
-        let (img, bp, wp) = (px.img.as_ptr(), base.as_ptr(), wts.as_ptr());
+        let (img, bp, wp) = (img.as_ptr(), base.as_ptr(), wts.as_ptr());
         let op = opix.as_mut_ptr();
         let tail = first_lanes(cg % L);
         let mut bad: __mmask16 = 0;
@@ -300,7 +273,7 @@ pub(super) unsafe fn forward_chunk(
             let (t0, t1) = (grp * np, (grp + 1) * np);
             let mut c0 = 0;
             // SAFETY: the window starts of points t0..t1 were clamped into
-            // [0, lim] = [0, img.len() - row - c - cg] above; c0 + 16 <= cg in the loop and the
+            // [0, lim] = [0, bordered image length - row - c - cg] above; c0 + 16 <= cg in the loop and the
             // tail block reads and writes only the cg - c0 < 16 lanes of `tail`; the group's
             // output run is opix[grp*cg..(grp+1)*cg]; base holds stride >= t1 entries and wts 4
             // rows of them.
