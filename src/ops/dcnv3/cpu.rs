@@ -817,7 +817,9 @@ fn forward_chunk_dispatch<F: Acc>(
 /// removes the per-corner bounds work from the kernel's point resolution; and a group's 16
 /// channels are one cache line when C is a multiple of 16 (an image read in place starts 16
 /// bytes past a line, so every load straddled two: see [`LineAligned`]). Measured at the stage-1
-/// shape (56x56x64, G=4) on a Zen 4, one thread: see the README's operator table.
+/// shape (56x56x64, G=4) on a Zen 4, one thread: see the README's operator table. (Never made
+/// off x86-64: `for_avx512` needs an AVX-512 CPU.)
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) struct Bordered {
     buf: Vec<f32>,
     /// Index of image 0's first element in `buf` (on a 64-byte line).
@@ -828,6 +830,7 @@ pub(crate) struct Bordered {
     pub(crate) image_len: usize,
 }
 
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 impl Bordered {
     /// The copy for the AVX-512 forward of `g` when the policy `isa` runs it (an AVX-512 family
     /// on a CPU that has AVX-512) and a bordered image's length fits in i32; `None` otherwise.
