@@ -127,8 +127,8 @@ pub(super) unsafe fn forward_chunk(
     // Every window start is clamped into [0, lim] (a no-op for the starts computed below, which
     // lie in the copy: a valid point's floor corner is in [-1, W-1] x [-1, H-1], i.e. bordered
     // column and row in [0, W] x [0, H], and its window the next column and row too), which is
-    // what lets the blocks read their 2x2 windows of cg floats unchecked. `Bordered::new`
-    // checked that a bordered image's length fits in i32.
+    // what lets the blocks read their 2x2 windows of cg floats unchecked.
+    // `Bordered::for_avx512` checked that a bordered image's length fits in i32.
     let row = bordered.row;
     let lim = (bordered.image_len - row - c - cg) as i32;
     let pad = |v: &[f32]| {
