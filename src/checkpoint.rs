@@ -277,8 +277,9 @@ pub(crate) fn shard_names(index: &Path) -> Result<Vec<String>> {
     Ok(names)
 }
 
-/// Reads the shard list of a `model.safetensors.index.json`: the paths of [`shard_names`]
-/// resolved next to it.
+/// Reads the shard list of a `model.safetensors.index.json` (at most 64 MiB): its `weight_map`
+/// file names, sorted and without repeats, resolved next to it. Absolute paths, `..`, drive
+/// letters and backslashes are rejected (an index is often downloaded).
 pub fn shards_from_index(index: impl AsRef<Path>) -> Result<Vec<PathBuf>> {
     let index = index.as_ref();
     let dir = index.parent().unwrap_or_else(|| Path::new("."));
