@@ -341,6 +341,16 @@ struct Unreadable {
     reason: String,
 }
 
+/// The error for a file (or tensor) that cannot be read: unsupported when it is a valid one of a
+/// kind this crate does not read, invalid when it is malformed.
+fn unreadable_error(unsupported: bool, path: PathBuf, message: String) -> Error {
+    if unsupported {
+        IoError::UnsupportedCheckpoint { path, message }.into()
+    } else {
+        IoError::InvalidCheckpoint { path, message }.into()
+    }
+}
+
 /// A tensor entry of a `.pth` file: readable, or why not.
 type Found = std::result::Result<PthTensor, Unreadable>;
 
@@ -653,13 +663,6 @@ fn open_pth(path: &Path, which: &PthWeights) -> Result<PthFile> {
         }
         .into()
     };
-    let unsupported_msg = |message: String| -> Error {
-        IoError::UnsupportedCheckpoint {
-            path: path_buf(),
-            message,
-        }
-        .into()
-    };
     let file = open_regular(path).map_err(|e| IoError::io(path, text(&e.to_string()), e))?;
     // `torch.save` writes the zip's directory last: a file without one was cut short.
     let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(|e| {
@@ -740,11 +743,15 @@ fn open_pth(path: &Path, which: &PthWeights) -> Result<PthFile> {
             PthWeights::Key(k) => format!("under {k:?}"),
         };
         if found.unreadable.is_empty() {
-            return Err(unsupported_msg(format!(
-                "PyTorch checkpoint {} holds no tensors (looked {looked}; top-level keys: {})",
-                path.display(),
-                top_level_keys(&p)
-            )));
+            return Err(unreadable_error(
+                true,
+                path_buf(),
+                format!(
+                    "PyTorch checkpoint {} holds no tensors (looked {looked}; top-level keys: {})",
+                    path.display(),
+                    top_level_keys(&p)
+                ),
+            ));
         }
         // Name the tensors that are there and why none can be read.
         let mut why: Vec<(&String, &Unreadable)> = found.unreadable.iter().collect();
@@ -763,15 +770,8 @@ fn open_pth(path: &Path, which: &PthWeights) -> Result<PthFile> {
             path.display(),
             listed.join("; ")
         );
-        return Err(if why.iter().any(|(_, u)| u.unsupported) {
-            unsupported_msg(message)
-        } else {
-            IoError::InvalidCheckpoint {
-                path: path_buf(),
-                message,
-            }
-            .into()
-        });
+        let unsupported = why.iter().any(|(_, u)| u.unsupported);
+        return Err(unreadable_error(unsupported, path_buf(), message));
     }
     Ok(PthFile {
         prefix,
@@ -1145,11 +1145,7 @@ impl CheckpointBackend {
                 path.display(),
                 s.why.reason
             );
-            return Err(if s.why.unsupported {
-                IoError::UnsupportedCheckpoint { path, message }.into()
-            } else {
-                IoError::InvalidCheckpoint { path, message }.into()
-            });
+            return Err(unreadable_error(s.why.unsupported, path, message));
         }
         match self.entries.get(name) {
             Some(e) => Ok(e),

@@ -173,6 +173,11 @@ impl Machine {
         self.charge(s.len())?;
         Ok(Node::Str(s.to_string()))
     }
+    /// Pushes a string node holding a copy of `s`.
+    fn push_text(&mut self, s: &str) -> Result<(), String> {
+        let n = self.text(s)?;
+        self.push(n)
+    }
     fn pop(&mut self) -> Result<Id, String> {
         if self.marks.last().is_some_and(|&m| m >= self.stack.len()) {
             return Err("malformed pickle: pop across a MARK".into());
@@ -438,27 +443,21 @@ pub fn parse_limited(data: &[u8], limit: usize) -> Result<Pickle, String> {
                     .strip_prefix(['\'', '"'])
                     .and_then(|s| s.strip_suffix(['\'', '"']))
                     .unwrap_or(s);
-                let n = m.text(s)?;
-                m.push(n)?
+                m.push_text(s)?
             }
-            b'V' => {
-                let n = m.text(r.line()?)?;
-                m.push(n)?
-            }
+            b'V' => m.push_text(r.line()?)?,
             b'T' => {
                 let n = r.u32()? as i32;
                 if n < 0 {
                     return Err("malformed pickle: negative BINSTRING length".into());
                 }
                 let b = r.take(n as usize)?;
-                let n = m.text(&String::from_utf8_lossy(b))?;
-                m.push(n)?
+                m.push_text(&String::from_utf8_lossy(b))?
             }
             b'U' => {
                 let n = r.u8()? as usize;
                 let b = r.take(n)?;
-                let n = m.text(&String::from_utf8_lossy(b))?;
-                m.push(n)?
+                m.push_text(&String::from_utf8_lossy(b))?
             }
             b'X' | 0x8c | 0x8d => {
                 let n = match op {
@@ -469,8 +468,7 @@ pub fn parse_limited(data: &[u8], limit: usize) -> Result<Pickle, String> {
                 let n = r.len(n)?;
                 let b = r.take(n)?;
                 let s = std::str::from_utf8(b).map_err(|_| "pickle string is not UTF-8")?;
-                let n = m.text(s)?;
-                m.push(n)?
+                m.push_text(s)?
             }
             b'B' | b'C' | 0x8e | 0x96 => {
                 let n = match op {
