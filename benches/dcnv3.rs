@@ -17,10 +17,17 @@ use internimage::ops::dcnv3::{dcnv3, dcnv3_backward, Dcnv3Config};
 use internimage::ops::dcnv4::{dcnv4, dcnv4_backward, offset_mask_channels};
 use std::time::{Duration, Instant};
 
-/// Median wall time of `f` in milliseconds (a few warm-up calls, then at least `min_iters`
-/// iterations or ~0.6 s).
+/// Median wall time of `f` in milliseconds (warm-up calls for at least ~0.3 s, then at least
+/// `min_iters` iterations or ~0.6 s). The warm-up is that long because the first few dozen
+/// calls in a thread pool that has not allocated yet pay for the allocator settling (glibc maps
+/// fresh pages for each large buffer until its thresholds adapt): the backward at N=8 took
+/// twice its steady time for its first ~25 calls in a fresh one-thread pool.
 fn median_ms(mut f: impl FnMut(), min_iters: usize) -> f64 {
-    for _ in 0..3 {
+    let warm = Instant::now();
+    for k in 0.. {
+        if k >= 3 && warm.elapsed() >= Duration::from_millis(300) {
+            break;
+        }
         f();
     }
     let mut times = Vec::new();

@@ -157,7 +157,10 @@ impl Optimizer for AdamW {
                     && var.as_tensor().is_contiguous();
                 let moments = if fused {
                     let n = var.elem_count();
-                    Moments::Cpu(Mutex::new((vec![0f32; n], vec![0f32; n])))
+                    // Zeros written, not calloc'd: the first update reads them before it writes
+                    // (see `ops::written_zeros`).
+                    let zeros = || crate::ops::written_zeros(n, 0f32);
+                    Moments::Cpu(Mutex::new((zeros(), zeros())))
                 } else {
                     let z = || Var::zeros(var.shape(), var.dtype(), var.device());
                     Moments::Tensors { m: z()?, v: z()? }

@@ -358,3 +358,98 @@ fn output_does_not_depend_on_where_the_image_starts() {
         }
     }
 }
+
+/// The backward on every instruction set against the portable f64 gradients where the AVX-512
+/// kernel's shortcuts matter: images of 1 and 2 pixels per side (every point's window crosses
+/// the border, whose zeros it reads and whose input gradient it must not write), and a single
+/// image (its output pixels cut into ranges that scatter into private buffers), DCNv3 and DCNv4.
+#[test]
+fn backward_on_tiny_images_and_split_ranges_on_every_isa() {
+    let mut rng = StdRng::seed_from_u64(61);
+    let mut cases = Vec::new();
+    for (n, h, w) in [
+        (2, 1, 1),
+        (2, 2, 2),
+        (2, 1, 6),
+        (2, 7, 2),
+        (1, 9, 11),
+        (1, 16, 5),
+    ] {
+        for cfg in [
+            Dcnv3Config::internimage(4, 16, 1.0),
+            Dcnv3Config::internimage(2, 24, 1.0),
+        ] {
+            cases.push(Problem::new(&mut rng, cfg, (n, h, w)));
+        }
+    }
+    for pb in &cases {
+        let cfg = pb.cfg;
+        let g_ref = dcnv3_grads(&pb.tensors(DType::F64), cfg, Isa::Portable);
+        for isa in Isa::supported() {
+            let t = pb.tensors(DType::F32);
+            let what = format!("{isa} {:?} {cfg:?}", pb.dims);
+            let g = dcnv3_grads(&t, cfg, isa);
+            for (k, name) in ["grad_input", "grad_offset", "grad_mask"]
+                .iter()
+                .enumerate()
+            {
+                assert_close(&g[k], &g_ref[k], (1e-3, 1e-3), &format!("{what} {name}"));
+            }
+            let (vi, vom) = (
+                Var::from_tensor(&t[0]).unwrap(),
+                Var::from_tensor(&pb.offset_mask(DType::F32)).unwrap(),
+            );
+            let out = vi.apply_op2(&vom, Dcnv4Op::with_isa(cfg, isa)).unwrap();
+            let grads = (out * &t[3])
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gi = to_f64_vec(grads.get(&vi).unwrap());
+            assert_close(
+                &gi,
+                &g_ref[0],
+                (1e-3, 1e-3),
+                &format!("{what} v4 grad_input"),
+            );
+        }
+    }
+}
+
+/// Gradients with NaN/inf in the image and in grad_out: on every instruction set each gradient
+/// element is finite exactly where the portable kernel's is (and then close to it), and
+/// otherwise the same non-finite value (NaN, or the same infinity). A corner outside the image
+/// contributes nothing, even where grad_out is not finite.
+#[test]
+fn non_finite_gradients_on_every_isa() {
+    let mut rng = StdRng::seed_from_u64(67);
+    for cfg in configs() {
+        let mut pb = Problem::new(&mut rng, cfg, (1, 8, 9));
+        for v in [&mut pb.input, &mut pb.grad_out] {
+            let len = v.len();
+            for _ in 0..(len / 60).max(1) {
+                let k = rng.random_range(0..len);
+                v[k] = [f64::INFINITY, f64::NEG_INFINITY, f64::NAN][rng.random_range(0..3)];
+            }
+        }
+        let t = pb.tensors(DType::F32);
+        let want = dcnv3_grads(&t, cfg, Isa::Portable);
+        for isa in Isa::supported() {
+            let got = dcnv3_grads(&t, cfg, isa);
+            for (k, name) in ["grad_input", "grad_offset", "grad_mask"]
+                .iter()
+                .enumerate()
+            {
+                for (i, (x, y)) in got[k].iter().zip(&want[k]).enumerate() {
+                    let same = if y.is_finite() {
+                        (x - y).abs() <= 1e-3 + 1e-3 * y.abs()
+                    } else {
+                        x.is_nan() == y.is_nan() && (y.is_nan() || x == y)
+                    };
+                    assert!(same, "{isa} {cfg:?} {name}[{i}]: got {x}, expected {y}");
+                }
+            }
+        }
+    }
+}

@@ -20,8 +20,8 @@ use rayon::prelude::*;
 use std::mem::MaybeUninit;
 use std::sync::Arc;
 
-use super::contiguous_slice;
 use super::fused::{ln_backward_rows, ln_rows};
+use super::{contiguous_slice, written_zeros};
 use crate::cpu::gelu::{gelu_grad_f32, gelu_into};
 use crate::cpu::gemm::{gemm_tn_acc, linear_packed, linear_rows, PackedWeight, Rows};
 use crate::cpu::{Isa, KernelPolicy};
@@ -166,8 +166,9 @@ fn weight_grads(g: &[f32], x: &[f32], m: usize, n: usize, k: usize) -> (Vec<f32>
         .into_par_iter()
         .map(|c| {
             let (r0, r1) = (c * chunk, ((c + 1) * chunk).min(m));
-            let mut dw = vec![0f32; n * k];
-            let mut db = vec![0f32; n];
+            // Accumulated into: zeros written (see `written_zeros`).
+            let mut dw = written_zeros(n * k, 0f32);
+            let mut db = written_zeros(n, 0f32);
             let gc = &g[r0 * n..r1 * n];
             gemm_tn_acc(r1 - r0, n, k, gc, &x[r0 * k..r1 * k], &mut dw);
             add_col_sums(gc, n, &mut db);
@@ -439,12 +440,13 @@ impl CustomOp3 for MlpOp {
         let fc1t = PackedWeight::new_transposed(isa, w1, cin, hid).ok_or_else(err)?;
         // Row blocks: about 128 KiB of hidden activations, at least 64 rows (GEMM depth).
         let rows = (32_768 / hid.max(1)).clamp(64, 512);
-        let mut dx = vec![0f32; if need_x { m * cin } else { 0 }];
+        // Accumulated into: zeros written (see `written_zeros`).
+        let mut dx = written_zeros(if need_x { m * cin } else { 0 }, 0f32);
         let new_acc = || MlpAcc {
-            dw1: vec![0f32; hid * cin],
-            db1: vec![0f32; hid],
-            dw2: vec![0f32; cout * hid],
-            db2: vec![0f32; cout],
+            dw1: written_zeros(hid * cin, 0f32),
+            db1: written_zeros(hid, 0f32),
+            dw2: written_zeros(cout * hid, 0f32),
+            db2: written_zeros(cout, 0f32),
             z: Vec::new(),
             h: Vec::new(),
             dh: Vec::new(),
@@ -700,14 +702,15 @@ impl CustomOp3 for PreNormMlpOp {
         let fc2t = PackedWeight::new_transposed(isa, w2, hid, c).ok_or_else(err)?;
         let fc1t = PackedWeight::new_transposed(isa, w1, c, hid).ok_or_else(err)?;
         let rows = (32_768 / hid.max(1)).clamp(64, 512);
-        let mut dx = vec![0f32; if need_x { m * c } else { 0 }];
+        // Accumulated into: zeros written (see `written_zeros`).
+        let mut dx = written_zeros(if need_x { m * c } else { 0 }, 0f32);
         let new_acc = || PreNormAcc {
-            dw1: vec![0f32; hid * c],
-            db1: vec![0f32; hid],
-            dlnw: vec![0f32; c],
-            dlnb: vec![0f32; c],
-            dw2: vec![0f32; c * hid],
-            db2: vec![0f32; c],
+            dw1: written_zeros(hid * c, 0f32),
+            db1: written_zeros(hid, 0f32),
+            dlnw: written_zeros(c, 0f32),
+            dlnb: written_zeros(c, 0f32),
+            dw2: written_zeros(c * hid, 0f32),
+            db2: written_zeros(c, 0f32),
             xn: Vec::new(),
             z: Vec::new(),
             h: Vec::new(),

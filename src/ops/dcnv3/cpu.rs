@@ -8,9 +8,9 @@
 //! of 16/8/4/1 channels with four independent accumulators, so the FMA chains stay short and the
 //! loops vectorise. On x86-64 the kernels are compiled a second time with AVX2+FMA enabled and
 //! chosen at run time; AVX-512 policies run that instantiation too (auto-vectorised AVX-512 ones
-//! were measured slower, see the dispatchers), except for the f32 forward, which has a
-//! hand-written AVX-512 kernel (`cpu/avx512.rs`). No buffer proportional to N*H*W*G*P*Cg is
-//! ever allocated.
+//! were measured slower, see the dispatchers), except in f32, where the forward and the backward
+//! have hand-written AVX-512 kernels (`cpu/avx512.rs`). No buffer proportional to N*H*W*G*P*Cg
+//! is ever allocated.
 //!
 //! The same kernels serve DCNv3 and DCNv4: [`PointLayout`] says where the offsets and the mask
 //! of point p of group g of an output pixel are read (and their gradients written): two separate
@@ -811,6 +811,13 @@ fn forward_chunk_dispatch<F: Acc>(
     }
 }
 
+/// Whether the policy `isa` runs the AVX-512 kernels of `avx512.rs` (an AVX-512 family, on a
+/// CPU that has AVX-512 F/BW/VL/DQ).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+fn avx512_kernels(isa: Isa) -> bool {
+    matches!(isa, Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx) && Isa::Avx512.is_supported()
+}
+
 /// The f32 images with a one-pixel zero border (`(H+2) x (W+2) x C` each), every image starting
 /// on a cache line: what the AVX-512 forward reads (`avx512.rs`). With the border every valid
 /// sampling point's 2x2 window lies inside the copy (corners outside the image read zeros), which
@@ -835,8 +842,7 @@ impl Bordered {
     /// The copy for the AVX-512 forward of `g` when the policy `isa` runs it (an AVX-512 family
     /// on a CPU that has AVX-512) and a bordered image's length fits in i32; `None` otherwise.
     fn for_avx512<F: Acc>(isa: Isa, g: &Dcnv3Geometry, input: &[F]) -> Option<Self> {
-        let wide = matches!(isa, Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx);
-        if !wide || !Isa::Avx512.is_supported() {
+        if !avx512_kernels(isa) {
             return None;
         }
         let input = F::as_f32(input)?;
@@ -1042,6 +1048,19 @@ pub(crate) struct GradRows<'a, F> {
     pub(crate) mask: Option<&'a mut [F]>,
 }
 
+impl<'a, F: Acc> GradRows<'a, F> {
+    /// The same rows as f32 slices, when `F` is f32.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    fn as_f32(&mut self) -> Option<GradRows<'_, f32>> {
+        let off = F::as_f32_mut(&mut *self.off)?;
+        let mask = match self.mask.as_deref_mut() {
+            Some(m) => Some(F::as_f32_mut(m)?),
+            None => None,
+        };
+        Some(GradRows { off, mask })
+    }
+}
+
 impl<'a, F> GradRows<'a, F> {
     /// Cuts the rows into runs of `per` pixels (the last one possibly shorter).
     fn split(self, lay: &PointLayout, per: usize) -> Vec<GradRows<'a, F>> {
@@ -1174,9 +1193,10 @@ fn backward_range_dispatch<F: Acc>(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        // AVX-512 policies run the AVX2 backward: an AVX-512 instantiation of this kernel was
-        // measured slower (stage-1 shape, 1 thread: 4.09 ms against 3.42 ms on the Intel Xeon of
-        // the README), so the policy is capped at AVX2 here.
+        // AVX-512 policies reach this generic kernel only for f64 (f32 has the hand-written
+        // `avx512::backward_range`) and run its AVX2 build: an auto-vectorised AVX-512
+        // instantiation was measured slower (stage-1 shape, f32, 1 thread: 4.09 ms against 3.42
+        // ms on the Intel Xeon of the README).
         if isa >= Isa::Avx2 && Isa::Avx2.is_supported() {
             // SAFETY: the CPU supports AVX2 and FMA (checked just above).
             unsafe { backward_range_avx2(prm, pixels, input, offset, mask, grad_out, gin, rows) };
@@ -1211,36 +1231,95 @@ pub(crate) fn backward<F: Acc>(
     rows: GradRows<'_, F>,
 ) {
     let prm = Params::<F>::new(cfg, g, lay);
-    let img_len = g.h_in * g.w_in * g.channels;
-    let hw_out = g.h_out * g.w_out;
+    #[cfg(target_arch = "x86_64")]
+    {
+        // f32 on AVX-512 policies: the hand-written kernel of `avx512.rs` (i32 image offsets).
+        let mut rows = rows;
+        let fits_i32 = g.h_in * g.w_in * g.channels < i32::MAX as usize;
+        if avx512_kernels(isa) && fits_i32 {
+            let p32 = (&prm as &dyn std::any::Any).downcast_ref::<Params<f32>>();
+            if let (Some(p32), Some(i), Some(o), Some(m), Some(go), Some(gi), Some(r)) = (
+                p32,
+                F::as_f32(input),
+                F::as_f32(offset),
+                F::as_f32(mask),
+                F::as_f32(grad_out),
+                F::as_f32_mut(&mut *gin),
+                rows.as_f32(),
+            ) {
+                let run = |pixels, gin: &mut [f32], rows: GradRows<'_, f32>| {
+                    // SAFETY: the CPU supports AVX-512 F/BW/VL/DQ, AVX2 and FMA
+                    // (`avx512_kernels`); an image's H*W*C is below 2^31 (checked above); `gin`
+                    // is one image's gradient (or a buffer of its size); the buffers are those
+                    // `backward` was given, and `rows` holds exactly the rows of `pixels`, all
+                    // in one image.
+                    unsafe { avx512::backward_range(p32, i, o, m, go, pixels, gin, rows) }
+                };
+                return backward_images(&p32.g, p32.lay, gi, r, run);
+            }
+        }
+        backward_generic(isa, &prm, input, offset, mask, grad_out, gin, rows)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    backward_generic(isa, &prm, input, offset, mask, grad_out, gin, rows)
+}
+
+/// How many pixel ranges each image's backward is cut into: one when there are at least as many
+/// images as threads, else enough to keep every thread busy (each range scatters into a private
+/// input-gradient buffer).
+fn backward_splits(g: &Dcnv3Geometry) -> usize {
     let threads = rayon::current_num_threads().max(1);
-    let splits = if g.n >= threads {
+    let hw_out = g.h_out * g.w_out;
+    if g.n >= threads {
         1
     } else {
         threads.div_ceil(g.n).min(hw_out).max(1)
+    }
+}
+
+/// [`backward`] with the generic kernels ([`backward_range`]).
+#[allow(clippy::too_many_arguments)]
+fn backward_generic<F: Acc>(
+    isa: Isa,
+    prm: &Params<F>,
+    input: &[F],
+    offset: &[F],
+    mask: &[F],
+    grad_out: &[F],
+    gin: &mut [F],
+    rows: GradRows<'_, F>,
+) {
+    let run = |pixels, gin: &mut [F], rows: GradRows<'_, F>| {
+        backward_range_dispatch(isa, prm, pixels, input, offset, mask, grad_out, gin, rows)
     };
+    backward_images(&prm.g, prm.lay, gin, rows, run)
+}
+
+/// Runs `range(pixels, gin, rows)` over every image's output pixels: each image in one call
+/// (images in parallel) or, when there are fewer images than threads, cut into ranges whose
+/// input gradients go to private buffers (one image in size) summed at the end.
+fn backward_images<F: Acc>(
+    g: &Dcnv3Geometry,
+    lay: PointLayout,
+    gin: &mut [F],
+    rows: GradRows<'_, F>,
+    range: impl Fn(std::ops::Range<usize>, &mut [F], GradRows<'_, F>) + Sync,
+) {
+    let img_len = g.h_in * g.w_in * g.channels;
+    let hw_out = g.h_out * g.w_out;
+    let splits = backward_splits(g);
     gin.par_chunks_mut(img_len)
         .zip(rows.split(&lay, hw_out))
         .enumerate()
         .for_each(|(n, (gi, rows))| {
             let first = n * hw_out;
             if splits == 1 {
-                backward_range_dispatch(
-                    isa,
-                    &prm,
-                    first..first + hw_out,
-                    input,
-                    offset,
-                    mask,
-                    grad_out,
-                    gi,
-                    rows,
-                );
+                range(first..first + hw_out, gi, rows);
                 return;
             }
             let per = hw_out.div_ceil(splits);
             let mut extra: Vec<Vec<F>> = (1..hw_out.div_ceil(per))
-                .map(|_| vec![F::ZERO; img_len])
+                .map(|_| crate::ops::written_zeros(img_len, F::ZERO))
                 .collect();
             let mut targets: Vec<&mut [F]> = Vec::with_capacity(extra.len() + 1);
             targets.push(&mut *gi);
@@ -1252,17 +1331,7 @@ pub(crate) fn backward<F: Acc>(
                 .for_each(|(s, (target, rows_s))| {
                     let start = s * per;
                     let end = (start + per).min(hw_out);
-                    backward_range_dispatch(
-                        isa,
-                        &prm,
-                        first + start..first + end,
-                        input,
-                        offset,
-                        mask,
-                        grad_out,
-                        target,
-                        rows_s,
-                    );
+                    range(first + start..first + end, target, rows_s);
                 });
             // Sum the private buffers into the image's gradient (the first range wrote there).
             gi.par_chunks_mut(4096).enumerate().for_each(|(bi, dst)| {

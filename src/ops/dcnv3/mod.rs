@@ -346,7 +346,8 @@ impl CpuKernel<3> for Dcnv3BackwardOp {
         [input, offset_mask, grad_out]: [&[F]; 3],
     ) -> Vec<F> {
         let (la, lb) = (g.input_len(), g.offset_len());
-        let mut packed = vec![F::ZERO; la + lb + g.mask_len()];
+        // The input gradient is accumulated into: zeros written, not calloc'd.
+        let mut packed = crate::ops::written_zeros(la + lb + g.mask_len(), F::ZERO);
         let (gin, rest) = packed.split_at_mut(la);
         let (goff, gmask) = rest.split_at_mut(lb);
         let (offset, mask) = offset_mask.split_at(lb);

@@ -227,8 +227,9 @@ impl CpuKernel<3> for Dcnv4BackwardOp {
     const ARGS: [&'static str; 3] = ["input", "offset_mask", "grad_out"];
     fn run<F: cpu::Acc>(&self, g: &Dcnv3Geometry, [input, om, grad_out]: [&[F]; 3]) -> Vec<F> {
         let la = g.input_len();
-        // Zero-initialised: the padding columns keep a zero gradient.
-        let mut packed = vec![F::ZERO; la + om.len()];
+        // Zeros (written, not calloc'd: the input gradient is accumulated into); the padding
+        // columns keep a zero gradient.
+        let mut packed = crate::ops::written_zeros(la + om.len(), F::ZERO);
         let (gin, gom) = packed.split_at_mut(la);
         let lay = PointLayout::dcnv4(g, offset_mask_channels(&self.cfg));
         let rows = GradRows {

@@ -1,7 +1,8 @@
-//! The f32 forward of the DCNv3/DCNv4 core with AVX-512 intrinsics (the kernel of the AVX-512
-//! policies for f32, f16 and bf16 tensors).
+//! The f32 forward and backward of the DCNv3/DCNv4 core with AVX-512 intrinsics (the kernels of
+//! the AVX-512 policies for f32, f16 and bf16 tensors). Both resolve a pixel's G*P points 16 at a
+//! time with one [`Resolver`]; the backward is described at [`backward_range`].
 //!
-//! It reads the image through a [`Bordered`] copy (a one-pixel zero border, each image on a
+//! The forward reads the image through a [`Bordered`] copy (a one-pixel zero border, each image on a
 //! cache line), so that every valid point's 2x2 window lies inside the copy: corners outside
 //! the image read the border's zeros, and resolving a point needs no per-corner bounds tests.
 //! Same arithmetic as [`super::forward_chunk_finite`], operation for operation (each corner's
@@ -15,7 +16,7 @@
 //! image without another pass. DCNv4 rows are copied into the dense point order with masked
 //! vector moves (a handful per group) instead of per-group `memcpy` calls.
 
-use super::{forward_pixel, Bordered, Params};
+use super::{forward_pixel, Bordered, GradRows, Params, Pixel};
 use std::arch::x86_64::*;
 
 /// f32 lanes of a zmm register.
@@ -98,6 +99,228 @@ unsafe fn block<const MASKED: bool>(
     }
 }
 
+/// A pixel's G*P offset pairs and G*P masks as two dense runs: its rows themselves for DCNv3,
+/// else copied into `dxy` and `msk` (2*G*P and G*P floats) with masked vector moves.
+///
+/// # Safety
+/// The CPU supports AVX-512 F. (Inlined into the kernels, whose target features let the moves
+/// inline too.)
+#[inline(always)]
+unsafe fn point_args<'a>(
+    prm: &Params<f32>,
+    px: &Pixel<'a, f32>,
+    dxy: &'a mut [f32],
+    msk: &'a mut [f32],
+) -> (&'a [f32], &'a [f32]) {
+    let (gp_len, np) = (prm.g.group * prm.g.points, prm.g.points);
+    if prm.lay.dense(&prm.g) {
+        return (&px.off[..2 * gp_len], &px.mask[..gp_len]);
+    }
+    for grp in 0..prm.g.group {
+        let (o, m) = prm.group_args(px, grp);
+        // SAFETY: AVX-512 F is enabled here; the destinations are the group's runs of dxy
+        // (2*G*P) and msk (G*P), as long as the sources.
+        unsafe {
+            copy_lanes(o, &mut dxy[grp * 2 * np..(grp + 1) * 2 * np]);
+            copy_lanes(m, &mut msk[grp * np..(grp + 1) * np]);
+        }
+    }
+    (&dxy[..2 * gp_len], &msk[..gp_len])
+}
+
+/// The per-call tables and vector constants of point resolution, shared by the forward and the
+/// backward: the kernel grid and group channel offsets padded to whole vectors, and the image
+/// bounds.
+struct Resolver {
+    /// G*P rounded up to a multiple of 16: the length of every per-point scratch row.
+    stride: usize,
+    /// G*P.
+    gp_len: usize,
+    kx: Vec<f32>,
+    ky: Vec<f32>,
+    goffg: Vec<i32>,
+    one: __m512,
+    neg1: __m512,
+    wf: __m512,
+    hf: __m512,
+    sigma: __m512,
+    zero_i: __m512i,
+    one_i: __m512i,
+    wi1: __m512i,
+    hi1: __m512i,
+    ci_v: __m512i,
+    row_v: __m512i,
+    lim_v: __m512i,
+    even: __m512i,
+    odd: __m512i,
+}
+
+/// 16 sampling points (one per lane) resolved in the bordered image.
+struct Points16 {
+    /// Lanes of points that sample something (inside (-1, W) x (-1, H), within the run).
+    valid: __mmask16,
+    /// Floor corner (0 for invalid lanes), at most (W-1, H-1).
+    x0: __m512i,
+    y0: __m512i,
+    /// Bilinear fractions `x - x0`, `y - y0` (0 for invalid lanes).
+    lx: __m512,
+    ly: __m512,
+    /// The points' masks (0 for invalid lanes).
+    m: __m512,
+    /// The 2x2 window's first element in the bordered image, clamped into
+    /// `[0, image_len - row - c - cg]` (a no-op for valid points).
+    start: __m512i,
+    /// The first channel of each point's group.
+    chan: __m512i,
+}
+
+impl Resolver {
+    /// Without a bordered copy (the backward), `Points16::start` is 0.
+    ///
+    /// # Safety
+    /// The CPU supports AVX-512 F; `bordered` is the copy for `prm`'s geometry.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+    unsafe fn new(prm: &Params<f32>, bordered: Option<&Bordered>) -> Self {
+        let g = &prm.g;
+        let (c, cg) = (g.channels, g.group_channels);
+        let gp_len = g.group * g.points;
+        let stride = gp_len.next_multiple_of(L);
+        let pad = |v: &[f32]| {
+            let mut p = vec![0f32; stride];
+            p[..gp_len].copy_from_slice(&v[..gp_len]);
+            p
+        };
+        let mut goffg = vec![0i32; stride];
+        goffg[..gp_len].copy_from_slice(&prm.goffg[..gp_len]);
+        let smp = prm.smp;
+        let row = bordered.map_or(0, |b| b.row);
+        // Every window start is clamped into [0, lim] (a no-op for the starts computed in
+        // `resolve`, which lie in the copy: a valid point's floor corner is in [-1, W-1] x
+        // [-1, H-1], i.e. bordered column and row in [0, W] x [0, H], and its window the next
+        // column and row too), which is what lets the kernels read (and the backward write)
+        // their 2x2 windows of cg floats unchecked. `Bordered::for_avx512` checked that a
+        // bordered image's length fits in i32.
+        let lim = bordered.map_or(0, |b| (b.image_len - row - c - cg) as i32);
+        let one_i = _mm512_set1_epi32(1);
+        // Lane l of (dx, dy) is element 2l (2l+1) of the pair (a, b) of 16-float loads.
+        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        Self {
+            stride,
+            gp_len,
+            kx: pad(&prm.kxg),
+            ky: pad(&prm.kyg),
+            goffg,
+            one: _mm512_set1_ps(1.0),
+            neg1: _mm512_set1_ps(-1.0),
+            wf: _mm512_set1_ps(smp.w_in),
+            hf: _mm512_set1_ps(smp.h_in),
+            sigma: _mm512_set1_ps(smp.sigma),
+            zero_i: _mm512_setzero_si512(),
+            one_i,
+            wi1: _mm512_set1_epi32(smp.wi - 1),
+            hi1: _mm512_set1_epi32(smp.hi - 1),
+            ci_v: _mm512_set1_epi32(c as i32),
+            row_v: _mm512_set1_epi32(row as i32),
+            lim_v: _mm512_set1_epi32(lim),
+            even,
+            odd: _mm512_add_epi32(even, one_i),
+        }
+    }
+
+    /// Resolves the points `gp..gp + min(16, G*P - gp)` of a pixel with grid centre (bx, by)
+    /// from its dense offsets and masks (`Sampler::position`, `Sampler::point_at`, vectorised).
+    ///
+    /// # Safety
+    /// The CPU supports AVX-512 F/DQ; `gp < G*P`, `offs` holds 2*G*P and `masks` G*P values.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+    unsafe fn resolve(
+        &self,
+        (bx, by): (__m512, __m512),
+        offs: &[f32],
+        masks: &[f32],
+        gp: usize,
+    ) -> Points16 {
+        let n = (self.gp_len - gp).min(L);
+        let lanes = first_lanes(n);
+        // SAFETY (loads): the masks limit the reads to offs[2gp..2gp+2n] and masks[gp..gp+n],
+        // inside the slices (gp + n <= G*P); kx, ky, goffg have `stride` entries, gp + 16 <=
+        // stride.
+        let (d, mv, kxv, kyv, goff) = unsafe {
+            let a = _mm512_maskz_loadu_ps(first_lanes(2 * n), offs.as_ptr().add(2 * gp));
+            let b = _mm512_maskz_loadu_ps(
+                first_lanes((2 * n).saturating_sub(L)),
+                offs.as_ptr().add(2 * gp + L.min(2 * n)),
+            );
+            (
+                (a, b),
+                _mm512_maskz_loadu_ps(lanes, masks.as_ptr().add(gp)),
+                _mm512_loadu_ps(self.kx.as_ptr().add(gp)),
+                _mm512_loadu_ps(self.ky.as_ptr().add(gp)),
+                _mm512_loadu_si512(self.goffg.as_ptr().add(gp).cast()),
+            )
+        };
+        // When 2n <= 16, b is all zero and only a's lanes are selected for l < n.
+        let dx = _mm512_permutex2var_ps(d.0, self.even, d.1);
+        let dy = _mm512_permutex2var_ps(d.0, self.odd, d.1);
+        // Sampler::position.
+        let gx = _mm512_add_ps(bx, kxv);
+        let gy = _mm512_add_ps(by, kyv);
+        let sx = _mm512_mul_ps(self.sigma, dx);
+        let sy = _mm512_mul_ps(self.sigma, dy);
+        let x = _mm512_add_ps(gx, sx);
+        let y = _mm512_add_ps(gy, sy);
+        // Ordered compares: NaN lanes are invalid.
+        let valid = lanes
+            & _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, self.neg1)
+            & _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, self.wf)
+            & _mm512_cmp_ps_mask::<_CMP_GT_OQ>(y, self.neg1)
+            & _mm512_cmp_ps_mask::<_CMP_LT_OQ>(y, self.hf);
+        // Sampler::point: invalid points at (0, 0) with zero fractions.
+        let (gx, gy) = (
+            _mm512_maskz_mov_ps(valid, gx),
+            _mm512_maskz_mov_ps(valid, gy),
+        );
+        let (sx, sy) = (
+            _mm512_maskz_mov_ps(valid, sx),
+            _mm512_maskz_mov_ps(valid, sy),
+        );
+        let (x, y) = (_mm512_maskz_mov_ps(valid, x), _mm512_maskz_mov_ps(valid, y));
+        // Sampler::point_at: x + 1 > 0, so truncation is the floor; clamped to W-1 / H-1.
+        let x0 = _mm512_min_epi32(
+            _mm512_sub_epi32(_mm512_cvttps_epi32(_mm512_add_ps(x, self.one)), self.one_i),
+            self.wi1,
+        );
+        let y0 = _mm512_min_epi32(
+            _mm512_sub_epi32(_mm512_cvttps_epi32(_mm512_add_ps(y, self.one)), self.one_i),
+            self.hi1,
+        );
+        let lx = _mm512_add_ps(_mm512_sub_ps(gx, _mm512_cvtepi32_ps(x0)), sx);
+        let ly = _mm512_add_ps(_mm512_sub_ps(gy, _mm512_cvtepi32_ps(y0)), sy);
+        // The window's start in the bordered image: column x0+1, row y0+1.
+        let xb = _mm512_add_epi32(x0, self.one_i);
+        let yb = _mm512_add_epi32(y0, self.one_i);
+        let start = _mm512_add_epi32(
+            _mm512_add_epi32(
+                _mm512_mullo_epi32(yb, self.row_v),
+                _mm512_mullo_epi32(xb, self.ci_v),
+            ),
+            goff,
+        );
+        Points16 {
+            valid,
+            x0,
+            y0,
+            lx,
+            ly,
+            m: _mm512_maskz_mov_ps(valid, mv),
+            start: _mm512_min_epi32(_mm512_max_epi32(start, self.zero_i), self.lim_v),
+            chan: goff,
+        }
+    }
+}
+
 /// Forward over one chunk of output pixels starting at linear pixel `first`, f32, AVX-512 (see
 /// the module documentation); same results as [`super::forward_chunk_finite`].
 ///
@@ -118,147 +341,44 @@ pub(super) unsafe fn forward_chunk(
 ) {
     let g = &prm.g;
     let (c, cg, np) = (g.channels, g.group_channels, g.points);
-    let gp_len = g.group * np;
     let hw_out = g.h_out * g.w_out;
-    // Scratch rows padded to whole vectors, so that the point loop loads and stores full zmm.
-    let stride = gp_len.next_multiple_of(L);
-    let smp = prm.smp;
-    let (wi, hi, ci) = (smp.wi, smp.hi, c as i32);
-    // Every window start is clamped into [0, lim] (a no-op for the starts computed below, which
-    // lie in the copy: a valid point's floor corner is in [-1, W-1] x [-1, H-1], i.e. bordered
-    // column and row in [0, W] x [0, H], and its window the next column and row too), which is
-    // what lets the blocks read their 2x2 windows of cg floats unchecked.
-    // `Bordered::for_avx512` checked that a bordered image's length fits in i32.
     let row = bordered.row;
-    let lim = (bordered.image_len - row - c - cg) as i32;
-    let pad = |v: &[f32]| {
-        let mut p = vec![0f32; stride];
-        p[..gp_len].copy_from_slice(&v[..gp_len]);
-        p
-    };
-    let (kx, ky) = (pad(&prm.kxg), pad(&prm.kyg));
-    let mut goffg = vec![0i32; stride];
-    goffg[..gp_len].copy_from_slice(&prm.goffg[..gp_len]);
+    // SAFETY: AVX-512 is enabled here; `bordered` is the copy for this geometry.
+    let res = unsafe { Resolver::new(prm, Some(bordered)) };
+    // Scratch rows padded to whole vectors, so that the point loop loads and stores full zmm.
+    let stride = res.stride;
     let mut base = vec![0i32; stride];
     let mut wts = vec![0f32; 4 * stride];
+    let (mut to, mut tw) = (vec![0usize; 4 * np], vec![0f32; 4 * np]);
     // DCNv4: a pixel's offsets and masks copied into the dense point order (DCNv3's).
     let (mut dxy, mut msk) = (vec![0f32; 2 * stride], vec![0f32; stride]);
-    let dense = prm.lay.dense(g);
-    let (mut to, mut tw) = (vec![0usize; 4 * np], vec![0f32; 4 * np]);
-
-    let one = _mm512_set1_ps(1.0);
-    let neg1 = _mm512_set1_ps(-1.0);
-    let (wf, hf) = (_mm512_set1_ps(smp.w_in), _mm512_set1_ps(smp.h_in));
-    let sigma = _mm512_set1_ps(smp.sigma);
-    let zero_i = _mm512_setzero_si512();
-    let one_i = _mm512_set1_epi32(1);
-    let (wi1, hi1) = (_mm512_set1_epi32(wi - 1), _mm512_set1_epi32(hi - 1));
-    let (ci_v, row_v) = (_mm512_set1_epi32(ci), _mm512_set1_epi32(row as i32));
-    let lim_v = _mm512_set1_epi32(lim);
-    // Lane l of (dx, dy) is element 2l (2l+1) of the pair (a, b) of 16-float loads.
-    let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    let odd = _mm512_add_epi32(even, one_i);
+    let one = res.one;
 
     for (k, opix) in chunk.chunks_exact_mut(c).enumerate() {
         let px = prm.pixel(first + k, input, offset, mask);
         let img = bordered.image((first + k) / hw_out);
-        let (offs, masks): (&[f32], &[f32]) = if dense {
-            (&px.off[..2 * gp_len], &px.mask[..gp_len])
-        } else {
-            for grp in 0..g.group {
-                let (o, m) = prm.group_args(&px, grp);
-                // SAFETY: AVX-512 F is enabled here; the destinations are the group's runs of
-                // dxy (2*G*P) and msk (G*P), as long as the sources.
-                unsafe {
-                    copy_lanes(o, &mut dxy[grp * 2 * np..(grp + 1) * 2 * np]);
-                    copy_lanes(m, &mut msk[grp * np..(grp + 1) * np]);
-                }
-            }
-            (&dxy[..2 * gp_len], &msk[..gp_len])
-        };
-        let (bx, by) = (_mm512_set1_ps(px.bx), _mm512_set1_ps(px.by));
+        let bxy = (_mm512_set1_ps(px.bx), _mm512_set1_ps(px.by));
+        // SAFETY: AVX-512 is enabled here.
+        let (offs, masks) = unsafe { point_args(prm, &px, &mut dxy, &mut msk) };
         let mut gp = 0;
-        while gp < gp_len {
-            let n = (gp_len - gp).min(L);
-            let lanes = first_lanes(n);
-            // SAFETY (loads): the masks limit the reads to offs[2gp..2gp+2n] and
-            // masks[gp..gp+n], inside the slices (gp + n <= G*P); kx, ky, goffg have `stride`
-            // entries, gp + 16 <= stride.
-            let (d, mv, kxv, kyv, goff) = unsafe {
-                let a = _mm512_maskz_loadu_ps(first_lanes(2 * n), offs.as_ptr().add(2 * gp));
-                let b = _mm512_maskz_loadu_ps(
-                    first_lanes((2 * n).saturating_sub(L)),
-                    offs.as_ptr().add(2 * gp + L.min(2 * n)),
-                );
-                (
-                    (a, b),
-                    _mm512_maskz_loadu_ps(lanes, masks.as_ptr().add(gp)),
-                    _mm512_loadu_ps(kx.as_ptr().add(gp)),
-                    _mm512_loadu_ps(ky.as_ptr().add(gp)),
-                    _mm512_loadu_si512(goffg.as_ptr().add(gp).cast()),
-                )
-            };
-            // When 2n <= 16, b is all zero and only a's lanes are selected for l < n.
-            let dx = _mm512_permutex2var_ps(d.0, even, d.1);
-            let dy = _mm512_permutex2var_ps(d.0, odd, d.1);
-            // Sampler::position.
-            let gx = _mm512_add_ps(bx, kxv);
-            let gy = _mm512_add_ps(by, kyv);
-            let sx = _mm512_mul_ps(sigma, dx);
-            let sy = _mm512_mul_ps(sigma, dy);
-            let x = _mm512_add_ps(gx, sx);
-            let y = _mm512_add_ps(gy, sy);
-            // Ordered compares: NaN lanes are invalid.
-            let valid = lanes
-                & _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, neg1)
-                & _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, wf)
-                & _mm512_cmp_ps_mask::<_CMP_GT_OQ>(y, neg1)
-                & _mm512_cmp_ps_mask::<_CMP_LT_OQ>(y, hf);
-            // Sampler::point: invalid points at (0, 0) with zero fractions.
-            let (gx, gy) = (
-                _mm512_maskz_mov_ps(valid, gx),
-                _mm512_maskz_mov_ps(valid, gy),
-            );
-            let (sx, sy) = (
-                _mm512_maskz_mov_ps(valid, sx),
-                _mm512_maskz_mov_ps(valid, sy),
-            );
-            let (x, y) = (_mm512_maskz_mov_ps(valid, x), _mm512_maskz_mov_ps(valid, y));
-            // Sampler::point_at: x + 1 > 0, so truncation is the floor; clamped to W-1 / H-1.
-            let x0 = _mm512_min_epi32(
-                _mm512_sub_epi32(_mm512_cvttps_epi32(_mm512_add_ps(x, one)), one_i),
-                wi1,
-            );
-            let y0 = _mm512_min_epi32(
-                _mm512_sub_epi32(_mm512_cvttps_epi32(_mm512_add_ps(y, one)), one_i),
-                hi1,
-            );
-            let lx = _mm512_add_ps(_mm512_sub_ps(gx, _mm512_cvtepi32_ps(x0)), sx);
-            let ly = _mm512_add_ps(_mm512_sub_ps(gy, _mm512_cvtepi32_ps(y0)), sy);
-            // Sampler::corners, with the mask zeroed on invalid lanes. A corner outside the
-            // image keeps its weight: it reads the border's zero.
-            let mv = _mm512_maskz_mov_ps(valid, mv);
-            let hx = _mm512_sub_ps(one, lx);
-            let mhy = _mm512_mul_ps(mv, _mm512_sub_ps(one, ly));
-            let mly = _mm512_mul_ps(mv, ly);
+        while gp < res.gp_len {
+            // SAFETY: gp < G*P; the slices are the pixel's dense offsets and masks.
+            let p = unsafe { res.resolve(bxy, offs, masks, gp) };
+            // Sampler::corners. A corner outside the image keeps its weight: it reads the
+            // border's zero.
+            let hx = _mm512_sub_ps(one, p.lx);
+            let mhy = _mm512_mul_ps(p.m, _mm512_sub_ps(one, p.ly));
+            let mly = _mm512_mul_ps(p.m, p.ly);
             // (y0, x0), (y0, x0+1), (y0+1, x0), (y0+1, x0+1).
             let taps = [
                 _mm512_mul_ps(mhy, hx),
-                _mm512_mul_ps(mhy, lx),
+                _mm512_mul_ps(mhy, p.lx),
                 _mm512_mul_ps(mly, hx),
-                _mm512_mul_ps(mly, lx),
+                _mm512_mul_ps(mly, p.lx),
             ];
-            // The window's start in the bordered image: column x0+1, row y0+1.
-            let xb = _mm512_add_epi32(x0, one_i);
-            let yb = _mm512_add_epi32(y0, one_i);
-            let start = _mm512_add_epi32(
-                _mm512_add_epi32(_mm512_mullo_epi32(yb, row_v), _mm512_mullo_epi32(xb, ci_v)),
-                goff,
-            );
-            let start = _mm512_min_epi32(_mm512_max_epi32(start, zero_i), lim_v);
             // SAFETY: base holds `stride` entries and wts 4 rows of them; gp + 16 <= stride.
             unsafe {
-                _mm512_storeu_si512(base.as_mut_ptr().add(gp).cast(), start);
+                _mm512_storeu_si512(base.as_mut_ptr().add(gp).cast(), p.start);
                 for (q, tq) in taps.iter().enumerate() {
                     _mm512_storeu_ps(wts.as_mut_ptr().add(q * stride + gp), *tq);
                 }
@@ -273,10 +393,10 @@ pub(super) unsafe fn forward_chunk(
             let (t0, t1) = (grp * np, (grp + 1) * np);
             let mut c0 = 0;
             // SAFETY: the window starts of points t0..t1 were clamped into
-            // [0, lim] = [0, bordered image length - row - c - cg] above; c0 + 16 <= cg in the loop and the
-            // tail block reads and writes only the cg - c0 < 16 lanes of `tail`; the group's
-            // output run is opix[grp*cg..(grp+1)*cg]; base holds stride >= t1 entries and wts 4
-            // rows of them.
+            // [0, lim] = [0, bordered image length - row - c - cg] by `resolve`; c0 + 16 <= cg
+            // in the loop and the tail block reads and writes only the cg - c0 < 16 lanes of
+            // `tail`; the group's output run is opix[grp*cg..(grp+1)*cg]; base holds stride >=
+            // t1 entries and wts 4 rows of them.
             unsafe {
                 while c0 + L <= cg {
                     let o = op.add(grp * cg + c0);
@@ -293,6 +413,330 @@ pub(super) unsafe fn forward_chunk(
         // pixel; redo it reading only in-image corners.
         if bad != 0 {
             forward_pixel::<f32, true>(prm, &px, opix, &mut to, &mut tw);
+        }
+    }
+}
+
+/// `[sum(a), sum(b), sum(c), sum(d)]` of four 16-float vectors.
+///
+/// # Safety
+/// The CPU supports AVX-512 F/DQ.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+unsafe fn sum4(v: [__m512; 4]) -> __m128 {
+    let mut h = [_mm256_setzero_ps(); 4];
+    for (h, v) in h.iter_mut().zip(v) {
+        *h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps::<1>(v));
+    }
+    let ab = _mm256_hadd_ps(h[0], h[1]);
+    let cd = _mm256_hadd_ps(h[2], h[3]);
+    // [a0123 b0123 c0123 d0123 | a4567 b4567 c4567 d4567]
+    let s = _mm256_hadd_ps(ab, cd);
+    _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s))
+}
+
+/// One block of up to 16 channels of one point's backward: for each corner k inside the image
+/// (`inside[k]`, its block at `u + steps[k]`), the dot product of `go` with the image's block is
+/// added to `d[k]`, and `f[k] * go` to the input gradient's block. `MASKED`: only the lanes of
+/// `cm`.
+///
+/// # Safety
+/// The CPU supports AVX-512 F/VL/DQ; for every corner with `inside[k]`, `u + steps[k] + 16`
+/// (`MASKED`: the lanes of `cm`) is within the image and its gradient (distinct buffers of one
+/// length), and `go` points at 16 (the lanes of `cm`) readable floats.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_backward<const MASKED: bool>(
+    (img, gin): (*const f32, *mut f32),
+    (u, steps): (isize, [isize; 4]),
+    inside: [bool; 4],
+    go: *const f32,
+    f: [__m512; 4],
+    cm: __mmask16,
+    d: &mut [__m512; 4],
+) {
+    let gov = if MASKED {
+        _mm512_maskz_loadu_ps(cm, go)
+    } else {
+        _mm512_loadu_ps(go)
+    };
+    // The input gradient is updated in 256-bit halves: consecutive points share corners, and a
+    // 512-bit load of what a 512-bit store has just written waits for the store to complete
+    // (measured on Zen 4), while 256-bit halves are forwarded.
+    let (go_lo, go_hi) = (
+        _mm512_castps512_ps256(gov),
+        _mm512_extractf32x8_ps::<1>(gov),
+    );
+    let (m_lo, m_hi) = (cm as __mmask8, (cm >> 8) as __mmask8);
+    for k in 0..4 {
+        if !inside[k] {
+            continue;
+        }
+        let o = u + steps[k];
+        let v = if MASKED {
+            _mm512_maskz_loadu_ps(cm, img.offset(o))
+        } else {
+            _mm512_loadu_ps(img.offset(o))
+        };
+        d[k] = _mm512_fmadd_ps(gov, v, d[k]);
+        let f8 = _mm512_castps512_ps256(f[k]);
+        let (p_lo, p_hi) = (gin.offset(o), gin.offset(o + 8));
+        if MASKED {
+            let lo = _mm256_fmadd_ps(f8, go_lo, _mm256_maskz_loadu_ps(m_lo, p_lo));
+            _mm256_mask_storeu_ps(p_lo, m_lo, lo);
+            let hi = _mm256_fmadd_ps(f8, go_hi, _mm256_maskz_loadu_ps(m_hi, p_hi));
+            _mm256_mask_storeu_ps(p_hi, m_hi, hi);
+        } else {
+            _mm256_storeu_ps(p_lo, _mm256_fmadd_ps(f8, go_lo, _mm256_loadu_ps(p_lo)));
+            _mm256_storeu_ps(p_hi, _mm256_fmadd_ps(f8, go_hi, _mm256_loadu_ps(p_hi)));
+        }
+    }
+}
+
+/// Backward over the output pixels `pixels` (all of one image), f32, AVX-512: adds the input
+/// gradient into `gin` (that image's gradient, or a private buffer of its size) and writes the
+/// offset and mask gradients of those pixels into `rows` (laid out as `prm`'s
+/// [`super::PointLayout`] says; padding columns are left alone). Same arithmetic as
+/// [`super::backward_range`] up to the order of the sums over channels: the points are resolved
+/// 16 at a time into scratch (window start, corner weights times the mask, fractions, which
+/// corners lie inside the image); each inside corner's block is read and its input gradient
+/// updated in one pass over the channels; the offset and mask gradients are then formed 16
+/// points at a time. (No bordered copy: unlike the forward, this kernel tests each corner
+/// anyway, for the scatter, and a copy per call made the allocator map and unmap pages.)
+///
+/// # Safety
+/// The CPU supports AVX-512 F/BW/VL/DQ, AVX2 and FMA; every image's H*W*C is below 2^31;
+/// `gin` holds one image's H*W*C floats; `input`, `offset`, `mask` and `grad_out` hold what
+/// `prm`'s geometry and layout say; `pixels` lies in one image's output pixels and `rows` holds
+/// exactly their rows.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn backward_range(
+    prm: &Params<f32>,
+    input: &[f32],
+    offset: &[f32],
+    mask: &[f32],
+    grad_out: &[f32],
+    pixels: std::ops::Range<usize>,
+    gin: &mut [f32],
+    rows: GradRows<'_, f32>,
+) {
+    let g = &prm.g;
+    let lay = prm.lay;
+    let (c, cg, np) = (g.channels, g.group_channels, g.points);
+    let w_row = g.w_in * c;
+    let steps = [0, c, w_row, w_row + c].map(|v| v as isize);
+    // SAFETY: AVX-512 is enabled here.
+    let res = unsafe { Resolver::new(prm, None) };
+    let stride = res.stride;
+    let blocks = stride / L;
+    // Per point: the window's first element (meaningful for its inside corners only), the four
+    // corner weights times the mask, fractions, mask.
+    let mut ubase = vec![0i32; stride];
+    let mut taps = vec![0f32; 4 * stride];
+    let (mut lxs, mut lys, mut ms) = (vec![0f32; stride], vec![0f32; stride], vec![0f32; stride]);
+    // Per 16 points: the valid lanes and the lanes whose corner k lies inside the image.
+    let mut lanes = vec![[0 as __mmask16; 5]; blocks];
+    // Per point: the four dot products (point-major), then the three gradients.
+    let mut dots = vec![0f32; 4 * stride];
+    let (mut gdxy, mut gmsk) = (vec![0f32; 2 * stride], vec![0f32; stride]);
+    // DCNv4: a pixel's offsets and masks copied into the dense point order (DCNv3's).
+    let (mut dxy, mut msk) = (vec![0f32; 2 * stride], vec![0f32; stride]);
+    let GradRows {
+        off: goff,
+        mask: mut gmask,
+    } = rows;
+    let one = res.one;
+    let sigma = res.sigma;
+    let (zero_i, wi1, hi1, ci_v) = (res.zero_i, res.wi1, res.hi1, res.ci_v);
+    let wrow_v = _mm512_set1_epi32(w_row as i32);
+    // Lanes 0-7: corner 0 (2) of points 0-7; lanes 8-15: corner 1 (3), from 4 floats a point.
+    let pick01 = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 1, 5, 9, 13, 17, 21, 25, 29);
+    let pick23 = _mm512_add_epi32(pick01, _mm512_set1_epi32(2));
+    let lo_halves = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+    let hi_halves = _mm512_add_epi32(lo_halves, _mm512_set1_epi32(8));
+    // Interleave (x, y) pairs: lanes 0-15 of [gx | gy] as x0 y0 x1 y1 ...
+    let zip_lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    let zip_hi = _mm512_add_epi32(zip_lo, _mm512_set1_epi32(8));
+    let tail = first_lanes(cg % L);
+
+    for (k, pix) in pixels.enumerate() {
+        let px = prm.pixel(pix, input, offset, mask);
+        let img = px.img.as_ptr();
+        let bxy = (_mm512_set1_ps(px.bx), _mm512_set1_ps(px.by));
+        // SAFETY: AVX-512 is enabled here.
+        let (offs, masks) = unsafe { point_args(prm, &px, &mut dxy, &mut msk) };
+        for (blk, lane) in lanes.iter_mut().enumerate() {
+            let gp = blk * L;
+            // SAFETY: gp < G*P; the slices are the pixel's dense offsets and masks.
+            let p = unsafe { res.resolve(bxy, offs, masks, gp) };
+            // Sampler::corners with mask 1 (the bilinear weights), times the mask for the input
+            // gradient.
+            let (hx, hy) = (_mm512_sub_ps(one, p.lx), _mm512_sub_ps(one, p.ly));
+            let wb = [
+                _mm512_mul_ps(hy, hx),
+                _mm512_mul_ps(hy, p.lx),
+                _mm512_mul_ps(p.ly, hx),
+                _mm512_mul_ps(p.ly, p.lx),
+            ];
+            let (xl, xh) = (
+                _mm512_cmpge_epi32_mask(p.x0, zero_i),
+                _mm512_cmplt_epi32_mask(p.x0, wi1),
+            );
+            let (yl, yh) = (
+                p.valid & _mm512_cmpge_epi32_mask(p.y0, zero_i),
+                p.valid & _mm512_cmplt_epi32_mask(p.y0, hi1),
+            );
+            *lane = [p.valid, yl & xl, yl & xh, yh & xl, yh & xh];
+            // The window's first element (i32: the caller checked H*W*C < 2^31).
+            let ustart = _mm512_add_epi32(
+                _mm512_add_epi32(
+                    _mm512_mullo_epi32(p.y0, wrow_v),
+                    _mm512_mullo_epi32(p.x0, ci_v),
+                ),
+                p.chan,
+            );
+            // SAFETY: every scratch row holds `stride` entries and gp + 16 <= stride.
+            unsafe {
+                _mm512_storeu_si512(ubase.as_mut_ptr().add(gp).cast(), ustart);
+                for (q, w) in wb.iter().enumerate() {
+                    let tq = _mm512_mul_ps(p.m, *w);
+                    _mm512_storeu_ps(taps.as_mut_ptr().add(q * stride + gp), tq);
+                }
+                _mm512_storeu_ps(lxs.as_mut_ptr().add(gp), p.lx);
+                _mm512_storeu_ps(lys.as_mut_ptr().add(gp), p.ly);
+                _mm512_storeu_ps(ms.as_mut_ptr().add(gp), p.m);
+            }
+        }
+        let gi = gin.as_mut_ptr();
+        for grp in 0..g.group {
+            // SAFETY: the pixel's grad_out row is grad_out[pix*c..(pix+1)*c] (the caller's
+            // contract), and the group's channels are [grp*cg, (grp+1)*cg).
+            let go = unsafe { grad_out.as_ptr().add(pix * c + grp * cg) };
+            for t in grp * np..(grp + 1) * np {
+                let lane = &lanes[t / L];
+                let bit = 1 << (t % L);
+                let inside = [1, 2, 3, 4].map(|q| lane[q] & bit != 0);
+                // SAFETY: t < G*P <= stride; every scratch row holds `stride` entries; an inside
+                // corner is a pixel of the image and its group's channels [chan, chan + cg)
+                // with c0 + 16 <= cg (or the `tail` lanes of the last block), so its blocks lie
+                // in the image and in its gradient (the same length); `dots` holds 4 * stride
+                // floats.
+                unsafe {
+                    let u = *ubase.get_unchecked(t) as isize;
+                    let mut f = [_mm512_setzero_ps(); 4];
+                    for (q, fq) in f.iter_mut().enumerate() {
+                        *fq = _mm512_set1_ps(*taps.get_unchecked(q * stride + t));
+                    }
+                    let mut d = [_mm512_setzero_ps(); 4];
+                    let mut c0 = 0;
+                    while c0 + L <= cg {
+                        let ptrs = (img.add(c0), gi.add(c0));
+                        block_backward::<false>(
+                            ptrs,
+                            (u, steps),
+                            inside,
+                            go.add(c0),
+                            f,
+                            0xffff,
+                            &mut d,
+                        );
+                        c0 += L;
+                    }
+                    if c0 < cg {
+                        let ptrs = (img.add(c0), gi.add(c0));
+                        block_backward::<true>(
+                            ptrs,
+                            (u, steps),
+                            inside,
+                            go.add(c0),
+                            f,
+                            tail,
+                            &mut d,
+                        );
+                    }
+                    _mm_storeu_ps(dots.as_mut_ptr().add(4 * t), sum4(d));
+                }
+            }
+        }
+        for (blk, lane) in lanes.iter().enumerate() {
+            let gp = blk * L;
+            // SAFETY: dots holds 4 * stride floats (64 from 4 * gp), the other rows `stride`
+            // (16 from gp), gdxy 2 * stride (32 from 2 * gp).
+            unsafe {
+                let dp = dots.as_ptr().add(4 * gp);
+                let (a, b) = (_mm512_loadu_ps(dp), _mm512_loadu_ps(dp.add(16)));
+                let (cc, dd) = (_mm512_loadu_ps(dp.add(32)), _mm512_loadu_ps(dp.add(48)));
+                let (ab01, ab23) = (
+                    _mm512_permutex2var_ps(a, pick01, b),
+                    _mm512_permutex2var_ps(a, pick23, b),
+                );
+                let (cd01, cd23) = (
+                    _mm512_permutex2var_ps(cc, pick01, dd),
+                    _mm512_permutex2var_ps(cc, pick23, dd),
+                );
+                // d[k] of the 16 points (zero for a corner outside the image: never formed).
+                let d = [
+                    _mm512_permutex2var_ps(ab01, lo_halves, cd01),
+                    _mm512_permutex2var_ps(ab01, hi_halves, cd01),
+                    _mm512_permutex2var_ps(ab23, lo_halves, cd23),
+                    _mm512_permutex2var_ps(ab23, hi_halves, cd23),
+                ];
+                let lx = _mm512_loadu_ps(lxs.as_ptr().add(gp));
+                let ly = _mm512_loadu_ps(lys.as_ptr().add(gp));
+                let m = _mm512_loadu_ps(ms.as_ptr().add(gp));
+                let (hx, hy) = (_mm512_sub_ps(one, lx), _mm512_sub_ps(one, ly));
+                let wb = [
+                    _mm512_mul_ps(hy, hx),
+                    _mm512_mul_ps(hy, lx),
+                    _mm512_mul_ps(ly, hx),
+                    _mm512_mul_ps(ly, lx),
+                ];
+                let gm = _mm512_add_ps(
+                    _mm512_add_ps(
+                        _mm512_add_ps(_mm512_mul_ps(wb[0], d[0]), _mm512_mul_ps(wb[1], d[1])),
+                        _mm512_mul_ps(wb[2], d[2]),
+                    ),
+                    _mm512_mul_ps(wb[3], d[3]),
+                );
+                let ddx = _mm512_add_ps(
+                    _mm512_mul_ps(hy, _mm512_sub_ps(d[1], d[0])),
+                    _mm512_mul_ps(ly, _mm512_sub_ps(d[3], d[2])),
+                );
+                let ddy = _mm512_add_ps(
+                    _mm512_mul_ps(hx, _mm512_sub_ps(d[2], d[0])),
+                    _mm512_mul_ps(lx, _mm512_sub_ps(d[3], d[1])),
+                );
+                let msig = _mm512_mul_ps(m, sigma);
+                let valid = lane[0];
+                let gx = _mm512_maskz_mul_ps(valid, msig, ddx);
+                let gy = _mm512_maskz_mul_ps(valid, msig, ddy);
+                let gp2 = gdxy.as_mut_ptr().add(2 * gp);
+                _mm512_storeu_ps(gp2, _mm512_permutex2var_ps(gx, zip_lo, gy));
+                _mm512_storeu_ps(gp2.add(16), _mm512_permutex2var_ps(gx, zip_hi, gy));
+                _mm512_storeu_ps(gmsk.as_mut_ptr().add(gp), _mm512_maskz_mov_ps(valid, gm));
+            }
+        }
+        let goff_pix = &mut goff[k * lay.off_pixel..(k + 1) * lay.off_pixel];
+        let mut gmask_pix = gmask
+            .as_deref_mut()
+            .map(|m| &mut m[k * lay.mask_pixel..(k + 1) * lay.mask_pixel]);
+        for grp in 0..g.group {
+            let (oi, mi) = (lay.off_at(grp), lay.mask_at(grp));
+            let (src_o, src_m) = (
+                &gdxy[grp * 2 * np..(grp + 1) * 2 * np],
+                &gmsk[grp * np..(grp + 1) * np],
+            );
+            // SAFETY: AVX-512 F is enabled here; the destinations are the group's runs of the
+            // pixel's rows, as long as the sources (the layout's columns lie in the rows).
+            unsafe {
+                copy_lanes(src_o, &mut goff_pix[oi..oi + 2 * np]);
+                match gmask_pix.as_deref_mut() {
+                    Some(gm) => copy_lanes(src_m, &mut gm[mi..mi + np]),
+                    None => copy_lanes(src_m, &mut goff_pix[mi..mi + np]),
+                }
+            }
         }
     }
 }
