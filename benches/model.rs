@@ -95,6 +95,8 @@ impl candle_nn::var_builder::SimpleBackend for RandomVars {
 /// `RESULT train_t224_b8 <ms/img> <img/s> <rss MiB>` (one step = 8 images).
 fn run_train_case(name: &str) -> Result<()> {
     use candle_nn::Optimizer;
+    // As examples/finetune.rs: freed activations' memory is kept for the next step.
+    internimage::memory::retain_freed_memory();
     let batch = 8;
     let cfg = Config {
         drop_path_rate: 0.1,

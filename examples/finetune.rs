@@ -437,6 +437,9 @@ fn main() -> ExitCode {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
+    // Keep freed activations' memory for the next step instead of faulting it in again (glibc;
+    // a no-op elsewhere): ~7% less CPU time per step (README, "Training speed").
+    internimage::memory::retain_freed_memory();
     // Bad arguments: clap prints the error and exits with status 2; --help exits with 0.
     let args = Args::parse();
     match run(&args) {

@@ -92,6 +92,7 @@ pub mod error;
 #[cfg(feature = "hub")]
 pub mod hub;
 pub mod labels;
+pub mod memory;
 pub mod model;
 pub mod ops;
 pub mod optim;
