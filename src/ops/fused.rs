@@ -191,8 +191,31 @@ fn ln_backward_rows_generic<const FMA: bool>(
     {
         let mean = sum_lanes(x) * inv_c;
         let rstd = 1.0 / (sq_dev_lanes::<FMA>(x, mean) * inv_c + eps).sqrt();
-        let (mut a, mut b) = (0f32, 0f32);
-        for i in 0..c {
+        // sum(g*w) and sum(g*w*xhat) in LANES partial sums (a single running sum would be a
+        // serial chain the compiler may not reorder, so it would not vectorise).
+        let (mut pa, mut pb) = ([0f32; LANES], [0f32; LANES]);
+        let full = c / LANES * LANES;
+        let blocks = x[..full]
+            .chunks_exact(LANES)
+            .zip(g[..full].chunks_exact(LANES))
+            .zip(w[..full].chunks_exact(LANES))
+            .zip(
+                dw[..full]
+                    .chunks_exact_mut(LANES)
+                    .zip(db[..full].chunks_exact_mut(LANES)),
+            );
+        for (((x, g), w), (dw, db)) in blocks {
+            for l in 0..LANES {
+                let xhat = (x[l] - mean) * rstd;
+                let gw = g[l] * w[l];
+                pa[l] += gw;
+                pb[l] = fmadd::<FMA>(gw, xhat, pb[l]);
+                dw[l] = fmadd::<FMA>(g[l], xhat, dw[l]);
+                db[l] += g[l];
+            }
+        }
+        let (mut a, mut b) = (reduce_lanes(&pa), reduce_lanes(&pb));
+        for i in full..c {
             let xhat = (x[i] - mean) * rstd;
             let gw = g[i] * w[i];
             a += gw;
