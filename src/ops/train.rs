@@ -490,7 +490,7 @@ impl CustomOp3 for MlpOp {
             acc
         };
         let mut accs =
-            fold_row_blocks(m, rows, cin, need_x.then_some(&mut dx[..]), &new_acc, run).into_iter();
+            fold_row_blocks(m, rows, cin, need_x.then_some(&mut dx[..]), new_acc, run).into_iter();
         let mut total = accs.next().unwrap_or_else(&new_acc);
         let rest: Vec<_> = accs.collect();
         add_parts(&mut total.dw1, &rest, |a| &a.dw1);
@@ -791,7 +791,7 @@ impl CustomOp3 for PreNormMlpOp {
             acc
         };
         let mut accs =
-            fold_row_blocks(m, rows, c, need_x.then_some(&mut dx[..]), &new_acc, run).into_iter();
+            fold_row_blocks(m, rows, c, need_x.then_some(&mut dx[..]), new_acc, run).into_iter();
         let mut total = accs.next().unwrap_or_else(&new_acc);
         let rest: Vec<_> = accs.collect();
         add_parts(&mut total.dw1, &rest, |a| &a.dw1);
