@@ -135,6 +135,26 @@ fn dcnv3_grads(t: &[Tensor; 4], cfg: Dcnv3Config, isa: Isa) -> [Vec<f64>; 3] {
     vars.map(|v| to_f64_vec(grads.get(&v).unwrap()))
 }
 
+/// Gradients (input, offset_mask) of `sum(dcnv4(input, om) * grad_out)` through autograd with
+/// the kernels of `isa` (`t` as from `Problem::tensors`).
+fn dcnv4_grads(t: &[Tensor; 4], om: &Tensor, cfg: Dcnv3Config, isa: Isa) -> (Vec<f64>, Vec<f64>) {
+    let (vi, vom) = (
+        Var::from_tensor(&t[0]).unwrap(),
+        Var::from_tensor(om).unwrap(),
+    );
+    let out = vi.apply_op2(&vom, Dcnv4Op::with_isa(cfg, isa)).unwrap();
+    let grads = (out * &t[3])
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    (
+        to_f64_vec(grads.get(&vi).unwrap()),
+        to_f64_vec(grads.get(&vom).unwrap()),
+    )
+}
+
 /// `|got - want| <= atol + rtol*|want|` elementwise; panics naming `what` and the element.
 fn assert_close(got: &[f64], want: &[f64], (atol, rtol): (f64, f64), what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: length");
@@ -233,19 +253,7 @@ fn dcnv4_matches_dcnv3_on_every_isa() {
                     &format!("{what} out"),
                 );
                 let g3 = dcnv3_grads(&t, cfg, isa);
-                let (vi, vom) = (
-                    Var::from_tensor(&t[0]).unwrap(),
-                    Var::from_tensor(&om).unwrap(),
-                );
-                let out = vi.apply_op2(&vom, Dcnv4Op::with_isa(cfg, isa)).unwrap();
-                let grads = (out * &t[3])
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
-                    .unwrap();
-                let gi = to_f64_vec(grads.get(&vi).unwrap());
-                let gom = to_f64_vec(grads.get(&vom).unwrap());
+                let (gi, gom) = dcnv4_grads(&t, &om, cfg, isa);
                 assert_close(&gi, &g3[0], (1e-6, 1e-6), &format!("{what} grad_input"));
                 // Unpack the offset_mask gradient into DCNv3's two layouts.
                 let (mut go, mut gm) = (Vec::new(), Vec::new());
@@ -395,18 +403,7 @@ fn backward_on_tiny_images_and_split_ranges_on_every_isa() {
             {
                 assert_close(&g[k], &g_ref[k], (1e-3, 1e-3), &format!("{what} {name}"));
             }
-            let (vi, vom) = (
-                Var::from_tensor(&t[0]).unwrap(),
-                Var::from_tensor(&pb.offset_mask(DType::F32)).unwrap(),
-            );
-            let out = vi.apply_op2(&vom, Dcnv4Op::with_isa(cfg, isa)).unwrap();
-            let grads = (out * &t[3])
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let gi = to_f64_vec(grads.get(&vi).unwrap());
+            let (gi, _) = dcnv4_grads(&t, &pb.offset_mask(DType::F32), cfg, isa);
             assert_close(
                 &gi,
                 &g_ref[0],
