@@ -8,6 +8,7 @@
 
 mod common;
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use common::{dcnv3_reference, randn, to_f64_vec};
 use internimage::ops::dcnv3::{dcnv3_with, Dcnv3Config, Dcnv3Op};
@@ -119,6 +120,16 @@ fn policy(isa: Isa) -> KernelPolicy {
     KernelPolicy::with_isa(isa).unwrap()
 }
 
+/// The gradients of `sum(out * grad_out)`.
+fn backward_of(out: Tensor, grad_out: &Tensor) -> GradStore {
+    (out * grad_out)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap()
+}
+
 /// Gradients (input, offset, mask) of `sum(dcnv3(..) * grad_out)` through autograd with the
 /// kernels of `isa`.
 fn dcnv3_grads(t: &[Tensor; 4], cfg: Dcnv3Config, isa: Isa) -> [Vec<f64>; 3] {
@@ -126,12 +137,7 @@ fn dcnv3_grads(t: &[Tensor; 4], cfg: Dcnv3Config, isa: Isa) -> [Vec<f64>; 3] {
     let out = vars[0]
         .apply_op3(&vars[1], &vars[2], Dcnv3Op::with_isa(cfg, isa))
         .unwrap();
-    let grads = (out * &t[3])
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
+    let grads = backward_of(out, &t[3]);
     vars.map(|v| to_f64_vec(grads.get(&v).unwrap()))
 }
 
@@ -143,12 +149,7 @@ fn dcnv4_grads(t: &[Tensor; 4], om: &Tensor, cfg: Dcnv3Config, isa: Isa) -> (Vec
         Var::from_tensor(om).unwrap(),
     );
     let out = vi.apply_op2(&vom, Dcnv4Op::with_isa(cfg, isa)).unwrap();
-    let grads = (out * &t[3])
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
+    let grads = backward_of(out, &t[3]);
     (
         to_f64_vec(grads.get(&vi).unwrap()),
         to_f64_vec(grads.get(&vom).unwrap()),

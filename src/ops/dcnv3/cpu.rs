@@ -355,14 +355,27 @@ impl<F: Acc> Params<F> {
         dxy: &'a mut [F],
         msk: &'a mut [F],
     ) -> (&'a [F], &'a [F]) {
+        self.dense_args_with(px, dxy, msk, |src, dst| dst.copy_from_slice(src))
+    }
+
+    /// [`Params::dense_args`] with `copy(src, dst)` moving each group's run (`dst` as long as
+    /// `src`): the AVX-512 kernels pass masked vector moves.
+    #[inline(always)]
+    fn dense_args_with<'a>(
+        &self,
+        px: &Pixel<'a, F>,
+        dxy: &'a mut [F],
+        msk: &'a mut [F],
+        mut copy: impl FnMut(&[F], &mut [F]),
+    ) -> (&'a [F], &'a [F]) {
         let (gp_len, np) = (self.g.group * self.g.points, self.g.points);
         if self.lay.dense(&self.g) {
             return (&px.off[..2 * gp_len], &px.mask[..gp_len]);
         }
         for grp in 0..self.g.group {
             let (o, m) = self.group_args(px, grp);
-            dxy[grp * 2 * np..(grp + 1) * 2 * np].copy_from_slice(o);
-            msk[grp * np..(grp + 1) * np].copy_from_slice(m);
+            copy(o, &mut dxy[grp * 2 * np..(grp + 1) * 2 * np]);
+            copy(m, &mut msk[grp * np..(grp + 1) * np]);
         }
         (&dxy[..2 * gp_len], &msk[..gp_len])
     }
@@ -811,6 +824,12 @@ fn forward_chunk_dispatch<F: Acc>(
     }
 }
 
+/// Whether an image's element offsets (H*W*C) fit in i32, as the vectorised kernels' index
+/// arithmetic needs.
+fn image_fits_i32(g: &Dcnv3Geometry) -> bool {
+    g.h_in * g.w_in * g.channels < i32::MAX as usize
+}
+
 /// Whether the policy `isa` runs the AVX-512 kernels of `avx512.rs` (an AVX-512 family, on a
 /// CPU that has AVX-512 F/BW/VL/DQ).
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
@@ -995,7 +1014,7 @@ pub(crate) fn forward<F: Acc>(
     let prm = Params::<F>::new(cfg, g, lay);
     let chunk_px = pixels_per_task(g.out_pixels(), g.channels);
     // The branch-free kernel needs image offsets in i32.
-    let fits_i32 = g.h_in * g.w_in * g.channels < i32::MAX as usize;
+    let fits_i32 = image_fits_i32(g);
     // f32 on AVX-512 policies: the hand-written kernel of `avx512.rs` on a bordered copy. (f64
     // runs the AVX2 build: an auto-vectorised AVX-512 instantiation of the generic kernel was
     // measured slower than the AVX2 one, 0.571 against 0.521 ms at the stage-1 shape in f32.)
@@ -1235,8 +1254,7 @@ pub(crate) fn backward<F: Acc>(
     {
         // f32 on AVX-512 policies: the hand-written kernel of `avx512.rs` (i32 image offsets).
         let mut rows = rows;
-        let fits_i32 = g.h_in * g.w_in * g.channels < i32::MAX as usize;
-        if avx512_kernels(isa) && fits_i32 {
+        if avx512_kernels(isa) && image_fits_i32(g) {
             let p32 = (&prm as &dyn std::any::Any).downcast_ref::<Params<f32>>();
             if let (Some(p32), Some(i), Some(o), Some(m), Some(go), Some(gi), Some(r)) = (
                 p32,

@@ -16,7 +16,7 @@
 //! image without another pass. DCNv4 rows are copied into the dense point order with masked
 //! vector moves (a handful per group) instead of per-group `memcpy` calls.
 
-use super::{forward_pixel, Bordered, GradRows, Params, Pixel};
+use super::{forward_pixel, Bordered, GradRows, Params};
 use std::arch::x86_64::*;
 
 /// f32 lanes of a zmm register.
@@ -99,35 +99,6 @@ unsafe fn block<const MASKED: bool>(
     }
 }
 
-/// A pixel's G*P offset pairs and G*P masks as two dense runs: its rows themselves for DCNv3,
-/// else copied into `dxy` and `msk` (2*G*P and G*P floats) with masked vector moves.
-///
-/// # Safety
-/// The CPU supports AVX-512 F. (Inlined into the kernels, whose target features let the moves
-/// inline too.)
-#[inline(always)]
-unsafe fn point_args<'a>(
-    prm: &Params<f32>,
-    px: &Pixel<'a, f32>,
-    dxy: &'a mut [f32],
-    msk: &'a mut [f32],
-) -> (&'a [f32], &'a [f32]) {
-    let (gp_len, np) = (prm.g.group * prm.g.points, prm.g.points);
-    if prm.lay.dense(&prm.g) {
-        return (&px.off[..2 * gp_len], &px.mask[..gp_len]);
-    }
-    for grp in 0..prm.g.group {
-        let (o, m) = prm.group_args(px, grp);
-        // SAFETY: AVX-512 F is enabled here; the destinations are the group's runs of dxy
-        // (2*G*P) and msk (G*P), as long as the sources.
-        unsafe {
-            copy_lanes(o, &mut dxy[grp * 2 * np..(grp + 1) * 2 * np]);
-            copy_lanes(m, &mut msk[grp * np..(grp + 1) * np]);
-        }
-    }
-    (&dxy[..2 * gp_len], &msk[..gp_len])
-}
-
 /// The per-call tables and vector constants of point resolution, shared by the forward and the
 /// backward: the kernel grid and group channel offsets padded to whole vectors, and the image
 /// bounds.
@@ -198,9 +169,9 @@ impl Resolver {
         // Every window start is clamped into [0, lim] (a no-op for the starts computed in
         // `resolve`, which lie in the copy: a valid point's floor corner is in [-1, W-1] x
         // [-1, H-1], i.e. bordered column and row in [0, W] x [0, H], and its window the next
-        // column and row too), which is what lets the kernels read (and the backward write)
-        // their 2x2 windows of cg floats unchecked. `Bordered::for_avx512` checked that a
-        // bordered image's length fits in i32.
+        // column and row too), which is what lets the forward read its 2x2 windows of cg
+        // floats unchecked. `Bordered::for_avx512` checked that a bordered image's length fits
+        // in i32.
         let lim = bordered.map_or(0, |b| (b.image_len - row - c - cg) as i32);
         let one_i = _mm512_set1_epi32(1);
         // Lane l of (dx, dy) is element 2l (2l+1) of the pair (a, b) of 16-float loads.
@@ -358,8 +329,11 @@ pub(super) unsafe fn forward_chunk(
         let px = prm.pixel(first + k, input, offset, mask);
         let img = bordered.image((first + k) / hw_out);
         let bxy = (_mm512_set1_ps(px.bx), _mm512_set1_ps(px.by));
-        // SAFETY: AVX-512 is enabled here.
-        let (offs, masks) = unsafe { point_args(prm, &px, &mut dxy, &mut msk) };
+        // DCNv4 rows moved with masked vector moves (a closure here has this kernel's target
+        // features).
+        // SAFETY: AVX-512 F is enabled here; `dense_args_with` passes runs of equal length.
+        let copy = |src: &[f32], dst: &mut [f32]| unsafe { copy_lanes(src, dst) };
+        let (offs, masks) = prm.dense_args_with(&px, &mut dxy, &mut msk, copy);
         let mut gp = 0;
         while gp < res.gp_len {
             // SAFETY: gp < G*P; the slices are the pixel's dense offsets and masks.
@@ -565,8 +539,11 @@ pub(super) unsafe fn backward_range(
         let px = prm.pixel(pix, input, offset, mask);
         let img = px.img.as_ptr();
         let bxy = (_mm512_set1_ps(px.bx), _mm512_set1_ps(px.by));
-        // SAFETY: AVX-512 is enabled here.
-        let (offs, masks) = unsafe { point_args(prm, &px, &mut dxy, &mut msk) };
+        // DCNv4 rows moved with masked vector moves (a closure here has this kernel's target
+        // features).
+        // SAFETY: AVX-512 F is enabled here; `dense_args_with` passes runs of equal length.
+        let copy = |src: &[f32], dst: &mut [f32]| unsafe { copy_lanes(src, dst) };
+        let (offs, masks) = prm.dense_args_with(&px, &mut dxy, &mut msk, copy);
         for (blk, lane) in lanes.iter_mut().enumerate() {
             let gp = blk * L;
             // SAFETY: gp < G*P; the slices are the pixel's dense offsets and masks.
