@@ -509,6 +509,64 @@ pub(crate) fn mlp_packed(
         });
 }
 
+/// [`mlp_packed`] that also keeps the hidden pre-activations: `z` becomes `fc1(x)` (m, hidden),
+/// GELU applied per row block from it (for a training op's backward, which needs `z`).
+pub(crate) fn mlp_packed_keep(
+    x: Rows,
+    m: usize,
+    fc1: &PackedWeight,
+    fc2: &PackedWeight,
+    z: &mut Vec<f32>,
+    y: &mut [MaybeUninit<f32>],
+) {
+    let (hid, cout) = (fc1.n, fc2.n);
+    assert!(
+        fc2.k == hid && x.len() >= m * fc1.k && y.len() >= m * cout,
+        "mlp_packed_keep: operand sizes"
+    );
+    z.clear();
+    z.reserve(m * hid);
+    if m == 0 {
+        return;
+    }
+    let threads = rayon::current_num_threads().max(1);
+    let mr = fc1.family.mr();
+    let rows = mlp_block_rows(fc1).min(m.div_ceil(2 * threads).div_ceil(mr) * mr);
+    let out = OutPtr(y.as_mut_ptr().cast::<f32>());
+    z.spare_capacity_mut()[..m * hid]
+        .par_chunks_mut(rows * hid)
+        .enumerate()
+        .for_each_init(Vec::<f32>::new, |h, (b, zb)| {
+            let r0 = b * rows;
+            let r1 = (r0 + rows).min(m);
+            let mr = r1 - r0;
+            h.resize(mr * hid, 0.0);
+            // SAFETY: zb is this block's (mr, hid) run of z; the output rows r0..r1 belong to
+            // this block only and y holds m * cout values (asserted above).
+            unsafe {
+                let xb = x.slice(r0 * fc1.k..r1 * fc1.k);
+                let zp = zb.as_mut_ptr().cast::<f32>();
+                block(xb, 0, mr, fc1, 0, fc1.panels(), zp, hid, false);
+                // `block` wrote all of zb.
+                let zb = std::slice::from_raw_parts(zp, mr * hid);
+                super::gelu::gelu_into(fc1.isa, zb, super::as_out(h));
+                block(
+                    Rows::F32(h),
+                    0,
+                    mr,
+                    fc2,
+                    0,
+                    fc2.panels(),
+                    out.get().add(r0 * cout),
+                    cout,
+                    false,
+                );
+            }
+        });
+    // SAFETY: the blocks' runs of z cover its first m * hid values, each written by `block`.
+    unsafe { z.set_len(m * hid) };
+}
+
 /// A row normalisation: whole rows of `src` into `dst` (every value written).
 pub(crate) type RowNorm<'a> = dyn Fn(&[f32], &mut [MaybeUninit<f32>]) + Sync + 'a;
 
@@ -1409,6 +1467,21 @@ mod tests {
             unsafe { y.set_len(m * c) };
             for (a, e) in y.iter().zip(&r) {
                 assert!((a - e).abs() <= 1e-5 * (1.0 + e.abs()), "{isa}: {a} vs {e}");
+            }
+            // Keeping the hidden pre-activations changes nothing in y, and z is fc1(x).
+            let (mut z, mut yk) = (Vec::new(), Vec::with_capacity(m * c));
+            let out = &mut yk.spare_capacity_mut()[..m * c];
+            mlp_packed_keep(Rows::F32(&x), m, &p1, &p2, &mut z, out);
+            // SAFETY: mlp_packed_keep writes all m * c values.
+            unsafe { yk.set_len(m * c) };
+            assert_eq!(yk, y, "{isa}: y with the hidden activations kept");
+            let z_ref = naive(&x, &w1, &b1, m, hid, c);
+            assert_eq!(z.len(), m * hid);
+            for (a, e) in z.iter().zip(&z_ref) {
+                assert!(
+                    (a - e).abs() <= 1e-5 * (1.0 + e.abs()),
+                    "{isa} z: {a} vs {e}"
+                );
             }
         }
     }

@@ -31,6 +31,13 @@ pub(crate) mod simd;
 use candle_core::Result;
 use std::fmt;
 
+/// `&mut [f32]` as the `MaybeUninit` output slice the CPU kernels write into.
+pub(crate) fn as_out(s: &mut [f32]) -> &mut [std::mem::MaybeUninit<f32>] {
+    // SAFETY: `MaybeUninit<f32>` has the layout of `f32`; the kernels given this slice only
+    // write initialised values into it (never `MaybeUninit::uninit()`), so `s` stays initialised.
+    unsafe { &mut *(s as *mut [f32] as *mut [std::mem::MaybeUninit<f32>]) }
+}
+
 /// A CPU instruction set the kernels have a path for, from the most portable to the widest.
 ///
 /// On x86-64 the order is `Portable < Avx2 < Avx512 < Avx512Bf16 < Amx`: each level includes

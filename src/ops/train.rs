@@ -17,14 +17,13 @@ use candle_core::{
     CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor,
 };
 use rayon::prelude::*;
-use std::mem::MaybeUninit;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use super::fused::{ln_backward_rows, ln_rows};
 use super::{contiguous_slice, written_zeros};
 use crate::cpu::gelu::{gelu_grad_f32, gelu_into};
 use crate::cpu::gemm::{gemm_tn_acc, linear_packed, linear_rows, PackedWeight, Rows};
-use crate::cpu::{Isa, KernelPolicy};
+use crate::cpu::{as_out, Isa, KernelPolicy};
 
 /// Whether the training kernels apply to `ts`: f32 CPU tensors under a fast policy.
 pub(crate) fn applies(policy: KernelPolicy, ts: &[&Tensor]) -> bool {
@@ -45,13 +44,6 @@ pub(crate) fn engages(policy: KernelPolicy, ts: &[&Tensor], extra: Option<&Tenso
 /// The f32 values of a contiguous CPU tensor's storage.
 fn values<'a>(storage: &'a Storage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
     super::cpu_f32_values(storage, layout, "training kernel", what)
-}
-
-/// `&mut [f32]` as the `MaybeUninit` output slice the CPU kernels write into.
-fn as_out(s: &mut [f32]) -> &mut [MaybeUninit<f32>] {
-    // SAFETY: `MaybeUninit<f32>` has the layout of `f32`; the kernels given this slice only
-    // write initialised values into it (never `MaybeUninit::uninit()`), so `s` stays initialised.
-    unsafe { &mut *(s as *mut [f32] as *mut [MaybeUninit<f32>]) }
 }
 
 /// Sums of the columns of a row-major (rows, n) matrix, added into `acc` (n).
@@ -592,10 +584,10 @@ pub(crate) fn mlp(
 /// `x + s[sample] * fc2(gelu(fc1(layer_norm(x))))` over (..., c) rows (`s` the optional
 /// stochastic-depth scale per sample of the leading dim). The parameters come as two flat
 /// tensors `p1 = [w1 (hid, c), b1 (hid), ln weight (c), ln bias (c)]` and
-/// `p2 = [w2 (c, hid), b2 (c) when bias2]`. Only `x` is kept for the backward, which recomputes
-/// the normalised rows and the hidden activations block by block; the graph holds one node where
-/// LayerNorm, MLP and residual took three (each costing the backward a zero-filled gradient and
-/// an add of the activations).
+/// `p2 = [w2 (c, hid), b2 (c) when bias2]`. The backward recomputes the normalised rows block by
+/// block, and the hidden activations too unless the forward kept them (see
+/// [`KEEP_HIDDEN_BYTES`]); the graph holds one node where LayerNorm, MLP and residual took three
+/// (each costing the backward a zero-filled gradient and an add of the activations).
 struct PreNormMlpOp {
     isa: Isa,
     c: usize,
@@ -603,6 +595,25 @@ struct PreNormMlpOp {
     bias2: bool,
     eps: f32,
     scale: Option<Arc<Vec<f32>>>,
+    /// The largest hidden tensor (bytes) the forward keeps ([`KEEP_HIDDEN_BYTES`]).
+    keep_bytes: usize,
+    /// The forward's hidden pre-activations `fc1(ln(x))` (m, hid), when small enough to keep.
+    hidden: OnceLock<Vec<f32>>,
+}
+
+/// The largest hidden-activation tensor (bytes) a training MLP op keeps for its backward; larger
+/// ones are recomputed there. Every InternImage block has about the same MLP FLOPs (C doubles
+/// where H*W quarters), while its hidden tensor shrinks 2x per stage: keeping the small ones
+/// buys most of the recompute's FLOPs for little memory. At InternImage-T, 224, batch 8: stages
+/// 3 and 4 (6.4 and 3.2 MB per block, 22 of 30 blocks, 128 MB in all) keep them, stages 1 and 2
+/// (25.7 and 12.8 MB) recompute.
+const KEEP_HIDDEN_BYTES: usize = 8 << 20;
+
+/// The hidden pre-activations of an MLP backward: kept by the forward, or recomputed per row
+/// block with the packed fc1.
+enum Hidden<'a> {
+    Kept(&'a [f32]),
+    Recompute(PackedWeight),
 }
 
 /// Per-thread state of the pre-norm MLP backward: parameter-gradient partial sums and row-block
@@ -685,14 +696,16 @@ impl CustomOp3 for PreNormMlpOp {
         // in all) paired one to one with x's, and `ln_rows` writes every value of its chunk.
         unsafe { xn.set_len(m * c) };
         let mut y = Vec::with_capacity(m * c);
-        crate::cpu::gemm::mlp_packed(
-            Rows::F32(&xn),
-            m,
-            &fc1,
-            &fc2,
-            &mut y.spare_capacity_mut()[..m * c],
-        );
-        // SAFETY: `mlp_packed` writes all m * c values.
+        let out = &mut y.spare_capacity_mut()[..m * c];
+        if m * hid * std::mem::size_of::<f32>() <= self.keep_bytes {
+            let mut z = Vec::with_capacity(m * hid);
+            crate::cpu::gemm::mlp_packed_keep(Rows::F32(&xn), m, &fc1, &fc2, &mut z, out);
+            // `cpu_fwd` runs once per op value; a second run would compute the same values.
+            let _ = self.hidden.set(z);
+        } else {
+            crate::cpu::gemm::mlp_packed(Rows::F32(&xn), m, &fc1, &fc2, out);
+        }
+        // SAFETY: `mlp_packed` and `mlp_packed_keep` write all m * c values.
         unsafe { y.set_len(m * c) };
         drop(xn);
         y.par_chunks_mut(task)
@@ -743,7 +756,13 @@ impl CustomOp3 for PreNormMlpOp {
         let (lnw, lnb) = rest.split_at(c);
         let w2 = &pv2[..c * hid];
         let err = || candle_core::Error::msg("prenorm mlp backward: empty layer");
-        let fc1 = PackedWeight::new(isa, w1, Some(b1), hid, c).ok_or_else(err)?;
+        // The kept hidden pre-activations, else fc1 to recompute them.
+        let hidden = match self.hidden.get().filter(|z| z.len() == m * hid) {
+            Some(z) => Hidden::Kept(z),
+            None => {
+                Hidden::Recompute(PackedWeight::new(isa, w1, Some(b1), hid, c).ok_or_else(err)?)
+            }
+        };
         let fc2t = PackedWeight::new_transposed(isa, w2, hid, c).ok_or_else(err)?;
         let fc1t = PackedWeight::new_transposed(isa, w1, c, hid).ok_or_else(err)?;
         let rows = (32_768 / hid.max(1)).clamp(64, 512);
@@ -770,14 +789,20 @@ impl CustomOp3 for PreNormMlpOp {
             let xb = &xv[r0 * c..r1 * c];
             let gb = &gv[r0 * c..r1 * c];
             acc.xn.resize(rb * c, 0.0);
-            acc.z.resize(rb * hid, 0.0);
             acc.h.resize(rb * hid, 0.0);
             acc.dh.resize(rb * hid, 0.0);
             acc.gm.resize(rb * c, 0.0);
             acc.dxn.resize(rb * c, 0.0);
             ln_rows(isa, xb, as_out(&mut acc.xn), lnw, lnb, self.eps);
-            linear_rows(&acc.xn, &fc1, false, &mut acc.z);
-            gelu_into(isa, &acc.z, as_out(&mut acc.h));
+            let z = match &hidden {
+                Hidden::Kept(z) => &z[r0 * hid..r1 * hid],
+                Hidden::Recompute(fc1) => {
+                    acc.z.resize(rb * hid, 0.0);
+                    linear_rows(&acc.xn, fc1, false, &mut acc.z);
+                    &acc.z[..]
+                }
+            };
+            gelu_into(isa, z, as_out(&mut acc.h));
             // The gradient of the MLP output: the block's, scaled per sample.
             for (i, (d, s)) in acc
                 .gm
@@ -794,7 +819,7 @@ impl CustomOp3 for PreNormMlpOp {
             add_col_sums(&acc.gm, c, &mut acc.db2);
             linear_rows(&acc.gm, &fc2t, false, &mut acc.dh);
             // dz = dh * gelu'(z), into h (no longer needed).
-            gelu_grad_f32(isa, &acc.z, &acc.dh, as_out(&mut acc.h));
+            gelu_grad_f32(isa, z, &acc.dh, as_out(&mut acc.h));
             gemm_tn_acc(rb, hid, c, &acc.h, &acc.xn, &mut acc.dw1);
             add_col_sums(&acc.h, hid, &mut acc.db1);
             linear_rows(&acc.h, &fc1t, false, &mut acc.dxn);
@@ -864,6 +889,27 @@ pub(crate) fn prenorm_mlp_residual(
     sample_scale: Option<Vec<f32>>,
     isa: Isa,
 ) -> Result<Tensor> {
+    prenorm_mlp_residual_keeping(
+        xs,
+        ln,
+        (w1, b1),
+        (w2, b2),
+        sample_scale,
+        isa,
+        KEEP_HIDDEN_BYTES,
+    )
+}
+
+/// [`prenorm_mlp_residual`] keeping hidden tensors of at most `keep_bytes` for the backward.
+fn prenorm_mlp_residual_keeping(
+    xs: &Tensor,
+    ln: (&Tensor, &Tensor, f64),
+    (w1, b1): (&Tensor, &Tensor),
+    (w2, b2): (&Tensor, Option<&Tensor>),
+    sample_scale: Option<Vec<f32>>,
+    isa: Isa,
+    keep_bytes: usize,
+) -> Result<Tensor> {
     let (hid, c) = w1.dims2()?;
     let (cout, hid2) = w2.dims2()?;
     let (lnw, lnb, eps) = ln;
@@ -904,6 +950,8 @@ pub(crate) fn prenorm_mlp_residual(
         bias2: b2.is_some(),
         eps: eps as f32,
         scale: sample_scale.map(Arc::new),
+        keep_bytes,
+        hidden: OnceLock::new(),
     };
     xs.contiguous()?.apply_op3(&p1, &p2, op)
 }
@@ -1222,19 +1270,23 @@ mod tests {
         let lw = Var::from_tensor(&(Tensor::randn(0f32, 0.1, c, &dev)? + 1.0)?)?;
         let lb = v(&[c], 0.1)?;
         let r = Tensor::randn(0f32, 1., (3, 13, 11, c), &dev)?;
-        for (bias2, scale) in [
-            (true, Some(vec![1.25f32, 0.0, 1.25])),
-            (false, None),
-            (true, None),
+        // Hidden activations kept by the forward (usize::MAX) and recomputed by the backward (0).
+        for (bias2, scale, keep) in [
+            (true, Some(vec![1.25f32, 0.0, 1.25]), usize::MAX),
+            (true, Some(vec![1.25f32, 0.0, 1.25]), 0),
+            (false, None, usize::MAX),
+            (false, None, 0),
+            (true, None, 0),
         ] {
             let b2o = bias2.then(|| b2.as_tensor());
-            let ours = prenorm_mlp_residual(
+            let ours = prenorm_mlp_residual_keeping(
                 x.as_tensor(),
                 (lw.as_tensor(), lb.as_tensor(), 1e-6),
                 (w1.as_tensor(), b1.as_tensor()),
                 (w2.as_tensor(), b2o),
                 scale.clone(),
                 isa,
+                keep,
             )?;
             // Reference: candle tensor ops throughout.
             let xt = x.as_tensor();
@@ -1269,7 +1321,10 @@ mod tests {
                 match (ga.get(v.as_tensor()), gb.get(v.as_tensor())) {
                     (Some(a), Some(b)) => {
                         let d = rel_diff(a, b);
-                        assert!(d < 1e-4, "{name} gradient differs by {d} (bias2 {bias2})")
+                        assert!(
+                            d < 1e-4,
+                            "{name} gradient differs by {d} (bias2 {bias2}, keep {keep})"
+                        )
                     }
                     _ => panic!("missing gradient of {name}"),
                 }
