@@ -185,6 +185,11 @@ impl Dcnv3Layer {
 
     /// Offset/mask features: depthwise conv, LayerNorm, GELU (NHWC).
     fn offset_features(&self, xs: &Tensor) -> Result<Tensor> {
+        // Training on the CPU: the three layers as one op (see `forward_norm_gelu_train`).
+        let norm = self.dw_norm.params();
+        if let Some(f) = self.dw_conv.forward_norm_gelu_train(xs, norm)? {
+            return Ok(f);
+        }
         let f = self.dw_conv.forward(xs)?;
         let f = self.dw_norm.forward(&f.contiguous()?)?;
         gelu_erf_with(&f, self.policy)

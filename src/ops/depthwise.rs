@@ -7,14 +7,16 @@
 //! times per-channel weights (plain tensor ops, which run on the GPU).
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
 use half::{bf16, f16, slice::HalfFloatSliceExt};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
 use super::contiguous_slice;
+use super::fused::{ln_backward_rows, ln_rows};
+use crate::cpu::gelu::{gelu_grad_f32, gelu_into};
 use crate::cpu::simd::{dispatch, fmadd};
-use crate::cpu::{Isa, KernelPolicy};
+use crate::cpu::{as_out, Isa, KernelPolicy};
 
 /// The operator name in the CPU kernel's errors.
 const OP: &str = "depthwise conv";
@@ -136,6 +138,44 @@ impl DepthwiseConv2dNhwc {
             }
         }
         Ok(acc)
+    }
+}
+
+impl DepthwiseConv2dNhwc {
+    /// `gelu(layer_norm(self(xs)))` (norm = weight, bias, eps over C) as one training op when
+    /// something tracks a gradient and the CPU training kernels apply (f32 on the CPU, fast
+    /// policy): see [`DwNormGeluOp`]. `Ok(None)` otherwise: the caller runs the three layers.
+    pub(crate) fn forward_norm_gelu_train(
+        &self,
+        xs: &Tensor,
+        (weight, bias, eps): (&Tensor, &Tensor, f64),
+    ) -> Result<Option<Tensor>> {
+        let c = self.channels;
+        let trains = self.trainable.is_some() || super::tracks_grad(&[xs, weight, bias]);
+        let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+        let fits = xs.rank() == 4
+            && xs.dim(3)? == c
+            && weight.dims() == [c]
+            && bias.dims() == [c]
+            && [xs, weight, bias].into_iter().all(f32_cpu);
+        if !trains || !fits || !self.policy.is_fast() {
+            return Ok(None);
+        }
+        let taps = self.taps()?;
+        if taps.dtype() != DType::F32 {
+            return Ok(None);
+        }
+        let norm = Tensor::cat(&[weight, bias], 0)?;
+        let op = DwNormGeluOp {
+            kh: self.kh,
+            kw: self.kw,
+            pad: self.pad,
+            eps: eps as f32,
+            isa: self.policy.isa(),
+        };
+        xs.contiguous()?
+            .apply_op3(&taps.contiguous()?, &norm, op)
+            .map(Some)
     }
 }
 
@@ -557,51 +597,313 @@ impl CustomOp2 for DwTrainOp {
         cpu(&gt)?;
         let (gs, gl) = gt.storage_and_layout();
         let gv = super::cpu_f32_values(&gs, gl, OP, "gradient")?;
-        let (img_in, img_out) = (h * w * c, ho * wo * c);
-        let dx = if need_x && img_in > 0 {
-            let (ts, tl) = tt.storage_and_layout();
-            let tv = super::cpu_f32_values(&ts, tl, OP, "taps")?;
-            let mut dx = vec![0f32; n * img_in];
-            dx.par_chunks_mut(w * c).enumerate().for_each(|(r, out)| {
-                let (b, ih) = (r / h, r % h);
-                let g = &gv[b * img_out..(b + 1) * img_out];
-                dw_input_grad_row(self.isa, g, tv, &geom, ho, ih, out);
-            });
-            Some(Tensor::from_vec(dx, (n, h, w, c), x.device())?)
-        } else {
-            None
+        let (xs, xl) = xt.storage_and_layout();
+        let xv = super::cpu_f32_values(&xs, xl, OP, "input")?;
+        let (ts, tl) = tt.storage_and_layout();
+        let tv = super::cpu_f32_values(&ts, tl, OP, "taps")?;
+        let (dx, dtaps) = dw_backward(self.isa, &geom, (n, ho), (xv, tv, gv), (need_x, need_w));
+        let dx = dx
+            .map(|v| Tensor::from_vec(v, (n, h, w, c), x.device()))
+            .transpose()?;
+        let dtaps = dtaps
+            .map(|v| Tensor::from_vec(v, (self.kh * self.kw + 1, c), x.device()))
+            .transpose()?;
+        Ok((dx, dtaps))
+    }
+}
+
+/// The gradients of a depthwise convolution (`geom`, `n` images of `ho` output rows) of input `x`
+/// with `taps` ((kh * kw + 1, C), bias row last) for the output gradient `g`: the input's (when
+/// `need_x`) and the taps' (when `need_w`), both f32.
+fn dw_backward(
+    isa: Isa,
+    geom: &Geom,
+    (n, ho): (usize, usize),
+    (x, taps, g): (&[f32], &[f32], &[f32]),
+    (need_x, need_w): (bool, bool),
+) -> (Option<Vec<f32>>, Option<Vec<f32>>) {
+    let (c, w) = (geom.c, geom.w);
+    let (img_in, img_out) = (geom.h * w * c, ho * geom.wo * c);
+    let dx = (need_x && img_in > 0).then(|| {
+        let mut dx = vec![0f32; n * img_in];
+        dx.par_chunks_mut(w * c).enumerate().for_each(|(r, out)| {
+            let (b, ih) = (r / geom.h, r % geom.h);
+            let gi = &g[b * img_out..(b + 1) * img_out];
+            dw_input_grad_row(isa, gi, taps, geom, ho, ih, out);
+        });
+        dx
+    });
+    let dtaps = (need_w && img_out > 0).then(|| {
+        let len = (geom.kh * geom.kw + 1) * c;
+        let parts: Vec<Vec<f32>> = g
+            .par_chunks(geom.wo * c)
+            .enumerate()
+            .fold(
+                || vec![0f32; len],
+                |mut acc, (r, grow)| {
+                    let (b, oh) = (r / ho, r % ho);
+                    let img = &x[b * img_in..(b + 1) * img_in];
+                    dw_weight_grad_row(isa, img, grow, geom, oh, &mut acc);
+                    acc
+                },
+            )
+            .collect();
+        let mut total = vec![0f32; len];
+        for p in &parts {
+            for (t, v) in total.iter_mut().zip(p) {
+                *t += v;
+            }
+        }
+        total
+    });
+    (dx, dtaps)
+}
+
+/// The offset branch's `gelu(layer_norm(dw_conv(x)))` for training, as one op: input
+/// (N, H, W, C) f32, taps + bias (kh * kw + 1, C) and the norm's weight and bias as one (2 * C)
+/// tensor. Only the input is kept: the backward recomputes the convolution's output and the
+/// normalised values (cheap, element-wise work), where three ops kept both tensors and cost the
+/// backward a zero-filled gradient and an add of each.
+struct DwNormGeluOp {
+    kh: usize,
+    kw: usize,
+    pad: usize,
+    eps: f32,
+    isa: Isa,
+}
+
+impl DwNormGeluOp {
+    /// The geometry and the output rows, after checking the operands' shapes.
+    fn geometry(&self, x: &Layout, taps: &Layout, norm: &Layout) -> Result<(Geom, usize, usize)> {
+        let (n, h, w, c) = x.shape().dims4()?;
+        if taps.dims() != [self.kh * self.kw + 1, c] || norm.dims() != [2 * c] {
+            candle_core::bail!(
+                "depthwise conv + norm: taps {:?} and norm {:?} do not fit {c} channels",
+                taps.dims(),
+                norm.dims()
+            );
+        }
+        let (k, p) = ((self.kh, self.kw), (self.pad, self.pad));
+        let (ho, wo) = super::window_out_size(OP, (h, w), k, (1, 1), p)?;
+        let geom = Geom {
+            h,
+            w,
+            c,
+            wo,
+            kh: self.kh,
+            kw: self.kw,
+            pad: self.pad,
         };
-        let dtaps = if need_w && img_out > 0 {
-            let (xs, xl) = xt.storage_and_layout();
-            let xv = super::cpu_f32_values(&xs, xl, OP, "input")?;
-            let len = (self.kh * self.kw + 1) * c;
-            let parts: Vec<Vec<f32>> = gv
-                .par_chunks(wo * c)
-                .enumerate()
-                .fold(
-                    || vec![0f32; len],
-                    |mut acc, (r, grow)| {
-                        let (b, oh) = (r / ho, r % ho);
-                        let img = &xv[b * img_in..(b + 1) * img_in];
-                        dw_weight_grad_row(self.isa, img, grow, &geom, oh, &mut acc);
-                        acc
-                    },
-                )
-                .collect();
-            let mut total = vec![0f32; len];
-            for p in &parts {
-                for (t, v) in total.iter_mut().zip(p) {
-                    *t += v;
+        Ok((geom, n, ho))
+    }
+}
+
+/// Rows per task of the element-wise passes of [`DwNormGeluOp`]: about 16K values.
+fn rows_per_task(c: usize) -> usize {
+    (16 * 1024 / c.max(1)).max(1)
+}
+
+impl CustomOp3 for DwNormGeluOp {
+    fn name(&self) -> &'static str {
+        "internimage-depthwise-norm-gelu-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (geom, n, ho) = self.geometry(l1, l2, l3)?;
+        let x = contiguous_slice::<f32>(s1, l1, OP, "input")?;
+        let taps = contiguous_slice::<f32>(s2, l2, OP, "packed weights")?;
+        let (lnw, lnb) = contiguous_slice::<f32>(s3, l3, OP, "norm")?.split_at(geom.c);
+        let mut y = dw_f32_vec(self.isa, x, taps, &geom, n, ho)?;
+        let task = rows_per_task(geom.c) * geom.c;
+        y.par_chunks_mut(task).for_each_init(Vec::new, |t, y| {
+            t.resize(y.len(), 0f32);
+            ln_rows(self.isa, y, as_out(t), lnw, lnb, self.eps);
+            gelu_into(self.isa, t, as_out(y));
+        });
+        Ok((CpuStorage::F32(y), Shape::from((n, ho, geom.wo, geom.c))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        taps: &Tensor,
+        norm: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (need_x, need_w, need_n) = (x.track_op(), taps.track_op(), norm.track_op());
+        let (xt, tt, nt, gt) = (
+            x.contiguous()?,
+            taps.contiguous()?,
+            norm.contiguous()?,
+            grad.contiguous()?,
+        );
+        let (xs, xl) = xt.storage_and_layout();
+        let (ts, tl) = tt.storage_and_layout();
+        let (ns, nl) = nt.storage_and_layout();
+        let (gs, gl) = gt.storage_and_layout();
+        let (geom, n, ho) = self.geometry(xl, tl, nl)?;
+        let xv = super::cpu_f32_values(&xs, xl, OP, "input")?;
+        let tv = super::cpu_f32_values(&ts, tl, OP, "taps")?;
+        let (lnw, lnb) = super::cpu_f32_values(&ns, nl, OP, "norm")?.split_at(geom.c);
+        let gv = super::cpu_f32_values(&gs, gl, OP, "gradient")?;
+        let c = geom.c;
+        // The convolution's output again, then per row block: the normalised rows, the GELU's
+        // gradient into them, the LayerNorm's backward (per-task weight and bias sums).
+        let f = dw_f32_vec(self.isa, xv, tv, &geom, n, ho)?;
+        if gv.len() != f.len() {
+            candle_core::bail!("{OP}: gradient of {} values for {}", gv.len(), f.len())
+        }
+        let mut df = super::try_output_vec::<f32>(OP, &[n, ho, geom.wo, c])?;
+        let task = rows_per_task(c) * c;
+        let sums: Vec<Vec<f32>> = df.spare_capacity_mut()[..f.len()]
+            .par_chunks_mut(task)
+            .zip(f.par_chunks(task).zip(gv.par_chunks(task)))
+            .fold(
+                || (vec![0f32; 2 * c], Vec::new(), Vec::new()),
+                |(mut acc, mut z, mut dz), (df, (f, g))| {
+                    z.resize(f.len(), 0f32);
+                    dz.resize(f.len(), 0f32);
+                    ln_rows(self.isa, f, as_out(&mut z), lnw, lnb, self.eps);
+                    gelu_grad_f32(self.isa, &z, g, as_out(&mut dz));
+                    let (dw, db) = acc.split_at_mut(c);
+                    ln_backward_rows(self.isa, f, &dz, lnw, self.eps, df, dw, db);
+                    (acc, z, dz)
+                },
+            )
+            .map(|(acc, _, _)| acc)
+            .collect();
+        // SAFETY: the chunks of df's first f.len() values pair one to one with f's, and
+        // `ln_backward_rows` writes every value of its chunk.
+        unsafe { df.set_len(f.len()) };
+        drop(f);
+        let (dx, dtaps) = dw_backward(self.isa, &geom, (n, ho), (xv, tv, &df), (need_x, need_w));
+        let dev = x.device();
+        let dx = dx
+            .map(|v| Tensor::from_vec(v, xl.shape().clone(), dev))
+            .transpose()?;
+        let dtaps = dtaps
+            .map(|v| Tensor::from_vec(v, tl.shape().clone(), dev))
+            .transpose()?;
+        let dnorm = need_n
+            .then(|| {
+                let mut total = vec![0f32; 2 * c];
+                for p in &sums {
+                    for (t, v) in total.iter_mut().zip(p) {
+                        *t += v;
+                    }
+                }
+                Tensor::from_vec(total, 2 * c, dev)
+            })
+            .transpose()?;
+        Ok((dx, dtaps, dnorm))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        let s = b
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        d.to_scalar::<f32>().unwrap() / s.max(1e-12)
+    }
+
+    /// The fused training op against the three layers on the reference policy (candle ops):
+    /// values and every gradient, on every ISA the CPU has, 3x3 and 5x5 taps.
+    #[test]
+    fn norm_gelu_training_op_matches_the_three_layers() -> Result<()> {
+        let dev = Device::Cpu;
+        let c = 24;
+        for (k, pad) in [(3usize, 1usize), (5, 2)] {
+            let v = |shape: &[usize], s: f64, mean: f64| -> Result<Var> {
+                Var::from_tensor(&((Tensor::randn(0f32, 1., shape, &dev)? * s)? + mean)?)
+            };
+            let x = v(&[2, 7, 9, c], 1.0, 0.0)?;
+            let w = v(&[c, 1, k, k], 0.3, 0.0)?;
+            let b = v(&[c], 0.1, 0.0)?;
+            let lw = v(&[c], 0.1, 1.0)?;
+            let lb = v(&[c], 0.1, 0.0)?;
+            let r = Tensor::randn(0f32, 1., (2, 7, 9, c), &dev)?;
+            let reference = KernelPolicy::reference();
+            let dw = DepthwiseConv2dNhwc::with_policy(
+                w.as_tensor(),
+                Some(b.as_tensor()),
+                pad,
+                reference,
+            )?;
+            let f = dw.forward(x.as_tensor())?;
+            let f = crate::ops::fused::layer_norm_last_dim_with(
+                &f,
+                lw.as_tensor(),
+                lb.as_tensor(),
+                1e-6,
+                reference,
+            )?;
+            let want = crate::ops::activation::gelu_erf_with(&f, reference)?;
+            let gb = (&want * &r)?.sum_all()?.backward()?;
+            for isa in Isa::supported() {
+                let policy = KernelPolicy::with_isa(isa)?;
+                let dw = DepthwiseConv2dNhwc::with_policy(
+                    w.as_tensor(),
+                    Some(b.as_tensor()),
+                    pad,
+                    policy,
+                )?;
+                let norm = (lw.as_tensor(), lb.as_tensor(), 1e-6);
+                let ours = dw
+                    .forward_norm_gelu_train(x.as_tensor(), norm)?
+                    .expect("the training op applies to f32 CPU Vars");
+                assert!(
+                    rel_diff(&ours, &want) < 1e-5,
+                    "{isa} {k}x{k}: forward differs"
+                );
+                let ga = (&ours * &r)?.sum_all()?.backward()?;
+                for (name, t) in [
+                    ("x", &x),
+                    ("weight", &w),
+                    ("bias", &b),
+                    ("ln w", &lw),
+                    ("ln b", &lb),
+                ] {
+                    let (a, e) = (ga.get(t.as_tensor()), gb.get(t.as_tensor()));
+                    let (Some(a), Some(e)) = (a, e) else {
+                        panic!("{isa} {k}x{k}: missing gradient of {name}")
+                    };
+                    let d = rel_diff(a, e);
+                    assert!(d < 1e-4, "{isa} {k}x{k}: {name} gradient differs by {d}");
                 }
             }
-            Some(Tensor::from_vec(
-                total,
-                (self.kh * self.kw + 1, c),
-                x.device(),
-            )?)
-        } else {
-            None
-        };
-        Ok((dx, dtaps))
+        }
+        // Nothing tracks a gradient: the caller runs the inference layers.
+        let dw = DepthwiseConv2dNhwc::with_policy(
+            &Tensor::ones((c, 1, 3, 3), DType::F32, &dev)?,
+            None,
+            1,
+            KernelPolicy::fast(),
+        )?;
+        let (lw, lb) = (
+            Tensor::ones(c, DType::F32, &dev)?,
+            Tensor::zeros(c, DType::F32, &dev)?,
+        );
+        let x = Tensor::ones((1, 4, 4, c), DType::F32, &dev)?;
+        assert!(dw.forward_norm_gelu_train(&x, (&lw, &lb, 1e-6))?.is_none());
+        Ok(())
     }
 }
