@@ -109,6 +109,15 @@ fn fold_row_blocks<A: Send>(
     accs
 }
 
+/// `len` written zeros (see [`written_zeros`]) with capacity for `room` more values: a weight
+/// gradient that the backward extends with the bias (and norm) gradients into one parameter
+/// gradient, without reallocating (copying) it.
+fn zeros_with_room(len: usize, room: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(len + room);
+    v.resize(len, 0f32);
+    v
+}
+
 /// Adds `src` into `dst` elementwise.
 fn add_into(dst: &mut [f32], src: &[f32]) {
     for (d, s) in dst.iter_mut().zip(src) {
@@ -481,9 +490,9 @@ impl CustomOp3 for MlpOp {
         // Accumulated into: zeros written (see `written_zeros`).
         let mut dx = written_zeros(if need_x { m * cin } else { 0 }, 0f32);
         let new_acc = || MlpAcc {
-            dw1: written_zeros(hid * cin, 0f32),
+            dw1: zeros_with_room(hid * cin, hid),
             db1: written_zeros(hid, 0f32),
-            dw2: written_zeros(cout * hid, 0f32),
+            dw2: zeros_with_room(cout * hid, cout),
             db2: written_zeros(cout, 0f32),
             z: Vec::new(),
             h: Vec::new(),
@@ -769,11 +778,11 @@ impl CustomOp3 for PreNormMlpOp {
         // Accumulated into: zeros written (see `written_zeros`).
         let mut dx = written_zeros(if need_x { m * c } else { 0 }, 0f32);
         let new_acc = || PreNormAcc {
-            dw1: written_zeros(hid * c, 0f32),
+            dw1: zeros_with_room(hid * c, hid + 2 * c),
             db1: written_zeros(hid, 0f32),
             dlnw: written_zeros(c, 0f32),
             dlnb: written_zeros(c, 0f32),
-            dw2: written_zeros(c * hid, 0f32),
+            dw2: zeros_with_room(c * hid, c),
             db2: written_zeros(c, 0f32),
             xn: Vec::new(),
             z: Vec::new(),
