@@ -262,8 +262,21 @@ impl Block {
                 match tail {
                     Some(out) => out,
                     None => {
-                        let d = self.dcn.project_rec(&y, rec)?;
-                        let x = res(xs, &d, g1)?;
+                        // Training: the output projection and the residual update as one op
+                        // (no layer scale, nothing recorded) where it applies.
+                        let fused = match g1 {
+                            None if !rec.on() => crate::ops::dense::project_residual(
+                                xs,
+                                &y,
+                                self.dcn.output_proj(),
+                                p,
+                            )?,
+                            _ => None,
+                        };
+                        let x = match fused {
+                            Some(x) => x,
+                            None => res(xs, &self.dcn.project_rec(&y, rec)?, g1)?,
+                        };
                         // Training: norm, MLP and residual as one op (one graph node) where it
                         // applies.
                         let fused = match g2 {

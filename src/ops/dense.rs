@@ -308,6 +308,30 @@ pub(crate) fn prenorm_mlp_residual(
     .map(Some)
 }
 
+/// `xs + drop_path(proj(y), p)` as one training op ([`super::train::project_residual`]) when
+/// `proj` runs the training kernels for `y` (something tracks a gradient, f32 on the CPU under a
+/// fast policy); `Ok(None)` otherwise.
+pub(crate) fn project_residual(
+    xs: &Tensor,
+    y: &Tensor,
+    proj: &Linear,
+    p: f64,
+) -> Result<Option<Tensor>> {
+    let Weights::Tensors(lin) = &proj.weights else {
+        return Ok(None);
+    };
+    let policy = proj.policy;
+    if !(trains(lin, y, policy) && super::train::applies(policy, &[xs])) {
+        return Ok(None);
+    }
+    let scale = if p > 0.0 {
+        Some(super::train::drop_path_scales(xs.dim(0)?, p)?)
+    } else {
+        None
+    };
+    super::train::project_residual(xs, y, lin.weight(), lin.bias(), scale, policy.isa()).map(Some)
+}
+
 /// `linear(xs)` = `xs @ weight^T + bias` like `candle_nn::Linear::forward`, through this crate's
 /// GEMM where the process's default [`KernelPolicy`] allows (the weight is packed on each call:
 /// build an [`Linear`] once to pack it once).

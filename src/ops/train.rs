@@ -965,6 +965,189 @@ fn prenorm_mlp_residual_keeping(
     xs.contiguous()?.apply_op3(&p1, &p2, op)
 }
 
+/// A projection and its residual update as one op: `x + s[sample] * (y @ w^T + b)` over (..., c)
+/// rows (`s` the optional stochastic-depth scale per sample of the leading dim), with
+/// `p = [w (c, k), b (c) when bias]`. The projection's output is never a graph tensor: the
+/// backward needs only `y` and `w`, where a projection then a residual op kept it alive until the
+/// backward and cost it a zero-filled gradient and an add.
+struct ProjectResidualOp {
+    isa: Isa,
+    c: usize,
+    k: usize,
+    bias: bool,
+    scale: Option<Arc<Vec<f32>>>,
+}
+
+impl ProjectResidualOp {
+    /// Rows, after checking the operands' sizes.
+    fn check(&self, x: &Layout, y: &Layout, p: usize) -> Result<usize> {
+        let m = rows_of(x, self.c, "projection residual")?;
+        let want = self.c * self.k + if self.bias { self.c } else { 0 };
+        if rows_of(y, self.k, "projection residual")? != m || p != want {
+            candle_core::bail!(
+                "projection residual: input {:?}, branch {:?} and {p} parameters do not fit",
+                x.dims(),
+                y.dims()
+            )
+        }
+        Ok(m)
+    }
+}
+
+impl CustomOp3 for ProjectResidualOp {
+    fn name(&self) -> &'static str {
+        "internimage-train-projection-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let what = "projection residual";
+        let x = contiguous_slice::<f32>(s1, l1, what, "input")?;
+        let y = contiguous_slice::<f32>(s2, l2, what, "branch")?;
+        let p = contiguous_slice::<f32>(s3, l3, what, "parameters")?;
+        let m = self.check(l1, l2, p.len())?;
+        let (w, b) = p.split_at(self.c * self.k);
+        let mut out = linear_forward(self.isa, y, m, w, self.bias.then_some(b), self.c)?;
+        let per = (m / self.scale.as_ref().map_or(1, |s| s.len()).max(1)).max(1) * self.c;
+        let task = (16 * 1024 / self.c).max(1) * self.c;
+        out.par_chunks_mut(task)
+            .zip(x.par_chunks(task))
+            .enumerate()
+            .for_each(|(t, (o, x))| {
+                for (i, (o, x)) in o.chunks_mut(self.c).zip(x.chunks(self.c)).enumerate() {
+                    let r = (t * task + i * self.c) / per;
+                    let s = self.scale.as_ref().map_or(1.0, |s| s[r]);
+                    for (o, &x) in o.iter_mut().zip(x) {
+                        *o = x + s * *o;
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        y: &Tensor,
+        p: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (need_x, need_y, need_p) = (x.track_op(), y.track_op(), p.track_op());
+        let (c, k) = (self.c, self.k);
+        let (yt, pt, g) = (y.contiguous()?, p.contiguous()?, grad.contiguous()?);
+        let (ys, yl) = yt.storage_and_layout();
+        let (ps, pl) = pt.storage_and_layout();
+        let (gs, gl) = g.storage_and_layout();
+        let yv = values(&ys, yl, "branch")?;
+        let pv = values(&ps, pl, "parameters")?;
+        let gv = values(&gs, gl, "gradient")?;
+        let m = self.check(x.layout(), yl, pv.len())?;
+        if gv.len() != m * c {
+            candle_core::bail!(
+                "projection residual backward: gradient of {} values",
+                gv.len()
+            )
+        }
+        // The projection's gradient: the block's, scaled per sample.
+        let scaled: Vec<f32>;
+        let gp = match &self.scale {
+            None => gv,
+            Some(s) => {
+                let per = (m / s.len().max(1)).max(1) * c;
+                let mut v = Vec::with_capacity(gv.len());
+                v.spare_capacity_mut()[..gv.len()]
+                    .par_chunks_mut(per)
+                    .zip(gv.par_chunks(per))
+                    .zip(s.par_iter())
+                    .for_each(|((d, g), &s)| {
+                        for (d, &g) in d.iter_mut().zip(g) {
+                            d.write(s * g);
+                        }
+                    });
+                // SAFETY: the chunks of the first gv.len() values pair one to one with gv's
+                // (whole samples, one scale each) and every value was written.
+                unsafe { v.set_len(gv.len()) };
+                scaled = v;
+                &scaled[..]
+            }
+        };
+        let w = &pv[..c * k];
+        let dy = need_y
+            .then(|| tensor(input_grad(self.isa, gp, m, w, c, k)?, yl.shape().clone()))
+            .transpose()?;
+        let dp = need_p
+            .then(|| {
+                let (mut dw, db) = weight_grads(gp, yv, m, c, k);
+                if self.bias {
+                    dw.extend_from_slice(&db);
+                }
+                let len = dw.len();
+                tensor(dw, len)
+            })
+            .transpose()?;
+        Ok((need_x.then(|| grad.clone()), dy, dp))
+    }
+}
+
+/// `x + s * (y @ w^T + b)` (`s` the optional per-sample stochastic-depth scale) as one
+/// differentiable op (see [`ProjectResidualOp`]). f32 CPU tensors only (see [`applies`]).
+pub(crate) fn project_residual(
+    x: &Tensor,
+    y: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    sample_scale: Option<Vec<f32>>,
+    isa: Isa,
+) -> Result<Tensor> {
+    let (c, k) = w.dims2()?;
+    let mut branch_dims = x.dims().to_vec();
+    if let Some(last) = branch_dims.last_mut() {
+        *last = k;
+    }
+    if x.dim(candle_core::D::Minus1)? != c || y.dims() != branch_dims.as_slice() {
+        candle_core::bail!(
+            "projection residual: input {:?} and branch {:?} do not fit a ({c}, {k}) weight",
+            x.dims(),
+            y.dims()
+        )
+    }
+    if b.is_some_and(|b| b.dims() != [c]) {
+        candle_core::bail!(
+            "projection residual: bias {:?} for {c} outputs",
+            b.map(|b| b.dims())
+        )
+    }
+    if let Some(s) = &sample_scale {
+        if x.rank() == 0 || s.len() != x.dim(0)? {
+            candle_core::bail!(
+                "projection residual: {} sample scales for {:?}",
+                s.len(),
+                x.dims()
+            )
+        }
+    }
+    let p = match b {
+        Some(b) => Tensor::cat(&[&w.flatten_all()?, b], 0)?,
+        None => w.flatten_all()?.contiguous()?,
+    };
+    let op = ProjectResidualOp {
+        isa,
+        c,
+        k,
+        bias: b.is_some(),
+        scale: sample_scale.map(Arc::new),
+    };
+    x.contiguous()?.apply_op3(&y.contiguous()?, &p, op)
+}
+
 /// `x + s[sample] * gamma[channel] * y` (either scale optional), and its backward.
 struct ResidualOp {
     /// Per-sample scale (stochastic depth: 0 or 1 / keep), one per leading index.
@@ -1334,6 +1517,59 @@ mod tests {
                             d < 1e-4,
                             "{name} gradient differs by {d} (bias2 {bias2}, keep {keep})"
                         )
+                    }
+                    _ => panic!("missing gradient of {name}"),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn projection_residual_matches_tensor_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        let isa = crate::KernelPolicy::process_default()?.isa();
+        let (c, k) = (6, 10);
+        let v = |shape: &[usize]| -> Result<Var> {
+            Var::from_tensor(&Tensor::randn(0f32, 1., shape, &dev)?)
+        };
+        let (x, y, w, b) = (v(&[3, 4, 5, c])?, v(&[3, 4, 5, k])?, v(&[c, k])?, v(&[c])?);
+        let r = Tensor::randn(0f32, 1., (3, 4, 5, c), &dev)?;
+        for (bias, scale) in [
+            (true, Some(vec![0.0, 1.25, 1.25])),
+            (false, Some(vec![1.25, 0.0, 1.25])),
+            (true, None),
+            (false, None),
+        ] {
+            let bo = bias.then(|| b.as_tensor());
+            let ours = project_residual(
+                x.as_tensor(),
+                y.as_tensor(),
+                w.as_tensor(),
+                bo,
+                scale.clone(),
+                isa,
+            )?;
+            let mut branch = y.as_tensor().broadcast_matmul(&w.as_tensor().t()?)?;
+            if let Some(b) = bo {
+                branch = branch.broadcast_add(b)?;
+            }
+            if let Some(s) = &scale {
+                branch = branch.broadcast_mul(&Tensor::from_vec(s.clone(), (3, 1, 1, 1), &dev)?)?;
+            }
+            let want = (x.as_tensor() + branch)?;
+            assert!(rel_diff(&ours, &want) < 1e-5, "forward differs");
+            let ga = (ours * &r)?.sum_all()?.backward()?;
+            let gb = (want * &r)?.sum_all()?.backward()?;
+            let mut vars = vec![("x", &x), ("y", &y), ("w", &w)];
+            if bias {
+                vars.push(("b", &b));
+            }
+            for (name, v) in vars {
+                match (ga.get(v.as_tensor()), gb.get(v.as_tensor())) {
+                    (Some(a), Some(e)) => {
+                        let d = rel_diff(a, e);
+                        assert!(d < 1e-5, "{name} gradient differs by {d} (bias {bias})")
                     }
                     _ => panic!("missing gradient of {name}"),
                 }
