@@ -90,6 +90,23 @@ pub(crate) fn written_zeros<T: Copy>(len: usize, zero: T) -> Vec<T> {
     v
 }
 
+/// [`written_zeros`] of f32, written by the rayon pool (a large gradient buffer zeroed on the
+/// calling thread alone leaves the other cores idle meanwhile).
+pub(crate) fn written_zeros_par(len: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    const RUN: usize = 64 * 1024;
+    if len <= RUN {
+        return written_zeros(len, 0f32);
+    }
+    let mut v = Vec::with_capacity(len);
+    v.spare_capacity_mut()[..len]
+        .par_chunks_mut(RUN)
+        .for_each(|c| c.iter_mut().for_each(|z| _ = z.write(0.0)));
+    // SAFETY: the chunks cover the first `len` values of the capacity, each written above.
+    unsafe { v.set_len(len) };
+    v
+}
+
 // The gradient contract of the fast ops: every custom op of this crate either implements `bwd`
 // (applied with `apply_op*`) or is inference-only and applied through `inference_op1/2/3` below,
 // which refuse a tensor that tracks a gradient. Callers step aside to a differentiable path

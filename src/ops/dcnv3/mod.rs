@@ -452,9 +452,72 @@ impl CustomOp3 for Dcnv3Op {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if let Some(grads) = backward_cpu_f32(input, offset, mask, grad_res, &self.cfg, self.isa)? {
+            return Ok(grads);
+        }
         let (gi, go, gm) = backward_with_isa(input, offset, mask, grad_res, &self.cfg, self.isa)?;
         Ok((Some(gi), Some(go), Some(gm)))
     }
+}
+
+/// The backward of f32 CPU tensors straight into three gradient buffers (zeroed by the pool),
+/// for [`Dcnv3Op::bwd`]: [`backward_with_isa`]'s packed route copies the offsets and masks into
+/// one tensor and zeroes one packed result on the calling thread, serial work of a training
+/// step. `None` for other dtypes and devices.
+#[allow(clippy::type_complexity)]
+fn backward_cpu_f32(
+    input: &Tensor,
+    offset: &Tensor,
+    mask: &Tensor,
+    grad_out: &Tensor,
+    cfg: &Dcnv3Config,
+    isa: Isa,
+) -> Result<Option<(Option<Tensor>, Option<Tensor>, Option<Tensor>)>> {
+    let ts = [input, offset, mask, grad_out];
+    if !ts
+        .iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+    {
+        return Ok(None);
+    }
+    let g = check_args(input, offset, mask, cfg)?;
+    let want = [g.n, g.h_out, g.w_out, g.channels];
+    if grad_out.dims() != want {
+        bail!(
+            "dcnv3 backward: grad_out must have the output shape {want:?}, got {:?}",
+            grad_out.dims()
+        );
+    }
+    let [i, o, m, go] = ts.map(|t| t.contiguous());
+    let (i, o, m, go) = (i?, o?, m?, go?);
+    let (mut gin, mut goff, mut gmask) = (
+        crate::ops::written_zeros_par(g.input_len()),
+        crate::ops::written_zeros_par(g.offset_len()),
+        crate::ops::written_zeros_par(g.mask_len()),
+    );
+    {
+        const OP: &str = "dcnv3 backward";
+        let (is, il) = i.storage_and_layout();
+        let (os, ol) = o.storage_and_layout();
+        let (ms, ml) = m.storage_and_layout();
+        let (gs, gl) = go.storage_and_layout();
+        let iv = crate::ops::cpu_f32_values(&is, il, OP, "input")?;
+        let ov = crate::ops::cpu_f32_values(&os, ol, OP, "offset")?;
+        let mv = crate::ops::cpu_f32_values(&ms, ml, OP, "mask")?;
+        let gv = crate::ops::cpu_f32_values(&gs, gl, OP, "grad_out")?;
+        let rows = cpu::GradRows {
+            off: &mut goff,
+            mask: Some(&mut gmask),
+        };
+        let lay = cpu::PointLayout::dcnv3(&g);
+        cpu::backward(isa, cfg, &g, lay, iv, ov, mv, gv, &mut gin, rows);
+    }
+    let dev = input.device();
+    Ok(Some((
+        Some(Tensor::from_vec(gin, input.shape(), dev)?),
+        Some(Tensor::from_vec(goff, offset.shape(), dev)?),
+        Some(Tensor::from_vec(gmask, mask.shape(), dev)?),
+    )))
 }
 
 impl CustomOp3 for Dcnv3BackwardOp {
