@@ -469,44 +469,7 @@ pub(crate) fn mlp_packed(
     fc2: &PackedWeight,
     y: &mut [MaybeUninit<f32>],
 ) {
-    let (hid, cout) = (fc1.n, fc2.n);
-    assert!(
-        fc2.k == hid && x.len() >= m * fc1.k && y.len() >= m * cout,
-        "mlp_packed: operand sizes"
-    );
-    if m == 0 {
-        return;
-    }
-    let threads = rayon::current_num_threads().max(1);
-    let mr = fc1.family.mr();
-    let rows = mlp_block_rows(fc1).min(m.div_ceil(2 * threads).div_ceil(mr) * mr);
-    let out = OutPtr(y.as_mut_ptr().cast::<f32>());
-    let blocks = m.div_ceil(rows);
-    (0..blocks)
-        .into_par_iter()
-        .for_each_init(Vec::<f32>::new, |h, b| {
-            let r0 = b * rows;
-            let r1 = (r0 + rows).min(m);
-            let mr = r1 - r0;
-            h.resize(mr * hid, 0.0);
-            // SAFETY: h is (mr, hid); the output rows r0..r1 belong to this block only and y
-            // holds m * cout values (asserted above).
-            unsafe {
-                let xb = x.slice(r0 * fc1.k..r1 * fc1.k);
-                block(xb, 0, mr, fc1, 0, fc1.panels(), h.as_mut_ptr(), hid, true);
-                block(
-                    Rows::F32(h),
-                    0,
-                    mr,
-                    fc2,
-                    0,
-                    fc2.panels(),
-                    out.get().add(r0 * cout),
-                    cout,
-                    false,
-                );
-            }
-        });
+    mlp_packed_impl(x, m, fc1, fc2, None, y)
 }
 
 /// [`mlp_packed`] that also keeps the hidden pre-activations: `z` becomes `fc1(x)` (m, hidden),
@@ -519,37 +482,58 @@ pub(crate) fn mlp_packed_keep(
     z: &mut Vec<f32>,
     y: &mut [MaybeUninit<f32>],
 ) {
+    mlp_packed_impl(x, m, fc1, fc2, Some(z), y)
+}
+
+fn mlp_packed_impl(
+    x: Rows,
+    m: usize,
+    fc1: &PackedWeight,
+    fc2: &PackedWeight,
+    keep: Option<&mut Vec<f32>>,
+    y: &mut [MaybeUninit<f32>],
+) {
     let (hid, cout) = (fc1.n, fc2.n);
     assert!(
         fc2.k == hid && x.len() >= m * fc1.k && y.len() >= m * cout,
-        "mlp_packed_keep: operand sizes"
+        "mlp_packed: operand sizes"
     );
-    z.clear();
-    z.reserve(m * hid);
+    let mut keep = keep.map(|z| {
+        z.clear();
+        z.reserve(m * hid);
+        z
+    });
     if m == 0 {
         return;
     }
+    let zp = keep.as_mut().map(|z| OutPtr(z.as_mut_ptr()));
     let threads = rayon::current_num_threads().max(1);
     let mr = fc1.family.mr();
     let rows = mlp_block_rows(fc1).min(m.div_ceil(2 * threads).div_ceil(mr) * mr);
     let out = OutPtr(y.as_mut_ptr().cast::<f32>());
-    z.spare_capacity_mut()[..m * hid]
-        .par_chunks_mut(rows * hid)
-        .enumerate()
-        .for_each_init(Vec::<f32>::new, |h, (b, zb)| {
+    let blocks = m.div_ceil(rows);
+    (0..blocks)
+        .into_par_iter()
+        .for_each_init(Vec::<f32>::new, |h, b| {
             let r0 = b * rows;
             let r1 = (r0 + rows).min(m);
             let mr = r1 - r0;
             h.resize(mr * hid, 0.0);
-            // SAFETY: zb is this block's (mr, hid) run of z; the output rows r0..r1 belong to
-            // this block only and y holds m * cout values (asserted above).
+            // SAFETY: h is (mr, hid); the output rows r0..r1 (and, when keeping, z's rows
+            // r0..r1 inside its reserved m * hid values) belong to this block only, and y holds
+            // m * cout values (asserted above).
             unsafe {
                 let xb = x.slice(r0 * fc1.k..r1 * fc1.k);
-                let zp = zb.as_mut_ptr().cast::<f32>();
-                block(xb, 0, mr, fc1, 0, fc1.panels(), zp, hid, false);
-                // `block` wrote all of zb.
-                let zb = std::slice::from_raw_parts(zp, mr * hid);
-                super::gelu::gelu_into(fc1.isa, zb, super::as_out(h));
+                match &zp {
+                    None => block(xb, 0, mr, fc1, 0, fc1.panels(), h.as_mut_ptr(), hid, true),
+                    Some(zp) => {
+                        let zb = zp.get().add(r0 * hid);
+                        block(xb, 0, mr, fc1, 0, fc1.panels(), zb, hid, false);
+                        // `block` wrote all mr * hid values of zb.
+                        let zb = std::slice::from_raw_parts(zb, mr * hid);
+                        super::gelu::gelu_into(fc1.isa, zb, super::as_out(h));
+                    }
+                }
                 block(
                     Rows::F32(h),
                     0,
@@ -563,8 +547,10 @@ pub(crate) fn mlp_packed_keep(
                 );
             }
         });
-    // SAFETY: the blocks' runs of z cover its first m * hid values, each written by `block`.
-    unsafe { z.set_len(m * hid) };
+    if let Some(z) = keep {
+        // SAFETY: the blocks cover rows 0..m, each writing its rows' hid values of z.
+        unsafe { z.set_len(m * hid) };
+    }
 }
 
 /// A row normalisation: whole rows of `src` into `dst` (every value written).

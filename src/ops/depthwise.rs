@@ -260,6 +260,30 @@ struct Geom {
     pad: usize,
 }
 
+impl Geom {
+    /// The geometry of a `kh` x `kw` convolution (stride 1, zero padding `pad`) over an
+    /// `h` x `w` x `c` image, and its output height (errors if the kernel does not fit).
+    fn of(
+        (h, w, c): (usize, usize, usize),
+        (kh, kw): (usize, usize),
+        pad: usize,
+    ) -> Result<(Self, usize)> {
+        let (ho, wo) = super::window_out_size(OP, (h, w), (kh, kw), (1, 1), (pad, pad))?;
+        Ok((
+            Self {
+                h,
+                w,
+                c,
+                wo,
+                kh,
+                kw,
+                pad,
+            },
+            ho,
+        ))
+    }
+}
+
 /// One channel block of one output pixel: `out[cb..cb+B] = bias + sum_taps x * w` (all `B`
 /// values written).
 #[inline(always)]
@@ -411,17 +435,7 @@ impl CustomOp2 for DwOp {
             );
         }
         let packed = contiguous_slice::<f32>(s2, l2, OP, "packed weights")?;
-        let (k, p) = ((self.kh, self.kw), (self.pad, self.pad));
-        let (ho, wo) = super::window_out_size(OP, (h, w), k, (1, 1), p)?;
-        let g = Geom {
-            h,
-            w,
-            c,
-            wo,
-            kh: self.kh,
-            kw: self.kw,
-            pad: self.pad,
-        };
+        let (g, ho) = Geom::of((h, w, c), (self.kh, self.kw), self.pad)?;
         let out = match s1.dtype() {
             DType::F32 => {
                 let x = contiguous_slice::<f32>(s1, l1, OP, "input")?;
@@ -451,7 +465,7 @@ impl CustomOp2 for DwOp {
                 "depthwise conv: expected an f32, f16 or bf16 input, got {other:?}"
             ),
         };
-        Ok((out, Shape::from((n, ho, wo, c))))
+        Ok((out, Shape::from((n, ho, g.wo, c))))
     }
 }
 
@@ -683,17 +697,7 @@ impl DwNormGeluOp {
                 norm.dims()
             );
         }
-        let (k, p) = ((self.kh, self.kw), (self.pad, self.pad));
-        let (ho, wo) = super::window_out_size(OP, (h, w), k, (1, 1), p)?;
-        let geom = Geom {
-            h,
-            w,
-            c,
-            wo,
-            kh: self.kh,
-            kw: self.kw,
-            pad: self.pad,
-        };
+        let (geom, ho) = Geom::of((h, w, c), (self.kh, self.kw), self.pad)?;
         Ok((geom, n, ho))
     }
 }
