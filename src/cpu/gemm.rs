@@ -498,11 +498,11 @@ fn mlp_packed_impl(
         fc2.k == hid && x.len() >= m * fc1.k && y.len() >= m * cout,
         "mlp_packed: operand sizes"
     );
-    let mut keep = keep.map(|z| {
+    let mut keep = keep;
+    if let Some(z) = keep.as_mut() {
         z.clear();
         z.reserve(m * hid);
-        z
-    });
+    }
     if m == 0 {
         return;
     }
