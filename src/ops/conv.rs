@@ -257,7 +257,7 @@ impl CustomOp1 for Im2Col {
         }
         let (gs, gl) = g.storage_and_layout();
         let gv = super::cpu_f32_values(&gs, gl, "conv2d_nhwc (im2col) backward", "gradient")?;
-        let mut dx = vec![0f32; n * h * w * c];
+        let mut dx = super::written_zeros_par(n * h * w * c);
         let img_len = h * w * c;
         if img_len > 0 {
             dx.par_chunks_mut(img_len).enumerate().for_each(|(b, img)| {

@@ -639,7 +639,7 @@ fn dw_backward(
     let (c, w) = (geom.c, geom.w);
     let (img_in, img_out) = (geom.h * w * c, ho * geom.wo * c);
     let dx = (need_x && img_in > 0).then(|| {
-        let mut dx = vec![0f32; n * img_in];
+        let mut dx = super::written_zeros_par(n * img_in);
         dx.par_chunks_mut(w * c).enumerate().for_each(|(r, out)| {
             let (b, ih) = (r / geom.h, r % geom.h);
             let gi = &g[b * img_out..(b + 1) * img_out];

@@ -521,7 +521,7 @@ impl candle_core::CustomOp2 for SoftmaxGroupsBackwardOp {
                 g.len()
             )
         }
-        let mut dx = vec![0f32; y.len()];
+        let mut dx = super::written_zeros_par(y.len());
         let per_task = (PAR_CHUNK / p).max(1) * p;
         dx.par_chunks_mut(per_task)
             .zip(y.par_chunks(per_task).zip(g.par_chunks(per_task)))

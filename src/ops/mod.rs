@@ -199,3 +199,17 @@ pub(crate) fn contiguous_slice<'a, T: candle_core::WithDType>(
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn written_zeros_are_zeros_of_the_asked_length() {
+        // Below and above the parallel threshold, and a partial last run.
+        for len in [0usize, 5, 64 * 1024, 3 * 64 * 1024 + 17] {
+            let v = super::written_zeros_par(len);
+            assert_eq!(v.len(), len);
+            assert!(v.iter().all(|&x| x == 0.0), "len {len}");
+            assert_eq!(super::written_zeros(len, 0f32), v);
+        }
+    }
+}

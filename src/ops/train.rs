@@ -488,7 +488,7 @@ impl CustomOp3 for MlpOp {
         // Row blocks: about 128 KiB of hidden activations, at least 64 rows (GEMM depth).
         let rows = (32_768 / hid.max(1)).clamp(64, 512);
         // Accumulated into: zeros written (see `written_zeros`).
-        let mut dx = written_zeros(if need_x { m * cin } else { 0 }, 0f32);
+        let mut dx = super::written_zeros_par(if need_x { m * cin } else { 0 });
         let new_acc = || MlpAcc {
             dw1: zeros_with_room(hid * cin, hid),
             db1: written_zeros(hid, 0f32),
@@ -776,7 +776,7 @@ impl CustomOp3 for PreNormMlpOp {
         let fc1t = PackedWeight::new_transposed(isa, w1, c, hid).ok_or_else(err)?;
         let rows = (32_768 / hid.max(1)).clamp(64, 512);
         // Accumulated into: zeros written (see `written_zeros`).
-        let mut dx = written_zeros(if need_x { m * c } else { 0 }, 0f32);
+        let mut dx = super::written_zeros_par(if need_x { m * c } else { 0 });
         let new_acc = || PreNormAcc {
             dw1: zeros_with_room(hid * c, hid + 2 * c),
             db1: written_zeros(hid, 0f32),
