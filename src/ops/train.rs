@@ -126,9 +126,8 @@ fn add_into(dst: &mut [f32], src: &[f32]) {
 }
 
 /// `dst += field(p)` for every accumulator `p` of `parts` (each `field` as long as `dst`), in
-/// parallel over runs of `dst`. The weight gradients of a backward come as one accumulator per
-/// rayon task (13 of 2 MiB at the training bench's stage-3 MLP); summing them on one thread
-/// had been a serial pass of every accumulator.
+/// parallel over runs of `dst`: the weight gradients of a backward come as one accumulator per
+/// thread (or per task), and summing them on one thread had been a serial pass of each.
 fn add_parts<A: Sync>(dst: &mut [f32], parts: &[A], field: impl Fn(&A) -> &[f32] + Sync) {
     const RUN: usize = 16 * 1024;
     if parts.is_empty() {
@@ -487,7 +486,7 @@ impl CustomOp3 for MlpOp {
         let fc1t = PackedWeight::new_transposed(isa, w1, cin, hid).ok_or_else(err)?;
         // Row blocks: about 128 KiB of hidden activations, at least 64 rows (GEMM depth).
         let rows = (32_768 / hid.max(1)).clamp(64, 512);
-        // Accumulated into: zeros written (see `written_zeros`).
+        // Every block writes its rows (zeroed first: the blocks get initialised slices).
         let mut dx = super::written_zeros_par(if need_x { m * cin } else { 0 });
         let new_acc = || MlpAcc {
             dw1: zeros_with_room(hid * cin, hid),
@@ -775,7 +774,7 @@ impl CustomOp3 for PreNormMlpOp {
         let fc2t = PackedWeight::new_transposed(isa, w2, hid, c).ok_or_else(err)?;
         let fc1t = PackedWeight::new_transposed(isa, w1, c, hid).ok_or_else(err)?;
         let rows = (32_768 / hid.max(1)).clamp(64, 512);
-        // Accumulated into: zeros written (see `written_zeros`).
+        // Every block writes its rows (zeroed first: the blocks get initialised slices).
         let mut dx = super::written_zeros_par(if need_x { m * c } else { 0 });
         let new_acc = || PreNormAcc {
             dw1: zeros_with_room(hid * c, hid + 2 * c),
@@ -989,6 +988,10 @@ impl ProjectResidualOp {
                 x.dims(),
                 y.dims()
             )
+        }
+        let samples = self.scale.as_ref().map_or(1, |s| s.len());
+        if samples == 0 || !m.is_multiple_of(samples) {
+            candle_core::bail!("projection residual: {m} rows for {samples} sample scales")
         }
         Ok(m)
     }
