@@ -240,3 +240,70 @@ fn adamw_matches_candle_nn() {
         assert!(e < 1e-5, "AdamW differs from candle_nn::AdamW by {e}");
     }
 }
+
+/// A small pre-norm network (InternImage-T's arrangement: no layer scale, no post-norm), every
+/// parameter a `Var`: logits and the gradient of every parameter and of the input under the
+/// fast policy (the fused training ops: the norm + DCNv3 branch up to the core, projection +
+/// residual, norm + MLP + residual) equal those under the reference policy (Candle autograd).
+#[test]
+fn pre_norm_network_gradients_match_the_reference_policy() {
+    use internimage::{Config, InternImage};
+    let dev = Device::Cpu;
+    let cfg = Config {
+        channels: 16,
+        depths: vec![1, 1, 2, 1],
+        groups: vec![1, 2, 4, 8],
+        num_classes: 10,
+        ..Config::t()
+    };
+    assert!(cfg.layer_scale.is_none() && !cfg.post_norm && !cfg.res_post_norm);
+    let varmap = candle_nn::VarMap::new();
+    let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+    let fast = InternImage::new_with_policy(&cfg, vb.clone(), KernelPolicy::fast()).unwrap();
+    // Every Var random: weights around 0, 1-D parameters (norms, biases, BN statistics) around 1.
+    for (i, v) in varmap.all_vars().iter().enumerate() {
+        let t = randn(v.dims(), 100 + i as u64);
+        let t = if v.rank() == 1 {
+            ((t * 0.1).unwrap() + 1.0).unwrap()
+        } else {
+            (t * 0.2).unwrap()
+        };
+        v.set(&t).unwrap();
+    }
+    let reference = InternImage::new_with_policy(&cfg, vb, KernelPolicy::reference()).unwrap();
+    let x = var(&[2, 3, 64, 64], 7);
+    let w = randn(&[2, 10], 8);
+    let run = |m: &InternImage| {
+        let logits = m.forward(x.as_tensor()).unwrap();
+        let g = (&logits * &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        (logits, g)
+    };
+    let (lf, gf) = run(&fast);
+    let (lr, gr) = run(&reference);
+    assert!(rel_err(&lf, &lr) < 1e-4, "logits: {}", rel_err(&lf, &lr));
+    let vars = varmap.all_vars();
+    assert!(vars.len() > 50, "{} Vars", vars.len());
+    let mut checked = 0;
+    for v in vars.iter().chain([&x]) {
+        match (gf.get(v.as_tensor()), gr.get(v.as_tensor())) {
+            (Some(a), Some(b)) => {
+                let e = rel_err(a, b);
+                assert!(e < 1e-4, "gradient of a {:?} Var differs by {e}", v.dims());
+                checked += 1;
+            }
+            (None, None) => {}
+            (a, b) => panic!(
+                "a {:?} Var has a gradient under one policy only ({} / {})",
+                v.dims(),
+                a.is_some(),
+                b.is_some()
+            ),
+        }
+    }
+    assert!(checked > 50, "{checked} gradients compared");
+}

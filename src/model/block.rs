@@ -249,7 +249,16 @@ impl Block {
                 res(&x, &m, None)?
             }
             Residual::PreNorm => {
-                let y = self.dcn.core_rec(&self.norm1.forward(xs)?, rec)?;
+                // Training: the norm and the deformable layer up to its core's output as one op
+                // (nothing recorded) where it applies.
+                let fused = match &self.dcn {
+                    Dcn::V3(l) if !rec.on() => l.core_train(xs, self.norm1.params())?,
+                    _ => None,
+                };
+                let y = match fused {
+                    Some(y) => y,
+                    None => self.dcn.core_rec(&self.norm1.forward(xs)?, rec)?,
+                };
                 // Inference: the projection, both residual updates, the norm and the MLP in one
                 // pass by row blocks where the fused kernel applies (same values).
                 let tail = if training || rec.on() {

@@ -228,6 +228,46 @@ impl Dcnv3Layer {
         &self.output_proj
     }
 
+    /// `core_rec(layer_norm(xs))` (`norm` = the block's norm weight, bias and epsilon) as one
+    /// training op ([`crate::ops::train::dcn_core`]) when something tracks a gradient, every
+    /// tensor is f32 on the CPU, the policy is fast and the layer has no centre feature scale;
+    /// `Ok(None)` otherwise (the caller runs the layers).
+    pub(crate) fn core_train(
+        &self,
+        xs: &Tensor,
+        (nw, nb, eps): (&Tensor, &Tensor, f64),
+    ) -> Result<Option<Tensor>> {
+        use crate::ops::train;
+        if self.center_feature_scale.is_some() || !self.policy.is_fast() {
+            return Ok(None);
+        }
+        let (Some((iw, Some(ib))), Some((ow, Some(ob))), Some((mw, Some(mb)))) = (
+            self.input_proj.tensors(),
+            self.offset.tensors(),
+            self.mask.tensors(),
+        ) else {
+            return Ok(None);
+        };
+        let Some((taps, kernel, pad)) = self.dw_conv.train_taps()? else {
+            return Ok(None);
+        };
+        let (fw, fb, dw_eps) = self.dw_norm.params();
+        let params = [nw, nb, iw, ib, &taps, fw, fb, ow, ob, mw, mb];
+        let tracks = xs.track_op() || params.iter().any(|t| t.track_op());
+        if !tracks || !train::applies(self.policy, &[xs]) || !train::applies(self.policy, &params) {
+            return Ok(None);
+        }
+        self.check_input(xs)?;
+        let spec = train::DcnCoreSpec {
+            dw_kernel: kernel,
+            dw_pad: pad,
+            eps: eps as f32,
+            dw_eps: dw_eps as f32,
+            core: self.core,
+        };
+        train::dcn_core(xs, &params, spec, self.policy.isa()).map(Some)
+    }
+
     /// Everything before the output projection: the core's output (with the centre feature
     /// scale applied, where the layer has one).
     pub(crate) fn core_rec(&self, xs: &Tensor, rec: &mut Recorder) -> Result<Tensor> {

@@ -53,6 +53,15 @@ impl Linear {
         Ok(Self { weights, policy })
     }
 
+    /// The weight and bias tensors, unless they were packed for the CPU GEMM (the training
+    /// ops take them as graph tensors).
+    pub(crate) fn tensors(&self) -> Option<(&Tensor, Option<&Tensor>)> {
+        match &self.weights {
+            Weights::Tensors(lin) => Some((lin.weight(), lin.bias())),
+            Weights::Packed(_) => None,
+        }
+    }
+
     /// Whether the weights were packed for the CPU GEMM.
     pub fn is_packed(&self) -> bool {
         matches!(self.weights, Weights::Packed(_))

@@ -142,6 +142,16 @@ impl DepthwiseConv2dNhwc {
 }
 
 impl DepthwiseConv2dNhwc {
+    /// The taps and bias as one (kh * kw + 1, C) tensor (rebuilt from trainable weights,
+    /// differentiably), the kernel size and the padding: for a fused training op. `None` for a
+    /// non-square kernel.
+    pub(crate) fn train_taps(&self) -> Result<Option<(Tensor, usize, usize)>> {
+        if self.kh != self.kw {
+            return Ok(None);
+        }
+        Ok(Some((self.taps()?, self.kh, self.pad)))
+    }
+
     /// `gelu(layer_norm(self(xs)))` (norm = weight, bias, eps over C) as one training op when
     /// something tracks a gradient and the CPU training kernels apply (f32 on the CPU, fast
     /// policy): see [`DwNormGeluOp`]. `Ok(None)` otherwise: the caller runs the three layers.
@@ -707,6 +717,114 @@ fn rows_per_task(c: usize) -> usize {
     (16 * 1024 / c.max(1)).max(1)
 }
 
+/// `gelu(layer_norm(dw_conv(x)))` of `n` images (`geom`, `ho` output rows) with `taps`
+/// ((kh * kw + 1, C), bias row last) and the norm's `(weight, bias)`: the forward of
+/// [`DwNormGeluOp`].
+#[allow(clippy::too_many_arguments)]
+fn norm_gelu_forward(
+    isa: Isa,
+    geom: &Geom,
+    n: usize,
+    ho: usize,
+    x: &[f32],
+    taps: &[f32],
+    (lnw, lnb): (&[f32], &[f32]),
+    eps: f32,
+) -> Result<Vec<f32>> {
+    let mut y = dw_f32_vec(isa, x, taps, geom, n, ho)?;
+    let task = rows_per_task(geom.c) * geom.c;
+    y.par_chunks_mut(task).for_each_init(Vec::new, |t, y| {
+        t.resize(y.len(), 0f32);
+        ln_rows(isa, y, as_out(t), lnw, lnb, eps);
+        gelu_into(isa, t, as_out(y));
+    });
+    Ok(y)
+}
+
+/// The backward of [`norm_gelu_forward`] for the output gradient `g`: the input's gradient
+/// (when `need_x`), the taps' (when `need_w`) and the norm's weight and bias gradients (2 * C).
+/// Recomputes the convolution's output and the normalised values.
+#[allow(clippy::type_complexity)]
+fn norm_gelu_backward(
+    isa: Isa,
+    geom: &Geom,
+    (n, ho): (usize, usize),
+    (x, taps, (lnw, lnb), g): (&[f32], &[f32], (&[f32], &[f32]), &[f32]),
+    eps: f32,
+    (need_x, need_w): (bool, bool),
+) -> Result<(Option<Vec<f32>>, Option<Vec<f32>>, Vec<f32>)> {
+    let c = geom.c;
+    // The convolution's output again, then per row block: the normalised rows, the GELU's
+    // gradient into them, the LayerNorm's backward (per-task weight and bias sums).
+    let f = dw_f32_vec(isa, x, taps, geom, n, ho)?;
+    if g.len() != f.len() {
+        candle_core::bail!("{OP}: gradient of {} values for {}", g.len(), f.len())
+    }
+    let mut df = super::try_output_vec::<f32>(OP, &[n, ho, geom.wo, c])?;
+    let task = rows_per_task(c) * c;
+    let sums: Vec<Vec<f32>> = df.spare_capacity_mut()[..f.len()]
+        .par_chunks_mut(task)
+        .zip(f.par_chunks(task).zip(g.par_chunks(task)))
+        .fold(
+            || (vec![0f32; 2 * c], Vec::new(), Vec::new()),
+            |(mut acc, mut z, mut dz), (df, (f, g))| {
+                z.resize(f.len(), 0f32);
+                dz.resize(f.len(), 0f32);
+                ln_rows(isa, f, as_out(&mut z), lnw, lnb, eps);
+                gelu_grad_f32(isa, &z, g, as_out(&mut dz));
+                let (dw, db) = acc.split_at_mut(c);
+                ln_backward_rows(isa, f, &dz, lnw, eps, df, dw, db);
+                (acc, z, dz)
+            },
+        )
+        .map(|(acc, _, _)| acc)
+        .collect();
+    // SAFETY: the chunks of df's first f.len() values pair one to one with f's, and
+    // `ln_backward_rows` writes every value of its chunk.
+    unsafe { df.set_len(f.len()) };
+    drop(f);
+    let (dx, dtaps) = dw_backward(isa, geom, (n, ho), (x, taps, &df), (need_x, need_w));
+    let mut dnorm = vec![0f32; 2 * c];
+    for p in &sums {
+        for (t, v) in dnorm.iter_mut().zip(p) {
+            *t += v;
+        }
+    }
+    Ok((dx, dtaps, dnorm))
+}
+
+/// [`norm_gelu_forward`] for an (N, H, W, C) input `dims` and a `kh` x `kw` kernel with zero
+/// padding `pad`: the offset branch's features of a fused training op. Returns the output and
+/// its height.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn dw_norm_gelu_forward(
+    isa: Isa,
+    (n, h, w, c): (usize, usize, usize, usize),
+    (kh, kw, pad): (usize, usize, usize),
+    x: &[f32],
+    taps: &[f32],
+    norm: (&[f32], &[f32]),
+    eps: f32,
+) -> Result<Vec<f32>> {
+    let (geom, ho) = Geom::of((h, w, c), (kh, kw), pad)?;
+    norm_gelu_forward(isa, &geom, n, ho, x, taps, norm, eps)
+}
+
+/// [`norm_gelu_backward`] for the shapes of [`dw_norm_gelu_forward`]: (input gradient, taps
+/// gradient, norm weight and bias gradients).
+#[allow(clippy::type_complexity)]
+pub(crate) fn dw_norm_gelu_backward(
+    isa: Isa,
+    (n, h, w, c): (usize, usize, usize, usize),
+    (kh, kw, pad): (usize, usize, usize),
+    args: (&[f32], &[f32], (&[f32], &[f32]), &[f32]),
+    eps: f32,
+) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    let (geom, ho) = Geom::of((h, w, c), (kh, kw), pad)?;
+    let (dx, dtaps, dnorm) = norm_gelu_backward(isa, &geom, (n, ho), args, eps, (true, true))?;
+    Ok((dx.unwrap_or_default(), dtaps.unwrap_or_default(), dnorm))
+}
+
 impl CustomOp3 for DwNormGeluOp {
     fn name(&self) -> &'static str {
         "internimage-depthwise-norm-gelu-train"
@@ -724,14 +842,8 @@ impl CustomOp3 for DwNormGeluOp {
         let (geom, n, ho) = self.geometry(l1, l2, l3)?;
         let x = contiguous_slice::<f32>(s1, l1, OP, "input")?;
         let taps = contiguous_slice::<f32>(s2, l2, OP, "packed weights")?;
-        let (lnw, lnb) = contiguous_slice::<f32>(s3, l3, OP, "norm")?.split_at(geom.c);
-        let mut y = dw_f32_vec(self.isa, x, taps, &geom, n, ho)?;
-        let task = rows_per_task(geom.c) * geom.c;
-        y.par_chunks_mut(task).for_each_init(Vec::new, |t, y| {
-            t.resize(y.len(), 0f32);
-            ln_rows(self.isa, y, as_out(t), lnw, lnb, self.eps);
-            gelu_into(self.isa, t, as_out(y));
-        });
+        let norm = contiguous_slice::<f32>(s3, l3, OP, "norm")?.split_at(geom.c);
+        let y = norm_gelu_forward(self.isa, &geom, n, ho, x, taps, norm, self.eps)?;
         Ok((CpuStorage::F32(y), Shape::from((n, ho, geom.wo, geom.c))))
     }
 
@@ -759,37 +871,14 @@ impl CustomOp3 for DwNormGeluOp {
         let tv = super::cpu_f32_values(&ts, tl, OP, "taps")?;
         let (lnw, lnb) = super::cpu_f32_values(&ns, nl, OP, "norm")?.split_at(geom.c);
         let gv = super::cpu_f32_values(&gs, gl, OP, "gradient")?;
-        let c = geom.c;
-        // The convolution's output again, then per row block: the normalised rows, the GELU's
-        // gradient into them, the LayerNorm's backward (per-task weight and bias sums).
-        let f = dw_f32_vec(self.isa, xv, tv, &geom, n, ho)?;
-        if gv.len() != f.len() {
-            candle_core::bail!("{OP}: gradient of {} values for {}", gv.len(), f.len())
-        }
-        let mut df = super::try_output_vec::<f32>(OP, &[n, ho, geom.wo, c])?;
-        let task = rows_per_task(c) * c;
-        let sums: Vec<Vec<f32>> = df.spare_capacity_mut()[..f.len()]
-            .par_chunks_mut(task)
-            .zip(f.par_chunks(task).zip(gv.par_chunks(task)))
-            .fold(
-                || (vec![0f32; 2 * c], Vec::new(), Vec::new()),
-                |(mut acc, mut z, mut dz), (df, (f, g))| {
-                    z.resize(f.len(), 0f32);
-                    dz.resize(f.len(), 0f32);
-                    ln_rows(self.isa, f, as_out(&mut z), lnw, lnb, self.eps);
-                    gelu_grad_f32(self.isa, &z, g, as_out(&mut dz));
-                    let (dw, db) = acc.split_at_mut(c);
-                    ln_backward_rows(self.isa, f, &dz, lnw, self.eps, df, dw, db);
-                    (acc, z, dz)
-                },
-            )
-            .map(|(acc, _, _)| acc)
-            .collect();
-        // SAFETY: the chunks of df's first f.len() values pair one to one with f's, and
-        // `ln_backward_rows` writes every value of its chunk.
-        unsafe { df.set_len(f.len()) };
-        drop(f);
-        let (dx, dtaps) = dw_backward(self.isa, &geom, (n, ho), (xv, tv, &df), (need_x, need_w));
+        let (dx, dtaps, dn) = norm_gelu_backward(
+            self.isa,
+            &geom,
+            (n, ho),
+            (xv, tv, (lnw, lnb), gv),
+            self.eps,
+            (need_x, need_w),
+        )?;
         let dev = x.device();
         let dx = dx
             .map(|v| Tensor::from_vec(v, xl.shape().clone(), dev))
@@ -798,15 +887,7 @@ impl CustomOp3 for DwNormGeluOp {
             .map(|v| Tensor::from_vec(v, tl.shape().clone(), dev))
             .transpose()?;
         let dnorm = need_n
-            .then(|| {
-                let mut total = vec![0f32; 2 * c];
-                for p in &sums {
-                    for (t, v) in total.iter_mut().zip(p) {
-                        *t += v;
-                    }
-                }
-                Tensor::from_vec(total, 2 * c, dev)
-            })
+            .then(|| Tensor::from_vec(dn, 2 * geom.c, dev))
             .transpose()?;
         Ok((dx, dtaps, dnorm))
     }

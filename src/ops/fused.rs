@@ -456,21 +456,7 @@ impl CustomOp1 for SoftmaxGroupsOp {
                 l.dims()
             )
         }
-        // The output is written into uninitialised capacity (no zero-fill pass).
-        let mut y = Vec::with_capacity(x.len());
-        let dst = &mut y.spare_capacity_mut()[..x.len()];
-        let per_task = (PAR_CHUNK / p).max(1) * p;
-        if x.len() <= PAR_CHUNK {
-            softmax_groups_f32(self.isa, x, dst, p);
-        } else {
-            dst.par_chunks_mut(per_task)
-                .zip(x.par_chunks(per_task))
-                .for_each(|(yc, xc)| softmax_groups_f32(self.isa, xc, yc, p));
-        }
-        // SAFETY: `x.len()` is a multiple of `p` (checked above) and so is every chunk, the
-        // chunks of `dst` and `x` pair up one to one with equal lengths, and
-        // `softmax_groups_f32` writes every element of such a chunk.
-        unsafe { y.set_len(x.len()) };
+        let y = softmax_groups_rows(self.isa, x, p);
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -491,6 +477,48 @@ impl CustomOp1 for SoftmaxGroupsOp {
         let dot = (&yg * &gg)?.sum_keepdim(1)?;
         Ok(Some((yg * gg.broadcast_sub(&dot)?)?.reshape(res.shape())?))
     }
+}
+
+/// Softmax over each group of `p` consecutive values of `x` (`x.len()` a multiple of `p > 0`).
+pub(crate) fn softmax_groups_rows(isa: Isa, x: &[f32], p: usize) -> Vec<f32> {
+    // The output is written into uninitialised capacity (no zero-fill pass).
+    let mut y = Vec::with_capacity(x.len());
+    let dst = &mut y.spare_capacity_mut()[..x.len()];
+    let per_task = (PAR_CHUNK / p).max(1) * p;
+    if x.len() <= PAR_CHUNK {
+        softmax_groups_f32(isa, x, dst, p);
+    } else {
+        dst.par_chunks_mut(per_task)
+            .zip(x.par_chunks(per_task))
+            .for_each(|(yc, xc)| softmax_groups_f32(isa, xc, yc, p));
+    }
+    // SAFETY: `x.len()` is a multiple of `p` (the callers check) and so is every chunk, the
+    // chunks of `dst` and `x` pair up one to one with equal lengths, and `softmax_groups_f32`
+    // writes every element of such a chunk.
+    unsafe { y.set_len(x.len()) };
+    y
+}
+
+/// The grouped softmax's input gradient `y * (g - sum_group(g * y))` for its output `y` and
+/// output gradient `g` (equal lengths, multiples of `p > 0`).
+pub(crate) fn softmax_groups_backward_rows(y: &[f32], g: &[f32], p: usize) -> Vec<f32> {
+    let mut dx = super::written_zeros_par(y.len());
+    let per_task = (PAR_CHUNK / p).max(1) * p;
+    dx.par_chunks_mut(per_task)
+        .zip(y.par_chunks(per_task).zip(g.par_chunks(per_task)))
+        .for_each(|(d, (y, g))| {
+            for ((d, y), g) in d
+                .chunks_exact_mut(p)
+                .zip(y.chunks_exact(p))
+                .zip(g.chunks_exact(p))
+            {
+                let dot: f32 = y.iter().zip(g).map(|(a, b)| a * b).sum();
+                for ((d, &y), &g) in d.iter_mut().zip(y).zip(g) {
+                    *d = y * (g - dot);
+                }
+            }
+        });
+    dx
 }
 
 /// The grouped softmax backward on the CPU in f32, one pass: (y, g) -> y * (g - sum_group(g * y)).
@@ -521,22 +549,7 @@ impl candle_core::CustomOp2 for SoftmaxGroupsBackwardOp {
                 g.len()
             )
         }
-        let mut dx = super::written_zeros_par(y.len());
-        let per_task = (PAR_CHUNK / p).max(1) * p;
-        dx.par_chunks_mut(per_task)
-            .zip(y.par_chunks(per_task).zip(g.par_chunks(per_task)))
-            .for_each(|(d, (y, g))| {
-                for ((d, y), g) in d
-                    .chunks_exact_mut(p)
-                    .zip(y.chunks_exact(p))
-                    .zip(g.chunks_exact(p))
-                {
-                    let dot: f32 = y.iter().zip(g).map(|(a, b)| a * b).sum();
-                    for ((d, &y), &g) in d.iter_mut().zip(y).zip(g) {
-                        *d = y * (g - dot);
-                    }
-                }
-            });
+        let dx = softmax_groups_backward_rows(y, g, p);
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }

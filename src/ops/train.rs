@@ -1151,6 +1151,305 @@ pub(crate) fn project_residual(
     x.contiguous()?.apply_op3(&y.contiguous()?, &p, op)
 }
 
+/// LayerNorm over rows of `c` values (weight `w`, bias `b`), by parallel row blocks.
+fn layer_norm_rows(isa: Isa, x: &[f32], c: usize, w: &[f32], b: &[f32], eps: f32) -> Vec<f32> {
+    let mut xn = Vec::with_capacity(x.len());
+    let task = (16 * 1024 / c.max(1)).max(1) * c;
+    xn.spare_capacity_mut()[..x.len()]
+        .par_chunks_mut(task)
+        .zip(x.par_chunks(task))
+        .for_each(|(d, s)| ln_rows(isa, s, d, w, b, eps));
+    // SAFETY: the chunks hold whole rows of c values paired one to one with x's, and `ln_rows`
+    // writes every value of its chunk.
+    unsafe { xn.set_len(x.len()) };
+    xn
+}
+
+/// The backward of [`layer_norm_rows`] for the output gradient `dy`: (dx, dw, db).
+fn layer_norm_backward(
+    isa: Isa,
+    x: &[f32],
+    dy: &[f32],
+    c: usize,
+    w: &[f32],
+    eps: f32,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let mut dx = Vec::with_capacity(x.len());
+    let task = (16 * 1024 / c.max(1)).max(1) * c;
+    let sums: Vec<Vec<f32>> = dx.spare_capacity_mut()[..x.len()]
+        .par_chunks_mut(task)
+        .zip(x.par_chunks(task).zip(dy.par_chunks(task)))
+        .fold(
+            || vec![0f32; 2 * c],
+            |mut acc, (d, (x, g))| {
+                let (dw, db) = acc.split_at_mut(c);
+                ln_backward_rows(isa, x, g, w, eps, d, dw, db);
+                acc
+            },
+        )
+        .collect();
+    // SAFETY: as in `layer_norm_rows`: `ln_backward_rows` writes every value of its chunk.
+    unsafe { dx.set_len(x.len()) };
+    let mut total = vec![0f32; 2 * c];
+    for p in &sums {
+        add_into(&mut total, p);
+    }
+    let db = total.split_off(c);
+    (dx, total, db)
+}
+
+/// The shapes of a DCNv3 layer's core branch for [`dcn_core`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DcnCoreSpec {
+    /// The depthwise conv's kernel size and zero padding.
+    pub(crate) dw_kernel: usize,
+    pub(crate) dw_pad: usize,
+    /// The block's norm (before the layer) and the offset branch's norm epsilons.
+    pub(crate) eps: f32,
+    pub(crate) dw_eps: f32,
+    /// The core op's geometry.
+    pub(crate) core: crate::ops::dcnv3::Dcnv3Config,
+}
+
+/// What the forward of [`DcnCoreOp`] keeps for its backward.
+struct DcnCoreSaved {
+    v: Vec<f32>,
+    f: Vec<f32>,
+    offset: Vec<f32>,
+    mask: Vec<f32>,
+}
+
+/// A pre-norm block's DCNv3 branch up to the core's output, as one training op:
+/// `core(input_proj(n), offset(f), softmax(mask(f)))` with `n = layer_norm(x)` and
+/// `f = gelu(layer_norm(dw_conv(n)))`, over an (N, H, W, C) input and one flat parameter tensor
+/// (see [`DcnCoreOp::parts`]). The forward keeps the core's operands and `f` (the tensors the
+/// backward needs that cost a GEMM to recompute); the normalised input is recomputed. The graph
+/// holds this one node where eight ops stood (each costing the backward a zero-filled gradient
+/// and an add on the calling thread, and keeping its input alive).
+struct DcnCoreOp {
+    isa: Isa,
+    spec: DcnCoreSpec,
+    saved: OnceLock<DcnCoreSaved>,
+}
+
+impl DcnCoreOp {
+    /// Lengths of the parameter parts, in order: norm weight, norm bias, input_proj weight and
+    /// bias, depthwise taps and bias ((k * k + 1) * C), the offset branch's norm weight and bias,
+    /// offset weight and bias, mask weight and bias.
+    fn parts(&self, c: usize) -> [usize; 11] {
+        let (g, p) = (self.spec.core.group, self.spec.core.points());
+        let k = self.spec.dw_kernel;
+        [
+            c,
+            c,
+            c * c,
+            c,
+            (k * k + 1) * c,
+            c,
+            c,
+            2 * g * p * c,
+            2 * g * p,
+            g * p * c,
+            g * p,
+        ]
+    }
+
+    /// The parameter parts of `p` (lengths from [`Self::parts`]).
+    fn split<'a>(&self, p: &'a [f32], c: usize) -> Result<[&'a [f32]; 11]> {
+        let lens = self.parts(c);
+        if p.len() != lens.iter().sum::<usize>()
+            || c != self.spec.core.group * self.spec.core.group_channels
+        {
+            candle_core::bail!("dcn core: {} parameters do not fit {c} channels", p.len())
+        }
+        let mut out: [&[f32]; 11] = [&[]; 11];
+        let mut rest = p;
+        for (o, &len) in out.iter_mut().zip(&lens) {
+            let (a, b) = rest.split_at(len);
+            *o = a;
+            rest = b;
+        }
+        Ok(out)
+    }
+
+    /// The core's geometry for an (N, H, W, C) input.
+    fn geometry(
+        &self,
+        dims: (usize, usize, usize, usize),
+    ) -> Result<crate::ops::dcnv3::Dcnv3Geometry> {
+        let (n, h, w, c) = dims;
+        let gp = self.spec.core.group * self.spec.core.points();
+        self.spec.core.geometry(
+            &Shape::from((n, h, w, c)),
+            &Shape::from((n, h, w, 2 * gp)),
+            &Shape::from((n, h, w, gp)),
+        )
+    }
+}
+
+impl CustomOp2 for DcnCoreOp {
+    fn name(&self) -> &'static str {
+        "internimage-train-dcn-core"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        use crate::ops::dcnv3::cpu;
+        let what = "dcn core";
+        let dims = l1.shape().dims4()?;
+        let (n, h, w, c) = dims;
+        let x = contiguous_slice::<f32>(s1, l1, what, "input")?;
+        let p = contiguous_slice::<f32>(s2, l2, what, "parameters")?;
+        let [nw, nb, iw, ib, taps, fw, fb, ow, ob, mw, mb] = self.split(p, c)?;
+        let (isa, m) = (self.isa, n * h * w);
+        let gp = self.spec.core.group * self.spec.core.points();
+        let geo = self.geometry(dims)?;
+        let xn = layer_norm_rows(isa, x, c, nw, nb, self.spec.eps);
+        let v = linear_forward(isa, &xn, m, iw, Some(ib), c)?;
+        let k = (self.spec.dw_kernel, self.spec.dw_kernel, self.spec.dw_pad);
+        let f = super::depthwise::dw_norm_gelu_forward(
+            isa,
+            dims,
+            k,
+            &xn,
+            taps,
+            (fw, fb),
+            self.spec.dw_eps,
+        )?;
+        drop(xn);
+        let offset = linear_forward(isa, &f, m, ow, Some(ob), 2 * gp)?;
+        let mask = super::fused::softmax_groups_rows(
+            isa,
+            &linear_forward(isa, &f, m, mw, Some(mb), gp)?,
+            self.spec.core.points(),
+        );
+        let mut y = super::written_zeros_par(geo.output_len());
+        let lay = cpu::PointLayout::dcnv3(&geo);
+        cpu::forward(isa, &self.spec.core, &geo, lay, &v, &offset, &mask, &mut y);
+        // `cpu_fwd` runs once per op value; a second run would keep the same values.
+        let _ = self.saved.set(DcnCoreSaved { v, f, offset, mask });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        p: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        use crate::ops::dcnv3::cpu;
+        let Some(sv) = self.saved.get() else {
+            candle_core::bail!("dcn core backward: internal error, the forward kept nothing")
+        };
+        let dims = x.dims4()?;
+        let (n, h, w, c) = dims;
+        let (isa, m) = (self.isa, n * h * w);
+        let gp = self.spec.core.group * self.spec.core.points();
+        let geo = self.geometry(dims)?;
+        let (xt, pt, g) = (x.contiguous()?, p.contiguous()?, grad.contiguous()?);
+        let (xs, xl) = xt.storage_and_layout();
+        let (ps, pl) = pt.storage_and_layout();
+        let (gs, gl) = g.storage_and_layout();
+        let xv = values(&xs, xl, "input")?;
+        let pv = values(&ps, pl, "parameters")?;
+        let gv = values(&gs, gl, "gradient")?;
+        let [nw, _nb, iw, _ib, taps, fw, fb, ow, _ob, mw, _mb] = self.split(pv, c)?;
+        if gv.len() != geo.output_len() {
+            candle_core::bail!("dcn core backward: gradient of {} values", gv.len())
+        }
+        // The core.
+        let mut dv = super::written_zeros_par(geo.input_len());
+        let mut doff = super::written_zeros_par(geo.offset_len());
+        let mut dmask = super::written_zeros_par(geo.mask_len());
+        let rows = cpu::GradRows {
+            off: &mut doff,
+            mask: Some(&mut dmask),
+        };
+        let lay = cpu::PointLayout::dcnv3(&geo);
+        cpu::backward(
+            isa,
+            &self.spec.core,
+            &geo,
+            lay,
+            &sv.v,
+            &sv.offset,
+            &sv.mask,
+            gv,
+            &mut dv,
+            rows,
+        );
+        // The softmax, the offset and mask projections.
+        let dlogits =
+            super::fused::softmax_groups_backward_rows(&sv.mask, &dmask, self.spec.core.points());
+        drop(dmask);
+        let mut df = input_grad(isa, &doff, m, ow, 2 * gp, c)?;
+        add_into(&mut df, &input_grad(isa, &dlogits, m, mw, gp, c)?);
+        let (dow, dob) = weight_grads(&doff, &sv.f, m, 2 * gp, c);
+        let (dmw, dmb) = weight_grads(&dlogits, &sv.f, m, gp, c);
+        drop((doff, dlogits));
+        // The offset branch's features and the input projection, from the normalised input.
+        let nb = &pv[c..2 * c];
+        let xn = layer_norm_rows(isa, xv, c, nw, nb, self.spec.eps);
+        let k = (self.spec.dw_kernel, self.spec.dw_kernel, self.spec.dw_pad);
+        let (mut dxn, dtaps, dfn) = super::depthwise::dw_norm_gelu_backward(
+            isa,
+            dims,
+            k,
+            (&xn, taps, (fw, fb), &df),
+            self.spec.dw_eps,
+        )?;
+        drop(df);
+        add_into(&mut dxn, &input_grad(isa, &dv, m, iw, c, c)?);
+        let (diw, dib) = weight_grads(&dv, &xn, m, c, c);
+        drop((dv, xn));
+        // The block's norm.
+        let (dx, dnw, dnb) = layer_norm_backward(isa, xv, &dxn, c, nw, self.spec.eps);
+        let dx = x
+            .track_op()
+            .then(|| tensor(dx, xl.shape().clone()))
+            .transpose()?;
+        let dp = if p.track_op() {
+            let mut all = Vec::with_capacity(pv.len());
+            for part in [&dnw, &dnb, &diw, &dib, &dtaps, &dfn, &dow, &dob, &dmw, &dmb] {
+                all.extend_from_slice(part);
+            }
+            let len = all.len();
+            Some(tensor(all, len)?)
+        } else {
+            None
+        };
+        Ok((dx, dp))
+    }
+}
+
+/// The DCNv3 branch of a pre-norm block up to the core's output (see [`DcnCoreOp`]): `x` (N,
+/// H, W, C) and the parameters in [`DcnCoreOp::parts`]'s order (the depthwise taps as
+/// (k * k + 1, C) with the bias row last). f32 CPU tensors only.
+pub(crate) fn dcn_core(
+    x: &Tensor,
+    params: &[&Tensor],
+    spec: DcnCoreSpec,
+    isa: Isa,
+) -> Result<Tensor> {
+    let flat = params
+        .iter()
+        .map(|t| t.flatten_all())
+        .collect::<Result<Vec<_>>>()?;
+    let p = Tensor::cat(&flat, 0)?;
+    let op = DcnCoreOp {
+        isa,
+        spec,
+        saved: OnceLock::new(),
+    };
+    x.contiguous()?.apply_op2(&p, op)
+}
+
 /// `x + s[sample] * gamma[channel] * y` (either scale optional), and its backward.
 struct ResidualOp {
     /// Per-sample scale (stochastic depth: 0 or 1 / keep), one per leading index.
