@@ -613,9 +613,9 @@ struct PreNormMlpOp {
 /// ones are recomputed there. Every InternImage block has about the same MLP FLOPs (C doubles
 /// where H*W quarters), while its hidden tensor shrinks 2x per stage: keeping the small ones
 /// buys most of the recompute's FLOPs for little memory. At InternImage-T, 224, batch 8: stages
-/// 3 and 4 (6.4 and 3.2 MB per block, 22 of 30 blocks, 128 MB in all) keep them, stages 1 and 2
-/// (25.7 and 12.8 MB) recompute.
-const KEEP_HIDDEN_BYTES: usize = 8 << 20;
+/// 2-4 (12.8, 6.4 and 3.2 MB per block, 26 of 30 blocks, 180 MB in all; ~100 MB more peak RSS
+/// than keeping stages 3-4 only) keep them, stage 1 (25.7 MB per block) recomputes.
+const KEEP_HIDDEN_BYTES: usize = 16 << 20;
 
 /// The hidden pre-activations of an MLP backward: kept by the forward, or recomputed per row
 /// block with the packed fc1.
