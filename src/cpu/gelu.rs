@@ -106,18 +106,60 @@ pub(crate) fn gelu_erf_f32_slice(isa: super::Isa, src: &[f32], dst: &mut [MaybeU
     }
 }
 
+/// The standard normal `(Phi(v), phi(v))` with one `exp`: [`erf_f32`]'s two branches at
+/// `v / sqrt(2)`, its `exp(-x^2)` being `exp(-v^2 / 2)`, the density's. (`erf_f32` clamps that
+/// exponent at 3.92^2, where `1 - exp(-x^2) * erfcx(x)` already rounds to 1 in f32; unclamped,
+/// it rounds to 1 there too.)
+#[inline(always)]
+fn normal_cdf_pdf<const FMA: bool>(v: f32) -> (f32, f32) {
+    const INV_SQRT_2PI: f32 = 0.398_942_3;
+    let x = v * std::f32::consts::FRAC_1_SQRT_2;
+    let s = x * x;
+    let mut p = ERF_SMALL[6];
+    for k in (0..6).rev() {
+        p = fmadd::<FMA>(p, s, ERF_SMALL[k]);
+    }
+    let small = x * p;
+    let a = x.abs();
+    let u = a.min(ERF_CLAMP) - ERFCX_MID;
+    let mut q = ERFCX[10];
+    for k in (0..10).rev() {
+        q = fmadd::<FMA>(q, u, ERFCX[k]);
+    }
+    let e = exp_f32::<FMA>(-s);
+    let large = fmadd::<FMA>(-e, q, 1.0).copysign(x);
+    let erf = if a < 1.0 { small } else { large };
+    (0.5 * (1.0 + erf), INV_SQRT_2PI * e)
+}
+
 /// `dx = g * (Phi(x) + x * phi(x))` elementwise over equal-length slices.
 #[inline(always)]
 fn gelu_grad_generic<const FMA: bool>(x: &[f32], g: &[f32], dx: &mut [MaybeUninit<f32>]) {
-    const INV_SQRT_2PI: f32 = 0.398_942_3;
     for ((d, &x), &g) in dx.iter_mut().zip(x).zip(g) {
-        let cdf = 0.5 * (1.0 + erf_f32::<FMA>(x * std::f32::consts::FRAC_1_SQRT_2));
-        let pdf = INV_SQRT_2PI * exp_f32::<FMA>(-0.5 * x * x);
+        let (cdf, pdf) = normal_cdf_pdf::<FMA>(x);
         d.write(g * fmadd::<FMA>(x, pdf, cdf));
     }
 }
 
 dispatch!(pub(crate) fn gelu_grad_f32(x: &[f32], g: &[f32], dx: &mut [MaybeUninit<f32>]) => gelu_grad_generic);
+
+/// `h = gelu(x) = x * Phi(x)` and `slope = gelu'(x) = Phi(x) + x * phi(x)` in one pass (one
+/// `erf`, one `exp`): what an MLP backward needs of its hidden pre-activations, the value for the
+/// second layer's weight gradient and the slope for the first layer's.
+#[inline(always)]
+fn gelu_and_slope_generic<const FMA: bool>(
+    x: &[f32],
+    h: &mut [MaybeUninit<f32>],
+    slope: &mut [MaybeUninit<f32>],
+) {
+    for ((h, s), &x) in h.iter_mut().zip(slope.iter_mut()).zip(x) {
+        let (cdf, pdf) = normal_cdf_pdf::<FMA>(x);
+        h.write(x * cdf);
+        s.write(fmadd::<FMA>(x, pdf, cdf));
+    }
+}
+
+dispatch!(pub(crate) fn gelu_and_slope(x: &[f32], h: &mut [MaybeUninit<f32>], slope: &mut [MaybeUninit<f32>]) => gelu_and_slope_generic);
 
 #[cfg(test)]
 mod tests {
@@ -136,6 +178,47 @@ mod tests {
             }
         }
         assert!(worst < 1.5e-7, "max |erf error| = {worst:e}");
+    }
+
+    #[test]
+    fn gelu_value_and_slope_match_f64_on_every_isa() {
+        // Past the erf clamp (|x| > 3.92 * sqrt 2) too.
+        let n = 20_011;
+        let xs: Vec<f32> = (0..n).map(|i| -12.0 + 24.0 * i as f32 / n as f32).collect();
+        let g: Vec<f32> = (0..n)
+            .map(|i| 1.0 - 2.0 * ((i * 7) % 13) as f32 / 13.0)
+            .collect();
+        let cdf =
+            |x: f64| 0.5 * (1.0 + candle_core::cpu::erf::erf_f64(x / std::f64::consts::SQRT_2));
+        let pdf = |x: f64| (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt();
+        for isa in crate::cpu::Isa::supported() {
+            let mut h = vec![MaybeUninit::uninit(); n];
+            let mut sl = vec![MaybeUninit::uninit(); n];
+            let mut dx = vec![MaybeUninit::uninit(); n];
+            gelu_and_slope(isa, &xs, &mut h, &mut sl);
+            gelu_grad_f32(isa, &xs, &g, &mut dx);
+            for i in 0..n {
+                let x = xs[i] as f64;
+                // SAFETY: the kernels wrote every element.
+                let (h, sl, dx) =
+                    unsafe { (h[i].assume_init(), sl[i].assume_init(), dx[i].assume_init()) };
+                let tol = 2.5e-7 * x.abs().max(1.0);
+                let (want_h, want_s) = (x * cdf(x), cdf(x) + x * pdf(x));
+                assert!(
+                    (h as f64 - want_h).abs() <= tol,
+                    "{isa} gelu({x}) = {h}, want {want_h}"
+                );
+                assert!(
+                    (sl as f64 - want_s).abs() <= tol,
+                    "{isa} gelu'({x}) = {sl}, want {want_s}"
+                );
+                let want_dx = g[i] as f64 * want_s;
+                assert!(
+                    (dx as f64 - want_dx).abs() <= tol,
+                    "{isa} g gelu'({x}) = {dx}, want {want_dx}"
+                );
+            }
+        }
     }
 
     #[test]

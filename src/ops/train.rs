@@ -21,7 +21,7 @@ use std::sync::{Arc, OnceLock};
 
 use super::fused::{ln_backward_rows, ln_rows};
 use super::{contiguous_slice, written_zeros};
-use crate::cpu::gelu::{gelu_grad_f32, gelu_into};
+use crate::cpu::gelu::gelu_and_slope;
 use crate::cpu::gemm::{gemm_tn_acc, linear_packed, linear_rows, PackedWeight, Rows};
 use crate::cpu::{as_out, Isa, KernelPolicy};
 
@@ -116,6 +116,13 @@ fn zeros_with_room(len: usize, room: usize) -> Vec<f32> {
     let mut v = Vec::with_capacity(len + room);
     v.resize(len, 0f32);
     v
+}
+
+/// `dst = a * b` elementwise (equal lengths).
+fn mul_into(dst: &mut [f32], a: &[f32], b: &[f32]) {
+    for ((d, &a), &b) in dst.iter_mut().zip(a).zip(b) {
+        *d = a * b;
+    }
 }
 
 /// Adds `src` into `dst` elementwise.
@@ -411,6 +418,7 @@ struct MlpAcc {
     z: Vec<f32>,
     h: Vec<f32>,
     dh: Vec<f32>,
+    slope: Vec<f32>,
 }
 
 impl CustomOp3 for MlpOp {
@@ -496,6 +504,7 @@ impl CustomOp3 for MlpOp {
             z: Vec::new(),
             h: Vec::new(),
             dh: Vec::new(),
+            slope: Vec::new(),
         };
         let run = |acc: &mut MlpAcc, b: usize, dxb: Option<&mut [f32]>| {
             let (r0, r1) = (b * rows, ((b + 1) * rows).min(m));
@@ -505,13 +514,14 @@ impl CustomOp3 for MlpOp {
             acc.z.resize(rb * hid, 0.0);
             acc.h.resize(rb * hid, 0.0);
             acc.dh.resize(rb * hid, 0.0);
+            acc.slope.resize(rb * hid, 0.0);
             linear_rows(xb, &fc1, false, &mut acc.z);
-            gelu_into(isa, &acc.z, as_out(&mut acc.h));
+            gelu_and_slope(isa, &acc.z, as_out(&mut acc.h), as_out(&mut acc.slope));
             gemm_tn_acc(rb, cout, hid, gb, &acc.h, &mut acc.dw2);
             add_col_sums(gb, cout, &mut acc.db2);
             linear_rows(gb, &fc2t, false, &mut acc.dh);
             // dz = dh * gelu'(z), into h (no longer needed).
-            gelu_grad_f32(isa, &acc.z, &acc.dh, as_out(&mut acc.h));
+            mul_into(&mut acc.h, &acc.dh, &acc.slope);
             gemm_tn_acc(rb, hid, cin, &acc.h, xb, &mut acc.dw1);
             add_col_sums(&acc.h, hid, &mut acc.db1);
             if let Some(dxb) = dxb {
@@ -637,6 +647,7 @@ struct PreNormAcc {
     z: Vec<f32>,
     h: Vec<f32>,
     dh: Vec<f32>,
+    slope: Vec<f32>,
     gm: Vec<f32>,
     dxn: Vec<f32>,
     dx: Vec<f32>,
@@ -787,6 +798,7 @@ impl CustomOp3 for PreNormMlpOp {
             z: Vec::new(),
             h: Vec::new(),
             dh: Vec::new(),
+            slope: Vec::new(),
             gm: Vec::new(),
             dxn: Vec::new(),
             dx: Vec::new(),
@@ -799,6 +811,7 @@ impl CustomOp3 for PreNormMlpOp {
             acc.xn.resize(rb * c, 0.0);
             acc.h.resize(rb * hid, 0.0);
             acc.dh.resize(rb * hid, 0.0);
+            acc.slope.resize(rb * hid, 0.0);
             acc.gm.resize(rb * c, 0.0);
             acc.dxn.resize(rb * c, 0.0);
             ln_rows(isa, xb, as_out(&mut acc.xn), lnw, lnb, self.eps);
@@ -810,7 +823,7 @@ impl CustomOp3 for PreNormMlpOp {
                     &acc.z[..]
                 }
             };
-            gelu_into(isa, z, as_out(&mut acc.h));
+            gelu_and_slope(isa, z, as_out(&mut acc.h), as_out(&mut acc.slope));
             // The gradient of the MLP output: the block's, scaled per sample.
             for (i, (d, s)) in acc
                 .gm
@@ -827,7 +840,7 @@ impl CustomOp3 for PreNormMlpOp {
             add_col_sums(&acc.gm, c, &mut acc.db2);
             linear_rows(&acc.gm, &fc2t, false, &mut acc.dh);
             // dz = dh * gelu'(z), into h (no longer needed).
-            gelu_grad_f32(isa, z, &acc.dh, as_out(&mut acc.h));
+            mul_into(&mut acc.h, &acc.dh, &acc.slope);
             gemm_tn_acc(rb, hid, c, &acc.h, &acc.xn, &mut acc.dw1);
             add_col_sums(&acc.h, hid, &mut acc.db1);
             linear_rows(&acc.h, &fc1t, false, &mut acc.dxn);
