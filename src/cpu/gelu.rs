@@ -48,6 +48,13 @@ pub(crate) const PAR_CHUNK: usize = 16 * 1024;
 #[inline(always)]
 pub(crate) fn erf_f32<const FMA: bool>(x: f32) -> f32 {
     let s = x * x;
+    erf_branches::<FMA>(x, s, exp_f32::<FMA>(-s.min(ERF_CLAMP * ERF_CLAMP)))
+}
+
+/// [`erf_f32`]'s two branches for `s = x^2` and `e = exp(-x^2)` (clamped or not beyond
+/// [`ERF_CLAMP`]: `1 - e * erfcx(x)` rounds to 1 there either way).
+#[inline(always)]
+fn erf_branches<const FMA: bool>(x: f32, s: f32, e: f32) -> f32 {
     let mut p = ERF_SMALL[6];
     for k in (0..6).rev() {
         p = fmadd::<FMA>(p, s, ERF_SMALL[k]);
@@ -59,7 +66,6 @@ pub(crate) fn erf_f32<const FMA: bool>(x: f32) -> f32 {
     for k in (0..10).rev() {
         q = fmadd::<FMA>(q, u, ERFCX[k]);
     }
-    let e = exp_f32::<FMA>(-s.min(ERF_CLAMP * ERF_CLAMP));
     let large = fmadd::<FMA>(-e, q, 1.0).copysign(x);
     if a < 1.0 {
         small
@@ -115,21 +121,8 @@ fn normal_cdf_pdf<const FMA: bool>(v: f32) -> (f32, f32) {
     const INV_SQRT_2PI: f32 = 0.398_942_3;
     let x = v * std::f32::consts::FRAC_1_SQRT_2;
     let s = x * x;
-    let mut p = ERF_SMALL[6];
-    for k in (0..6).rev() {
-        p = fmadd::<FMA>(p, s, ERF_SMALL[k]);
-    }
-    let small = x * p;
-    let a = x.abs();
-    let u = a.min(ERF_CLAMP) - ERFCX_MID;
-    let mut q = ERFCX[10];
-    for k in (0..10).rev() {
-        q = fmadd::<FMA>(q, u, ERFCX[k]);
-    }
     let e = exp_f32::<FMA>(-s);
-    let large = fmadd::<FMA>(-e, q, 1.0).copysign(x);
-    let erf = if a < 1.0 { small } else { large };
-    (0.5 * (1.0 + erf), INV_SQRT_2PI * e)
+    (0.5 * (1.0 + erf_branches::<FMA>(x, s, e)), INV_SQRT_2PI * e)
 }
 
 /// `dx = g * (Phi(x) + x * phi(x))` elementwise over equal-length slices.
