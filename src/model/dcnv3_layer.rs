@@ -251,6 +251,11 @@ impl Dcnv3Layer {
         let Some((taps, kernel, pad)) = self.dw_conv.train_taps()? else {
             return Ok(None);
         };
+        // The fused op needs the offset branch to keep the spatial size (it always does in the
+        // released configurations); others run the layers.
+        if pad * 2 + 1 != kernel {
+            return Ok(None);
+        }
         let (fw, fb, dw_eps) = self.dw_norm.params();
         let params = [nw, nb, iw, ib, &taps, fw, fb, ow, ob, mw, mb];
         let tracks = xs.track_op() || params.iter().any(|t| t.track_op());

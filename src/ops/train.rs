@@ -1322,6 +1322,16 @@ impl CustomOp2 for DcnCoreOp {
         let (isa, m) = (self.isa, n * h * w);
         let gp = self.spec.core.group * self.spec.core.points();
         let geo = self.geometry(dims)?;
+        if (geo.h_out, geo.w_out) != (h, w) || self.spec.dw_pad * 2 + 1 != self.spec.dw_kernel {
+            candle_core::bail!(
+                "dcn core: the core ({}x{} from {h}x{w}) and the depthwise conv (kernel {}, pad {}) \
+                 must keep the spatial size",
+                geo.h_out,
+                geo.w_out,
+                self.spec.dw_kernel,
+                self.spec.dw_pad
+            )
+        }
         let xn = layer_norm_rows(isa, x, c, nw, nb, self.spec.eps);
         let v = linear_forward(isa, &xn, m, iw, Some(ib), c)?;
         let k = (self.spec.dw_kernel, self.spec.dw_kernel, self.spec.dw_pad);
