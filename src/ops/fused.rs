@@ -128,21 +128,7 @@ impl CustomOp3 for LayerNormOp {
                 l1.dims()
             )
         }
-        // The output is written into uninitialised capacity (no zero-fill pass).
-        let mut y = Vec::with_capacity(x.len());
-        let dst = &mut y.spare_capacity_mut()[..x.len()];
-        let rows_per_task = (PAR_CHUNK / c).max(1) * c;
-        if x.len() <= PAR_CHUNK {
-            ln_rows(self.isa, x, dst, w, b, self.eps);
-        } else {
-            dst.par_chunks_mut(rows_per_task)
-                .zip(x.par_chunks(rows_per_task))
-                .for_each(|(yc, xc)| ln_rows(self.isa, xc, yc, w, b, self.eps));
-        }
-        // SAFETY: `x.len()` is a multiple of `c` (checked above) and so is every chunk (tasks
-        // take whole rows), the chunks of `dst` and `x` pair up one to one with equal lengths,
-        // and `ln_rows` writes every element of such a chunk.
-        unsafe { y.set_len(x.len()) };
+        let y = layer_norm_rows(self.isa, x, w, b, self.eps);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -157,6 +143,64 @@ impl CustomOp3 for LayerNormOp {
         let (dx, dw, db) = layer_norm_backward(self.isa, xs, weight, grad, self.eps as f64)?;
         Ok((Some(dx), Some(dw), Some(db)))
     }
+}
+
+/// LayerNorm over whole rows of `x` (`w.len()` values each, `x.len()` a multiple of it; the
+/// callers check), by parallel row blocks; weight `w`, bias `b`.
+pub(crate) fn layer_norm_rows(isa: Isa, x: &[f32], w: &[f32], b: &[f32], eps: f32) -> Vec<f32> {
+    let c = w.len().max(1);
+    // The output is written into uninitialised capacity (no zero-fill pass).
+    let mut y = Vec::with_capacity(x.len());
+    let dst = &mut y.spare_capacity_mut()[..x.len()];
+    let rows_per_task = (PAR_CHUNK / c).max(1) * c;
+    if x.len() <= PAR_CHUNK {
+        ln_rows(isa, x, dst, w, b, eps);
+    } else {
+        dst.par_chunks_mut(rows_per_task)
+            .zip(x.par_chunks(rows_per_task))
+            .for_each(|(yc, xc)| ln_rows(isa, xc, yc, w, b, eps));
+    }
+    // SAFETY: `x.len()` is a multiple of `c` and so is every chunk (tasks take whole rows), the
+    // chunks of `dst` and `x` pair up one to one with equal lengths, and `ln_rows` writes every
+    // element of such a chunk.
+    unsafe { y.set_len(x.len()) };
+    y
+}
+
+/// The backward of [`layer_norm_rows`] for the output gradient `g` (same length as `x`):
+/// `dx` (with capacity for `2 * C` more values, the weight and bias gradients a caller may
+/// append) and the weight and bias gradients as one `2 * C` vector.
+pub(crate) fn layer_norm_backward_rows(
+    isa: Isa,
+    x: &[f32],
+    g: &[f32],
+    w: &[f32],
+    eps: f32,
+) -> (Vec<f32>, Vec<f32>) {
+    let (n, c) = (x.len(), w.len().max(1));
+    let mut dx = Vec::with_capacity(n + 2 * c);
+    let rows_per_task = (PAR_CHUNK / c).max(1) * c;
+    let partial: Vec<Vec<f32>> = dx.spare_capacity_mut()[..n]
+        .par_chunks_mut(rows_per_task)
+        .zip(x.par_chunks(rows_per_task).zip(g.par_chunks(rows_per_task)))
+        .map(|(dx, (x, g))| {
+            let mut acc = vec![0f32; 2 * c];
+            let (dw, db) = acc.split_at_mut(c);
+            ln_backward_rows(isa, x, g, w, eps, dx, dw, db);
+            acc
+        })
+        .collect();
+    // SAFETY: the chunks hold whole rows (`n` is a multiple of `c`), pair up with the chunks of
+    // `x` and `g` with equal lengths, and `ln_backward_rows` writes every `dx` value of its
+    // rows: the first `n` values are initialised.
+    unsafe { dx.set_len(n) };
+    let mut sums = vec![0f32; 2 * c];
+    for p in &partial {
+        for (s, v) in sums.iter_mut().zip(p) {
+            *s += v;
+        }
+    }
+    (dx, sums)
 }
 
 /// `(x - mean) * rstd` over the last dimension, with `rstd` = 1 / sqrt(biased var + eps).
@@ -267,28 +311,7 @@ impl CustomOp3 for LayerNormBackwardOp {
             )
         }
         let n = x.len();
-        let mut out = Vec::with_capacity(n + 2 * c);
-        let rows_per_task = (PAR_CHUNK / c).max(1) * c;
-        let partial: Vec<Vec<f32>> = out.spare_capacity_mut()[..n]
-            .par_chunks_mut(rows_per_task)
-            .zip(x.par_chunks(rows_per_task).zip(g.par_chunks(rows_per_task)))
-            .map(|(dx, (x, g))| {
-                let mut acc = vec![0f32; 2 * c];
-                let (dw, db) = acc.split_at_mut(c);
-                ln_backward_rows(self.isa, x, g, w, self.eps, dx, dw, db);
-                acc
-            })
-            .collect();
-        // SAFETY: the chunks hold whole rows (`n` is a multiple of `c`), pair up with the
-        // chunks of `x` and `g` with equal lengths, and `ln_backward_rows` writes every `dx`
-        // value of its rows: the first `n` values are initialised.
-        unsafe { out.set_len(n) };
-        let mut sums = vec![0f32; 2 * c];
-        for p in &partial {
-            for (s, v) in sums.iter_mut().zip(p) {
-                *s += v;
-            }
-        }
+        let (mut out, sums) = layer_norm_backward_rows(self.isa, x, g, w, self.eps);
         out.extend_from_slice(&sums);
         Ok((CpuStorage::F32(out), Shape::from(n + 2 * c)))
     }

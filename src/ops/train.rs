@@ -19,7 +19,7 @@ use candle_core::{
 use rayon::prelude::*;
 use std::sync::{Arc, OnceLock};
 
-use super::fused::{ln_backward_rows, ln_rows};
+use super::fused::{layer_norm_backward_rows, layer_norm_rows, ln_backward_rows, ln_rows};
 use super::{contiguous_slice, written_zeros};
 use crate::cpu::gelu::gelu_and_slope;
 use crate::cpu::gemm::{gemm_tn_acc, linear_packed, linear_rows, PackedWeight, Rows};
@@ -705,15 +705,8 @@ impl CustomOp3 for PreNormMlpOp {
             candle_core::bail!("{what}: empty layer")
         };
         // The normalised rows (transient), then the MLP into the output, then the residual.
-        let mut xn = Vec::with_capacity(m * c);
+        let xn = layer_norm_rows(self.isa, x, lnw, lnb, self.eps);
         let task = (16 * 1024 / c).max(1) * c;
-        xn.spare_capacity_mut()[..m * c]
-            .par_chunks_mut(task)
-            .zip(x.par_chunks(task))
-            .for_each(|(d, s)| ln_rows(self.isa, s, d, lnw, lnb, self.eps));
-        // SAFETY: the chunks hold whole rows of c values (task is a multiple of c, m * c values
-        // in all) paired one to one with x's, and `ln_rows` writes every value of its chunk.
-        unsafe { xn.set_len(m * c) };
         let mut y = Vec::with_capacity(m * c);
         let out = &mut y.spare_capacity_mut()[..m * c];
         if m * hid * std::mem::size_of::<f32>() <= self.keep_bytes {
@@ -1164,53 +1157,6 @@ pub(crate) fn project_residual(
     x.contiguous()?.apply_op3(&y.contiguous()?, &p, op)
 }
 
-/// LayerNorm over rows of `c` values (weight `w`, bias `b`), by parallel row blocks.
-fn layer_norm_rows(isa: Isa, x: &[f32], c: usize, w: &[f32], b: &[f32], eps: f32) -> Vec<f32> {
-    let mut xn = Vec::with_capacity(x.len());
-    let task = (16 * 1024 / c.max(1)).max(1) * c;
-    xn.spare_capacity_mut()[..x.len()]
-        .par_chunks_mut(task)
-        .zip(x.par_chunks(task))
-        .for_each(|(d, s)| ln_rows(isa, s, d, w, b, eps));
-    // SAFETY: the chunks hold whole rows of c values paired one to one with x's, and `ln_rows`
-    // writes every value of its chunk.
-    unsafe { xn.set_len(x.len()) };
-    xn
-}
-
-/// The backward of [`layer_norm_rows`] for the output gradient `dy`: (dx, dw, db).
-fn layer_norm_backward(
-    isa: Isa,
-    x: &[f32],
-    dy: &[f32],
-    c: usize,
-    w: &[f32],
-    eps: f32,
-) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let mut dx = Vec::with_capacity(x.len());
-    let task = (16 * 1024 / c.max(1)).max(1) * c;
-    let sums: Vec<Vec<f32>> = dx.spare_capacity_mut()[..x.len()]
-        .par_chunks_mut(task)
-        .zip(x.par_chunks(task).zip(dy.par_chunks(task)))
-        .fold(
-            || vec![0f32; 2 * c],
-            |mut acc, (d, (x, g))| {
-                let (dw, db) = acc.split_at_mut(c);
-                ln_backward_rows(isa, x, g, w, eps, d, dw, db);
-                acc
-            },
-        )
-        .collect();
-    // SAFETY: as in `layer_norm_rows`: `ln_backward_rows` writes every value of its chunk.
-    unsafe { dx.set_len(x.len()) };
-    let mut total = vec![0f32; 2 * c];
-    for p in &sums {
-        add_into(&mut total, p);
-    }
-    let db = total.split_off(c);
-    (dx, total, db)
-}
-
 /// The shapes of a DCNv3 layer's core branch for [`dcn_core`].
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct DcnCoreSpec {
@@ -1332,7 +1278,7 @@ impl CustomOp2 for DcnCoreOp {
                 self.spec.dw_pad
             )
         }
-        let xn = layer_norm_rows(isa, x, c, nw, nb, self.spec.eps);
+        let xn = layer_norm_rows(isa, x, nw, nb, self.spec.eps);
         let v = linear_forward(isa, &xn, m, iw, Some(ib), c)?;
         let k = (self.spec.dw_kernel, self.spec.dw_kernel, self.spec.dw_pad);
         let f = super::depthwise::dw_norm_gelu_forward(
@@ -1382,7 +1328,7 @@ impl CustomOp2 for DcnCoreOp {
         let xv = values(&xs, xl, "input")?;
         let pv = values(&ps, pl, "parameters")?;
         let gv = values(&gs, gl, "gradient")?;
-        let [nw, _nb, iw, _ib, taps, fw, fb, ow, _ob, mw, _mb] = self.split(pv, c)?;
+        let [nw, nb, iw, _ib, taps, fw, fb, ow, _ob, mw, _mb] = self.split(pv, c)?;
         if gv.len() != geo.output_len() {
             candle_core::bail!("dcn core backward: gradient of {} values", gv.len())
         }
@@ -1417,8 +1363,7 @@ impl CustomOp2 for DcnCoreOp {
         let (dmw, dmb) = weight_grads(&dlogits, &sv.f, m, gp, c);
         drop((doff, dlogits));
         // The offset branch's features and the input projection, from the normalised input.
-        let nb = &pv[c..2 * c];
-        let xn = layer_norm_rows(isa, xv, c, nw, nb, self.spec.eps);
+        let xn = layer_norm_rows(isa, xv, nw, nb, self.spec.eps);
         let k = (self.spec.dw_kernel, self.spec.dw_kernel, self.spec.dw_pad);
         let (mut dxn, dtaps, dfn) = super::depthwise::dw_norm_gelu_backward(
             isa,
@@ -1432,7 +1377,8 @@ impl CustomOp2 for DcnCoreOp {
         let (diw, dib) = weight_grads(&dv, &xn, m, c, c);
         drop((dv, xn));
         // The block's norm.
-        let (dx, dnw, dnb) = layer_norm_backward(isa, xv, &dxn, c, nw, self.spec.eps);
+        let (dx, mut dnw) = layer_norm_backward_rows(isa, xv, &dxn, nw, self.spec.eps);
+        let dnb = dnw.split_off(c);
         let dx = x
             .track_op()
             .then(|| tensor(dx, xl.shape().clone()))
