@@ -186,15 +186,15 @@ pub fn dcnv3_backward(
     )
 }
 
-/// [`dcnv3_backward`] on the kernels of `isa`.
-fn backward_with_isa(
+/// The geometry of a backward call after checking its arguments: those of the forward, and
+/// `grad_out` with the output's shape, the input's dtype and device.
+fn check_backward_args(
     input: &Tensor,
     offset: &Tensor,
     mask: &Tensor,
     grad_out: &Tensor,
     cfg: &Dcnv3Config,
-    isa: Isa,
-) -> Result<(Tensor, Tensor, Tensor)> {
+) -> Result<Dcnv3Geometry> {
     let g = check_args(input, offset, mask, cfg)?;
     let want = [g.n, g.h_out, g.w_out, g.channels];
     if grad_out.dims() != want {
@@ -210,6 +210,19 @@ fn backward_with_isa(
             grad_out.dtype()
         );
     }
+    Ok(g)
+}
+
+/// [`dcnv3_backward`] on the kernels of `isa`.
+fn backward_with_isa(
+    input: &Tensor,
+    offset: &Tensor,
+    mask: &Tensor,
+    grad_out: &Tensor,
+    cfg: &Dcnv3Config,
+    isa: Isa,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let g = check_backward_args(input, offset, mask, grad_out, cfg)?;
     let offset_mask = Tensor::cat(
         &[offset.detach().flatten_all()?, mask.detach().flatten_all()?],
         0,
@@ -480,14 +493,7 @@ fn backward_cpu_f32(
     {
         return Ok(None);
     }
-    let g = check_args(input, offset, mask, cfg)?;
-    let want = [g.n, g.h_out, g.w_out, g.channels];
-    if grad_out.dims() != want {
-        bail!(
-            "dcnv3 backward: grad_out must have the output shape {want:?}, got {:?}",
-            grad_out.dims()
-        );
-    }
+    let g = check_backward_args(input, offset, mask, grad_out, cfg)?;
     let [i, o, m, go] = ts.map(|t| t.contiguous());
     let (i, o, m, go) = (i?, o?, m?, go?);
     let (mut gin, mut goff, mut gmask) = (
