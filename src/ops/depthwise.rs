@@ -822,7 +822,10 @@ pub(crate) fn dw_norm_gelu_backward(
 ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
     let (geom, ho) = Geom::of((h, w, c), (kh, kw), pad)?;
     let (dx, dtaps, dnorm) = norm_gelu_backward(isa, &geom, (n, ho), args, eps, (true, true))?;
-    Ok((dx.unwrap_or_default(), dtaps.unwrap_or_default(), dnorm))
+    // Empty images (nothing computed): zero gradients of the right lengths.
+    let dx = dx.unwrap_or_else(|| vec![0f32; n * h * w * c]);
+    let dtaps = dtaps.unwrap_or_else(|| vec![0f32; (kh * kw + 1) * c]);
+    Ok((dx, dtaps, dnorm))
 }
 
 impl CustomOp3 for DwNormGeluOp {
