@@ -270,7 +270,7 @@ impl Dcnv3Layer {
             dw_eps: dw_eps as f32,
             core: self.core,
         };
-        train::dcn_core(xs, &params, spec, self.policy.isa()).map(Some)
+        train::dcn_core(xs, params, spec, self.policy.isa()).map(Some)
     }
 
     /// Everything before the output projection: the core's output (with the centre feature

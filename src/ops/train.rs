@@ -244,6 +244,84 @@ fn tensor(v: Vec<f32>, shape: impl Into<Shape>) -> Result<Tensor> {
     Tensor::from_vec(v, shape, &Device::Cpu)
 }
 
+/// Several parameters of a fused op as one (rows, width) tensor (a custom op takes at most three
+/// arguments): its values are the parts' values in order, then zeros to a whole last row. The
+/// 2-D `weights` (each (r, width)) enter as they are and the 1-D `tail` tensors flat. Every
+/// graph node costs the backward a zero-filled gradient and an add of its size on the calling
+/// thread: a flattened weight (a reshape node, then a concatenation of flat parts) paid that
+/// twice per weight value on top of its own; a lone weight with no tail is passed as it is.
+fn stack_params(weights: &[&Tensor], tail: &[&Tensor]) -> Result<Tensor> {
+    let Some(first) = weights.first() else {
+        candle_core::bail!("internal: stacked parameters without a weight")
+    };
+    let width = first.dim(candle_core::D::Minus1)?;
+    if width == 0
+        || weights
+            .iter()
+            .any(|w| w.rank() != 2 || w.dim(1).ok() != Some(width))
+    {
+        candle_core::bail!(
+            "internal: stacked weights of shapes {:?} do not share a width",
+            weights.iter().map(|w| w.dims()).collect::<Vec<_>>()
+        )
+    }
+    if tail.is_empty() && weights.len() == 1 {
+        return first.contiguous();
+    }
+    let mut rows: Vec<Tensor> = weights.iter().map(|&w| w.clone()).collect();
+    let tail_len: usize = tail.iter().map(|t| t.elem_count()).sum();
+    if tail_len > 0 {
+        let mut flat = tail
+            .iter()
+            .map(|t| t.flatten_all())
+            .collect::<Result<Vec<_>>>()?;
+        let pad = stacked_len(tail_len, width) - tail_len;
+        if pad > 0 {
+            flat.push(Tensor::zeros(pad, DType::F32, first.device())?);
+        }
+        rows.push(Tensor::cat(&flat, 0)?.reshape(((tail_len + pad) / width, width))?);
+    }
+    Tensor::cat(&rows, 0)
+}
+
+/// The number of values of [`stack_params`] over parts of `len` values in rows of `width`.
+fn stacked_len(len: usize, width: usize) -> usize {
+    len.div_ceil(width.max(1)) * width.max(1)
+}
+
+/// The parts of lengths `lens` of stacked parameter values `p` ([`stack_params`] in rows of
+/// `width`); `None` when `p` has another size.
+fn split_stacked<const N: usize>(p: &[f32], lens: [usize; N], width: usize) -> Option<[&[f32]; N]> {
+    if p.len() != stacked_len(lens.iter().sum(), width) {
+        return None;
+    }
+    let mut out: [&[f32]; N] = [&[]; N];
+    let mut rest = p;
+    for (o, &len) in out.iter_mut().zip(&lens) {
+        let (a, b) = rest.split_at(len);
+        *o = a;
+        rest = b;
+    }
+    Some(out)
+}
+
+/// The gradient of stacked parameters of `shape`: `first` (with room to spare, ideally), then
+/// the `rest`, then zeros for the padding.
+fn stacked_grad(mut first: Vec<f32>, rest: &[&[f32]], shape: &Shape) -> Result<Tensor> {
+    for part in rest {
+        first.extend_from_slice(part);
+    }
+    if first.len() > shape.elem_count() {
+        candle_core::bail!(
+            "internal: {} parameter gradients for {:?}",
+            first.len(),
+            shape
+        )
+    }
+    first.resize(shape.elem_count(), 0.0);
+    tensor(first, shape.clone())
+}
+
 /// The backward of `x @ w^T + b`: the gradients of the arguments that track one.
 fn linear_backward(
     isa: Isa,
@@ -387,9 +465,9 @@ pub(crate) fn linear(
     }
 }
 
-/// `fc2(gelu(fc1(x)))` over (m, cin) rows; the parameters come as two flat tensors
-/// `p1 = [w1 (hid, cin), b1 (hid)]` and `p2 = [w2 (cout, hid), b2 (cout) when `bias2`]` (a custom
-/// op has at most three arguments).
+/// `fc2(gelu(fc1(x)))` over (m, cin) rows; the parameters come as `w1` (hid, cin) and
+/// `p2 = [w2 (cout, hid), b1 (hid), b2 (cout) when `bias2`]` stacked in rows of `hid`
+/// ([`stack_params`]; a custom op has at most three arguments).
 struct MlpOp {
     isa: Isa,
     cin: usize,
@@ -399,13 +477,25 @@ struct MlpOp {
 }
 
 impl MlpOp {
-    fn check(&self, l1: &Layout, p1: usize, p2: usize) -> Result<usize> {
-        let m = rows_of(l1, self.cin, "mlp")?;
-        let want2 = self.cout * self.hid + if self.bias2 { self.cout } else { 0 };
-        if p1 != self.hid * (self.cin + 1) || p2 != want2 {
-            candle_core::bail!("mlp: parameter sizes {p1}, {p2} do not match the layer")
+    /// Rows of the input, and fc1's weight and fc2's parameters `[w2, b1, b2]` (b2 empty without
+    /// a bias), after checking their sizes.
+    fn check<'a>(
+        &self,
+        l1: &Layout,
+        w1: &'a [f32],
+        p2: &'a [f32],
+    ) -> Result<(usize, &'a [f32], [&'a [f32]; 3])> {
+        let (cin, hid, cout) = (self.cin, self.hid, self.cout);
+        let m = rows_of(l1, cin, "mlp")?;
+        let b2 = if self.bias2 { cout } else { 0 };
+        match split_stacked(p2, [cout * hid, hid, b2], hid) {
+            Some(p2) if w1.len() == hid * cin => Ok((m, w1, p2)),
+            _ => candle_core::bail!(
+                "mlp: parameter sizes {}, {} do not match the layer",
+                w1.len(),
+                p2.len()
+            ),
         }
-        Ok(m)
     }
 }
 
@@ -436,12 +526,10 @@ impl CustomOp3 for MlpOp {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_slice::<f32>(s1, l1, "mlp", "input")?;
-        let p1 = contiguous_slice::<f32>(s2, l2, "mlp", "fc1 parameters")?;
-        let p2 = contiguous_slice::<f32>(s3, l3, "mlp", "fc2 parameters")?;
-        let m = self.check(l1, p1.len(), p2.len())?;
+        let w1 = contiguous_slice::<f32>(s2, l2, "mlp", "fc1 weight")?;
+        let p2 = contiguous_slice::<f32>(s3, l3, "mlp", "fc2 weight and biases")?;
+        let (m, w1, [w2, b1, b2]) = self.check(l1, w1, p2)?;
         let (cin, hid, cout) = (self.cin, self.hid, self.cout);
-        let (w1, b1) = p1.split_at(hid * cin);
-        let (w2, b2) = p2.split_at(cout * hid);
         let fc1 = PackedWeight::new(self.isa, w1, Some(b1), hid, cin);
         let fc2 = PackedWeight::new(self.isa, w2, self.bias2.then_some(b2), cout, hid);
         let (Some(fc1), Some(fc2)) = (fc1, fc2) else {
@@ -481,12 +569,10 @@ impl CustomOp3 for MlpOp {
         let (s2, l2) = p2t.storage_and_layout();
         let (gs, gl) = g.storage_and_layout();
         let xv = values(&xs, xl, "input")?;
-        let pv1 = values(&s1, l1, "fc1 parameters")?;
-        let pv2 = values(&s2, l2, "fc2 parameters")?;
+        let pv1 = values(&s1, l1, "fc1 weight")?;
+        let pv2 = values(&s2, l2, "fc2 weight and biases")?;
         let gv = values(&gs, gl, "gradient")?;
-        let m = self.check(xl, pv1.len(), pv2.len())?;
-        let (w1, b1) = pv1.split_at(hid * cin);
-        let w2 = &pv2[..cout * hid];
+        let (m, w1, [w2, b1, _]) = self.check(xl, pv1, pv2)?;
         let err = || candle_core::Error::msg("mlp backward: empty layer");
         // Recomputes z = x W1^T + b1; dh = dY W2 (W2^T packed); dx = dz W1 (W1^T packed).
         let fc1 = PackedWeight::new(isa, w1, Some(b1), hid, cin).ok_or_else(err)?;
@@ -497,9 +583,9 @@ impl CustomOp3 for MlpOp {
         // Every block writes its rows (zeroed first: the blocks get initialised slices).
         let mut dx = super::written_zeros_par(if need_x { m * cin } else { 0 });
         let new_acc = || MlpAcc {
-            dw1: zeros_with_room(hid * cin, hid),
+            dw1: written_zeros(hid * cin, 0f32),
             db1: written_zeros(hid, 0f32),
-            dw2: zeros_with_room(cout * hid, cout),
+            dw2: zeros_with_room(cout * hid, 2 * hid + cout),
             db2: written_zeros(cout, 0f32),
             z: Vec::new(),
             h: Vec::new(),
@@ -537,24 +623,14 @@ impl CustomOp3 for MlpOp {
         add_parts(&mut total.dw2, &rest, |a| &a.dw2);
         add_parts(&mut total.db2, &rest, |a| &a.db2);
         let dx = need_x.then(|| tensor(dx, xl.shape().clone())).transpose()?;
-        let dp1 = if need_1 {
-            let mut v = total.dw1;
-            v.extend_from_slice(&total.db1);
-            Some(tensor(v, hid * (cin + 1))?)
-        } else {
-            None
-        };
-        let dp2 = if need_2 {
-            let mut v = total.dw2;
-            if self.bias2 {
-                v.extend_from_slice(&total.db2);
-            }
-            let len = v.len();
-            Some(tensor(v, len)?)
-        } else {
-            None
-        };
-        Ok((dx, dp1, dp2))
+        let dw1 = need_1
+            .then(|| tensor(total.dw1, l1.shape().clone()))
+            .transpose()?;
+        let db2: &[f32] = if self.bias2 { &total.db2 } else { &[] };
+        let dp2 = need_2
+            .then(|| stacked_grad(total.dw2, &[&total.db1, db2], l2.shape()))
+            .transpose()?;
+        Ok((dx, dw1, dp2))
     }
 }
 
@@ -582,11 +658,10 @@ pub(crate) fn mlp(
             xs.dims()
         )
     }
-    let p1 = Tensor::cat(&[&w1.flatten_all()?, b1], 0)?;
-    let p2 = match b2 {
-        Some(b) => Tensor::cat(&[&w2.flatten_all()?, b], 0)?,
-        None => w2.flatten_all()?.contiguous()?,
-    };
+    let p2 = stack_params(
+        &[w2],
+        &[Some(b1), b2].into_iter().flatten().collect::<Vec<_>>(),
+    )?;
     let op = MlpOp {
         isa,
         cin,
@@ -595,14 +670,14 @@ pub(crate) fn mlp(
         bias2: b2.is_some(),
     };
     // (..., cin) in, (..., cout) out: no reshape nodes (see `linear`).
-    xs.contiguous()?.apply_op3(&p1, &p2, op)
+    xs.contiguous()?.apply_op3(&w1.contiguous()?, &p2, op)
 }
 
 /// The MLP branch of a pre-norm block with its residual update, as one op:
 /// `x + s[sample] * fc2(gelu(fc1(layer_norm(x))))` over (..., c) rows (`s` the optional
-/// stochastic-depth scale per sample of the leading dim). The parameters come as two flat
-/// tensors `p1 = [w1 (hid, c), b1 (hid), ln weight (c), ln bias (c)]` and
-/// `p2 = [w2 (c, hid), b2 (c) when bias2]`. The backward recomputes the normalised rows block by
+/// stochastic-depth scale per sample of the leading dim). The parameters come as `w1` (hid, c)
+/// and `p2 = [w2 (c, hid), b1 (hid), ln weight (c), ln bias (c), b2 (c) when bias2]` stacked in
+/// rows of `hid` ([`stack_params`]). The backward recomputes the normalised rows block by
 /// block, and the hidden activations too unless the forward kept them (see
 /// [`KEEP_HIDDEN_BYTES`]); the graph holds one node where LayerNorm, MLP and residual took three
 /// (each costing the backward a zero-filled gradient and an add of the activations).
@@ -654,19 +729,31 @@ struct PreNormAcc {
 }
 
 impl PreNormMlpOp {
-    /// Rows of the input and rows per sample, after checking the parameter sizes.
-    fn check(&self, l1: &Layout, p1: usize, p2: usize) -> Result<(usize, usize)> {
+    /// Rows of the input and rows per sample, and the parameters `[w1, w2, b1, ln weight, ln
+    /// bias, b2]` (b2 empty without a bias), after checking their sizes.
+    fn check<'a>(
+        &self,
+        l1: &Layout,
+        w1: &'a [f32],
+        p2: &'a [f32],
+    ) -> Result<(usize, usize, [&'a [f32]; 6])> {
         let (c, hid) = (self.c, self.hid);
         let m = rows_of(l1, c, "prenorm mlp")?;
-        let want2 = c * hid + if self.bias2 { c } else { 0 };
-        if p1 != hid * (c + 1) + 2 * c || p2 != want2 {
-            candle_core::bail!("prenorm mlp: parameter sizes {p1}, {p2} do not match the layer")
-        }
+        let b2 = if self.bias2 { c } else { 0 };
+        let Some([w2, b1, lnw, lnb, b2]) =
+            split_stacked(p2, [c * hid, hid, c, c, b2], hid).filter(|_| w1.len() == hid * c)
+        else {
+            candle_core::bail!(
+                "prenorm mlp: parameter sizes {}, {} do not match the layer",
+                w1.len(),
+                p2.len()
+            )
+        };
         let samples = self.scale.as_ref().map_or(1, |s| s.len()).max(1);
         if !m.is_multiple_of(samples) {
             candle_core::bail!("prenorm mlp: {m} rows for {samples} sample scales")
         }
-        Ok((m, (m / samples).max(1)))
+        Ok((m, (m / samples).max(1), [w1, w2, b1, lnw, lnb, b2]))
     }
 
     /// The stochastic-depth scale of row `r`.
@@ -691,14 +778,10 @@ impl CustomOp3 for PreNormMlpOp {
     ) -> Result<(CpuStorage, Shape)> {
         let what = "prenorm mlp";
         let x = contiguous_slice::<f32>(s1, l1, what, "input")?;
-        let p1 = contiguous_slice::<f32>(s2, l2, what, "fc1 and norm parameters")?;
-        let p2 = contiguous_slice::<f32>(s3, l3, what, "fc2 parameters")?;
-        let (m, per_sample) = self.check(l1, p1.len(), p2.len())?;
+        let w1 = contiguous_slice::<f32>(s2, l2, what, "fc1 weight")?;
+        let p2 = contiguous_slice::<f32>(s3, l3, what, "fc2 weight, biases and norm")?;
+        let (m, per_sample, [w1, w2, b1, lnw, lnb, b2]) = self.check(l1, w1, p2)?;
         let (c, hid) = (self.c, self.hid);
-        let (w1, rest) = p1.split_at(hid * c);
-        let (b1, rest) = rest.split_at(hid);
-        let (lnw, lnb) = rest.split_at(c);
-        let (w2, b2) = p2.split_at(c * hid);
         let fc1 = PackedWeight::new(self.isa, w1, Some(b1), hid, c);
         let fc2 = PackedWeight::new(self.isa, w2, self.bias2.then_some(b2), c, hid);
         let (Some(fc1), Some(fc2)) = (fc1, fc2) else {
@@ -756,17 +839,13 @@ impl CustomOp3 for PreNormMlpOp {
         let (s2, l2) = p2t.storage_and_layout();
         let (gs, gl) = g.storage_and_layout();
         let xv = values(&xs, xl, "input")?;
-        let pv1 = values(&s1, l1, "fc1 and norm parameters")?;
-        let pv2 = values(&s2, l2, "fc2 parameters")?;
+        let pv1 = values(&s1, l1, "fc1 weight")?;
+        let pv2 = values(&s2, l2, "fc2 weight, biases and norm")?;
         let gv = values(&gs, gl, "gradient")?;
-        let (m, per_sample) = self.check(xl, pv1.len(), pv2.len())?;
+        let (m, per_sample, [w1, w2, b1, lnw, lnb, _]) = self.check(xl, pv1, pv2)?;
         if gv.len() != m * c {
             candle_core::bail!("prenorm mlp backward: gradient of {} values", gv.len())
         }
-        let (w1, rest) = pv1.split_at(hid * c);
-        let (b1, rest) = rest.split_at(hid);
-        let (lnw, lnb) = rest.split_at(c);
-        let w2 = &pv2[..c * hid];
         let err = || candle_core::Error::msg("prenorm mlp backward: empty layer");
         // The kept hidden pre-activations, else fc1 to recompute them.
         let hidden = match self.hidden.get().filter(|z| z.len() == m * hid) {
@@ -781,11 +860,11 @@ impl CustomOp3 for PreNormMlpOp {
         // Every block writes its rows (zeroed first: the blocks get initialised slices).
         let mut dx = super::written_zeros_par(if need_x { m * c } else { 0 });
         let new_acc = || PreNormAcc {
-            dw1: zeros_with_room(hid * c, hid + 2 * c),
+            dw1: written_zeros(hid * c, 0f32),
             db1: written_zeros(hid, 0f32),
             dlnw: written_zeros(c, 0f32),
             dlnb: written_zeros(c, 0f32),
-            dw2: zeros_with_room(c * hid, c),
+            dw2: zeros_with_room(c * hid, 2 * hid + 3 * c),
             db2: written_zeros(c, 0f32),
             xn: Vec::new(),
             z: Vec::new(),
@@ -868,27 +947,15 @@ impl CustomOp3 for PreNormMlpOp {
         add_parts(&mut total.dw2, &rest, |a| &a.dw2);
         add_parts(&mut total.db2, &rest, |a| &a.db2);
         let dx = need_x.then(|| tensor(dx, xl.shape().clone())).transpose()?;
-        let dp1 = if need_1 {
-            let mut v = total.dw1;
-            v.extend_from_slice(&total.db1);
-            v.extend_from_slice(&total.dlnw);
-            v.extend_from_slice(&total.dlnb);
-            let len = v.len();
-            Some(tensor(v, len)?)
-        } else {
-            None
-        };
-        let dp2 = if need_2 {
-            let mut v = total.dw2;
-            if self.bias2 {
-                v.extend_from_slice(&total.db2);
-            }
-            let len = v.len();
-            Some(tensor(v, len)?)
-        } else {
-            None
-        };
-        Ok((dx, dp1, dp2))
+        let dw1 = need_1
+            .then(|| tensor(total.dw1, l1.shape().clone()))
+            .transpose()?;
+        let db2: &[f32] = if self.bias2 { &total.db2 } else { &[] };
+        let tail = [&total.db1[..], &total.dlnw, &total.dlnb, db2];
+        let dp2 = need_2
+            .then(|| stacked_grad(total.dw2, &tail, l2.shape()))
+            .transpose()?;
+        Ok((dx, dw1, dp2))
     }
 }
 
@@ -952,11 +1019,11 @@ fn prenorm_mlp_residual_keeping(
             candle_core::bail!("prenorm mlp: {} sample scales for {:?}", s.len(), xs.dims())
         }
     }
-    let p1 = Tensor::cat(&[&w1.flatten_all()?, b1, lnw, lnb], 0)?;
-    let p2 = match b2 {
-        Some(b) => Tensor::cat(&[&w2.flatten_all()?, b], 0)?,
-        None => w2.flatten_all()?.contiguous()?,
-    };
+    let tail: Vec<&Tensor> = [Some(b1), Some(lnw), Some(lnb), b2]
+        .into_iter()
+        .flatten()
+        .collect();
+    let p2 = stack_params(&[w2], &tail)?;
     let op = PreNormMlpOp {
         isa,
         c,
@@ -967,12 +1034,12 @@ fn prenorm_mlp_residual_keeping(
         keep_bytes,
         hidden: OnceLock::new(),
     };
-    xs.contiguous()?.apply_op3(&p1, &p2, op)
+    xs.contiguous()?.apply_op3(&w1.contiguous()?, &p2, op)
 }
 
 /// A projection and its residual update as one op: `x + s[sample] * (y @ w^T + b)` over (..., c)
 /// rows (`s` the optional stochastic-depth scale per sample of the leading dim), with
-/// `p = [w (c, k), b (c) when bias]`. The projection's output is never a graph tensor: the
+/// `p = [w (c, k), b (c) when bias]` stacked in rows of `k` ([`stack_params`]). The projection's output is never a graph tensor: the
 /// backward needs only `y` and `w`, where a projection then a residual op kept it alive until the
 /// backward and cost it a zero-filled gradient and an add.
 struct ProjectResidualOp {
@@ -984,22 +1051,25 @@ struct ProjectResidualOp {
 }
 
 impl ProjectResidualOp {
-    /// Rows, after checking the operands' sizes.
-    fn check(&self, x: &Layout, y: &Layout, p: usize) -> Result<usize> {
+    /// Rows and the parameters `[w, b]` (b empty without a bias), after checking the operands'
+    /// sizes.
+    fn check<'a>(&self, x: &Layout, y: &Layout, p: &'a [f32]) -> Result<(usize, [&'a [f32]; 2])> {
         let m = rows_of(x, self.c, "projection residual")?;
-        let want = self.c * self.k + if self.bias { self.c } else { 0 };
-        if rows_of(y, self.k, "projection residual")? != m || p != want {
+        let b = if self.bias { self.c } else { 0 };
+        let wb = split_stacked(p, [self.c * self.k, b], self.k);
+        let (Some(wb), true) = (wb, rows_of(y, self.k, "projection residual")? == m) else {
             candle_core::bail!(
-                "projection residual: input {:?}, branch {:?} and {p} parameters do not fit",
+                "projection residual: input {:?}, branch {:?} and {} parameters do not fit",
                 x.dims(),
-                y.dims()
+                y.dims(),
+                p.len()
             )
-        }
+        };
         let samples = self.scale.as_ref().map_or(1, |s| s.len());
         if samples == 0 || !m.is_multiple_of(samples) {
             candle_core::bail!("projection residual: {m} rows for {samples} sample scales")
         }
-        Ok(m)
+        Ok((m, wb))
     }
 }
 
@@ -1021,8 +1091,7 @@ impl CustomOp3 for ProjectResidualOp {
         let x = contiguous_slice::<f32>(s1, l1, what, "input")?;
         let y = contiguous_slice::<f32>(s2, l2, what, "branch")?;
         let p = contiguous_slice::<f32>(s3, l3, what, "parameters")?;
-        let m = self.check(l1, l2, p.len())?;
-        let (w, b) = p.split_at(self.c * self.k);
+        let (m, [w, b]) = self.check(l1, l2, p)?;
         let mut out = linear_forward(self.isa, y, m, w, self.bias.then_some(b), self.c)?;
         let per = (m / self.scale.as_ref().map_or(1, |s| s.len()).max(1)).max(1) * self.c;
         let task = (16 * 1024 / self.c).max(1) * self.c;
@@ -1058,7 +1127,7 @@ impl CustomOp3 for ProjectResidualOp {
         let yv = values(&ys, yl, "branch")?;
         let pv = values(&ps, pl, "parameters")?;
         let gv = values(&gs, gl, "gradient")?;
-        let m = self.check(x.layout(), yl, pv.len())?;
+        let (m, [w, _]) = self.check(x.layout(), yl, pv)?;
         if gv.len() != m * c {
             candle_core::bail!(
                 "projection residual backward: gradient of {} values",
@@ -1088,18 +1157,13 @@ impl CustomOp3 for ProjectResidualOp {
                 &scaled[..]
             }
         };
-        let w = &pv[..c * k];
         let dy = need_y
             .then(|| tensor(input_grad(self.isa, gp, m, w, c, k)?, yl.shape().clone()))
             .transpose()?;
         let dp = need_p
             .then(|| {
-                let (mut dw, db) = weight_grads(gp, yv, m, c, k);
-                if self.bias {
-                    dw.extend_from_slice(&db);
-                }
-                let len = dw.len();
-                tensor(dw, len)
+                let (dw, db) = weight_grads(gp, yv, m, c, k);
+                stacked_grad(dw, &[if self.bias { &db } else { &[] }], pl.shape())
             })
             .transpose()?;
         Ok((need_x.then(|| grad.clone()), dy, dp))
@@ -1143,10 +1207,7 @@ pub(crate) fn project_residual(
             )
         }
     }
-    let p = match b {
-        Some(b) => Tensor::cat(&[&w.flatten_all()?, b], 0)?,
-        None => w.flatten_all()?.contiguous()?,
-    };
+    let p = stack_params(&[w], b.as_slice())?;
     let op = ProjectResidualOp {
         isa,
         c,
@@ -1180,8 +1241,8 @@ struct DcnCoreSaved {
 
 /// A pre-norm block's DCNv3 branch up to the core's output, as one training op:
 /// `core(input_proj(n), offset(f), softmax(mask(f)))` with `n = layer_norm(x)` and
-/// `f = gelu(layer_norm(dw_conv(n)))`, over an (N, H, W, C) input and one flat parameter tensor
-/// (see [`DcnCoreOp::parts`]). The forward keeps the core's operands and `f` (the tensors the
+/// `f = gelu(layer_norm(dw_conv(n)))`, over an (N, H, W, C) input, the input projection's weight
+/// (C, C) and the other parameters stacked in rows of C (see [`DcnCoreOp::parts`]). The forward keeps the core's operands and `f` (the tensors the
 /// backward needs that cost a GEMM to recompute); the normalised input is recomputed. The graph
 /// holds this one node where eight ops stood (each costing the backward a zero-filled gradient
 /// and an add on the calling thread, and keeping its input alive).
@@ -1192,43 +1253,48 @@ struct DcnCoreOp {
 }
 
 impl DcnCoreOp {
-    /// Lengths of the parameter parts, in order: norm weight, norm bias, input_proj weight and
-    /// bias, depthwise taps and bias ((k * k + 1) * C), the offset branch's norm weight and bias,
-    /// offset weight and bias, mask weight and bias.
-    fn parts(&self, c: usize) -> [usize; 11] {
+    /// Lengths of the stacked parameter parts, in order: the offset weight, the mask weight, the
+    /// depthwise taps and bias ((k * k + 1) * C) (the rows), then the norm weight and bias, the
+    /// input projection's bias, the offset branch's norm weight and bias, the offset bias and the
+    /// mask bias (the tail).
+    fn parts(&self, c: usize) -> [usize; 10] {
         let (g, p) = (self.spec.core.group, self.spec.core.points());
         let k = self.spec.dw_kernel;
         [
-            c,
-            c,
-            c * c,
-            c,
+            2 * g * p * c,
+            g * p * c,
             (k * k + 1) * c,
             c,
             c,
-            2 * g * p * c,
+            c,
+            c,
+            c,
             2 * g * p,
-            g * p * c,
             g * p,
         ]
     }
 
-    /// The parameter parts of `p` (lengths from [`Self::parts`]).
-    fn split<'a>(&self, p: &'a [f32], c: usize) -> Result<[&'a [f32]; 11]> {
-        let lens = self.parts(c);
-        if p.len() != lens.iter().sum::<usize>()
-            || c != self.spec.core.group * self.spec.core.group_channels
-        {
-            candle_core::bail!("dcn core: {} parameters do not fit {c} channels", p.len())
+    /// The input projection's weight `iw` and the stacked parts of `p` ([`Self::parts`]),
+    /// after checking their sizes.
+    fn split<'a>(
+        &self,
+        iw: &'a [f32],
+        p: &'a [f32],
+        c: usize,
+    ) -> Result<(&'a [f32], [&'a [f32]; 10])> {
+        match split_stacked(p, self.parts(c), c) {
+            Some(parts)
+                if iw.len() == c * c
+                    && c == self.spec.core.group * self.spec.core.group_channels =>
+            {
+                Ok((iw, parts))
+            }
+            _ => candle_core::bail!(
+                "dcn core: {} and {} parameters do not fit {c} channels",
+                iw.len(),
+                p.len()
+            ),
         }
-        let mut out: [&[f32]; 11] = [&[]; 11];
-        let mut rest = p;
-        for (o, &len) in out.iter_mut().zip(&lens) {
-            let (a, b) = rest.split_at(len);
-            *o = a;
-            rest = b;
-        }
-        Ok(out)
     }
 
     /// The core's geometry for an (N, H, W, C) input.
@@ -1246,7 +1312,7 @@ impl DcnCoreOp {
     }
 }
 
-impl CustomOp2 for DcnCoreOp {
+impl CustomOp3 for DcnCoreOp {
     fn name(&self) -> &'static str {
         "internimage-train-dcn-core"
     }
@@ -1257,14 +1323,17 @@ impl CustomOp2 for DcnCoreOp {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         use crate::ops::dcnv3::cpu;
         let what = "dcn core";
         let dims = l1.shape().dims4()?;
         let (n, h, w, c) = dims;
         let x = contiguous_slice::<f32>(s1, l1, what, "input")?;
-        let p = contiguous_slice::<f32>(s2, l2, what, "parameters")?;
-        let [nw, nb, iw, ib, taps, fw, fb, ow, ob, mw, mb] = self.split(p, c)?;
+        let iw = contiguous_slice::<f32>(s2, l2, what, "input projection weight")?;
+        let p = contiguous_slice::<f32>(s3, l3, what, "parameters")?;
+        let (iw, [ow, mw, taps, nw, nb, ib, fw, fb, ob, mb]) = self.split(iw, p, c)?;
         let (isa, m) = (self.isa, n * h * w);
         let gp = self.spec.core.group * self.spec.core.points();
         let geo = self.geometry(dims)?;
@@ -1308,10 +1377,11 @@ impl CustomOp2 for DcnCoreOp {
     fn bwd(
         &self,
         x: &Tensor,
+        iw: &Tensor,
         p: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         use crate::ops::dcnv3::cpu;
         let Some(sv) = self.saved.get() else {
             candle_core::bail!("dcn core backward: internal error, the forward kept nothing")
@@ -1321,14 +1391,21 @@ impl CustomOp2 for DcnCoreOp {
         let (isa, m) = (self.isa, n * h * w);
         let gp = self.spec.core.group * self.spec.core.points();
         let geo = self.geometry(dims)?;
-        let (xt, pt, g) = (x.contiguous()?, p.contiguous()?, grad.contiguous()?);
+        let (xt, iwt, pt, g) = (
+            x.contiguous()?,
+            iw.contiguous()?,
+            p.contiguous()?,
+            grad.contiguous()?,
+        );
         let (xs, xl) = xt.storage_and_layout();
+        let (iws, iwl) = iwt.storage_and_layout();
         let (ps, pl) = pt.storage_and_layout();
         let (gs, gl) = g.storage_and_layout();
         let xv = values(&xs, xl, "input")?;
+        let iwv = values(&iws, iwl, "input projection weight")?;
         let pv = values(&ps, pl, "parameters")?;
         let gv = values(&gs, gl, "gradient")?;
-        let [nw, nb, iw, _ib, taps, fw, fb, ow, _ob, mw, _mb] = self.split(pv, c)?;
+        let (iwv, [ow, mw, taps, nw, nb, _ib, fw, fb, _ob, _mb]) = self.split(iwv, pv, c)?;
         if gv.len() != geo.output_len() {
             candle_core::bail!("dcn core backward: gradient of {} values", gv.len())
         }
@@ -1373,7 +1450,7 @@ impl CustomOp2 for DcnCoreOp {
             self.spec.dw_eps,
         )?;
         drop(df);
-        add_into(&mut dxn, &input_grad(isa, &dv, m, iw, c, c)?);
+        add_into(&mut dxn, &input_grad(isa, &dv, m, iwv, c, c)?);
         let (diw, dib) = weight_grads(&dv, &xn, m, c, c);
         drop((dv, xn));
         // The block's norm.
@@ -1383,40 +1460,40 @@ impl CustomOp2 for DcnCoreOp {
             .track_op()
             .then(|| tensor(dx, xl.shape().clone()))
             .transpose()?;
-        let dp = if p.track_op() {
-            let mut all = Vec::with_capacity(pv.len());
-            for part in [&dnw, &dnb, &diw, &dib, &dtaps, &dfn, &dow, &dob, &dmw, &dmb] {
-                all.extend_from_slice(part);
-            }
-            let len = all.len();
-            Some(tensor(all, len)?)
-        } else {
-            None
-        };
-        Ok((dx, dp))
+        let diw = iw
+            .track_op()
+            .then(|| tensor(diw, iwl.shape().clone()))
+            .transpose()?;
+        let dp = p
+            .track_op()
+            .then(|| {
+                let rest = [&dmw[..], &dtaps, &dnw, &dnb, &dib, &dfn, &dob, &dmb];
+                stacked_grad(dow, &rest, pl.shape())
+            })
+            .transpose()?;
+        Ok((dx, diw, dp))
     }
 }
 
 /// The DCNv3 branch of a pre-norm block up to the core's output (see [`DcnCoreOp`]): `x` (N,
-/// H, W, C) and the parameters in [`DcnCoreOp::parts`]'s order (the depthwise taps as
-/// (k * k + 1, C) with the bias row last). f32 CPU tensors only.
+/// H, W, C) and the parameters `[norm weight, norm bias, input_proj weight, input_proj bias,
+/// depthwise taps, offset-branch norm weight, its bias, offset weight, offset bias, mask weight,
+/// mask bias]` (the weights 2-D, the taps (k * k + 1, C) with the bias row last). f32 CPU
+/// tensors only.
 pub(crate) fn dcn_core(
     x: &Tensor,
-    params: &[&Tensor],
+    params: [&Tensor; 11],
     spec: DcnCoreSpec,
     isa: Isa,
 ) -> Result<Tensor> {
-    let flat = params
-        .iter()
-        .map(|t| t.flatten_all())
-        .collect::<Result<Vec<_>>>()?;
-    let p = Tensor::cat(&flat, 0)?;
+    let [nw, nb, iw, ib, taps, fw, fb, ow, ob, mw, mb] = params;
+    let p = stack_params(&[ow, mw, taps], &[nw, nb, ib, fw, fb, ob, mb])?;
     let op = DcnCoreOp {
         isa,
         spec,
         saved: OnceLock::new(),
     };
-    x.contiguous()?.apply_op2(&p, op)
+    x.contiguous()?.apply_op3(&iw.contiguous()?, &p, op)
 }
 
 /// `x + s[sample] * gamma[channel] * y` (either scale optional), and its backward.
