@@ -477,19 +477,19 @@ struct MlpOp {
 }
 
 impl MlpOp {
-    /// Rows of the input, and fc1's weight and fc2's parameters `[w2, b1, b2]` (b2 empty without
-    /// a bias), after checking their sizes.
+    /// Rows of the input and the parameters `[w1, w2, b1, b2]` (b2 empty without a bias), after
+    /// checking their sizes.
     fn check<'a>(
         &self,
         l1: &Layout,
         w1: &'a [f32],
         p2: &'a [f32],
-    ) -> Result<(usize, &'a [f32], [&'a [f32]; 3])> {
+    ) -> Result<(usize, [&'a [f32]; 4])> {
         let (cin, hid, cout) = (self.cin, self.hid, self.cout);
         let m = rows_of(l1, cin, "mlp")?;
         let b2 = if self.bias2 { cout } else { 0 };
         match split_stacked(p2, [cout * hid, hid, b2], hid) {
-            Some(p2) if w1.len() == hid * cin => Ok((m, w1, p2)),
+            Some([w2, b1, b2]) if w1.len() == hid * cin => Ok((m, [w1, w2, b1, b2])),
             _ => candle_core::bail!(
                 "mlp: parameter sizes {}, {} do not match the layer",
                 w1.len(),
@@ -528,7 +528,7 @@ impl CustomOp3 for MlpOp {
         let x = contiguous_slice::<f32>(s1, l1, "mlp", "input")?;
         let w1 = contiguous_slice::<f32>(s2, l2, "mlp", "fc1 weight")?;
         let p2 = contiguous_slice::<f32>(s3, l3, "mlp", "fc2 weight and biases")?;
-        let (m, w1, [w2, b1, b2]) = self.check(l1, w1, p2)?;
+        let (m, [w1, w2, b1, b2]) = self.check(l1, w1, p2)?;
         let (cin, hid, cout) = (self.cin, self.hid, self.cout);
         let fc1 = PackedWeight::new(self.isa, w1, Some(b1), hid, cin);
         let fc2 = PackedWeight::new(self.isa, w2, self.bias2.then_some(b2), cout, hid);
@@ -572,7 +572,7 @@ impl CustomOp3 for MlpOp {
         let pv1 = values(&s1, l1, "fc1 weight")?;
         let pv2 = values(&s2, l2, "fc2 weight and biases")?;
         let gv = values(&gs, gl, "gradient")?;
-        let (m, w1, [w2, b1, _]) = self.check(xl, pv1, pv2)?;
+        let (m, [w1, w2, b1, _]) = self.check(xl, pv1, pv2)?;
         let err = || candle_core::Error::msg("mlp backward: empty layer");
         // Recomputes z = x W1^T + b1; dh = dY W2 (W2^T packed); dx = dz W1 (W1^T packed).
         let fc1 = PackedWeight::new(isa, w1, Some(b1), hid, cin).ok_or_else(err)?;
