@@ -249,28 +249,31 @@ impl Block {
                 res(&x, &m, None)?
             }
             Residual::PreNorm => {
-                // Training: the norm and the deformable layer up to its core's output as one op
-                // (nothing recorded) where it applies.
-                let fused = match &self.dcn {
-                    Dcn::V3(l) if !rec.on() => l.core_train(xs, self.norm1.params())?,
+                // Training: the norm, the deformable layer, its output projection and the
+                // residual update as one op (nothing recorded, no layer scale) where it applies.
+                let fused = match (&self.dcn, g1) {
+                    (Dcn::V3(l), None) if !rec.on() => {
+                        l.branch_train(xs, self.norm1.params(), p)?
+                    }
                     _ => None,
                 };
-                let y = match fused {
-                    Some(y) => y,
-                    None => self.dcn.core_rec(&self.norm1.forward(xs)?, rec)?,
-                };
-                // Inference: the projection, both residual updates, the norm and the MLP in one
-                // pass by row blocks where the fused kernel applies (same values).
-                let tail = if training || rec.on() {
-                    None
-                } else {
-                    let (mlp, dcn) = (&self.mlp, self.dcn.output_proj());
-                    let norm = self.norm2.params();
-                    crate::ops::dense::block_tail(xs, &y, dcn, g1, norm, &mlp.fc1, &mlp.fc2, g2)?
-                };
-                match tail {
-                    Some(out) => out,
+                let x = match fused {
+                    Some(x) => x,
                     None => {
+                        let y = self.dcn.core_rec(&self.norm1.forward(xs)?, rec)?;
+                        // Inference: the projection, both residual updates, the norm and the MLP
+                        // in one pass by row blocks where the fused kernel applies (same values).
+                        if !(training || rec.on()) {
+                            let (mlp, dcn) = (&self.mlp, self.dcn.output_proj());
+                            let norm = self.norm2.params();
+                            let (fc1, fc2) = (&mlp.fc1, &mlp.fc2);
+                            let tail =
+                                crate::ops::dense::block_tail(xs, &y, dcn, g1, norm, fc1, fc2, g2)?;
+                            if let Some(out) = tail {
+                                rec.put("out", &out);
+                                return Ok(out);
+                            }
+                        }
                         // Training: the output projection and the residual update as one op
                         // (no layer scale, nothing recorded) where it applies.
                         let fused = match g1 {
@@ -282,23 +285,22 @@ impl Block {
                             )?,
                             _ => None,
                         };
-                        let x = match fused {
+                        match fused {
                             Some(x) => x,
                             None => res(xs, &self.dcn.project_rec(&y, rec)?, g1)?,
-                        };
-                        // Training: norm, MLP and residual as one op (one graph node) where it
-                        // applies.
-                        let fused = match g2 {
-                            None => self.mlp.prenorm_residual(&x, &self.norm2, p, training)?,
-                            Some(_) => None,
-                        };
-                        match fused {
-                            Some(out) => out,
-                            None => {
-                                let m = mlp(&self.norm2.forward(&x)?)?;
-                                res(&x, &m, g2)?
-                            }
                         }
+                    }
+                };
+                // Training: norm, MLP and residual as one op (one graph node) where it applies.
+                let fused = match g2 {
+                    None => self.mlp.prenorm_residual(&x, &self.norm2, p, training)?,
+                    Some(_) => None,
+                };
+                match fused {
+                    Some(out) => out,
+                    None => {
+                        let m = mlp(&self.norm2.forward(&x)?)?;
+                        res(&x, &m, g2)?
                     }
                 }
             }

@@ -228,23 +228,26 @@ impl Dcnv3Layer {
         &self.output_proj
     }
 
-    /// `core_rec(layer_norm(xs))` (`norm` = the block's norm weight, bias and epsilon) as one
-    /// training op ([`crate::ops::train::dcn_core`]) when something tracks a gradient, every
-    /// tensor is f32 on the CPU, the policy is fast and the layer has no centre feature scale;
-    /// `Ok(None)` otherwise (the caller runs the layers).
-    pub(crate) fn core_train(
+    /// `xs + drop_path(output_proj(core_rec(layer_norm(xs))), drop_prob)` (`norm` = the block's
+    /// norm weight, bias and epsilon; a pre-norm block's first residual update without layer
+    /// scale) as one training op ([`crate::ops::train::dcn_core`]) when something tracks a
+    /// gradient, every tensor is f32 on the CPU, the policy is fast and the layer has no centre
+    /// feature scale; `Ok(None)` otherwise (the caller runs the layers).
+    pub(crate) fn branch_train(
         &self,
         xs: &Tensor,
         (nw, nb, eps): (&Tensor, &Tensor, f64),
+        drop_prob: f64,
     ) -> Result<Option<Tensor>> {
         use crate::ops::train;
         if self.center_feature_scale.is_some() || !self.policy.is_fast() {
             return Ok(None);
         }
-        let (Some((iw, Some(ib))), Some((ow, Some(ob))), Some((mw, Some(mb)))) = (
+        let (Some((iw, Some(ib))), Some((ow, Some(ob))), Some((mw, Some(mb))), Some((pw, pb))) = (
             self.input_proj.tensors(),
             self.offset.tensors(),
             self.mask.tensors(),
+            self.output_proj.tensors(),
         ) else {
             return Ok(None);
         };
@@ -258,8 +261,13 @@ impl Dcnv3Layer {
         }
         let (fw, fb, dw_eps) = self.dw_norm.params();
         let params = [nw, nb, iw, ib, &taps, fw, fb, ow, ob, mw, mb];
-        let tracks = xs.track_op() || params.iter().any(|t| t.track_op());
-        if !tracks || !train::applies(self.policy, &[xs]) || !train::applies(self.policy, &params) {
+        let proj: Vec<&Tensor> = [pw].into_iter().chain(pb).collect();
+        let tracks = xs.track_op() || params.iter().chain(&proj).any(|t| t.track_op());
+        if !tracks
+            || !train::applies(self.policy, &[xs])
+            || !train::applies(self.policy, &params)
+            || !train::applies(self.policy, &proj)
+        {
             return Ok(None);
         }
         self.check_input(xs)?;
@@ -270,7 +278,12 @@ impl Dcnv3Layer {
             dw_eps: dw_eps as f32,
             core: self.core,
         };
-        train::dcn_core(xs, params, spec, self.policy.isa()).map(Some)
+        let scale = if drop_prob > 0.0 {
+            Some(train::drop_path_scales(xs.dim(0)?, drop_prob)?)
+        } else {
+            None
+        };
+        train::dcn_core(xs, params, (pw, pb), scale, spec, self.policy.isa()).map(Some)
     }
 
     /// Everything before the output projection: the core's output (with the centre feature

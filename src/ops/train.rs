@@ -1037,6 +1037,57 @@ fn prenorm_mlp_residual_keeping(
     xs.contiguous()?.apply_op3(&w1.contiguous()?, &p2, op)
 }
 
+/// `out = x + s[sample] * out` over rows of `c` (`scale` the optional per-sample stochastic-depth
+/// scale: one per equal share of the rows), in parallel: a residual update onto a branch output.
+fn add_residual(out: &mut [f32], x: &[f32], c: usize, scale: Option<&[f32]>) {
+    let rows = out.len() / c.max(1);
+    let per = (rows / scale.map_or(1, |s| s.len()).max(1)).max(1) * c;
+    let task = (16 * 1024 / c.max(1)).max(1) * c;
+    out.par_chunks_mut(task)
+        .zip(x.par_chunks(task))
+        .enumerate()
+        .for_each(|(t, (o, x))| {
+            for (i, (o, x)) in o.chunks_mut(c).zip(x.chunks(c)).enumerate() {
+                let s = scale.map_or(1.0, |s| s[(t * task + i * c) / per]);
+                for (o, &x) in o.iter_mut().zip(x) {
+                    *o = x + s * *o;
+                }
+            }
+        });
+}
+
+/// `g` scaled per sample (`scale`: one per equal share of `g`), or `g` itself without scales:
+/// the gradient a residual update passes to its branch.
+fn scaled_per_sample<'a>(g: &'a [f32], scale: Option<&[f32]>) -> std::borrow::Cow<'a, [f32]> {
+    let Some(s) = scale else {
+        return std::borrow::Cow::Borrowed(g);
+    };
+    if s.is_empty() || !g.len().is_multiple_of(s.len()) {
+        // Not whole samples (the ops check their sizes first; kept total): the nearest share.
+        let n = g.len().max(1);
+        let v = g
+            .iter()
+            .enumerate()
+            .map(|(i, &g)| g * s.get(i * s.len() / n).map_or(1.0, |&s| s));
+        return std::borrow::Cow::Owned(v.collect());
+    }
+    let per = (g.len() / s.len()).max(1);
+    let mut v = Vec::with_capacity(g.len());
+    v.spare_capacity_mut()[..g.len()]
+        .par_chunks_mut(per)
+        .zip(g.par_chunks(per))
+        .zip(s.par_iter())
+        .for_each(|((d, g), &s)| {
+            for (d, &g) in d.iter_mut().zip(g) {
+                d.write(s * g);
+            }
+        });
+    // SAFETY: s.len() divides g.len() (checked above), so the chunks of the first g.len() values
+    // pair one to one with g's and with the scales, and every value was written.
+    unsafe { v.set_len(g.len()) };
+    std::borrow::Cow::Owned(v)
+}
+
 /// A projection and its residual update as one op: `x + s[sample] * (y @ w^T + b)` over (..., c)
 /// rows (`s` the optional stochastic-depth scale per sample of the leading dim), with
 /// `p = [w (c, k), b (c) when bias]` stacked in rows of `k` ([`stack_params`]). The projection's output is never a graph tensor: the
@@ -1093,20 +1144,7 @@ impl CustomOp3 for ProjectResidualOp {
         let p = contiguous_slice::<f32>(s3, l3, what, "parameters")?;
         let (m, [w, b]) = self.check(l1, l2, p)?;
         let mut out = linear_forward(self.isa, y, m, w, self.bias.then_some(b), self.c)?;
-        let per = (m / self.scale.as_ref().map_or(1, |s| s.len()).max(1)).max(1) * self.c;
-        let task = (16 * 1024 / self.c).max(1) * self.c;
-        out.par_chunks_mut(task)
-            .zip(x.par_chunks(task))
-            .enumerate()
-            .for_each(|(t, (o, x))| {
-                for (i, (o, x)) in o.chunks_mut(self.c).zip(x.chunks(self.c)).enumerate() {
-                    let r = (t * task + i * self.c) / per;
-                    let s = self.scale.as_ref().map_or(1.0, |s| s[r]);
-                    for (o, &x) in o.iter_mut().zip(x) {
-                        *o = x + s * *o;
-                    }
-                }
-            });
+        add_residual(&mut out, x, self.c, self.scale.as_deref().map(|s| &s[..]));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -1135,28 +1173,8 @@ impl CustomOp3 for ProjectResidualOp {
             )
         }
         // The projection's gradient: the block's, scaled per sample.
-        let scaled: Vec<f32>;
-        let gp = match &self.scale {
-            None => gv,
-            Some(s) => {
-                let per = (m / s.len().max(1)).max(1) * c;
-                let mut v = Vec::with_capacity(gv.len());
-                v.spare_capacity_mut()[..gv.len()]
-                    .par_chunks_mut(per)
-                    .zip(gv.par_chunks(per))
-                    .zip(s.par_iter())
-                    .for_each(|((d, g), &s)| {
-                        for (d, &g) in d.iter_mut().zip(g) {
-                            d.write(s * g);
-                        }
-                    });
-                // SAFETY: the chunks of the first gv.len() values pair one to one with gv's
-                // (whole samples, one scale each) and every value was written.
-                unsafe { v.set_len(gv.len()) };
-                scaled = v;
-                &scaled[..]
-            }
-        };
+        let gp = scaled_per_sample(gv, self.scale.as_deref().map(|s| &s[..]));
+        let gp = &gp[..];
         let dy = need_y
             .then(|| tensor(input_grad(self.isa, gp, m, w, c, k)?, yl.shape().clone()))
             .transpose()?;
@@ -1237,33 +1255,43 @@ struct DcnCoreSaved {
     f: Vec<f32>,
     offset: Vec<f32>,
     mask: Vec<f32>,
+    /// The core's output (the output projection's input).
+    y: Vec<f32>,
 }
 
-/// A pre-norm block's DCNv3 branch up to the core's output, as one training op:
-/// `core(input_proj(n), offset(f), softmax(mask(f)))` with `n = layer_norm(x)` and
-/// `f = gelu(layer_norm(dw_conv(n)))`, over an (N, H, W, C) input, the input projection's weight
-/// (C, C) and the other parameters stacked in rows of C (see [`DcnCoreOp::parts`]). The forward keeps the core's operands and `f` (the tensors the
-/// backward needs that cost a GEMM to recompute); the normalised input is recomputed. The graph
-/// holds this one node where eight ops stood (each costing the backward a zero-filled gradient
-/// and an add on the calling thread, and keeping its input alive).
+/// A pre-norm block's DCNv3 branch and its residual update, as one training op:
+/// `x + s[sample] * output_proj(core(input_proj(n), offset(f), softmax(mask(f))))` with
+/// `n = layer_norm(x)` and `f = gelu(layer_norm(dw_conv(n)))` (`s` the optional stochastic-depth
+/// scale per sample), over an (N, H, W, C) input, the input projection's weight (C, C) and the
+/// other parameters stacked in rows of C (see [`DcnCoreOp::parts`]). The forward keeps the core's
+/// operands, its output and `f` (the tensors the backward needs that cost a GEMM to recompute);
+/// the normalised input is recomputed. The graph holds this one node where ten ops stood (each
+/// costing the backward a zero-filled gradient and an add on the calling thread, and keeping its
+/// input alive).
 struct DcnCoreOp {
     isa: Isa,
     spec: DcnCoreSpec,
+    /// Whether the output projection has a bias.
+    out_bias: bool,
+    /// Per-sample stochastic-depth scales of the residual update, one per leading index.
+    scale: Option<Arc<Vec<f32>>>,
     saved: OnceLock<DcnCoreSaved>,
 }
 
 impl DcnCoreOp {
     /// Lengths of the stacked parameter parts, in order: the offset weight, the mask weight, the
-    /// depthwise taps and bias ((k * k + 1) * C) (the rows), then the norm weight and bias, the
-    /// input projection's bias, the offset branch's norm weight and bias, the offset bias and the
-    /// mask bias (the tail).
-    fn parts(&self, c: usize) -> [usize; 10] {
+    /// depthwise taps and bias ((k * k + 1) * C), the output projection's weight (the rows), then
+    /// the norm weight and bias, the input projection's bias, the offset branch's norm weight and
+    /// bias, the offset bias, the mask bias and the output projection's bias (0 without; the
+    /// tail).
+    fn parts(&self, c: usize) -> [usize; 12] {
         let (g, p) = (self.spec.core.group, self.spec.core.points());
         let k = self.spec.dw_kernel;
         [
             2 * g * p * c,
             g * p * c,
             (k * k + 1) * c,
+            c * c,
             c,
             c,
             c,
@@ -1271,28 +1299,32 @@ impl DcnCoreOp {
             c,
             2 * g * p,
             g * p,
+            if self.out_bias { c } else { 0 },
         ]
     }
 
-    /// The input projection's weight `iw` and the stacked parts of `p` ([`Self::parts`]),
-    /// after checking their sizes.
+    /// The input projection's weight `iw` and the stacked parts of `p` ([`Self::parts`]) for a
+    /// batch of `n` with `c` channels, after checking their sizes (and the scales' count).
     fn split<'a>(
         &self,
         iw: &'a [f32],
         p: &'a [f32],
-        c: usize,
-    ) -> Result<(&'a [f32], [&'a [f32]; 10])> {
+        (n, c): (usize, usize),
+    ) -> Result<(&'a [f32], [&'a [f32]; 12])> {
         match split_stacked(p, self.parts(c), c) {
             Some(parts)
                 if iw.len() == c * c
-                    && c == self.spec.core.group * self.spec.core.group_channels =>
+                    && c == self.spec.core.group * self.spec.core.group_channels
+                    && self.scale.as_ref().is_none_or(|s| s.len() == n) =>
             {
                 Ok((iw, parts))
             }
             _ => candle_core::bail!(
-                "dcn core: {} and {} parameters do not fit {c} channels",
+                "dcn core: {} and {} parameters ({} sample scales) do not fit {n} samples of {c} \
+                 channels",
                 iw.len(),
-                p.len()
+                p.len(),
+                self.scale.as_ref().map_or(0, |s| s.len())
             ),
         }
     }
@@ -1333,7 +1365,7 @@ impl CustomOp3 for DcnCoreOp {
         let x = contiguous_slice::<f32>(s1, l1, what, "input")?;
         let iw = contiguous_slice::<f32>(s2, l2, what, "input projection weight")?;
         let p = contiguous_slice::<f32>(s3, l3, what, "parameters")?;
-        let (iw, [ow, mw, taps, nw, nb, ib, fw, fb, ob, mb]) = self.split(iw, p, c)?;
+        let (iw, [ow, mw, taps, pw, nw, nb, ib, fw, fb, ob, mb, pb]) = self.split(iw, p, (n, c))?;
         let (isa, m) = (self.isa, n * h * w);
         let gp = self.spec.core.group * self.spec.core.points();
         let geo = self.geometry(dims)?;
@@ -1369,9 +1401,18 @@ impl CustomOp3 for DcnCoreOp {
         let mut y = super::written_zeros_par(geo.output_len());
         let lay = cpu::PointLayout::dcnv3(&geo);
         cpu::forward(isa, &self.spec.core, &geo, lay, &v, &offset, &mask, &mut y);
+        // The output projection and the residual update.
+        let mut out = linear_forward(isa, &y, m, pw, self.out_bias.then_some(pb), c)?;
+        add_residual(&mut out, x, c, self.scale.as_deref().map(|s| &s[..]));
         // `cpu_fwd` runs once per op value; a second run would keep the same values.
-        let _ = self.saved.set(DcnCoreSaved { v, f, offset, mask });
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
+        let _ = self.saved.set(DcnCoreSaved {
+            v,
+            f,
+            offset,
+            mask,
+            y,
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
     fn bwd(
@@ -1405,10 +1446,16 @@ impl CustomOp3 for DcnCoreOp {
         let iwv = values(&iws, iwl, "input projection weight")?;
         let pv = values(&ps, pl, "parameters")?;
         let gv = values(&gs, gl, "gradient")?;
-        let (iwv, [ow, mw, taps, nw, nb, _ib, fw, fb, _ob, _mb]) = self.split(iwv, pv, c)?;
-        if gv.len() != geo.output_len() {
+        let (iwv, [ow, mw, taps, pw, nw, nb, _ib, fw, fb, _ob, _mb, _pb]) =
+            self.split(iwv, pv, (n, c))?;
+        if gv.len() != geo.output_len() || sv.y.len() != m * c {
             candle_core::bail!("dcn core backward: gradient of {} values", gv.len())
         }
+        // The output projection (its gradient the block's, scaled per sample).
+        let gproj = scaled_per_sample(gv, self.scale.as_deref().map(|s| &s[..]));
+        let dy = input_grad(isa, &gproj, m, pw, c, c)?;
+        let (dpw, dpb) = weight_grads(&gproj, &sv.y, m, c, c);
+        drop(gproj);
         // The core.
         let mut dv = super::written_zeros_par(geo.input_len());
         let mut doff = super::written_zeros_par(geo.offset_len());
@@ -1426,10 +1473,11 @@ impl CustomOp3 for DcnCoreOp {
             &sv.v,
             &sv.offset,
             &sv.mask,
-            gv,
+            &dy,
             &mut dv,
             rows,
         );
+        drop(dy);
         // The softmax, the offset and mask projections.
         let dlogits =
             super::fused::softmax_groups_backward_rows(&sv.mask, &dmask, self.spec.core.points());
@@ -1453,9 +1501,10 @@ impl CustomOp3 for DcnCoreOp {
         add_into(&mut dxn, &input_grad(isa, &dv, m, iwv, c, c)?);
         let (diw, dib) = weight_grads(&dv, &xn, m, c, c);
         drop((dv, xn));
-        // The block's norm.
-        let (dx, mut dnw) = layer_norm_backward_rows(isa, xv, &dxn, nw, self.spec.eps);
+        // The block's norm, then the residual path.
+        let (mut dx, mut dnw) = layer_norm_backward_rows(isa, xv, &dxn, nw, self.spec.eps);
         let dnb = dnw.split_off(c);
+        add_into(&mut dx, gv);
         let dx = x
             .track_op()
             .then(|| tensor(dx, xl.shape().clone()))
@@ -1467,7 +1516,19 @@ impl CustomOp3 for DcnCoreOp {
         let dp = p
             .track_op()
             .then(|| {
-                let rest = [&dmw[..], &dtaps, &dnw, &dnb, &dib, &dfn, &dob, &dmb];
+                let dpb: &[f32] = if self.out_bias { &dpb } else { &[] };
+                let rest = [
+                    &dmw[..],
+                    &dtaps,
+                    &dpw,
+                    &dnw,
+                    &dnb,
+                    &dib,
+                    &dfn,
+                    &dob,
+                    &dmb,
+                    dpb,
+                ];
                 stacked_grad(dow, &rest, pl.shape())
             })
             .transpose()?;
@@ -1475,22 +1536,28 @@ impl CustomOp3 for DcnCoreOp {
     }
 }
 
-/// The DCNv3 branch of a pre-norm block up to the core's output (see [`DcnCoreOp`]): `x` (N,
-/// H, W, C) and the parameters `[norm weight, norm bias, input_proj weight, input_proj bias,
+/// The DCNv3 branch of a pre-norm block and its residual update (see [`DcnCoreOp`]): `x` (N,
+/// H, W, C), the parameters `[norm weight, norm bias, input_proj weight, input_proj bias,
 /// depthwise taps, offset-branch norm weight, its bias, offset weight, offset bias, mask weight,
-/// mask bias]` (the weights 2-D, the taps (k * k + 1, C) with the bias row last). f32 CPU
-/// tensors only.
+/// mask bias]` (the weights 2-D, the taps (k * k + 1, C) with the bias row last), the output
+/// projection (weight, optional bias) and the optional per-sample stochastic-depth scales. f32
+/// CPU tensors only.
 pub(crate) fn dcn_core(
     x: &Tensor,
     params: [&Tensor; 11],
+    (pw, pb): (&Tensor, Option<&Tensor>),
+    sample_scale: Option<Vec<f32>>,
     spec: DcnCoreSpec,
     isa: Isa,
 ) -> Result<Tensor> {
     let [nw, nb, iw, ib, taps, fw, fb, ow, ob, mw, mb] = params;
-    let p = stack_params(&[ow, mw, taps], &[nw, nb, ib, fw, fb, ob, mb])?;
+    let tail: Vec<&Tensor> = [nw, nb, ib, fw, fb, ob, mb].into_iter().chain(pb).collect();
+    let p = stack_params(&[ow, mw, taps, pw], &tail)?;
     let op = DcnCoreOp {
         isa,
         spec,
+        out_bias: pb.is_some(),
+        scale: sample_scale.map(Arc::new),
         saved: OnceLock::new(),
     };
     x.contiguous()?.apply_op3(&iw.contiguous()?, &p, op)
@@ -1868,6 +1935,74 @@ mod tests {
                     }
                     _ => panic!("missing gradient of {name}"),
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// The fused DCN branch's stochastic depth against its unscaled run (which the pre-norm
+    /// network test in tests/train_ops.rs checks against the unfused layers): with per-sample
+    /// scales `s`, `out = x + s * branch`, so for a loss `sum(out * r)` every parameter gradient
+    /// equals the unscaled op's under `sum(out * s r)`, and the input's differs by `r - s r`.
+    #[test]
+    fn dcn_branch_drop_path_scales_the_branch_per_sample() -> Result<()> {
+        let dev = Device::Cpu;
+        let isa = crate::KernelPolicy::process_default()?.isa();
+        let (n, h, w, g, gc) = (3, 5, 6, 2, 8);
+        let (c, points) = (g * gc, 9);
+        let v = |shape: &[usize], scale: f64, shift: f64| -> Result<Var> {
+            let t = ((Tensor::randn(0f32, 1., shape, &dev)? * scale)? + shift)?;
+            Var::from_tensor(&t)
+        };
+        let x = v(&[n, h, w, c], 1.0, 0.0)?;
+        let (nw, nb) = (v(&[c], 0.1, 1.0)?, v(&[c], 0.1, 0.0)?);
+        let (iw, ib) = (v(&[c, c], 0.2, 0.0)?, v(&[c], 0.1, 0.0)?);
+        let taps = v(&[3 * 3 + 1, c], 0.2, 0.0)?;
+        let (fw, fb) = (v(&[c], 0.1, 1.0)?, v(&[c], 0.1, 0.0)?);
+        let (ow, ob) = (
+            v(&[2 * g * points, c], 0.1, 0.0)?,
+            v(&[2 * g * points], 0.5, 0.0)?,
+        );
+        let (mw, mb) = (v(&[g * points, c], 0.2, 0.0)?, v(&[g * points], 0.1, 0.0)?);
+        let (pw, pb) = (v(&[c, c], 0.2, 0.0)?, v(&[c], 0.1, 0.0)?);
+        let spec = DcnCoreSpec {
+            dw_kernel: 3,
+            dw_pad: 1,
+            eps: 1e-6,
+            dw_eps: 1e-6,
+            core: crate::ops::dcnv3::Dcnv3Config::internimage(g, gc, 1.0),
+        };
+        let vars = [
+            &x, &nw, &nb, &iw, &ib, &taps, &fw, &fb, &ow, &ob, &mw, &mb, &pw, &pb,
+        ];
+        let r = Tensor::randn(0f32, 1., (n, h, w, c), &dev)?;
+        let scale = vec![1.25f32, 0.0, 1.25];
+        let s = Tensor::from_vec(scale.clone(), (n, 1, 1, 1), &dev)?;
+        for bias in [true, false] {
+            let run = |scale: Option<Vec<f32>>,
+                       r: &Tensor|
+             -> Result<(Tensor, candle_core::backprop::GradStore)> {
+                let params = [&nw, &nb, &iw, &ib, &taps, &fw, &fb, &ow, &ob, &mw, &mb]
+                    .map(|v| v.as_tensor());
+                let proj = (pw.as_tensor(), bias.then(|| pb.as_tensor()));
+                let out = dcn_core(x.as_tensor(), params, proj, scale, spec, isa)?;
+                let grads = (&out * r)?.sum_all()?.backward()?;
+                Ok((out, grads))
+            };
+            let (scaled, gs) = run(Some(scale.clone()), &r)?;
+            let (plain, gp) = run(None, &r.broadcast_mul(&s)?)?;
+            // Forward: the branch scaled per sample.
+            let want = (x.as_tensor() + (&plain - x.as_tensor())?.broadcast_mul(&s)?)?;
+            assert!(rel_diff(&scaled, &want) < 1e-5, "forward (bias {bias})");
+            let skip = (&r - r.broadcast_mul(&s)?)?;
+            for (i, v) in vars.iter().enumerate() {
+                let (Some(a), Some(e)) = (gs.get(v.as_tensor()), gp.get(v.as_tensor())) else {
+                    assert!(!bias && i == vars.len() - 1, "missing gradient of var {i}");
+                    continue;
+                };
+                let e = if i == 0 { (e + &skip)? } else { e.clone() };
+                let d = rel_diff(a, &e);
+                assert!(d < 1e-5, "gradient of var {i} differs by {d} (bias {bias})");
             }
         }
         Ok(())
