@@ -132,6 +132,15 @@ fn add_into(dst: &mut [f32], src: &[f32]) {
     }
 }
 
+/// [`add_into`] for whole tensors, in parallel runs (an op's `bwd` runs on the calling thread:
+/// a serial pass there leaves the pool idle).
+fn add_into_par(dst: &mut [f32], src: &[f32]) {
+    const RUN: usize = 16 * 1024;
+    dst.par_chunks_mut(RUN)
+        .zip(src.par_chunks(RUN))
+        .for_each(|(d, s)| add_into(d, s));
+}
+
 /// `dst += field(p)` for every accumulator `p` of `parts` (each `field` as long as `dst`), in
 /// parallel over runs of `dst`: the weight gradients of a backward come as one accumulator per
 /// thread (or per task), and summing them on one thread had been a serial pass of each.
@@ -1483,7 +1492,7 @@ impl CustomOp3 for DcnCoreOp {
             super::fused::softmax_groups_backward_rows(&sv.mask, &dmask, self.spec.core.points());
         drop(dmask);
         let mut df = input_grad(isa, &doff, m, ow, 2 * gp, c)?;
-        add_into(&mut df, &input_grad(isa, &dlogits, m, mw, gp, c)?);
+        add_into_par(&mut df, &input_grad(isa, &dlogits, m, mw, gp, c)?);
         let (dow, dob) = weight_grads(&doff, &sv.f, m, 2 * gp, c);
         let (dmw, dmb) = weight_grads(&dlogits, &sv.f, m, gp, c);
         drop((doff, dlogits));
@@ -1498,13 +1507,13 @@ impl CustomOp3 for DcnCoreOp {
             self.spec.dw_eps,
         )?;
         drop(df);
-        add_into(&mut dxn, &input_grad(isa, &dv, m, iwv, c, c)?);
+        add_into_par(&mut dxn, &input_grad(isa, &dv, m, iwv, c, c)?);
         let (diw, dib) = weight_grads(&dv, &xn, m, c, c);
         drop((dv, xn));
         // The block's norm, then the residual path.
         let (mut dx, mut dnw) = layer_norm_backward_rows(isa, xv, &dxn, nw, self.spec.eps);
         let dnb = dnw.split_off(c);
-        add_into(&mut dx, gv);
+        add_into_par(&mut dx, gv);
         let dx = x
             .track_op()
             .then(|| tensor(dx, xl.shape().clone()))
