@@ -706,10 +706,11 @@ struct PreNormMlpOp {
 /// The largest hidden-activation tensor (bytes) a training MLP op keeps for its backward; larger
 /// ones are recomputed there. Every InternImage block has about the same MLP FLOPs (C doubles
 /// where H*W quarters), while its hidden tensor shrinks 2x per stage: keeping the small ones
-/// buys most of the recompute's FLOPs for little memory. At InternImage-T, 224, batch 8: stages
-/// 2-4 (12.8, 6.4 and 3.2 MB per block, 26 of 30 blocks, 180 MB in all; ~100 MB more peak RSS
-/// than keeping stages 3-4 only) keep them, stage 1 (25.7 MB per block) recomputes.
-const KEEP_HIDDEN_BYTES: usize = 16 << 20;
+/// buys most of the recompute's FLOPs for little memory. At InternImage-T, 224, batch 8, every
+/// stage keeps them (25.7, 12.8, 6.4 and 3.2 MB per block, 283 MB in all; stage 1's took the
+/// peak RSS from 1560 to 1565 MiB, the transients of the stem's backward being larger); from
+/// batch 11 on, stage 1 recomputes.
+const KEEP_HIDDEN_BYTES: usize = 32 << 20;
 
 /// The hidden pre-activations of an MLP backward: kept by the forward, or recomputed per row
 /// block with the packed fc1.
