@@ -278,11 +278,7 @@ impl Dcnv3Layer {
             dw_eps: dw_eps as f32,
             core: self.core,
         };
-        let scale = if drop_prob > 0.0 {
-            Some(train::drop_path_scales(xs.dim(0)?, drop_prob)?)
-        } else {
-            None
-        };
+        let scale = train::drop_path_scales(xs.dim(0)?, drop_prob)?;
         train::dcn_core(xs, params, (pw, pb), scale, spec, self.policy.isa()).map(Some)
     }
 

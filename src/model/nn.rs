@@ -357,11 +357,7 @@ pub(crate) fn residual_drop(
 ) -> Result<Tensor> {
     use crate::ops::train;
     if x.dims() == branch.dims() && train::engages(policy, &[x, branch], gamma) {
-        let scale = if p > 0.0 {
-            Some(train::drop_path_scales(x.dim(0)?, p)?)
-        } else {
-            None
-        };
+        let scale = train::drop_path_scales(x.dim(0)?, p)?;
         return train::residual(x, branch, gamma, scale);
     }
     let branch = drop_path(branch, p)?;

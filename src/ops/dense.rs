@@ -301,11 +301,7 @@ pub(crate) fn prenorm_mlp_residual(
     {
         return Ok(None);
     }
-    let scale = if p > 0.0 {
-        Some(super::train::drop_path_scales(xs.dim(0)?, p)?)
-    } else {
-        None
-    };
+    let scale = super::train::drop_path_scales(xs.dim(0)?, p)?;
     super::train::prenorm_mlp_residual(
         xs,
         (ln_w, ln_b, eps),
@@ -333,11 +329,7 @@ pub(crate) fn project_residual(
     if !(trains(lin, y, policy) && super::train::applies(policy, &[xs])) {
         return Ok(None);
     }
-    let scale = if p > 0.0 {
-        Some(super::train::drop_path_scales(xs.dim(0)?, p)?)
-    } else {
-        None
-    };
+    let scale = super::train::drop_path_scales(xs.dim(0)?, p)?;
     super::train::project_residual(xs, y, lin.weight(), lin.bias(), scale, policy.isa()).map(Some)
 }
 

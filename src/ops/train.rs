@@ -790,7 +790,7 @@ impl CustomOp3 for PreNormMlpOp {
         let x = contiguous_slice::<f32>(s1, l1, what, "input")?;
         let w1 = contiguous_slice::<f32>(s2, l2, what, "fc1 weight")?;
         let p2 = contiguous_slice::<f32>(s3, l3, what, "fc2 weight, biases and norm")?;
-        let (m, per_sample, [w1, w2, b1, lnw, lnb, b2]) = self.check(l1, w1, p2)?;
+        let (m, _, [w1, w2, b1, lnw, lnb, b2]) = self.check(l1, w1, p2)?;
         let (c, hid) = (self.c, self.hid);
         let fc1 = PackedWeight::new(self.isa, w1, Some(b1), hid, c);
         let fc2 = PackedWeight::new(self.isa, w2, self.bias2.then_some(b2), c, hid);
@@ -799,7 +799,6 @@ impl CustomOp3 for PreNormMlpOp {
         };
         // The normalised rows (transient), then the MLP into the output, then the residual.
         let xn = layer_norm_rows(self.isa, x, lnw, lnb, self.eps);
-        let task = (16 * 1024 / c).max(1) * c;
         let mut y = Vec::with_capacity(m * c);
         let out = &mut y.spare_capacity_mut()[..m * c];
         if m * hid * std::mem::size_of::<f32>() <= self.keep_bytes {
@@ -813,18 +812,7 @@ impl CustomOp3 for PreNormMlpOp {
         // SAFETY: `mlp_packed` and `mlp_packed_keep` write all m * c values.
         unsafe { y.set_len(m * c) };
         drop(xn);
-        y.par_chunks_mut(task)
-            .zip(x.par_chunks(task))
-            .enumerate()
-            .for_each(|(t, (y, x))| {
-                let r0 = t * (task / c);
-                for (i, (y, x)) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)).enumerate() {
-                    let s = self.row_scale(r0 + i, per_sample);
-                    for (y, &x) in y.iter_mut().zip(x) {
-                        *y = x + s * *y;
-                    }
-                }
-            });
+        add_residual(&mut y, x, c, self.scale.as_deref().map(|s| &s[..]));
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -1798,9 +1786,13 @@ pub(crate) fn residual(
 }
 
 /// The per-sample stochastic-depth scales of a batch of `n`: each sample is dropped (0) with
-/// probability `p`, else scaled by `1 / (1 - p)` (timm's `drop_path` with `scale_by_keep`).
-/// Draws from candle's CPU generator like `Tensor::rand`.
-pub(crate) fn drop_path_scales(n: usize, p: f64) -> Result<Vec<f32>> {
+/// probability `p`, else scaled by `1 / (1 - p)` (timm's `drop_path` with `scale_by_keep`);
+/// `None` (identity) unless `p > 0`. Draws from candle's CPU generator like `Tensor::rand`.
+pub(crate) fn drop_path_scales(n: usize, p: f64) -> Result<Option<Vec<f32>>> {
+    let drops = p > 0.0;
+    if !drops {
+        return Ok(None);
+    }
     let keep = 1.0 - p;
     let u = Tensor::rand(0f32, 1f32, n, &Device::Cpu)?.to_vec1::<f32>()?;
     Ok(u.into_iter()
@@ -1811,7 +1803,8 @@ pub(crate) fn drop_path_scales(n: usize, p: f64) -> Result<Vec<f32>> {
                 0.0
             }
         })
-        .collect())
+        .collect::<Vec<_>>()
+        .into())
 }
 
 #[cfg(test)]
