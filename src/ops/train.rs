@@ -1396,9 +1396,8 @@ impl CustomOp3 for DcnCoreOp {
             &linear_forward(isa, &f, m, mw, Some(mb), gp)?,
             self.spec.core.points(),
         );
-        let mut y = super::written_zeros_par(geo.output_len());
         let lay = cpu::PointLayout::dcnv3(&geo);
-        cpu::forward(isa, &self.spec.core, &geo, lay, &v, &offset, &mask, &mut y);
+        let y = cpu::forward(isa, &self.spec.core, &geo, lay, &v, &offset, &mask);
         // The output projection and the residual update.
         let mut out = linear_forward(isa, &y, m, pw, self.out_bias.then_some(pb), c)?;
         add_residual(&mut out, x, c, self.scale.as_deref().map(|s| &s[..]));

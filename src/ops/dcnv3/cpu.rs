@@ -998,8 +998,12 @@ impl<F: Acc> LineAligned<F> {
     }
 }
 
-/// Forward: writes the core (input, offset, mask) into `out` (length `g.output_len()`), the
-/// offsets and masks read as `lay` says (for DCNv4, `offset` and `mask` are the same buffer).
+/// Forward: the core (input, offset, mask), `g.output_len()` values, the offsets and masks read
+/// as `lay` says (for DCNv4, `offset` and `mask` are the same buffer).
+///
+/// Each parallel task zeroes its own chunk of the output just before the kernels write it (the
+/// lines are then in that core's cache), instead of one serial zero-fill of the whole output on
+/// the calling thread (2% of the stage-1 forward).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward<F: Acc>(
     isa: Isa,
@@ -1009,8 +1013,7 @@ pub(crate) fn forward<F: Acc>(
     input: &[F],
     offset: &[F],
     mask: &[F],
-    out: &mut [F],
-) {
+) -> Vec<F> {
     let prm = Params::<F>::new(cfg, g, lay);
     let chunk_px = pixels_per_task(g.out_pixels(), g.channels);
     // The branch-free kernel needs image offsets in i32.
@@ -1025,14 +1028,27 @@ pub(crate) fn forward<F: Acc>(
     };
     let input = staged.as_ref().map_or(input, LineAligned::as_slice);
     let bordered = bordered.as_ref();
-    out.par_chunks_mut(chunk_px * g.channels)
+    let len = g.output_len();
+    let mut out = Vec::<F>::with_capacity(len);
+    out.spare_capacity_mut()[..len]
+        .par_chunks_mut((chunk_px * g.channels).max(1))
         .enumerate()
         .for_each(|(ci, chunk)| {
+            for v in chunk.iter_mut() {
+                v.write(F::ZERO);
+            }
+            // SAFETY: every element of `chunk` was initialised just above, and
+            // `MaybeUninit<F>` has the size and alignment of `F`.
+            let chunk = unsafe { &mut *(chunk as *mut [std::mem::MaybeUninit<F>] as *mut [F]) };
             let first = ci * chunk_px;
             forward_chunk_dispatch(
                 isa, fits_i32, bordered, &prm, input, offset, mask, chunk, first,
             );
         });
+    // SAFETY: the chunks cover the first `len` elements and each task initialised its chunk;
+    // the capacity is at least `len`.
+    unsafe { out.set_len(len) };
+    out
 }
 
 /// `sum_c go[c]*v[c]`, and `g[c] += f*go[c]` in the same pass (all slices of equal length).

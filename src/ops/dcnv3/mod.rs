@@ -343,10 +343,8 @@ impl CpuKernel<3> for Dcnv3Op {
     const OP: &'static str = "dcnv3";
     const ARGS: [&'static str; 3] = ["input", "offset", "mask"];
     fn run<F: cpu::Acc>(&self, g: &Dcnv3Geometry, [input, offset, mask]: [&[F]; 3]) -> Vec<F> {
-        let mut out = vec![F::ZERO; g.output_len()];
         let lay = cpu::PointLayout::dcnv3(g);
-        cpu::forward(self.isa, &self.cfg, g, lay, input, offset, mask, &mut out);
-        out
+        cpu::forward(self.isa, &self.cfg, g, lay, input, offset, mask)
     }
 }
 

@@ -215,10 +215,8 @@ impl CpuKernel<2> for Dcnv4Op {
     const OP: &'static str = "dcnv4";
     const ARGS: [&'static str; 2] = ["input", "offset_mask"];
     fn run<F: cpu::Acc>(&self, g: &Dcnv3Geometry, [input, om]: [&[F]; 2]) -> Vec<F> {
-        let mut out = vec![F::ZERO; g.output_len()];
         let lay = PointLayout::dcnv4(g, offset_mask_channels(&self.cfg));
-        cpu::forward(self.isa, &self.cfg, g, lay, input, om, om, &mut out);
-        out
+        cpu::forward(self.isa, &self.cfg, g, lay, input, om, om)
     }
 }
 
