@@ -203,20 +203,16 @@ impl PackedWeight {
             }
             Panels::Bf16(data)
         } else {
-            let mut data = vec![0f32; panels * k * nr];
             // Panels are independent: packed in parallel (the training kernels pack their
-            // weights on every call).
-            data.par_chunks_exact_mut(k * nr)
-                .enumerate()
-                .for_each(|(p, panel)| {
-                    for j in 0..nr.min(n - p * nr) {
-                        let row = &w[(p * nr + j) * k..(p * nr + j + 1) * k];
-                        for (kk, &v) in row.iter().enumerate() {
-                            panel[kk * nr + j] = v;
-                        }
+            // weights on every call), each zeroed by its own task.
+            Panels::F32(packed_panels(panels, k * nr, |p, panel| {
+                for j in 0..nr.min(n - p * nr) {
+                    let row = &w[(p * nr + j) * k..(p * nr + j + 1) * k];
+                    for (kk, &v) in row.iter().enumerate() {
+                        panel[kk * nr + j] = v;
                     }
-                });
-            Panels::F32(data)
+                }
+            }))
         };
         let mut padded = vec![0f32; panels * nr];
         if let Some(b) = bias {
@@ -247,15 +243,12 @@ impl PackedWeight {
         }
         let nr = family.nr();
         let panels = n.div_ceil(nr);
-        let mut data = vec![0f32; panels * k * nr];
-        data.par_chunks_exact_mut(k * nr)
-            .enumerate()
-            .for_each(|(p, panel)| {
-                let (c0, width) = (p * nr, nr.min(n - p * nr));
-                for (kk, dst) in panel.chunks_exact_mut(nr).enumerate() {
-                    dst[..width].copy_from_slice(&w[kk * n + c0..kk * n + c0 + width]);
-                }
-            });
+        let data = packed_panels(panels, k * nr, |p, panel| {
+            let (c0, width) = (p * nr, nr.min(n - p * nr));
+            for (kk, dst) in panel.chunks_exact_mut(nr).enumerate() {
+                dst[..width].copy_from_slice(&w[kk * n + c0..kk * n + c0 + width]);
+            }
+        });
         Some(Self {
             n,
             k,
@@ -321,6 +314,33 @@ impl PackedWeight {
     fn panels(&self) -> usize {
         self.n.div_ceil(self.family.nr())
     }
+}
+
+/// `panels` f32 panels of `len` values each, filled in parallel: every task zeroes its panel
+/// (the padding columns stay zero) and then `fill(p, panel)` writes panel p's values. (Zeroing
+/// the whole buffer first was a serial pass on the calling thread, per training step and
+/// weight.)
+fn packed_panels(panels: usize, len: usize, fill: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+    let total = panels * len;
+    let mut data = Vec::<f32>::with_capacity(total);
+    if len > 0 {
+        data.spare_capacity_mut()[..total]
+            .par_chunks_exact_mut(len)
+            .enumerate()
+            .for_each(|(p, panel)| {
+                for v in panel.iter_mut() {
+                    v.write(0.0);
+                }
+                // SAFETY: every element of `panel` was initialised just above, and
+                // `MaybeUninit<f32>` has the size and alignment of `f32`.
+                let panel = unsafe { &mut *(panel as *mut [MaybeUninit<f32>] as *mut [f32]) };
+                fill(p, panel);
+            });
+    }
+    // SAFETY: the chunks cover the first `total` elements (or `total` is 0) and each task
+    // initialised its chunk; the capacity is at least `total`.
+    unsafe { data.set_len(total) };
+    data
 }
 
 /// A raw output pointer shared by tasks that write disjoint blocks.
