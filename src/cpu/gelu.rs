@@ -4,7 +4,7 @@
 //! `1 - exp(-x^2) * Q(|x|)` from 1 to 3.92 (beyond, `erf` rounds to +-1), with polynomials fitted
 //! so that the result is within about 6e-8 (half an ulp of 1) of the exact `erf`. Both branches
 //! are computed and one is selected per lane, so the loop auto-vectorises. With AVX2 or AVX-512
-//! the table-driven kernel of [`super::gelu_avx2`] (piecewise polynomials, no `exp`) runs instead.
+//! the table-driven kernels of [`super::gelu_table`] (piecewise polynomials, no `exp`) run instead.
 
 use super::simd::{dispatch, exp_f32, fmadd};
 use rayon::prelude::*;
@@ -95,10 +95,10 @@ fn gelu_inplace_generic<const FMA: bool>(xs: &mut [f32]) {
     }
 }
 
-// On x86-64 with AVX2+FMA the table-driven kernels of `super::gelu_avx2` run instead of the
+// On x86-64 with AVX2+FMA the table-driven kernels of `super::gelu_table` run instead of the
 // portable two-branch formula.
-dispatch!(pub(crate) fn gelu_into(src: &[f32], dst: &mut [MaybeUninit<f32>]) => gelu_into_generic, avx2: super::gelu_avx2::gelu_into, avx512: super::gelu_avx2::gelu_into);
-dispatch!(pub(crate) fn gelu_inplace(xs: &mut [f32]) => gelu_inplace_generic, avx2: super::gelu_avx2::gelu_inplace, avx512: super::gelu_avx2::gelu_inplace);
+dispatch!(pub(crate) fn gelu_into(src: &[f32], dst: &mut [MaybeUninit<f32>]) => gelu_into_generic, avx2: super::gelu_table::gelu_into, avx512: super::gelu_table::gelu_into_512);
+dispatch!(pub(crate) fn gelu_inplace(xs: &mut [f32]) => gelu_inplace_generic, avx2: super::gelu_table::gelu_inplace, avx512: super::gelu_table::gelu_inplace_512);
 
 /// Exact GELU of an f32 slice into `dst` (same length; every element written), multi-threaded
 /// for large slices.
@@ -238,6 +238,28 @@ mod tests {
                     xs[i]
                 );
                 assert_eq!(a.to_bits(), inplace[i].to_bits(), "{isa}: in place differs");
+            }
+        }
+    }
+
+    #[test]
+    fn table_kernels_agree_bitwise_at_every_tail_length() {
+        use crate::cpu::Isa;
+        if !(Isa::Avx512.is_supported() && Isa::Avx2.is_supported()) {
+            return;
+        }
+        for n in 0..=40 {
+            let xs: Vec<f32> = (0..n).map(|i| -4.5 + 0.23 * i as f32).collect();
+            let (mut a, mut b) = (xs.clone(), xs.clone());
+            gelu_inplace(Isa::Avx2, &mut a);
+            gelu_inplace(Isa::Avx512, &mut b);
+            let mut into = vec![MaybeUninit::uninit(); n];
+            gelu_into(Isa::Avx512, &xs, &mut into);
+            for i in 0..n {
+                // SAFETY: gelu_into wrote every element (equal lengths).
+                let c = unsafe { into[i].assume_init() };
+                assert_eq!(a[i].to_bits(), b[i].to_bits(), "n {n}, element {i}");
+                assert_eq!(a[i].to_bits(), c.to_bits(), "n {n}, element {i} (into)");
             }
         }
     }

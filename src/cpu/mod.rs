@@ -11,7 +11,7 @@
 //! | family | AVX-512 (+BF16, +AMX) | AVX2 + FMA | NEON (aarch64) | portable |
 //! |---|---|---|---|---|
 //! | GEMM (`gemm.rs`: linear, MLP, dense conv) | 12 x 32 intrinsics (bf16: 8 x 32, `VDPBF16PS`; AMX: 32 x 32 tile blocks, `TDPBF16PS`, `amx.rs`) | 6 x 16 intrinsics | 6 x 16 intrinsics | 4 x 16 plain Rust, no FMA |
-//! | GELU and its gradient (`gelu.rs`) | table kernel (`gelu_avx2.rs`) | table kernel | generic, FMA | generic, no FMA |
+//! | GELU and its gradient (`gelu.rs`) | 16-lane table kernel (`gelu_table.rs`) | 8-lane table kernel | generic, FMA | generic, no FMA |
 //! | LayerNorm, softmax, depthwise conv (`ops/`) | generic, FMA, AVX-512 codegen | generic, FMA, AVX2 codegen | generic, FMA | generic, no FMA |
 //! | DCNv3/DCNv4 gather and scatter (`ops/dcnv3/cpu.rs`) | f32 forward: intrinsics (`cpu/avx512.rs`); f64 and backward: the AVX2 build | generic, FMA, AVX2 codegen | generic, FMA | generic, no FMA |
 //!
@@ -24,7 +24,7 @@
 mod amx;
 pub(crate) mod gelu;
 #[cfg(target_arch = "x86_64")]
-mod gelu_avx2;
+mod gelu_table;
 pub(crate) mod gemm;
 pub(crate) mod simd;
 

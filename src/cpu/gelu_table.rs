@@ -1,11 +1,15 @@
-//! Exact (erf) GELU with AVX2 + FMA, eight lanes at a time.
+//! Exact (erf) GELU with table-driven piecewise polynomials: eight lanes at a time with AVX2 +
+//! FMA, sixteen with AVX-512 (the same operations lane by lane, so both give bitwise the same
+//! results).
 //!
 //! `erf(z)` on `|z| <= 3.92` (beyond, it is +-1 to f32 precision) is a degree-8 polynomial on
 //! each of eight intervals of width 0.49, fitted near-minimax at Chebyshev nodes against an
 //! arbitrary-precision `erf` (absolute error below 7.5e-8 including f32 rounding, about one ulp
 //! of 1). Each lane picks its interval's coefficients with one `vpermps` per coefficient, so a
 //! vector costs about 25 instructions and no `exp`, where the two-branch formula of
-//! [`super::gelu`] (still used without AVX2) needs both branches and an `exp`.
+//! [`super::gelu`] (still used without AVX2) needs both branches and an `exp`. On a Zen 4
+//! (256-bit units) the AVX-512 kernel takes 0.39 ns per element against the AVX2 kernel's 0.53
+//! (one thread, 64 Ki elements in L2).
 
 use std::arch::x86_64::*;
 
@@ -133,8 +137,32 @@ unsafe fn gelu8(x: __m256) -> __m256 {
     _mm256_fmadd_ps(h, erf, h)
 }
 
-/// Applies `f` to `src` eight lanes at a time into `dst` (same length), the tail through a
-/// zero-padded stack vector.
+/// [`gelu8`] for sixteen lanes with AVX-512: the same operations lane by lane, the eight-entry
+/// tables picked with `vpermps` on zmm (lanes 8-15 of a table are never selected).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+unsafe fn gelu16(x: __m512) -> __m512 {
+    let sign = _mm512_set1_ps(-0.0);
+    let z = _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::FRAC_1_SQRT_2));
+    let a = _mm512_min_ps(_mm512_andnot_ps(sign, z), _mm512_set1_ps(ERF_MAX));
+    // As in `gelu8`: `a` is never NaN; the index is clamped to 7.
+    let idx = _mm512_cvttps_epi32(_mm512_mul_ps(a, _mm512_set1_ps(INTERVALS_PER_UNIT)));
+    let idx = _mm512_min_epi32(idx, _mm512_set1_epi32(7));
+    let pick = |table: &[f32; 8]| {
+        _mm512_permutexvar_ps(idx, _mm512_castps256_ps512(_mm256_loadu_ps(table.as_ptr())))
+    };
+    let t = _mm512_sub_ps(a, pick(&CENTRES));
+    let mut p = pick(&COEFFS[8]);
+    for j in (0..8).rev() {
+        p = _mm512_fmadd_ps(p, t, pick(&COEFFS[j]));
+    }
+    let erf = _mm512_or_ps(p, _mm512_and_ps(sign, z));
+    let h = _mm512_mul_ps(x, _mm512_set1_ps(0.5));
+    _mm512_fmadd_ps(h, erf, h)
+}
+
+/// Applies [`gelu8`] to `src` eight lanes at a time into `dst` (`len` values each; they may be
+/// the same), the tail through a zero-padded stack vector.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn map8(src: *const f32, dst: *mut f32, len: usize) {
@@ -152,8 +180,24 @@ unsafe fn map8(src: *const f32, dst: *mut f32, len: usize) {
     }
 }
 
-/// `dst[i] = gelu(src[i])`; writes every element of `dst` (which may be uninitialised) when
-/// `dst.len() == src.len()`.
+/// Applies [`gelu16`] to `src` sixteen lanes at a time into `dst` (`len` values each; they may
+/// be the same), the tail with masked loads and stores.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+unsafe fn map16(src: *const f32, dst: *mut f32, len: usize) {
+    let mut i = 0;
+    while i + 16 <= len {
+        _mm512_storeu_ps(dst.add(i), gelu16(_mm512_loadu_ps(src.add(i))));
+        i += 16;
+    }
+    if i < len {
+        let m = ((1u32 << (len - i)) - 1) as __mmask16;
+        _mm512_mask_storeu_ps(dst.add(i), m, gelu16(_mm512_maskz_loadu_ps(m, src.add(i))));
+    }
+}
+
+/// `dst[i] = gelu(src[i])`, AVX2; writes every element of `dst` (which may be uninitialised)
+/// when `dst.len() == src.len()`.
 ///
 /// # Safety
 /// The CPU supports AVX2 and FMA.
@@ -163,7 +207,7 @@ pub(crate) unsafe fn gelu_into(src: &[f32], dst: &mut [std::mem::MaybeUninit<f32
     map8(src.as_ptr(), dst.as_mut_ptr().cast::<f32>(), len)
 }
 
-/// `xs[i] = gelu(xs[i])`.
+/// `xs[i] = gelu(xs[i])`, AVX2.
 ///
 /// # Safety
 /// The CPU supports AVX2 and FMA.
@@ -171,4 +215,24 @@ pub(crate) unsafe fn gelu_into(src: &[f32], dst: &mut [std::mem::MaybeUninit<f32
 pub(crate) unsafe fn gelu_inplace(xs: &mut [f32]) {
     let p = xs.as_mut_ptr();
     map8(p, p, xs.len())
+}
+
+/// [`gelu_into`] with AVX-512.
+///
+/// # Safety
+/// The CPU supports AVX-512 F/BW/VL/DQ, AVX2 and FMA.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+pub(crate) unsafe fn gelu_into_512(src: &[f32], dst: &mut [std::mem::MaybeUninit<f32>]) {
+    let len = src.len().min(dst.len());
+    map16(src.as_ptr(), dst.as_mut_ptr().cast::<f32>(), len)
+}
+
+/// [`gelu_inplace`] with AVX-512.
+///
+/// # Safety
+/// The CPU supports AVX-512 F/BW/VL/DQ, AVX2 and FMA.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+pub(crate) unsafe fn gelu_inplace_512(xs: &mut [f32]) {
+    let p = xs.as_mut_ptr();
+    map16(p, p, xs.len())
 }
