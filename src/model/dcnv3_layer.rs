@@ -185,9 +185,9 @@ impl Dcnv3Layer {
 
     /// Offset/mask features: depthwise conv, LayerNorm, GELU (NHWC).
     fn offset_features(&self, xs: &Tensor) -> Result<Tensor> {
-        // Training on the CPU: the three layers as one op (see `forward_norm_gelu_train`).
+        // f32 on the CPU: the three layers as one op (see `forward_norm_gelu`).
         let norm = self.dw_norm.params();
-        if let Some(f) = self.dw_conv.forward_norm_gelu_train(xs, norm)? {
+        if let Some(f) = self.dw_conv.forward_norm_gelu(xs, norm)? {
             return Ok(f);
         }
         let f = self.dw_conv.forward(xs)?;

@@ -152,23 +152,24 @@ impl DepthwiseConv2dNhwc {
         Ok(Some((self.taps()?, self.kh, self.pad)))
     }
 
-    /// `gelu(layer_norm(self(xs)))` (norm = weight, bias, eps over C) as one training op when
-    /// something tracks a gradient and the CPU training kernels apply (f32 on the CPU, fast
-    /// policy): see [`DwNormGeluOp`]. `Ok(None)` otherwise: the caller runs the three layers.
-    pub(crate) fn forward_norm_gelu_train(
+    /// `gelu(layer_norm(self(xs)))` (norm = weight, bias, eps over C) as one op when the CPU
+    /// kernels apply (f32 on the CPU, fast policy): see [`DwNormGeluOp`]. With a gradient it is
+    /// the training op (the backward recomputes what it needs); in inference the same forward
+    /// saves the separate LayerNorm and GELU passes over the branch. `Ok(None)` otherwise: the
+    /// caller runs the three layers.
+    pub(crate) fn forward_norm_gelu(
         &self,
         xs: &Tensor,
         (weight, bias, eps): (&Tensor, &Tensor, f64),
     ) -> Result<Option<Tensor>> {
         let c = self.channels;
-        let trains = self.trainable.is_some() || super::tracks_grad(&[xs, weight, bias]);
         let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
         let fits = xs.rank() == 4
             && xs.dim(3)? == c
             && weight.dims() == [c]
             && bias.dims() == [c]
             && [xs, weight, bias].into_iter().all(f32_cpu);
-        if !trains || !fits || !self.policy.is_fast() {
+        if !fits || !self.policy.is_fast() {
             return Ok(None);
         }
         let taps = self.taps()?;
@@ -683,7 +684,7 @@ fn dw_backward(
     (dx, dtaps)
 }
 
-/// The offset branch's `gelu(layer_norm(dw_conv(x)))` for training, as one op: input
+/// The offset branch's `gelu(layer_norm(dw_conv(x)))` as one op (training and inference): input
 /// (N, H, W, C) f32, taps + bias (kh * kw + 1, C) and the norm's weight and bias as one (2 * C)
 /// tensor. Only the input is kept: the backward recomputes the convolution's output and the
 /// normalised values (cheap, element-wise work), where three ops kept both tensors and cost the
@@ -830,7 +831,7 @@ pub(crate) fn dw_norm_gelu_backward(
 
 impl CustomOp3 for DwNormGeluOp {
     fn name(&self) -> &'static str {
-        "internimage-depthwise-norm-gelu-train"
+        "internimage-depthwise-norm-gelu"
     }
 
     fn cpu_fwd(
@@ -956,7 +957,7 @@ mod tests {
                 )?;
                 let norm = (lw.as_tensor(), lb.as_tensor(), 1e-6);
                 let ours = dw
-                    .forward_norm_gelu_train(x.as_tensor(), norm)?
+                    .forward_norm_gelu(x.as_tensor(), norm)?
                     .expect("the training op applies to f32 CPU Vars");
                 assert!(
                     rel_diff(&ours, &want) < 1e-5,
@@ -979,19 +980,33 @@ mod tests {
                 }
             }
         }
-        // Nothing tracks a gradient: the caller runs the inference layers.
-        let dw = DepthwiseConv2dNhwc::with_policy(
-            &Tensor::ones((c, 1, 3, 3), DType::F32, &dev)?,
-            None,
-            1,
-            KernelPolicy::fast(),
-        )?;
-        let (lw, lb) = (
-            Tensor::ones(c, DType::F32, &dev)?,
-            Tensor::zeros(c, DType::F32, &dev)?,
-        );
-        let x = Tensor::ones((1, 4, 4, c), DType::F32, &dev)?;
-        assert!(dw.forward_norm_gelu_train(&x, (&lw, &lb, 1e-6))?.is_none());
+        // Nothing tracks a gradient (inference): the same op, bitwise equal to the three fast
+        // inference layers; the reference policy runs the layers (None).
+        let w = Tensor::randn(0f32, 0.3, (c, 1, 3, 3), &dev)?;
+        let b = Tensor::randn(0f32, 0.1, c, &dev)?;
+        let lw = (Tensor::randn(0f32, 0.1, c, &dev)? + 1.0)?;
+        let lb = Tensor::randn(0f32, 0.1, c, &dev)?;
+        let x = Tensor::randn(0f32, 1., (2, 6, 5, c), &dev)?;
+        for isa in Isa::supported() {
+            let policy = KernelPolicy::with_isa(isa)?;
+            let dw = DepthwiseConv2dNhwc::with_policy(&w, Some(&b), 1, policy)?;
+            let fused = dw
+                .forward_norm_gelu(&x, (&lw, &lb, 1e-6))?
+                .expect("the fused op applies to f32 CPU tensors");
+            let f = dw.forward(&x)?;
+            let f = crate::ops::fused::layer_norm_last_dim_with(&f, &lw, &lb, 1e-6, policy)?;
+            let layers = crate::ops::activation::gelu_erf_with(&f, policy)?;
+            let (a, e) = (
+                fused.flatten_all()?.to_vec1::<f32>()?,
+                layers.flatten_all()?.to_vec1::<f32>()?,
+            );
+            assert!(
+                a.iter().zip(&e).all(|(a, e)| a.to_bits() == e.to_bits()),
+                "{isa}: the fused inference forward differs from the three layers"
+            );
+        }
+        let dw = DepthwiseConv2dNhwc::with_policy(&w, Some(&b), 1, KernelPolicy::reference())?;
+        assert!(dw.forward_norm_gelu(&x, (&lw, &lb, 1e-6))?.is_none());
         Ok(())
     }
 }
