@@ -327,15 +327,7 @@ fn packed_panels(panels: usize, len: usize, fill: impl Fn(usize, &mut [f32]) + S
         data.spare_capacity_mut()[..total]
             .par_chunks_exact_mut(len)
             .enumerate()
-            .for_each(|(p, panel)| {
-                for v in panel.iter_mut() {
-                    v.write(0.0);
-                }
-                // SAFETY: every element of `panel` was initialised just above, and
-                // `MaybeUninit<f32>` has the size and alignment of `f32`.
-                let panel = unsafe { &mut *(panel as *mut [MaybeUninit<f32>] as *mut [f32]) };
-                fill(p, panel);
-            });
+            .for_each(|(p, panel)| fill(p, super::filled(panel, 0.0)));
     }
     // SAFETY: the chunks cover the first `total` elements (or `total` is 0) and each task
     // initialised its chunk; the capacity is at least `total`.

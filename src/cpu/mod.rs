@@ -31,6 +31,17 @@ pub(crate) mod simd;
 use candle_core::Result;
 use std::fmt;
 
+/// Writes `value` into every element of `s` and returns it as the initialised slice (a chunk of
+/// a freshly allocated buffer, zeroed by the task that then fills it).
+pub(crate) fn filled<T: Copy>(s: &mut [std::mem::MaybeUninit<T>], value: T) -> &mut [T] {
+    for v in s.iter_mut() {
+        v.write(value);
+    }
+    // SAFETY: every element was initialised just above, and `MaybeUninit<T>` has the size and
+    // alignment of `T`.
+    unsafe { &mut *(s as *mut [std::mem::MaybeUninit<T>] as *mut [T]) }
+}
+
 /// `&mut [f32]` as the `MaybeUninit` output slice the CPU kernels write into.
 pub(crate) fn as_out(s: &mut [f32]) -> &mut [std::mem::MaybeUninit<f32>] {
     // SAFETY: `MaybeUninit<f32>` has the layout of `f32`; the kernels given this slice only

@@ -1034,12 +1034,7 @@ pub(crate) fn forward<F: Acc>(
         .par_chunks_mut((chunk_px * g.channels).max(1))
         .enumerate()
         .for_each(|(ci, chunk)| {
-            for v in chunk.iter_mut() {
-                v.write(F::ZERO);
-            }
-            // SAFETY: every element of `chunk` was initialised just above, and
-            // `MaybeUninit<F>` has the size and alignment of `F`.
-            let chunk = unsafe { &mut *(chunk as *mut [std::mem::MaybeUninit<F>] as *mut [F]) };
+            let chunk = crate::cpu::filled(chunk, F::ZERO);
             let first = ci * chunk_px;
             forward_chunk_dispatch(
                 isa, fits_i32, bordered, &prm, input, offset, mask, chunk, first,
