@@ -450,56 +450,6 @@ pub(crate) fn linear_packed(
     }
 }
 
-/// [`linear_packed`] in tasks of whole rows (the panels are not split), with `rows_done` applied
-/// to each task's finished rows (`rows * n` values) while they are in cache: an epilogue that
-/// needs a whole output row (the grouped softmax of the DCN layer's merged offset and mask
-/// projection).
-pub(crate) fn linear_packed_rows(
-    x: &[f32],
-    m: usize,
-    w: &PackedWeight,
-    y: &mut [MaybeUninit<f32>],
-    rows_done: &(dyn Fn(&mut [f32]) + Sync),
-) {
-    let (n, k) = (w.n, w.k);
-    assert!(
-        x.len() >= m * k && y.len() >= m * n,
-        "linear_packed_rows: operand sizes"
-    );
-    if m == 0 {
-        return;
-    }
-    let f = w.family;
-    let mr = f.mr();
-    // About four tasks per thread, whole kernel row groups, at most the family's row block.
-    let rows = m
-        .div_ceil(4 * rayon::current_num_threads().max(1))
-        .div_ceil(mr)
-        .saturating_mul(mr)
-        .clamp(mr, f.max_rows().max(mr));
-    let out = OutPtr(y.as_mut_ptr().cast::<f32>());
-    let task = |t: usize| {
-        let r0 = t * rows;
-        let r1 = (r0 + rows).min(m);
-        // SAFETY: task t writes rows r0..r1 (all columns) only, disjoint from every other
-        // task; x holds m * k values and y m * n (asserted above). The block then holds
-        // initialised values, handed to `rows_done` as this task's rows only.
-        unsafe {
-            block(Rows::F32(x), r0, r1, w, 0, w.panels(), out.get(), n, false);
-            rows_done(std::slice::from_raw_parts_mut(
-                out.get().add(r0 * n),
-                (r1 - r0) * n,
-            ));
-        }
-    };
-    let tasks = m.div_ceil(rows);
-    if tasks == 1 {
-        task(0);
-    } else {
-        (0..tasks).into_par_iter().for_each(task);
-    }
-}
-
 /// `x` rounded to bf16 (as `half` rounds), converted in parallel.
 pub(crate) fn to_bf16_rows(isa: Isa, x: &[f32]) -> Vec<bf16> {
     const RUN: usize = 16 * 1024;

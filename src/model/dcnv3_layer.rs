@@ -2,8 +2,7 @@
 
 use crate::cpu::KernelPolicy;
 use crate::model::nn::{layer_norm, linear, project_rec, LayerNorm, Linear, Recorder};
-use crate::ops::dcnv3::{dcnv3_rows, dcnv3_with};
-use crate::ops::dense::OffsetMaskRows;
+use crate::ops::dcnv3::dcnv3_with;
 use crate::ops::depthwise::DepthwiseConv2dNhwc;
 use crate::ops::{gelu_erf_with, Dcnv3Config};
 use candle_core::{bail, Module, Result, Tensor, D};
@@ -65,14 +64,6 @@ pub struct DcnSampling {
     pub cfg: Dcnv3Config,
 }
 
-/// The `offset` and `mask` projections: as two layers, or, where both pack for the CPU GEMM in
-/// f32, merged into one (with the masks' softmax) for inference.
-#[derive(Debug, Clone)]
-enum OffsetMask {
-    Layers { offset: Linear, mask: Linear },
-    Merged(OffsetMaskRows),
-}
-
 /// DCNv3 layer: `input_proj`, depthwise conv + LayerNorm + GELU offset branch, `offset` and
 /// `mask` linears, per-group softmax, the core op, optional centre-feature-scale, `output_proj`.
 ///
@@ -84,7 +75,8 @@ pub struct Dcnv3Layer {
     input_proj: Linear,
     dw_conv: DepthwiseConv2dNhwc,
     dw_norm: LayerNorm,
-    offset_mask: OffsetMask,
+    offset: Linear,
+    mask: Linear,
     output_proj: Linear,
     center_feature_scale: Option<Linear>,
     cfg: Dcnv3LayerConfig,
@@ -157,15 +149,12 @@ impl Dcnv3Layer {
             offset_scale: cfg.offset_scale,
             remove_center: cfg.remove_center,
         };
-        let offset_mask = match OffsetMaskRows::new(&offset, &mask, p) {
-            Some(rows) => OffsetMask::Merged(rows),
-            None => OffsetMask::Layers { offset, mask },
-        };
         Ok(Self {
             input_proj,
             dw_conv,
             dw_norm,
-            offset_mask,
+            offset,
+            mask,
             output_proj,
             center_feature_scale,
             cfg: cfg.clone(),
@@ -207,25 +196,13 @@ impl Dcnv3Layer {
     }
 
     fn offset_mask(&self, f: &Tensor) -> Result<(Tensor, Tensor)> {
-        let layers;
-        let (offset, mask) = match &self.offset_mask {
-            OffsetMask::Layers { offset, mask } => (offset, mask),
-            OffsetMask::Merged(rows) => {
-                // The merged rows where they apply (the same values), else the two layers.
-                if let Some(om) = rows.forward(f)? {
-                    let gp = self.cfg.groups * self.cfg.points();
-                    let offset = om.narrow(D::Minus1, 0, 2 * gp)?.contiguous()?;
-                    let mask = om.narrow(D::Minus1, 2 * gp, gp)?.contiguous()?;
-                    return Ok((offset, mask));
-                }
-                layers = rows.layers(self.policy)?;
-                (&layers.0, &layers.1)
-            }
-        };
-        let offset = offset.forward(f)?;
+        let offset = self.offset.forward(f)?;
         // Softmax over the P points of each group (per pixel).
-        let mask =
-            crate::ops::softmax_groups_with(&mask.forward(f)?, self.cfg.points(), self.policy)?;
+        let mask = crate::ops::softmax_groups_with(
+            &self.mask.forward(f)?,
+            self.cfg.points(),
+            self.policy,
+        )?;
         Ok((offset, mask))
     }
 
@@ -266,13 +243,10 @@ impl Dcnv3Layer {
         if self.center_feature_scale.is_some() || !self.policy.is_fast() {
             return Ok(None);
         }
-        let OffsetMask::Layers { offset, mask } = &self.offset_mask else {
-            return Ok(None);
-        };
         let (Some((iw, Some(ib))), Some((ow, Some(ob))), Some((mw, Some(mb))), Some((pw, pb))) = (
             self.input_proj.tensors(),
-            offset.tensors(),
-            mask.tensors(),
+            self.offset.tensors(),
+            self.mask.tensors(),
             self.output_proj.tensors(),
         ) else {
             return Ok(None);
@@ -314,9 +288,6 @@ impl Dcnv3Layer {
         self.check_input(xs)?;
         let v = self.input_proj.forward(xs)?;
         let f = self.offset_features(xs)?;
-        if let Some(y) = self.core_from_rows(&v, &f, rec)? {
-            return self.centre_feature_scale(y, v, &f);
-        }
         let (offset, mask) = self.offset_mask(&f)?;
         let y = dcnv3_with(&v, &offset, &mask, &self.core, self.policy)?;
         if rec.on() {
@@ -325,36 +296,13 @@ impl Dcnv3Layer {
             rec.put("core.mask", &mask);
             rec.put("core.out", &y);
         }
-        self.centre_feature_scale(y, v, &f)
-    }
-
-    /// Inference with f32 CPU tensors and the merged projection: the offsets and masks as one
-    /// row per pixel into the core ([`OffsetMaskRows`], [`dcnv3_rows`]; the same values as the
-    /// separate layers). `None` when recording, when something tracks a gradient, or without
-    /// the merged projection.
-    fn core_from_rows(&self, v: &Tensor, f: &Tensor, rec: &Recorder) -> Result<Option<Tensor>> {
-        let OffsetMask::Merged(rows) = &self.offset_mask else {
-            return Ok(None);
-        };
-        let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
-        if rec.on() || v.track_op() || !f32_cpu(v) {
-            return Ok(None);
-        }
-        match rows.forward(f)? {
-            Some(om) => dcnv3_rows(v, &om, &self.core, self.policy.isa()).map(Some),
-            None => Ok(None),
-        }
-    }
-
-    /// The centre feature scale (where the layer has one) applied to the core's output `y`.
-    fn centre_feature_scale(&self, y: Tensor, v: Tensor, f: &Tensor) -> Result<Tensor> {
         let y = match &self.center_feature_scale {
             None => y,
             Some(proj) => {
                 let (n, h, w, c) = y.dims4()?;
                 let g = self.cfg.groups;
                 // (N,H,W,G) gate, expanded over each group's channels.
-                let s = candle_nn::ops::sigmoid(&proj.forward(f)?)?
+                let s = candle_nn::ops::sigmoid(&proj.forward(&f)?)?
                     .unsqueeze(D::Minus1)?
                     .broadcast_as((n, h, w, g, c / g))?
                     .reshape((n, h, w, c))?;
@@ -369,67 +317,5 @@ impl Dcnv3Layer {
 impl Module for Dcnv3Layer {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         self.forward_rec(xs, &mut Recorder::off())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::cpu::Isa;
-    use candle_core::{DType, Device};
-    use std::collections::HashMap;
-
-    /// Inference with the merged offset/mask projection (one row per pixel into the core) gives,
-    /// bit for bit, what the recording pass gives (the offsets and masks as two tensors into
-    /// the two-tensor core), on every instruction set, at stage-1 and odd group shapes; the
-    /// merged projection itself equals the two layers and the softmax (`ops::dense` tests).
-    #[test]
-    fn merged_offset_mask_rows_match_the_separate_layers_bit_for_bit() -> Result<()> {
-        let dev = Device::Cpu;
-        for (c, g) in [(64usize, 4usize), (48, 3), (32, 2)] {
-            let cfg = Dcnv3LayerConfig::new(c, g, 1.0);
-            let p = cfg.points();
-            let r = |shape: &[usize], s: f64| Tensor::randn(0f32, 1., shape, &dev)?.affine(s, 0.);
-            let mut ts: HashMap<String, Tensor> = HashMap::new();
-            for (name, shape, s) in [
-                ("input_proj.weight", vec![c, c], 0.1),
-                ("input_proj.bias", vec![c], 0.1),
-                ("dw_conv.0.weight", vec![c, 1, 3, 3], 0.3),
-                ("dw_conv.0.bias", vec![c], 0.1),
-                ("dw_conv.1.1.weight", vec![c], 0.1),
-                ("dw_conv.1.1.bias", vec![c], 0.1),
-                ("offset.weight", vec![g * p * 2, c], 0.2),
-                ("offset.bias", vec![g * p * 2], 0.5),
-                ("mask.weight", vec![g * p, c], 0.2),
-                ("mask.bias", vec![g * p], 0.5),
-                ("output_proj.weight", vec![c, c], 0.1),
-                ("output_proj.bias", vec![c], 0.1),
-            ] {
-                ts.insert(name.to_string(), r(&shape, s)?);
-            }
-            let x = r(&[2, 7, 9, c], 1.0)?;
-            for isa in Isa::supported() {
-                let policy = KernelPolicy::with_isa(isa)?;
-                let vb = VarBuilder::from_tensors(ts.clone(), DType::F32, &dev);
-                let layer = Dcnv3Layer::with_policy(&cfg, vb, policy)?;
-                if policy.is_fast() {
-                    assert!(
-                        matches!(layer.offset_mask, OffsetMask::Merged(_)),
-                        "{isa}: no merged projection"
-                    );
-                }
-                let merged = layer.core_rec(&x, &mut Recorder::off())?;
-                let separate = layer.core_rec(&x, &mut Recorder::enabled())?;
-                let (a, b) = (
-                    merged.flatten_all()?.to_vec1::<f32>()?,
-                    separate.flatten_all()?.to_vec1::<f32>()?,
-                );
-                assert!(
-                    a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()),
-                    "{isa} C={c} G={g}: the merged rows differ from the separate layers"
-                );
-            }
-        }
-        Ok(())
     }
 }

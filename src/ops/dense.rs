@@ -3,10 +3,10 @@
 //! layers.
 
 use crate::cpu::gemm::{
-    block_tail_fits, block_tail_packed, linear_packed, linear_packed_rows, mlp_block_rows,
-    mlp_packed, to_bf16_rows, BlockTail, PackedWeight, Rows,
+    block_tail_fits, block_tail_packed, linear_packed, mlp_block_rows, mlp_packed, to_bf16_rows,
+    BlockTail, PackedWeight, Rows,
 };
-use crate::cpu::{as_out, Isa, KernelPolicy};
+use crate::cpu::{Isa, KernelPolicy};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
 use half::bf16;
 use std::sync::Arc;
@@ -120,110 +120,6 @@ impl Linear {
             }
             Weights::Tensors(lin) => apply(xs, lin),
         }
-    }
-}
-
-/// A DCNv3 layer's `offset` and `mask` projections as one packed GEMM whose output rows are
-/// `[offsets (G*P*2) | masks (G*P)]`, the masks' per-group softmax applied to each task's rows
-/// while they are in cache (inference: f32 weights packed for the CPU, an input that tracks no
-/// gradient). Every value equals, bit for bit, what the two packed layers and the separate
-/// softmax give (each output column is the same dot product in the same order); the merge
-/// saves one GEMM call, the softmax pass, and, where G*P*2 and G*P are not multiples of the
-/// panel width (InternImage-T's stages 1-2), part of the padded columns.
-#[derive(Debug, Clone)]
-pub(crate) struct OffsetMaskRows {
-    weight: Arc<PackedWeight>,
-    /// Offset columns (G*P*2): the masks start there.
-    offsets: usize,
-    /// Points per group (the softmax's group).
-    points: usize,
-    isa: Isa,
-}
-
-impl OffsetMaskRows {
-    /// The merged projection of two packed f32 layers (`offset`: G*P*2 outputs, `mask`: G*P),
-    /// or `None` when either is not packed in f32 or their shapes do not fit `points`.
-    pub(crate) fn new(offset: &Linear, mask: &Linear, points: usize) -> Option<Self> {
-        let (Weights::Packed(o), Weights::Packed(m)) = (&offset.weights, &mask.weights) else {
-            return None;
-        };
-        let fits = !o.is_bf16()
-            && !m.is_bf16()
-            && o.k() == m.k()
-            && points > 0
-            && o.n() == 2 * m.n()
-            && m.n().is_multiple_of(points);
-        if !fits {
-            return None;
-        }
-        let ((mut w, mut b), (mw, mb)) = (o.unpack(), m.unpack());
-        w.extend_from_slice(&mw);
-        b.extend_from_slice(&mb);
-        let isa = o.isa();
-        let weight = PackedWeight::new(isa, &w, Some(&b), o.n() + m.n(), o.k())?;
-        Some(Self {
-            weight: Arc::new(weight),
-            offsets: o.n(),
-            points,
-            isa,
-        })
-    }
-
-    /// The two layers again, with their weights as plain tensors (not packed: the slower paths
-    /// that need them separately, a tracked input or a recording pass, are rare; the merged
-    /// weight is the layer's only packed copy).
-    pub(crate) fn layers(&self, policy: KernelPolicy) -> Result<(Linear, Linear)> {
-        let (w, b) = self.weight.unpack();
-        let (k, no) = (self.weight.k(), self.offsets);
-        let nm = self.weight.n() - no;
-        let dev = candle_core::Device::Cpu;
-        let part = |rows: std::ops::Range<usize>| -> Result<Linear> {
-            let n = rows.len();
-            let wt = Tensor::from_slice(&w[rows.start * k..rows.end * k], (n, k), &dev)?;
-            let bt = Tensor::from_slice(&b[rows], n, &dev)?;
-            Ok(Linear {
-                weights: Weights::Tensors(candle_nn::Linear::new(wt, Some(bt))),
-                policy,
-            })
-        };
-        Ok((part(0..no)?, part(no..no + nm)?))
-    }
-
-    /// The rows for `xs` (N, H, W, C), as (N, H, W, 3 G P); `None` when `xs` tracks a gradient
-    /// (the caller runs the two [`OffsetMaskRows::layers`] and the softmax). As a packed layer,
-    /// it takes f32 CPU input only (an error says so otherwise).
-    pub(crate) fn forward(&self, xs: &Tensor) -> Result<Option<Tensor>> {
-        const WHAT: &str = "offset/mask projection";
-        let w = &self.weight;
-        if xs.track_op() {
-            return Ok(None);
-        }
-        let m = rows_of(xs, w.k(), false, WHAT)?;
-        let (n, h, wd, _) = xs.dims4()?;
-        let xs = xs.contiguous()?;
-        let (storage, layout) = xs.storage_and_layout();
-        let x = super::cpu_f32_values(&storage, layout, WHAT, "input")?;
-        let (cols, from, p, isa) = (w.n(), self.offsets, self.points, self.isa);
-        let mut y = super::try_output_vec::<f32>(WHAT, &[m, cols])?;
-        let softmax_masks = |rows: &mut [f32]| {
-            let mut logits = Vec::with_capacity(cols - from);
-            for row in rows.chunks_exact_mut(cols) {
-                logits.clear();
-                logits.extend_from_slice(&row[from..]);
-                super::fused::softmax_groups_f32(isa, &logits, as_out(&mut row[from..]), p);
-            }
-        };
-        linear_packed_rows(
-            x,
-            m,
-            w,
-            &mut y.spare_capacity_mut()[..m * cols],
-            &softmax_masks,
-        );
-        // SAFETY: `linear_packed_rows` wrote all m * cols values (every task its whole rows).
-        unsafe { y.set_len(m * cols) };
-        drop(storage);
-        Tensor::from_vec(y, (n, h, wd, cols), xs.device()).map(Some)
     }
 }
 
@@ -782,59 +678,5 @@ mod tests {
                 );
             }
         });
-    }
-
-    /// The merged offset/mask projection equals, bit for bit, the two packed layers and the
-    /// grouped softmax it replaces, on every instruction set (row counts around the row blocks,
-    /// groups straddling panel edges); a tracked input steps aside (`None`), and the unpacked
-    /// layers it hands back compute the same projections.
-    #[test]
-    fn merged_offset_mask_rows_equal_the_two_layers_and_the_softmax() -> Result<()> {
-        for (c, g, p) in [(64usize, 4usize, 9usize), (48, 3, 9), (24, 5, 8)] {
-            let (ow, ob) = (randn(&[2 * g * p, c], 0.3, 1), randn(&[2 * g * p], 0.5, 2));
-            let (mw, mb) = (randn(&[g * p, c], 0.3, 3), randn(&[g * p], 0.5, 4));
-            for isa in Isa::supported() {
-                let policy = KernelPolicy::with_isa(isa)?;
-                let offset = Linear::with_policy(ow.clone(), Some(ob.clone()), policy)?;
-                let mask = Linear::with_policy(mw.clone(), Some(mb.clone()), policy)?;
-                let Some(rows) = OffsetMaskRows::new(&offset, &mask, p) else {
-                    assert!(!policy.is_fast(), "{isa}: the packed layers did not merge");
-                    continue;
-                };
-                for (n, h, w) in [(1usize, 1usize, 1usize), (1, 5, 7), (3, 9, 11)] {
-                    let x = randn(&[n, h, w, c], 1.0, 5 + n as u64);
-                    let om = rows.forward(&x)?.expect("an untracked f32 input");
-                    let want_o = offset.forward(&x)?;
-                    let want_m = crate::ops::softmax_groups_with(&mask.forward(&x)?, p, policy)?;
-                    let got_o = om.narrow(3, 0, 2 * g * p)?;
-                    let got_m = om.narrow(3, 2 * g * p, g * p)?;
-                    for (what, a, b) in [("offsets", got_o, want_o), ("masks", got_m, want_m)] {
-                        let (a, b) = (
-                            a.flatten_all()?.to_vec1::<f32>()?,
-                            b.flatten_all()?.to_vec1::<f32>()?,
-                        );
-                        assert!(
-                            a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()),
-                            "{isa} C={c} G={g} P={p} {n}x{h}x{w}: {what} differ"
-                        );
-                    }
-                }
-                let x = randn(&[1, 3, 4, c], 1.0, 9);
-                let xv = candle_core::Var::from_tensor(&x)?;
-                assert!(
-                    rows.forward(xv.as_tensor())?.is_none(),
-                    "{isa}: a tracked input"
-                );
-                let (lo, lm) = rows.layers(policy)?;
-                for (a, b) in [
-                    (lo.forward(&x)?, offset.forward(&x)?),
-                    (lm.forward(&x)?, mask.forward(&x)?),
-                ] {
-                    let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
-                    assert!(d < 1e-5, "{isa}: the unpacked layers differ by {d}");
-                }
-            }
-        }
-        Ok(())
     }
 }

@@ -457,7 +457,7 @@ fn softmax_groups_generic<const FMA: bool>(src: &[f32], dst: &mut [MaybeUninit<f
     }
 }
 
-dispatch!(pub(crate) fn softmax_groups_f32(src: &[f32], dst: &mut [MaybeUninit<f32>], p: usize) => softmax_groups_generic);
+dispatch!(fn softmax_groups_f32(src: &[f32], dst: &mut [MaybeUninit<f32>], p: usize) => softmax_groups_generic);
 
 struct SoftmaxGroupsOp {
     p: usize,

@@ -182,24 +182,10 @@ impl PointLayout {
         }
     }
 
-    /// DCNv3's offsets and masks as one row per pixel: the G*P offset pairs, then the G*P masks
-    /// (`3 G P` columns; the merged offset and mask projection of the network's inference).
-    pub(crate) fn dcnv3_rows(g: &Dcnv3Geometry) -> Self {
-        let gp = g.group * g.points;
-        Self {
-            off_pixel: 3 * gp,
-            off_group: 2 * g.points,
-            mask_pixel: 3 * gp,
-            mask_group: g.points,
-            mask_first: 2 * gp,
-            packed: true,
-        }
-    }
-
     /// Whether the G*P offset pairs and the G*P masks of a pixel are each one dense run
-    /// (DCNv3, in two tensors or one row): then no per-pixel copy is needed.
+    /// (DCNv3): then no per-pixel copy is needed.
     fn dense(&self, g: &Dcnv3Geometry) -> bool {
-        self.off_group == 2 * g.points && self.mask_group == g.points
+        !self.packed && self.off_group == 2 * g.points && self.mask_group == g.points
     }
 
     /// Index of group `grp`'s first offset in a pixel's row.
@@ -384,8 +370,7 @@ impl<F: Acc> Params<F> {
     ) -> (&'a [F], &'a [F]) {
         let (gp_len, np) = (self.g.group * self.g.points, self.g.points);
         if self.lay.dense(&self.g) {
-            let m0 = self.lay.mask_first;
-            return (&px.off[..2 * gp_len], &px.mask[m0..m0 + gp_len]);
+            return (&px.off[..2 * gp_len], &px.mask[..gp_len]);
         }
         for grp in 0..self.g.group {
             let (o, m) = self.group_args(px, grp);

@@ -167,42 +167,6 @@ pub fn dcnv3_with(
     input.apply_op3(&offset, &mask, Dcnv3Op::with_isa(*cfg, policy.isa()))
 }
 
-/// The DCNv3 core for inference on offsets and masks given as one row per output pixel,
-/// `[offsets (G*P*2) | masks (G*P)]` (what [`crate::ops::dense::OffsetMaskRows`] produces):
-/// `input` (N, H, W, C) and `offset_mask` (N, H_out, W_out, 3 G P), f32 CPU tensors that track
-/// no gradient (the caller checks; there is no backward). The same values as [`dcnv3_with`] on
-/// the two halves.
-pub(crate) fn dcnv3_rows(
-    input: &Tensor,
-    offset_mask: &Tensor,
-    cfg: &Dcnv3Config,
-    isa: Isa,
-) -> Result<Tensor> {
-    const OP: &str = "dcnv3 (offset and mask rows)";
-    let (n, h, w, _) = input.dims4()?;
-    let (h_out, w_out) = cfg.output_size(h, w)?;
-    let gp = cfg.group * cfg.points();
-    let g = cfg.geometry(
-        input.shape(),
-        &Shape::from((n, h_out, w_out, 2 * gp)),
-        &Shape::from((n, h_out, w_out, gp)),
-    )?;
-    if offset_mask.dims() != [n, h_out, w_out, 3 * gp] {
-        bail!(
-            "{OP}: offset_mask must have shape {:?}, got {:?}",
-            [n, h_out, w_out, 3 * gp],
-            offset_mask.dims()
-        );
-    }
-    let (input, offset_mask) = (input.contiguous()?, offset_mask.contiguous()?);
-    let (si, li) = input.storage_and_layout();
-    let (so, lo) = offset_mask.storage_and_layout();
-    let x = crate::ops::cpu_f32_values(&si, li, OP, "input")?;
-    let om = crate::ops::cpu_f32_values(&so, lo, OP, "offset_mask")?;
-    let y = cpu::forward(isa, cfg, &g, cpu::PointLayout::dcnv3_rows(&g), x, om, om);
-    Tensor::from_vec(y, (n, h_out, w_out, g.channels), input.device())
-}
-
 /// Gradients of `sum(dcnv3(input, offset, mask) * grad_out)` with respect to input, offset and
 /// mask, without autograd (same shapes and dtype as the arguments).
 pub fn dcnv3_backward(
