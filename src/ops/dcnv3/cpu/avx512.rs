@@ -352,9 +352,14 @@ pub(super) unsafe fn forward_chunk(
     let (mut to, mut tw) = (vec![0usize; 4 * np], vec![0f32; 4 * np]);
     // DCNv4: the pixels' offsets and masks copied into the dense point order (DCNv3's).
     let (mut dxy, mut msk) = (vec![0f32; 2 * most], vec![0f32; most]);
-    // DCNv3's two tensors: a run's offsets and masks are already dense, consecutive rows.
+    // DCNv3's two tensors (the one dense layout): a run's offsets and masks are already dense,
+    // consecutive rows, read in place; other layouts are copied pixel by pixel below.
     let lay = &prm.lay;
-    let in_place = lay.dense(g) && !lay.packed && lay.mask_first == 0;
+    let in_place = lay.dense(g);
+    debug_assert!(
+        !in_place
+            || (lay.off_pixel == 2 * one_px && lay.mask_pixel == one_px && lay.mask_first == 0)
+    );
     let one = single.one;
     let tail = first_lanes(cg % L);
     let mut k = 0;
