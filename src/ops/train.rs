@@ -1788,22 +1788,24 @@ pub(crate) fn residual(
 /// probability `p`, else scaled by `1 / (1 - p)` (timm's `drop_path` with `scale_by_keep`);
 /// `None` (identity) unless `p > 0`. Draws from candle's CPU generator like `Tensor::rand`.
 pub(crate) fn drop_path_scales(n: usize, p: f64) -> Result<Option<Vec<f32>>> {
+    // NaN is no drop rate either.
     let drops = p > 0.0;
     if !drops {
         return Ok(None);
     }
     let keep = 1.0 - p;
     let u = Tensor::rand(0f32, 1f32, n, &Device::Cpu)?.to_vec1::<f32>()?;
-    Ok(u.into_iter()
-        .map(|u| {
-            if u < keep as f32 {
-                (1.0 / keep) as f32
-            } else {
-                0.0
-            }
-        })
-        .collect::<Vec<_>>()
-        .into())
+    Ok(Some(
+        u.into_iter()
+            .map(|u| {
+                if u < keep as f32 {
+                    (1.0 / keep) as f32
+                } else {
+                    0.0
+                }
+            })
+            .collect(),
+    ))
 }
 
 #[cfg(test)]

@@ -332,17 +332,17 @@ pub(super) unsafe fn forward_chunk(
     let npix = chunk.len() / c;
     let one_px = g.group * np;
     // Pixels per run: the fewest whose points fill whole vectors, if at most four.
-    let run = L / gcd(one_px.max(1), L);
-    let run = if (2..=4).contains(&run) { run } else { 1 };
+    let run = (1..=4)
+        .find(|r| (r * one_px).is_multiple_of(L))
+        .unwrap_or(1);
     // SAFETY: AVX-512 is enabled here; `bordered` is the copy for this geometry.
     let single = unsafe { Resolver::new(prm, Some(bordered), 1) };
     // SAFETY: as above.
     let multi = (run > 1).then(|| unsafe { Resolver::new(prm, Some(bordered), run) });
-    // Lane -> pixel of the run, for the multi-pixel resolver's points.
+    // Lane -> pixel of the run, for the multi-pixel resolver's points (its stride is exactly
+    // run * G*P: whole vectors).
     let lane_pixel: Vec<i32> = match &multi {
-        Some(m) => (0..m.stride)
-            .map(|j| (j / one_px).min(run - 1) as i32)
-            .collect(),
+        Some(m) => (0..m.stride).map(|j| (j / one_px) as i32).collect(),
         None => Vec::new(),
     };
     // Scratch rows padded to whole vectors, so that the point loop loads and stores full zmm.
@@ -472,15 +472,6 @@ pub(super) unsafe fn forward_chunk(
             }
         }
         k += cnt;
-    }
-}
-
-/// Greatest common divisor.
-fn gcd(a: usize, b: usize) -> usize {
-    if b == 0 {
-        a
-    } else {
-        gcd(b, a % b)
     }
 }
 
