@@ -8,11 +8,17 @@
 //! run; its backward is candle's autograd through that formulation. Prints median milliseconds.
 //! Set `DCNV3_BENCH_SKIP_BASELINE=1` to time only our op.
 //!
+//! Our op is timed from a worker of its thread pool, as the network calls it (the whole forward
+//! runs on the pool: `internimage::cpu::on_pool`); the column "fwd, from outside" times the same
+//! call from the main thread, which hands each call to the pool and sleeps until it is done (two
+//! context switches a call: tens of microseconds on a virtual machine).
+//!
 //! A second table times the DCNv4 core (FlashInternImage) at the same shapes, on the same
 //! values packed into its (N, H, W, K_pad) offset_mask, next to our DCNv3 core and to DCNv3's
 //! core plus the per-group mask softmax that the DCNv3 module needs and DCNv4 drops.
 
 use candle_core::{DType, Device, Result, Tensor, Var};
+use internimage::cpu::on_pool;
 use internimage::ops::dcnv3::{dcnv3, dcnv3_backward, Dcnv3Config};
 use internimage::ops::dcnv4::{dcnv4, dcnv4_backward, offset_mask_channels};
 use std::time::{Duration, Instant};
@@ -193,9 +199,9 @@ fn main() -> Result<()> {
         "DCNv3 core, f32, CPU, kernel 3x3, offset_scale 1; rayon threads: {threads}; median ms"
     );
     println!(
-        "| shape | N*H*W*C | fwd ({threads} thr) | fwd (1 thr) | fwd baseline | fwd speedup | ns/elem fwd | bwd ({threads} thr) | bwd (1 thr) | bwd baseline | bwd speedup | max|ours-baseline| |"
+        "| shape | N*H*W*C | fwd ({threads} thr) | fwd, from outside ({threads} thr) | fwd (1 thr) | fwd baseline | fwd speedup | ns/elem fwd | bwd ({threads} thr) | bwd (1 thr) | bwd baseline | bwd speedup | max|ours-baseline| |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for (k, sh) in shapes.iter().enumerate() {
         let cfg = Dcnv3Config::internimage(sh.group, sh.cg, 1.0);
         let c = sh.group * sh.cg;
@@ -222,7 +228,8 @@ fn main() -> Result<()> {
         let base = dcnv3_candle_ops(&input, &offset, &mask, &cfg)?;
         let diff = (&ours - &base)?.abs()?.max_all()?.to_scalar::<f32>()?;
 
-        let fwd = median_ms(|| drop(dcnv3(&input, &offset, &mask, &cfg).unwrap()), 20);
+        let fwd = on_pool(|| median_ms(|| drop(dcnv3(&input, &offset, &mask, &cfg).unwrap()), 20));
+        let fwd_outside = median_ms(|| drop(dcnv3(&input, &offset, &mask, &cfg).unwrap()), 20);
         let fwd1 =
             one.install(|| median_ms(|| drop(dcnv3(&input, &offset, &mask, &cfg).unwrap()), 10));
         let skip = std::env::var_os("DCNV3_BENCH_SKIP_BASELINE").is_some();
@@ -234,10 +241,12 @@ fn main() -> Result<()> {
                 5,
             )
         };
-        let bwd = median_ms(
-            || drop(dcnv3_backward(&input, &offset, &mask, &gout, &cfg).unwrap()),
-            20,
-        );
+        let bwd = on_pool(|| {
+            median_ms(
+                || drop(dcnv3_backward(&input, &offset, &mask, &gout, &cfg).unwrap()),
+                20,
+            )
+        });
         let bwd1 = one.install(|| {
             median_ms(
                 || drop(dcnv3_backward(&input, &offset, &mask, &gout, &cfg).unwrap()),
@@ -258,10 +267,11 @@ fn main() -> Result<()> {
         };
         let elems = n * h * w * c;
         println!(
-            "| {} | {} | {:.3} | {:.3} | {:.2} | {:.1}x | {:.2} | {:.3} | {:.3} | {:.2} | {:.1}x | {:.1e} |",
+            "| {} | {} | {:.3} | {:.3} | {:.3} | {:.2} | {:.1}x | {:.2} | {:.3} | {:.3} | {:.2} | {:.1}x | {:.1e} |",
             sh.name,
             elems,
             fwd,
+            fwd_outside,
             fwd1,
             fwd_base,
             fwd_base / fwd,
@@ -286,7 +296,7 @@ fn dcnv4_table(shapes: &[Shape]) -> Result<()> {
     let dev = Device::Cpu;
     let threads = rayon::current_num_threads();
     println!();
-    println!("DCNv4 core vs our DCNv3 core, f32, CPU, {threads} threads, median ms");
+    println!("DCNv4 core vs our DCNv3 core, f32, CPU, {threads} threads (on the pool), median ms");
     println!(
         "| shape | v3 fwd | v3 softmax+fwd | v4 fwd | v4/v3 fwd | v4/(softmax+v3) | v3 bwd | v4 bwd | v4/v3 bwd |"
     );
@@ -311,23 +321,26 @@ fn dcnv4_table(shapes: &[Shape]) -> Result<()> {
             .reshape((n, h, w, g * np))?
             .contiguous()?;
         let gout = Tensor::from_vec(lcg(n * h * w * c, 4, -1.0, 1.0), (n, h, w, c), &dev)?;
-        let v3 = median_ms(|| drop(dcnv3(&input, &offset, &mask, &cfg).unwrap()), 20);
-        let v3s = median_ms(
-            || {
-                let m = internimage::ops::softmax_groups(&mask, np).unwrap();
-                drop(dcnv3(&input, &offset, &m, &cfg).unwrap())
-            },
-            20,
-        );
-        let v4 = median_ms(|| drop(dcnv4(&input, &om, &cfg).unwrap()), 20);
-        let b3 = median_ms(
-            || drop(dcnv3_backward(&input, &offset, &mask, &gout, &cfg).unwrap()),
-            10,
-        );
-        let b4 = median_ms(
-            || drop(dcnv4_backward(&input, &om, &gout, &cfg).unwrap()),
-            10,
-        );
+        let (v3, v3s, v4, b3, b4) = on_pool(|| {
+            let v3 = median_ms(|| drop(dcnv3(&input, &offset, &mask, &cfg).unwrap()), 20);
+            let v3s = median_ms(
+                || {
+                    let m = internimage::ops::softmax_groups(&mask, np).unwrap();
+                    drop(dcnv3(&input, &offset, &m, &cfg).unwrap())
+                },
+                20,
+            );
+            let v4 = median_ms(|| drop(dcnv4(&input, &om, &cfg).unwrap()), 20);
+            let b3 = median_ms(
+                || drop(dcnv3_backward(&input, &offset, &mask, &gout, &cfg).unwrap()),
+                10,
+            );
+            let b4 = median_ms(
+                || drop(dcnv4_backward(&input, &om, &gout, &cfg).unwrap()),
+                10,
+            );
+            (v3, v3s, v4, b3, b4)
+        });
         println!(
             "| {} | {v3:.3} | {v3s:.3} | {v4:.3} | {:.2} | {:.2} | {b3:.3} | {b4:.3} | {:.2} |",
             sh.name,

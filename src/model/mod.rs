@@ -383,25 +383,16 @@ impl InternImage {
             [n, ..] => *n,
             _ => 0,
         };
-        // Tracked computations take candle's tensor ops, which parallelise on candle's own
-        // (spinning, serialised) thread pool: concurrent chunks would only contend for it.
-        if !xs.device().is_cpu()
-            || threads < 2
-            || self.policy.is_reference()
-            || self.has_vars
-            || xs.track_op()
-        {
+        if !xs.device().is_cpu() {
             return f(xs);
         }
-        if n < 2 {
-            // One image: run the whole forward on a rayon worker, so that each operator's
-            // parallel loop is a fork-join inside the pool instead of a job injected from this
-            // thread, which then sleeps on a latch until the pool wakes it (two context switches
-            // per operator, ~7% of T 224 batch 1).
-            if rayon::current_thread_index().is_some() {
-                return f(xs);
-            }
-            return rayon::scope(|_| f(xs));
+        // Tracked computations take candle's tensor ops, whose parallel loops would only contend
+        // with concurrent chunks; one image has nothing to cut. Either way the whole forward
+        // runs on a rayon worker, so that each operator's parallel loop is a fork-join inside
+        // the pool instead of a job injected from this thread, which then sleeps on a latch until
+        // the pool wakes it (two context switches per loop, ~7% of T 224 batch 1).
+        if n < 2 || threads < 2 || self.policy.is_reference() || self.has_vars || xs.track_op() {
+            return crate::cpu::on_pool(|| f(xs));
         }
         let chunks = threads.min(n);
         let per = n.div_ceil(chunks);

@@ -330,7 +330,7 @@ impl Dcnv3BackwardOp {
 
 /// A CPU kernel over `A` contiguous same-dtype slices, generic over the accumulation type
 /// (shared with the DCNv4 ops).
-pub(crate) trait CpuKernel<const A: usize> {
+pub(crate) trait CpuKernel<const A: usize>: Sync {
     /// Operator name for errors.
     const OP: &'static str;
     /// Argument names for errors.
@@ -419,6 +419,16 @@ pub(crate) fn cpu_dispatch<K: CpuKernel<A>, const A: usize>(
     g: &Dcnv3Geometry,
     args: [(&CpuStorage, &Layout); A],
 ) -> Result<CpuStorage> {
+    // The kernel's parallel loops (image copy, pixel chunks) fork and join inside the pool.
+    crate::cpu::on_pool(|| cpu_dispatch_here(k, g, args))
+}
+
+/// [`cpu_dispatch`] on the current thread.
+fn cpu_dispatch_here<K: CpuKernel<A>, const A: usize>(
+    k: &K,
+    g: &Dcnv3Geometry,
+    args: [(&CpuStorage, &Layout); A],
+) -> Result<CpuStorage> {
     match args[0].0.dtype() {
         DType::F32 => run_native::<K, f32, A>(k, g, args),
         DType::F64 => run_native::<K, f64, A>(k, g, args),
@@ -492,6 +502,19 @@ fn backward_cpu_f32(
         return Ok(None);
     }
     let g = check_backward_args(input, offset, mask, grad_out, cfg)?;
+    // Three zero-fills and the kernel's loops fork and join inside the pool.
+    crate::cpu::on_pool(|| backward_cpu_f32_here(ts, &g, cfg, isa)).map(Some)
+}
+
+/// [`backward_cpu_f32`] after its checks, on the current thread.
+#[allow(clippy::type_complexity)]
+fn backward_cpu_f32_here(
+    ts: [&Tensor; 4],
+    g: &Dcnv3Geometry,
+    cfg: &Dcnv3Config,
+    isa: Isa,
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let [input, offset, mask, _] = ts;
     let [i, o, m, go] = ts.map(|t| t.contiguous());
     let (i, o, m, go) = (i?, o?, m?, go?);
     let (mut gin, mut goff, mut gmask) = (
@@ -513,15 +536,15 @@ fn backward_cpu_f32(
             off: &mut goff,
             mask: Some(&mut gmask),
         };
-        let lay = cpu::PointLayout::dcnv3(&g);
-        cpu::backward(isa, cfg, &g, lay, iv, ov, mv, gv, &mut gin, rows);
+        let lay = cpu::PointLayout::dcnv3(g);
+        cpu::backward(isa, cfg, g, lay, iv, ov, mv, gv, &mut gin, rows);
     }
     let dev = input.device();
-    Ok(Some((
+    Ok((
         Some(Tensor::from_vec(gin, input.shape(), dev)?),
         Some(Tensor::from_vec(goff, offset.shape(), dev)?),
         Some(Tensor::from_vec(gmask, mask.shape(), dev)?),
-    )))
+    ))
 }
 
 impl CustomOp3 for Dcnv3BackwardOp {
