@@ -189,42 +189,56 @@ impl Optimizer for AdamW {
         let (lr, lambda) = (c.lr, c.weight_decay);
         let scale_m = 1.0 / (1.0 - c.beta1.powi(self.step_t as i32));
         let scale_v = 1.0 / (1.0 - c.beta2.powi(self.step_t as i32));
-        for p in &self.params {
-            let theta = p.var.as_tensor();
-            let Some(g) = grads.get(theta) else {
-                continue;
-            };
-            match &p.moments {
-                Moments::Cpu(moments) if g.dtype() == DType::F32 && g.device().is_cpu() => {
-                    let update = Update {
-                        moments,
-                        lr: lr as f32,
-                        decay: (1.0 - lr * lambda) as f32,
-                        beta1: c.beta1 as f32,
-                        beta2: c.beta2 as f32,
-                        scale_m: scale_m as f32,
-                        scale_v: scale_v as f32,
-                        eps: c.eps as f32,
-                    };
-                    theta.inplace_op2(&g.contiguous()?, &update)?;
-                }
-                Moments::Cpu(_) => {
-                    candle_core::bail!("AdamW: an f32 CPU parameter got a {:?} gradient", g.dtype())
-                }
-                Moments::Tensors { m, v } => {
-                    let next_m = ((m.as_tensor() * c.beta1)? + (g * (1.0 - c.beta1))?)?;
-                    let next_v = ((v.as_tensor() * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
-                    let m_hat = (&next_m * scale_m)?;
-                    let v_hat = (&next_v * scale_v)?;
-                    let next_theta = (theta * (1.0 - lr * lambda))?;
-                    let adjusted = (m_hat / (v_hat.sqrt()? + c.eps)?)?;
-                    let next_theta = (next_theta - (adjusted * lr)?)?;
-                    m.set(&next_m)?;
-                    v.set(&next_v)?;
-                    p.var.set(&next_theta)?;
+        // One hand-off to the pool for all parameters' updates, not one per parameter (see
+        // `cpu::on_pool`).
+        let params = &self.params;
+        let on_cpu = params.iter().all(|p| p.var.device().is_cpu());
+        let update_all = || -> Result<()> {
+            for p in params {
+                let theta = p.var.as_tensor();
+                let Some(g) = grads.get(theta) else {
+                    continue;
+                };
+                match &p.moments {
+                    Moments::Cpu(moments) if g.dtype() == DType::F32 && g.device().is_cpu() => {
+                        let update = Update {
+                            moments,
+                            lr: lr as f32,
+                            decay: (1.0 - lr * lambda) as f32,
+                            beta1: c.beta1 as f32,
+                            beta2: c.beta2 as f32,
+                            scale_m: scale_m as f32,
+                            scale_v: scale_v as f32,
+                            eps: c.eps as f32,
+                        };
+                        theta.inplace_op2(&g.contiguous()?, &update)?;
+                    }
+                    Moments::Cpu(_) => {
+                        candle_core::bail!(
+                            "AdamW: an f32 CPU parameter got a {:?} gradient",
+                            g.dtype()
+                        )
+                    }
+                    Moments::Tensors { m, v } => {
+                        let next_m = ((m.as_tensor() * c.beta1)? + (g * (1.0 - c.beta1))?)?;
+                        let next_v = ((v.as_tensor() * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+                        let m_hat = (&next_m * scale_m)?;
+                        let v_hat = (&next_v * scale_v)?;
+                        let next_theta = (theta * (1.0 - lr * lambda))?;
+                        let adjusted = (m_hat / (v_hat.sqrt()? + c.eps)?)?;
+                        let next_theta = (next_theta - (adjusted * lr)?)?;
+                        m.set(&next_m)?;
+                        v.set(&next_v)?;
+                        p.var.set(&next_theta)?;
+                    }
                 }
             }
+            Ok(())
+        };
+        if on_cpu {
+            crate::cpu::on_pool(update_all)
+        } else {
+            update_all()
         }
-        Ok(())
     }
 }

@@ -597,43 +597,45 @@ impl CustomOp2 for DwTrainOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (n, h, w, c) = x.dims4()?;
-        let (_, ho, wo, _) = grad.dims4()?;
-        let geom = Geom {
-            h,
-            w,
-            c,
-            wo,
-            kh: self.kh,
-            kw: self.kw,
-            pad: self.pad,
-        };
-        let (need_x, need_w) = (x.track_op(), taps.track_op());
-        let (xt, tt, gt) = (x.contiguous()?, taps.contiguous()?, grad.contiguous()?);
-        let cpu = |t: &Tensor| -> Result<()> {
-            if t.device().is_cpu() && t.dtype() == DType::F32 {
-                Ok(())
-            } else {
-                candle_core::bail!("depthwise conv backward: expected f32 CPU tensors")
-            }
-        };
-        cpu(&xt)?;
-        cpu(&tt)?;
-        cpu(&gt)?;
-        let (gs, gl) = gt.storage_and_layout();
-        let gv = super::cpu_f32_values(&gs, gl, OP, "gradient")?;
-        let (xs, xl) = xt.storage_and_layout();
-        let xv = super::cpu_f32_values(&xs, xl, OP, "input")?;
-        let (ts, tl) = tt.storage_and_layout();
-        let tv = super::cpu_f32_values(&ts, tl, OP, "taps")?;
-        let (dx, dtaps) = dw_backward(self.isa, &geom, (n, ho), (xv, tv, gv), (need_x, need_w));
-        let dx = dx
-            .map(|v| Tensor::from_vec(v, (n, h, w, c), x.device()))
-            .transpose()?;
-        let dtaps = dtaps
-            .map(|v| Tensor::from_vec(v, (self.kh * self.kw + 1, c), x.device()))
-            .transpose()?;
-        Ok((dx, dtaps))
+        crate::ops::backward_on_pool(grad, || {
+            let (n, h, w, c) = x.dims4()?;
+            let (_, ho, wo, _) = grad.dims4()?;
+            let geom = Geom {
+                h,
+                w,
+                c,
+                wo,
+                kh: self.kh,
+                kw: self.kw,
+                pad: self.pad,
+            };
+            let (need_x, need_w) = (x.track_op(), taps.track_op());
+            let (xt, tt, gt) = (x.contiguous()?, taps.contiguous()?, grad.contiguous()?);
+            let cpu = |t: &Tensor| -> Result<()> {
+                if t.device().is_cpu() && t.dtype() == DType::F32 {
+                    Ok(())
+                } else {
+                    candle_core::bail!("depthwise conv backward: expected f32 CPU tensors")
+                }
+            };
+            cpu(&xt)?;
+            cpu(&tt)?;
+            cpu(&gt)?;
+            let (gs, gl) = gt.storage_and_layout();
+            let gv = super::cpu_f32_values(&gs, gl, OP, "gradient")?;
+            let (xs, xl) = xt.storage_and_layout();
+            let xv = super::cpu_f32_values(&xs, xl, OP, "input")?;
+            let (ts, tl) = tt.storage_and_layout();
+            let tv = super::cpu_f32_values(&ts, tl, OP, "taps")?;
+            let (dx, dtaps) = dw_backward(self.isa, &geom, (n, ho), (xv, tv, gv), (need_x, need_w));
+            let dx = dx
+                .map(|v| Tensor::from_vec(v, (n, h, w, c), x.device()))
+                .transpose()?;
+            let dtaps = dtaps
+                .map(|v| Tensor::from_vec(v, (self.kh * self.kw + 1, c), x.device()))
+                .transpose()?;
+            Ok((dx, dtaps))
+        })
     }
 }
 
@@ -859,41 +861,43 @@ impl CustomOp3 for DwNormGeluOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (need_x, need_w, need_n) = (x.track_op(), taps.track_op(), norm.track_op());
-        let (xt, tt, nt, gt) = (
-            x.contiguous()?,
-            taps.contiguous()?,
-            norm.contiguous()?,
-            grad.contiguous()?,
-        );
-        let (xs, xl) = xt.storage_and_layout();
-        let (ts, tl) = tt.storage_and_layout();
-        let (ns, nl) = nt.storage_and_layout();
-        let (gs, gl) = gt.storage_and_layout();
-        let (geom, n, ho) = self.geometry(xl, tl, nl)?;
-        let xv = super::cpu_f32_values(&xs, xl, OP, "input")?;
-        let tv = super::cpu_f32_values(&ts, tl, OP, "taps")?;
-        let (lnw, lnb) = super::cpu_f32_values(&ns, nl, OP, "norm")?.split_at(geom.c);
-        let gv = super::cpu_f32_values(&gs, gl, OP, "gradient")?;
-        let (dx, dtaps, dn) = norm_gelu_backward(
-            self.isa,
-            &geom,
-            (n, ho),
-            (xv, tv, (lnw, lnb), gv),
-            self.eps,
-            (need_x, need_w),
-        )?;
-        let dev = x.device();
-        let dx = dx
-            .map(|v| Tensor::from_vec(v, xl.shape().clone(), dev))
-            .transpose()?;
-        let dtaps = dtaps
-            .map(|v| Tensor::from_vec(v, tl.shape().clone(), dev))
-            .transpose()?;
-        let dnorm = need_n
-            .then(|| Tensor::from_vec(dn, 2 * geom.c, dev))
-            .transpose()?;
-        Ok((dx, dtaps, dnorm))
+        crate::ops::backward_on_pool(grad, || {
+            let (need_x, need_w, need_n) = (x.track_op(), taps.track_op(), norm.track_op());
+            let (xt, tt, nt, gt) = (
+                x.contiguous()?,
+                taps.contiguous()?,
+                norm.contiguous()?,
+                grad.contiguous()?,
+            );
+            let (xs, xl) = xt.storage_and_layout();
+            let (ts, tl) = tt.storage_and_layout();
+            let (ns, nl) = nt.storage_and_layout();
+            let (gs, gl) = gt.storage_and_layout();
+            let (geom, n, ho) = self.geometry(xl, tl, nl)?;
+            let xv = super::cpu_f32_values(&xs, xl, OP, "input")?;
+            let tv = super::cpu_f32_values(&ts, tl, OP, "taps")?;
+            let (lnw, lnb) = super::cpu_f32_values(&ns, nl, OP, "norm")?.split_at(geom.c);
+            let gv = super::cpu_f32_values(&gs, gl, OP, "gradient")?;
+            let (dx, dtaps, dn) = norm_gelu_backward(
+                self.isa,
+                &geom,
+                (n, ho),
+                (xv, tv, (lnw, lnb), gv),
+                self.eps,
+                (need_x, need_w),
+            )?;
+            let dev = x.device();
+            let dx = dx
+                .map(|v| Tensor::from_vec(v, xl.shape().clone(), dev))
+                .transpose()?;
+            let dtaps = dtaps
+                .map(|v| Tensor::from_vec(v, tl.shape().clone(), dev))
+                .transpose()?;
+            let dnorm = need_n
+                .then(|| Tensor::from_vec(dn, 2 * geom.c, dev))
+                .transpose()?;
+            Ok((dx, dtaps, dnorm))
+        })
     }
 }
 

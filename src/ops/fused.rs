@@ -140,8 +140,10 @@ impl CustomOp3 for LayerNormOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, db) = layer_norm_backward(self.isa, xs, weight, grad, self.eps as f64)?;
-        Ok((Some(dx), Some(dw), Some(db)))
+        crate::ops::backward_on_pool(grad, || {
+            let (dx, dw, db) = layer_norm_backward(self.isa, xs, weight, grad, self.eps as f64)?;
+            Ok((Some(dx), Some(dw), Some(db)))
+        })
     }
 }
 

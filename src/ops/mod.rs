@@ -200,6 +200,18 @@ pub(crate) fn contiguous_slice<'a, T: candle_core::WithDType>(
     }
 }
 
+/// Runs an operator's backward `f` on a worker of the rayon pool when its gradient is on the
+/// CPU (see [`crate::cpu::on_pool`]): Candle calls `bwd` from the thread that runs
+/// `Tensor::backward`, outside the pool, where each of the backward's parallel loops (GEMMs,
+/// reductions, zero-fills) would be handed to the pool on its own.
+pub(crate) fn backward_on_pool<R: Send>(grad: &Tensor, f: impl FnOnce() -> R + Send) -> R {
+    if grad.device().is_cpu() {
+        crate::cpu::on_pool(f)
+    } else {
+        f()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

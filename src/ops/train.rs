@@ -409,7 +409,7 @@ impl CustomOp3 for LinearBiasOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        linear_backward(self.isa, x, w, Some(b), grad)
+        crate::ops::backward_on_pool(grad, || linear_backward(self.isa, x, w, Some(b), grad))
     }
 }
 
@@ -445,8 +445,10 @@ impl CustomOp2 for LinearOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, _) = linear_backward(self.isa, x, w, None, grad)?;
-        Ok((dx, dw))
+        crate::ops::backward_on_pool(grad, || {
+            let (dx, dw, _) = linear_backward(self.isa, x, w, None, grad)?;
+            Ok((dx, dw))
+        })
     }
 }
 
@@ -565,81 +567,84 @@ impl CustomOp3 for MlpOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (cin, hid, cout, isa) = (self.cin, self.hid, self.cout, self.isa);
-        let (need_x, need_1, need_2) = (x.track_op(), p1.track_op(), p2.track_op());
-        let (x, p1t, p2t, g) = (
-            x.contiguous()?,
-            p1.contiguous()?,
-            p2.contiguous()?,
-            grad.contiguous()?,
-        );
-        let (xs, xl) = x.storage_and_layout();
-        let (s1, l1) = p1t.storage_and_layout();
-        let (s2, l2) = p2t.storage_and_layout();
-        let (gs, gl) = g.storage_and_layout();
-        let xv = values(&xs, xl, "input")?;
-        let pv1 = values(&s1, l1, "fc1 weight")?;
-        let pv2 = values(&s2, l2, "fc2 weight and biases")?;
-        let gv = values(&gs, gl, "gradient")?;
-        let (m, [w1, w2, b1, _]) = self.check(xl, pv1, pv2)?;
-        let err = || candle_core::Error::msg("mlp backward: empty layer");
-        // Recomputes z = x W1^T + b1; dh = dY W2 (W2^T packed); dx = dz W1 (W1^T packed).
-        let fc1 = PackedWeight::new(isa, w1, Some(b1), hid, cin).ok_or_else(err)?;
-        let fc2t = PackedWeight::new_transposed(isa, w2, hid, cout).ok_or_else(err)?;
-        let fc1t = PackedWeight::new_transposed(isa, w1, cin, hid).ok_or_else(err)?;
-        // Row blocks: about 128 KiB of hidden activations, at least 64 rows (GEMM depth).
-        let rows = (32_768 / hid.max(1)).clamp(64, 512);
-        // Every block writes its rows (zeroed first: the blocks get initialised slices).
-        let mut dx = super::written_zeros_par(if need_x { m * cin } else { 0 });
-        let new_acc = || MlpAcc {
-            dw1: written_zeros(hid * cin, 0f32),
-            db1: written_zeros(hid, 0f32),
-            dw2: zeros_with_room(cout * hid, 2 * hid + cout),
-            db2: written_zeros(cout, 0f32),
-            z: Vec::new(),
-            h: Vec::new(),
-            dh: Vec::new(),
-            slope: Vec::new(),
-        };
-        let run = |acc: &mut MlpAcc, b: usize, dxb: Option<&mut [f32]>| {
-            let (r0, r1) = (b * rows, ((b + 1) * rows).min(m));
-            let rb = r1 - r0;
-            let xb = &xv[r0 * cin..r1 * cin];
-            let gb = &gv[r0 * cout..r1 * cout];
-            acc.z.resize(rb * hid, 0.0);
-            acc.h.resize(rb * hid, 0.0);
-            acc.dh.resize(rb * hid, 0.0);
-            acc.slope.resize(rb * hid, 0.0);
-            linear_rows(xb, &fc1, false, &mut acc.z);
-            gelu_and_slope(isa, &acc.z, as_out(&mut acc.h), as_out(&mut acc.slope));
-            gemm_tn_acc(rb, cout, hid, gb, &acc.h, &mut acc.dw2);
-            add_col_sums(gb, cout, &mut acc.db2);
-            linear_rows(gb, &fc2t, false, &mut acc.dh);
-            // dz = dh * gelu'(z), into h (no longer needed).
-            mul_into(&mut acc.h, &acc.dh, &acc.slope);
-            gemm_tn_acc(rb, hid, cin, &acc.h, xb, &mut acc.dw1);
-            add_col_sums(&acc.h, hid, &mut acc.db1);
-            if let Some(dxb) = dxb {
-                linear_rows(&acc.h, &fc1t, false, dxb);
-            }
-        };
-        let mut accs =
-            fold_row_blocks(m, rows, cin, need_x.then_some(&mut dx[..]), new_acc, run).into_iter();
-        let mut total = accs.next().unwrap_or_else(&new_acc);
-        let rest: Vec<_> = accs.collect();
-        add_parts(&mut total.dw1, &rest, |a| &a.dw1);
-        add_parts(&mut total.db1, &rest, |a| &a.db1);
-        add_parts(&mut total.dw2, &rest, |a| &a.dw2);
-        add_parts(&mut total.db2, &rest, |a| &a.db2);
-        let dx = need_x.then(|| tensor(dx, xl.shape().clone())).transpose()?;
-        let dw1 = need_1
-            .then(|| tensor(total.dw1, l1.shape().clone()))
-            .transpose()?;
-        let db2: &[f32] = if self.bias2 { &total.db2 } else { &[] };
-        let dp2 = need_2
-            .then(|| stacked_grad(total.dw2, &[&total.db1, db2], l2.shape()))
-            .transpose()?;
-        Ok((dx, dw1, dp2))
+        crate::ops::backward_on_pool(grad, || {
+            let (cin, hid, cout, isa) = (self.cin, self.hid, self.cout, self.isa);
+            let (need_x, need_1, need_2) = (x.track_op(), p1.track_op(), p2.track_op());
+            let (x, p1t, p2t, g) = (
+                x.contiguous()?,
+                p1.contiguous()?,
+                p2.contiguous()?,
+                grad.contiguous()?,
+            );
+            let (xs, xl) = x.storage_and_layout();
+            let (s1, l1) = p1t.storage_and_layout();
+            let (s2, l2) = p2t.storage_and_layout();
+            let (gs, gl) = g.storage_and_layout();
+            let xv = values(&xs, xl, "input")?;
+            let pv1 = values(&s1, l1, "fc1 weight")?;
+            let pv2 = values(&s2, l2, "fc2 weight and biases")?;
+            let gv = values(&gs, gl, "gradient")?;
+            let (m, [w1, w2, b1, _]) = self.check(xl, pv1, pv2)?;
+            let err = || candle_core::Error::msg("mlp backward: empty layer");
+            // Recomputes z = x W1^T + b1; dh = dY W2 (W2^T packed); dx = dz W1 (W1^T packed).
+            let fc1 = PackedWeight::new(isa, w1, Some(b1), hid, cin).ok_or_else(err)?;
+            let fc2t = PackedWeight::new_transposed(isa, w2, hid, cout).ok_or_else(err)?;
+            let fc1t = PackedWeight::new_transposed(isa, w1, cin, hid).ok_or_else(err)?;
+            // Row blocks: about 128 KiB of hidden activations, at least 64 rows (GEMM depth).
+            let rows = (32_768 / hid.max(1)).clamp(64, 512);
+            // Every block writes its rows (zeroed first: the blocks get initialised slices).
+            let mut dx = super::written_zeros_par(if need_x { m * cin } else { 0 });
+            let new_acc = || MlpAcc {
+                dw1: written_zeros(hid * cin, 0f32),
+                db1: written_zeros(hid, 0f32),
+                dw2: zeros_with_room(cout * hid, 2 * hid + cout),
+                db2: written_zeros(cout, 0f32),
+                z: Vec::new(),
+                h: Vec::new(),
+                dh: Vec::new(),
+                slope: Vec::new(),
+            };
+            let run = |acc: &mut MlpAcc, b: usize, dxb: Option<&mut [f32]>| {
+                let (r0, r1) = (b * rows, ((b + 1) * rows).min(m));
+                let rb = r1 - r0;
+                let xb = &xv[r0 * cin..r1 * cin];
+                let gb = &gv[r0 * cout..r1 * cout];
+                acc.z.resize(rb * hid, 0.0);
+                acc.h.resize(rb * hid, 0.0);
+                acc.dh.resize(rb * hid, 0.0);
+                acc.slope.resize(rb * hid, 0.0);
+                linear_rows(xb, &fc1, false, &mut acc.z);
+                gelu_and_slope(isa, &acc.z, as_out(&mut acc.h), as_out(&mut acc.slope));
+                gemm_tn_acc(rb, cout, hid, gb, &acc.h, &mut acc.dw2);
+                add_col_sums(gb, cout, &mut acc.db2);
+                linear_rows(gb, &fc2t, false, &mut acc.dh);
+                // dz = dh * gelu'(z), into h (no longer needed).
+                mul_into(&mut acc.h, &acc.dh, &acc.slope);
+                gemm_tn_acc(rb, hid, cin, &acc.h, xb, &mut acc.dw1);
+                add_col_sums(&acc.h, hid, &mut acc.db1);
+                if let Some(dxb) = dxb {
+                    linear_rows(&acc.h, &fc1t, false, dxb);
+                }
+            };
+            let mut accs =
+                fold_row_blocks(m, rows, cin, need_x.then_some(&mut dx[..]), new_acc, run)
+                    .into_iter();
+            let mut total = accs.next().unwrap_or_else(&new_acc);
+            let rest: Vec<_> = accs.collect();
+            add_parts(&mut total.dw1, &rest, |a| &a.dw1);
+            add_parts(&mut total.db1, &rest, |a| &a.db1);
+            add_parts(&mut total.dw2, &rest, |a| &a.dw2);
+            add_parts(&mut total.db2, &rest, |a| &a.db2);
+            let dx = need_x.then(|| tensor(dx, xl.shape().clone())).transpose()?;
+            let dw1 = need_1
+                .then(|| tensor(total.dw1, l1.shape().clone()))
+                .transpose()?;
+            let db2: &[f32] = if self.bias2 { &total.db2 } else { &[] };
+            let dp2 = need_2
+                .then(|| stacked_grad(total.dw2, &[&total.db1, db2], l2.shape()))
+                .transpose()?;
+            Ok((dx, dw1, dp2))
+        })
     }
 }
 
@@ -824,136 +829,138 @@ impl CustomOp3 for PreNormMlpOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (c, hid, isa) = (self.c, self.hid, self.isa);
-        let (need_x, need_1, need_2) = (x.track_op(), p1.track_op(), p2.track_op());
-        let (x, p1t, p2t, g) = (
-            x.contiguous()?,
-            p1.contiguous()?,
-            p2.contiguous()?,
-            grad.contiguous()?,
-        );
-        let (xs, xl) = x.storage_and_layout();
-        let (s1, l1) = p1t.storage_and_layout();
-        let (s2, l2) = p2t.storage_and_layout();
-        let (gs, gl) = g.storage_and_layout();
-        let xv = values(&xs, xl, "input")?;
-        let pv1 = values(&s1, l1, "fc1 weight")?;
-        let pv2 = values(&s2, l2, "fc2 weight, biases and norm")?;
-        let gv = values(&gs, gl, "gradient")?;
-        let (m, per_sample, [w1, w2, b1, lnw, lnb, _]) = self.check(xl, pv1, pv2)?;
-        if gv.len() != m * c {
-            candle_core::bail!("prenorm mlp backward: gradient of {} values", gv.len())
-        }
-        let err = || candle_core::Error::msg("prenorm mlp backward: empty layer");
-        // The kept hidden pre-activations, else fc1 to recompute them.
-        let hidden = match self.hidden.get().filter(|z| z.len() == m * hid) {
-            Some(z) => Hidden::Kept(z),
-            None => {
-                Hidden::Recompute(PackedWeight::new(isa, w1, Some(b1), hid, c).ok_or_else(err)?)
-            }
-        };
-        let fc2t = PackedWeight::new_transposed(isa, w2, hid, c).ok_or_else(err)?;
-        let fc1t = PackedWeight::new_transposed(isa, w1, c, hid).ok_or_else(err)?;
-        let rows = (32_768 / hid.max(1)).clamp(64, 512);
-        // Every block writes its rows (zeroed first: the blocks get initialised slices).
-        let mut dx = super::written_zeros_par(if need_x { m * c } else { 0 });
-        let new_acc = || PreNormAcc {
-            dw1: written_zeros(hid * c, 0f32),
-            db1: written_zeros(hid, 0f32),
-            dlnw: written_zeros(c, 0f32),
-            dlnb: written_zeros(c, 0f32),
-            dw2: zeros_with_room(c * hid, 2 * hid + 3 * c),
-            db2: written_zeros(c, 0f32),
-            xn: Vec::new(),
-            z: Vec::new(),
-            h: Vec::new(),
-            dh: Vec::new(),
-            slope: Vec::new(),
-            gm: Vec::new(),
-            dxn: Vec::new(),
-            dx: Vec::new(),
-        };
-        let run = |acc: &mut PreNormAcc, b: usize, dxb: Option<&mut [f32]>| {
-            let (r0, r1) = (b * rows, ((b + 1) * rows).min(m));
-            let rb = r1 - r0;
-            let xb = &xv[r0 * c..r1 * c];
-            let gb = &gv[r0 * c..r1 * c];
-            acc.xn.resize(rb * c, 0.0);
-            acc.h.resize(rb * hid, 0.0);
-            acc.dh.resize(rb * hid, 0.0);
-            acc.slope.resize(rb * hid, 0.0);
-            acc.gm.resize(rb * c, 0.0);
-            acc.dxn.resize(rb * c, 0.0);
-            ln_rows(isa, xb, as_out(&mut acc.xn), lnw, lnb, self.eps);
-            let z = match &hidden {
-                Hidden::Kept(z) => &z[r0 * hid..r1 * hid],
-                Hidden::Recompute(fc1) => {
-                    acc.z.resize(rb * hid, 0.0);
-                    linear_rows(&acc.xn, fc1, false, &mut acc.z);
-                    &acc.z[..]
-                }
-            };
-            gelu_and_slope(isa, z, as_out(&mut acc.h), as_out(&mut acc.slope));
-            // The gradient of the MLP output: the block's, scaled per sample.
-            for (i, (d, s)) in acc
-                .gm
-                .chunks_exact_mut(c)
-                .zip(gb.chunks_exact(c))
-                .enumerate()
-            {
-                let sc = self.row_scale(r0 + i, per_sample);
-                for (d, &s) in d.iter_mut().zip(s) {
-                    *d = sc * s;
-                }
-            }
-            gemm_tn_acc(rb, c, hid, &acc.gm, &acc.h, &mut acc.dw2);
-            add_col_sums(&acc.gm, c, &mut acc.db2);
-            linear_rows(&acc.gm, &fc2t, false, &mut acc.dh);
-            // dz = dh * gelu'(z), into h (no longer needed).
-            mul_into(&mut acc.h, &acc.dh, &acc.slope);
-            gemm_tn_acc(rb, hid, c, &acc.h, &acc.xn, &mut acc.dw1);
-            add_col_sums(&acc.h, hid, &mut acc.db1);
-            linear_rows(&acc.h, &fc1t, false, &mut acc.dxn);
-            // LayerNorm backward (statistics recomputed from x), then the residual path.
-            let dxb = match dxb {
-                Some(d) => d,
-                None => {
-                    acc.dx.resize(rb * c, 0.0);
-                    &mut acc.dx[..]
-                }
-            };
-            ln_backward_rows(
-                isa,
-                xb,
-                &acc.dxn,
-                lnw,
-                self.eps,
-                as_out(dxb),
-                &mut acc.dlnw,
-                &mut acc.dlnb,
+        crate::ops::backward_on_pool(grad, || {
+            let (c, hid, isa) = (self.c, self.hid, self.isa);
+            let (need_x, need_1, need_2) = (x.track_op(), p1.track_op(), p2.track_op());
+            let (x, p1t, p2t, g) = (
+                x.contiguous()?,
+                p1.contiguous()?,
+                p2.contiguous()?,
+                grad.contiguous()?,
             );
-            add_into(dxb, gb);
-        };
-        let mut accs =
-            fold_row_blocks(m, rows, c, need_x.then_some(&mut dx[..]), new_acc, run).into_iter();
-        let mut total = accs.next().unwrap_or_else(&new_acc);
-        let rest: Vec<_> = accs.collect();
-        add_parts(&mut total.dw1, &rest, |a| &a.dw1);
-        add_parts(&mut total.db1, &rest, |a| &a.db1);
-        add_parts(&mut total.dlnw, &rest, |a| &a.dlnw);
-        add_parts(&mut total.dlnb, &rest, |a| &a.dlnb);
-        add_parts(&mut total.dw2, &rest, |a| &a.dw2);
-        add_parts(&mut total.db2, &rest, |a| &a.db2);
-        let dx = need_x.then(|| tensor(dx, xl.shape().clone())).transpose()?;
-        let dw1 = need_1
-            .then(|| tensor(total.dw1, l1.shape().clone()))
-            .transpose()?;
-        let db2: &[f32] = if self.bias2 { &total.db2 } else { &[] };
-        let tail = [&total.db1[..], &total.dlnw, &total.dlnb, db2];
-        let dp2 = need_2
-            .then(|| stacked_grad(total.dw2, &tail, l2.shape()))
-            .transpose()?;
-        Ok((dx, dw1, dp2))
+            let (xs, xl) = x.storage_and_layout();
+            let (s1, l1) = p1t.storage_and_layout();
+            let (s2, l2) = p2t.storage_and_layout();
+            let (gs, gl) = g.storage_and_layout();
+            let xv = values(&xs, xl, "input")?;
+            let pv1 = values(&s1, l1, "fc1 weight")?;
+            let pv2 = values(&s2, l2, "fc2 weight, biases and norm")?;
+            let gv = values(&gs, gl, "gradient")?;
+            let (m, per_sample, [w1, w2, b1, lnw, lnb, _]) = self.check(xl, pv1, pv2)?;
+            if gv.len() != m * c {
+                candle_core::bail!("prenorm mlp backward: gradient of {} values", gv.len())
+            }
+            let err = || candle_core::Error::msg("prenorm mlp backward: empty layer");
+            // The kept hidden pre-activations, else fc1 to recompute them.
+            let hidden = match self.hidden.get().filter(|z| z.len() == m * hid) {
+                Some(z) => Hidden::Kept(z),
+                None => {
+                    Hidden::Recompute(PackedWeight::new(isa, w1, Some(b1), hid, c).ok_or_else(err)?)
+                }
+            };
+            let fc2t = PackedWeight::new_transposed(isa, w2, hid, c).ok_or_else(err)?;
+            let fc1t = PackedWeight::new_transposed(isa, w1, c, hid).ok_or_else(err)?;
+            let rows = (32_768 / hid.max(1)).clamp(64, 512);
+            // Every block writes its rows (zeroed first: the blocks get initialised slices).
+            let mut dx = super::written_zeros_par(if need_x { m * c } else { 0 });
+            let new_acc = || PreNormAcc {
+                dw1: written_zeros(hid * c, 0f32),
+                db1: written_zeros(hid, 0f32),
+                dlnw: written_zeros(c, 0f32),
+                dlnb: written_zeros(c, 0f32),
+                dw2: zeros_with_room(c * hid, 2 * hid + 3 * c),
+                db2: written_zeros(c, 0f32),
+                xn: Vec::new(),
+                z: Vec::new(),
+                h: Vec::new(),
+                dh: Vec::new(),
+                slope: Vec::new(),
+                gm: Vec::new(),
+                dxn: Vec::new(),
+                dx: Vec::new(),
+            };
+            let run = |acc: &mut PreNormAcc, b: usize, dxb: Option<&mut [f32]>| {
+                let (r0, r1) = (b * rows, ((b + 1) * rows).min(m));
+                let rb = r1 - r0;
+                let xb = &xv[r0 * c..r1 * c];
+                let gb = &gv[r0 * c..r1 * c];
+                acc.xn.resize(rb * c, 0.0);
+                acc.h.resize(rb * hid, 0.0);
+                acc.dh.resize(rb * hid, 0.0);
+                acc.slope.resize(rb * hid, 0.0);
+                acc.gm.resize(rb * c, 0.0);
+                acc.dxn.resize(rb * c, 0.0);
+                ln_rows(isa, xb, as_out(&mut acc.xn), lnw, lnb, self.eps);
+                let z = match &hidden {
+                    Hidden::Kept(z) => &z[r0 * hid..r1 * hid],
+                    Hidden::Recompute(fc1) => {
+                        acc.z.resize(rb * hid, 0.0);
+                        linear_rows(&acc.xn, fc1, false, &mut acc.z);
+                        &acc.z[..]
+                    }
+                };
+                gelu_and_slope(isa, z, as_out(&mut acc.h), as_out(&mut acc.slope));
+                // The gradient of the MLP output: the block's, scaled per sample.
+                for (i, (d, s)) in acc
+                    .gm
+                    .chunks_exact_mut(c)
+                    .zip(gb.chunks_exact(c))
+                    .enumerate()
+                {
+                    let sc = self.row_scale(r0 + i, per_sample);
+                    for (d, &s) in d.iter_mut().zip(s) {
+                        *d = sc * s;
+                    }
+                }
+                gemm_tn_acc(rb, c, hid, &acc.gm, &acc.h, &mut acc.dw2);
+                add_col_sums(&acc.gm, c, &mut acc.db2);
+                linear_rows(&acc.gm, &fc2t, false, &mut acc.dh);
+                // dz = dh * gelu'(z), into h (no longer needed).
+                mul_into(&mut acc.h, &acc.dh, &acc.slope);
+                gemm_tn_acc(rb, hid, c, &acc.h, &acc.xn, &mut acc.dw1);
+                add_col_sums(&acc.h, hid, &mut acc.db1);
+                linear_rows(&acc.h, &fc1t, false, &mut acc.dxn);
+                // LayerNorm backward (statistics recomputed from x), then the residual path.
+                let dxb = match dxb {
+                    Some(d) => d,
+                    None => {
+                        acc.dx.resize(rb * c, 0.0);
+                        &mut acc.dx[..]
+                    }
+                };
+                ln_backward_rows(
+                    isa,
+                    xb,
+                    &acc.dxn,
+                    lnw,
+                    self.eps,
+                    as_out(dxb),
+                    &mut acc.dlnw,
+                    &mut acc.dlnb,
+                );
+                add_into(dxb, gb);
+            };
+            let mut accs = fold_row_blocks(m, rows, c, need_x.then_some(&mut dx[..]), new_acc, run)
+                .into_iter();
+            let mut total = accs.next().unwrap_or_else(&new_acc);
+            let rest: Vec<_> = accs.collect();
+            add_parts(&mut total.dw1, &rest, |a| &a.dw1);
+            add_parts(&mut total.db1, &rest, |a| &a.db1);
+            add_parts(&mut total.dlnw, &rest, |a| &a.dlnw);
+            add_parts(&mut total.dlnb, &rest, |a| &a.dlnb);
+            add_parts(&mut total.dw2, &rest, |a| &a.dw2);
+            add_parts(&mut total.db2, &rest, |a| &a.db2);
+            let dx = need_x.then(|| tensor(dx, xl.shape().clone())).transpose()?;
+            let dw1 = need_1
+                .then(|| tensor(total.dw1, l1.shape().clone()))
+                .transpose()?;
+            let db2: &[f32] = if self.bias2 { &total.db2 } else { &[] };
+            let tail = [&total.db1[..], &total.dlnw, &total.dlnb, db2];
+            let dp2 = need_2
+                .then(|| stacked_grad(total.dw2, &tail, l2.shape()))
+                .transpose()?;
+            Ok((dx, dw1, dp2))
+        })
     }
 }
 
@@ -1154,35 +1161,37 @@ impl CustomOp3 for ProjectResidualOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (need_x, need_y, need_p) = (x.track_op(), y.track_op(), p.track_op());
-        let (c, k) = (self.c, self.k);
-        let (yt, pt, g) = (y.contiguous()?, p.contiguous()?, grad.contiguous()?);
-        let (ys, yl) = yt.storage_and_layout();
-        let (ps, pl) = pt.storage_and_layout();
-        let (gs, gl) = g.storage_and_layout();
-        let yv = values(&ys, yl, "branch")?;
-        let pv = values(&ps, pl, "parameters")?;
-        let gv = values(&gs, gl, "gradient")?;
-        let (m, [w, _]) = self.check(x.layout(), yl, pv)?;
-        if gv.len() != m * c {
-            candle_core::bail!(
-                "projection residual backward: gradient of {} values",
-                gv.len()
-            )
-        }
-        // The projection's gradient: the block's, scaled per sample.
-        let gp = scaled_per_sample(gv, self.scale.as_deref().map(|s| &s[..]));
-        let gp = &gp[..];
-        let dy = need_y
-            .then(|| tensor(input_grad(self.isa, gp, m, w, c, k)?, yl.shape().clone()))
-            .transpose()?;
-        let dp = need_p
-            .then(|| {
-                let (dw, db) = weight_grads(gp, yv, m, c, k);
-                stacked_grad(dw, &[if self.bias { &db } else { &[] }], pl.shape())
-            })
-            .transpose()?;
-        Ok((need_x.then(|| grad.clone()), dy, dp))
+        crate::ops::backward_on_pool(grad, || {
+            let (need_x, need_y, need_p) = (x.track_op(), y.track_op(), p.track_op());
+            let (c, k) = (self.c, self.k);
+            let (yt, pt, g) = (y.contiguous()?, p.contiguous()?, grad.contiguous()?);
+            let (ys, yl) = yt.storage_and_layout();
+            let (ps, pl) = pt.storage_and_layout();
+            let (gs, gl) = g.storage_and_layout();
+            let yv = values(&ys, yl, "branch")?;
+            let pv = values(&ps, pl, "parameters")?;
+            let gv = values(&gs, gl, "gradient")?;
+            let (m, [w, _]) = self.check(x.layout(), yl, pv)?;
+            if gv.len() != m * c {
+                candle_core::bail!(
+                    "projection residual backward: gradient of {} values",
+                    gv.len()
+                )
+            }
+            // The projection's gradient: the block's, scaled per sample.
+            let gp = scaled_per_sample(gv, self.scale.as_deref().map(|s| &s[..]));
+            let gp = &gp[..];
+            let dy = need_y
+                .then(|| tensor(input_grad(self.isa, gp, m, w, c, k)?, yl.shape().clone()))
+                .transpose()?;
+            let dp = need_p
+                .then(|| {
+                    let (dw, db) = weight_grads(gp, yv, m, c, k);
+                    stacked_grad(dw, &[if self.bias { &db } else { &[] }], pl.shape())
+                })
+                .transpose()?;
+            Ok((need_x.then(|| grad.clone()), dy, dp))
+        })
     }
 }
 
@@ -1420,116 +1429,121 @@ impl CustomOp3 for DcnCoreOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        use crate::ops::dcnv3::cpu;
-        let Some(sv) = self.saved.get() else {
-            candle_core::bail!("dcn core backward: internal error, the forward kept nothing")
-        };
-        let dims = x.dims4()?;
-        let (n, h, w, c) = dims;
-        let (isa, m) = (self.isa, n * h * w);
-        let gp = self.spec.core.group * self.spec.core.points();
-        let geo = self.geometry(dims)?;
-        let (xt, iwt, pt, g) = (
-            x.contiguous()?,
-            iw.contiguous()?,
-            p.contiguous()?,
-            grad.contiguous()?,
-        );
-        let (xs, xl) = xt.storage_and_layout();
-        let (iws, iwl) = iwt.storage_and_layout();
-        let (ps, pl) = pt.storage_and_layout();
-        let (gs, gl) = g.storage_and_layout();
-        let xv = values(&xs, xl, "input")?;
-        let iwv = values(&iws, iwl, "input projection weight")?;
-        let pv = values(&ps, pl, "parameters")?;
-        let gv = values(&gs, gl, "gradient")?;
-        let (iwv, [ow, mw, taps, pw, nw, nb, _ib, fw, fb, _ob, _mb, _pb]) =
-            self.split(iwv, pv, (n, c))?;
-        if gv.len() != geo.output_len() || sv.y.len() != m * c {
-            candle_core::bail!("dcn core backward: gradient of {} values", gv.len())
-        }
-        // The output projection (its gradient the block's, scaled per sample).
-        let gproj = scaled_per_sample(gv, self.scale.as_deref().map(|s| &s[..]));
-        let dy = input_grad(isa, &gproj, m, pw, c, c)?;
-        let (dpw, dpb) = weight_grads(&gproj, &sv.y, m, c, c);
-        drop(gproj);
-        // The core.
-        let mut dv = super::written_zeros_par(geo.input_len());
-        let mut doff = super::written_zeros_par(geo.offset_len());
-        let mut dmask = super::written_zeros_par(geo.mask_len());
-        let rows = cpu::GradRows {
-            off: &mut doff,
-            mask: Some(&mut dmask),
-        };
-        let lay = cpu::PointLayout::dcnv3(&geo);
-        cpu::backward(
-            isa,
-            &self.spec.core,
-            &geo,
-            lay,
-            &sv.v,
-            &sv.offset,
-            &sv.mask,
-            &dy,
-            &mut dv,
-            rows,
-        );
-        drop(dy);
-        // The softmax, the offset and mask projections.
-        let dlogits =
-            super::fused::softmax_groups_backward_rows(&sv.mask, &dmask, self.spec.core.points());
-        drop(dmask);
-        let mut df = input_grad(isa, &doff, m, ow, 2 * gp, c)?;
-        add_into_par(&mut df, &input_grad(isa, &dlogits, m, mw, gp, c)?);
-        let (dow, dob) = weight_grads(&doff, &sv.f, m, 2 * gp, c);
-        let (dmw, dmb) = weight_grads(&dlogits, &sv.f, m, gp, c);
-        drop((doff, dlogits));
-        // The offset branch's features and the input projection, from the normalised input.
-        let xn = layer_norm_rows(isa, xv, nw, nb, self.spec.eps);
-        let k = (self.spec.dw_kernel, self.spec.dw_kernel, self.spec.dw_pad);
-        let (mut dxn, dtaps, dfn) = super::depthwise::dw_norm_gelu_backward(
-            isa,
-            dims,
-            k,
-            (&xn, taps, (fw, fb), &df),
-            self.spec.dw_eps,
-        )?;
-        drop(df);
-        add_into_par(&mut dxn, &input_grad(isa, &dv, m, iwv, c, c)?);
-        let (diw, dib) = weight_grads(&dv, &xn, m, c, c);
-        drop((dv, xn));
-        // The block's norm, then the residual path.
-        let (mut dx, mut dnw) = layer_norm_backward_rows(isa, xv, &dxn, nw, self.spec.eps);
-        let dnb = dnw.split_off(c);
-        add_into_par(&mut dx, gv);
-        let dx = x
-            .track_op()
-            .then(|| tensor(dx, xl.shape().clone()))
-            .transpose()?;
-        let diw = iw
-            .track_op()
-            .then(|| tensor(diw, iwl.shape().clone()))
-            .transpose()?;
-        let dp = p
-            .track_op()
-            .then(|| {
-                let dpb: &[f32] = if self.out_bias { &dpb } else { &[] };
-                let rest = [
-                    &dmw[..],
-                    &dtaps,
-                    &dpw,
-                    &dnw,
-                    &dnb,
-                    &dib,
-                    &dfn,
-                    &dob,
-                    &dmb,
-                    dpb,
-                ];
-                stacked_grad(dow, &rest, pl.shape())
-            })
-            .transpose()?;
-        Ok((dx, diw, dp))
+        crate::ops::backward_on_pool(grad, || {
+            use crate::ops::dcnv3::cpu;
+            let Some(sv) = self.saved.get() else {
+                candle_core::bail!("dcn core backward: internal error, the forward kept nothing")
+            };
+            let dims = x.dims4()?;
+            let (n, h, w, c) = dims;
+            let (isa, m) = (self.isa, n * h * w);
+            let gp = self.spec.core.group * self.spec.core.points();
+            let geo = self.geometry(dims)?;
+            let (xt, iwt, pt, g) = (
+                x.contiguous()?,
+                iw.contiguous()?,
+                p.contiguous()?,
+                grad.contiguous()?,
+            );
+            let (xs, xl) = xt.storage_and_layout();
+            let (iws, iwl) = iwt.storage_and_layout();
+            let (ps, pl) = pt.storage_and_layout();
+            let (gs, gl) = g.storage_and_layout();
+            let xv = values(&xs, xl, "input")?;
+            let iwv = values(&iws, iwl, "input projection weight")?;
+            let pv = values(&ps, pl, "parameters")?;
+            let gv = values(&gs, gl, "gradient")?;
+            let (iwv, [ow, mw, taps, pw, nw, nb, _ib, fw, fb, _ob, _mb, _pb]) =
+                self.split(iwv, pv, (n, c))?;
+            if gv.len() != geo.output_len() || sv.y.len() != m * c {
+                candle_core::bail!("dcn core backward: gradient of {} values", gv.len())
+            }
+            // The output projection (its gradient the block's, scaled per sample).
+            let gproj = scaled_per_sample(gv, self.scale.as_deref().map(|s| &s[..]));
+            let dy = input_grad(isa, &gproj, m, pw, c, c)?;
+            let (dpw, dpb) = weight_grads(&gproj, &sv.y, m, c, c);
+            drop(gproj);
+            // The core.
+            let mut dv = super::written_zeros_par(geo.input_len());
+            let mut doff = super::written_zeros_par(geo.offset_len());
+            let mut dmask = super::written_zeros_par(geo.mask_len());
+            let rows = cpu::GradRows {
+                off: &mut doff,
+                mask: Some(&mut dmask),
+            };
+            let lay = cpu::PointLayout::dcnv3(&geo);
+            cpu::backward(
+                isa,
+                &self.spec.core,
+                &geo,
+                lay,
+                &sv.v,
+                &sv.offset,
+                &sv.mask,
+                &dy,
+                &mut dv,
+                rows,
+            );
+            drop(dy);
+            // The softmax, the offset and mask projections.
+            let dlogits = super::fused::softmax_groups_backward_rows(
+                &sv.mask,
+                &dmask,
+                self.spec.core.points(),
+            );
+            drop(dmask);
+            let mut df = input_grad(isa, &doff, m, ow, 2 * gp, c)?;
+            add_into_par(&mut df, &input_grad(isa, &dlogits, m, mw, gp, c)?);
+            let (dow, dob) = weight_grads(&doff, &sv.f, m, 2 * gp, c);
+            let (dmw, dmb) = weight_grads(&dlogits, &sv.f, m, gp, c);
+            drop((doff, dlogits));
+            // The offset branch's features and the input projection, from the normalised input.
+            let xn = layer_norm_rows(isa, xv, nw, nb, self.spec.eps);
+            let k = (self.spec.dw_kernel, self.spec.dw_kernel, self.spec.dw_pad);
+            let (mut dxn, dtaps, dfn) = super::depthwise::dw_norm_gelu_backward(
+                isa,
+                dims,
+                k,
+                (&xn, taps, (fw, fb), &df),
+                self.spec.dw_eps,
+            )?;
+            drop(df);
+            add_into_par(&mut dxn, &input_grad(isa, &dv, m, iwv, c, c)?);
+            let (diw, dib) = weight_grads(&dv, &xn, m, c, c);
+            drop((dv, xn));
+            // The block's norm, then the residual path.
+            let (mut dx, mut dnw) = layer_norm_backward_rows(isa, xv, &dxn, nw, self.spec.eps);
+            let dnb = dnw.split_off(c);
+            add_into_par(&mut dx, gv);
+            let dx = x
+                .track_op()
+                .then(|| tensor(dx, xl.shape().clone()))
+                .transpose()?;
+            let diw = iw
+                .track_op()
+                .then(|| tensor(diw, iwl.shape().clone()))
+                .transpose()?;
+            let dp = p
+                .track_op()
+                .then(|| {
+                    let dpb: &[f32] = if self.out_bias { &dpb } else { &[] };
+                    let rest = [
+                        &dmw[..],
+                        &dtaps,
+                        &dpw,
+                        &dnw,
+                        &dnb,
+                        &dib,
+                        &dfn,
+                        &dob,
+                        &dmb,
+                        dpb,
+                    ];
+                    stacked_grad(dow, &rest, pl.shape())
+                })
+                .transpose()?;
+            Ok((dx, diw, dp))
+        })
     }
 }
 
@@ -1709,8 +1723,10 @@ impl CustomOp2 for ResidualOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dy, _) = self.backward(grad, y, None, y.track_op(), false)?;
-        Ok((x.track_op().then(|| grad.clone()), dy))
+        crate::ops::backward_on_pool(grad, || {
+            let (dy, _) = self.backward(grad, y, None, y.track_op(), false)?;
+            Ok((x.track_op().then(|| grad.clone()), dy))
+        })
     }
 }
 
@@ -1745,8 +1761,10 @@ impl CustomOp3 for ResidualOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dy, dg) = self.backward(grad, y, Some(gamma), y.track_op(), gamma.track_op())?;
-        Ok((x.track_op().then(|| grad.clone()), dy, dg))
+        crate::ops::backward_on_pool(grad, || {
+            let (dy, dg) = self.backward(grad, y, Some(gamma), y.track_op(), gamma.track_op())?;
+            Ok((x.track_op().then(|| grad.clone()), dy, dg))
+        })
     }
 }
 
