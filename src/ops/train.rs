@@ -817,7 +817,7 @@ impl CustomOp3 for PreNormMlpOp {
         // SAFETY: `mlp_packed` and `mlp_packed_keep` write all m * c values.
         unsafe { y.set_len(m * c) };
         drop(xn);
-        add_residual(&mut y, x, c, self.scale.as_deref().map(|s| &s[..]));
+        add_residual(&mut y, x, c, per_sample(&self.scale));
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -1042,6 +1042,11 @@ fn prenorm_mlp_residual_keeping(
     xs.contiguous()?.apply_op3(&w1.contiguous()?, &p2, op)
 }
 
+/// A fused op's per-sample residual scale (stochastic depth in training), as a slice.
+fn per_sample(scale: &Option<Arc<Vec<f32>>>) -> Option<&[f32]> {
+    scale.as_deref().map(Vec::as_slice)
+}
+
 /// `out = x + s[sample] * out` over rows of `c` (`scale` the optional per-sample stochastic-depth
 /// scale: one per equal share of the rows), in parallel: a residual update onto a branch output.
 fn add_residual(out: &mut [f32], x: &[f32], c: usize, scale: Option<&[f32]>) {
@@ -1149,7 +1154,7 @@ impl CustomOp3 for ProjectResidualOp {
         let p = contiguous_slice::<f32>(s3, l3, what, "parameters")?;
         let (m, [w, b]) = self.check(l1, l2, p)?;
         let mut out = linear_forward(self.isa, y, m, w, self.bias.then_some(b), self.c)?;
-        add_residual(&mut out, x, self.c, self.scale.as_deref().map(|s| &s[..]));
+        add_residual(&mut out, x, self.c, per_sample(&self.scale));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -1179,7 +1184,7 @@ impl CustomOp3 for ProjectResidualOp {
                 )
             }
             // The projection's gradient: the block's, scaled per sample.
-            let gp = scaled_per_sample(gv, self.scale.as_deref().map(|s| &s[..]));
+            let gp = scaled_per_sample(gv, per_sample(&self.scale));
             let gp = &gp[..];
             let dy = need_y
                 .then(|| tensor(input_grad(self.isa, gp, m, w, c, k)?, yl.shape().clone()))
@@ -1409,7 +1414,7 @@ impl CustomOp3 for DcnCoreOp {
         let y = cpu::forward(isa, &self.spec.core, &geo, lay, &v, &offset, &mask);
         // The output projection and the residual update.
         let mut out = linear_forward(isa, &y, m, pw, self.out_bias.then_some(pb), c)?;
-        add_residual(&mut out, x, c, self.scale.as_deref().map(|s| &s[..]));
+        add_residual(&mut out, x, c, per_sample(&self.scale));
         // `cpu_fwd` runs once per op value; a second run would keep the same values.
         let _ = self.saved.set(DcnCoreSaved {
             v,
@@ -1459,7 +1464,7 @@ impl CustomOp3 for DcnCoreOp {
                 candle_core::bail!("dcn core backward: gradient of {} values", gv.len())
             }
             // The output projection (its gradient the block's, scaled per sample).
-            let gproj = scaled_per_sample(gv, self.scale.as_deref().map(|s| &s[..]));
+            let gproj = scaled_per_sample(gv, per_sample(&self.scale));
             let dy = input_grad(isa, &gproj, m, pw, c, c)?;
             let (dpw, dpb) = weight_grads(&gproj, &sv.y, m, c, c);
             drop(gproj);
