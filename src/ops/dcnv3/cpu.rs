@@ -355,27 +355,14 @@ impl<F: Acc> Params<F> {
         dxy: &'a mut [F],
         msk: &'a mut [F],
     ) -> (&'a [F], &'a [F]) {
-        self.dense_args_with(px, dxy, msk, |src, dst| dst.copy_from_slice(src))
-    }
-
-    /// [`Params::dense_args`] with `copy(src, dst)` moving each group's run (`dst` as long as
-    /// `src`): the AVX-512 kernels pass masked vector moves.
-    #[inline(always)]
-    fn dense_args_with<'a>(
-        &self,
-        px: &Pixel<'a, F>,
-        dxy: &'a mut [F],
-        msk: &'a mut [F],
-        mut copy: impl FnMut(&[F], &mut [F]),
-    ) -> (&'a [F], &'a [F]) {
         let (gp_len, np) = (self.g.group * self.g.points, self.g.points);
         if self.lay.dense(&self.g) {
             return (&px.off[..2 * gp_len], &px.mask[..gp_len]);
         }
         for grp in 0..self.g.group {
             let (o, m) = self.group_args(px, grp);
-            copy(o, &mut dxy[grp * 2 * np..(grp + 1) * 2 * np]);
-            copy(m, &mut msk[grp * np..(grp + 1) * np]);
+            dxy[grp * 2 * np..(grp + 1) * 2 * np].copy_from_slice(o);
+            msk[grp * np..(grp + 1) * np].copy_from_slice(m);
         }
         (&dxy[..2 * gp_len], &msk[..gp_len])
     }

@@ -422,30 +422,31 @@ pub(super) unsafe fn forward_chunk(
         vec![0f32; copied * 2 * one_px + L],
         vec![0f32; copied * one_px + L],
     );
-    let plan = DenseRows::new(lay, g);
+    let plan = (!in_place).then(|| DenseRows::new(lay, g));
     let one = single.one;
     let tail = first_lanes(cg % L);
     let mut b0 = 0;
     while b0 < npix {
         let b1 = (b0 + block_px).min(npix);
         // The block's dense offsets and masks, and the chunk pixel their first row belongs to.
-        let (offs_all, masks_all, row0): (&[f32], &[f32], usize) = if in_place {
-            (offset, mask, 0)
-        } else {
-            let (lo, lm) = (lay.off_pixel, lay.mask_pixel);
-            for i in b0..b1 {
-                let (pix, j) = (first + i, i - b0);
-                let (orow, mrow) = (
-                    &offset[pix * lo..(pix + 1) * lo],
-                    &mask[pix * lm..(pix + 1) * lm],
-                );
-                let (d, m) = (&mut dxy[j * 2 * one_px..], &mut msk[j * one_px..]);
-                // SAFETY: AVX-512 F is enabled here; the rows are the pixel's, and the
-                // destinations hold the pixel's dense values plus 16 floats (the buffers' slack
-                // after the block's last pixel).
-                unsafe { plan.copy(orow, mrow, d, m) };
+        let (offs_all, masks_all, row0): (&[f32], &[f32], usize) = match &plan {
+            None => (offset, mask, 0),
+            Some(plan) => {
+                let (lo, lm) = (lay.off_pixel, lay.mask_pixel);
+                for i in b0..b1 {
+                    let (pix, j) = (first + i, i - b0);
+                    let (orow, mrow) = (
+                        &offset[pix * lo..(pix + 1) * lo],
+                        &mask[pix * lm..(pix + 1) * lm],
+                    );
+                    let (d, m) = (&mut dxy[j * 2 * one_px..], &mut msk[j * one_px..]);
+                    // SAFETY: AVX-512 F is enabled here; the rows are the pixel's, and the
+                    // destinations hold the pixel's dense values plus 16 floats (the buffers' slack
+                    // after the block's last pixel).
+                    unsafe { plan.copy(orow, mrow, d, m) };
+                }
+                (&dxy[..], &msk[..], first + b0)
             }
-            (&dxy[..], &msk[..], first + b0)
         };
         let mut k = b0;
         while k < b1 {
