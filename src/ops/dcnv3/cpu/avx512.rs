@@ -708,7 +708,7 @@ pub(super) unsafe fn backward_range(
         let img = px.img.as_ptr();
         let bxy = (_mm512_set1_ps(px.bx), _mm512_set1_ps(px.by));
         let (offs, masks): (&[f32], &[f32]) = match &plan {
-            None => (&px.off[..2 * res.gp_len], &px.mask[..res.gp_len]),
+            None => prm.dense_args(&px, &mut dxy, &mut msk),
             Some(plan) => {
                 // SAFETY: AVX-512 F is enabled here; the rows are the pixel's, and the buffers
                 // hold its dense values plus 16 floats.
