@@ -19,6 +19,7 @@
 
 use super::{forward_pixel, Bordered, Dcnv3Geometry, GradRows, Params, PointLayout};
 use std::arch::x86_64::*;
+use std::mem::MaybeUninit;
 
 /// f32 lanes of a zmm register.
 const L: usize = 16;
@@ -375,7 +376,7 @@ pub(super) unsafe fn forward_chunk(
     input: &[f32],
     offset: &[f32],
     mask: &[f32],
-    chunk: &mut [f32],
+    chunk: &mut [MaybeUninit<f32>],
     first: usize,
 ) {
     let g = &prm.g;
@@ -510,7 +511,7 @@ pub(super) unsafe fn forward_chunk(
             let (bp, wp) = (base.as_ptr(), wts.as_ptr());
             for i in 0..cnt {
                 let opix = &mut chunk[(k + i) * c..(k + i + 1) * c];
-                let op = opix.as_mut_ptr();
+                let op = opix.as_mut_ptr().cast::<f32>();
                 let mut bad: __mmask16 = 0;
                 for grp in 0..g.group {
                     let t0 = i * one_px + grp * np;
@@ -548,6 +549,10 @@ pub(super) unsafe fn forward_chunk(
                 // pixel; redo it reading only in-image corners.
                 if bad != 0 {
                     let px = prm.pixel(first + k + i, input, offset, mask);
+                    // SAFETY: the blocks above stored every one of the pixel's C = G*cg
+                    // channels (each group's full blocks and its tail lanes), so `opix` is
+                    // initialised; `MaybeUninit<f32>` has the layout of `f32`.
+                    let opix = unsafe { &mut *(opix as *mut [MaybeUninit<f32>] as *mut [f32]) };
                     forward_pixel::<f32, true>(prm, &px, opix, &mut to, &mut tw);
                 }
             }
