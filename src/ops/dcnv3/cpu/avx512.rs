@@ -362,7 +362,8 @@ impl Resolver {
 /// are resolved together so that they do: at InternImage's stage 1 (G*P = 36) four pixels,
 /// 144 points in nine full vectors instead of twelve with a quarter of the lanes idle (measured
 /// on the Zen 4 against one pixel at a time, paired in one process: 6-7% faster at the stage-1
-/// shape on one and two threads, 5% at batch 8; the same values bit for bit).
+/// shape on one and two threads, 5% at batch 8; the same values bit for bit). Every element of
+/// `chunk` is written (it may come in unwritten).
 ///
 /// # Safety
 /// The CPU supports AVX-512 F/BW/VL/DQ, AVX2 and FMA; `bordered` is the [`Bordered`] copy of
