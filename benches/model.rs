@@ -15,7 +15,9 @@
 //! `gemm` gives the GFLOP/s of the packed linear layer (`ops::Linear`, f32 input and output,
 //! bias) at InternImage-T shapes for each GEMM kernel the CPU has: f32 weights, bf16 weights on
 //! AVX512_BF16 (`VDPBF16PS`) and bf16 weights on AMX (`TDPBF16PS`). The `_bf16_avx512bf16`
-//! cases run the bf16 network with the kernels capped at AVX512_BF16 (no AMX).
+//! cases run the bf16 network with the kernels capped at AVX512_BF16 (no AMX). `t224_b8_retain`
+//! is `t224_b8` after `internimage::memory::retain_freed_memory()`, as a serving loop would run
+//! it (freed buffers kept by the allocator instead of mapped and faulted in again each forward).
 
 use candle_core::{DType, Device, Module, Result, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
@@ -223,6 +225,12 @@ const CASES: &[Case] = &[
         what: "T, 224x224, batch 8, logits",
     },
     Case {
+        name: "t224_b8_retain",
+        reference: false,
+        isa: None,
+        what: "T, 224x224, batch 8, logits, after memory::retain_freed_memory() (a serving loop's allocator setting)",
+    },
+    Case {
         name: "flash_t224_b1",
         reference: false,
         isa: None,
@@ -340,9 +348,20 @@ const CASES: &[Case] = &[
 
 /// One model case in this process: prints `RESULT <name> <ms/img> <img/s> <rss MiB>`.
 fn run_model_case(name: &str) -> Result<()> {
-    let base = ["_reference", "_avx2", "_portable", "_avx512bf16", "_bf16"]
-        .iter()
-        .fold(name, |n, s| n.trim_end_matches(s));
+    if name.ends_with("_retain") {
+        // As a serving loop would: freed activations' memory kept for the next forward.
+        internimage::memory::retain_freed_memory();
+    }
+    let base = [
+        "_reference",
+        "_avx2",
+        "_portable",
+        "_avx512bf16",
+        "_bf16",
+        "_retain",
+    ]
+    .iter()
+    .fold(name, |n, s| n.trim_end_matches(s));
     let flash = base.starts_with("flash_");
     let (size, batch, backbone) = match base.trim_start_matches("flash_") {
         "t224_b1" => (224, 1, false),
