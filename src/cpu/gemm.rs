@@ -903,26 +903,35 @@ unsafe fn block_f32(
             } else {
                 (x.as_ptr().add(k0), k)
             };
-            for p in p0..p1 {
-                let panel = data.as_ptr().add((p * k + k0) * nr);
-                let bias = w.bias.as_ptr().add(p * nr);
-                let cols = nr.min(w.n - p * nr);
-                let mut r = 0;
-                while r < rows {
-                    let rs = mr.min(rows - r);
-                    let op = Operands {
-                        a: a.add(r * lda),
-                        lda,
-                        panel,
-                        kc,
-                        bias,
-                        first,
-                    };
-                    tile(f, op, y.add(r * ldy + p * nr), ldy, rs, cols);
-                    r += rs;
-                }
+            for (p, r, rs, cols) in tiles(f, w.n, (p0, p1), rows) {
+                let op = Operands {
+                    a: a.add(r * lda),
+                    lda,
+                    panel: data.as_ptr().add((p * k + k0) * nr),
+                    kc,
+                    bias: w.bias.as_ptr().add(p * nr),
+                    first,
+                };
+                tile(f, op, y.add(r * ldy + p * nr), ldy, rs, cols);
             }
         }
+    })
+}
+
+/// The kernel tiles of one depth pass over a task's block, panels outer (a panel's depth slice
+/// stays in L1 while the row groups pass over it): `(panel, first row, rows, columns)` for
+/// panels `p0..p1` of a weight with `n` outputs and `rows` rows in groups of the kernel's `MR`.
+fn tiles(
+    f: Family,
+    n: usize,
+    (p0, p1): (usize, usize),
+    rows: usize,
+) -> impl Iterator<Item = (usize, usize, usize, usize)> {
+    let (nr, mr) = (f.nr(), f.mr());
+    (p0..p1).flat_map(move |p| {
+        (0..rows)
+            .step_by(mr)
+            .map(move |r| (p, r, mr.min(rows - r), nr.min(n - p * nr)))
     })
 }
 
@@ -964,28 +973,20 @@ unsafe fn block_bf16(
     ldy: usize,
 ) {
     let f = w.family;
-    let (nr, mr) = (f.nr(), f.mr());
+    let nr = f.nr();
     let k2 = w.k.div_ceil(2);
     for (kp0, kcp) in k_blocks(k2, f.kc() / 2) {
         let first = kp0 == 0;
-        for p in p0..p1 {
-            let panel = data.as_ptr().add((p * k2 + kp0) * nr * 2);
-            let bias = w.bias.as_ptr().add(p * nr);
-            let cols = nr.min(w.n - p * nr);
-            let mut r = 0;
-            while r < rows {
-                let rs = mr.min(rows - r);
-                let op = Operands {
-                    a: x.as_ptr().add(r * lda + 2 * kp0),
-                    lda,
-                    panel,
-                    kc: kcp,
-                    bias,
-                    first,
-                };
-                tile_bf16(op, y.add(r * ldy + p * nr), ldy, rs, cols);
-                r += rs;
-            }
+        for (p, r, rs, cols) in tiles(f, w.n, (p0, p1), rows) {
+            let op = Operands {
+                a: x.as_ptr().add(r * lda + 2 * kp0),
+                lda,
+                panel: data.as_ptr().add((p * k2 + kp0) * nr * 2),
+                kc: kcp,
+                bias: w.bias.as_ptr().add(p * nr),
+                first,
+            };
+            tile_bf16(op, y.add(r * ldy + p * nr), ldy, rs, cols);
         }
     }
 }

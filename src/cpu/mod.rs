@@ -61,6 +61,21 @@ pub(crate) fn filled<T: Copy>(s: &mut [std::mem::MaybeUninit<T>], value: T) -> &
     unsafe { &mut *(s as *mut [std::mem::MaybeUninit<T>] as *mut [T]) }
 }
 
+/// Copies `src` into the start of `dst` and returns what was written as an initialised slice
+/// (the first `min(dst.len(), src.len())` elements): [`filled`] with values from a slice.
+pub(crate) fn copied<'a, T: Copy>(
+    dst: &'a mut [std::mem::MaybeUninit<T>],
+    src: &[T],
+) -> &'a mut [T] {
+    let n = dst.len().min(src.len());
+    for (d, &v) in dst[..n].iter_mut().zip(src) {
+        d.write(v);
+    }
+    // SAFETY: the first `n` elements were initialised just above, and `MaybeUninit<T>` has the
+    // size and alignment of `T`.
+    unsafe { &mut *(&mut dst[..n] as *mut [std::mem::MaybeUninit<T>] as *mut [T]) }
+}
+
 /// `&mut [f32]` as the `MaybeUninit` output slice the CPU kernels write into.
 pub(crate) fn as_out(s: &mut [f32]) -> &mut [std::mem::MaybeUninit<f32>] {
     // SAFETY: `MaybeUninit<f32>` has the layout of `f32`; the kernels given this slice only

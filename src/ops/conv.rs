@@ -228,10 +228,10 @@ impl CustomOp1 for Im2Col {
                         if ih < 0 || ih as usize >= h || iw < 0 || iw as usize >= w {
                             crate::cpu::filled(tap, 0.0);
                         } else {
-                            let src = &img[(ih as usize * w + iw as usize) * c..][..c];
-                            for (d, &v) in tap.iter_mut().zip(src) {
-                                d.write(v);
-                            }
+                            crate::cpu::copied(
+                                tap,
+                                &img[(ih as usize * w + iw as usize) * c..][..c],
+                            );
                         }
                     }
                 }

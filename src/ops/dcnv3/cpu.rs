@@ -880,14 +880,9 @@ impl Bordered {
         let spare = &mut buf.spare_capacity_mut()[..len];
         let (head, rest) = spare.split_at_mut(start);
         let (body, tail) = rest.split_at_mut(g.n * image_len);
-        for v in head.iter_mut().chain(tail) {
-            v.write(0.0);
-        }
-        let zero = |d: &mut [std::mem::MaybeUninit<f32>]| {
-            d.iter_mut().for_each(|v| {
-                v.write(0.0);
-            })
-        };
+        crate::cpu::filled(head, 0.0);
+        crate::cpu::filled(tail, 0.0);
+        let zero = |d: &mut [MaybeUninit<f32>]| _ = crate::cpu::filled(d, 0.0);
         body.par_chunks_mut(image_len)
             .zip(input.par_chunks(img_in))
             .for_each(|(dst, src)| {
@@ -901,13 +896,7 @@ impl Bordered {
                     let (mid, right) = rest.split_at_mut(w_row);
                     zero(left);
                     zero(right);
-                    let s = &src[(y - 1) * w_row..y * w_row];
-                    // SAFETY: `mid` and `s` both hold W*C floats (a memcpy: measured faster
-                    // than an element loop, which compiles to 16-byte moves) and do not overlap
-                    // (one is the copy's spare capacity, the other the input).
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(s.as_ptr(), mid.as_mut_ptr().cast(), s.len())
-                    };
+                    crate::cpu::copied(mid, &src[(y - 1) * w_row..y * w_row]);
                 });
             });
         // SAFETY: all `len` elements were written just above: `head` and `tail`, and in `body`
@@ -978,17 +967,11 @@ impl<F: Acc> LineAligned<F> {
         }
         let spare = &mut buf.spare_capacity_mut()[..start + input.len()];
         let (head, body) = spare.split_at_mut(start);
-        for v in head {
-            v.write(F::ZERO);
-        }
+        crate::cpu::filled(head, F::ZERO);
         const RUN: usize = 16 << 10;
         body.par_chunks_mut(RUN)
             .zip(input.par_chunks(RUN))
-            .for_each(|(dst, src)| {
-                for (d, s) in dst.iter_mut().zip(src) {
-                    d.write(*s);
-                }
-            });
+            .for_each(|(dst, src)| _ = crate::cpu::copied(dst, src));
         // SAFETY: the first `start + input.len()` elements were written just above (the
         // zeros of `head`, then every element of `body`: the chunks of `body` and `input` pair
         // up one to one, equal lengths), and the capacity is at least that.
@@ -1007,8 +990,8 @@ impl<F: Acc> LineAligned<F> {
 /// Each parallel task zeroes its own chunk of the output just before the kernels write it (the
 /// lines are then in that core's cache), instead of one serial zero-fill of the whole output on
 /// the calling thread (2% of the stage-1 forward); the AVX-512 kernel, which stores every element
-/// of its chunk, gets the chunk unwritten (paired on a Zen 4 with the memcpy rows of
-/// [`Bordered`]: 2.3% faster at the stage-1 shape, 7.7% at N=8, 1% at stage 3).
+/// of its chunk, gets the chunk unwritten (paired on a Zen 4: 2.3% faster at the stage-1 shape,
+/// 7.7% at N=8, 1% at stage 3).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward<F: Acc>(
     isa: Isa,
