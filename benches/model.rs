@@ -15,9 +15,16 @@
 //! `gemm` gives the GFLOP/s of the packed linear layer (`ops::Linear`, f32 input and output,
 //! bias) at InternImage-T shapes for each GEMM kernel the CPU has: f32 weights, bf16 weights on
 //! AVX512_BF16 (`VDPBF16PS`) and bf16 weights on AMX (`TDPBF16PS`). The `_bf16_avx512bf16`
-//! cases run the bf16 network with the kernels capped at AVX512_BF16 (no AMX). `t224_b8_retain`
-//! is `t224_b8` after `internimage::memory::retain_freed_memory()`, as a serving loop would run
-//! it (freed buffers kept by the allocator instead of mapped and faulted in again each forward).
+//! cases run the bf16 network with the kernels capped at AVX512_BF16 (no AMX). The `_retain`
+//! cases (`t224_b1_retain`, `t224_b8_retain`, `flash_t224_b1_retain`, `flash_t224_b8_retain`)
+//! run after `internimage::memory::retain_freed_memory()`, as a serving loop would (freed
+//! buffers kept by the allocator instead of mapped and faulted in again each forward).
+//!
+//! With `BENCH_ANCHOR_PYTHON=<a python with onnxruntime>` the bench instead runs the speed
+//! anchor (ConvNeXt-T in ONNX Runtime, `../shared/anchors/ort_convnext_tiny.py`) and the model
+//! cases alternately for `BENCH_ROUNDS` rounds (default 3; cases T and FlashInternImage-T 224 at
+//! batch 1 and 8, or those matching the arguments) and prints each case's ratio to the anchor
+//! run of its own round, and the medians.
 
 use candle_core::{DType, Device, Module, Result, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
@@ -225,6 +232,12 @@ const CASES: &[Case] = &[
         what: "T, 224x224, batch 8, logits",
     },
     Case {
+        name: "t224_b1_retain",
+        reference: false,
+        isa: None,
+        what: "T, 224x224, batch 1, logits, after memory::retain_freed_memory() (a serving loop's allocator setting)",
+    },
+    Case {
         name: "t224_b8_retain",
         reference: false,
         isa: None,
@@ -241,6 +254,18 @@ const CASES: &[Case] = &[
         reference: false,
         isa: None,
         what: "FlashInternImage-T, 224x224, batch 8, logits",
+    },
+    Case {
+        name: "flash_t224_b1_retain",
+        reference: false,
+        isa: None,
+        what: "FlashInternImage-T, 224x224, batch 1, logits, after memory::retain_freed_memory()",
+    },
+    Case {
+        name: "flash_t224_b8_retain",
+        reference: false,
+        isa: None,
+        what: "FlashInternImage-T, 224x224, batch 8, logits, after memory::retain_freed_memory()",
     },
     Case {
         name: "t512_backbone_b1",
@@ -800,6 +825,10 @@ fn main() {
             .collect::<Vec<_>>()
             .join(" ")
     );
+    if let Some(python) = std::env::var_os("BENCH_ANCHOR_PYTHON") {
+        anchor_rounds(&exe, &python, &filters);
+        return;
+    }
     let mut results: Vec<(String, f64, f64, f64)> = Vec::new();
     let mut ops: Vec<(String, f64, f64)> = Vec::new();
     let mut brk: Vec<(String, f64)> = Vec::new();
@@ -958,5 +987,142 @@ fn main() {
             println!("| {k} | {v:.1} | {:.0}% |", 100.0 * v / total);
         }
         println!("| sum | {total:.1} | |");
+    }
+}
+
+/// Runs `exe --case <name>` and returns its `RESULT` ms per image.
+fn case_ms(exe: &std::path::Path, name: &str) -> Option<f64> {
+    let out = Command::new(exe)
+        .args(["--case", name])
+        .env_remove("INTERNIMAGE_REFERENCE_OPS")
+        .env_remove("INTERNIMAGE_ISA")
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().find(|l| l.starts_with("RESULT "))?;
+    line.split_whitespace().nth(2)?.parse().ok()
+}
+
+/// Runs the ONNX Runtime anchor once: (batch 1, batch 8) ms per image.
+fn anchor_ms(python: &std::ffi::OsStr, script: &str, threads: usize) -> Option<(f64, f64)> {
+    let out = Command::new(python)
+        .args([script, "--threads", &threads.to_string()])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        eprintln!("anchor failed: {}", String::from_utf8_lossy(&out.stderr));
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "convnext_tiny 224 batch 1: median 58.0 ms, min 54.4 ms, 58.0 ms/image"
+    let per_image = |batch: &str| {
+        let line = text.lines().find(|l| l.contains(batch))?;
+        let head = line.strip_suffix("ms/image")?.trim_end();
+        head.rsplit([' ', ',']).next()?.parse::<f64>().ok()
+    };
+    Some((per_image("batch 1:")?, per_image("batch 8:")?))
+}
+
+/// Median of a non-empty list.
+fn median_of(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// `BENCH_ANCHOR_PYTHON=<python with onnxruntime> cargo bench --bench model [-- cases]`: the
+/// speed anchor (`../shared/anchors/ort_convnext_tiny.py`, or `BENCH_ANCHOR_SCRIPT`) and the
+/// model cases alternately, `BENCH_ROUNDS` rounds (default 3): each round runs the anchor, then
+/// each case in its own process, and each case is set against the anchor run of its own round at
+/// the same batch size (this VM's speed drifts by tens of percent between minutes, so ratios
+/// from one round are what compare). Prints every round and the median ratios.
+fn anchor_rounds(exe: &std::path::Path, python: &std::ffi::OsStr, filters: &[&String]) {
+    let script = std::env::var("BENCH_ANCHOR_SCRIPT").unwrap_or_else(|_| {
+        format!(
+            "{}/../shared/anchors/ort_convnext_tiny.py",
+            env!("CARGO_MANIFEST_DIR")
+        )
+    });
+    let rounds: usize = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&r| r > 0)
+        .unwrap_or(3);
+    let threads = candle_core::utils::get_num_threads();
+    let default = ["t224_b1", "t224_b8", "flash_t224_b1", "flash_t224_b8"];
+    let cases: Vec<&str> = if filters.is_empty() {
+        default.to_vec()
+    } else {
+        CASES
+            .iter()
+            .map(|c| c.name)
+            .filter(|n| {
+                n.contains("t224_b") && !n.starts_with("train_") && !n.ends_with("_reference")
+            })
+            .filter(|n| filters.iter().any(|f| n.contains(f.as_str())))
+            .collect()
+    };
+    println!(
+        "anchor: {script}, {threads} threads, {rounds} rounds; cases: {}",
+        cases.join(" ")
+    );
+    // Per case: (our ms per image, the round's anchor ms per image at the same batch).
+    let mut pairs: Vec<Vec<(f64, f64)>> = vec![Vec::new(); cases.len()];
+    for r in 1..=rounds {
+        let Some((a1, a8)) = anchor_ms(python, &script, threads) else {
+            eprintln!("round {r}: no anchor result; is onnxruntime installed for that python?");
+            continue;
+        };
+        print!("round {r}: anchor {a1:.1} (b1) / {a8:.1} (b8) ms per image;");
+        for (k, name) in cases.iter().enumerate() {
+            let anchor = if name.contains("_b8") { a8 } else { a1 };
+            match case_ms(exe, name) {
+                Some(ms) => {
+                    print!(" {name} {ms:.1} ({:.2}x)", ms / anchor);
+                    pairs[k].push((ms, anchor));
+                }
+                None => print!(" {name} failed"),
+            }
+        }
+        println!();
+    }
+    println!();
+    println!("| case | ms / image (median) | vs ORT ConvNeXt-T, round by round | median ratio |");
+    println!("|---|---:|---|---:|");
+    for (name, p) in cases.iter().zip(&pairs) {
+        if p.is_empty() {
+            continue;
+        }
+        let ratios: Vec<f64> = p.iter().map(|(ms, a)| ms / a).collect();
+        let each: Vec<String> = ratios.iter().map(|r| format!("{r:.2}x")).collect();
+        let ms: Vec<f64> = p.iter().map(|x| x.0).collect();
+        println!(
+            "| {name} | {:.1} | {} | {:.2}x |",
+            median_of(&ms),
+            each.join(", "),
+            median_of(&ratios)
+        );
+    }
+    for b in ["b1", "b8"] {
+        let (t, f) = (format!("t224_{b}"), format!("flash_t224_{b}"));
+        let (Some(ti), Some(fi)) = (
+            cases.iter().position(|c| *c == t),
+            cases.iter().position(|c| *c == f),
+        ) else {
+            continue;
+        };
+        let ratios: Vec<f64> = pairs[ti]
+            .iter()
+            .zip(&pairs[fi])
+            .map(|(t, f)| f.0 / t.0)
+            .collect();
+        if !ratios.is_empty() {
+            let each: Vec<String> = ratios.iter().map(|r| format!("{r:.2}x")).collect();
+            println!(
+                "FlashInternImage-T / InternImage-T, 224 {b}: {} (median {:.2}x)",
+                each.join(", "),
+                median_of(&ratios)
+            );
+        }
     }
 }
