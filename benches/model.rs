@@ -839,34 +839,9 @@ fn main() {
             continue;
         }
         eprintln!("running {} ({})", case.name, case.what);
-        let mut cmd = Command::new(&exe);
-        cmd.args(["--case", case.name]);
-        if case.reference {
-            cmd.env("INTERNIMAGE_REFERENCE_OPS", "1");
-        } else {
-            cmd.env_remove("INTERNIMAGE_REFERENCE_OPS");
-        }
-        if case.name.ends_with("_nospin") {
-            // Candle's pool for its own elementwise ops parks at once instead of spinning.
-            cmd.env("CANDLE_BARRIER_POOL_SPIN_LIMIT", "0");
-        }
-        if case.name.ends_with("_candle1") {
-            // Candle's own elementwise ops run on the calling thread (no pool at all).
-            cmd.env("CANDLE_NUM_THREADS", "1");
-        }
-        match case.isa {
-            Some(name) => {
-                let supported = internimage::Isa::parse(name).is_ok_and(|i| i.is_supported());
-                if !supported {
-                    eprintln!("  skipped: this CPU has no {name}");
-                    continue;
-                }
-                cmd.env("INTERNIMAGE_ISA", name);
-            }
-            None => {
-                cmd.env_remove("INTERNIMAGE_ISA");
-            }
-        }
+        let Some(mut cmd) = case_command(&exe, case) else {
+            continue;
+        };
         let out = match cmd.output() {
             Ok(o) => o,
             Err(e) => {
@@ -990,14 +965,43 @@ fn main() {
     }
 }
 
-/// Runs `exe --case <name>` and returns its `RESULT` ms per image.
-fn case_ms(exe: &std::path::Path, name: &str) -> Option<f64> {
-    let out = Command::new(exe)
-        .args(["--case", name])
-        .env_remove("INTERNIMAGE_REFERENCE_OPS")
-        .env_remove("INTERNIMAGE_ISA")
-        .output()
-        .ok()?;
+/// The command that runs `case` in its own process (`exe --case <name>` with the case's
+/// environment), or `None` when the CPU lacks the instruction set the case caps the kernels at.
+fn case_command(exe: &std::path::Path, case: &Case) -> Option<Command> {
+    let mut cmd = Command::new(exe);
+    cmd.args(["--case", case.name]);
+    if case.reference {
+        cmd.env("INTERNIMAGE_REFERENCE_OPS", "1");
+    } else {
+        cmd.env_remove("INTERNIMAGE_REFERENCE_OPS");
+    }
+    if case.name.ends_with("_nospin") {
+        // Candle's pool for its own elementwise ops parks at once instead of spinning.
+        cmd.env("CANDLE_BARRIER_POOL_SPIN_LIMIT", "0");
+    }
+    if case.name.ends_with("_candle1") {
+        // Candle's own elementwise ops run on the calling thread (no pool at all).
+        cmd.env("CANDLE_NUM_THREADS", "1");
+    }
+    match case.isa {
+        Some(name) => {
+            let supported = internimage::Isa::parse(name).is_ok_and(|i| i.is_supported());
+            if !supported {
+                eprintln!("  skipped {}: this CPU has no {name}", case.name);
+                return None;
+            }
+            cmd.env("INTERNIMAGE_ISA", name);
+        }
+        None => {
+            cmd.env_remove("INTERNIMAGE_ISA");
+        }
+    }
+    Some(cmd)
+}
+
+/// Runs `case` in its own process and returns its `RESULT` ms per image.
+fn case_ms(exe: &std::path::Path, case: &Case) -> Option<f64> {
+    let out = case_command(exe, case)?.output().ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text.lines().find(|l| l.starts_with("RESULT "))?;
     line.split_whitespace().nth(2)?.parse().ok()
@@ -1050,21 +1054,22 @@ fn anchor_rounds(exe: &std::path::Path, python: &std::ffi::OsStr, filters: &[&St
         .unwrap_or(3);
     let threads = candle_core::utils::get_num_threads();
     let default = ["t224_b1", "t224_b8", "flash_t224_b1", "flash_t224_b8"];
-    let cases: Vec<&str> = if filters.is_empty() {
-        default.to_vec()
-    } else {
-        CASES
-            .iter()
-            .map(|c| c.name)
-            .filter(|n| {
-                n.contains("t224_b") && !n.starts_with("train_") && !n.ends_with("_reference")
-            })
-            .filter(|n| filters.iter().any(|f| n.contains(f.as_str())))
-            .collect()
-    };
+    // Forward cases only (a name with a batch size; not the reference ops).
+    let cases: Vec<&Case> = CASES
+        .iter()
+        .filter(|c| c.name.contains("t224_b") && !c.name.starts_with("train_") && !c.reference)
+        .filter(|c| {
+            if filters.is_empty() {
+                default.contains(&c.name)
+            } else {
+                filters.iter().any(|f| c.name.contains(f.as_str()))
+            }
+        })
+        .collect();
+    let names: Vec<&str> = cases.iter().map(|c| c.name).collect();
     println!(
         "anchor: {script}, {threads} threads, {rounds} rounds; cases: {}",
-        cases.join(" ")
+        names.join(" ")
     );
     // Per case: (our ms per image, the round's anchor ms per image at the same batch).
     let mut pairs: Vec<Vec<(f64, f64)>> = vec![Vec::new(); cases.len()];
@@ -1074,9 +1079,10 @@ fn anchor_rounds(exe: &std::path::Path, python: &std::ffi::OsStr, filters: &[&St
             continue;
         };
         print!("round {r}: anchor {a1:.1} (b1) / {a8:.1} (b8) ms per image;");
-        for (k, name) in cases.iter().enumerate() {
+        for (k, case) in cases.iter().enumerate() {
+            let name = case.name;
             let anchor = if name.contains("_b8") { a8 } else { a1 };
-            match case_ms(exe, name) {
+            match case_ms(exe, case) {
                 Some(ms) => {
                     print!(" {name} {ms:.1} ({:.2}x)", ms / anchor);
                     pairs[k].push((ms, anchor));
@@ -1089,7 +1095,7 @@ fn anchor_rounds(exe: &std::path::Path, python: &std::ffi::OsStr, filters: &[&St
     println!();
     println!("| case | ms / image (median) | vs ORT ConvNeXt-T, round by round | median ratio |");
     println!("|---|---:|---|---:|");
-    for (name, p) in cases.iter().zip(&pairs) {
+    for (name, p) in names.iter().zip(&pairs) {
         if p.is_empty() {
             continue;
         }
@@ -1106,8 +1112,8 @@ fn anchor_rounds(exe: &std::path::Path, python: &std::ffi::OsStr, filters: &[&St
     for b in ["b1", "b8"] {
         let (t, f) = (format!("t224_{b}"), format!("flash_t224_{b}"));
         let (Some(ti), Some(fi)) = (
-            cases.iter().position(|c| *c == t),
-            cases.iter().position(|c| *c == f),
+            names.iter().position(|c| *c == t),
+            names.iter().position(|c| *c == f),
         ) else {
             continue;
         };
