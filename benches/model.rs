@@ -24,7 +24,9 @@
 //! anchor (ConvNeXt-T in ONNX Runtime, `../shared/anchors/ort_convnext_tiny.py`) and the model
 //! cases alternately for `BENCH_ROUNDS` rounds (default 3; cases T and FlashInternImage-T 224 at
 //! batch 1 and 8, or those matching the arguments) and prints each case's ratio to the anchor
-//! run of its own round, and the medians.
+//! run of its own round, and the medians. With `BENCH_TORCH_PYTHON=<a python with torch>` it
+//! runs our training step and the PyTorch reference step (`benches/torch_reference/`) in ABBA
+//! rounds and prints the time and peak-memory ratios.
 
 use candle_core::{DType, Device, Module, Result, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
@@ -829,6 +831,10 @@ fn main() {
         anchor_rounds(&exe, &python, &filters);
         return;
     }
+    if let Some(python) = std::env::var_os("BENCH_TORCH_PYTHON") {
+        torch_rounds(&exe, &python);
+        return;
+    }
     let mut results: Vec<(String, f64, f64, f64)> = Vec::new();
     let mut ops: Vec<(String, f64, f64)> = Vec::new();
     let mut brk: Vec<(String, f64)> = Vec::new();
@@ -999,12 +1005,27 @@ fn case_command(exe: &std::path::Path, case: &Case) -> Option<Command> {
     Some(cmd)
 }
 
+/// (ms per image, peak RSS MiB) of the first `RESULT <name> <ms> <images/s> <MiB>` line.
+fn result_of(stdout: &[u8]) -> Option<(f64, f64)> {
+    let text = String::from_utf8_lossy(stdout);
+    let line = text.lines().find(|l| l.starts_with("RESULT "))?;
+    let f: Vec<&str> = line.split_whitespace().collect();
+    Some((f.get(2)?.parse().ok()?, f.get(4)?.parse().ok()?))
+}
+
 /// Runs `case` in its own process and returns its `RESULT` ms per image.
 fn case_ms(exe: &std::path::Path, case: &Case) -> Option<f64> {
     let out = case_command(exe, case)?.output().ok()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text.lines().find(|l| l.starts_with("RESULT "))?;
-    line.split_whitespace().nth(2)?.parse().ok()
+    result_of(&out.stdout).map(|r| r.0)
+}
+
+/// `BENCH_ROUNDS` (default 3).
+fn rounds_setting() -> usize {
+    std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&r| r > 0)
+        .unwrap_or(3)
 }
 
 /// Runs the ONNX Runtime anchor once: (batch 1, batch 8) ms per image.
@@ -1047,11 +1068,7 @@ fn anchor_rounds(exe: &std::path::Path, python: &std::ffi::OsStr, filters: &[&St
             env!("CARGO_MANIFEST_DIR")
         )
     });
-    let rounds: usize = std::env::var("BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|&r| r > 0)
-        .unwrap_or(3);
+    let rounds = rounds_setting();
     let threads = candle_core::utils::get_num_threads();
     let default = ["t224_b1", "t224_b8", "flash_t224_b1", "flash_t224_b8"];
     // Forward cases only (a name with a batch size; not the reference ops).
@@ -1130,5 +1147,76 @@ fn anchor_rounds(exe: &std::path::Path, python: &std::ffi::OsStr, filters: &[&St
                 median_of(&ratios)
             );
         }
+    }
+}
+
+/// `BENCH_TORCH_PYTHON=<a python with torch> cargo bench --bench model`: our training step
+/// (`train_t224_b8_candle1`, as `examples/finetune.rs` runs it) against the PyTorch reference
+/// step (`benches/torch_reference/train_step.py`, the official pure-PyTorch DCNv3 path, same
+/// threads) in `BENCH_ROUNDS` ABBA rounds (ours, PyTorch, PyTorch, ours; each in its own
+/// process), each of ours set against its neighbouring PyTorch run: prints the pairs, the
+/// median time ratio and the peak-memory ratio (the gradients issue's target: <= 0.5x each).
+fn torch_rounds(exe: &std::path::Path, python: &std::ffi::OsStr) {
+    let script = format!(
+        "{}/benches/torch_reference/train_step.py",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let rounds = rounds_setting();
+    let threads = candle_core::utils::get_num_threads();
+    let Some(case) = CASES.iter().find(|c| c.name == "train_t224_b8_candle1") else {
+        eprintln!("no training case");
+        return;
+    };
+    let ours = || {
+        case_command(exe, case)?
+            .output()
+            .ok()
+            .and_then(|o| result_of(&o.stdout))
+    };
+    let torch = || {
+        let out = Command::new(python)
+            .args([script.as_str(), "--threads", &threads.to_string()])
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            eprintln!(
+                "PyTorch step failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        result_of(&out.stdout)
+    };
+    println!("training step, T 224 batch 8, f32, {threads} threads: ours vs {script}, {rounds} ABBA rounds");
+    let (mut time, mut mem) = (Vec::new(), Vec::new());
+    for r in 1..=rounds {
+        let (a, b, c, d) = (ours(), torch(), torch(), ours());
+        let mut line = format!("round {r}:");
+        for (o, t) in [(a, b), (d, c)] {
+            match (o, t) {
+                (Some(o), Some(t)) => {
+                    line += &format!(
+                        " ours {:.1} / PyTorch {:.1} ms per image = {:.2}x (RSS {:.0} / {:.0} MiB);",
+                        o.0,
+                        t.0,
+                        o.0 / t.0,
+                        o.1,
+                        t.1
+                    );
+                    time.push(o.0 / t.0);
+                    mem.push(o.1 / t.1);
+                }
+                _ => line += " a run failed;",
+            }
+        }
+        println!("{line}");
+    }
+    if !time.is_empty() {
+        let within = time.iter().filter(|&&r| r <= 0.5).count();
+        println!(
+            "time ours / PyTorch: median {:.2}x ({within} of {} pairs <= 0.5x); peak RSS: median {:.2}x",
+            median_of(&time),
+            time.len(),
+            median_of(&mem)
+        );
     }
 }
