@@ -1013,10 +1013,10 @@ fn result_of(stdout: &[u8]) -> Option<(f64, f64)> {
     Some((f.get(2)?.parse().ok()?, f.get(4)?.parse().ok()?))
 }
 
-/// Runs `case` in its own process and returns its `RESULT` ms per image.
-fn case_ms(exe: &std::path::Path, case: &Case) -> Option<f64> {
+/// Runs `case` in its own process and returns its `RESULT` (ms per image, peak RSS MiB).
+fn case_result(exe: &std::path::Path, case: &Case) -> Option<(f64, f64)> {
     let out = case_command(exe, case)?.output().ok()?;
-    result_of(&out.stdout).map(|r| r.0)
+    result_of(&out.stdout)
 }
 
 /// `BENCH_ROUNDS` (default 3).
@@ -1046,13 +1046,6 @@ fn anchor_ms(python: &std::ffi::OsStr, script: &str, threads: usize) -> Option<(
         head.rsplit([' ', ',']).next()?.parse::<f64>().ok()
     };
     Some((per_image("batch 1:")?, per_image("batch 8:")?))
-}
-
-/// Median of a non-empty list.
-fn median_of(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 /// `BENCH_ANCHOR_PYTHON=<python with onnxruntime> cargo bench --bench model [-- cases]`: the
@@ -1099,8 +1092,8 @@ fn anchor_rounds(exe: &std::path::Path, python: &std::ffi::OsStr, filters: &[&St
         for (k, case) in cases.iter().enumerate() {
             let name = case.name;
             let anchor = if name.contains("_b8") { a8 } else { a1 };
-            match case_ms(exe, case) {
-                Some(ms) => {
+            match case_result(exe, case) {
+                Some((ms, _)) => {
                     print!(" {name} {ms:.1} ({:.2}x)", ms / anchor);
                     pairs[k].push((ms, anchor));
                 }
@@ -1121,9 +1114,9 @@ fn anchor_rounds(exe: &std::path::Path, python: &std::ffi::OsStr, filters: &[&St
         let ms: Vec<f64> = p.iter().map(|x| x.0).collect();
         println!(
             "| {name} | {:.1} | {} | {:.2}x |",
-            median_of(&ms),
+            median(ms),
             each.join(", "),
-            median_of(&ratios)
+            median(ratios)
         );
     }
     for b in ["b1", "b8"] {
@@ -1144,7 +1137,7 @@ fn anchor_rounds(exe: &std::path::Path, python: &std::ffi::OsStr, filters: &[&St
             println!(
                 "FlashInternImage-T / InternImage-T, 224 {b}: {} (median {:.2}x)",
                 each.join(", "),
-                median_of(&ratios)
+                median(ratios)
             );
         }
     }
@@ -1167,12 +1160,7 @@ fn torch_rounds(exe: &std::path::Path, python: &std::ffi::OsStr) {
         eprintln!("no training case");
         return;
     };
-    let ours = || {
-        case_command(exe, case)?
-            .output()
-            .ok()
-            .and_then(|o| result_of(&o.stdout))
-    };
+    let ours = || case_result(exe, case);
     let torch = || {
         let out = Command::new(python)
             .args([script.as_str(), "--threads", &threads.to_string()])
@@ -1211,12 +1199,11 @@ fn torch_rounds(exe: &std::path::Path, python: &std::ffi::OsStr) {
         println!("{line}");
     }
     if !time.is_empty() {
-        let within = time.iter().filter(|&&r| r <= 0.5).count();
+        let (within, pairs) = (time.iter().filter(|&&r| r <= 0.5).count(), time.len());
         println!(
-            "time ours / PyTorch: median {:.2}x ({within} of {} pairs <= 0.5x); peak RSS: median {:.2}x",
-            median_of(&time),
-            time.len(),
-            median_of(&mem)
+            "time ours / PyTorch: median {:.2}x ({within} of {pairs} pairs <= 0.5x); peak RSS: median {:.2}x",
+            median(time),
+            median(mem)
         );
     }
 }
