@@ -843,8 +843,8 @@ fn avx512_kernels(isa: Isa) -> bool {
 /// removes the per-corner bounds work from the kernel's point resolution; and a group's 16
 /// channels are one cache line when C is a multiple of 16 (an image read in place starts 16
 /// bytes past a line, so every load straddled two: see [`LineAligned`]). Measured at the stage-1
-/// shape (56x56x64, G=4) on a Zen 4, one thread: see the README's operator table. (Never made
-/// off x86-64: `for_avx512` needs an AVX-512 CPU.)
+/// shape (56x56x64, G=4) on a Zen 4, one thread: see `docs/performance.md`, "The DCNv3
+/// operator". (Never made off x86-64: `for_avx512` needs an AVX-512 CPU.)
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) struct Bordered {
     buf: Vec<f32>,
