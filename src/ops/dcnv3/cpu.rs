@@ -339,13 +339,23 @@ impl<F: Acc> Params<F> {
         let (h, w) = (rem / g.w_out, rem % g.w_out);
         let img_len = g.h_in * g.w_in * g.channels;
         let (lo, lm) = (self.lay.off_pixel, self.lay.mask_pixel);
+        let (bx, by) = self.centre(h, w);
         Pixel {
-            bx: F::from_isize((w * self.sw) as isize) + self.base_x0,
-            by: F::from_isize((h * self.sh) as isize) + self.base_y0,
+            bx,
+            by,
             img: &input[n * img_len..(n + 1) * img_len],
             off: &offset[pix * lo..(pix + 1) * lo],
             mask: &mask[pix * lm..(pix + 1) * lm],
         }
+    }
+
+    /// The kernel grid's centre (x, y) in the input for output row `h`, column `w`.
+    #[inline(always)]
+    fn centre(&self, h: usize, w: usize) -> (F, F) {
+        (
+            F::from_isize((w * self.sw) as isize) + self.base_x0,
+            F::from_isize((h * self.sh) as isize) + self.base_y0,
+        )
     }
 
     /// Group `grp`'s 2P offsets (pairs x, y) and P masks in a pixel's rows.

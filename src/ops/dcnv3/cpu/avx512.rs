@@ -271,25 +271,63 @@ impl Resolver {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
     unsafe fn resolve(
         &self,
+        bxy: (__m512, __m512),
+        offs: &[f32],
+        masks: &[f32],
+        gp: usize,
+    ) -> Points16 {
+        // SAFETY: as the caller promises; with 16 points left the loads are whole vectors.
+        unsafe {
+            if gp + L <= self.gp_len {
+                self.resolve_lanes::<true>(bxy, offs, masks, gp)
+            } else {
+                self.resolve_lanes::<false>(bxy, offs, masks, gp)
+            }
+        }
+    }
+
+    /// [`Self::resolve`]; `FULL`: 16 points are left (`gp + 16 <= G*P`), so the offsets and
+    /// masks are read as whole vectors, without computing lane masks (the same values).
+    ///
+    /// # Safety
+    /// As for [`Self::resolve`], and `gp + 16 <= G*P` when `FULL`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+    unsafe fn resolve_lanes<const FULL: bool>(
+        &self,
         (bx, by): (__m512, __m512),
         offs: &[f32],
         masks: &[f32],
         gp: usize,
     ) -> Points16 {
-        let n = (self.gp_len - gp).min(L);
+        let n = if FULL { L } else { (self.gp_len - gp).min(L) };
         let lanes = first_lanes(n);
+        debug_assert!(gp + n <= self.gp_len && offs.len() >= 2 * (gp + n) && masks.len() >= gp + n);
         // SAFETY (loads): the masks limit the reads to offs[2gp..2gp+2n] and masks[gp..gp+n],
-        // inside the slices (gp + n <= G*P); kx, ky, goffg have `stride` entries, gp + 16 <=
-        // stride.
+        // inside the slices (gp + n <= G*P; with `FULL`, n = 16 and the whole-vector loads read
+        // exactly those); kx, ky, goffg have `stride` entries, gp + 16 <= stride.
         let (d, mv, kxv, kyv, goff) = unsafe {
-            let a = _mm512_maskz_loadu_ps(first_lanes(2 * n), offs.as_ptr().add(2 * gp));
-            let b = _mm512_maskz_loadu_ps(
-                first_lanes((2 * n).saturating_sub(L)),
-                offs.as_ptr().add(2 * gp + L.min(2 * n)),
-            );
+            let (a, b) = if FULL {
+                (
+                    _mm512_loadu_ps(offs.as_ptr().add(2 * gp)),
+                    _mm512_loadu_ps(offs.as_ptr().add(2 * gp + L)),
+                )
+            } else {
+                (
+                    _mm512_maskz_loadu_ps(first_lanes(2 * n), offs.as_ptr().add(2 * gp)),
+                    _mm512_maskz_loadu_ps(
+                        first_lanes((2 * n).saturating_sub(L)),
+                        offs.as_ptr().add(2 * gp + L.min(2 * n)),
+                    ),
+                )
+            };
             (
                 (a, b),
-                _mm512_maskz_loadu_ps(lanes, masks.as_ptr().add(gp)),
+                if FULL {
+                    _mm512_loadu_ps(masks.as_ptr().add(gp))
+                } else {
+                    _mm512_maskz_loadu_ps(lanes, masks.as_ptr().add(gp))
+                },
                 _mm512_loadu_ps(self.kx.as_ptr().add(gp)),
                 _mm512_loadu_ps(self.ky.as_ptr().add(gp)),
                 _mm512_loadu_si512(self.goffg.as_ptr().add(gp).cast()),
@@ -382,7 +420,6 @@ pub(super) unsafe fn forward_chunk(
 ) {
     let g = &prm.g;
     let (c, cg, np) = (g.channels, g.group_channels, g.points);
-    let hw_out = g.h_out * g.w_out;
     let row = bordered.row;
     let npix = chunk.len() / c;
     let one_px = g.group * np;
@@ -427,6 +464,8 @@ pub(super) unsafe fn forward_chunk(
     let plan = (!in_place).then(|| DenseRows::new(lay, g));
     let one = single.one;
     let tail = first_lanes(cg % L);
+    // Image, row and column of output pixel `first + k`, stepped along (no divisions per run).
+    let mut at = PixelCursor::at(g, first);
     let mut b0 = 0;
     while b0 < npix {
         let b1 = (b0 + block_px).min(npix);
@@ -452,16 +491,17 @@ pub(super) unsafe fn forward_chunk(
         };
         let mut k = b0;
         while k < b1 {
-            let n_img = (first + k) / hw_out;
-            let whole = k + run <= b1 && (first + k + run - 1) / hw_out == n_img;
+            // The run's pixels all lie in one image (and in this block).
+            let n_img = at.n;
+            let whole = k + run <= b1 && at.left_in_image() >= run;
             let (res, cnt) = match &multi {
                 Some(m) if whole => (m, run),
                 _ => (&single, 1),
             };
             let (mut bx, mut by) = ([0f32; L], [0f32; L]);
             for i in 0..cnt {
-                let px = prm.pixel(first + k + i, input, offset, mask);
-                (bx[i], by[i]) = (px.bx, px.by);
+                (bx[i], by[i]) = prm.centre(at.h, at.w);
+                at.step();
             }
             let p0 = first + k - row0;
             let (offs, masks) = (
@@ -560,6 +600,51 @@ pub(super) unsafe fn forward_chunk(
             k += cnt;
         }
         b0 = b1;
+    }
+}
+
+/// Image `n`, output row `h` and column `w` of a linear output pixel, stepped one pixel at a time
+/// (the kernel's runs visit the pixels of a chunk in order), so that the per-pixel loop needs
+/// no integer divisions.
+struct PixelCursor {
+    n: usize,
+    h: usize,
+    w: usize,
+    h_out: usize,
+    w_out: usize,
+}
+
+impl PixelCursor {
+    /// The cursor at linear output pixel `pix`.
+    fn at(g: &Dcnv3Geometry, pix: usize) -> Self {
+        let (h_out, w_out) = (g.h_out, g.w_out);
+        let rem = pix % (h_out * w_out);
+        Self {
+            n: pix / (h_out * w_out),
+            h: rem / w_out,
+            w: rem % w_out,
+            h_out,
+            w_out,
+        }
+    }
+
+    /// Pixels from this one to the end of its image, this one included.
+    fn left_in_image(&self) -> usize {
+        (self.h_out - self.h) * self.w_out - self.w
+    }
+
+    /// Moves to the next pixel.
+    #[inline(always)]
+    fn step(&mut self) {
+        self.w += 1;
+        if self.w == self.w_out {
+            self.w = 0;
+            self.h += 1;
+            if self.h == self.h_out {
+                self.h = 0;
+                self.n += 1;
+            }
+        }
     }
 }
 
