@@ -618,11 +618,13 @@ impl PixelCursor {
     /// The cursor at linear output pixel `pix`.
     fn at(g: &Dcnv3Geometry, pix: usize) -> Self {
         let (h_out, w_out) = (g.h_out, g.w_out);
-        let rem = pix % (h_out * w_out);
+        // (An output without pixels has no chunks; `max(1)` only keeps this total.)
+        let (hw, wo) = ((h_out * w_out).max(1), w_out.max(1));
+        let rem = pix % hw;
         Self {
-            n: pix / (h_out * w_out),
-            h: rem / w_out,
-            w: rem % w_out,
+            n: pix / hw,
+            h: rem / wo,
+            w: rem % wo,
             h_out,
             w_out,
         }
