@@ -229,6 +229,56 @@ struct Params<F> {
     goffg: Vec<i32>,
 }
 
+/// Image `n`, output row `h` and column `w` of a linear output pixel, stepped one pixel at a time
+/// (the AVX-512 forward's runs visit the pixels of a chunk in order), so that its per-pixel
+/// loop needs no integer divisions; [`Params::pixel`] places one pixel with it.
+struct PixelCursor {
+    n: usize,
+    h: usize,
+    w: usize,
+    h_out: usize,
+    w_out: usize,
+}
+
+impl PixelCursor {
+    /// The cursor at linear output pixel `pix`.
+    #[inline(always)]
+    fn at(g: &Dcnv3Geometry, pix: usize) -> Self {
+        let (h_out, w_out) = (g.h_out, g.w_out);
+        // (An output without pixels has no chunks; `max(1)` only keeps this total.)
+        let (hw, wo) = ((h_out * w_out).max(1), w_out.max(1));
+        let rem = pix % hw;
+        Self {
+            n: pix / hw,
+            h: rem / wo,
+            w: rem % wo,
+            h_out,
+            w_out,
+        }
+    }
+
+    /// Pixels from this one to the end of its image, this one included.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    fn left_in_image(&self) -> usize {
+        (self.h_out - self.h) * self.w_out - self.w
+    }
+
+    /// Moves to the next pixel.
+    #[inline(always)]
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    fn step(&mut self) {
+        self.w += 1;
+        if self.w == self.w_out {
+            self.w = 0;
+            self.h += 1;
+            if self.h == self.h_out {
+                self.h = 0;
+                self.n += 1;
+            }
+        }
+    }
+}
+
 /// What locating a sampling point needs; `Copy`, so that hot loops keep it in registers.
 #[derive(Clone, Copy)]
 struct Sampler<F> {
@@ -334,16 +384,14 @@ impl<F: Acc> Params<F> {
         mask: &'a [F],
     ) -> Pixel<'a, F> {
         let g = &self.g;
-        let hw_out = g.h_out * g.w_out;
-        let (n, rem) = (pix / hw_out, pix % hw_out);
-        let (h, w) = (rem / g.w_out, rem % g.w_out);
+        let at = PixelCursor::at(g, pix);
         let img_len = g.h_in * g.w_in * g.channels;
         let (lo, lm) = (self.lay.off_pixel, self.lay.mask_pixel);
-        let (bx, by) = self.centre(h, w);
+        let (bx, by) = self.centre(at.h, at.w);
         Pixel {
             bx,
             by,
-            img: &input[n * img_len..(n + 1) * img_len],
+            img: &input[at.n * img_len..(at.n + 1) * img_len],
             off: &offset[pix * lo..(pix + 1) * lo],
             mask: &mask[pix * lm..(pix + 1) * lm],
         }

@@ -17,7 +17,7 @@
 //! image without another pass. DCNv4 rows are copied into the dense point order by a per-call
 //! plan of vector moves ([`DenseRows`]), a block of pixels at a time.
 
-use super::{forward_pixel, Bordered, Dcnv3Geometry, GradRows, Params, PointLayout};
+use super::{forward_pixel, Bordered, Dcnv3Geometry, GradRows, Params, PixelCursor, PointLayout};
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 
@@ -600,53 +600,6 @@ pub(super) unsafe fn forward_chunk(
             k += cnt;
         }
         b0 = b1;
-    }
-}
-
-/// Image `n`, output row `h` and column `w` of a linear output pixel, stepped one pixel at a time
-/// (the kernel's runs visit the pixels of a chunk in order), so that the per-pixel loop needs
-/// no integer divisions.
-struct PixelCursor {
-    n: usize,
-    h: usize,
-    w: usize,
-    h_out: usize,
-    w_out: usize,
-}
-
-impl PixelCursor {
-    /// The cursor at linear output pixel `pix`.
-    fn at(g: &Dcnv3Geometry, pix: usize) -> Self {
-        let (h_out, w_out) = (g.h_out, g.w_out);
-        // (An output without pixels has no chunks; `max(1)` only keeps this total.)
-        let (hw, wo) = ((h_out * w_out).max(1), w_out.max(1));
-        let rem = pix % hw;
-        Self {
-            n: pix / hw,
-            h: rem / wo,
-            w: rem % wo,
-            h_out,
-            w_out,
-        }
-    }
-
-    /// Pixels from this one to the end of its image, this one included.
-    fn left_in_image(&self) -> usize {
-        (self.h_out - self.h) * self.w_out - self.w
-    }
-
-    /// Moves to the next pixel.
-    #[inline(always)]
-    fn step(&mut self) {
-        self.w += 1;
-        if self.w == self.w_out {
-            self.w = 0;
-            self.h += 1;
-            if self.h == self.h_out {
-                self.h = 0;
-                self.n += 1;
-            }
-        }
     }
 }
 
