@@ -833,12 +833,12 @@ unsafe fn forward_chunk_avx2<F: Acc>(
 }
 
 /// [`forward_chunk_any`] for the instruction set `isa` (portable when the CPU lacks it), or the
-/// AVX-512 kernel of `avx512.rs` when `forward` made the [`Bordered`] copy it reads.
+/// AVX-512 kernel of `avx512.rs` when `forward` made its [`avx512::ForwardPlan`].
 #[allow(clippy::too_many_arguments)]
 fn forward_chunk_dispatch<F: Acc>(
     isa: Isa,
     fits_i32: bool,
-    bordered: Option<&Bordered>,
+    plan: Option<&Avx512Forward>,
     prm: &Params<F>,
     input: &[F],
     offset: &[F],
@@ -848,7 +848,7 @@ fn forward_chunk_dispatch<F: Acc>(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        if let Some(b) = bordered {
+        if let Some(plan) = plan {
             let p32 = (prm as &dyn std::any::Any).downcast_ref::<Params<f32>>();
             if let (Some(p32), Some(i), Some(o), Some(m), Some(ch)) = (
                 p32,
@@ -857,17 +857,17 @@ fn forward_chunk_dispatch<F: Acc>(
                 F::as_f32(mask),
                 F::as_f32_uninit(chunk),
             ) {
-                // SAFETY: `Bordered::for_avx512` made `b` from this input for this geometry only
-                // on a CPU with AVX-512 F/BW/VL/DQ, AVX2 and FMA; the buffers and the chunk are
-                // those `forward` was given and cut, as the kernel requires (it writes every
-                // element of the chunk).
-                unsafe { avx512::forward_chunk(p32, b, i, o, m, ch, first) };
+                // SAFETY: `forward` made the plan (on a CPU with AVX-512 F/BW/VL/DQ, AVX2 and
+                // FMA: `Bordered::for_avx512` checked) for these parameters and the bordered copy
+                // of this input; the buffers and the chunk are those `forward` was given and
+                // cut, as the kernel requires (it writes every element of the chunk).
+                unsafe { avx512::forward_chunk(p32, plan, i, o, m, ch, first) };
                 return;
             }
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = bordered;
+    let _ = plan;
     let chunk = crate::cpu::filled(chunk, F::ZERO);
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx2 && Isa::Avx2.is_supported() {
@@ -881,6 +881,12 @@ fn forward_chunk_dispatch<F: Acc>(
         forward_chunk_any::<F, false>(fits_i32, prm, input, offset, mask, chunk, first)
     }
 }
+
+/// The per-call plan of the AVX-512 forward (x86-64); nothing elsewhere.
+#[cfg(target_arch = "x86_64")]
+type Avx512Forward<'a> = avx512::ForwardPlan<'a>;
+#[cfg(not(target_arch = "x86_64"))]
+type Avx512Forward<'a> = std::marker::PhantomData<&'a Bordered>;
 
 /// Whether an image's element offsets (H*W*C) fit in i32, as the vectorised kernels' index
 /// arithmetic needs.
@@ -1042,6 +1048,23 @@ impl<F: Acc> LineAligned<F> {
     }
 }
 
+/// The AVX-512 forward's per-call plan on `bordered` (made by [`Bordered::for_avx512`] for
+/// `prm`'s geometry), when `F` is f32 (the only type that copy is made for).
+fn avx512_plan<'a, F: Acc>(prm: &Params<F>, bordered: &'a Bordered) -> Option<Avx512Forward<'a>> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let p32 = (prm as &dyn std::any::Any).downcast_ref::<Params<f32>>()?;
+        // SAFETY: `Bordered::for_avx512` makes a copy only on a CPU with AVX-512 F/BW/VL/DQ,
+        // AVX2 and FMA, and it made `bordered` for this geometry.
+        Some(unsafe { avx512::ForwardPlan::new(p32, bordered) })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (prm, bordered);
+        None
+    }
+}
+
 /// Forward: the core (input, offset, mask), `g.output_len()` values, the offsets and masks read
 /// as `lay` says (for DCNv4, `offset` and `mask` are the same buffer).
 ///
@@ -1073,7 +1096,8 @@ pub(crate) fn forward<F: Acc>(
         None => LineAligned::copy_if_useful(isa, input),
     };
     let input = staged.as_ref().map_or(input, LineAligned::as_slice);
-    let bordered = bordered.as_ref();
+    let plan = bordered.as_ref().and_then(|b| avx512_plan(&prm, b));
+    let plan = plan.as_ref();
     let len = g.output_len();
     let mut out = Vec::<F>::with_capacity(len);
     out.spare_capacity_mut()[..len]
@@ -1081,9 +1105,7 @@ pub(crate) fn forward<F: Acc>(
         .enumerate()
         .for_each(|(ci, chunk)| {
             let first = ci * chunk_px;
-            forward_chunk_dispatch(
-                isa, fits_i32, bordered, &prm, input, offset, mask, chunk, first,
-            );
+            forward_chunk_dispatch(isa, fits_i32, plan, &prm, input, offset, mask, chunk, first);
         });
     // SAFETY: the chunks cover the first `len` elements and each task initialised its chunk;
     // the capacity is at least `len`.

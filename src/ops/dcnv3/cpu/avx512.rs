@@ -393,25 +393,75 @@ impl Resolver {
     }
 }
 
-/// Forward over one chunk of output pixels starting at linear pixel `first`, f32, AVX-512 (see
-/// the module documentation); same results as [`super::forward_chunk_finite`].
+/// What the AVX-512 forward sets up once per call and every chunk of the call shares: the
+/// bordered image, the point resolvers for one pixel and for runs of pixels, and (DCNv4's
+/// packed rows) the plan that copies a pixel's offsets and masks into the dense point order.
 ///
 /// Where a pixel's G*P points do not fill whole vectors, runs of consecutive pixels of one image
 /// are resolved together so that they do: at InternImage's stage 1 (G*P = 36) four pixels,
 /// 144 points in nine full vectors instead of twelve with a quarter of the lanes idle (measured
 /// on the Zen 4 against one pixel at a time, paired in one process: 6-7% faster at the stage-1
-/// shape on one and two threads, 5% at batch 8; the same values bit for bit). Every element of
-/// `chunk` is written (it may come in unwritten).
+/// shape on one and two threads, 5% at batch 8; the same values bit for bit).
+pub(super) struct ForwardPlan<'a> {
+    bordered: &'a Bordered,
+    /// Pixels per run: the fewest whose points fill whole vectors, if at most four; else 1.
+    run: usize,
+    single: Resolver,
+    multi: Option<Resolver>,
+    /// Lane -> pixel of the run, for the multi-pixel resolver's points (its stride is exactly
+    /// run * G*P: whole vectors).
+    lane_pixel: Vec<i32>,
+    /// The copy into the dense point order, for layouts that are not dense (DCNv4).
+    dense: Option<DenseRows>,
+}
+
+impl<'a> ForwardPlan<'a> {
+    /// The plan of a forward call on `bordered`, the [`Bordered`] copy of its input.
+    ///
+    /// # Safety
+    /// The CPU supports AVX-512 F/BW/VL/DQ, AVX2 and FMA; `bordered` is the copy for `prm`'s
+    /// geometry.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+    pub(super) unsafe fn new(prm: &Params<f32>, bordered: &'a Bordered) -> Self {
+        let g = &prm.g;
+        let one_px = g.group * g.points;
+        let run = (1..=4)
+            .find(|r| (r * one_px).is_multiple_of(L))
+            .unwrap_or(1);
+        // SAFETY: AVX-512 is enabled here; `bordered` is the copy for this geometry.
+        let single = unsafe { Resolver::new(prm, Some(bordered), 1) };
+        // SAFETY: as above.
+        let multi = (run > 1).then(|| unsafe { Resolver::new(prm, Some(bordered), run) });
+        let lane_pixel = match &multi {
+            Some(m) => (0..m.stride).map(|j| (j / one_px) as i32).collect(),
+            None => Vec::new(),
+        };
+        let dense = (!prm.lay.dense(g)).then(|| DenseRows::new(&prm.lay, g));
+        Self {
+            bordered,
+            run,
+            single,
+            multi,
+            lane_pixel,
+            dense,
+        }
+    }
+}
+
+/// Forward over one chunk of output pixels starting at linear pixel `first`, f32, AVX-512 (see
+/// the module documentation and [`ForwardPlan`]); same results as
+/// [`super::forward_chunk_finite`]. Every element of `chunk` is written (it may come in
+/// unwritten).
 ///
 /// # Safety
-/// The CPU supports AVX-512 F/BW/VL/DQ, AVX2 and FMA; `bordered` is the [`Bordered`] copy of
-/// `input` for `prm`'s geometry; `input`, `offset` and `mask` hold what `prm`'s geometry and
+/// The CPU supports AVX-512 F/BW/VL/DQ, AVX2 and FMA; `plan` was made for `prm` and the
+/// [`Bordered`] copy of `input`; `input`, `offset` and `mask` hold what `prm`'s geometry and
 /// layout say, and `chunk` holds whole output pixels starting at `first`, all within the output.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn forward_chunk(
     prm: &Params<f32>,
-    bordered: &Bordered,
+    plan: &ForwardPlan,
     input: &[f32],
     offset: &[f32],
     mask: &[f32],
@@ -420,28 +470,27 @@ pub(super) unsafe fn forward_chunk(
 ) {
     let g = &prm.g;
     let (c, cg, np) = (g.channels, g.group_channels, g.points);
+    let bordered = plan.bordered;
     let row = bordered.row;
     let npix = chunk.len() / c;
     let one_px = g.group * np;
-    // Pixels per run: the fewest whose points fill whole vectors, if at most four.
-    let run = (1..=4)
-        .find(|r| (r * one_px).is_multiple_of(L))
-        .unwrap_or(1);
-    // SAFETY: AVX-512 is enabled here; `bordered` is the copy for this geometry.
-    let single = unsafe { Resolver::new(prm, Some(bordered), 1) };
-    // SAFETY: as above.
-    let multi = (run > 1).then(|| unsafe { Resolver::new(prm, Some(bordered), run) });
-    // Lane -> pixel of the run, for the multi-pixel resolver's points (its stride is exactly
-    // run * G*P: whole vectors).
-    let lane_pixel: Vec<i32> = match &multi {
-        Some(m) => (0..m.stride).map(|j| (j / one_px) as i32).collect(),
-        None => Vec::new(),
-    };
+    let run = plan.run;
+    let (single, multi, lane_pixel) = (&plan.single, &plan.multi, &plan.lane_pixel);
     // Scratch rows padded to whole vectors, so that the point loop loads and stores full zmm.
     let most = multi.as_ref().map_or(single.stride, |m| m.stride);
-    let mut base = vec![0i32; most];
-    let mut wts = vec![0f32; 4 * most];
-    let (mut to, mut tw) = (vec![0usize; 4 * np], vec![0f32; 4 * np]);
+    // This thread's scratch rows, reused (paired at the stage-1 shape, one process: the plan
+    // made once per call instead of once per chunk 4% faster in a quiet hour; reused rows
+    // instead of fresh ones per chunk another 16-30% while the host was busy, where each
+    // allocation risks a wait; bit for bit the same output).
+    let mut scratch = SCRATCH.take();
+    let ChunkScratch {
+        base,
+        wts,
+        dxy,
+        msk,
+    } = &mut scratch;
+    base.resize(most, 0);
+    wts.resize(4 * most, 0.0);
     // DCNv3's two tensors (the one dense layout): a run's offsets and masks are already dense,
     // consecutive rows, read in place. Other layouts (DCNv4's packed rows) are copied into the
     // dense point order by `DenseRows`, a block of pixels at a time before the block's points
@@ -449,7 +498,7 @@ pub(super) unsafe fn forward_chunk(
     // time: the DCNv4 core 6-9% faster at N=1, 0-14% at N=8; blocks of 1, 2, 8 or 32 runs
     // measured alike).
     let lay = &prm.lay;
-    let in_place = lay.dense(g);
+    let in_place = plan.dense.is_none();
     debug_assert!(
         !in_place
             || (lay.off_pixel == 2 * one_px && lay.mask_pixel == one_px && lay.mask_first == 0)
@@ -457,11 +506,8 @@ pub(super) unsafe fn forward_chunk(
     // Pixels per copied block: whole runs, ~14 KiB of dense values at InternImage's stage 1.
     let block_px = if in_place { npix } else { 8 * run };
     let copied = if in_place { 0 } else { block_px };
-    let (mut dxy, mut msk) = (
-        vec![0f32; copied * 2 * one_px + L],
-        vec![0f32; copied * one_px + L],
-    );
-    let plan = (!in_place).then(|| DenseRows::new(lay, g));
+    dxy.resize(copied * 2 * one_px + L, 0.0);
+    msk.resize(copied * one_px + L, 0.0);
     let one = single.one;
     let tail = first_lanes(cg % L);
     // Image, row and column of output pixel `first + k`, stepped along (no divisions per run).
@@ -470,7 +516,7 @@ pub(super) unsafe fn forward_chunk(
     while b0 < npix {
         let b1 = (b0 + block_px).min(npix);
         // The block's dense offsets and masks, and the chunk pixel their first row belongs to.
-        let (offs_all, masks_all, row0): (&[f32], &[f32], usize) = match &plan {
+        let (offs_all, masks_all, row0): (&[f32], &[f32], usize) = match &plan.dense {
             None => (offset, mask, 0),
             Some(plan) => {
                 let (lo, lm) = (lay.off_pixel, lay.mask_pixel);
@@ -494,9 +540,9 @@ pub(super) unsafe fn forward_chunk(
             // The run's pixels all lie in one image (and in this block).
             let n_img = at.n;
             let whole = k + run <= b1 && at.left_in_image() >= run;
-            let (res, cnt) = match &multi {
+            let (res, cnt) = match multi {
                 Some(m) if whole => (m, run),
-                _ => (&single, 1),
+                _ => (single, 1),
             };
             let (mut bx, mut by) = ([0f32; L], [0f32; L]);
             for i in 0..cnt {
@@ -594,6 +640,7 @@ pub(super) unsafe fn forward_chunk(
                     // channels (each group's full blocks and its tail lanes), so `opix` is
                     // initialised; `MaybeUninit<f32>` has the layout of `f32`.
                     let opix = unsafe { &mut *(opix as *mut [MaybeUninit<f32>] as *mut [f32]) };
+                    let (mut to, mut tw) = (vec![0usize; 4 * np], vec![0f32; 4 * np]);
                     forward_pixel::<f32, true>(prm, &px, opix, &mut to, &mut tw);
                 }
             }
@@ -601,6 +648,24 @@ pub(super) unsafe fn forward_chunk(
         }
         b0 = b1;
     }
+    SCRATCH.set(scratch);
+}
+
+/// The scratch rows of a forward chunk: the resolved points' window starts and weights, and
+/// (DCNv4) the block's offsets and masks in the dense point order. Every value a chunk reads it
+/// wrote first, so the rows are reused as they are, across chunks and calls.
+#[derive(Default)]
+struct ChunkScratch {
+    base: Vec<i32>,
+    wts: Vec<f32>,
+    dxy: Vec<f32>,
+    msk: Vec<f32>,
+}
+
+thread_local! {
+    /// Each thread's [`ChunkScratch`], taken by a chunk for its run and put back after (a
+    /// chunk that finds it taken starts an empty one).
+    static SCRATCH: std::cell::Cell<ChunkScratch> = std::cell::Cell::new(ChunkScratch::default());
 }
 
 /// `[sum(a), sum(b), sum(c), sum(d)]` of four 16-float vectors.
