@@ -488,9 +488,13 @@ pub(super) unsafe fn forward_chunk(
         wts,
         dxy,
         msk,
+        to,
+        tw,
     } = &mut scratch;
     base.resize(most, 0);
     wts.resize(4 * most, 0.0);
+    to.resize(4 * np, 0);
+    tw.resize(4 * np, 0.0);
     // DCNv3's two tensors (the one dense layout): a run's offsets and masks are already dense,
     // consecutive rows, read in place. Other layouts (DCNv4's packed rows) are copied into the
     // dense point order by `DenseRows`, a block of pixels at a time before the block's points
@@ -673,8 +677,7 @@ pub(super) unsafe fn forward_chunk(
                     // channels (each group's full blocks and its tail lanes), so `opix` is
                     // initialised; `MaybeUninit<f32>` has the layout of `f32`.
                     let opix = unsafe { &mut *(opix as *mut [MaybeUninit<f32>] as *mut [f32]) };
-                    let (mut to, mut tw) = (vec![0usize; 4 * np], vec![0f32; 4 * np]);
-                    forward_pixel::<f32, true>(prm, &px, opix, &mut to, &mut tw);
+                    forward_pixel::<f32, true>(prm, &px, opix, to, tw);
                 }
             }
             k += cnt;
@@ -684,8 +687,9 @@ pub(super) unsafe fn forward_chunk(
     SCRATCH.set(scratch);
 }
 
-/// The scratch rows of a forward chunk: the resolved points' window starts and weights, and
-/// (DCNv4) the block's offsets and masks in the dense point order. Every value a chunk reads it
+/// The scratch rows of a forward chunk: the resolved points' window starts and weights,
+/// (DCNv4) the block's offsets and masks in the dense point order, and the corner offsets and
+/// weights of [`forward_pixel`] for the pixels redone exactly. Every value a chunk reads it
 /// wrote first, so the rows are reused as they are, across chunks and calls.
 #[derive(Default)]
 struct ChunkScratch {
@@ -693,6 +697,8 @@ struct ChunkScratch {
     wts: Vec<f32>,
     dxy: Vec<f32>,
     msk: Vec<f32>,
+    to: Vec<usize>,
+    tw: Vec<f32>,
 }
 
 thread_local! {
