@@ -391,7 +391,13 @@ impl InternImage {
         // runs on a rayon worker, so that each operator's parallel loop is a fork-join inside
         // the pool instead of a job injected from this thread, which then sleeps on a latch until
         // the pool wakes it (two context switches per loop, ~7% of T 224 batch 1).
-        if n < 2 || threads < 2 || self.policy.is_reference() || self.has_vars || xs.track_op() {
+        let tracked = self.has_vars || xs.track_op();
+        if n < 2 && threads >= 2 && self.policy.spin_wait() && !tracked {
+            // One image: keep the other workers polling between the operators' parallel loops
+            // (`KernelPolicy::with_spin_wait`).
+            return crate::cpu::on_pool_spinning(|| f(xs));
+        }
+        if n < 2 || threads < 2 || self.policy.is_reference() || tracked {
             return crate::cpu::on_pool(|| f(xs));
         }
         let chunks = threads.min(n);
