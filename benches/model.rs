@@ -246,6 +246,12 @@ const CASES: &[Case] = &[
         what: "T, 224x224, batch 8, logits, after memory::retain_freed_memory() (a serving loop's allocator setting)",
     },
     Case {
+        name: "t224_b1_nospin",
+        reference: false,
+        isa: None,
+        what: "T, 224x224, batch 1, logits, workers sleeping between operators (INTERNIMAGE_SPIN_WAIT=0)",
+    },
+    Case {
         name: "flash_t224_b1",
         reference: false,
         isa: None,
@@ -386,6 +392,7 @@ fn run_model_case(name: &str) -> Result<()> {
         "_avx512bf16",
         "_bf16",
         "_retain",
+        "_nospin",
     ]
     .iter()
     .fold(name, |n, s| n.trim_end_matches(s));
@@ -982,8 +989,13 @@ fn case_command(exe: &std::path::Path, case: &Case) -> Option<Command> {
         cmd.env_remove("INTERNIMAGE_REFERENCE_OPS");
     }
     if case.name.ends_with("_nospin") {
-        // Candle's pool for its own elementwise ops parks at once instead of spinning.
+        // Candle's pool for its own elementwise ops parks at once instead of spinning, and a
+        // single-image forward lets rayon's workers sleep between operators
+        // (`KernelPolicy::with_spin_wait(false)`).
         cmd.env("CANDLE_BARRIER_POOL_SPIN_LIMIT", "0");
+        cmd.env("INTERNIMAGE_SPIN_WAIT", "0");
+    } else {
+        cmd.env_remove("INTERNIMAGE_SPIN_WAIT");
     }
     if case.name.ends_with("_candle1") {
         // Candle's own elementwise ops run on the calling thread (no pool at all).
