@@ -230,39 +230,3 @@ fn batches_split_across_threads_match_goldens() {
         }
     }
 }
-
-/// Spin-waiting (the default) changes no value: a single image gives bit for bit the same
-/// logits and stage maps with the pool's workers polling or sleeping between parallel loops, on
-/// pools of 1, 2 and 3 threads.
-#[test]
-fn spin_wait_changes_no_value() {
-    let cfg = config("tiny_b");
-    let path = net_weights("tiny_b", "safetensors");
-    let build = |spin: bool| {
-        let policy = KernelPolicy::fast().with_spin_wait(spin);
-        InternImage::from_checkpoint_with_policy(&cfg, &path, DType::F32, &Device::Cpu, policy)
-            .unwrap()
-    };
-    let (polling, sleeping) = (build(true), build(false));
-    assert!(polling.kernel_policy().spin_wait() && !sleeping.kernel_policy().spin_wait());
-    let x = inputs()["photo"].clone();
-    assert_eq!(x.dim(0).unwrap(), 1, "a single image");
-    let bits = |t: &Tensor| -> Vec<u32> {
-        let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        v.into_iter().map(f32::to_bits).collect()
-    };
-    for threads in [1, 2, 3] {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
-        let run = |m: &InternImage| {
-            pool.install(|| {
-                let mut out = vec![bits(&m.forward(&x).unwrap())];
-                out.extend(m.forward_features(&x).unwrap().iter().map(bits));
-                out
-            })
-        };
-        assert_eq!(run(&polling), run(&sleeping), "{threads} threads");
-    }
-}

@@ -285,6 +285,9 @@ mod x86 {
 ///   extensions take). Asking for a set the CPU lacks is an error.
 /// * [`KernelPolicy::reference`]: Candle's generic tensor ops wherever a fast kernel exists
 ///   (benchmark baselines and debugging).
+/// * [`KernelPolicy::with_spin_wait`] (any of the above): whether a single-image forward keeps
+///   the rayon pool's other workers polling for work between its parallel loops (the default)
+///   or lets them sleep.
 ///
 /// Every policy gives the same results within the fixture tolerances and keeps every gradient:
 /// a tensor that tracks a gradient always takes a differentiable path. GPUs ignore the policy.
@@ -361,8 +364,9 @@ impl KernelPolicy {
 
     /// The default from the environment: [`KernelPolicy::reference`] when
     /// `INTERNIMAGE_REFERENCE_OPS` is set (to anything but `0`), else
-    /// [`KernelPolicy::with_isa`] of `INTERNIMAGE_ISA` when set, else [`KernelPolicy::fast`].
-    /// Reads the environment each time it is called. The constructors without a policy argument
+    /// [`KernelPolicy::with_isa`] of `INTERNIMAGE_ISA` when set, else [`KernelPolicy::fast`];
+    /// spin-waiting off when `INTERNIMAGE_SPIN_WAIT=0`. Reads the environment each time it is
+    /// called. The constructors without a policy argument
     /// (`InternImage::new`, `from_checkpoint`, the free functions of [`crate::ops`]) use the
     /// process default instead: this function's result at the first such call, kept for the
     /// life of the process; pass a policy (`*_with_policy`) to choose per model.
@@ -505,7 +509,8 @@ mod tests {
                 .num_threads(threads)
                 .build()
                 .unwrap();
-            // From outside the pool (handed to a worker) and from a worker (run there).
+            // From a thread outside any pool (handed to a worker of the global pool) and from
+            // a worker of `pool` (run there).
             for inside in [false, true] {
                 let run = || {
                     on_pool_spinning(|| {
